@@ -1,1 +1,494 @@
-//! placeholder
+//! Async Rust client for the confab chat protocol (v1, TCP transport).
+//!
+//! Used by the integration tests, the load generator and future mobile bindings.
+//! One [`Client`] is one connection: it performs the `Hello` handshake, pings at the
+//! server's heartbeat interval, matches replies to requests by `request_id` (so any
+//! number of requests can be in flight from `&self`), and queues server pushes as
+//! [`Event`]s.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), confab_client::ClientError> {
+//! let client = confab_client::Client::connect("127.0.0.1:7300").await?;
+//! client.sign_up("alice", "correct horse").await?;
+//! let login = client.log_in("alice", "correct horse", "laptop").await?;
+//! client.authenticate(&login.tokens.unwrap_or_default().access_token).await?;
+//! let bob = client.user("bob").await?;
+//! let ack = client.send_direct(bob.user_id, "msg-1", "hi bob").await?;
+//! println!("stored as #{} in {}", ack.seq, ack.conversation_id);
+//! # Ok(()) }
+//! ```
+
+use bytes::{Bytes, BytesMut};
+use confab_proto::v1::{
+    self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref,
+    server_frame,
+};
+use confab_proto::{FrameDecoder, FrameError, encode_frame};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::{mpsc, oneshot};
+
+pub use confab_proto::v1 as proto;
+
+/// Largest frame the client accepts before the server told it its limit.
+const HANDSHAKE_MAX_FRAME: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame from server: {0}")]
+    Frame(#[from] FrameError),
+    #[error("server error {code:?}: {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+    #[error("connection closed")]
+    Closed,
+}
+
+impl ClientError {
+    /// The protocol error code, when the server answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Something the server pushed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Message(v1::Message),
+    GoingAway(v1::GoingAway),
+    /// The connection ended; with the server's reason when it gave one.
+    Closed(Option<v1::Error>),
+}
+
+/// Connection options.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub client_name: String,
+    /// Send pings at the server's heartbeat interval.
+    pub heartbeat: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            client_name: "confab-client".into(),
+            heartbeat: true,
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
+
+/// One connection to a confab server.
+#[derive(Debug)]
+pub struct Client {
+    outbound: mpsc::UnboundedSender<Bytes>,
+    pending: Pending,
+    next_request_id: AtomicU64,
+    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
+    welcome: v1::Welcome,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Client {
+    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Self, ClientError> {
+        Self::connect_with(addr, ClientOptions::default()).await
+    }
+
+    /// Connects and completes the `Hello` handshake.
+    pub async fn connect_with(
+        addr: impl ToSocketAddrs,
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (mut read, mut write) = stream.into_split();
+        let hello = ClientFrame {
+            request_id: 1,
+            kind: Some(client_frame::Kind::Hello(v1::Hello {
+                protocol_version: ProtocolVersion::V1 as i32,
+                client_name: options.client_name.clone(),
+                client_version: env!("CARGO_PKG_VERSION").into(),
+            })),
+        };
+        write.write_all(&encode_frame(&hello)).await?;
+        let mut buf = BytesMut::new();
+        let reply = read_frame(&mut read, &mut buf, &FrameDecoder::new(HANDSHAKE_MAX_FRAME))
+            .await?
+            .ok_or(ClientError::Closed)?;
+        let welcome = match reply.kind {
+            Some(server_frame::Kind::Welcome(welcome)) => welcome,
+            other => return Err(unexpected_or_error(other)),
+        };
+        let limits = welcome.limits.unwrap_or_default();
+        let decoder = FrameDecoder::new(limits.max_frame_bytes as usize);
+
+        let pending: Pending = Arc::default();
+        let (outbound, queued) = mpsc::unbounded_channel();
+        let (event_tx, events) = mpsc::unbounded_channel();
+        let mut tasks = vec![
+            tokio::spawn(write_frames(write, queued)),
+            tokio::spawn(read_frames(read, buf, decoder, pending.clone(), event_tx)),
+        ];
+        if options.heartbeat && limits.heartbeat_interval_ms > 0 {
+            let interval = Duration::from_millis(u64::from(limits.heartbeat_interval_ms));
+            tasks.push(tokio::spawn(heartbeat(outbound.clone(), interval)));
+        }
+        Ok(Self {
+            outbound,
+            pending,
+            next_request_id: AtomicU64::new(2),
+            events: tokio::sync::Mutex::new(events),
+            welcome,
+            tasks,
+        })
+    }
+
+    /// What the server said in its handshake reply.
+    pub fn welcome(&self) -> &v1::Welcome {
+        &self.welcome
+    }
+
+    /// Sends a request and waits for its reply; error replies become `Err`.
+    pub async fn request(
+        &self,
+        kind: client_frame::Kind,
+    ) -> Result<server_frame::Kind, ClientError> {
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let (reply_tx, reply) = oneshot::channel();
+        self.pending
+            .lock()
+            .map_err(|_| ClientError::Closed)?
+            .insert(request_id, reply_tx);
+        let frame = ClientFrame {
+            request_id,
+            kind: Some(kind),
+        };
+        self.outbound
+            .send(encode_frame(&frame))
+            .map_err(|_| ClientError::Closed)?;
+        let reply = reply.await.map_err(|_| ClientError::Closed)?;
+        match reply.kind {
+            Some(server_frame::Kind::Error(error)) => Err(server_error(error)),
+            Some(kind) => Ok(kind),
+            None => Err(ClientError::Unexpected("empty reply".into())),
+        }
+    }
+
+    /// Writes raw bytes on the connection, for tests of malformed input.
+    pub fn send_raw(&self, bytes: Bytes) -> Result<(), ClientError> {
+        self.outbound.send(bytes).map_err(|_| ClientError::Closed)
+    }
+
+    /// The next pushed event; `None` once the connection is gone and all events were read.
+    pub async fn next_event(&self) -> Option<Event> {
+        self.events.lock().await.recv().await
+    }
+
+    /// The next pushed message, skipping other events; `Err` if the connection ends first.
+    pub async fn next_message(&self) -> Result<v1::Message, ClientError> {
+        loop {
+            match self.next_event().await {
+                Some(Event::Message(message)) => return Ok(message),
+                Some(Event::GoingAway(_)) => continue,
+                Some(Event::Closed(Some(error))) => return Err(server_error(error)),
+                Some(Event::Closed(None)) | None => return Err(ClientError::Closed),
+            }
+        }
+    }
+
+    pub async fn ping(&self, nonce: u64) -> Result<u64, ClientError> {
+        match self
+            .request(client_frame::Kind::Ping(v1::Ping { nonce }))
+            .await?
+        {
+            server_frame::Kind::Pong(pong) => Ok(pong.nonce),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Creates an account; returns the new user id.
+    pub async fn sign_up(&self, username: &str, password: &str) -> Result<u64, ClientError> {
+        let request = client_frame::Kind::SignUp(v1::SignUp {
+            username: username.into(),
+            password: password.into(),
+        });
+        match self.request(request).await? {
+            server_frame::Kind::SignedUp(signed_up) => Ok(signed_up.user_id),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Logs a new device in; the reply carries its tokens.
+    pub async fn log_in(
+        &self,
+        username: &str,
+        password: &str,
+        device_name: &str,
+    ) -> Result<v1::LoggedIn, ClientError> {
+        let request = client_frame::Kind::LogIn(v1::LogIn {
+            username: username.into(),
+            password: password.into(),
+            device_name: device_name.into(),
+        });
+        match self.request(request).await? {
+            server_frame::Kind::LoggedIn(logged_in) => Ok(logged_in),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Binds this connection to the token's user and device.
+    pub async fn authenticate(&self, access_token: &str) -> Result<v1::Authenticated, ClientError> {
+        let request = client_frame::Kind::Authenticate(v1::Authenticate {
+            access_token: access_token.into(),
+        });
+        match self.request(request).await? {
+            server_frame::Kind::Authenticated(authenticated) => Ok(authenticated),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Signs up (if needed), logs in and authenticates in one go; returns the login.
+    pub async fn register_and_authenticate(
+        &self,
+        username: &str,
+        password: &str,
+        device_name: &str,
+    ) -> Result<v1::LoggedIn, ClientError> {
+        match self.sign_up(username, password).await {
+            Ok(_) => {}
+            Err(err) if err.code() == Some(ErrorCode::AlreadyExists) => {}
+            Err(err) => return Err(err),
+        }
+        let login = self.log_in(username, password, device_name).await?;
+        let token = login
+            .tokens
+            .as_ref()
+            .map(|tokens| tokens.access_token.clone())
+            .unwrap_or_default();
+        self.authenticate(&token).await?;
+        Ok(login)
+    }
+
+    pub async fn refresh(&self, refresh_token: &str) -> Result<v1::LoggedIn, ClientError> {
+        let request = client_frame::Kind::RefreshToken(v1::RefreshToken {
+            refresh_token: refresh_token.into(),
+        });
+        match self.request(request).await? {
+            server_frame::Kind::LoggedIn(logged_in) => Ok(logged_in),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn log_out(&self) -> Result<(), ClientError> {
+        match self
+            .request(client_frame::Kind::LogOut(v1::LogOut {}))
+            .await?
+        {
+            server_frame::Kind::LoggedOut(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Looks a user up by username.
+    pub async fn user(&self, username: &str) -> Result<v1::User, ClientError> {
+        let request = client_frame::Kind::GetUser(v1::GetUser {
+            username: username.into(),
+        });
+        match self.request(request).await? {
+            server_frame::Kind::User(user) => Ok(user),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends a message to the direct conversation with `user_id`.
+    pub async fn send_direct(
+        &self,
+        user_id: u64,
+        client_msg_id: &str,
+        body: &str,
+    ) -> Result<v1::SendAck, ClientError> {
+        self.send(
+            conversation_ref::Target::DirectUserId(user_id),
+            client_msg_id,
+            body,
+        )
+        .await
+    }
+
+    pub async fn send(
+        &self,
+        conversation: conversation_ref::Target,
+        client_msg_id: &str,
+        body: &str,
+    ) -> Result<v1::SendAck, ClientError> {
+        let request = client_frame::Kind::Send(v1::Send {
+            conversation: Some(v1::ConversationRef {
+                target: Some(conversation),
+            }),
+            client_msg_id: client_msg_id.into(),
+            body: body.into(),
+        });
+        match self.request(request).await? {
+            server_frame::Kind::SendAck(ack) => Ok(ack),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One page of a conversation's history (see `History` in docs/PROTOCOL.md).
+    pub async fn history(
+        &self,
+        conversation_id: &str,
+        before_seq: Option<u64>,
+        after_seq: Option<u64>,
+        limit: u32,
+    ) -> Result<v1::HistoryPage, ClientError> {
+        let request = client_frame::Kind::History(v1::History {
+            conversation: Some(v1::ConversationRef {
+                target: Some(conversation_ref::Target::ConversationId(
+                    conversation_id.into(),
+                )),
+            }),
+            before_seq,
+            after_seq,
+            limit,
+        });
+        match self.request(request).await? {
+            server_frame::Kind::HistoryPage(page) => Ok(page),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every message of a conversation, oldest first, paging forward.
+    pub async fn full_history(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Vec<v1::Message>, ClientError> {
+        let mut messages = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.history(conversation_id, None, Some(after), 0).await?;
+            if let Some(last) = page.messages.last() {
+                after = last.seq;
+            }
+            messages.extend(page.messages);
+            if !page.has_more {
+                return Ok(messages);
+            }
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn read_frame(
+    read: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    decoder: &FrameDecoder,
+) -> Result<Option<ServerFrame>, ClientError> {
+    loop {
+        if let Some(frame) = decoder.decode::<ServerFrame>(buf)? {
+            return Ok(Some(frame));
+        }
+        if read.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+async fn read_frames(
+    mut read: OwnedReadHalf,
+    mut buf: BytesMut,
+    decoder: FrameDecoder,
+    pending: Pending,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut close_reason = None;
+    while let Ok(Some(frame)) = read_frame(&mut read, &mut buf, &decoder).await {
+        if frame.request_id != 0 {
+            let waiter = pending
+                .lock()
+                .ok()
+                .and_then(|mut pending| pending.remove(&frame.request_id));
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(frame);
+            }
+            continue;
+        }
+        let event = match frame.kind {
+            Some(server_frame::Kind::Message(message)) => Event::Message(message),
+            Some(server_frame::Kind::GoingAway(going_away)) => Event::GoingAway(going_away),
+            Some(server_frame::Kind::Error(error)) => {
+                close_reason = Some(error);
+                continue;
+            }
+            _ => continue,
+        };
+        let _ = events.send(event);
+    }
+    // Waiters of unanswered requests see their channel close.
+    if let Ok(mut pending) = pending.lock() {
+        pending.clear();
+    }
+    let _ = events.send(Event::Closed(close_reason));
+}
+
+async fn write_frames(mut write: OwnedWriteHalf, mut queued: mpsc::UnboundedReceiver<Bytes>) {
+    while let Some(frame) = queued.recv().await {
+        if write.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = write.shutdown().await;
+}
+
+async fn heartbeat(outbound: mpsc::UnboundedSender<Bytes>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let ping = ClientFrame {
+            request_id: 0,
+            kind: Some(client_frame::Kind::Ping(v1::Ping { nonce: 0 })),
+        };
+        if outbound.send(encode_frame(&ping)).is_err() {
+            return;
+        }
+    }
+}
+
+fn server_error(error: v1::Error) -> ClientError {
+    ClientError::Server {
+        code: ErrorCode::try_from(error.code).unwrap_or(ErrorCode::Unspecified),
+        message: error.message,
+    }
+}
+
+fn unexpected(kind: server_frame::Kind) -> ClientError {
+    ClientError::Unexpected(format!("{kind:?}"))
+}
+
+fn unexpected_or_error(kind: Option<server_frame::Kind>) -> ClientError {
+    match kind {
+        Some(server_frame::Kind::Error(error)) => server_error(error),
+        other => ClientError::Unexpected(format!("{other:?}")),
+    }
+}

@@ -1,0 +1,131 @@
+//! Usernames and passwords parsed from the network: a value of these types is valid.
+
+use std::fmt;
+
+pub const USERNAME_MIN_CHARS: usize = 3;
+pub const USERNAME_MAX_CHARS: usize = 32;
+pub const PASSWORD_MIN_CHARS: usize = 8;
+pub const PASSWORD_MAX_BYTES: usize = 1024;
+pub const DEVICE_NAME_MAX_CHARS: usize = 64;
+
+/// A normalised username: 3–32 of `a-z 0-9 _ . -`, starting with a letter. Input is
+/// case-folded (ASCII), so `Alice` and `alice` are one account.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Username(String);
+
+/// Why a username was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "username must be {USERNAME_MIN_CHARS}-{USERNAME_MAX_CHARS} characters of a-z, 0-9, '_', '.', '-', starting with a letter"
+)]
+pub struct InvalidUsername;
+
+impl Username {
+    pub fn parse(raw: &str) -> Result<Self, InvalidUsername> {
+        let name = raw.to_ascii_lowercase();
+        let allowed =
+            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-');
+        let valid = (USERNAME_MIN_CHARS..=USERNAME_MAX_CHARS).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name.chars().all(allowed);
+        if valid {
+            Ok(Self(name))
+        } else {
+            Err(InvalidUsername)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Username {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A password of acceptable length. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct Password(String);
+
+/// Why a password was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "password must be at least {PASSWORD_MIN_CHARS} characters and at most {PASSWORD_MAX_BYTES} bytes"
+)]
+pub struct InvalidPassword;
+
+impl Password {
+    pub fn parse(raw: String) -> Result<Self, InvalidPassword> {
+        if raw.chars().count() >= PASSWORD_MIN_CHARS && raw.len() <= PASSWORD_MAX_BYTES {
+            Ok(Self(raw))
+        } else {
+            Err(InvalidPassword)
+        }
+    }
+
+    pub(crate) fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+/// A device's display name: trimmed, at most 64 characters, "unnamed" when empty.
+pub fn device_name(raw: &str) -> String {
+    let name: String = raw
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(DEVICE_NAME_MAX_CHARS)
+        .collect();
+    if name.is_empty() {
+        "unnamed".to_owned()
+    } else {
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_are_normalised_and_validated() {
+        assert_eq!(Username::parse("Alice_1").unwrap().as_str(), "alice_1");
+        for bad in [
+            "",
+            "ab",
+            "1abc",
+            "_abc",
+            "al ice",
+            "ålice",
+            "a".repeat(33).as_str(),
+            "bob!",
+        ] {
+            assert!(Username::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(Username::parse(&"a".repeat(32)).is_ok());
+    }
+
+    #[test]
+    fn passwords_are_bounded_and_redacted() {
+        assert!(Password::parse("short".into()).is_err());
+        assert!(Password::parse("x".repeat(PASSWORD_MAX_BYTES + 1)).is_err());
+        let password = Password::parse("correct horse".into()).unwrap();
+        assert!(!format!("{password:?}").contains("horse"));
+    }
+
+    #[test]
+    fn device_names_are_cleaned() {
+        assert_eq!(device_name("  "), "unnamed");
+        assert_eq!(device_name("phone\n"), "phone");
+        assert_eq!(device_name(&"x".repeat(100)).len(), DEVICE_NAME_MAX_CHARS);
+    }
+}

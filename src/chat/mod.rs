@@ -1,0 +1,94 @@
+//! The chat domain: conversations, sequencing and the frames a message becomes.
+//!
+//! Nothing here knows about sockets or threads. The owner shard of a conversation
+//! drives a [`Sequencer`] (gap-free sequence numbers, admission limits) and turns
+//! each committed message into one encoded frame with [`message_frame`], which is
+//! then fanned out as shared `Bytes`.
+
+mod sequencer;
+
+pub use sequencer::{Admission, Append, Assigned, Sequencer, SequencerLimits};
+
+use crate::protocol::{ErrorCode, ErrorKind, push_frame};
+use crate::store::{MessageRecord, StoreError};
+use bytes::Bytes;
+use confab_proto::v1::{self, server_frame};
+
+/// Why a chat request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChatError {
+    #[error("no such user in this conversation")]
+    UnknownUser,
+    #[error("the server is overloaded; retry later")]
+    Overloaded,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ErrorKind for ChatError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Self::UnknownUser => ErrorCode::NotFound,
+            Self::Overloaded | Self::ShuttingDown => ErrorCode::Unavailable,
+            Self::Store(err) => err.code(),
+        }
+    }
+}
+
+impl ErrorKind for StoreError {
+    fn code(&self) -> ErrorCode {
+        ErrorCode::Internal
+    }
+}
+
+/// What the sender hears back once its message is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendAck {
+    pub conversation: crate::ids::ConversationId,
+    pub seq: crate::ids::Seq,
+    pub server_time_ms: u64,
+    pub client_msg_id: String,
+}
+
+impl SendAck {
+    pub fn of(record: &MessageRecord) -> Self {
+        Self {
+            conversation: record.conversation,
+            seq: record.seq,
+            server_time_ms: record.server_time_ms,
+            client_msg_id: record.client_msg_id.clone(),
+        }
+    }
+
+    pub fn into_proto(self) -> v1::SendAck {
+        v1::SendAck {
+            conversation_id: self.conversation.to_string(),
+            seq: self.seq,
+            server_time_ms: self.server_time_ms,
+            client_msg_id: self.client_msg_id,
+        }
+    }
+}
+
+/// The protocol form of a stored message.
+pub fn message_proto(record: &MessageRecord) -> v1::Message {
+    v1::Message {
+        conversation_id: record.conversation.to_string(),
+        seq: record.seq,
+        sender_user_id: record.sender.get(),
+        sender_device_id: record.sender_device.get(),
+        client_msg_id: record.client_msg_id.clone(),
+        body: record.body.clone(),
+        server_time_ms: record.server_time_ms,
+    }
+}
+
+/// The push frame of a message, encoded once for every recipient.
+pub fn message_frame(record: &MessageRecord) -> Bytes {
+    confab_proto::encode_frame(&push_frame(server_frame::Kind::Message(message_proto(
+        record,
+    ))))
+}

@@ -1,0 +1,372 @@
+//! Typed configuration, parsed once at startup.
+//!
+//! Layers, later wins: the built-in `config/default.toml` (embedded in the binary),
+//! an optional file, then `CONFAB_<SECTION>__<KEY>` environment variables. Unknown
+//! keys and bad values are errors naming the key and where it came from.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+const ENV_PREFIX: &str = "CONFAB_";
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("environment variable {name} is not a config key (expected CONFAB_<SECTION>__<KEY>)")]
+    EnvName { name: String },
+    #[error("invalid config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub protocol: ProtocolConfig,
+    pub auth: AuthConfig,
+    pub chat: ChatConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub shards: usize,
+    pub pin_threads: bool,
+    pub max_connections: usize,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub mesh_channel_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolConfig {
+    pub max_frame_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    pub outbound_queue_frames: usize,
+    pub max_in_flight_requests: usize,
+    pub max_auth_failures: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub token_key: String,
+    #[serde(with = "humantime_serde")]
+    pub access_token_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub refresh_token_ttl: Duration,
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub max_concurrent_hashes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatConfig {
+    pub max_body_chars: usize,
+    pub max_client_msg_id_bytes: usize,
+    pub max_history_limit: u32,
+    pub max_cached_conversations: usize,
+    pub max_pending_appends: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    Embedded,
+}
+
+/// When an acknowledged write is safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync'd before the acknowledgement: survives power loss.
+    Sync,
+    /// Written to the OS before the acknowledgement: survives a process crash.
+    Buffered,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+}
+
+impl Config {
+    /// Built-in defaults < `file` < `CONFAB_*` variables of the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Config::load`] with an explicit environment, for tests.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = parse_toml(DEFAULTS, Path::new("<built-in defaults>"))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            merge(&mut table, parse_toml(&text, path)?);
+        }
+        for (name, value) in env {
+            if let Some(key) = name.strip_prefix(ENV_PREFIX) {
+                apply_env(&mut table, &name, key, &value)?;
+            }
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
+                ConfigError::Invalid {
+                    key: err.path().to_string(),
+                    message: err.inner().to_string(),
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The defaults alone, with no file and no environment.
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::load_from(None, std::iter::empty())
+    }
+
+    /// Number of shards after resolving 0 to the available cores.
+    pub fn shard_count(&self) -> usize {
+        match self.server.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_owned(),
+                message: message.to_owned(),
+            })
+        };
+        if self.server.shards > crate::shard::MAX_SHARDS {
+            return invalid("server.shards", "at most 64 shards are supported");
+        }
+        if self.server.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1");
+        }
+        if self.server.mesh_channel_capacity == 0 {
+            return invalid("server.mesh_channel_capacity", "must be at least 1");
+        }
+        if !(4096..=64 * 1024 * 1024).contains(&self.protocol.max_frame_bytes) {
+            return invalid(
+                "protocol.max_frame_bytes",
+                "must be between 4096 and 67108864",
+            );
+        }
+        if self.protocol.heartbeat_interval < Duration::from_millis(100) {
+            return invalid("protocol.heartbeat_interval", "must be at least 100ms");
+        }
+        if self.protocol.outbound_queue_frames == 0 {
+            return invalid("protocol.outbound_queue_frames", "must be at least 1");
+        }
+        if self.protocol.max_in_flight_requests == 0 {
+            return invalid("protocol.max_in_flight_requests", "must be at least 1");
+        }
+        if self.auth.argon2_memory_kib < 8 {
+            return invalid("auth.argon2_memory_kib", "must be at least 8");
+        }
+        if self.auth.argon2_iterations == 0 {
+            return invalid("auth.argon2_iterations", "must be at least 1");
+        }
+        if self.auth.access_token_ttl.is_zero() || self.auth.refresh_token_ttl.is_zero() {
+            return invalid("auth.access_token_ttl", "token lifetimes must be positive");
+        }
+        if self.chat.max_body_chars == 0 {
+            return invalid("chat.max_body_chars", "must be at least 1");
+        }
+        if self.chat.max_history_limit == 0 {
+            return invalid("chat.max_history_limit", "must be at least 1");
+        }
+        if self.chat.max_cached_conversations == 0 || self.chat.max_pending_appends == 0 {
+            return invalid("chat.max_pending_appends", "chat limits must be at least 1");
+        }
+        if self.store.max_batch == 0 {
+            return invalid("store.max_batch", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+fn parse_toml(text: &str, path: &Path) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>()
+        .map_err(|err| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: err.message().to_owned(),
+        })
+}
+
+/// Deep-merges `overlay` into `base`: tables merge key by key, other values replace.
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(base_table)), toml::Value::Table(overlay_table)) => {
+                merge(base_table, overlay_table);
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Applies `CONFAB_SECTION__KEY=value`. The value is read as a TOML value when it
+/// parses as one (numbers, booleans), otherwise as a string.
+fn apply_env(
+    table: &mut toml::Table,
+    name: &str,
+    key: &str,
+    value: &str,
+) -> Result<(), ConfigError> {
+    let Some((section, field)) = key.split_once("__") else {
+        return Err(ConfigError::EnvName {
+            name: name.to_owned(),
+        });
+    };
+    if section.is_empty() || field.is_empty() {
+        return Err(ConfigError::EnvName {
+            name: name.to_owned(),
+        });
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let section_table = table
+        .entry(section.to_ascii_lowercase())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match section_table {
+        toml::Value::Table(section_table) => {
+            section_table.insert(field.to_ascii_lowercase(), parsed);
+            Ok(())
+        }
+        _ => Err(ConfigError::EnvName {
+            name: name.to_owned(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load() {
+        let config = Config::defaults().unwrap();
+        assert_eq!(config.protocol.max_frame_bytes, 256 * 1024);
+        assert_eq!(config.server.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(config.store.durability, Durability::Sync);
+        assert_eq!(config.chat.max_body_chars, 100_000);
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("confab.toml");
+        std::fs::write(
+            &path,
+            "[server]\nshards = 3\n[store]\ndurability = \"buffered\"\n",
+        )
+        .unwrap();
+        let config = Config::load_from(
+            Some(&path),
+            env(&[
+                ("CONFAB_SERVER__SHARDS", "2"),
+                ("CONFAB_LOG__LEVEL", "debug"),
+                ("HOME", "/x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server.shards, 2);
+        assert_eq!(config.store.durability, Durability::Buffered);
+        assert_eq!(config.log.level, "debug");
+        assert_eq!(
+            config.server.listen.port(),
+            7300,
+            "untouched keys keep defaults"
+        );
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let err =
+            Config::load_from(None, env(&[("CONFAB_STORE__DURABILITY", "sometimes")])).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("store.durability"), "{text}");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("confab.toml");
+        std::fs::write(&path, "[server]\nshardz = 3\n").unwrap();
+        let text = Config::load_from(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("shardz"), "{text}");
+    }
+
+    #[test]
+    fn out_of_range_value_names_the_key() {
+        let text = Config::load_from(None, env(&[("CONFAB_PROTOCOL__MAX_FRAME_BYTES", "10")]))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("protocol.max_frame_bytes"), "{text}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broken.toml");
+        std::fs::write(&path, "[server\n").unwrap();
+        let text = Config::load_from(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("broken.toml"), "{text}");
+    }
+}

@@ -1,0 +1,96 @@
+//! The `confab` binary: parse the command line, load config, run the node until
+//! Ctrl-C or SIGTERM, then shut down gracefully.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use confab::{Config, Server};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "confab", version, about = "Real-time chat server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// Config file layered over the built-in defaults (see config/default.toml).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let Cli { command } = Cli::parse();
+    let result = match command {
+        Command::Serve { config } => serve(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = Config::load(config_file.as_deref())?;
+    init_tracing(&config.log.level)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the main runtime")?;
+    runtime.block_on(async {
+        let server = Server::start(config)?;
+        // A machine-readable line for scripts and tests that start the binary.
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on {}", server.local_addr())?;
+        stdout.flush()?;
+        drop(stdout);
+        shutdown_signal().await?;
+        tracing::info!("shutting down");
+        server.shutdown().await.context("closing the store")
+    })
+}
+
+fn init_tracing(level: &str) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(env).context("RUST_LOG")?
+        }
+        _ => tracing_subscriber::EnvFilter::try_new(level)
+            .with_context(|| format!("invalid config key `log.level`: {level:?}"))?,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    Ok(())
+}

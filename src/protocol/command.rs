@@ -1,0 +1,64 @@
+//! Commands: what a valid client request asks the server to do, with every field
+//! already parsed into domain types.
+
+use crate::auth::{Password, Username};
+use crate::ids::{ConversationId, DeviceId, UserId};
+use crate::store::HistoryRange;
+
+/// A command and the request id its reply must echo.
+#[derive(Debug)]
+pub struct Request {
+    pub id: u64,
+    pub command: Command,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    SignUp {
+        username: Username,
+        password: Password,
+    },
+    LogIn {
+        username: Username,
+        password: Password,
+        device_name: String,
+    },
+    Authenticate {
+        access_token: String,
+    },
+    RefreshToken {
+        refresh_token: String,
+    },
+    LogOut {
+        user: UserId,
+        device: DeviceId,
+    },
+    GetUser {
+        username: Username,
+    },
+    Send {
+        conversation: ConversationId,
+        sender: UserId,
+        sender_device: DeviceId,
+        client_msg_id: String,
+        body: String,
+    },
+    History {
+        conversation: ConversationId,
+        reader: UserId,
+        range: HistoryRange,
+        limit: usize,
+    },
+}
+
+impl Command {
+    /// Commands that may run concurrently with later requests of the same
+    /// connection. The others change or depend on the session's authentication
+    /// state and run one at a time, in order.
+    pub fn is_pipelined(&self) -> bool {
+        matches!(
+            self,
+            Self::Send { .. } | Self::History { .. } | Self::GetUser { .. }
+        )
+    }
+}

@@ -1,0 +1,674 @@
+//! One connection's protocol state machine.
+//!
+//! States: awaiting `Hello` → open (unauthenticated) → authenticated. The session
+//! validates each frame against the state and the limits and answers with a
+//! [`Step`]: reply now, run a command, or close. Deadlines: `Hello` within the
+//! handshake timeout, authentication within the auth timeout, and at least one
+//! frame every three heartbeat intervals.
+
+use super::command::{Command, Request};
+use super::reply::error_frame;
+use crate::auth::{Identity, Password, Username, device_name};
+use crate::ids::{ConversationId, DeviceId, UserId};
+use crate::store::HistoryRange;
+use confab_proto::FrameError;
+use confab_proto::v1::{
+    self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref,
+    server_frame,
+};
+use std::time::{Duration, Instant};
+
+/// Default History page when the request leaves `limit` at 0.
+pub const DEFAULT_HISTORY_LIMIT: usize = 50;
+/// Room kept in a frame for everything but the message body, so a message that was
+/// accepted always fits in the frame that pushes it.
+const FRAME_OVERHEAD_BYTES: usize = 1024;
+/// Heartbeat intervals of silence after which the connection is closed.
+const SILENT_INTERVALS: u32 = 3;
+
+/// Limits a session enforces, from the config.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub max_frame_bytes: usize,
+    pub heartbeat_interval: Duration,
+    pub handshake_timeout: Duration,
+    pub auth_timeout: Duration,
+    pub max_body_chars: usize,
+    pub max_client_msg_id_bytes: usize,
+    pub max_history_limit: u32,
+    pub max_auth_failures: u32,
+}
+
+impl SessionLimits {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            max_frame_bytes: config.protocol.max_frame_bytes,
+            heartbeat_interval: config.protocol.heartbeat_interval,
+            handshake_timeout: config.server.handshake_timeout,
+            auth_timeout: config.server.auth_timeout,
+            max_body_chars: config.chat.max_body_chars,
+            max_client_msg_id_bytes: config.chat.max_client_msg_id_bytes,
+            max_history_limit: config.chat.max_history_limit,
+            max_auth_failures: config.protocol.max_auth_failures,
+        }
+    }
+}
+
+/// What the driver does with a frame.
+#[derive(Debug)]
+pub enum Step {
+    /// Send this frame.
+    Reply(ServerFrame),
+    /// Execute this command and send its reply.
+    Run(Request),
+    /// Send this frame, then close the connection.
+    Close(ServerFrame),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitingHello,
+    Open,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    id: u64,
+    state: State,
+    identity: Option<Identity>,
+    limits: SessionLimits,
+    opened_at: Instant,
+    last_heard: Instant,
+    auth_failures: u32,
+}
+
+/// A request rejected before it runs: the error to reply with.
+struct Rejection(ErrorCode, String);
+
+fn reject<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, Rejection> {
+    Err(Rejection(code, message.into()))
+}
+
+impl Session {
+    pub fn new(id: u64, limits: SessionLimits, now: Instant) -> Self {
+        Self {
+            id,
+            state: State::AwaitingHello,
+            identity: None,
+            limits,
+            opened_at: now,
+            last_heard: now,
+            auth_failures: 0,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    pub fn limits(&self) -> &SessionLimits {
+        &self.limits
+    }
+
+    /// Handles one decoded frame.
+    pub fn on_frame(&mut self, frame: ClientFrame, now: Instant) -> Step {
+        self.last_heard = now;
+        let request_id = frame.request_id;
+        let Some(kind) = frame.kind else {
+            return Step::Reply(error_frame(
+                request_id,
+                ErrorCode::BadRequest,
+                "empty or unknown frame type",
+            ));
+        };
+        if self.state == State::AwaitingHello {
+            return self.on_hello(request_id, kind);
+        }
+        match self.parse(kind) {
+            Ok(Parsed::Reply(kind)) => Step::Reply(ServerFrame {
+                request_id,
+                kind: Some(kind),
+            }),
+            Ok(Parsed::Run(command)) => Step::Run(Request {
+                id: request_id,
+                command,
+            }),
+            Err(Rejection(code, message)) => Step::Reply(error_frame(request_id, code, message)),
+        }
+    }
+
+    /// The close frame for bytes that could not be decoded into a frame.
+    pub fn on_decode_error(&self, err: &FrameError) -> ServerFrame {
+        let code = match err {
+            FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+            _ => ErrorCode::BadRequest,
+        };
+        error_frame(0, code, err.to_string())
+    }
+
+    /// When [`Session::on_deadline`] must next be called.
+    pub fn deadline(&self) -> Instant {
+        let silence = self.last_heard + self.limits.heartbeat_interval * SILENT_INTERVALS;
+        let setup = match (self.state, &self.identity) {
+            (State::AwaitingHello, _) => Some(self.opened_at + self.limits.handshake_timeout),
+            (State::Open, None) => Some(self.opened_at + self.limits.auth_timeout),
+            (State::Open, Some(_)) => None,
+        };
+        setup.map_or(silence, |setup| setup.min(silence))
+    }
+
+    /// The close frame if a deadline has passed.
+    pub fn on_deadline(&self, now: Instant) -> Option<ServerFrame> {
+        if now < self.deadline() {
+            return None;
+        }
+        let message = match (self.state, &self.identity) {
+            (State::AwaitingHello, _) if now >= self.opened_at + self.limits.handshake_timeout => {
+                "no Hello in time"
+            }
+            (State::Open, None) if now >= self.opened_at + self.limits.auth_timeout => {
+                "not authenticated in time"
+            }
+            _ => "connection silent for three heartbeat intervals",
+        };
+        Some(error_frame(0, ErrorCode::Timeout, message))
+    }
+
+    /// Records a successful `Authenticate`.
+    pub fn authenticated(&mut self, identity: Identity) {
+        self.identity = Some(identity);
+    }
+
+    /// Records a `LogOut`: the connection is unauthenticated again.
+    pub fn logged_out(&mut self) {
+        self.identity = None;
+        // The auth deadline counts from now, not from the connection's start.
+        self.opened_at = self.last_heard;
+    }
+
+    /// Records a failed credential check; returns the close frame once the
+    /// connection has failed too often.
+    pub fn auth_failed(&mut self) -> Option<ServerFrame> {
+        self.auth_failures += 1;
+        (self.auth_failures >= self.limits.max_auth_failures).then(|| {
+            error_frame(
+                0,
+                ErrorCode::RateLimited,
+                "too many failed authentication attempts",
+            )
+        })
+    }
+
+    fn on_hello(&mut self, request_id: u64, kind: client_frame::Kind) -> Step {
+        let client_frame::Kind::Hello(hello) = kind else {
+            return Step::Close(error_frame(
+                request_id,
+                ErrorCode::BadRequest,
+                "the first frame must be Hello",
+            ));
+        };
+        if hello.protocol_version != ProtocolVersion::V1 as i32 {
+            return Step::Close(error_frame(
+                request_id,
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "protocol version {} is not supported; this server speaks 1",
+                    hello.protocol_version
+                ),
+            ));
+        }
+        self.state = State::Open;
+        let clamp = |value: usize| u32::try_from(value).unwrap_or(u32::MAX);
+        Step::Reply(ServerFrame {
+            request_id,
+            kind: Some(server_frame::Kind::Welcome(v1::Welcome {
+                server_version: env!("CARGO_PKG_VERSION").to_owned(),
+                protocol_version: ProtocolVersion::V1 as i32,
+                session_id: format!("{:016x}", self.id),
+                limits: Some(v1::Limits {
+                    max_frame_bytes: clamp(self.limits.max_frame_bytes),
+                    heartbeat_interval_ms: clamp(
+                        self.limits.heartbeat_interval.as_millis() as usize
+                    ),
+                    max_body_chars: clamp(self.limits.max_body_chars),
+                    max_history_limit: self.limits.max_history_limit,
+                }),
+            })),
+        })
+    }
+
+    fn parse(&self, kind: client_frame::Kind) -> Result<Parsed, Rejection> {
+        use client_frame::Kind as K;
+        Ok(match kind {
+            K::Hello(_) => return reject(ErrorCode::BadRequest, "Hello was already received"),
+            K::Ping(ping) => {
+                Parsed::Reply(server_frame::Kind::Pong(v1::Pong { nonce: ping.nonce }))
+            }
+            K::SignUp(sign_up) => Parsed::Run(Command::SignUp {
+                username: Username::parse(&sign_up.username)
+                    .or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?,
+                password: Password::parse(sign_up.password)
+                    .or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?,
+            }),
+            K::LogIn(log_in) => {
+                // A malformed name or password cannot match an account: same answer as a wrong one.
+                let invalid = || {
+                    Rejection(
+                        ErrorCode::Unauthenticated,
+                        "invalid username or password".into(),
+                    )
+                };
+                Parsed::Run(Command::LogIn {
+                    username: Username::parse(&log_in.username).map_err(|_| invalid())?,
+                    password: Password::parse(log_in.password).map_err(|_| invalid())?,
+                    device_name: device_name(&log_in.device_name),
+                })
+            }
+            K::Authenticate(authenticate) => {
+                if self.identity.is_some() {
+                    return reject(
+                        ErrorCode::BadRequest,
+                        "already authenticated; log out first",
+                    );
+                }
+                Parsed::Run(Command::Authenticate {
+                    access_token: authenticate.access_token,
+                })
+            }
+            K::RefreshToken(refresh) => Parsed::Run(Command::RefreshToken {
+                refresh_token: refresh.refresh_token,
+            }),
+            K::LogOut(_) => {
+                let (user, device) = self.require_identity()?;
+                Parsed::Run(Command::LogOut { user, device })
+            }
+            K::GetUser(get_user) => {
+                self.require_identity()?;
+                Parsed::Run(Command::GetUser {
+                    username: Username::parse(&get_user.username)
+                        .or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?,
+                })
+            }
+            K::Send(send) => {
+                let (sender, sender_device) = self.require_identity()?;
+                let conversation = self.conversation(send.conversation, sender)?;
+                self.check_client_msg_id(&send.client_msg_id)?;
+                self.check_body(&send.body)?;
+                Parsed::Run(Command::Send {
+                    conversation,
+                    sender,
+                    sender_device,
+                    client_msg_id: send.client_msg_id,
+                    body: send.body,
+                })
+            }
+            K::History(history) => {
+                let (reader, _) = self.require_identity()?;
+                let conversation = self.conversation(history.conversation, reader)?;
+                let range = match (history.before_seq, history.after_seq) {
+                    (None, None) => HistoryRange::Latest,
+                    (Some(before), None) => HistoryRange::Before(before),
+                    (None, Some(after)) => HistoryRange::After(after),
+                    (Some(_), Some(_)) => {
+                        return reject(
+                            ErrorCode::BadRequest,
+                            "set at most one of before_seq and after_seq",
+                        );
+                    }
+                };
+                let limit = match history.limit {
+                    0 => DEFAULT_HISTORY_LIMIT.min(self.limits.max_history_limit as usize),
+                    limit => limit.min(self.limits.max_history_limit) as usize,
+                };
+                Parsed::Run(Command::History {
+                    conversation,
+                    reader,
+                    range,
+                    limit,
+                })
+            }
+        })
+    }
+
+    fn require_identity(&self) -> Result<(UserId, DeviceId), Rejection> {
+        match &self.identity {
+            Some(identity) => Ok((identity.user, identity.device)),
+            None => reject(ErrorCode::Unauthenticated, "authenticate first"),
+        }
+    }
+
+    /// Resolves a conversation reference for `user`, who must be a member.
+    fn conversation(
+        &self,
+        reference: Option<v1::ConversationRef>,
+        user: UserId,
+    ) -> Result<ConversationId, Rejection> {
+        let target = reference.and_then(|reference| reference.target);
+        let conversation = match target {
+            None => return reject(ErrorCode::BadRequest, "conversation is required"),
+            Some(conversation_ref::Target::DirectUserId(other)) => match UserId::new(other) {
+                Some(other) => ConversationId::direct(user, other),
+                None => return reject(ErrorCode::BadRequest, "direct_user_id must not be 0"),
+            },
+            Some(conversation_ref::Target::ConversationId(text)) => ConversationId::parse(&text)
+                .or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?,
+        };
+        if !conversation.has_member(user) {
+            return reject(ErrorCode::Forbidden, "not a member of this conversation");
+        }
+        Ok(conversation)
+    }
+
+    fn check_client_msg_id(&self, client_msg_id: &str) -> Result<(), Rejection> {
+        if client_msg_id.is_empty() {
+            return reject(ErrorCode::BadRequest, "client_msg_id is required");
+        }
+        if client_msg_id.len() > self.limits.max_client_msg_id_bytes {
+            return reject(
+                ErrorCode::TooLarge,
+                format!(
+                    "client_msg_id is longer than {} bytes",
+                    self.limits.max_client_msg_id_bytes
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn check_body(&self, body: &str) -> Result<(), Rejection> {
+        if body.is_empty() {
+            return reject(ErrorCode::BadRequest, "body is empty");
+        }
+        let max_bytes = self
+            .limits
+            .max_frame_bytes
+            .saturating_sub(FRAME_OVERHEAD_BYTES);
+        if body.len() > max_bytes || body.chars().count() > self.limits.max_body_chars {
+            return reject(
+                ErrorCode::TooLarge,
+                format!(
+                    "body exceeds {} characters or {max_bytes} bytes",
+                    self.limits.max_body_chars
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+enum Parsed {
+    Reply(server_frame::Kind),
+    Run(Command),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use client_frame::Kind as K;
+
+    fn limits() -> SessionLimits {
+        SessionLimits {
+            max_frame_bytes: 8192,
+            heartbeat_interval: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            auth_timeout: Duration::from_secs(60),
+            max_body_chars: 100,
+            max_client_msg_id_bytes: 16,
+            max_history_limit: 200,
+            max_auth_failures: 3,
+        }
+    }
+
+    fn frame(request_id: u64, kind: K) -> ClientFrame {
+        ClientFrame {
+            request_id,
+            kind: Some(kind),
+        }
+    }
+
+    fn hello(version: ProtocolVersion) -> K {
+        K::Hello(v1::Hello {
+            protocol_version: version as i32,
+            client_name: "test".into(),
+            client_version: "0".into(),
+        })
+    }
+
+    fn user(raw: u64) -> UserId {
+        UserId::new(raw).unwrap()
+    }
+
+    fn error_code(step: &Step) -> Option<ErrorCode> {
+        let frame = match step {
+            Step::Reply(frame) | Step::Close(frame) => frame,
+            Step::Run(_) => return None,
+        };
+        match &frame.kind {
+            Some(server_frame::Kind::Error(error)) => ErrorCode::try_from(error.code).ok(),
+            _ => None,
+        }
+    }
+
+    fn open_session(now: Instant) -> Session {
+        let mut session = Session::new(1, limits(), now);
+        assert!(matches!(
+            session.on_frame(frame(1, hello(ProtocolVersion::V1)), now),
+            Step::Reply(_)
+        ));
+        session
+    }
+
+    fn authenticated_session(now: Instant, me: u64) -> Session {
+        let mut session = open_session(now);
+        session.authenticated(Identity {
+            user: user(me),
+            device: DeviceId::new(1).unwrap(),
+            username: "me".into(),
+        });
+        session
+    }
+
+    fn send(conversation: conversation_ref::Target, client_msg_id: &str, body: &str) -> K {
+        K::Send(v1::Send {
+            conversation: Some(v1::ConversationRef {
+                target: Some(conversation),
+            }),
+            client_msg_id: client_msg_id.into(),
+            body: body.into(),
+        })
+    }
+
+    #[test]
+    fn first_frame_must_be_hello() {
+        let now = Instant::now();
+        let mut session = Session::new(1, limits(), now);
+        let step = session.on_frame(frame(1, K::Ping(v1::Ping { nonce: 1 })), now);
+        assert!(matches!(step, Step::Close(_)));
+        assert_eq!(error_code(&step), Some(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn wrong_version_closes_with_unsupported_version() {
+        let now = Instant::now();
+        let mut session = Session::new(1, limits(), now);
+        let step = session.on_frame(frame(1, hello(ProtocolVersion::Unspecified)), now);
+        assert!(matches!(step, Step::Close(_)));
+        assert_eq!(error_code(&step), Some(ErrorCode::UnsupportedVersion));
+    }
+
+    #[test]
+    fn hello_is_answered_with_limits_and_session_id() {
+        let now = Instant::now();
+        let mut session = Session::new(0xabc, limits(), now);
+        let Step::Reply(reply) = session.on_frame(frame(7, hello(ProtocolVersion::V1)), now) else {
+            panic!("expected a reply");
+        };
+        assert_eq!(reply.request_id, 7);
+        let Some(server_frame::Kind::Welcome(welcome)) = reply.kind else {
+            panic!("expected Welcome");
+        };
+        assert_eq!(welcome.session_id, "0000000000000abc");
+        let limits = welcome.limits.unwrap();
+        assert_eq!(limits.max_frame_bytes, 8192);
+        assert_eq!(limits.heartbeat_interval_ms, 10_000);
+    }
+
+    #[test]
+    fn chat_needs_authentication() {
+        let now = Instant::now();
+        let mut session = open_session(now);
+        let step = session.on_frame(
+            frame(
+                2,
+                send(conversation_ref::Target::DirectUserId(5), "m1", "hi"),
+            ),
+            now,
+        );
+        assert_eq!(error_code(&step), Some(ErrorCode::Unauthenticated));
+        assert!(
+            matches!(step, Step::Reply(_)),
+            "an unauthenticated request is not fatal"
+        );
+    }
+
+    #[test]
+    fn send_resolves_the_direct_conversation() {
+        let now = Instant::now();
+        let mut session = authenticated_session(now, 9);
+        let step = session.on_frame(
+            frame(
+                2,
+                send(conversation_ref::Target::DirectUserId(5), "m1", "hi"),
+            ),
+            now,
+        );
+        let Step::Run(Request {
+            id: 2,
+            command: Command::Send { conversation, .. },
+        }) = step
+        else {
+            panic!("expected Send, got {step:?}");
+        };
+        assert_eq!(conversation, ConversationId::direct(user(5), user(9)));
+    }
+
+    #[test]
+    fn foreign_conversations_are_forbidden() {
+        let now = Instant::now();
+        let mut session = authenticated_session(now, 9);
+        let step = session.on_frame(
+            frame(
+                2,
+                send(
+                    conversation_ref::Target::ConversationId("d:1:2".into()),
+                    "m1",
+                    "hi",
+                ),
+            ),
+            now,
+        );
+        assert_eq!(error_code(&step), Some(ErrorCode::Forbidden));
+        let step = session.on_frame(
+            frame(
+                3,
+                send(
+                    conversation_ref::Target::ConversationId("bogus".into()),
+                    "m1",
+                    "hi",
+                ),
+            ),
+            now,
+        );
+        assert_eq!(error_code(&step), Some(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn oversized_and_empty_fields_are_rejected() {
+        let now = Instant::now();
+        let mut session = authenticated_session(now, 9);
+        let to = || conversation_ref::Target::DirectUserId(5);
+        let long_body = "é".repeat(101);
+        for (kind, code) in [
+            (send(to(), "m1", &long_body), ErrorCode::TooLarge),
+            (send(to(), "m1", ""), ErrorCode::BadRequest),
+            (send(to(), "", "hi"), ErrorCode::BadRequest),
+            (send(to(), &"x".repeat(17), "hi"), ErrorCode::TooLarge),
+        ] {
+            assert_eq!(
+                error_code(&session.on_frame(frame(2, kind), now)),
+                Some(code)
+            );
+        }
+        assert!(matches!(
+            session.on_frame(frame(2, send(to(), "m1", &"é".repeat(100))), now),
+            Step::Run(_)
+        ));
+    }
+
+    #[test]
+    fn history_limit_is_capped_and_bounds_are_exclusive() {
+        let now = Instant::now();
+        let mut session = authenticated_session(now, 9);
+        let history = |before_seq, after_seq, limit| {
+            K::History(v1::History {
+                conversation: Some(v1::ConversationRef {
+                    target: Some(conversation_ref::Target::DirectUserId(5)),
+                }),
+                before_seq,
+                after_seq,
+                limit,
+            })
+        };
+        let Step::Run(Request {
+            command: Command::History { limit, range, .. },
+            ..
+        }) = session.on_frame(frame(1, history(Some(10), None, 1000)), now)
+        else {
+            panic!("expected History");
+        };
+        assert_eq!((limit, range), (200, HistoryRange::Before(10)));
+        let step = session.on_frame(frame(1, history(Some(10), Some(2), 5)), now);
+        assert_eq!(error_code(&step), Some(ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn deadlines_close_silent_and_unauthenticated_connections() {
+        let start = Instant::now();
+        let session = Session::new(1, limits(), start);
+        assert_eq!(session.deadline(), start + Duration::from_secs(5));
+        assert!(
+            session
+                .on_deadline(start + Duration::from_secs(4))
+                .is_none()
+        );
+        assert!(
+            session
+                .on_deadline(start + Duration::from_secs(5))
+                .is_some()
+        );
+
+        let mut session = authenticated_session(start, 9);
+        let later = start + Duration::from_secs(20);
+        session.on_frame(frame(1, K::Ping(v1::Ping { nonce: 1 })), later);
+        assert_eq!(session.deadline(), later + Duration::from_secs(30));
+        let close = session
+            .on_deadline(later + Duration::from_secs(30))
+            .unwrap();
+        assert!(
+            matches!(close.kind, Some(server_frame::Kind::Error(ref e)) if e.code == ErrorCode::Timeout as i32)
+        );
+    }
+
+    #[test]
+    fn repeated_auth_failures_close_the_connection() {
+        let now = Instant::now();
+        let mut session = open_session(now);
+        assert!(session.auth_failed().is_none());
+        assert!(session.auth_failed().is_none());
+        assert!(session.auth_failed().is_some());
+    }
+}

@@ -1,0 +1,475 @@
+//! Drives one connection on its shard: reads frames from a transport, feeds them to
+//! the sans-IO [`Session`], executes the commands it yields, and writes replies.
+//!
+//! Transports differ only in how bytes become frames ([`FrameSource`]) and how
+//! queued frames reach the wire; everything here is shared by all of them.
+//!
+//! Concurrency within a connection: commands that change the authentication state
+//! run one at a time, in order. `Send`, `History` and `GetUser` are pipelined: a
+//! `Send` is handed to the owner shard in frame order (so one device's messages keep
+//! their order) and up to `max_in_flight_requests` replies may be outstanding.
+//!
+//! Nothing here waits on a peer that does not read: every frame goes into a bounded
+//! outbound queue with `try_send`, and a full queue closes the connection as a slow
+//! consumer.
+
+use super::Shard;
+use super::mesh::ShardMsg;
+use super::sessions::{Kick, SessionHandle};
+use crate::auth::{AuthError, Grant};
+use crate::chat::{Append, ChatError, message_proto};
+use crate::protocol::{Command, ErrorCode, ErrorKind, Request, Session, Step, error_frame};
+use crate::store::HistoryRange;
+use bytes::Bytes;
+use confab_proto::v1::{self, ServerFrame, server_frame::Kind};
+use confab_proto::{FrameError, ProstMessage as _, encode_frame};
+use futures::future::LocalBoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt as _};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// Room kept in a History page for everything but the messages.
+const PAGE_OVERHEAD_BYTES: usize = 1024;
+
+/// Why a transport could not produce the next frame.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Frames arriving on one connection, whatever the transport.
+pub trait FrameSource {
+    /// The next frame's payload, or `None` when the peer closed cleanly. Must be
+    /// cancel-safe: dropping the future loses no bytes.
+    fn next_frame(&mut self) -> impl Future<Output = Result<Option<Bytes>, ReadError>>;
+}
+
+/// Runs a connection until it ends. `outbound` feeds the transport's writer.
+pub async fn run(
+    shard: Rc<Shard>,
+    source: impl FrameSource,
+    outbound: mpsc::Sender<Bytes>,
+    peer: SocketAddr,
+) {
+    let session_id = rand::random();
+    let session = Session::new(session_id, shard.limits.clone(), Instant::now());
+    let mut connection = Connection {
+        shard,
+        session,
+        outbound,
+        kick: Rc::new(Kick::default()),
+        registered: None,
+        peer,
+    };
+    let reason = connection.serve(source).await;
+    tracing::debug!(%peer, session = format_args!("{session_id:016x}"), reason, "connection closed");
+}
+
+struct Connection {
+    shard: Rc<Shard>,
+    session: Session,
+    outbound: mpsc::Sender<Bytes>,
+    kick: Rc<Kick>,
+    /// The user this connection is registered for in the shard's sessions.
+    registered: Option<crate::ids::UserId>,
+    peer: SocketAddr,
+}
+
+type Reply = LocalBoxFuture<'static, ServerFrame>;
+
+/// Whether the connection goes on after a step.
+enum Flow {
+    Continue,
+    Close(&'static str),
+}
+
+impl Connection {
+    async fn serve(&mut self, mut source: impl FrameSource) -> &'static str {
+        let mut in_flight: FuturesUnordered<Reply> = FuturesUnordered::new();
+        let max_in_flight = self.shard.config.protocol.max_in_flight_requests;
+        let shard = self.shard.clone();
+        let kick = self.kick.clone();
+        loop {
+            let deadline = tokio::time::Instant::from_std(self.session.deadline());
+            let flow = tokio::select! {
+                biased;
+                () = shard.drain.cancelled() => return self.going_away(in_flight).await,
+                reason = kick.kicked() => {
+                    self.send_best_effort(reason);
+                    Flow::Close("kicked")
+                }
+                Some(reply) = in_flight.next(), if !in_flight.is_empty() => self.send(&reply),
+                frame = source.next_frame(), if in_flight.len() < max_in_flight => match frame {
+                    Ok(Some(payload)) => self.on_payload(payload, &mut in_flight).await,
+                    Ok(None) => Flow::Close("peer closed"),
+                    Err(ReadError::Frame(err)) => {
+                        tracing::info!(peer = %self.peer, error = %err, "undecodable frame; closing");
+                        self.send_best_effort(self.session.on_decode_error(&err));
+                        Flow::Close("bad frame")
+                    }
+                    Err(ReadError::Io(_)) => Flow::Close("read error"),
+                },
+                () = tokio::time::sleep_until(deadline) => match self.session.on_deadline(Instant::now()) {
+                    Some(close) => {
+                        tracing::info!(peer = %self.peer, "connection timed out");
+                        self.send_best_effort(close);
+                        Flow::Close("timeout")
+                    }
+                    None => Flow::Continue,
+                },
+            };
+            if let Flow::Close(reason) = flow {
+                return reason;
+            }
+        }
+    }
+
+    async fn on_payload(
+        &mut self,
+        payload: Bytes,
+        in_flight: &mut FuturesUnordered<Reply>,
+    ) -> Flow {
+        let frame = match v1::ClientFrame::decode(payload) {
+            Ok(frame) => frame,
+            Err(err) => {
+                tracing::info!(peer = %self.peer, error = %err, "malformed frame; closing");
+                self.send_best_effort(self.session.on_decode_error(&FrameError::Malformed(err)));
+                return Flow::Close("malformed frame");
+            }
+        };
+        match self.session.on_frame(frame, Instant::now()) {
+            Step::Reply(reply) => self.send(&reply),
+            Step::Close(reply) => {
+                tracing::info!(peer = %self.peer, reply = ?reply.kind, "protocol violation; closing");
+                self.send_best_effort(reply);
+                Flow::Close("protocol violation")
+            }
+            Step::Run(request) if request.command.is_pipelined() => {
+                in_flight.push(self.start(request).await);
+                Flow::Continue
+            }
+            Step::Run(request) => self.run_in_order(request).await,
+        }
+    }
+
+    /// Starts a pipelined command; its reply resolves later.
+    async fn start(&self, Request { id, command }: Request) -> Reply {
+        let shard = self.shard.clone();
+        match command {
+            Command::Send {
+                conversation,
+                sender,
+                sender_device,
+                client_msg_id,
+                body,
+            } => {
+                let (reply, ack) = oneshot::channel();
+                let append = Append {
+                    conversation,
+                    sender,
+                    sender_device,
+                    client_msg_id,
+                    body,
+                };
+                let owner = shard.mesh.owner_of(conversation);
+                // Handing over in frame order keeps one device's messages in order.
+                if shard
+                    .mesh
+                    .send(owner, ShardMsg::Append(append, reply))
+                    .await
+                    .is_err()
+                {
+                    return Box::pin(std::future::ready(failure(id, &ChatError::ShuttingDown)));
+                }
+                Box::pin(async move {
+                    match ack.await {
+                        Ok(Ok(ack)) => reply_frame(id, Kind::SendAck(ack.into_proto())),
+                        Ok(Err(err)) => failure(id, &err),
+                        Err(_) => failure(id, &ChatError::ShuttingDown),
+                    }
+                })
+            }
+            Command::History {
+                conversation,
+                range,
+                limit,
+                ..
+            } => Box::pin(async move {
+                match shard.store.history(conversation, range, limit).await {
+                    Ok(page) => {
+                        let max_bytes = shard
+                            .limits
+                            .max_frame_bytes
+                            .saturating_sub(PAGE_OVERHEAD_BYTES);
+                        reply_frame(
+                            id,
+                            Kind::HistoryPage(history_page(conversation, range, page, max_bytes)),
+                        )
+                    }
+                    Err(err) => failure(id, &ChatError::Store(err)),
+                }
+            }),
+            Command::GetUser { username } => Box::pin(async move {
+                match shard.accounts.user_by_name(&username).await {
+                    Ok((user_id, username)) => reply_frame(
+                        id,
+                        Kind::User(v1::User {
+                            user_id: user_id.get(),
+                            username,
+                        }),
+                    ),
+                    Err(err) => failure(id, &err),
+                }
+            }),
+            other => Box::pin(std::future::ready(error_frame(
+                id,
+                ErrorCode::Internal,
+                format!("{other:?} is not pipelined"),
+            ))),
+        }
+    }
+
+    /// Runs a command that touches the session's authentication, in order.
+    async fn run_in_order(&mut self, Request { id, command }: Request) -> Flow {
+        let accounts = self.shard.accounts.clone();
+        let result = match command {
+            Command::SignUp { username, password } => {
+                accounts.sign_up(username, password).await.map(|user| {
+                    Kind::SignedUp(v1::SignedUp {
+                        user_id: user.get(),
+                    })
+                })
+            }
+            Command::LogIn {
+                username,
+                password,
+                device_name,
+            } => accounts
+                .log_in(username, password, device_name)
+                .await
+                .map(|grant| {
+                    Kind::LoggedIn(v1::LoggedIn {
+                        user_id: grant.user.get(),
+                        device_id: grant.device.get(),
+                        tokens: Some(tokens(grant)),
+                    })
+                }),
+            Command::RefreshToken { refresh_token } => {
+                accounts.refresh(&refresh_token).await.map(|grant| {
+                    Kind::LoggedIn(v1::LoggedIn {
+                        user_id: grant.user.get(),
+                        device_id: grant.device.get(),
+                        tokens: Some(tokens(grant)),
+                    })
+                })
+            }
+            Command::Authenticate { access_token } => {
+                match accounts.authenticate(&access_token).await {
+                    Ok(identity) => {
+                        let reply = Kind::Authenticated(v1::Authenticated {
+                            user_id: identity.user.get(),
+                            device_id: identity.device.get(),
+                            username: identity.username.clone(),
+                        });
+                        self.register(&identity).await;
+                        self.session.authenticated(identity);
+                        Ok(reply)
+                    }
+                    Err(err) => Err(err),
+                }
+            }
+            Command::LogOut { user, device } => match accounts.log_out(user, device).await {
+                Ok(()) => {
+                    self.unregister();
+                    self.session.logged_out();
+                    Ok(Kind::LoggedOut(v1::LoggedOut {}))
+                }
+                Err(err) => Err(err),
+            },
+            pipelined => {
+                let reply = self
+                    .start(Request {
+                        id,
+                        command: pipelined,
+                    })
+                    .await
+                    .await;
+                return self.send(&reply);
+            }
+        };
+        match result {
+            Ok(kind) => self.send(&reply_frame(id, kind)),
+            Err(err) => {
+                if !matches!(err.code(), ErrorCode::Internal) {
+                    tracing::info!(peer = %self.peer, error = %err, "request refused");
+                } else {
+                    tracing::error!(peer = %self.peer, error = %err, "request failed");
+                }
+                let flow = self.send(&failure(id, &err));
+                let counts_as_failure = matches!(
+                    err,
+                    AuthError::InvalidCredentials
+                        | AuthError::InvalidToken(_)
+                        | AuthError::InvalidRefreshToken
+                        | AuthError::DeviceRevoked
+                );
+                match (
+                    flow,
+                    counts_as_failure
+                        .then(|| self.session.auth_failed())
+                        .flatten(),
+                ) {
+                    (Flow::Continue, Some(close)) => {
+                        self.send_best_effort(close);
+                        Flow::Close("too many auth failures")
+                    }
+                    (flow, _) => flow,
+                }
+            }
+        }
+    }
+
+    /// Makes this connection reachable for pushes, on every shard's directory,
+    /// before the client hears it is authenticated.
+    async fn register(&mut self, identity: &crate::auth::Identity) {
+        self.shard.sessions.borrow_mut().add(
+            identity.user,
+            SessionHandle {
+                session_id: self.session.id(),
+                device: identity.device,
+                outbound: self.outbound.clone(),
+                kick: self.kick.clone(),
+            },
+        );
+        self.registered = Some(identity.user);
+        if let Some(applied) = self.shard.announce(identity.user, true) {
+            // Fails only if a shard stopped, i.e. during shutdown.
+            let _ = applied.await;
+        }
+    }
+
+    fn unregister(&mut self) {
+        if let Some(user) = self.registered.take() {
+            let last = self
+                .shard
+                .sessions
+                .borrow_mut()
+                .remove(user, self.session.id());
+            if last {
+                self.shard.announce(user, false);
+            }
+        }
+    }
+
+    /// Queues a frame; a full queue means the peer does not read: close.
+    fn send(&self, frame: &ServerFrame) -> Flow {
+        match self.outbound.try_send(encode_frame(frame)) {
+            Ok(()) => Flow::Continue,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(peer = %self.peer, "slow consumer: outbound queue full; closing");
+                Flow::Close("slow consumer")
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Flow::Close("writer closed"),
+        }
+    }
+
+    /// Queues a frame if there is room; used for the last frame before closing.
+    fn send_best_effort(&self, frame: ServerFrame) {
+        let _ = self.outbound.try_send(encode_frame(&frame));
+    }
+
+    /// Shutdown: finish what is in flight (bounded by the grace period), then tell
+    /// the client to reconnect after a jittered delay.
+    async fn going_away(&mut self, mut in_flight: FuturesUnordered<Reply>) -> &'static str {
+        let grace = self.shard.config.server.shutdown_grace;
+        let finish = async {
+            while let Some(reply) = in_flight.next().await {
+                if let Flow::Close(_) = self.send(&reply) {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(grace, finish).await.is_err() {
+            tracing::warn!(peer = %self.peer, "requests still in flight after the grace period");
+        }
+        let max_delay = u32::try_from(grace.as_millis()).unwrap_or(u32::MAX).max(1);
+        self.send_best_effort(ServerFrame {
+            request_id: 0,
+            kind: Some(Kind::GoingAway(v1::GoingAway {
+                reconnect_after_ms: rand::random_range(0..max_delay),
+                reason: "server shutting down".into(),
+            })),
+        });
+        "server shutting down"
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
+fn reply_frame(request_id: u64, kind: Kind) -> ServerFrame {
+    ServerFrame {
+        request_id,
+        kind: Some(kind),
+    }
+}
+
+fn failure(request_id: u64, err: &impl ErrorKind) -> ServerFrame {
+    error_frame(request_id, err.code(), err.client_message())
+}
+
+fn tokens(grant: Grant) -> v1::Tokens {
+    v1::Tokens {
+        access_token: grant.access_token,
+        access_expires_at_ms: grant.access_expires_at_ms,
+        refresh_token: grant.refresh_token,
+        refresh_expires_at_ms: grant.refresh_expires_at_ms,
+    }
+}
+
+/// A History reply that fits in `max_bytes`: when the stored page is larger, the
+/// messages farthest from the requested bound are left out and `has_more` is set.
+fn history_page(
+    conversation: crate::ids::ConversationId,
+    range: HistoryRange,
+    page: crate::store::HistoryPage,
+    max_bytes: usize,
+) -> v1::HistoryPage {
+    let mut messages: Vec<v1::Message> = page.messages.iter().map(message_proto).collect();
+    let mut has_more = page.has_more;
+    // Closest to the bound first: the newest for Latest/Before, the oldest for After.
+    let newest_first = !matches!(range, HistoryRange::After(_));
+    if newest_first {
+        messages.reverse();
+    }
+    let mut used = 0;
+    let keep = messages
+        .iter()
+        .take_while(|message| {
+            let len = message.encoded_len() + 8;
+            used += len;
+            used <= max_bytes
+        })
+        .count();
+    if keep < messages.len() {
+        messages.truncate(keep);
+        has_more = true;
+    }
+    if newest_first {
+        messages.reverse();
+    }
+    v1::HistoryPage {
+        conversation_id: conversation.to_string(),
+        messages,
+        has_more,
+    }
+}

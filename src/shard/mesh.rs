@@ -1,0 +1,78 @@
+//! The mesh: one bounded channel into every shard, and what travels on it.
+//!
+//! Receivers never block on the mesh themselves (they only update local state and
+//! answer through one-shot channels), so a full channel is back-pressure on the
+//! sender, never a cycle of shards waiting on each other.
+
+use super::ShardId;
+use crate::chat::{Append, ChatError, SendAck};
+use crate::ids::{ConversationId, DeviceId, UserId};
+use bytes::Bytes;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// The owner's answer to an append.
+pub type AppendReply = oneshot::Sender<Result<SendAck, ChatError>>;
+
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// To a conversation's owner: sequence, store and fan out this message.
+    Append(Append, AppendReply),
+    /// Frames for sessions on the receiving shard.
+    Deliver(Vec<Delivery>),
+    /// `user` gained (`online`) or lost its last session on shard `from`. An ack,
+    /// when present, is answered once the update is applied.
+    Presence {
+        user: UserId,
+        from: ShardId,
+        online: bool,
+        ack: Option<oneshot::Sender<()>>,
+    },
+}
+
+/// One encoded frame for the sessions of some users on one shard.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub frame: Bytes,
+    pub users: Arc<[UserId]>,
+    /// The device that sent it: it gets a SendAck instead.
+    pub skip_device: Option<(UserId, DeviceId)>,
+}
+
+/// Senders into every shard's mailbox.
+#[derive(Debug, Clone)]
+pub struct Mesh {
+    shards: Arc<[mpsc::Sender<ShardMsg>]>,
+}
+
+impl Mesh {
+    /// A mesh of `shards` mailboxes, each holding `capacity` messages.
+    pub fn new(shards: usize, capacity: usize) -> (Self, Vec<mpsc::Receiver<ShardMsg>>) {
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| mpsc::channel(capacity)).unzip();
+        (
+            Self {
+                shards: senders.into(),
+            },
+            receivers,
+        )
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    /// The shard that sequences `conversation`.
+    pub fn owner_of(&self, conversation: ConversationId) -> ShardId {
+        ShardId((conversation.hash64() % self.shards.len() as u64) as usize)
+    }
+
+    /// Sends, waiting for room. Fails only once the receiving shard has stopped.
+    pub async fn send(&self, to: ShardId, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.shards[to.0].send(msg).await.map_err(|err| err.0)
+    }
+}

@@ -1,0 +1,290 @@
+//! Thread-per-core shards.
+//!
+//! Each shard is one OS thread (pinned to a core where the OS allows) running a
+//! `current_thread` tokio runtime. It accepts connections on its own SO_REUSEPORT
+//! listener and owns them and their state outright: nothing of a connection is
+//! shared with another thread. Shards talk only through the [`mesh`]: bounded
+//! channels carrying appends to a conversation's owner shard, encoded deliveries,
+//! and presence updates for the [`directory`].
+//!
+//! Each shard runs four kinds of task: the accept loop, one task per connection,
+//! the mailbox loop (never blocks: it applies mesh messages to local state), and the
+//! owner's committer (see [`owner`]).
+//!
+//! Shutdown has two phases so no in-flight message is dropped: `drain` stops the
+//! accept loops and ends every connection (after its in-flight requests finish);
+//! once every shard has drained, `stop` ends the mailbox loops and committers.
+
+mod connection;
+mod directory;
+mod mesh;
+mod owner;
+mod sessions;
+
+pub use connection::{FrameSource, ReadError, run as run_connection};
+pub use mesh::Mesh;
+pub(crate) use mesh::ShardMsg;
+
+use crate::auth::Accounts;
+use crate::chat::{Assigned, Sequencer, SequencerLimits};
+use crate::config::Config;
+use crate::ids::UserId;
+use crate::protocol::SessionLimits;
+use crate::store::Store;
+use directory::Directory;
+use mesh::AppendReply;
+use sessions::LocalSessions;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Directory entries are one bit per shard in a `u64`.
+pub const MAX_SHARDS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ShardId(pub usize);
+
+/// What every shard of a node shares: thread-safe handles only.
+#[derive(Debug, Clone)]
+pub struct NodeContext {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub accounts: Accounts,
+    pub mesh: Mesh,
+    pub connection_permits: Arc<Semaphore>,
+    /// Phase one of shutdown: stop accepting, close connections.
+    pub drain: CancellationToken,
+    /// Phase two: stop the mailbox loops and committers.
+    pub stop: CancellationToken,
+}
+
+/// A presence change for the announcer to broadcast, in order.
+#[derive(Debug)]
+struct PresenceUpdate {
+    user: UserId,
+    online: bool,
+    applied: Option<oneshot::Sender<()>>,
+}
+
+/// The state of one shard, shared by its tasks on its thread.
+#[derive(Debug)]
+pub struct Shard {
+    pub id: ShardId,
+    pub config: Arc<Config>,
+    pub limits: SessionLimits,
+    pub store: Arc<dyn Store>,
+    pub accounts: Accounts,
+    pub mesh: Mesh,
+    pub drain: CancellationToken,
+    pub stop: CancellationToken,
+    connection_permits: Arc<Semaphore>,
+    sessions: RefCell<LocalSessions>,
+    directory: RefCell<Directory>,
+    sequencer: RefCell<Sequencer<AppendReply>>,
+    commit_queue: RefCell<VecDeque<Assigned<AppendReply>>>,
+    commit_ready: Notify,
+    presence: mpsc::UnboundedSender<PresenceUpdate>,
+    connections: TaskTracker,
+}
+
+/// Everything a shard thread needs to start.
+#[derive(Debug)]
+pub struct ShardStart {
+    pub id: ShardId,
+    pub context: NodeContext,
+    pub runtime: tokio::runtime::Runtime,
+    /// Registered with `runtime` (created inside it).
+    pub listener: tokio::net::TcpListener,
+    pub mailbox: mpsc::Receiver<ShardMsg>,
+    pub core: Option<core_affinity::CoreId>,
+    /// Answered once this shard's connections have all ended.
+    pub drained: oneshot::Sender<()>,
+}
+
+/// Starts a shard on its own thread.
+pub fn spawn(start: ShardStart) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("confab-shard-{}", start.id.0))
+        .spawn(move || {
+            if let Some(core) = start.core {
+                if !core_affinity::set_for_current(core) {
+                    tracing::warn!(shard = start.id.0, "could not pin shard thread to its core");
+                }
+            }
+            let ShardStart {
+                id,
+                context,
+                runtime,
+                listener,
+                mailbox,
+                drained,
+                ..
+            } = start;
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, run(id, context, listener, mailbox, drained));
+        })
+}
+
+async fn run(
+    id: ShardId,
+    context: NodeContext,
+    listener: tokio::net::TcpListener,
+    mailbox: mpsc::Receiver<ShardMsg>,
+    drained: oneshot::Sender<()>,
+) {
+    let (presence, presence_updates) = mpsc::unbounded_channel();
+    let config = context.config.clone();
+    let shard = Rc::new(Shard {
+        id,
+        limits: SessionLimits::from_config(&config),
+        sequencer: RefCell::new(Sequencer::new(SequencerLimits {
+            max_pending: config.chat.max_pending_appends,
+            max_cached: config.chat.max_cached_conversations,
+        })),
+        config,
+        store: context.store,
+        accounts: context.accounts,
+        mesh: context.mesh,
+        drain: context.drain,
+        stop: context.stop,
+        connection_permits: context.connection_permits,
+        sessions: RefCell::default(),
+        directory: RefCell::default(),
+        commit_queue: RefCell::default(),
+        commit_ready: Notify::new(),
+        presence,
+        connections: TaskTracker::new(),
+    });
+    let core = TaskTracker::new();
+    core.spawn_local(mailbox_loop(shard.clone(), mailbox));
+    core.spawn_local(owner::run_committer(shard.clone()));
+    core.spawn_local(announce_presence(shard.clone(), presence_updates));
+
+    crate::transport::tcp::accept_loop(shard.clone(), listener).await;
+
+    shard.connections.close();
+    shard.connections.wait().await;
+    tracing::debug!(shard = id.0, "connections drained");
+    let _ = drained.send(());
+
+    shard.stop.cancelled().await;
+    core.close();
+    core.wait().await;
+}
+
+impl Shard {
+    /// Runs a connection task, tracked for shutdown.
+    pub fn spawn_connection(&self, task: impl Future<Output = ()> + 'static) {
+        self.connections.spawn_local(task);
+    }
+
+    /// Waits for a free connection slot (node-wide limit).
+    pub async fn connection_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.connection_permits.clone().acquire_owned().await.ok()
+    }
+
+    /// Runs a core (non-connection) task of this shard.
+    fn spawn_core(&self, task: impl Future<Output = ()> + 'static) {
+        tokio::task::spawn_local(task);
+    }
+
+    fn enqueue_commit(&self, assigned: Assigned<AppendReply>) {
+        self.commit_queue.borrow_mut().push_back(assigned);
+        self.commit_ready.notify_one();
+    }
+
+    /// Broadcasts that `user` has (or no longer has) a session here. When going
+    /// online, returns a receiver that resolves once every shard applied it.
+    fn announce(&self, user: UserId, online: bool) -> Option<oneshot::Receiver<()>> {
+        let (applied, done) = if online {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        // The announcer lives as long as the shard; if it is gone we are stopping.
+        let _ = self.presence.send(PresenceUpdate {
+            user,
+            online,
+            applied,
+        });
+        done
+    }
+}
+
+/// Applies mesh messages to this shard's state. Never waits on another shard.
+async fn mailbox_loop(shard: Rc<Shard>, mut mailbox: mpsc::Receiver<ShardMsg>) {
+    loop {
+        let msg = tokio::select! {
+            msg = mailbox.recv() => match msg {
+                Some(msg) => msg,
+                None => return,
+            },
+            () = shard.stop.cancelled() => return,
+        };
+        match msg {
+            ShardMsg::Append(append, reply) => owner::submit(&shard, append, reply),
+            ShardMsg::Deliver(deliveries) => {
+                let sessions = shard.sessions.borrow();
+                for delivery in &deliveries {
+                    sessions.deliver(delivery);
+                }
+            }
+            ShardMsg::Presence {
+                user,
+                from,
+                online,
+                ack,
+            } => {
+                shard.directory.borrow_mut().update(user, from, online);
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+            }
+        }
+    }
+}
+
+/// Sends presence updates to every shard, one update at a time, so each shard sees
+/// one user's updates from this shard in the order they happened.
+async fn announce_presence(shard: Rc<Shard>, mut updates: mpsc::UnboundedReceiver<PresenceUpdate>) {
+    loop {
+        let update = tokio::select! {
+            update = updates.recv() => match update {
+                Some(update) => update,
+                None => return,
+            },
+            () = shard.stop.cancelled() => return,
+        };
+        let mut acks = Vec::new();
+        for index in 0..shard.mesh.len() {
+            let ack = update.applied.as_ref().map(|_| {
+                let (tx, rx) = oneshot::channel();
+                acks.push(rx);
+                tx
+            });
+            let msg = ShardMsg::Presence {
+                user: update.user,
+                from: shard.id,
+                online: update.online,
+                ack,
+            };
+            if shard.mesh.send(ShardId(index), msg).await.is_err() {
+                return;
+            }
+        }
+        if let Some(applied) = update.applied {
+            shard.spawn_core(async move {
+                for ack in acks {
+                    let _ = ack.await;
+                }
+                let _ = applied.send(());
+            });
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The authenticated sessions a shard owns, by user, and delivery to them.
+//!
+//! Delivery never waits: a frame goes into the session's bounded outbound queue or,
+//! when that is full, the session is kicked as a slow consumer (it reconnects and
+//! catches up from history) so one stalled phone cannot hold up a shard.
+
+use super::mesh::Delivery;
+use crate::ids::{DeviceId, UserId};
+use crate::protocol::{ErrorCode, error_frame};
+use bytes::Bytes;
+use confab_proto::v1::ServerFrame;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use tokio::sync::{Notify, mpsc};
+
+/// Tells a connection to close, with the frame to say why.
+#[derive(Debug, Default)]
+pub struct Kick {
+    reason: RefCell<Option<ServerFrame>>,
+    notify: Notify,
+}
+
+impl Kick {
+    pub fn kick(&self, reason: ServerFrame) {
+        self.reason.borrow_mut().get_or_insert(reason);
+        self.notify.notify_one();
+    }
+
+    /// Waits for a kick and returns its reason.
+    pub async fn kicked(&self) -> ServerFrame {
+        loop {
+            if let Some(reason) = self.reason.borrow_mut().take() {
+                return reason;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub session_id: u64,
+    pub device: DeviceId,
+    pub outbound: mpsc::Sender<Bytes>,
+    pub kick: Rc<Kick>,
+}
+
+#[derive(Debug, Default)]
+pub struct LocalSessions {
+    by_user: HashMap<UserId, Vec<SessionHandle>>,
+}
+
+impl LocalSessions {
+    pub fn add(&mut self, user: UserId, handle: SessionHandle) {
+        self.by_user.entry(user).or_default().push(handle);
+    }
+
+    /// Removes a session; returns true when it was the user's last one here.
+    pub fn remove(&mut self, user: UserId, session_id: u64) -> bool {
+        let Some(handles) = self.by_user.get_mut(&user) else {
+            return false;
+        };
+        handles.retain(|handle| handle.session_id != session_id);
+        if handles.is_empty() {
+            self.by_user.remove(&user);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn deliver(&self, delivery: &Delivery) {
+        for user in delivery.users.iter() {
+            for handle in self.by_user.get(user).into_iter().flatten() {
+                if delivery.skip_device == Some((*user, handle.device)) {
+                    continue;
+                }
+                if handle.outbound.try_send(delivery.frame.clone()).is_err() {
+                    tracing::warn!(user = %user, session = handle.session_id, "slow consumer: closing session");
+                    handle.kick.kick(error_frame(
+                        0,
+                        ErrorCode::SlowConsumer,
+                        "outbound queue full: reconnect and fetch history",
+                    ));
+                }
+            }
+        }
+    }
+}

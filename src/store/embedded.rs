@@ -1,0 +1,602 @@
+//! The embedded store: everything on local disk in one [fjall] database.
+//!
+//! Why fjall: it is an LSM tree, so appending messages (the dominant write) is a
+//! sequential journal write, and history pages are ordered range scans over
+//! `(conversation, seq)` keys. Writes are buffered in the journal until
+//! `Database::persist` is called, which gives us an explicit group-commit point: one
+//! fsync covers every write in a batch. redb was the alternative; it is a B-tree with
+//! one fsync per write transaction, which we could batch too, but random-ish B-tree
+//! page writes cost more than journal appends for a write-heavy chat log.
+//!
+//! Layout (one keyspace per record kind, all integers big-endian so keys sort
+//! numerically):
+//! - `users`:     user id → user record
+//! - `usernames`: username → user id (uniqueness)
+//! - `devices`:   user id ++ device id → device record
+//! - `messages`:  conversation key ++ seq → message (a conversation is one contiguous
+//!   key range, newest last, so "latest page" is a reverse scan)
+//!
+//! All writes go through one writer thread, which drains whatever is queued (up to
+//! `max_batch` jobs), commits it as one atomic fjall batch, then persists once:
+//! fsync with `durability = "sync"`, a hand-off to the OS with `"buffered"`. Only then
+//! are the callers answered. Being the only writer also makes "is this username free"
+//! and "create it" one atomic step. If a commit or fsync fails the store is poisoned:
+//! it refuses every later write, because after a failed fsync the on-disk state is
+//! unknown and acknowledging later writes could hide a lost one.
+//!
+//! Reads run on the blocking pool, never on a shard thread.
+
+use super::{
+    DeviceRecord, HistoryPage, HistoryRange, MessageRecord, NewUser, Store, StoreError, UserRecord,
+};
+use crate::config::{Durability, StoreConfig};
+use crate::ids::{ConversationId, DeviceId, Seq, UserId};
+use async_trait::async_trait;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use prost::Message as _;
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// Jobs queued for the writer before `append_messages` and friends wait.
+const WRITE_QUEUE: usize = 16 * 1024;
+
+#[derive(Debug)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+    writer: mpsc::Sender<WriteJob>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Inner {
+    db: Database,
+    users: Keyspace,
+    usernames: Keyspace,
+    devices: Keyspace,
+    messages: Keyspace,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner").finish_non_exhaustive()
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum WriteJob {
+    CreateUser(NewUser, Reply<UserRecord>),
+    PutDevice(DeviceRecord, Reply<()>),
+    DeleteDevice(UserId, DeviceId, Reply<bool>),
+    Append(Vec<MessageRecord>, Reply<()>),
+    Close(Reply<()>),
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database under `config.data_dir` and starts its writer.
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let path = config.data_dir.join("embedded");
+        std::fs::create_dir_all(&path).map_err(|err| io_error(&path, err))?;
+        let db = Database::builder(&path).open().map_err(fjall_error)?;
+        let keyspace = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(fjall_error)
+        };
+        let inner = Arc::new(Inner {
+            users: keyspace("users")?,
+            usernames: keyspace("usernames")?,
+            devices: keyspace("devices")?,
+            messages: keyspace("messages")?,
+            db,
+        });
+        let (writer, jobs) = mpsc::channel(WRITE_QUEUE);
+        let writer_state = Writer {
+            inner: inner.clone(),
+            durability: config.durability,
+            max_batch: config.max_batch,
+            poisoned: false,
+            closed: false,
+        };
+        let writer_thread = std::thread::Builder::new()
+            .name("confab-store-writer".into())
+            .spawn(move || writer_state.run(jobs))
+            .map_err(|err| io_error(&path, err))?;
+        Ok(Self {
+            inner,
+            writer,
+            writer_thread: Mutex::new(Some(writer_thread)),
+        })
+    }
+
+    async fn write<T>(&self, job: impl FnOnce(Reply<T>) -> WriteJob) -> Result<T, StoreError> {
+        let (reply, result) = oneshot::channel();
+        self.writer
+            .send(job(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        result.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || read(&inner))
+            .await
+            .map_err(|err| StoreError::Io(format!("read task failed: {err}")))?
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn create_user(&self, user: NewUser) -> Result<UserRecord, StoreError> {
+        self.write(|reply| WriteJob::CreateUser(user, reply)).await
+    }
+
+    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
+        let username = username.to_owned();
+        self.read(move |inner| {
+            let Some(id) = inner
+                .usernames
+                .get(username.as_bytes())
+                .map_err(fjall_error)?
+            else {
+                return Ok(None);
+            };
+            inner.user(decode_user_id(&id)?)
+        })
+        .await
+    }
+
+    async fn user_by_id(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
+        self.read(move |inner| inner.user(id)).await
+    }
+
+    async fn put_device(&self, device: DeviceRecord) -> Result<(), StoreError> {
+        self.write(|reply| WriteJob::PutDevice(device, reply)).await
+    }
+
+    async fn device(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        self.read(move |inner| {
+            let Some(bytes) = inner
+                .devices
+                .get(device_key(user, device))
+                .map_err(fjall_error)?
+            else {
+                return Ok(None);
+            };
+            let stored = StoredDevice::decode(&*bytes).map_err(corrupt)?;
+            let refresh_hash = stored
+                .refresh_hash
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("device refresh hash is not 32 bytes".into()))?;
+            Ok(Some(DeviceRecord {
+                user,
+                id: device,
+                name: stored.name,
+                refresh_hash,
+                refresh_expires_at_ms: stored.refresh_expires_at_ms,
+                created_at_ms: stored.created_at_ms,
+            }))
+        })
+        .await
+    }
+
+    async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError> {
+        self.write(|reply| WriteJob::DeleteDevice(user, device, reply))
+            .await
+    }
+
+    async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
+        self.write(|reply| WriteJob::Append(messages, reply)).await
+    }
+
+    async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
+        self.read(
+            move |inner| match inner.messages.prefix(conversation.to_key()).next_back() {
+                None => Ok(0),
+                Some(guard) => seq_of_key(&guard.key().map_err(fjall_error)?),
+            },
+        )
+        .await
+    }
+
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        range: HistoryRange,
+        limit: usize,
+    ) -> Result<HistoryPage, StoreError> {
+        self.read(move |inner| inner.history(conversation, range, limit))
+            .await
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        let result = self.write(WriteJob::Close).await;
+        let thread = self
+            .writer_thread
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take());
+        if let Some(thread) = thread {
+            // The writer exits right after answering Close; joining cannot block long.
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .ok();
+        }
+        result
+    }
+}
+
+impl Inner {
+    fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
+        let Some(bytes) = self
+            .users
+            .get(id.get().to_be_bytes())
+            .map_err(fjall_error)?
+        else {
+            return Ok(None);
+        };
+        let stored = StoredUser::decode(&*bytes).map_err(corrupt)?;
+        Ok(Some(UserRecord {
+            id,
+            username: stored.username,
+            password_hash: stored.password_hash,
+            created_at_ms: stored.created_at_ms,
+        }))
+    }
+
+    fn history(
+        &self,
+        conversation: ConversationId,
+        range: HistoryRange,
+        limit: usize,
+    ) -> Result<HistoryPage, StoreError> {
+        let key = |seq: Seq| message_key(conversation, seq);
+        let (iter, newest_first): (Box<dyn Iterator<Item = fjall::Guard>>, bool) = match range {
+            HistoryRange::Latest => (
+                Box::new(self.messages.prefix(conversation.to_key()).rev()),
+                true,
+            ),
+            HistoryRange::Before(bound) => (
+                Box::new(self.messages.range(key(0)..key(bound)).rev()),
+                true,
+            ),
+            HistoryRange::After(Seq::MAX) => return Ok(HistoryPage::default()),
+            HistoryRange::After(bound) => (
+                Box::new(self.messages.range(key(bound + 1)..=key(Seq::MAX))),
+                false,
+            ),
+        };
+        let mut messages = Vec::with_capacity(limit.min(256) + 1);
+        for guard in iter.take(limit + 1) {
+            let (key, value) = guard.into_inner().map_err(fjall_error)?;
+            let stored = StoredMessage::decode(&*value).map_err(corrupt)?;
+            messages.push(stored.into_record(conversation, seq_of_key(&key)?)?);
+        }
+        let has_more = messages.len() > limit;
+        messages.truncate(limit);
+        if newest_first {
+            messages.reverse();
+        }
+        Ok(HistoryPage { messages, has_more })
+    }
+}
+
+/// The single writer: owns batching, commit, persistence and poisoning.
+struct Writer {
+    inner: Arc<Inner>,
+    durability: Durability,
+    max_batch: usize,
+    poisoned: bool,
+    closed: bool,
+}
+
+/// Answers one job once the batch's fate is known: `Ok` when it is durable.
+type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// Answers `reply` with `value` if the batch commits.
+fn on_commit<T: Send + 'static>(reply: Reply<T>, value: T) -> Answer {
+    Box::new(move |outcome| {
+        // A caller that went away no longer needs its answer.
+        let _ = reply.send(outcome.map(|()| value).map_err(StoreError::Io));
+    })
+}
+
+/// Answers `reply` with `err` whatever happens to the batch.
+fn refuse<T: Send + 'static>(reply: Reply<T>, err: StoreError) -> Answer {
+    Box::new(move |_| {
+        let _ = reply.send(Err(err));
+    })
+}
+
+impl Writer {
+    fn run(mut self, mut jobs: mpsc::Receiver<WriteJob>) {
+        let mut queue = Vec::with_capacity(self.max_batch);
+        while let Some(job) = jobs.blocking_recv() {
+            queue.push(job);
+            while queue.len() < self.max_batch {
+                match jobs.try_recv() {
+                    Ok(job) => queue.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit(queue.drain(..));
+            if self.closed {
+                break;
+            }
+        }
+        // Later senders see a closed channel and get `StoreError::Closed`.
+    }
+
+    fn commit(&mut self, jobs: impl Iterator<Item = WriteJob>) {
+        let mut batch = self.inner.db.batch();
+        let mut answers: Vec<Answer> = Vec::new();
+        let mut closers: Vec<Reply<()>> = Vec::new();
+        let mut new_names = HashSet::new();
+        let mut new_ids = HashSet::new();
+        for job in jobs {
+            if self.closed || !closers.is_empty() {
+                answers.push(refuse_job(job, StoreError::Closed));
+                continue;
+            }
+            if self.poisoned && !matches!(job, WriteJob::Close(_)) {
+                answers.push(refuse_job(job, StoreError::Poisoned));
+                continue;
+            }
+            answers.push(match job {
+                WriteJob::Close(reply) => {
+                    closers.push(reply);
+                    continue;
+                }
+                WriteJob::CreateUser(user, reply) => {
+                    match self.stage_user(&mut batch, user, &mut new_names, &mut new_ids) {
+                        Ok(record) => on_commit(reply, record),
+                        Err(err) => refuse(reply, err),
+                    }
+                }
+                WriteJob::PutDevice(device, reply) => {
+                    let stored = StoredDevice {
+                        name: device.name,
+                        refresh_hash: device.refresh_hash.to_vec(),
+                        refresh_expires_at_ms: device.refresh_expires_at_ms,
+                        created_at_ms: device.created_at_ms,
+                    };
+                    batch.insert(
+                        &self.inner.devices,
+                        device_key(device.user, device.id),
+                        stored.encode_to_vec(),
+                    );
+                    on_commit(reply, ())
+                }
+                WriteJob::DeleteDevice(user, device, reply) => {
+                    let key = device_key(user, device);
+                    match self.inner.devices.contains_key(key).map_err(fjall_error) {
+                        Ok(existed) => {
+                            batch.remove(&self.inner.devices, key);
+                            on_commit(reply, existed)
+                        }
+                        Err(err) => refuse(reply, err),
+                    }
+                }
+                WriteJob::Append(messages, reply) => {
+                    for message in messages {
+                        let key = message_key(message.conversation, message.seq);
+                        let stored = StoredMessage {
+                            sender: message.sender.get(),
+                            sender_device: message.sender_device.get(),
+                            client_msg_id: message.client_msg_id,
+                            body: message.body,
+                            server_time_ms: message.server_time_ms,
+                        };
+                        batch.insert(&self.inner.messages, key, stored.encode_to_vec());
+                    }
+                    on_commit(reply, ())
+                }
+            });
+        }
+
+        let outcome = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.persist(batch)
+        };
+        for answer in answers {
+            answer(outcome.clone());
+        }
+        if !closers.is_empty() {
+            self.closed = true;
+            let closed = self.inner.db.persist(PersistMode::SyncAll).map_err(|err| {
+                tracing::error!(error = %err, "final store sync failed");
+                err.to_string()
+            });
+            for reply in closers {
+                on_commit(reply, ())(closed.clone());
+            }
+        }
+    }
+
+    fn stage_user(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        user: NewUser,
+        new_names: &mut HashSet<String>,
+        new_ids: &mut HashSet<UserId>,
+    ) -> Result<UserRecord, StoreError> {
+        let taken = new_names.contains(&user.username)
+            || self
+                .inner
+                .usernames
+                .contains_key(user.username.as_bytes())
+                .map_err(fjall_error)?;
+        if taken {
+            return Err(StoreError::UsernameTaken);
+        }
+        let id = loop {
+            let id = UserId::random();
+            let exists = new_ids.contains(&id)
+                || self
+                    .inner
+                    .users
+                    .contains_key(id.get().to_be_bytes())
+                    .map_err(fjall_error)?;
+            if !exists {
+                break id;
+            }
+        };
+        let stored = StoredUser {
+            username: user.username.clone(),
+            password_hash: user.password_hash.clone(),
+            created_at_ms: user.created_at_ms,
+        };
+        batch.insert(
+            &self.inner.users,
+            id.get().to_be_bytes(),
+            stored.encode_to_vec(),
+        );
+        batch.insert(
+            &self.inner.usernames,
+            user.username.as_bytes(),
+            id.get().to_be_bytes(),
+        );
+        new_names.insert(user.username.clone());
+        new_ids.insert(id);
+        Ok(UserRecord {
+            id,
+            username: user.username,
+            password_hash: user.password_hash,
+            created_at_ms: user.created_at_ms,
+        })
+    }
+
+    /// Commits the batch, then makes it as durable as configured. Any failure poisons.
+    fn persist(&mut self, batch: fjall::OwnedWriteBatch) -> Result<(), String> {
+        let result = batch.commit().and_then(|()| match self.durability {
+            Durability::Sync => self.inner.db.persist(PersistMode::SyncData),
+            Durability::Buffered => Ok(()),
+        });
+        result.map_err(|err| {
+            tracing::error!(error = %err, "store commit failed; refusing further writes");
+            self.poisoned = true;
+            err.to_string()
+        })
+    }
+}
+
+fn refuse_job(job: WriteJob, err: StoreError) -> Answer {
+    match job {
+        WriteJob::CreateUser(_, reply) => refuse(reply, err),
+        WriteJob::PutDevice(_, reply) | WriteJob::Append(_, reply) | WriteJob::Close(reply) => {
+            refuse(reply, err)
+        }
+        WriteJob::DeleteDevice(_, _, reply) => refuse(reply, err),
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredUser {
+    #[prost(string, tag = "1")]
+    username: String,
+    #[prost(string, tag = "2")]
+    password_hash: String,
+    #[prost(uint64, tag = "3")]
+    created_at_ms: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredDevice {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(bytes = "vec", tag = "2")]
+    refresh_hash: Vec<u8>,
+    #[prost(uint64, tag = "3")]
+    refresh_expires_at_ms: u64,
+    #[prost(uint64, tag = "4")]
+    created_at_ms: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredMessage {
+    #[prost(uint64, tag = "1")]
+    sender: u64,
+    #[prost(uint64, tag = "2")]
+    sender_device: u64,
+    #[prost(string, tag = "3")]
+    client_msg_id: String,
+    #[prost(string, tag = "4")]
+    body: String,
+    #[prost(uint64, tag = "5")]
+    server_time_ms: u64,
+}
+
+impl StoredMessage {
+    fn into_record(
+        self,
+        conversation: ConversationId,
+        seq: Seq,
+    ) -> Result<MessageRecord, StoreError> {
+        Ok(MessageRecord {
+            conversation,
+            seq,
+            sender: UserId::new(self.sender)
+                .ok_or_else(|| StoreError::Corrupt("message sender is 0".into()))?,
+            sender_device: DeviceId::new(self.sender_device)
+                .ok_or_else(|| StoreError::Corrupt("message sender device is 0".into()))?,
+            client_msg_id: self.client_msg_id,
+            body: self.body,
+            server_time_ms: self.server_time_ms,
+        })
+    }
+}
+
+fn device_key(user: UserId, device: DeviceId) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&user.get().to_be_bytes());
+    key[8..].copy_from_slice(&device.get().to_be_bytes());
+    key
+}
+
+fn message_key(conversation: ConversationId, seq: Seq) -> [u8; 25] {
+    let mut key = [0u8; 25];
+    key[..17].copy_from_slice(&conversation.to_key());
+    key[17..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn seq_of_key(key: &[u8]) -> Result<Seq, StoreError> {
+    key.len()
+        .checked_sub(8)
+        .and_then(|start| key[start..].try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt("message key too short".into()))
+}
+
+fn decode_user_id(bytes: &[u8]) -> Result<UserId, StoreError> {
+    bytes
+        .try_into()
+        .ok()
+        .map(u64::from_be_bytes)
+        .and_then(UserId::new)
+        .ok_or_else(|| StoreError::Corrupt("username index holds an invalid user id".into()))
+}
+
+fn fjall_error(err: fjall::Error) -> StoreError {
+    match err {
+        fjall::Error::Poisoned => StoreError::Poisoned,
+        other => StoreError::Io(other.to_string()),
+    }
+}
+
+fn corrupt(err: prost::DecodeError) -> StoreError {
+    StoreError::Corrupt(err.to_string())
+}
+
+fn io_error(path: &Path, err: std::io::Error) -> StoreError {
+    StoreError::Io(format!("{}: {err}", path.display()))
+}

@@ -1,0 +1,90 @@
+//! Durable state behind one trait, [`Store`]: users, devices and conversation history.
+//!
+//! "Acknowledged means durable": when a write future resolves `Ok`, the write is as
+//! safe as the configured durability promises, and callers acknowledge to clients
+//! only then. Implementations group concurrent writes into one commit.
+//!
+//! The embedded backend ([`embedded`]) is the default product mode.
+
+pub mod embedded;
+mod records;
+
+use crate::ids::{ConversationId, DeviceId, Seq, UserId};
+use async_trait::async_trait;
+
+pub use records::{DeviceRecord, MessageRecord, NewUser, UserRecord};
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("username is already taken")]
+    UsernameTaken,
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    #[error("the store stopped accepting writes after an earlier failure")]
+    Poisoned,
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// Which slice of a conversation's history to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryRange {
+    /// The newest messages.
+    Latest,
+    /// Messages with seq < the bound, the closest ones first.
+    Before(Seq),
+    /// Messages with seq > the bound, the closest ones first.
+    After(Seq),
+}
+
+/// A page of history, in ascending seq order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HistoryPage {
+    pub messages: Vec<MessageRecord>,
+    /// More messages exist beyond this page in the direction of the range.
+    pub has_more: bool,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Creates a user with a fresh id; fails with [`StoreError::UsernameTaken`].
+    async fn create_user(&self, user: NewUser) -> Result<UserRecord, StoreError>;
+
+    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError>;
+
+    async fn user_by_id(&self, id: UserId) -> Result<Option<UserRecord>, StoreError>;
+
+    /// Creates or replaces a device.
+    async fn put_device(&self, device: DeviceRecord) -> Result<(), StoreError>;
+
+    async fn device(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<Option<DeviceRecord>, StoreError>;
+
+    /// Removes a device; returns whether it existed.
+    async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError>;
+
+    /// Appends messages. They arrive in seq order per conversation, with no gaps
+    /// after the stored maximum.
+    async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError>;
+
+    /// Highest stored seq of a conversation, 0 when it has none.
+    async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError>;
+
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        range: HistoryRange,
+        limit: usize,
+    ) -> Result<HistoryPage, StoreError>;
+
+    /// Makes every acknowledged write durable regardless of the durability setting,
+    /// and stops accepting writes. Called once at shutdown.
+    async fn close(&self) -> Result<(), StoreError>;
+}

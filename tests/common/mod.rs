@@ -1,0 +1,140 @@
+//! Test helpers: a real confab node on 127.0.0.1:0 with a fresh data dir, clients,
+//! and polling with a deadline (tests never sleep to wait for something).
+#![allow(dead_code, clippy::unwrap_used)]
+
+use confab::{Config, Server};
+use confab_client::proto::LoggedIn;
+use confab_client::{Client, ClientError};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Settings every test node uses, plus the test's own overrides.
+pub fn config(data_dir: &Path, shards: usize, overrides: &[(&str, &str)]) -> Config {
+    let mut env = vec![
+        ("CONFAB_SERVER__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        ("CONFAB_SERVER__SHARDS".to_owned(), shards.to_string()),
+        ("CONFAB_SERVER__PIN_THREADS".to_owned(), "false".to_owned()),
+        ("CONFAB_SERVER__SHUTDOWN_GRACE".to_owned(), "1s".to_owned()),
+        (
+            "CONFAB_STORE__DATA_DIR".to_owned(),
+            data_dir.display().to_string(),
+        ),
+        // Cheaper hashing keeps the suite fast; the code path is the same.
+        (
+            "CONFAB_AUTH__ARGON2_MEMORY_KIB".to_owned(),
+            "1024".to_owned(),
+        ),
+        ("CONFAB_AUTH__ARGON2_ITERATIONS".to_owned(), "1".to_owned()),
+    ];
+    env.extend(
+        overrides
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    Config::load_from(None, env).unwrap()
+}
+
+/// A running in-process node and the temp dir it owns.
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start(shards: usize) -> Self {
+        Self::start_with(shards, &[]).await
+    }
+
+    pub async fn start_with(shards: usize, overrides: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(config(dir.path(), shards, overrides)).unwrap();
+        let addr = server.local_addr();
+        Self {
+            server: Some(server),
+            addr,
+            dir,
+        }
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}{}x{:x}",
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        rand_suffix()
+    )
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
+pub const PASSWORD: &str = "correct horse battery";
+
+/// A connected, authenticated client for a new user named like `prefix`.
+pub async fn new_user(addr: SocketAddr, prefix: &str) -> (Client, LoggedIn, String) {
+    let name = unique_name(prefix);
+    let client = Client::connect(addr).await.unwrap();
+    let login = client
+        .register_and_authenticate(&name, PASSWORD, "test-device")
+        .await
+        .unwrap();
+    (client, login, name)
+}
+
+/// Another device of an existing user, connected and authenticated.
+pub async fn second_device(addr: SocketAddr, name: &str) -> (Client, LoggedIn) {
+    let client = Client::connect(addr).await.unwrap();
+    let login = client
+        .log_in(name, PASSWORD, "second-device")
+        .await
+        .unwrap();
+    client
+        .authenticate(&login.tokens.as_ref().unwrap().access_token)
+        .await
+        .unwrap();
+    (client, login)
+}
+
+/// The error code of a failed request.
+pub fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> confab_client::proto::ErrorCode {
+    match result {
+        Err(err) => err
+            .code()
+            .unwrap_or_else(|| panic!("not a server error: {err}")),
+        Ok(value) => panic!("expected an error, got {value:?}"),
+    }
+}
+
+/// Awaits `future`, failing the test if it takes longer than `limit`.
+pub async fn within<T>(limit: Duration, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .expect("timed out")
+}
+
+/// Polls `check` until it returns true or the deadline passes.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
