@@ -138,3 +138,89 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A bare protocol connection, for sending what a well-behaved client never would.
+pub struct RawConnection {
+    stream: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+    decoder: confab_proto::FrameDecoder,
+}
+
+impl RawConnection {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        Self {
+            stream: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            buf: bytes::BytesMut::new(),
+            decoder: confab_proto::FrameDecoder::new(64 * 1024 * 1024),
+        }
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt as _;
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    pub async fn send(&mut self, request_id: u64, kind: confab_client::proto::client_frame::Kind) {
+        let frame = confab_client::proto::ClientFrame {
+            request_id,
+            kind: Some(kind),
+        };
+        self.send_bytes(&confab_proto::encode_frame(&frame)).await;
+    }
+
+    pub async fn hello(&mut self, version: i32) -> confab_client::proto::ServerFrame {
+        use confab_client::proto::{Hello, client_frame::Kind};
+        self.send(
+            1,
+            Kind::Hello(Hello {
+                protocol_version: version,
+                client_name: "raw".into(),
+                client_version: "0".into(),
+            }),
+        )
+        .await;
+        self.recv().await.expect("a reply to Hello")
+    }
+
+    /// The next frame, or `None` once the server closed the connection.
+    pub async fn recv(&mut self) -> Option<confab_client::proto::ServerFrame> {
+        use tokio::io::AsyncReadExt as _;
+        within(Duration::from_secs(10), async {
+            loop {
+                if let Some(frame) = self.decoder.decode(&mut self.buf).unwrap() {
+                    return Some(frame);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+    }
+
+    /// Asserts the next frame is an error with `code`, and returns its request id.
+    pub async fn expect_error(&mut self, code: confab_client::proto::ErrorCode) -> u64 {
+        let frame = self.recv().await.expect("an error frame");
+        match &frame.kind {
+            Some(confab_client::proto::server_frame::Kind::Error(error)) => {
+                assert_eq!(error.code, code as i32, "{error:?}");
+                frame.request_id
+            }
+            other => panic!("expected error {code:?}, got {other:?}"),
+        }
+    }
+
+    /// Asserts the server closes the connection (after any frames already sent).
+    pub async fn expect_closed(&mut self) {
+        while let Some(frame) = self.recv().await {
+            assert!(
+                !matches!(
+                    frame.kind,
+                    Some(confab_client::proto::server_frame::Kind::Message(_))
+                ),
+                "unexpected frame before close: {frame:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! "Acknowledged means durable", tested on the real binary: SIGKILL it after acks,
+//! start it again on the same data dir, and every acknowledged message is there.
+//! Also the graceful path: SIGTERM sends GoingAway and exits 0.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{PASSWORD, unique_name, within};
+use confab_client::{Client, Event};
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The `confab` binary serving on 127.0.0.1:0 with `data_dir`.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Node {
+    fn start(data_dir: &Path, durability: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
+            .arg("serve")
+            .env("CONFAB_SERVER__LISTEN", "127.0.0.1:0")
+            .env("CONFAB_SERVER__SHARDS", "2")
+            .env("CONFAB_SERVER__PIN_THREADS", "false")
+            .env("CONFAB_SERVER__SHUTDOWN_GRACE", "1s")
+            .env("CONFAB_STORE__DATA_DIR", data_dir)
+            .env("CONFAB_STORE__DURABILITY", durability)
+            .env("CONFAB_AUTH__ARGON2_MEMORY_KIB", "1024")
+            .env("CONFAB_AUTH__ARGON2_ITERATIONS", "1")
+            .env("CONFAB_LOG__LEVEL", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let line = BufReader::new(stdout).lines().next().unwrap().unwrap();
+        let addr = line.strip_prefix("listening on ").unwrap().parse().unwrap();
+        Self { child, addr }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn acknowledged_messages_survive_sigkill(durability: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), durability);
+    let alice_name = unique_name("alice");
+    let alice = Client::connect(node.addr).await.unwrap();
+    let alice_login = alice
+        .register_and_authenticate(&alice_name, PASSWORD, "phone")
+        .await
+        .unwrap();
+    let bob = Client::connect(node.addr).await.unwrap();
+    let bob_login = bob
+        .register_and_authenticate(&unique_name("bob"), PASSWORD, "phone")
+        .await
+        .unwrap();
+
+    // 300 pipelined sends; keep exactly what was acknowledged.
+    let sends = (0..300).map(|i| {
+        let alice = &alice;
+        async move {
+            alice
+                .send_direct(bob_login.user_id, &format!("m{i}"), &format!("body {i}"))
+                .await
+        }
+    });
+    let acks: Vec<_> = futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let conversation = acks[0].conversation_id.clone();
+    node.kill();
+
+    let node = Node::start(dir.path(), durability);
+    let alice = Client::connect(node.addr).await.unwrap();
+    alice
+        .authenticate(&alice_login.tokens.unwrap().access_token)
+        .await
+        .unwrap();
+    let history = alice.full_history(&conversation).await.unwrap();
+    for ack in &acks {
+        let stored = &history[(ack.seq - 1) as usize];
+        assert_eq!(
+            (stored.seq, &stored.client_msg_id),
+            (ack.seq, &ack.client_msg_id)
+        );
+        assert_eq!(stored.body, format!("body {}", &ack.client_msg_id[1..]));
+    }
+    assert_eq!(history.len(), acks.len());
+    // Sequencing continues after the stored maximum: no seq is reused.
+    let next = alice
+        .send_direct(bob_login.user_id, "after-restart", "hello again")
+        .await
+        .unwrap();
+    assert_eq!(next.seq, acks.len() as u64 + 1);
+    node.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_sigkill_with_sync_durability() {
+    acknowledged_messages_survive_sigkill("sync").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_survive_sigkill_with_buffered_durability() {
+    acknowledged_messages_survive_sigkill("buffered").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_going_away_flushes_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(dir.path(), "buffered");
+    let alice = Client::connect(node.addr).await.unwrap();
+    alice
+        .register_and_authenticate(&unique_name("term"), PASSWORD, "phone")
+        .await
+        .unwrap();
+    let bob = Client::connect(node.addr).await.unwrap();
+    let bob_login = bob
+        .register_and_authenticate(&unique_name("term"), PASSWORD, "phone")
+        .await
+        .unwrap();
+    let ack = alice
+        .send_direct(bob_login.user_id, "last", "before shutdown")
+        .await
+        .unwrap();
+
+    let status = Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let mut saw_going_away = false;
+    loop {
+        match within(Duration::from_secs(10), alice.next_event()).await {
+            Some(Event::GoingAway(going_away)) => {
+                assert!(going_away.reconnect_after_ms <= 1000);
+                saw_going_away = true;
+            }
+            Some(Event::Closed(_)) | None => break,
+            Some(Event::Message(_)) => {}
+        }
+    }
+    assert!(saw_going_away, "clients are told to reconnect");
+    let exit = within(Duration::from_secs(10), async {
+        loop {
+            if let Some(status) = node.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(exit.success(), "exit status {exit:?}");
+
+    // Restarted, the message is there.
+    let node = Node::start(dir.path(), "buffered");
+    let bob = Client::connect(node.addr).await.unwrap();
+    bob.authenticate(&bob_login.tokens.unwrap().access_token)
+        .await
+        .unwrap();
+    let history = bob.full_history(&ack.conversation_id).await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].body, "before shutdown");
+    node.kill();
+}
