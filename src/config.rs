@@ -285,6 +285,7 @@ fn apply_env(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

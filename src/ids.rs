@@ -128,6 +128,7 @@ impl fmt::Display for ConversationId {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -94,6 +94,7 @@ pub fn encode_frame_into<M: Message>(message: &M, buf: &mut BytesMut) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::v1::{ClientFrame, Ping, client_frame};
@@ -190,12 +191,7 @@ mod tests {
             let mut buf = BytesMut::new();
             for chunk in chunks {
                 buf.put_slice(&chunk);
-                loop {
-                    match decoder.decode::<ClientFrame>(&mut buf) {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = decoder.decode::<ClientFrame>(&mut buf) {}
             }
         }
 

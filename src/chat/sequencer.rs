@@ -201,6 +201,7 @@ fn assign<R>(next_seq: &mut Seq, in_flight: &mut usize, append: Append, reply: R
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -406,6 +406,7 @@ enum Parsed {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use client_frame::Kind as K;
