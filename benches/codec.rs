@@ -32,19 +32,24 @@ fn codec(c: &mut Criterion) {
             b.iter(|| encode_frame(black_box(frame)));
         });
         let decoder = FrameDecoder::new(256 * 1024);
-        group.bench_with_input(BenchmarkId::new("decode", body_len), &encoded, |b, encoded| {
-            b.iter(|| {
-                let mut buf = BytesMut::from(&encoded[..]);
-                decoder.decode::<ClientFrame>(black_box(&mut buf))
-            });
-        });
+        group.bench_with_input(
+            BenchmarkId::new("decode", body_len),
+            &encoded,
+            |b, encoded| {
+                b.iter(|| {
+                    let mut buf = BytesMut::from(&encoded[..]);
+                    decoder.decode::<ClientFrame>(black_box(&mut buf))
+                });
+            },
+        );
     }
     group.finish();
 }
 
 /// A message for N recipients: encoded once, then one refcount bump per recipient.
 fn fan_out(c: &mut Criterion) {
-    let (Some(alice), Some(bob), Some(device)) = (UserId::new(1), UserId::new(2), DeviceId::new(3)) else {
+    let (Some(alice), Some(bob), Some(device)) = (UserId::new(1), UserId::new(2), DeviceId::new(3))
+    else {
         return;
     };
     let record = MessageRecord {
@@ -59,13 +64,17 @@ fn fan_out(c: &mut Criterion) {
     let mut group = c.benchmark_group("fan_out_encode_once");
     for recipients in [100usize, 10_000] {
         group.throughput(Throughput::Elements(recipients as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(recipients), &recipients, |b, &n| {
-            b.iter(|| {
-                let frame = message_frame(black_box(&record));
-                let copies: Vec<_> = (0..n).map(|_| frame.clone()).collect();
-                black_box(copies)
-            });
-        });
+        group.bench_with_input(
+            BenchmarkId::from_parameter(recipients),
+            &recipients,
+            |b, &n| {
+                b.iter(|| {
+                    let frame = message_frame(black_box(&record));
+                    let copies: Vec<_> = (0..n).map(|_| frame.clone()).collect();
+                    black_box(copies)
+                });
+            },
+        );
     }
     group.finish();
 }
