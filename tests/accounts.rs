@@ -85,3 +85,26 @@ async fn tokens_and_accounts_survive_a_restart() {
     );
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_out_closes_the_devices_other_connections() {
+    let mut node = TestServer::start(2).await;
+    let (first, login, _) = new_user(node.addr, "revoke").await;
+    let token = login.tokens.unwrap().access_token;
+    // More connections of the same device, likely spread over both shards.
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        let other = Client::connect(node.addr).await.unwrap();
+        other.authenticate(&token).await.unwrap();
+        others.push(other);
+    }
+    first.log_out().await.unwrap();
+    for other in &others {
+        let event = common::within(std::time::Duration::from_secs(10), other.next_event()).await;
+        let Some(confab_client::Event::Closed(Some(error))) = event else {
+            panic!("expected the connection to be closed, got {event:?}");
+        };
+        assert_eq!(error.code, ErrorCode::Unauthenticated as i32);
+    }
+    node.shutdown().await;
+}

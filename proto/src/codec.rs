@@ -34,10 +34,6 @@ impl FrameDecoder {
         Self { max_frame_bytes }
     }
 
-    pub fn max_frame_bytes(&self) -> usize {
-        self.max_frame_bytes
-    }
-
     /// Returns the payload of the first frame if it is wholly buffered, removing it
     /// (and its prefix) from `buf`. Returns `Ok(None)` when more bytes are needed; in
     /// that case `buf` has room reserved for the rest of the frame.

@@ -75,11 +75,6 @@ impl<R> Sequencer<R> {
         }
     }
 
-    /// Appends waiting for a load or a commit.
-    pub fn pending(&self) -> usize {
-        self.pending
-    }
-
     pub fn submit(&mut self, append: Append, reply: R) -> Admission<R> {
         if self.pending >= self.limits.max_pending {
             return Admission::Overloaded(append, reply);
@@ -244,7 +239,7 @@ mod tests {
             panic!("expected an assignment");
         };
         assert_eq!(next.record.seq, 44);
-        assert_eq!(seq.pending(), 3);
+        assert_eq!(seq.pending, 3);
     }
 
     #[test]
@@ -266,7 +261,7 @@ mod tests {
             Admission::Overloaded(_, 3)
         ));
         seq.load_failed(conversation(2));
-        assert_eq!(seq.pending(), 0);
+        assert_eq!(seq.pending, 0);
     }
 
     #[test]

@@ -110,10 +110,6 @@ impl Session {
         self.identity.as_ref()
     }
 
-    pub fn limits(&self) -> &SessionLimits {
-        &self.limits
-    }
-
     /// Handles one decoded frame.
     pub fn on_frame(&mut self, frame: ClientFrame, now: Instant) -> Step {
         self.last_heard = now;

@@ -288,6 +288,7 @@ impl Connection {
                 Ok(()) => {
                     self.unregister();
                     self.session.logged_out();
+                    self.shard.revoke(user, device).await;
                     Ok(Kind::LoggedOut(v1::LoggedOut {}))
                 }
                 Err(err) => Err(err),

@@ -28,6 +28,8 @@ pub enum ShardMsg {
         online: bool,
         ack: Option<oneshot::Sender<()>>,
     },
+    /// The device logged out: close its sessions on the receiving shard.
+    Revoke { user: UserId, device: DeviceId },
 }
 
 /// One encoded frame for the sessions of some users on one shard.
@@ -58,12 +60,8 @@ impl Mesh {
         )
     }
 
-    pub fn len(&self) -> usize {
+    pub fn shard_count(&self) -> usize {
         self.shards.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.shards.is_empty()
     }
 
     /// The shard that sequences `conversation`.

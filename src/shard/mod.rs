@@ -198,6 +198,18 @@ impl Shard {
         self.commit_ready.notify_one();
     }
 
+    /// Closes the sessions of a logged-out device on every shard that has the user.
+    async fn revoke(&self, user: UserId, device: crate::ids::DeviceId) {
+        let shards = self.directory.borrow().shards_of(user);
+        for index in (0..self.mesh.shard_count()).filter(|index| shards & (1 << index) != 0) {
+            // A stopped shard has no sessions left to close.
+            let _ = self
+                .mesh
+                .send(ShardId(index), ShardMsg::Revoke { user, device })
+                .await;
+        }
+    }
+
     /// Broadcasts that `user` has (or no longer has) a session here. When going
     /// online, returns a receiver that resolves once every shard applied it.
     fn announce(&self, user: UserId, online: bool) -> Option<oneshot::Receiver<()>> {
@@ -235,6 +247,7 @@ async fn mailbox_loop(shard: Rc<Shard>, mut mailbox: mpsc::Receiver<ShardMsg>) {
                     sessions.deliver(delivery);
                 }
             }
+            ShardMsg::Revoke { user, device } => shard.sessions.borrow().revoke(user, device),
             ShardMsg::Presence {
                 user,
                 from,
@@ -262,7 +275,7 @@ async fn announce_presence(shard: Rc<Shard>, mut updates: mpsc::UnboundedReceive
             () = shard.stop.cancelled() => return,
         };
         let mut acks = Vec::new();
-        for index in 0..shard.mesh.len() {
+        for index in 0..shard.mesh.shard_count() {
             let ack = update.applied.as_ref().map(|_| {
                 let (tx, rx) = oneshot::channel();
                 acks.push(rx);

@@ -94,7 +94,7 @@ pub async fn run_committer(shard: Rc<Shard>) {
 }
 
 async fn fan_out(shard: &Rc<Shard>, batch: Vec<Assigned<AppendReply>>) {
-    let mut per_shard: Vec<Vec<Delivery>> = vec![Vec::new(); shard.mesh.len()];
+    let mut per_shard: Vec<Vec<Delivery>> = vec![Vec::new(); shard.mesh.shard_count()];
     for assigned in batch {
         let record = &assigned.record;
         let users: Arc<[_]> = record.conversation.members().collect();

@@ -70,6 +70,19 @@ impl LocalSessions {
         }
     }
 
+    /// Closes every session of `device` (it logged out elsewhere).
+    pub fn revoke(&self, user: UserId, device: DeviceId) {
+        for handle in self.by_user.get(&user).into_iter().flatten() {
+            if handle.device == device {
+                handle.kick.kick(error_frame(
+                    0,
+                    ErrorCode::Unauthenticated,
+                    "the device was logged out",
+                ));
+            }
+        }
+    }
+
     pub fn deliver(&self, delivery: &Delivery) {
         for user in delivery.users.iter() {
             for handle in self.by_user.get(user).into_iter().flatten() {
