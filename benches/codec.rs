@@ -77,6 +77,24 @@ fn fan_out(c: &mut Criterion) {
         );
     }
     group.finish();
+
+    // Same-run baseline: what fan-out would cost encoding the push per recipient.
+    let mut group = c.benchmark_group("fan_out_encode_each");
+    for recipients in [100usize, 10_000] {
+        group.throughput(Throughput::Elements(recipients as u64));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(recipients),
+            &recipients,
+            |b, &n| {
+                b.iter(|| {
+                    let copies: Vec<_> =
+                        (0..n).map(|_| message_frame(black_box(&record))).collect();
+                    black_box(copies)
+                });
+            },
+        );
+    }
+    group.finish();
 }
 
 criterion_group!(benches, codec, fan_out);
