@@ -194,8 +194,11 @@ impl Config {
         if self.protocol.heartbeat_interval < Duration::from_millis(100) {
             return invalid("protocol.heartbeat_interval", "must be at least 100ms");
         }
-        if self.protocol.outbound_queue_frames == 0 {
-            return invalid("protocol.outbound_queue_frames", "must be at least 1");
+        if self.protocol.outbound_queue_frames <= self.protocol.max_in_flight_requests {
+            return invalid(
+                "protocol.outbound_queue_frames",
+                "must be larger than protocol.max_in_flight_requests, so replies cannot crowd out pushes",
+            );
         }
         if self.protocol.max_in_flight_requests == 0 {
             return invalid("protocol.max_in_flight_requests", "must be at least 1");

@@ -9,9 +9,10 @@
 //! `Send` is handed to the owner shard in frame order (so one device's messages keep
 //! their order) and up to `max_in_flight_requests` replies may be outstanding.
 //!
-//! Nothing here waits on a peer that does not read: every frame goes into a bounded
-//! outbound queue with `try_send`, and a full queue closes the connection as a slow
-//! consumer.
+//! Frames go into a bounded outbound queue. Pushes from other tasks never wait for
+//! room (a full queue closes the connection as a slow consumer); this connection's
+//! own replies do wait, which stops it reading further requests, but never longer
+//! than three heartbeat intervals.
 
 use super::Shard;
 use super::mesh::ShardMsg;
@@ -50,13 +51,22 @@ pub trait FrameSource {
     fn next_frame(&mut self) -> impl Future<Output = Result<Option<Bytes>, ReadError>>;
 }
 
+/// What the transport does with frames still queued when a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Write them, then close.
+    Flush,
+    /// The peer does not read: drop them and close now.
+    Discard,
+}
+
 /// Runs a connection until it ends. `outbound` feeds the transport's writer.
 pub async fn run(
     shard: Rc<Shard>,
     source: impl FrameSource,
     outbound: mpsc::Sender<Bytes>,
     peer: SocketAddr,
-) {
+) -> Ending {
     let session_id = rand::random();
     let session = Session::new(session_id, shard.limits.clone(), Instant::now());
     let mut connection = Connection {
@@ -67,8 +77,13 @@ pub async fn run(
         registered: None,
         peer,
     };
-    let reason = connection.serve(source).await;
+    let (reason, ending) = match connection.serve(source).await {
+        Flow::Abandon(reason) => (reason, Ending::Discard),
+        Flow::Close(reason) => (reason, Ending::Flush),
+        Flow::Continue => ("ended", Ending::Flush),
+    };
     tracing::debug!(%peer, session = format_args!("{session_id:016x}"), reason, "connection closed");
+    ending
 }
 
 struct Connection {
@@ -86,11 +101,14 @@ type Reply = LocalBoxFuture<'static, ServerFrame>;
 /// Whether the connection goes on after a step.
 enum Flow {
     Continue,
+    /// End after writing what is queued.
     Close(&'static str),
+    /// End now, dropping what is queued: the peer does not read it.
+    Abandon(&'static str),
 }
 
 impl Connection {
-    async fn serve(&mut self, mut source: impl FrameSource) -> &'static str {
+    async fn serve(&mut self, mut source: impl FrameSource) -> Flow {
         let mut in_flight: FuturesUnordered<Reply> = FuturesUnordered::new();
         let max_in_flight = self.shard.config.protocol.max_in_flight_requests;
         let shard = self.shard.clone();
@@ -101,10 +119,11 @@ impl Connection {
                 biased;
                 () = shard.drain.cancelled() => return self.going_away(in_flight).await,
                 reason = kick.kicked() => {
+                    let slow = matches!(&reason.kind, Some(Kind::Error(error)) if error.code == ErrorCode::SlowConsumer as i32);
                     self.send_best_effort(reason);
-                    Flow::Close("kicked")
+                    if slow { Flow::Abandon("slow consumer") } else { Flow::Close("kicked") }
                 }
-                Some(reply) = in_flight.next(), if !in_flight.is_empty() => self.send(&reply),
+                Some(reply) = in_flight.next(), if !in_flight.is_empty() => self.send(&reply).await,
                 frame = source.next_frame(), if in_flight.len() < max_in_flight => match frame {
                     Ok(Some(payload)) => self.on_payload(payload, &mut in_flight).await,
                     Ok(None) => Flow::Close("peer closed"),
@@ -124,8 +143,8 @@ impl Connection {
                     None => Flow::Continue,
                 },
             };
-            if let Flow::Close(reason) = flow {
-                return reason;
+            if !matches!(flow, Flow::Continue) {
+                return flow;
             }
         }
     }
@@ -144,7 +163,7 @@ impl Connection {
             }
         };
         match self.session.on_frame(frame, Instant::now()) {
-            Step::Reply(reply) => self.send(&reply),
+            Step::Reply(reply) => self.send(&reply).await,
             Step::Close(reply) => {
                 tracing::info!(peer = %self.peer, reply = ?reply.kind, "protocol violation; closing");
                 self.send_best_effort(reply);
@@ -301,18 +320,18 @@ impl Connection {
                     })
                     .await
                     .await;
-                return self.send(&reply);
+                return self.send(&reply).await;
             }
         };
         match result {
-            Ok(kind) => self.send(&reply_frame(id, kind)),
+            Ok(kind) => self.send(&reply_frame(id, kind)).await,
             Err(err) => {
                 if !matches!(err.code(), ErrorCode::Internal) {
                     tracing::info!(peer = %self.peer, error = %err, "request refused");
                 } else {
                     tracing::error!(peer = %self.peer, error = %err, "request failed");
                 }
-                let flow = self.send(&failure(id, &err));
+                let flow = self.send(&failure(id, &err)).await;
                 let counts_as_failure = matches!(
                     err,
                     AuthError::InvalidCredentials
@@ -368,15 +387,18 @@ impl Connection {
         }
     }
 
-    /// Queues a frame; a full queue means the peer does not read: close.
-    fn send(&self, frame: &ServerFrame) -> Flow {
-        match self.outbound.try_send(encode_frame(frame)) {
-            Ok(()) => Flow::Continue,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(peer = %self.peer, "slow consumer: outbound queue full; closing");
-                Flow::Close("slow consumer")
+    /// Queues a reply, waiting for room: a peer that pipelines requests gets
+    /// back-pressure, not a disconnect. One that reads nothing for three heartbeat
+    /// intervals is abandoned.
+    async fn send(&self, frame: &ServerFrame) -> Flow {
+        let patience = self.shard.limits.heartbeat_interval * 3;
+        match tokio::time::timeout(patience, self.outbound.send(encode_frame(frame))).await {
+            Ok(Ok(())) => Flow::Continue,
+            Ok(Err(_)) => Flow::Close("writer closed"),
+            Err(_) => {
+                tracing::warn!(peer = %self.peer, "slow consumer: replies not read; closing");
+                Flow::Abandon("slow consumer")
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Flow::Close("writer closed"),
         }
     }
 
@@ -387,11 +409,11 @@ impl Connection {
 
     /// Shutdown: finish what is in flight (bounded by the grace period), then tell
     /// the client to reconnect after a jittered delay.
-    async fn going_away(&mut self, mut in_flight: FuturesUnordered<Reply>) -> &'static str {
+    async fn going_away(&mut self, mut in_flight: FuturesUnordered<Reply>) -> Flow {
         let grace = self.shard.config.server.shutdown_grace;
         let finish = async {
             while let Some(reply) = in_flight.next().await {
-                if let Flow::Close(_) = self.send(&reply) {
+                if !matches!(self.send(&reply).await, Flow::Continue) {
                     break;
                 }
             }
@@ -407,7 +429,7 @@ impl Connection {
                 reason: "server shutting down".into(),
             })),
         });
-        "server shutting down"
+        Flow::Close("server shutting down")
     }
 }
 

@@ -21,7 +21,7 @@ mod mesh;
 mod owner;
 mod sessions;
 
-pub use connection::{FrameSource, ReadError, run as run_connection};
+pub use connection::{Ending, FrameSource, ReadError, run as run_connection};
 pub use mesh::Mesh;
 pub(crate) use mesh::ShardMsg;
 

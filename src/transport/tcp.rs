@@ -5,7 +5,7 @@
 //! exponential backoff on errors, and spawns the connection task. Handshake and
 //! authentication happen in that task, under the session's deadlines.
 
-use crate::shard::{FrameSource, ReadError, Shard};
+use crate::shard::{Ending, FrameSource, ReadError, Shard};
 use bytes::{Bytes, BytesMut};
 use confab_proto::FrameDecoder;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -84,10 +84,13 @@ async fn serve(
         buf: BytesMut::new(),
         decoder: FrameDecoder::new(shard.limits.max_frame_bytes),
     };
-    crate::shard::run_connection(shard, source, outbound, peer).await;
-    // The driver dropped its sender; the writer flushes what is queued and exits.
+    let ending = crate::shard::run_connection(shard, source, outbound, peer).await;
+    // The driver dropped its sender: the writer flushes what is queued and exits,
+    // unless the peer stopped reading.
     let abort = writer.abort_handle();
-    if tokio::time::timeout(FLUSH_TIMEOUT, writer).await.is_err() {
+    if ending == Ending::Discard {
+        abort.abort();
+    } else if tokio::time::timeout(FLUSH_TIMEOUT, writer).await.is_err() {
         tracing::debug!(%peer, "peer did not read its last frames; dropping them");
         abort.abort();
     }
