@@ -1,6 +1,7 @@
 //! The README's quick start: two users, one message, one history page.
 //!
 //! `cargo run -p confab-client --example quickstart [ADDR]` with a server running.
+#![allow(clippy::print_stdout)]
 
 use confab_client::Client;
 
