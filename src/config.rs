@@ -149,7 +149,7 @@ impl Config {
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
                 ConfigError::Invalid {
                     key: err.path().to_string(),
-                    message: err.inner().to_string(),
+                    message: err.inner().message().to_owned(),
                 }
             })?;
         config.validate()?;
