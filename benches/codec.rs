@@ -61,36 +61,30 @@ fn fan_out(c: &mut Criterion) {
         body: "x".repeat(200),
         server_time_ms: 1_700_000_000_000,
     };
-    let mut group = c.benchmark_group("fan_out_encode_once");
-    for recipients in [100usize, 10_000] {
-        group.throughput(Throughput::Elements(recipients as u64));
-        group.bench_with_input(
-            BenchmarkId::from_parameter(recipients),
-            &recipients,
-            |b, &n| {
-                b.iter(|| {
-                    let frame = message_frame(black_box(&record));
-                    let copies: Vec<_> = (0..n).map(|_| frame.clone()).collect();
-                    black_box(copies)
-                });
-            },
-        );
-    }
-    group.finish();
-
+    recipients_group(c, "fan_out_encode_once", |n| {
+        let frame = message_frame(black_box(&record));
+        (0..n).map(|_| frame.clone()).collect()
+    });
     // Same-run baseline: what fan-out would cost encoding the push per recipient.
-    let mut group = c.benchmark_group("fan_out_encode_each");
+    recipients_group(c, "fan_out_encode_each", |n| {
+        (0..n).map(|_| message_frame(black_box(&record))).collect()
+    });
+}
+
+/// Benchmarks `frames_for(n)` for 100 and 10 000 recipients.
+fn recipients_group(
+    c: &mut Criterion,
+    name: &str,
+    frames_for: impl Fn(usize) -> Vec<bytes::Bytes>,
+) {
+    let mut group = c.benchmark_group(name);
     for recipients in [100usize, 10_000] {
         group.throughput(Throughput::Elements(recipients as u64));
         group.bench_with_input(
             BenchmarkId::from_parameter(recipients),
             &recipients,
             |b, &n| {
-                b.iter(|| {
-                    let copies: Vec<_> =
-                        (0..n).map(|_| message_frame(black_box(&record))).collect();
-                    black_box(copies)
-                });
+                b.iter(|| black_box(frames_for(n)));
             },
         );
     }
