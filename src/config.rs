@@ -88,6 +88,8 @@ pub struct ChatConfig {
     pub max_history_limit: u32,
     pub max_cached_conversations: usize,
     pub max_pending_appends: usize,
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,6 +219,9 @@ impl Config {
         }
         if self.chat.max_history_limit == 0 {
             return invalid("chat.max_history_limit", "must be at least 1");
+        }
+        if self.chat.dedup_window < Duration::from_secs(1) {
+            return invalid("chat.dedup_window", "must be at least 1s");
         }
         if self.chat.max_cached_conversations == 0 || self.chat.max_pending_appends == 0 {
             return invalid("chat.max_pending_appends", "chat limits must be at least 1");

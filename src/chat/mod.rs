@@ -7,7 +7,9 @@
 
 mod sequencer;
 
-pub use sequencer::{Admission, Append, Assigned, Sequencer, SequencerLimits};
+pub use sequencer::{
+    Admission, Append, Assigned, Check, CheckResult, Outcome, SendKey, Sequencer, SequencerLimits,
+};
 
 use crate::protocol::{ErrorCode, ErrorKind, push_frame};
 use crate::store::{MessageRecord, StoreError};

@@ -1,21 +1,32 @@
-//! Gap-free sequencing of the conversations one shard owns.
+//! Gap-free, idempotent sequencing of the conversations one shard owns.
 //!
-//! A conversation's state is loaded lazily: the first append makes the caller read
-//! the stored maximum seq (and check the members exist); appends that arrive
-//! meanwhile queue behind the load. Afterwards each append gets `next_seq` at once.
-//! The caller commits assigned messages in assignment order and reports back.
+//! Every append passes a *check* before it gets a seq: the caller looks its
+//! `(sender device, client_msg_id)` up in the store (and, on a conversation's first
+//! use, reads the stored maximum seq and checks the members exist), then reports
+//! back with [`Sequencer::checked`]. An append found in the store is answered with
+//! its original seq instead of a new one. Appends arriving while a check is under
+//! way queue behind it, so a conversation's appends are assigned in arrival order,
+//! and one check covers everything queued at its start.
 //!
-//! Limits: at most `max_pending` appends waiting for a load or a commit (beyond it
-//! callers are told to back off), and at most `max_cached` conversations kept;
-//! an idle conversation (nothing in flight) is forgotten first, which is always safe
-//! because its next seq can be read back from the store.
+//! Keys of appends assigned but not yet committed are kept in memory: a retry that
+//! arrives meanwhile joins the original and gets the same ack. Once committed, the
+//! key is in the store (written in the same batch as the message), so memory holds
+//! only what is in flight.
+//!
+//! Limits: at most `max_pending` appends waiting for a check or a commit (beyond it
+//! callers are told to back off), and at most `max_cached` conversations kept; an
+//! idle one is forgotten first, which is safe because its next seq can be read back
+//! from the store.
 //!
 //! Generic over the reply handle `R`, so it is tested without channels.
 
 use crate::clock::unix_ms;
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
-use crate::store::MessageRecord;
+use crate::store::{MessageRecord, StoredSend};
 use std::collections::HashMap;
+
+/// Identifies one send of one device: what makes a retry a retry.
+pub type SendKey = (DeviceId, String);
 
 /// A message to append, as the sender's shard hands it to the owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +36,12 @@ pub struct Append {
     pub sender_device: DeviceId,
     pub client_msg_id: String,
     pub body: String,
+}
+
+impl Append {
+    fn key(&self) -> SendKey {
+        (self.sender_device, self.client_msg_id.clone())
+    }
 }
 
 /// An append with its seq assigned, ready to commit.
@@ -37,14 +54,44 @@ pub struct Assigned<R> {
 /// What happened to a submitted append.
 #[derive(Debug)]
 pub enum Admission<R> {
-    /// Seq assigned: commit it.
-    Assigned(Assigned<R>),
-    /// Queued until the conversation is loaded; the caller must start the load.
-    Load(ConversationId),
-    /// Queued behind a load already under way.
+    /// Queued: the caller must run this check and report with `checked`.
+    Check(Check),
+    /// Queued behind a check under way, or joined an identical append in flight.
     Queued,
     /// Too much pending: refuse it.
     Overloaded(Append, R),
+}
+
+/// A lookup the caller performs for the sequencer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub conversation: ConversationId,
+    pub keys: Vec<SendKey>,
+    /// The conversation is not loaded: also read its last seq and check its members.
+    pub first_use: bool,
+}
+
+/// What a check found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckResult {
+    /// Set when the check was a first use.
+    pub last_seq: Option<Seq>,
+    /// Keys already stored, with what they were stored as.
+    pub stored: HashMap<SendKey, StoredSend>,
+}
+
+/// An append resolved by a check.
+#[derive(Debug)]
+pub enum Outcome<R> {
+    /// Got a new seq: commit it.
+    Assigned(Assigned<R>),
+    /// Already stored: answer with the original seq.
+    Duplicate {
+        conversation: ConversationId,
+        client_msg_id: String,
+        stored: StoredSend,
+        reply: R,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -54,9 +101,46 @@ pub struct SequencerLimits {
 }
 
 #[derive(Debug)]
-enum Conversation<R> {
-    Loading(Vec<(Append, R)>),
-    Ready { next_seq: Seq, in_flight: usize },
+struct Conversation<R> {
+    /// `None` until the first check read it from the store.
+    next_seq: Option<Seq>,
+    /// Appends waiting for a check, in arrival order.
+    queue: Vec<(Append, R)>,
+    /// How many queued appends the check under way covers (0: none under way).
+    checking: usize,
+    /// Assigned, not yet committed: retries that joined them.
+    in_flight: HashMap<SendKey, Vec<R>>,
+}
+
+impl<R> Conversation<R> {
+    fn new() -> Self {
+        Self {
+            next_seq: None,
+            queue: Vec::new(),
+            checking: 0,
+            in_flight: HashMap::new(),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.next_seq.is_some()
+            && self.queue.is_empty()
+            && self.checking == 0
+            && self.in_flight.is_empty()
+    }
+
+    /// Starts a check of everything queued, if none is under way.
+    fn start_check(&mut self, conversation: ConversationId) -> Option<Check> {
+        if self.checking > 0 || self.queue.is_empty() {
+            return None;
+        }
+        self.checking = self.queue.len();
+        Some(Check {
+            conversation,
+            keys: self.queue.iter().map(|(append, _)| append.key()).collect(),
+            first_use: self.next_seq.is_none(),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -80,83 +164,107 @@ impl<R> Sequencer<R> {
             return Admission::Overloaded(append, reply);
         }
         self.pending += 1;
-        let conversation = append.conversation;
-        match self.conversations.get_mut(&conversation) {
-            None => {
-                self.conversations
-                    .insert(conversation, Conversation::Loading(vec![(append, reply)]));
-                Admission::Load(conversation)
-            }
-            Some(Conversation::Loading(queue)) => {
-                queue.push((append, reply));
-                Admission::Queued
-            }
-            Some(Conversation::Ready {
-                next_seq,
-                in_flight,
-            }) => Admission::Assigned(assign(next_seq, in_flight, append, reply)),
+        let id = append.conversation;
+        let conversation = self
+            .conversations
+            .entry(id)
+            .or_insert_with(Conversation::new);
+        if let Some(waiters) = conversation.in_flight.get_mut(&append.key()) {
+            waiters.push(reply);
+            return Admission::Queued;
+        }
+        conversation.queue.push((append, reply));
+        match conversation.start_check(id) {
+            Some(check) => Admission::Check(check),
+            None => Admission::Queued,
         }
     }
 
-    /// The conversation's stored maximum is `last_seq`: assigns everything queued.
-    pub fn loaded(&mut self, conversation: ConversationId, last_seq: Seq) -> Vec<Assigned<R>> {
-        let Some(Conversation::Loading(queue)) = self.conversations.remove(&conversation) else {
-            return Vec::new();
+    /// A check finished: resolves the appends it covered, in order, and returns the
+    /// next check to run if more queued meanwhile.
+    pub fn checked(
+        &mut self,
+        id: ConversationId,
+        result: CheckResult,
+    ) -> (Vec<Outcome<R>>, Option<Check>) {
+        let Some(conversation) = self.conversations.get_mut(&id) else {
+            return (Vec::new(), None);
         };
-        let mut next_seq = last_seq + 1;
-        let mut in_flight = 0;
-        let assigned = queue
-            .into_iter()
-            .map(|(append, reply)| assign(&mut next_seq, &mut in_flight, append, reply))
-            .collect();
-        self.conversations.insert(
-            conversation,
-            Conversation::Ready {
-                next_seq,
-                in_flight,
-            },
-        );
-        self.evict_idle();
-        assigned
-    }
-
-    /// The load failed: hands back everything queued, to be refused.
-    pub fn load_failed(&mut self, conversation: ConversationId) -> Vec<(Append, R)> {
-        match self.conversations.remove(&conversation) {
-            Some(Conversation::Loading(queue)) => {
-                self.pending -= queue.len();
-                queue
+        let next_seq = conversation
+            .next_seq
+            .get_or_insert(result.last_seq.unwrap_or(0) + 1);
+        let covered = conversation.checking.min(conversation.queue.len());
+        conversation.checking = 0;
+        let mut outcomes = Vec::with_capacity(covered);
+        for (append, reply) in conversation.queue.drain(..covered) {
+            let key = append.key();
+            if let Some(stored) = result.stored.get(&key) {
+                self.pending -= 1;
+                outcomes.push(Outcome::Duplicate {
+                    conversation: id,
+                    client_msg_id: append.client_msg_id,
+                    stored: *stored,
+                    reply,
+                });
+            } else if let Some(waiters) = conversation.in_flight.get_mut(&key) {
+                waiters.push(reply);
+            } else {
+                conversation.in_flight.insert(key, Vec::new());
+                outcomes.push(Outcome::Assigned(assign(next_seq, append, reply)));
             }
-            Some(ready) => {
-                self.conversations.insert(conversation, ready);
-                Vec::new()
-            }
-            None => Vec::new(),
         }
-    }
-
-    /// One assigned append of `conversation` is durable.
-    pub fn committed(&mut self, conversation: ConversationId) {
-        self.pending = self.pending.saturating_sub(1);
-        if let Some(Conversation::Ready { in_flight, .. }) =
-            self.conversations.get_mut(&conversation)
-        {
-            *in_flight = in_flight.saturating_sub(1);
-        }
+        let next = conversation.start_check(id);
         self.evict_idle();
+        (outcomes, next)
     }
 
-    /// One assigned append of `conversation` failed to commit. Its seq may or may
-    /// not be stored, so the conversation is forgotten and re-read from the store on
-    /// next use (later appends already assigned fail the same way).
-    pub fn commit_failed(&mut self, conversation: ConversationId) {
-        self.pending = self.pending.saturating_sub(1);
-        if matches!(
-            self.conversations.get(&conversation),
-            Some(Conversation::Ready { .. })
-        ) {
-            self.conversations.remove(&conversation);
+    /// A check failed: hands back everything it covered, to be refused. Queued
+    /// appends it did not cover get a check of their own.
+    pub fn check_failed(&mut self, id: ConversationId) -> (Vec<(Append, R)>, Option<Check>) {
+        let Some(conversation) = self.conversations.get_mut(&id) else {
+            return (Vec::new(), None);
+        };
+        let covered = conversation.checking.min(conversation.queue.len());
+        conversation.checking = 0;
+        let refused: Vec<_> = conversation.queue.drain(..covered).collect();
+        self.pending -= refused.len();
+        let next = conversation.start_check(id);
+        if next.is_none() && conversation.next_seq.is_none() && conversation.in_flight.is_empty() {
+            self.conversations.remove(&id);
         }
+        (refused, next)
+    }
+
+    /// The append `key` of `id` is durable: returns the retries that joined it, to
+    /// be answered with the same ack.
+    pub fn committed(&mut self, id: ConversationId, key: &SendKey) -> Vec<R> {
+        let joined = self.finish(id, key);
+        self.evict_idle();
+        joined
+    }
+
+    /// The append `key` of `id` failed to commit: returns the retries that joined
+    /// it, to be refused too. Its seq may or may not be stored, so the conversation
+    /// is forgotten once nothing else of it is in flight, and re-read on next use.
+    pub fn commit_failed(&mut self, id: ConversationId, key: &SendKey) -> Vec<R> {
+        let joined = self.finish(id, key);
+        if let Some(conversation) = self.conversations.get_mut(&id) {
+            conversation.next_seq = None;
+            if conversation.in_flight.is_empty() && conversation.queue.is_empty() {
+                self.conversations.remove(&id);
+            }
+        }
+        joined
+    }
+
+    fn finish(&mut self, id: ConversationId, key: &SendKey) -> Vec<R> {
+        let joined = self
+            .conversations
+            .get_mut(&id)
+            .and_then(|conversation| conversation.in_flight.remove(key))
+            .unwrap_or_default();
+        self.pending = self.pending.saturating_sub(1 + joined.len());
+        joined
     }
 
     fn evict_idle(&mut self) {
@@ -167,7 +275,7 @@ impl<R> Sequencer<R> {
         let idle: Vec<ConversationId> = self
             .conversations
             .iter()
-            .filter(|(_, state)| matches!(state, Conversation::Ready { in_flight: 0, .. }))
+            .filter(|(_, conversation)| conversation.is_idle())
             .map(|(id, _)| *id)
             .take(excess)
             .collect();
@@ -177,10 +285,9 @@ impl<R> Sequencer<R> {
     }
 }
 
-fn assign<R>(next_seq: &mut Seq, in_flight: &mut usize, append: Append, reply: R) -> Assigned<R> {
+fn assign<R>(next_seq: &mut Seq, append: Append, reply: R) -> Assigned<R> {
     let seq = *next_seq;
     *next_seq += 1;
-    *in_flight += 1;
     Assigned {
         record: MessageRecord {
             conversation: append.conversation,
@@ -204,6 +311,10 @@ mod tests {
         UserId::new(raw).unwrap()
     }
 
+    fn device() -> DeviceId {
+        DeviceId::new(1).unwrap()
+    }
+
     fn conversation(other: u64) -> ConversationId {
         ConversationId::direct(user(1), user(other))
     }
@@ -212,7 +323,7 @@ mod tests {
         Append {
             conversation: conversation(other),
             sender: user(1),
-            sender_device: DeviceId::new(1).unwrap(),
+            sender_device: device(),
             client_msg_id: id.into(),
             body: "hi".into(),
         }
@@ -225,21 +336,42 @@ mod tests {
         })
     }
 
+    fn loaded(last_seq: Seq) -> CheckResult {
+        CheckResult {
+            last_seq: Some(last_seq),
+            stored: HashMap::new(),
+        }
+    }
+
+    /// Seqs and replies of the assigned outcomes.
+    fn assigned(outcomes: &[Outcome<u32>]) -> Vec<(Seq, u32)> {
+        outcomes
+            .iter()
+            .filter_map(|outcome| match outcome {
+                Outcome::Assigned(a) => Some((a.record.seq, a.reply)),
+                Outcome::Duplicate { .. } => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn first_append_loads_then_seqs_continue_from_the_store() {
+    fn first_use_checks_then_seqs_continue_from_the_store() {
         let mut seq = sequencer(100, 100);
-        assert!(
-            matches!(seq.submit(append(2, "a"), 1), Admission::Load(c) if c == conversation(2))
-        );
-        assert!(matches!(seq.submit(append(2, "b"), 2), Admission::Queued));
-        let assigned = seq.loaded(conversation(2), 41);
-        let seqs: Vec<_> = assigned.iter().map(|a| (a.record.seq, a.reply)).collect();
-        assert_eq!(seqs, vec![(42, 1), (43, 2)]);
-        let Admission::Assigned(next) = seq.submit(append(2, "c"), 3) else {
-            panic!("expected an assignment");
+        let Admission::Check(check) = seq.submit(append(2, "a"), 1) else {
+            panic!("expected a check");
         };
-        assert_eq!(next.record.seq, 44);
-        assert_eq!(seq.pending, 3);
+        assert!(check.first_use);
+        assert!(matches!(seq.submit(append(2, "b"), 2), Admission::Queued));
+        let (outcomes, next) = seq.checked(conversation(2), loaded(41));
+        assert_eq!(assigned(&outcomes), vec![(42, 1)]);
+        // "b" queued during the first check gets a check of its own.
+        let next = next.unwrap();
+        assert!(!next.first_use);
+        assert_eq!(next.keys, vec![(device(), "b".to_owned())]);
+        let (outcomes, next) = seq.checked(conversation(2), CheckResult::default());
+        assert_eq!(assigned(&outcomes), vec![(43, 2)]);
+        assert!(next.is_none());
+        assert_eq!(seq.pending, 2);
     }
 
     #[test]
@@ -247,8 +379,72 @@ mod tests {
         let mut seq = sequencer(100, 100);
         seq.submit(append(2, "a"), 1);
         seq.submit(append(3, "a"), 2);
-        assert_eq!(seq.loaded(conversation(2), 0)[0].record.seq, 1);
-        assert_eq!(seq.loaded(conversation(3), 7)[0].record.seq, 8);
+        assert_eq!(
+            assigned(&seq.checked(conversation(2), loaded(0)).0),
+            vec![(1, 1)]
+        );
+        assert_eq!(
+            assigned(&seq.checked(conversation(3), loaded(7)).0),
+            vec![(8, 2)]
+        );
+    }
+
+    #[test]
+    fn a_stored_send_is_answered_with_its_original_seq() {
+        let mut seq = sequencer(100, 100);
+        seq.submit(append(2, "a"), 1);
+        let mut result = loaded(10);
+        let original = StoredSend {
+            seq: 7,
+            server_time_ms: 123,
+        };
+        result.stored.insert((device(), "a".to_owned()), original);
+        let (outcomes, _) = seq.checked(conversation(2), result);
+        let [
+            Outcome::Duplicate {
+                stored, reply: 1, ..
+            },
+        ] = outcomes.as_slice()
+        else {
+            panic!("expected a duplicate, got {outcomes:?}");
+        };
+        assert_eq!(*stored, original);
+        assert_eq!(seq.pending, 0);
+        // The next new message still continues from the stored maximum.
+        seq.submit(append(2, "b"), 2);
+        assert_eq!(
+            assigned(&seq.checked(conversation(2), CheckResult::default()).0),
+            vec![(11, 2)]
+        );
+    }
+
+    #[test]
+    fn a_retry_of_an_append_in_flight_joins_it() {
+        let mut seq = sequencer(100, 100);
+        seq.submit(append(2, "a"), 1);
+        seq.checked(conversation(2), loaded(0));
+        // In flight: the retry needs no check and gets no seq of its own.
+        assert!(matches!(seq.submit(append(2, "a"), 2), Admission::Queued));
+        let key = (device(), "a".to_owned());
+        assert_eq!(seq.committed(conversation(2), &key), vec![2]);
+        assert_eq!(seq.pending, 0);
+    }
+
+    #[test]
+    fn duplicates_within_one_check_get_one_seq() {
+        let mut seq = sequencer(100, 100);
+        seq.submit(append(2, "a"), 1);
+        // Two copies of "c" queue behind the first check, so one check covers both.
+        seq.submit(append(2, "c"), 2);
+        seq.submit(append(2, "c"), 3);
+        let (_, next) = seq.checked(conversation(2), loaded(0));
+        assert_eq!(next.unwrap().keys.len(), 2);
+        let (outcomes, _) = seq.checked(conversation(2), CheckResult::default());
+        assert_eq!(assigned(&outcomes), vec![(2, 2)]);
+        assert_eq!(
+            seq.committed(conversation(2), &(device(), "c".to_owned())),
+            vec![3]
+        );
     }
 
     #[test]
@@ -260,34 +456,41 @@ mod tests {
             seq.submit(append(2, "c"), 3),
             Admission::Overloaded(_, 3)
         ));
-        seq.load_failed(conversation(2));
-        assert_eq!(seq.pending, 0);
+        let (refused, next) = seq.check_failed(conversation(2));
+        assert_eq!(refused.len(), 1);
+        assert!(
+            next.is_some(),
+            "b was queued after the failed check started"
+        );
     }
 
     #[test]
     fn failed_commit_forgets_the_conversation_so_it_reloads() {
         let mut seq = sequencer(100, 100);
         seq.submit(append(2, "a"), 1);
-        seq.loaded(conversation(2), 0);
-        seq.commit_failed(conversation(2));
-        assert!(matches!(seq.submit(append(2, "b"), 2), Admission::Load(_)));
+        seq.checked(conversation(2), loaded(0));
+        seq.commit_failed(conversation(2), &(device(), "a".to_owned()));
+        let Admission::Check(check) = seq.submit(append(2, "b"), 2) else {
+            panic!("expected a check");
+        };
+        assert!(check.first_use);
     }
 
     #[test]
     fn only_idle_conversations_are_evicted() {
         let mut seq = sequencer(100, 1);
         seq.submit(append(2, "a"), 1);
-        seq.loaded(conversation(2), 0);
+        seq.checked(conversation(2), loaded(0));
         seq.submit(append(3, "a"), 2);
-        seq.loaded(conversation(3), 0);
+        seq.checked(conversation(3), loaded(0));
         // Both in flight: nothing may be evicted, whatever the cap says.
-        let Admission::Assigned(a) = seq.submit(append(2, "b"), 3) else {
-            panic!("conversation 2 must still be cached");
-        };
-        assert_eq!(a.record.seq, 2);
-        seq.committed(conversation(2));
-        seq.committed(conversation(2));
+        assert_eq!(seq.conversations.len(), 2);
+        seq.committed(conversation(2), &(device(), "a".to_owned()));
         // Conversation 2 is idle now and over the cap: it is forgotten.
-        assert!(matches!(seq.submit(append(2, "c"), 4), Admission::Load(_)));
+        assert_eq!(seq.conversations.len(), 1);
+        let Admission::Check(check) = seq.submit(append(2, "b"), 3) else {
+            panic!("expected a check");
+        };
+        assert!(check.first_use);
     }
 }

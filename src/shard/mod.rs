@@ -164,6 +164,9 @@ async fn run(
     core.spawn_local(mailbox_loop(shard.clone(), mailbox));
     core.spawn_local(owner::run_committer(shard.clone()));
     core.spawn_local(announce_presence(shard.clone(), presence_updates));
+    if id == ShardId(0) {
+        core.spawn_local(owner::sweep_sends(shard.clone()));
+    }
 
     crate::transport::tcp::accept_loop(shard.clone(), listener).await;
 

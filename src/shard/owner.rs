@@ -9,21 +9,19 @@
 
 use super::mesh::{AppendReply, Delivery, ShardMsg};
 use super::{Shard, ShardId};
-use crate::chat::{Admission, Append, Assigned, ChatError, SendAck, message_frame};
-use crate::ids::ConversationId;
+use crate::chat::{
+    Admission, Append, Assigned, ChatError, Check, CheckResult, Outcome, SendAck, message_frame,
+};
+use crate::clock::unix_ms;
 use std::rc::Rc;
 use std::sync::Arc;
 
 /// Takes an append from the mesh. Never waits.
-pub fn submit(shard: &Rc<Shard>, append: Append, reply: AppendReply) {
+pub(super) fn submit(shard: &Rc<Shard>, append: Append, reply: AppendReply) {
     let admission = shard.sequencer.borrow_mut().submit(append, reply);
     match admission {
-        Admission::Assigned(assigned) => shard.enqueue_commit(assigned),
         Admission::Queued => {}
-        Admission::Load(conversation) => {
-            let shard_for_load = shard.clone();
-            shard.spawn_core(load(shard_for_load, conversation));
-        }
+        Admission::Check(check) => shard.spawn_core(run_check(shard.clone(), check)),
         Admission::Overloaded(append, reply) => {
             tracing::warn!(conversation = %append.conversation, "owner shard overloaded: refusing append");
             let _ = reply.send(Err(ChatError::Overloaded));
@@ -31,38 +29,74 @@ pub fn submit(shard: &Rc<Shard>, append: Append, reply: AppendReply) {
     }
 }
 
-/// Reads where a conversation's seqs continue and checks its members exist.
-async fn load(shard: Rc<Shard>, conversation: ConversationId) {
-    let result = async {
-        for member in conversation.members() {
-            if shard.store.user_by_id(member).await?.is_none() {
-                return Err(ChatError::UnknownUser);
+/// Looks the queued sends up in the store (and, on first use, reads where the
+/// conversation's seqs continue and checks its members exist), then assigns seqs.
+async fn run_check(shard: Rc<Shard>, check: Check) {
+    let mut check = Some(check);
+    while let Some(current) = check.take() {
+        let conversation = current.conversation;
+        let result = lookup(&shard, current).await;
+        let mut sequencer = shard.sequencer.borrow_mut();
+        match result {
+            Ok(result) => {
+                let (outcomes, next) = sequencer.checked(conversation, result);
+                drop(sequencer);
+                for outcome in outcomes {
+                    match outcome {
+                        Outcome::Assigned(assigned) => shard.enqueue_commit(assigned),
+                        Outcome::Duplicate {
+                            conversation,
+                            client_msg_id,
+                            stored,
+                            reply,
+                        } => {
+                            let _ = reply.send(Ok(SendAck {
+                                conversation,
+                                seq: stored.seq,
+                                server_time_ms: stored.server_time_ms,
+                                client_msg_id,
+                            }));
+                        }
+                    }
+                }
+                check = next;
             }
-        }
-        Ok(shard.store.last_seq(conversation).await?)
-    }
-    .await;
-    match result {
-        Ok(last_seq) => {
-            let assigned = shard.sequencer.borrow_mut().loaded(conversation, last_seq);
-            for assigned in assigned {
-                shard.enqueue_commit(assigned);
-            }
-        }
-        Err(err) => {
-            if !matches!(err, ChatError::UnknownUser) {
-                tracing::error!(%conversation, error = %err, "loading conversation failed");
-            }
-            let refused = shard.sequencer.borrow_mut().load_failed(conversation);
-            for (_, reply) in refused {
-                let _ = reply.send(Err(err.clone()));
+            Err(err) => {
+                if !matches!(err, ChatError::UnknownUser) {
+                    tracing::error!(%conversation, error = %err, "checking appends failed");
+                }
+                let (refused, next) = sequencer.check_failed(conversation);
+                drop(sequencer);
+                for (_, reply) in refused {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                check = next;
             }
         }
     }
 }
 
+async fn lookup(shard: &Shard, check: Check) -> Result<CheckResult, ChatError> {
+    let mut last_seq = None;
+    if check.first_use {
+        for member in check.conversation.members() {
+            if shard.store.user_by_id(member).await?.is_none() {
+                return Err(ChatError::UnknownUser);
+            }
+        }
+        last_seq = Some(shard.store.last_seq(check.conversation).await?);
+    }
+    let window_ms = u64::try_from(shard.config.chat.dedup_window.as_millis()).unwrap_or(u64::MAX);
+    let since_ms = unix_ms().saturating_sub(window_ms);
+    let stored = shard
+        .store
+        .find_sends(check.conversation, check.keys, since_ms)
+        .await?;
+    Ok(CheckResult { last_seq, stored })
+}
+
 /// The committer: batches assigned messages into the store, then fans out and acks.
-pub async fn run_committer(shard: Rc<Shard>) {
+pub(super) async fn run_committer(shard: Rc<Shard>) {
     loop {
         let batch: Vec<Assigned<AppendReply>> = {
             let mut queue = shard.commit_queue.borrow_mut();
@@ -83,10 +117,16 @@ pub async fn run_committer(shard: Rc<Shard>) {
             Ok(()) => fan_out(&shard, batch).await,
             Err(err) => {
                 tracing::error!(error = %err, messages = batch.len(), "committing messages failed");
-                let mut sequencer = shard.sequencer.borrow_mut();
                 for assigned in batch {
-                    sequencer.commit_failed(assigned.record.conversation);
-                    let _ = assigned.reply.send(Err(ChatError::Store(err.clone())));
+                    let record = assigned.record;
+                    let key = (record.sender_device, record.client_msg_id);
+                    let joined = shard
+                        .sequencer
+                        .borrow_mut()
+                        .commit_failed(record.conversation, &key);
+                    for reply in std::iter::once(assigned.reply).chain(joined) {
+                        let _ = reply.send(Err(ChatError::Store(err.clone())));
+                    }
                 }
             }
         }
@@ -114,8 +154,16 @@ async fn fan_out(shard: &Rc<Shard>, batch: Vec<Assigned<AppendReply>>) {
                 deliveries.push(delivery.clone());
             }
         }
-        shard.sequencer.borrow_mut().committed(record.conversation);
-        let _ = assigned.reply.send(Ok(SendAck::of(record)));
+        let key = (record.sender_device, record.client_msg_id.clone());
+        let joined = shard
+            .sequencer
+            .borrow_mut()
+            .committed(record.conversation, &key);
+        let ack = SendAck::of(record);
+        for reply in joined {
+            let _ = reply.send(Ok(ack.clone()));
+        }
+        let _ = assigned.reply.send(Ok(ack));
     }
     for (index, deliveries) in per_shard.into_iter().enumerate() {
         if !deliveries.is_empty()
@@ -126,6 +174,30 @@ async fn fan_out(shard: &Rc<Shard>, batch: Vec<Assigned<AppendReply>>) {
                 .is_err()
         {
             tracing::warn!(to = index, "shard stopped; deliveries dropped");
+        }
+    }
+}
+
+/// Forgets send records older than the dedup window, every 1/24 of the window
+/// (hourly by default). Runs on one shard per node.
+pub(super) async fn sweep_sends(shard: Rc<Shard>) {
+    let window = shard.config.chat.dedup_window;
+    let mut ticker = tokio::time::interval((window / 24).max(std::time::Duration::from_secs(1)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shard.stop.cancelled() => return,
+        }
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        match shard
+            .store
+            .purge_sends(unix_ms().saturating_sub(window_ms))
+            .await
+        {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "forgot send records older than the dedup window"),
+            Err(err) => tracing::warn!(error = %err, "sweeping send records failed"),
         }
     }
 }

@@ -15,6 +15,9 @@
 //! - `devices`:   user id ++ device id → device record
 //! - `messages`:  conversation key ++ seq → message (a conversation is one contiguous
 //!   key range, newest last, so "latest page" is a reverse scan)
+//! - `sends`:     conversation key ++ device id ++ client_msg_id → seq ++ server time,
+//!   written in the same batch as the message, so a retried send finds its original
+//!   seq; swept when older than the dedup window
 //!
 //! All writes go through one writer thread, which drains whatever is queued (up to
 //! `max_batch` jobs), commits it as one atomic fjall batch, then persists once:
@@ -27,14 +30,15 @@
 //! Reads run on the blocking pool, never on a shard thread.
 
 use super::{
-    DeviceRecord, HistoryPage, HistoryRange, MessageRecord, NewUser, Store, StoreError, UserRecord,
+    DeviceRecord, HistoryPage, HistoryRange, MessageRecord, NewUser, Store, StoreError, StoredSend,
+    UserRecord,
 };
 use crate::config::{Durability, StoreConfig};
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message as _;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
@@ -55,6 +59,7 @@ struct Inner {
     usernames: Keyspace,
     devices: Keyspace,
     messages: Keyspace,
+    sends: Keyspace,
 }
 
 impl std::fmt::Debug for Inner {
@@ -70,6 +75,7 @@ enum WriteJob {
     PutDevice(DeviceRecord, Reply<()>),
     DeleteDevice(UserId, DeviceId, Reply<bool>),
     Append(Vec<MessageRecord>, Reply<()>),
+    Purge(Vec<fjall::UserKey>, Reply<usize>),
     Close(Reply<()>),
 }
 
@@ -88,6 +94,7 @@ impl EmbeddedStore {
             usernames: keyspace("usernames")?,
             devices: keyspace("devices")?,
             messages: keyspace("messages")?,
+            sends: keyspace("sends")?,
             db,
         });
         let (writer, jobs) = mpsc::channel(WRITE_QUEUE);
@@ -195,6 +202,51 @@ impl Store for EmbeddedStore {
 
     async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
         self.write(|reply| WriteJob::Append(messages, reply)).await
+    }
+
+    async fn find_sends(
+        &self,
+        conversation: ConversationId,
+        keys: Vec<(DeviceId, String)>,
+        since_ms: u64,
+    ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError> {
+        self.read(move |inner| {
+            let mut found = HashMap::new();
+            for key in keys {
+                let Some(value) = inner
+                    .sends
+                    .get(send_key(conversation, key.0, &key.1))
+                    .map_err(fjall_error)?
+                else {
+                    continue;
+                };
+                let stored = decode_send(&value)?;
+                if stored.server_time_ms >= since_ms {
+                    found.insert(key, stored);
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn purge_sends(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let expired = self
+            .read(move |inner| {
+                let mut expired = Vec::new();
+                for guard in inner.sends.iter() {
+                    let (key, value) = guard.into_inner().map_err(fjall_error)?;
+                    if decode_send(&value)?.server_time_ms < before_ms {
+                        expired.push(key);
+                    }
+                }
+                Ok(expired)
+            })
+            .await?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        self.write(|reply| WriteJob::Purge(expired, reply)).await
     }
 
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
@@ -396,8 +448,24 @@ impl Writer {
                             server_time_ms: message.server_time_ms,
                         };
                         batch.insert(&self.inner.messages, key, stored.encode_to_vec());
+                        let send = send_key(
+                            message.conversation,
+                            message.sender_device,
+                            &stored.client_msg_id,
+                        );
+                        let mut value = [0u8; 16];
+                        value[..8].copy_from_slice(&message.seq.to_be_bytes());
+                        value[8..].copy_from_slice(&message.server_time_ms.to_be_bytes());
+                        batch.insert(&self.inner.sends, send, value);
                     }
                     on_commit(reply, ())
+                }
+                WriteJob::Purge(keys, reply) => {
+                    let count = keys.len();
+                    for key in keys {
+                        batch.remove(&self.inner.sends, key);
+                    }
+                    on_commit(reply, count)
                 }
             });
         }
@@ -496,6 +564,7 @@ fn refuse_job(job: WriteJob, err: StoreError) -> Answer {
             refuse(reply, err)
         }
         WriteJob::DeleteDevice(_, _, reply) => refuse(reply, err),
+        WriteJob::Purge(_, reply) => refuse(reply, err),
     }
 }
 
@@ -567,6 +636,30 @@ fn message_key(conversation: ConversationId, seq: Seq) -> [u8; 25] {
     key[..17].copy_from_slice(&conversation.to_key());
     key[17..].copy_from_slice(&seq.to_be_bytes());
     key
+}
+
+fn send_key(conversation: ConversationId, device: DeviceId, client_msg_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(25 + client_msg_id.len());
+    key.extend_from_slice(&conversation.to_key());
+    key.extend_from_slice(&device.get().to_be_bytes());
+    key.extend_from_slice(client_msg_id.as_bytes());
+    key
+}
+
+fn decode_send(value: &[u8]) -> Result<StoredSend, StoreError> {
+    let field = |range: std::ops::Range<usize>| {
+        value
+            .get(range)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+    };
+    match (field(0..8), field(8..16)) {
+        (Some(seq), Some(server_time_ms)) if value.len() == 16 => Ok(StoredSend {
+            seq,
+            server_time_ms,
+        }),
+        _ => Err(StoreError::Corrupt("send record is not 16 bytes".into())),
+    }
 }
 
 fn seq_of_key(key: &[u8]) -> Result<Seq, StoreError> {
@@ -713,6 +806,58 @@ mod tests {
         let found = store.user_by_name("alice").await.unwrap().unwrap();
         assert_eq!(found, created[0]);
         assert_eq!(store.user_by_id(found.id).await.unwrap(), Some(found));
+    }
+
+    #[tokio::test]
+    async fn sends_are_found_within_the_window_and_purged_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::Buffered);
+        let ours = ConversationId::direct(user(1), user(2));
+        let other = ConversationId::direct(user(1), user(3));
+        // message() stores seq N at server time N ms.
+        store
+            .append_messages((1..=3).map(|seq| message(ours, seq)).collect())
+            .await
+            .unwrap();
+        let key = |seq: Seq| (DeviceId::new(9).unwrap(), format!("m{seq}"));
+        let keys = vec![key(1), key(2), key(3), key(4)];
+
+        let found = store.find_sends(ours, keys.clone(), 0).await.unwrap();
+        assert_eq!(found.len(), 3);
+        assert_eq!(
+            found[&key(2)],
+            StoredSend {
+                seq: 2,
+                server_time_ms: 2
+            }
+        );
+        assert!(
+            store
+                .find_sends(other, keys.clone(), 0)
+                .await
+                .unwrap()
+                .is_empty(),
+            "scoped to the conversation"
+        );
+        let recent = store.find_sends(ours, keys.clone(), 3).await.unwrap();
+        assert_eq!(
+            recent.keys().collect::<Vec<_>>(),
+            vec![&key(3)],
+            "older entries are outside the window"
+        );
+
+        assert_eq!(store.purge_sends(3).await.unwrap(), 2);
+        assert_eq!(store.find_sends(ours, keys, 0).await.unwrap().len(), 1);
+        assert_eq!(
+            store
+                .history(ours, HistoryRange::Latest, 10)
+                .await
+                .unwrap()
+                .messages
+                .len(),
+            3,
+            "messages stay"
+        );
     }
 
     #[tokio::test]

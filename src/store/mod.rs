@@ -11,8 +11,9 @@ mod records;
 
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use async_trait::async_trait;
+use std::collections::HashMap;
 
-pub use records::{DeviceRecord, MessageRecord, NewUser, UserRecord};
+pub use records::{DeviceRecord, MessageRecord, NewUser, StoredSend, UserRecord};
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -71,8 +72,22 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError>;
 
     /// Appends messages. They arrive in seq order per conversation, with no gaps
-    /// after the stored maximum.
+    /// after the stored maximum. Each message's `(sender_device, client_msg_id)` is
+    /// recorded with it, atomically, for [`Store::find_sends`].
     async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError>;
+
+    /// Which of `keys` (sender device, client_msg_id) were already stored in
+    /// `conversation`, ignoring those stored before `since_ms` (outside the dedup
+    /// window).
+    async fn find_sends(
+        &self,
+        conversation: ConversationId,
+        keys: Vec<(DeviceId, String)>,
+        since_ms: u64,
+    ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError>;
+
+    /// Forgets the send records stored before `before_ms`; returns how many.
+    async fn purge_sends(&self, before_ms: u64) -> Result<usize, StoreError>;
 
     /// Highest stored seq of a conversation, 0 when it has none.
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError>;

@@ -41,3 +41,10 @@ pub struct MessageRecord {
     pub body: String,
     pub server_time_ms: u64,
 }
+
+/// What a send was stored as: its answer to a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredSend {
+    pub seq: Seq,
+    pub server_time_ms: u64,
+}
