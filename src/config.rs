@@ -90,6 +90,8 @@ pub struct ChatConfig {
     pub max_pending_appends: usize,
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
+    pub max_group_members: usize,
+    pub max_group_title_chars: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -219,6 +221,12 @@ impl Config {
         }
         if self.chat.max_history_limit == 0 {
             return invalid("chat.max_history_limit", "must be at least 1");
+        }
+        if self.chat.max_group_members < 2 {
+            return invalid("chat.max_group_members", "must be at least 2");
+        }
+        if self.chat.max_group_title_chars == 0 {
+            return invalid("chat.max_group_title_chars", "must be at least 1");
         }
         if self.chat.dedup_window < Duration::from_secs(1) {
             return invalid("chat.dedup_window", "must be at least 1s");

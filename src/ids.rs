@@ -12,6 +12,10 @@ pub struct UserId(u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(u64);
 
+/// A group conversation. Never 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(u64);
+
 macro_rules! nonzero_id {
     ($name:ident) => {
         impl $name {
@@ -44,22 +48,65 @@ macro_rules! nonzero_id {
 
 nonzero_id!(UserId);
 nonzero_id!(DeviceId);
+nonzero_id!(GroupId);
+
+impl GroupId {
+    /// The id of the group a device creates with `client_msg_id`: derived, so a
+    /// retried `CreateGroup` names the same group and is deduplicated like a send.
+    pub fn derive(creator: UserId, device: DeviceId, client_msg_id: &str) -> Self {
+        let mut x = mix(creator.get() ^ mix(device.get()));
+        for chunk in client_msg_id.as_bytes().chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            x = mix(x ^ u64::from_le_bytes(word));
+        }
+        Self::new(mix(x ^ client_msg_id.len() as u64)).unwrap_or(Self(1))
+    }
+}
+
+/// SplitMix64 finaliser: cheap and well spread.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
 
 /// Position of a message in its conversation: 1, 2, 3... with no gaps.
 pub type Seq = u64;
 
 /// A conversation. A direct conversation's id is derived from its two members, so
-/// it needs no creation step and both members compute the same id.
+/// it needs no creation step and both members compute the same id. A group's
+/// members are state, kept by its owner shard and the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ConversationId {
     /// Between two users, stored with the smaller id first.
-    Direct { low: UserId, high: UserId },
+    Direct {
+        low: UserId,
+        high: UserId,
+    },
+    Group(GroupId),
 }
 
 /// Why a conversation id string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("malformed conversation id {0:?}: expected \"d:<low user id>:<high user id>\"")]
+#[error(
+    "malformed conversation id {0:?}: expected \"d:<low user id>:<high user id>\" or \"g:<group id>\""
+)]
 pub struct MalformedConversationId(pub String);
+
+/// A conversation's key prefix in stores (see [`ConversationId::to_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConversationKey {
+    bytes: [u8; 17],
+    len: usize,
+}
+
+impl AsRef<[u8]> for ConversationKey {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
 
 impl ConversationId {
     /// The direct conversation between `a` and `b` (order does not matter).
@@ -70,29 +117,39 @@ impl ConversationId {
         }
     }
 
-    /// Users who take part (both for a direct conversation; one when it is a note to self).
-    pub fn members(&self) -> impl Iterator<Item = UserId> + '_ {
-        let Self::Direct { low, high } = *self;
-        std::iter::once(low).chain((low != high).then_some(high))
-    }
-
-    pub fn has_member(&self, user: UserId) -> bool {
-        self.members().any(|member| member == user)
+    /// The two users of a direct conversation (one when it is a note to self);
+    /// nothing for a group, whose members are state.
+    pub fn direct_members(&self) -> impl Iterator<Item = UserId> + '_ {
+        let pair = match *self {
+            Self::Direct { low, high } => Some((low, (low != high).then_some(high))),
+            Self::Group(_) => None,
+        };
+        pair.into_iter()
+            .flat_map(|(low, high)| std::iter::once(low).chain(high))
     }
 
     /// Parses the canonical text form, the one `Display` writes.
     pub fn parse(text: &str) -> Result<Self, MalformedConversationId> {
         let malformed = || MalformedConversationId(text.chars().take(64).collect());
-        let rest = text.strip_prefix("d:").ok_or_else(malformed)?;
-        let (low, high) = rest.split_once(':').ok_or_else(malformed)?;
-        let id = |part: &str| -> Option<UserId> {
+        let id = |part: &str| -> Option<u64> {
             // Reject signs, leading zeros and other non-canonical spellings.
             if part.starts_with('0') || part.starts_with('+') {
                 return None;
             }
-            UserId::new(part.parse().ok()?)
+            part.parse().ok()
         };
-        match (id(low), id(high)) {
+        if let Some(group) = text.strip_prefix("g:") {
+            return id(group)
+                .and_then(GroupId::new)
+                .map(Self::Group)
+                .ok_or_else(malformed);
+        }
+        let rest = text.strip_prefix("d:").ok_or_else(malformed)?;
+        let (low, high) = rest.split_once(':').ok_or_else(malformed)?;
+        match (
+            id(low).and_then(UserId::new),
+            id(high).and_then(UserId::new),
+        ) {
             (Some(low), Some(high)) if low <= high => Ok(Self::Direct { low, high }),
             _ => Err(malformed()),
         }
@@ -100,30 +157,39 @@ impl ConversationId {
 
     /// Stable 64-bit hash, used to pick the owner shard.
     pub fn hash64(&self) -> u64 {
-        let Self::Direct { low, high } = *self;
-        // SplitMix64 finaliser over both ids: cheap and well spread.
-        let mut x = low.get() ^ high.get().rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^ (x >> 31)
+        match *self {
+            Self::Direct { low, high } => mix(low.get() ^ high.get().rotate_left(32)),
+            Self::Group(group) => mix(group.get() ^ 0x6772_6f75_7000_0000),
+        }
     }
 
-    /// Binary form used as a key prefix in stores: fixed length per kind, so no
-    /// conversation's key is a prefix of another's.
-    pub fn to_key(&self) -> [u8; 17] {
-        let Self::Direct { low, high } = *self;
-        let mut key = [0u8; 17];
-        key[0] = b'd';
-        key[1..9].copy_from_slice(&low.get().to_be_bytes());
-        key[9..17].copy_from_slice(&high.get().to_be_bytes());
-        key
+    /// Binary form used as a key prefix in stores: a kind byte then fixed-length
+    /// ids, so no conversation's key is a prefix of another's.
+    pub fn to_key(&self) -> ConversationKey {
+        let mut bytes = [0u8; 17];
+        let len = match *self {
+            Self::Direct { low, high } => {
+                bytes[0] = b'd';
+                bytes[1..9].copy_from_slice(&low.get().to_be_bytes());
+                bytes[9..17].copy_from_slice(&high.get().to_be_bytes());
+                17
+            }
+            Self::Group(group) => {
+                bytes[0] = b'g';
+                bytes[1..9].copy_from_slice(&group.get().to_be_bytes());
+                9
+            }
+        };
+        ConversationKey { bytes, len }
     }
 }
 
 impl fmt::Display for ConversationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Self::Direct { low, high } = self;
-        write!(f, "d:{low}:{high}")
+        match self {
+            Self::Direct { low, high } => write!(f, "d:{low}:{high}"),
+            Self::Group(group) => write!(f, "g:{group}"),
+        }
     }
 }
 
@@ -142,19 +208,41 @@ mod tests {
         assert_eq!(id, ConversationId::direct(user(3), user(9)));
         assert_eq!(id.to_string(), "d:3:9");
         assert_eq!(ConversationId::parse("d:3:9"), Ok(id));
-        assert_eq!(id.members().collect::<Vec<_>>(), vec![user(3), user(9)]);
+        assert_eq!(
+            id.direct_members().collect::<Vec<_>>(),
+            vec![user(3), user(9)]
+        );
+    }
+
+    #[test]
+    fn group_ids_round_trip_and_derive_stably() {
+        let group = GroupId::derive(user(1), DeviceId::new(2).unwrap(), "create-1");
+        assert_eq!(
+            group,
+            GroupId::derive(user(1), DeviceId::new(2).unwrap(), "create-1")
+        );
+        assert_ne!(
+            group,
+            GroupId::derive(user(1), DeviceId::new(2).unwrap(), "create-2")
+        );
+        let id = ConversationId::Group(group);
+        assert_eq!(ConversationId::parse(&id.to_string()), Ok(id));
+        assert_eq!(id.direct_members().count(), 0);
+        assert_eq!(id.to_key().as_ref().len(), 9);
+        assert!(ConversationId::parse("g:0").is_err());
     }
 
     #[test]
     fn note_to_self_has_one_member() {
         let id = ConversationId::direct(user(5), user(5));
-        assert_eq!(id.members().collect::<Vec<_>>(), vec![user(5)]);
+        assert_eq!(id.direct_members().collect::<Vec<_>>(), vec![user(5)]);
     }
 
     #[test]
     fn non_canonical_ids_are_rejected() {
         for bad in [
-            "", "d:", "d:1", "d:9:3", "d:0:3", "d:03:9", "d:+3:9", "g:1", "d:1:2:3", "d:1:x",
+            "", "d:", "d:1", "d:9:3", "d:0:3", "d:03:9", "d:+3:9", "g:", "g:01", "x:1", "d:1:2:3",
+            "d:1:x",
         ] {
             assert!(ConversationId::parse(bad).is_err(), "{bad:?} accepted");
         }

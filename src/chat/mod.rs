@@ -5,10 +5,13 @@
 //! each committed message into one encoded frame with [`message_frame`], which is
 //! then fanned out as shared `Bytes`.
 
+mod group;
 mod sequencer;
 
+pub use group::{GroupCommand, GroupState};
 pub use sequencer::{
-    Admission, Append, Assigned, Check, CheckResult, Outcome, SendKey, Sequencer, SequencerLimits,
+    Admission, Append, Assigned, Check, CheckResult, Content, Outcome, SendKey, Sequencer,
+    SequencerLimits,
 };
 
 use crate::protocol::{ErrorCode, ErrorKind, push_frame};
@@ -22,6 +25,14 @@ use confab_proto::v1::{self, server_frame};
 pub enum ChatError {
     #[error("no such user in this conversation")]
     UnknownUser,
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("a group has at most {max} members")]
+    TooManyMembers { max: usize },
+    #[error("the group already exists")]
+    AlreadyExists,
     #[error("the server is overloaded; retry later")]
     Overloaded,
     #[error("the server is shutting down")]
@@ -34,6 +45,10 @@ impl ErrorKind for ChatError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::UnknownUser => ErrorCode::NotFound,
+            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::BadRequest(_) => ErrorCode::BadRequest,
+            Self::TooManyMembers { .. } => ErrorCode::TooLarge,
+            Self::AlreadyExists => ErrorCode::AlreadyExists,
             Self::Overloaded | Self::ShuttingDown => ErrorCode::Unavailable,
             Self::Store(err) => err.code(),
         }
@@ -85,6 +100,7 @@ pub fn message_proto(record: &MessageRecord) -> v1::Message {
         client_msg_id: record.client_msg_id.clone(),
         body: record.body.clone(),
         server_time_ms: record.server_time_ms,
+        event: record.event.as_ref().map(v1::GroupEvent::from),
     }
 }
 

@@ -20,10 +20,13 @@
 //!
 //! Generic over the reply handle `R`, so it is tested without channels.
 
+use super::ChatError;
+use super::group::{GroupCommand, GroupState};
 use crate::clock::unix_ms;
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
-use crate::store::{MessageRecord, StoredSend};
+use crate::store::{GroupEvent, GroupRecord, MessageRecord, StoredSend};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Identifies one send of one device: what makes a retry a retry.
 pub type SendKey = (DeviceId, String);
@@ -35,7 +38,15 @@ pub struct Append {
     pub sender: UserId,
     pub sender_device: DeviceId,
     pub client_msg_id: String,
-    pub body: String,
+    pub content: Content,
+}
+
+/// What an append adds to its conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Text(String),
+    /// A change to a group, sequenced as a system message.
+    Group(GroupCommand),
 }
 
 impl Append {
@@ -48,6 +59,9 @@ impl Append {
 #[derive(Debug)]
 pub struct Assigned<R> {
     pub record: MessageRecord,
+    /// Who receives it: the conversation's members as of this message (a removed
+    /// or leaving member still receives its own removal).
+    pub recipients: Arc<[UserId]>,
     pub reply: R,
 }
 
@@ -67,7 +81,8 @@ pub enum Admission<R> {
 pub struct Check {
     pub conversation: ConversationId,
     pub keys: Vec<SendKey>,
-    /// The conversation is not loaded: also read its last seq and check its members.
+    /// The conversation is not loaded: also read its last seq, check a direct
+    /// conversation's members exist, and load a group.
     pub first_use: bool,
 }
 
@@ -76,6 +91,8 @@ pub struct Check {
 pub struct CheckResult {
     /// Set when the check was a first use.
     pub last_seq: Option<Seq>,
+    /// On a group's first use: the group, if it exists.
+    pub group: Option<GroupRecord>,
     /// Keys already stored, with what they were stored as.
     pub stored: HashMap<SendKey, StoredSend>,
 }
@@ -92,12 +109,15 @@ pub enum Outcome<R> {
         stored: StoredSend,
         reply: R,
     },
+    /// Not allowed: answer with the error.
+    Refused { error: ChatError, reply: R },
 }
 
 #[derive(Debug, Clone, Copy)]
 pub struct SequencerLimits {
     pub max_pending: usize,
     pub max_cached: usize,
+    pub max_group_members: usize,
 }
 
 #[derive(Debug)]
@@ -110,6 +130,8 @@ struct Conversation<R> {
     checking: usize,
     /// Assigned, not yet committed: retries that joined them.
     in_flight: HashMap<SendKey, Vec<R>>,
+    /// A group's members, once loaded (or created).
+    group: Option<GroupState>,
 }
 
 impl<R> Conversation<R> {
@@ -119,6 +141,53 @@ impl<R> Conversation<R> {
             queue: Vec::new(),
             checking: 0,
             in_flight: HashMap::new(),
+            group: None,
+        }
+    }
+
+    /// The event (for a group change) and the recipients of `append`, applying a
+    /// group change at once so later appends see it.
+    fn resolve(
+        &mut self,
+        id: ConversationId,
+        append: &Append,
+        max_members: usize,
+    ) -> Result<(Option<GroupEvent>, Arc<[UserId]>), ChatError> {
+        let sender = append.sender;
+        if let ConversationId::Direct { .. } = id {
+            return match append.content {
+                Content::Text(_) => Ok((None, id.direct_members().collect())),
+                Content::Group(_) => Err(ChatError::BadRequest(
+                    "a direct conversation is not a group",
+                )),
+            };
+        }
+        let not_member = ChatError::Forbidden("not a member of this conversation");
+        match (&append.content, self.group.as_mut()) {
+            (Content::Text(_), Some(group)) if group.role(sender).is_some() => {
+                Ok((None, group.recipients()))
+            }
+            (Content::Text(_), _) => Err(not_member),
+            (Content::Group(GroupCommand::Create { title, members }), None) => {
+                let event =
+                    GroupState::create(sender, title.clone(), members.clone(), max_members)?;
+                let group = GroupState::created(sender, &event);
+                let recipients = group.recipients();
+                self.group = Some(group);
+                Ok((Some(event), recipients))
+            }
+            (Content::Group(GroupCommand::Create { .. }), Some(_)) => Err(ChatError::AlreadyExists),
+            (Content::Group(_), None) => Err(not_member),
+            (Content::Group(command), Some(group)) => {
+                let event = group.authorize(sender, command.clone(), max_members)?;
+                let before = group.recipients();
+                group.apply(sender, &event);
+                let recipients = match event {
+                    GroupEvent::MemberRemoved(_) | GroupEvent::MemberLeft { .. } => before,
+                    _ => group.recipients(),
+                };
+                Ok((Some(event), recipients))
+            }
         }
     }
 
@@ -190,13 +259,15 @@ impl<R> Sequencer<R> {
         let Some(conversation) = self.conversations.get_mut(&id) else {
             return (Vec::new(), None);
         };
-        let next_seq = conversation
-            .next_seq
-            .get_or_insert(result.last_seq.unwrap_or(0) + 1);
+        if conversation.next_seq.is_none() {
+            conversation.next_seq = Some(result.last_seq.unwrap_or(0) + 1);
+            conversation.group = result.group.map(GroupState::from_record);
+        }
         let covered = conversation.checking.min(conversation.queue.len());
         conversation.checking = 0;
         let mut outcomes = Vec::with_capacity(covered);
-        for (append, reply) in conversation.queue.drain(..covered) {
+        let queued: Vec<_> = conversation.queue.drain(..covered).collect();
+        for (append, reply) in queued {
             let key = append.key();
             if let Some(stored) = result.stored.get(&key) {
                 self.pending -= 1;
@@ -209,8 +280,19 @@ impl<R> Sequencer<R> {
             } else if let Some(waiters) = conversation.in_flight.get_mut(&key) {
                 waiters.push(reply);
             } else {
-                conversation.in_flight.insert(key, Vec::new());
-                outcomes.push(Outcome::Assigned(assign(next_seq, append, reply)));
+                match conversation.resolve(id, &append, self.limits.max_group_members) {
+                    Ok((event, recipients)) => {
+                        let next_seq = conversation.next_seq.get_or_insert(1);
+                        conversation.in_flight.insert(key, Vec::new());
+                        outcomes.push(Outcome::Assigned(assign(
+                            next_seq, append, event, recipients, reply,
+                        )));
+                    }
+                    Err(error) => {
+                        self.pending -= 1;
+                        outcomes.push(Outcome::Refused { error, reply });
+                    }
+                }
             }
         }
         let next = conversation.start_check(id);
@@ -250,6 +332,7 @@ impl<R> Sequencer<R> {
         let joined = self.finish(id, key);
         if let Some(conversation) = self.conversations.get_mut(&id) {
             conversation.next_seq = None;
+            conversation.group = None;
             if conversation.in_flight.is_empty() && conversation.queue.is_empty() {
                 self.conversations.remove(&id);
             }
@@ -285,9 +368,19 @@ impl<R> Sequencer<R> {
     }
 }
 
-fn assign<R>(next_seq: &mut Seq, append: Append, reply: R) -> Assigned<R> {
+fn assign<R>(
+    next_seq: &mut Seq,
+    append: Append,
+    event: Option<GroupEvent>,
+    recipients: Arc<[UserId]>,
+    reply: R,
+) -> Assigned<R> {
     let seq = *next_seq;
     *next_seq += 1;
+    let body = match append.content {
+        Content::Text(body) => body,
+        Content::Group(_) => String::new(),
+    };
     Assigned {
         record: MessageRecord {
             conversation: append.conversation,
@@ -295,9 +388,11 @@ fn assign<R>(next_seq: &mut Seq, append: Append, reply: R) -> Assigned<R> {
             sender: append.sender,
             sender_device: append.sender_device,
             client_msg_id: append.client_msg_id,
-            body: append.body,
+            body,
             server_time_ms: unix_ms(),
+            event,
         },
+        recipients,
         reply,
     }
 }
@@ -325,7 +420,7 @@ mod tests {
             sender: user(1),
             sender_device: device(),
             client_msg_id: id.into(),
-            body: "hi".into(),
+            content: Content::Text("hi".into()),
         }
     }
 
@@ -333,13 +428,14 @@ mod tests {
         Sequencer::new(SequencerLimits {
             max_pending,
             max_cached,
+            max_group_members: 10,
         })
     }
 
     fn loaded(last_seq: Seq) -> CheckResult {
         CheckResult {
             last_seq: Some(last_seq),
-            stored: HashMap::new(),
+            ..CheckResult::default()
         }
     }
 
@@ -349,7 +445,7 @@ mod tests {
             .iter()
             .filter_map(|outcome| match outcome {
                 Outcome::Assigned(a) => Some((a.record.seq, a.reply)),
-                Outcome::Duplicate { .. } => None,
+                Outcome::Duplicate { .. } | Outcome::Refused { .. } => None,
             })
             .collect()
     }

@@ -2,7 +2,8 @@
 //! already parsed into domain types.
 
 use crate::auth::{Password, Username};
-use crate::ids::{ConversationId, DeviceId, UserId};
+use crate::chat::Append;
+use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
 use crate::store::HistoryRange;
 
 /// A command and the request id its reply must echo.
@@ -36,17 +37,18 @@ pub enum Command {
     GetUser {
         username: Username,
     },
-    Send {
-        conversation: ConversationId,
-        sender: UserId,
-        sender_device: DeviceId,
-        client_msg_id: String,
-        body: String,
-    },
+    /// A message or a group change, sequenced by the conversation's owner.
+    Append(Append),
     History {
         conversation: ConversationId,
         reader: UserId,
         range: HistoryRange,
+        limit: usize,
+    },
+    ListMembers {
+        group: GroupId,
+        reader: UserId,
+        after: Option<UserId>,
         limit: usize,
     },
 }
@@ -58,7 +60,10 @@ impl Command {
     pub fn is_pipelined(&self) -> bool {
         matches!(
             self,
-            Self::Send { .. } | Self::History { .. } | Self::GetUser { .. }
+            Self::Append(_)
+                | Self::History { .. }
+                | Self::GetUser { .. }
+                | Self::ListMembers { .. }
         )
     }
 }

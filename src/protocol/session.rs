@@ -9,8 +9,9 @@
 use super::command::{Command, Request};
 use super::reply::error_frame;
 use crate::auth::{Identity, Password, Username, device_name};
-use crate::ids::{ConversationId, DeviceId, UserId};
-use crate::store::HistoryRange;
+use crate::chat::{Append, Content, GroupCommand};
+use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
+use crate::store::{HistoryRange, Role};
 use confab_proto::FrameError;
 use confab_proto::v1::{
     self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref,
@@ -37,6 +38,8 @@ pub struct SessionLimits {
     pub max_client_msg_id_bytes: usize,
     pub max_history_limit: u32,
     pub max_auth_failures: u32,
+    pub max_group_members: usize,
+    pub max_group_title_chars: usize,
 }
 
 impl SessionLimits {
@@ -50,6 +53,8 @@ impl SessionLimits {
             max_client_msg_id_bytes: config.chat.max_client_msg_id_bytes,
             max_history_limit: config.chat.max_history_limit,
             max_auth_failures: config.protocol.max_auth_failures,
+            max_group_members: config.chat.max_group_members,
+            max_group_title_chars: config.chat.max_group_title_chars,
         }
     }
 }
@@ -290,16 +295,67 @@ impl Session {
                 })
             }
             K::Send(send) => {
-                let (sender, sender_device) = self.require_identity()?;
+                let (sender, _) = self.require_identity()?;
                 let conversation = self.conversation(send.conversation, sender)?;
-                self.check_client_msg_id(&send.client_msg_id)?;
                 self.check_body(&send.body)?;
-                Parsed::Run(Command::Send {
-                    conversation,
-                    sender,
-                    sender_device,
-                    client_msg_id: send.client_msg_id,
-                    body: send.body,
+                self.append(conversation, send.client_msg_id, Content::Text(send.body))?
+            }
+            K::CreateGroup(create) => {
+                let (creator, device) = self.require_identity()?;
+                self.check_client_msg_id(&create.client_msg_id)?;
+                let group = GroupId::derive(creator, device, &create.client_msg_id);
+                let command = GroupCommand::Create {
+                    title: self.title(&create.title)?,
+                    members: self.users(create.members)?,
+                };
+                self.append(
+                    ConversationId::Group(group),
+                    create.client_msg_id,
+                    Content::Group(command),
+                )?
+            }
+            K::AddMembers(add) => {
+                let command = GroupCommand::Add(self.users(add.user_ids)?);
+                self.group_change(&add.conversation_id, add.client_msg_id, command)?
+            }
+            K::RemoveMember(remove) => {
+                let command = GroupCommand::Remove(user_id(remove.user_id)?);
+                self.group_change(&remove.conversation_id, remove.client_msg_id, command)?
+            }
+            K::LeaveGroup(leave) => self.group_change(
+                &leave.conversation_id,
+                leave.client_msg_id,
+                GroupCommand::Leave,
+            )?,
+            K::RenameGroup(rename) => {
+                let command = GroupCommand::Rename(self.title(&rename.title)?);
+                self.group_change(&rename.conversation_id, rename.client_msg_id, command)?
+            }
+            K::SetRole(set_role) => {
+                let role = match Role::from_proto(set_role.role) {
+                    Some(role @ (Role::Member | Role::Admin)) => role,
+                    _ => {
+                        return reject(
+                            ErrorCode::BadRequest,
+                            "role must be ROLE_MEMBER or ROLE_ADMIN",
+                        );
+                    }
+                };
+                let command = GroupCommand::SetRole(user_id(set_role.user_id)?, role);
+                self.group_change(&set_role.conversation_id, set_role.client_msg_id, command)?
+            }
+            K::ListMembers(list) => {
+                let (reader, _) = self.require_identity()?;
+                let group = group_id(&list.conversation_id)?;
+                let limit = match list.limit {
+                    0 => DEFAULT_MEMBER_LIMIT,
+                    limit => (limit as usize).min(MAX_MEMBER_LIMIT),
+                };
+                Parsed::Run(Command::ListMembers {
+                    group,
+                    reader,
+                    after: UserId::new(list.after_user_id),
+                    limit,
                 })
             }
             K::History(history) => {
@@ -330,6 +386,71 @@ impl Session {
         })
     }
 
+    /// A message or group change by the authenticated device.
+    fn append(
+        &self,
+        conversation: ConversationId,
+        client_msg_id: String,
+        content: Content,
+    ) -> Result<Parsed, Rejection> {
+        let (sender, sender_device) = self.require_identity()?;
+        self.check_client_msg_id(&client_msg_id)?;
+        Ok(Parsed::Run(Command::Append(Append {
+            conversation,
+            sender,
+            sender_device,
+            client_msg_id,
+            content,
+        })))
+    }
+
+    fn group_change(
+        &self,
+        conversation_id: &str,
+        client_msg_id: String,
+        command: GroupCommand,
+    ) -> Result<Parsed, Rejection> {
+        self.require_identity()?;
+        let group = group_id(conversation_id)?;
+        self.append(
+            ConversationId::Group(group),
+            client_msg_id,
+            Content::Group(command),
+        )
+    }
+
+    /// A group title: trimmed, not empty, not too long.
+    fn title(&self, raw: &str) -> Result<String, Rejection> {
+        let title = raw.trim();
+        if title.is_empty() {
+            return reject(ErrorCode::BadRequest, "title is required");
+        }
+        if title.chars().count() > self.limits.max_group_title_chars {
+            return reject(
+                ErrorCode::TooLarge,
+                format!(
+                    "title is longer than {} characters",
+                    self.limits.max_group_title_chars
+                ),
+            );
+        }
+        Ok(title.to_owned())
+    }
+
+    /// User ids of a group change: none 0, at most the group size.
+    fn users(&self, raw: Vec<u64>) -> Result<Vec<UserId>, Rejection> {
+        if raw.len() > self.limits.max_group_members {
+            return reject(
+                ErrorCode::TooLarge,
+                format!(
+                    "a group has at most {} members",
+                    self.limits.max_group_members
+                ),
+            );
+        }
+        raw.into_iter().map(user_id).collect()
+    }
+
     fn require_identity(&self) -> Result<(UserId, DeviceId), Rejection> {
         match &self.identity {
             Some(identity) => Ok((identity.user, identity.device)),
@@ -353,7 +474,11 @@ impl Session {
             Some(conversation_ref::Target::ConversationId(text)) => ConversationId::parse(&text)
                 .or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?,
         };
-        if !conversation.has_member(user) {
+        // A direct conversation's members are in its id; a group's are checked
+        // where its membership lives.
+        let outsider = matches!(conversation, ConversationId::Direct { .. })
+            && !conversation.direct_members().any(|member| member == user);
+        if outsider {
             return reject(ErrorCode::Forbidden, "not a member of this conversation");
         }
         Ok(conversation)
@@ -401,6 +526,27 @@ enum Parsed {
     Run(Command),
 }
 
+/// Default and largest ListMembers page.
+const DEFAULT_MEMBER_LIMIT: usize = 100;
+const MAX_MEMBER_LIMIT: usize = 1000;
+
+fn user_id(raw: u64) -> Result<UserId, Rejection> {
+    UserId::new(raw).map_or_else(
+        || reject(ErrorCode::BadRequest, "user id must not be 0"),
+        Ok,
+    )
+}
+
+fn group_id(conversation_id: &str) -> Result<GroupId, Rejection> {
+    match ConversationId::parse(conversation_id) {
+        Ok(ConversationId::Group(group)) => Ok(group),
+        Ok(ConversationId::Direct { .. }) => {
+            reject(ErrorCode::BadRequest, "not a group conversation")
+        }
+        Err(err) => reject(ErrorCode::BadRequest, err.to_string()),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -417,6 +563,8 @@ mod tests {
             max_client_msg_id_bytes: 16,
             max_history_limit: 200,
             max_auth_failures: 3,
+            max_group_members: 10,
+            max_group_title_chars: 16,
         }
     }
 
@@ -545,7 +693,7 @@ mod tests {
         );
         let Step::Run(Request {
             id: 2,
-            command: Command::Send { conversation, .. },
+            command: Command::Append(Append { conversation, .. }),
         }) = step
         else {
             panic!("expected Send, got {step:?}");

@@ -18,8 +18,10 @@ use super::Shard;
 use super::mesh::ShardMsg;
 use super::sessions::{Kick, SessionHandle};
 use crate::auth::{AuthError, Grant};
-use crate::chat::{Append, ChatError, message_proto};
+use crate::chat::{ChatError, Content, GroupCommand, message_proto};
+use crate::ids::{ConversationId, GroupId, UserId};
 use crate::protocol::{Command, ErrorCode, ErrorKind, Request, Session, Step, error_frame};
+use crate::store::HistoryPage;
 use crate::store::HistoryRange;
 use bytes::Bytes;
 use confab_proto::v1::{self, ServerFrame, server_frame::Kind};
@@ -181,22 +183,29 @@ impl Connection {
     async fn start(&self, Request { id, command }: Request) -> Reply {
         let shard = self.shard.clone();
         match command {
-            Command::Send {
-                conversation,
-                sender,
-                sender_device,
-                client_msg_id,
-                body,
-            } => {
+            Command::Append(append) => {
+                if let Content::Group(
+                    GroupCommand::Create { members: users, .. } | GroupCommand::Add(users),
+                ) = &append.content
+                {
+                    match shard.store.missing_users(users.clone()).await {
+                        Ok(missing) if missing.is_empty() => {}
+                        Ok(_) => {
+                            return Box::pin(std::future::ready(failure(
+                                id,
+                                &ChatError::UnknownUser,
+                            )));
+                        }
+                        Err(err) => {
+                            return Box::pin(std::future::ready(failure(
+                                id,
+                                &ChatError::Store(err),
+                            )));
+                        }
+                    }
+                }
                 let (reply, ack) = oneshot::channel();
-                let append = Append {
-                    conversation,
-                    sender,
-                    sender_device,
-                    client_msg_id,
-                    body,
-                };
-                let owner = shard.mesh.owner_of(conversation);
+                let owner = shard.mesh.owner_of(append.conversation);
                 // Handing over in frame order keeps one device's messages in order.
                 if shard
                     .mesh
@@ -216,11 +225,11 @@ impl Connection {
             }
             Command::History {
                 conversation,
+                reader,
                 range,
                 limit,
-                ..
             } => Box::pin(async move {
-                match shard.store.history(conversation, range, limit).await {
+                match readable_history(&shard, conversation, reader, range, limit).await {
                     Ok(page) => {
                         let max_bytes = shard
                             .limits
@@ -231,7 +240,18 @@ impl Connection {
                             Kind::HistoryPage(history_page(conversation, range, page, max_bytes)),
                         )
                     }
-                    Err(err) => failure(id, &ChatError::Store(err)),
+                    Err(err) => failure(id, &err),
+                }
+            }),
+            Command::ListMembers {
+                group,
+                reader,
+                after,
+                limit,
+            } => Box::pin(async move {
+                match list_members(&shard, group, reader, after, limit).await {
+                    Ok(list) => reply_frame(id, Kind::MemberList(list)),
+                    Err(err) => failure(id, &err),
                 }
             }),
             Command::GetUser { username } => Box::pin(async move {
@@ -459,12 +479,82 @@ fn tokens(grant: Grant) -> v1::Tokens {
     }
 }
 
+/// The page of `conversation` that `reader` may see: a group's history is for its
+/// members, and a former member reads only up to the message that removed it.
+async fn readable_history(
+    shard: &Shard,
+    conversation: ConversationId,
+    reader: UserId,
+    range: HistoryRange,
+    limit: usize,
+) -> Result<HistoryPage, ChatError> {
+    let mut upto = None;
+    if let ConversationId::Group(group) = conversation {
+        let member = shard.store.member(group, reader).await?;
+        upto = member
+            .ok_or(ChatError::Forbidden("not a member of this conversation"))?
+            .left_seq;
+    }
+    let Some(last) = upto else {
+        return Ok(shard.store.history(conversation, range, limit).await?);
+    };
+    let clamped = match range {
+        HistoryRange::Latest => HistoryRange::Before(last + 1),
+        HistoryRange::Before(bound) => HistoryRange::Before(bound.min(last + 1)),
+        HistoryRange::After(bound) => HistoryRange::After(bound),
+    };
+    let mut page = shard.store.history(conversation, clamped, limit).await?;
+    page.messages.retain(|message| message.seq <= last);
+    if matches!(range, HistoryRange::After(_))
+        && page
+            .messages
+            .last()
+            .is_none_or(|message| message.seq >= last)
+    {
+        page.has_more = false;
+    }
+    Ok(page)
+}
+
+async fn list_members(
+    shard: &Shard,
+    group: GroupId,
+    reader: UserId,
+    after: Option<UserId>,
+    limit: usize,
+) -> Result<v1::MemberList, ChatError> {
+    let forbidden = ChatError::Forbidden("not a member of this conversation");
+    let member = shard.store.member(group, reader).await?;
+    if member.is_none_or(|member| member.left_seq.is_some()) {
+        return Err(forbidden);
+    }
+    let title = shard
+        .store
+        .group(group)
+        .await?
+        .map(|group| group.title)
+        .unwrap_or_default();
+    let (members, has_more) = shard.store.members_page(group, after, limit).await?;
+    Ok(v1::MemberList {
+        conversation_id: ConversationId::Group(group).to_string(),
+        title,
+        members: members
+            .into_iter()
+            .map(|(user, role)| v1::Member {
+                user_id: user.get(),
+                role: v1::Role::from(role) as i32,
+            })
+            .collect(),
+        has_more,
+    })
+}
+
 /// A History reply that fits in `max_bytes`: when the stored page is larger, the
 /// messages farthest from the requested bound are left out and `has_more` is set.
 fn history_page(
-    conversation: crate::ids::ConversationId,
+    conversation: ConversationId,
     range: HistoryRange,
-    page: crate::store::HistoryPage,
+    page: HistoryPage,
     max_bytes: usize,
 ) -> v1::HistoryPage {
     let mut messages: Vec<v1::Message> = page.messages.iter().map(message_proto).collect();

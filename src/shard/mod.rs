@@ -145,6 +145,7 @@ async fn run(
         sequencer: RefCell::new(Sequencer::new(SequencerLimits {
             max_pending: config.chat.max_pending_appends,
             max_cached: config.chat.max_cached_conversations,
+            max_group_members: config.chat.max_group_members,
         })),
         config,
         store: context.store,

@@ -13,8 +13,9 @@ use crate::chat::{
     Admission, Append, Assigned, ChatError, Check, CheckResult, Outcome, SendAck, message_frame,
 };
 use crate::clock::unix_ms;
+use crate::ids::ConversationId;
+use crate::ids::UserId;
 use std::rc::Rc;
-use std::sync::Arc;
 
 /// Takes an append from the mesh. Never waits.
 pub(super) fn submit(shard: &Rc<Shard>, append: Append, reply: AppendReply) {
@@ -44,6 +45,9 @@ async fn run_check(shard: Rc<Shard>, check: Check) {
                 for outcome in outcomes {
                     match outcome {
                         Outcome::Assigned(assigned) => shard.enqueue_commit(assigned),
+                        Outcome::Refused { error, reply } => {
+                            let _ = reply.send(Err(error));
+                        }
                         Outcome::Duplicate {
                             conversation,
                             client_msg_id,
@@ -78,11 +82,17 @@ async fn run_check(shard: Rc<Shard>, check: Check) {
 
 async fn lookup(shard: &Shard, check: Check) -> Result<CheckResult, ChatError> {
     let mut last_seq = None;
+    let mut group = None;
     if check.first_use {
-        for member in check.conversation.members() {
-            if shard.store.user_by_id(member).await?.is_none() {
-                return Err(ChatError::UnknownUser);
+        match check.conversation {
+            ConversationId::Direct { .. } => {
+                for member in check.conversation.direct_members() {
+                    if shard.store.user_by_id(member).await?.is_none() {
+                        return Err(ChatError::UnknownUser);
+                    }
+                }
             }
+            ConversationId::Group(id) => group = shard.store.group(id).await?,
         }
         last_seq = Some(shard.store.last_seq(check.conversation).await?);
     }
@@ -92,7 +102,11 @@ async fn lookup(shard: &Shard, check: Check) -> Result<CheckResult, ChatError> {
         .store
         .find_sends(check.conversation, check.keys, since_ms)
         .await?;
-    Ok(CheckResult { last_seq, stored })
+    Ok(CheckResult {
+        last_seq,
+        group,
+        stored,
+    })
 }
 
 /// The committer: batches assigned messages into the store, then fans out and acks.
@@ -134,24 +148,33 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
 }
 
 async fn fan_out(shard: &Rc<Shard>, batch: Vec<Assigned<AppendReply>>) {
-    let mut per_shard: Vec<Vec<Delivery>> = vec![Vec::new(); shard.mesh.shard_count()];
+    let shards = shard.mesh.shard_count();
+    let mut per_shard: Vec<Vec<Delivery>> = vec![Vec::new(); shards];
     for assigned in batch {
         let record = &assigned.record;
-        let users: Arc<[_]> = record.conversation.members().collect();
-        let delivery = Delivery {
-            frame: message_frame(record),
-            users: users.clone(),
-            skip_device: Some((record.sender, record.sender_device)),
-        };
-        let mask = {
+        let frame = message_frame(record);
+        let skip_device = Some((record.sender, record.sender_device));
+        // Split the recipients by the shards holding their sessions: each shard
+        // gets the one encoded frame and only its own users.
+        let mut users: Vec<Vec<UserId>> = vec![Vec::new(); shards];
+        {
             let directory = shard.directory.borrow();
-            users
-                .iter()
-                .fold(0u64, |mask, user| mask | directory.shards_of(*user))
-        };
-        for (index, deliveries) in per_shard.iter_mut().enumerate() {
-            if mask & (1 << index) != 0 {
-                deliveries.push(delivery.clone());
+            for user in assigned.recipients.iter() {
+                let mask = directory.shards_of(*user);
+                for (index, users) in users.iter_mut().enumerate() {
+                    if mask & (1 << index) != 0 {
+                        users.push(*user);
+                    }
+                }
+            }
+        }
+        for (deliveries, users) in per_shard.iter_mut().zip(users) {
+            if !users.is_empty() {
+                deliveries.push(Delivery {
+                    frame: frame.clone(),
+                    users: users.into(),
+                    skip_device,
+                });
             }
         }
         let key = (record.sender_device, record.client_msg_id.clone());

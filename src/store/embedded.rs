@@ -18,6 +18,10 @@
 //! - `sends`:     conversation key ++ device id ++ client_msg_id → seq ++ server time,
 //!   written in the same batch as the message, so a retried send finds its original
 //!   seq; swept when older than the dedup window
+//! - `groups`:    group id → title
+//! - `members`:   group id ++ user id → role and, for a former member, the seq it
+//!   left at. Both are projections of the group events in `messages`, written in
+//!   the same batch as the event, so they never disagree with history.
 //!
 //! All writes go through one writer thread, which drains whatever is queued (up to
 //! `max_batch` jobs), commits it as one atomic fjall batch, then persists once:
@@ -30,11 +34,11 @@
 //! Reads run on the blocking pool, never on a shard thread.
 
 use super::{
-    DeviceRecord, HistoryPage, HistoryRange, MessageRecord, NewUser, Store, StoreError, StoredSend,
-    UserRecord,
+    DeviceRecord, GroupEvent, GroupRecord, HistoryPage, HistoryRange, MemberRecord, MessageRecord,
+    NewUser, Role, Store, StoreError, StoredSend, UserRecord,
 };
 use crate::config::{Durability, StoreConfig};
-use crate::ids::{ConversationId, DeviceId, Seq, UserId};
+use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use prost::Message as _;
@@ -60,6 +64,8 @@ struct Inner {
     devices: Keyspace,
     messages: Keyspace,
     sends: Keyspace,
+    groups: Keyspace,
+    members: Keyspace,
 }
 
 impl std::fmt::Debug for Inner {
@@ -95,6 +101,8 @@ impl EmbeddedStore {
             devices: keyspace("devices")?,
             messages: keyspace("messages")?,
             sends: keyspace("sends")?,
+            groups: keyspace("groups")?,
+            members: keyspace("members")?,
             db,
         });
         let (writer, jobs) = mpsc::channel(WRITE_QUEUE);
@@ -159,6 +167,23 @@ impl Store for EmbeddedStore {
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
         self.read(move |inner| inner.user(id)).await
+    }
+
+    async fn missing_users(&self, ids: Vec<UserId>) -> Result<Vec<UserId>, StoreError> {
+        self.read(move |inner| {
+            let mut missing = Vec::new();
+            for id in ids {
+                if !inner
+                    .users
+                    .contains_key(id.get().to_be_bytes())
+                    .map_err(fjall_error)?
+                {
+                    missing.push(id);
+                }
+            }
+            Ok(missing)
+        })
+        .await
     }
 
     async fn put_device(&self, device: DeviceRecord) -> Result<(), StoreError> {
@@ -247,6 +272,75 @@ impl Store for EmbeddedStore {
             return Ok(0);
         }
         self.write(|reply| WriteJob::Purge(expired, reply)).await
+    }
+
+    async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
+        self.read(move |inner| {
+            let Some(title) = inner
+                .groups
+                .get(group.get().to_be_bytes())
+                .map_err(fjall_error)?
+            else {
+                return Ok(None);
+            };
+            let title = String::from_utf8(title.to_vec())
+                .map_err(|_| StoreError::Corrupt("group title".into()))?;
+            let mut members = Vec::new();
+            for guard in inner.members.prefix(group.get().to_be_bytes()) {
+                let (key, value) = guard.into_inner().map_err(fjall_error)?;
+                let member = decode_member(&value)?;
+                if member.left_seq.is_none() {
+                    members.push((member_of_key(&key)?, member.role));
+                }
+            }
+            Ok(Some(GroupRecord { title, members }))
+        })
+        .await
+    }
+
+    async fn member(
+        &self,
+        group: GroupId,
+        user: UserId,
+    ) -> Result<Option<MemberRecord>, StoreError> {
+        self.read(move |inner| {
+            inner
+                .members
+                .get(member_key(group, user))
+                .map_err(fjall_error)?
+                .map(|value| decode_member(&value))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn members_page(
+        &self,
+        group: GroupId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<(Vec<(UserId, Role)>, bool), StoreError> {
+        self.read(move |inner| {
+            let first = after.map_or(1, |user| user.get().saturating_add(1));
+            let mut from = [0u8; 16];
+            from[..8].copy_from_slice(&group.get().to_be_bytes());
+            from[8..].copy_from_slice(&first.to_be_bytes());
+            let mut to = [0xffu8; 16];
+            to[..8].copy_from_slice(&group.get().to_be_bytes());
+            let mut members = Vec::new();
+            for guard in inner.members.range(from..=to) {
+                let (key, value) = guard.into_inner().map_err(fjall_error)?;
+                let member = decode_member(&value)?;
+                if member.left_seq.is_none() {
+                    if members.len() == limit {
+                        return Ok((members, true));
+                    }
+                    members.push((member_of_key(&key)?, member.role));
+                }
+            }
+            Ok((members, false))
+        })
+        .await
     }
 
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
@@ -440,12 +534,27 @@ impl Writer {
                 WriteJob::Append(messages, reply) => {
                     for message in messages {
                         let key = message_key(message.conversation, message.seq);
+                        if let (ConversationId::Group(group), Some(event)) =
+                            (message.conversation, &message.event)
+                        {
+                            self.stage_group_event(
+                                &mut batch,
+                                group,
+                                message.sender,
+                                message.seq,
+                                event,
+                            );
+                        }
                         let stored = StoredMessage {
                             sender: message.sender.get(),
                             sender_device: message.sender_device.get(),
                             client_msg_id: message.client_msg_id,
                             body: message.body,
                             server_time_ms: message.server_time_ms,
+                            event: message
+                                .event
+                                .as_ref()
+                                .map(confab_proto::v1::GroupEvent::from),
                         };
                         batch.insert(&self.inner.messages, key, stored.encode_to_vec());
                         let send = send_key(
@@ -543,6 +652,60 @@ impl Writer {
         })
     }
 
+    /// Updates the group projections for an event sent by `actor` at `seq`.
+    fn stage_group_event(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        group: GroupId,
+        actor: UserId,
+        seq: Seq,
+        event: &GroupEvent,
+    ) {
+        let mut put = |user: UserId, role: Role, left_seq: Option<Seq>| {
+            batch.insert(
+                &self.inner.members,
+                member_key(group, user),
+                encode_member(MemberRecord { role, left_seq }),
+            );
+        };
+        match event {
+            GroupEvent::Created { members, .. } => {
+                for member in members {
+                    put(
+                        *member,
+                        if *member == actor {
+                            Role::Owner
+                        } else {
+                            Role::Member
+                        },
+                        None,
+                    );
+                }
+            }
+            GroupEvent::MembersAdded(users) => {
+                for user in users {
+                    put(*user, Role::Member, None);
+                }
+            }
+            GroupEvent::MemberRemoved(user) => put(*user, Role::Member, Some(seq)),
+            GroupEvent::MemberLeft { new_owner } => {
+                put(actor, Role::Member, Some(seq));
+                if let Some(owner) = new_owner {
+                    put(*owner, Role::Owner, None);
+                }
+            }
+            GroupEvent::RoleChanged(user, role) => put(*user, *role, None),
+            GroupEvent::Renamed(_) => {}
+        }
+        if let GroupEvent::Created { title, .. } | GroupEvent::Renamed(title) = event {
+            batch.insert(
+                &self.inner.groups,
+                group.get().to_be_bytes(),
+                title.as_bytes(),
+            );
+        }
+    }
+
     /// Commits the batch, then makes it as durable as configured. Any failure poisons.
     fn persist(&mut self, batch: fjall::OwnedWriteBatch) -> Result<(), String> {
         let result = batch.commit().and_then(|()| match self.durability {
@@ -602,6 +765,8 @@ struct StoredMessage {
     body: String,
     #[prost(uint64, tag = "5")]
     server_time_ms: u64,
+    #[prost(message, optional, tag = "6")]
+    event: Option<confab_proto::v1::GroupEvent>,
 }
 
 impl StoredMessage {
@@ -620,6 +785,13 @@ impl StoredMessage {
             client_msg_id: self.client_msg_id,
             body: self.body,
             server_time_ms: self.server_time_ms,
+            event: match self.event {
+                None => None,
+                Some(event) => Some(
+                    GroupEvent::from_proto(event)
+                        .ok_or_else(|| StoreError::Corrupt("invalid group event".into()))?,
+                ),
+            },
         })
     }
 }
@@ -631,16 +803,63 @@ fn device_key(user: UserId, device: DeviceId) -> [u8; 16] {
     key
 }
 
-fn message_key(conversation: ConversationId, seq: Seq) -> [u8; 25] {
-    let mut key = [0u8; 25];
-    key[..17].copy_from_slice(&conversation.to_key());
-    key[17..].copy_from_slice(&seq.to_be_bytes());
+fn message_key(conversation: ConversationId, seq: Seq) -> Vec<u8> {
+    let prefix = conversation.to_key();
+    let mut key = Vec::with_capacity(prefix.as_ref().len() + 8);
+    key.extend_from_slice(prefix.as_ref());
+    key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+fn member_key(group: GroupId, user: UserId) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&group.get().to_be_bytes());
+    key[8..].copy_from_slice(&user.get().to_be_bytes());
+    key
+}
+
+fn member_of_key(key: &[u8]) -> Result<UserId, StoreError> {
+    key.get(8..16)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(u64::from_be_bytes)
+        .and_then(UserId::new)
+        .ok_or_else(|| StoreError::Corrupt("member key".into()))
+}
+
+/// Role byte, then the seq the member left at (0 while a member).
+fn encode_member(member: MemberRecord) -> [u8; 9] {
+    let mut value = [0u8; 9];
+    value[0] = match member.role {
+        Role::Member => 1,
+        Role::Admin => 2,
+        Role::Owner => 3,
+    };
+    value[1..].copy_from_slice(&member.left_seq.unwrap_or(0).to_be_bytes());
+    value
+}
+
+fn decode_member(value: &[u8]) -> Result<MemberRecord, StoreError> {
+    let corrupt = || StoreError::Corrupt("member record".into());
+    let role = match value.first() {
+        Some(1) => Role::Member,
+        Some(2) => Role::Admin,
+        Some(3) => Role::Owner,
+        _ => return Err(corrupt()),
+    };
+    let left = value
+        .get(1..9)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(corrupt)?;
+    Ok(MemberRecord {
+        role,
+        left_seq: (left != 0).then_some(left),
+    })
 }
 
 fn send_key(conversation: ConversationId, device: DeviceId, client_msg_id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(25 + client_msg_id.len());
-    key.extend_from_slice(&conversation.to_key());
+    key.extend_from_slice(conversation.to_key().as_ref());
     key.extend_from_slice(&device.get().to_be_bytes());
     key.extend_from_slice(client_msg_id.as_bytes());
     key
@@ -723,6 +942,7 @@ mod tests {
             client_msg_id: format!("m{seq}"),
             body: format!("body {seq}"),
             server_time_ms: seq,
+            event: None,
         }
     }
 

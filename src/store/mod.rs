@@ -9,11 +9,14 @@
 pub mod embedded;
 mod records;
 
-use crate::ids::{ConversationId, DeviceId, Seq, UserId};
+use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use async_trait::async_trait;
 use std::collections::HashMap;
 
-pub use records::{DeviceRecord, MessageRecord, NewUser, StoredSend, UserRecord};
+pub use records::{
+    DeviceRecord, GroupEvent, GroupRecord, MemberRecord, MessageRecord, NewUser, Role, StoredSend,
+    UserRecord,
+};
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -59,6 +62,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<UserRecord>, StoreError>;
 
+    /// Which of `ids` name no user.
+    async fn missing_users(&self, ids: Vec<UserId>) -> Result<Vec<UserId>, StoreError>;
+
     /// Creates or replaces a device.
     async fn put_device(&self, device: DeviceRecord) -> Result<(), StoreError>;
 
@@ -88,6 +94,25 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Forgets the send records stored before `before_ms`; returns how many.
     async fn purge_sends(&self, before_ms: u64) -> Result<usize, StoreError>;
+
+    /// A group's title and current members, maintained from the group events in
+    /// appended messages (in the same commit as the event).
+    async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError>;
+
+    /// A user's membership of a group, current or past.
+    async fn member(
+        &self,
+        group: GroupId,
+        user: UserId,
+    ) -> Result<Option<MemberRecord>, StoreError>;
+
+    /// Current members with a user id above `after`, by user id; and whether more follow.
+    async fn members_page(
+        &self,
+        group: GroupId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<(Vec<(UserId, Role)>, bool), StoreError>;
 
     /// Highest stored seq of a conversation, 0 when it has none.
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError>;

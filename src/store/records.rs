@@ -1,6 +1,7 @@
 //! Records the store keeps, independent of how a backend lays them out.
 
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
+use confab_proto::v1;
 
 /// A user to create: the store assigns the id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,8 +39,11 @@ pub struct MessageRecord {
     pub sender: UserId,
     pub sender_device: DeviceId,
     pub client_msg_id: String,
+    /// Empty for a system message.
     pub body: String,
     pub server_time_ms: u64,
+    /// Set for a system message.
+    pub event: Option<GroupEvent>,
 }
 
 /// What a send was stored as: its answer to a retry.
@@ -47,4 +51,123 @@ pub struct MessageRecord {
 pub struct StoredSend {
     pub seq: Seq,
     pub server_time_ms: u64,
+}
+
+/// A member's role in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Member,
+    Admin,
+    Owner,
+}
+
+/// A change to a group, made by the sender of the system message that carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupEvent {
+    /// The sender created the group and owns it; `members` includes the owner.
+    Created {
+        title: String,
+        members: Vec<UserId>,
+    },
+    MembersAdded(Vec<UserId>),
+    MemberRemoved(UserId),
+    /// The sender left; when it was the owner, `new_owner` owns the group now.
+    MemberLeft {
+        new_owner: Option<UserId>,
+    },
+    Renamed(String),
+    RoleChanged(UserId, Role),
+}
+
+/// A group as stored: its title and current members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub title: String,
+    pub members: Vec<(UserId, Role)>,
+}
+
+/// One user's membership of a group, current or past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberRecord {
+    pub role: Role,
+    /// Seq of the system message that removed the user (or that it sent to
+    /// leave); `None` while a member. A former member may read history up to it.
+    pub left_seq: Option<Seq>,
+}
+
+// Events are persisted in their protocol form, which is versioned and append-only.
+
+impl From<Role> for v1::Role {
+    fn from(role: Role) -> Self {
+        match role {
+            Role::Member => Self::Member,
+            Role::Admin => Self::Admin,
+            Role::Owner => Self::Owner,
+        }
+    }
+}
+
+impl Role {
+    pub fn from_proto(role: i32) -> Option<Self> {
+        match v1::Role::try_from(role).ok()? {
+            v1::Role::Member => Some(Self::Member),
+            v1::Role::Admin => Some(Self::Admin),
+            v1::Role::Owner => Some(Self::Owner),
+            v1::Role::Unspecified => None,
+        }
+    }
+}
+
+impl From<&GroupEvent> for v1::GroupEvent {
+    fn from(event: &GroupEvent) -> Self {
+        use v1::group_event::Kind;
+        let ids = |users: &[UserId]| users.iter().map(|user| user.get()).collect();
+        let kind = match event {
+            GroupEvent::Created { title, members } => Kind::Created(v1::GroupCreated {
+                title: title.clone(),
+                members: ids(members),
+            }),
+            GroupEvent::MembersAdded(users) => Kind::MembersAdded(v1::MembersAdded {
+                user_ids: ids(users),
+            }),
+            GroupEvent::MemberRemoved(user) => Kind::MemberRemoved(v1::MemberRemoved {
+                user_id: user.get(),
+            }),
+            GroupEvent::MemberLeft { new_owner } => Kind::MemberLeft(v1::MemberLeft {
+                new_owner_user_id: new_owner.map_or(0, UserId::get),
+            }),
+            GroupEvent::Renamed(title) => Kind::Renamed(v1::GroupRenamed {
+                title: title.clone(),
+            }),
+            GroupEvent::RoleChanged(user, role) => Kind::RoleChanged(v1::RoleChanged {
+                user_id: user.get(),
+                role: v1::Role::from(*role) as i32,
+            }),
+        };
+        Self { kind: Some(kind) }
+    }
+}
+
+impl GroupEvent {
+    /// Reads an event back; `None` if it is not a valid event.
+    pub fn from_proto(event: v1::GroupEvent) -> Option<Self> {
+        use v1::group_event::Kind;
+        let ids = |raw: Vec<u64>| raw.into_iter().map(UserId::new).collect::<Option<Vec<_>>>();
+        Some(match event.kind? {
+            Kind::Created(created) => Self::Created {
+                title: created.title,
+                members: ids(created.members)?,
+            },
+            Kind::MembersAdded(added) => Self::MembersAdded(ids(added.user_ids)?),
+            Kind::MemberRemoved(removed) => Self::MemberRemoved(UserId::new(removed.user_id)?),
+            Kind::MemberLeft(left) => Self::MemberLeft {
+                new_owner: UserId::new(left.new_owner_user_id),
+            },
+            Kind::Renamed(renamed) => Self::Renamed(renamed.title),
+            Kind::RoleChanged(changed) => Self::RoleChanged(
+                UserId::new(changed.user_id)?,
+                Role::from_proto(changed.role)?,
+            ),
+        })
+    }
 }
