@@ -60,6 +60,7 @@ fn fan_out(c: &mut Criterion) {
         client_msg_id: "0123456789abcdef".into(),
         body: "x".repeat(200),
         server_time_ms: 1_700_000_000_000,
+        event: None,
     };
     recipients_group(c, "fan_out_encode_once", |n| {
         let frame = message_frame(black_box(&record));

@@ -334,13 +334,122 @@ impl Client {
         client_msg_id: &str,
         body: &str,
     ) -> Result<v1::SendAck, ClientError> {
-        let request = client_frame::Kind::Send(v1::Send {
+        self.ack(client_frame::Kind::Send(v1::Send {
             conversation: Some(v1::ConversationRef {
                 target: Some(conversation),
             }),
             client_msg_id: client_msg_id.into(),
             body: body.into(),
+        }))
+        .await
+    }
+
+    /// Creates a group; the ack names its conversation id. Retrying with the same
+    /// `client_msg_id` returns the same ack.
+    pub async fn create_group(
+        &self,
+        client_msg_id: &str,
+        title: &str,
+        members: &[u64],
+    ) -> Result<v1::SendAck, ClientError> {
+        self.ack(client_frame::Kind::CreateGroup(v1::CreateGroup {
+            client_msg_id: client_msg_id.into(),
+            title: title.into(),
+            members: members.to_vec(),
+        }))
+        .await
+    }
+
+    pub async fn add_members(
+        &self,
+        conversation_id: &str,
+        client_msg_id: &str,
+        user_ids: &[u64],
+    ) -> Result<v1::SendAck, ClientError> {
+        self.ack(client_frame::Kind::AddMembers(v1::AddMembers {
+            conversation_id: conversation_id.into(),
+            client_msg_id: client_msg_id.into(),
+            user_ids: user_ids.to_vec(),
+        }))
+        .await
+    }
+
+    pub async fn remove_member(
+        &self,
+        conversation_id: &str,
+        client_msg_id: &str,
+        user_id: u64,
+    ) -> Result<v1::SendAck, ClientError> {
+        self.ack(client_frame::Kind::RemoveMember(v1::RemoveMember {
+            conversation_id: conversation_id.into(),
+            client_msg_id: client_msg_id.into(),
+            user_id,
+        }))
+        .await
+    }
+
+    pub async fn leave_group(
+        &self,
+        conversation_id: &str,
+        client_msg_id: &str,
+    ) -> Result<v1::SendAck, ClientError> {
+        self.ack(client_frame::Kind::LeaveGroup(v1::LeaveGroup {
+            conversation_id: conversation_id.into(),
+            client_msg_id: client_msg_id.into(),
+        }))
+        .await
+    }
+
+    pub async fn rename_group(
+        &self,
+        conversation_id: &str,
+        client_msg_id: &str,
+        title: &str,
+    ) -> Result<v1::SendAck, ClientError> {
+        self.ack(client_frame::Kind::RenameGroup(v1::RenameGroup {
+            conversation_id: conversation_id.into(),
+            client_msg_id: client_msg_id.into(),
+            title: title.into(),
+        }))
+        .await
+    }
+
+    pub async fn set_role(
+        &self,
+        conversation_id: &str,
+        client_msg_id: &str,
+        user_id: u64,
+        role: v1::Role,
+    ) -> Result<v1::SendAck, ClientError> {
+        self.ack(client_frame::Kind::SetRole(v1::SetRole {
+            conversation_id: conversation_id.into(),
+            client_msg_id: client_msg_id.into(),
+            user_id,
+            role: role as i32,
+        }))
+        .await
+    }
+
+    /// One page of a group's current members, by user id.
+    pub async fn list_members(
+        &self,
+        conversation_id: &str,
+        after_user_id: u64,
+        limit: u32,
+    ) -> Result<v1::MemberList, ClientError> {
+        let request = client_frame::Kind::ListMembers(v1::ListMembers {
+            conversation_id: conversation_id.into(),
+            after_user_id,
+            limit,
         });
+        match self.request(request).await? {
+            server_frame::Kind::MemberList(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A request answered by a `SendAck`.
+    async fn ack(&self, request: client_frame::Kind) -> Result<v1::SendAck, ClientError> {
         match self.request(request).await? {
             server_frame::Kind::SendAck(ack) => Ok(ack),
             other => Err(unexpected(other)),
