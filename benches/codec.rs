@@ -32,24 +32,19 @@ fn codec(c: &mut Criterion) {
             b.iter(|| encode_frame(black_box(frame)));
         });
         let decoder = FrameDecoder::new(256 * 1024);
-        group.bench_with_input(
-            BenchmarkId::new("decode", body_len),
-            &encoded,
-            |b, encoded| {
-                b.iter(|| {
-                    let mut buf = BytesMut::from(&encoded[..]);
-                    decoder.decode::<ClientFrame>(black_box(&mut buf))
-                });
-            },
-        );
+        group.bench_with_input(BenchmarkId::new("decode", body_len), &encoded, |b, encoded| {
+            b.iter(|| {
+                let mut buf = BytesMut::from(&encoded[..]);
+                decoder.decode::<ClientFrame>(black_box(&mut buf))
+            });
+        });
     }
     group.finish();
 }
 
 /// A message for N recipients: encoded once, then one refcount bump per recipient.
 fn fan_out(c: &mut Criterion) {
-    let (Some(alice), Some(bob), Some(device)) = (UserId::new(1), UserId::new(2), DeviceId::new(3))
-    else {
+    let (Some(alice), Some(bob), Some(device)) = (UserId::new(1), UserId::new(2), DeviceId::new(3)) else {
         return;
     };
     let record = MessageRecord {
@@ -73,21 +68,13 @@ fn fan_out(c: &mut Criterion) {
 }
 
 /// Benchmarks `frames_for(n)` for 100 and 10 000 recipients.
-fn recipients_group(
-    c: &mut Criterion,
-    name: &str,
-    frames_for: impl Fn(usize) -> Vec<bytes::Bytes>,
-) {
+fn recipients_group(c: &mut Criterion, name: &str, frames_for: impl Fn(usize) -> Vec<bytes::Bytes>) {
     let mut group = c.benchmark_group(name);
     for recipients in [100usize, 10_000] {
         group.throughput(Throughput::Elements(recipients as u64));
-        group.bench_with_input(
-            BenchmarkId::from_parameter(recipients),
-            &recipients,
-            |b, &n| {
-                b.iter(|| black_box(frames_for(n)));
-            },
-        );
+        group.bench_with_input(BenchmarkId::from_parameter(recipients), &recipients, |b, &n| {
+            b.iter(|| black_box(frames_for(n)));
+        });
     }
     group.finish();
 }

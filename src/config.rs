@@ -17,10 +17,7 @@ const ENV_PREFIX: &str = "CONFAB_";
 #[non_exhaustive]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("environment variable {name} is not a config key (expected CONFAB_<SECTION>__<KEY>)")]
@@ -150,11 +147,9 @@ impl Config {
             }
         }
         let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
-                ConfigError::Invalid {
-                    key: err.path().to_string(),
-                    message: err.inner().message().to_owned(),
-                }
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| ConfigError::Invalid {
+                key: err.path().to_string(),
+                message: err.inner().message().to_owned(),
             })?;
         config.validate()?;
         Ok(config)
@@ -190,10 +185,7 @@ impl Config {
             return invalid("server.mesh_channel_capacity", "must be at least 1");
         }
         if !(4096..=64 * 1024 * 1024).contains(&self.protocol.max_frame_bytes) {
-            return invalid(
-                "protocol.max_frame_bytes",
-                "must be between 4096 and 67108864",
-            );
+            return invalid("protocol.max_frame_bytes", "must be between 4096 and 67108864");
         }
         if self.protocol.heartbeat_interval < Duration::from_millis(100) {
             return invalid("protocol.heartbeat_interval", "must be at least 100ms");
@@ -242,11 +234,10 @@ impl Config {
 }
 
 fn parse_toml(text: &str, path: &Path) -> Result<toml::Table, ConfigError> {
-    text.parse::<toml::Table>()
-        .map_err(|err| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: err.message().to_owned(),
-        })
+    text.parse::<toml::Table>().map_err(|err| ConfigError::Syntax {
+        path: path.to_owned(),
+        message: err.message().to_owned(),
+    })
 }
 
 /// Deep-merges `overlay` into `base`: tables merge key by key, other values replace.
@@ -265,21 +256,12 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
 
 /// Applies `CONFAB_SECTION__KEY=value`. The value is read as a TOML value when it
 /// parses as one (numbers, booleans), otherwise as a string.
-fn apply_env(
-    table: &mut toml::Table,
-    name: &str,
-    key: &str,
-    value: &str,
-) -> Result<(), ConfigError> {
+fn apply_env(table: &mut toml::Table, name: &str, key: &str, value: &str) -> Result<(), ConfigError> {
     let Some((section, field)) = key.split_once("__") else {
-        return Err(ConfigError::EnvName {
-            name: name.to_owned(),
-        });
+        return Err(ConfigError::EnvName { name: name.to_owned() });
     };
     if section.is_empty() || field.is_empty() {
-        return Err(ConfigError::EnvName {
-            name: name.to_owned(),
-        });
+        return Err(ConfigError::EnvName { name: name.to_owned() });
     }
     let parsed = format!("v = {value}")
         .parse::<toml::Table>()
@@ -294,9 +276,7 @@ fn apply_env(
             section_table.insert(field.to_ascii_lowercase(), parsed);
             Ok(())
         }
-        _ => Err(ConfigError::EnvName {
-            name: name.to_owned(),
-        }),
+        _ => Err(ConfigError::EnvName { name: name.to_owned() }),
     }
 }
 
@@ -306,10 +286,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
@@ -325,11 +302,7 @@ mod tests {
     fn file_overrides_defaults_and_env_overrides_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("confab.toml");
-        std::fs::write(
-            &path,
-            "[server]\nshards = 3\n[store]\ndurability = \"buffered\"\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "[server]\nshards = 3\n[store]\ndurability = \"buffered\"\n").unwrap();
         let config = Config::load_from(
             Some(&path),
             env(&[
@@ -342,17 +315,12 @@ mod tests {
         assert_eq!(config.server.shards, 2);
         assert_eq!(config.store.durability, Durability::Buffered);
         assert_eq!(config.log.level, "debug");
-        assert_eq!(
-            config.server.listen.port(),
-            7300,
-            "untouched keys keep defaults"
-        );
+        assert_eq!(config.server.listen.port(), 7300, "untouched keys keep defaults");
     }
 
     #[test]
     fn bad_value_names_the_key() {
-        let err =
-            Config::load_from(None, env(&[("CONFAB_STORE__DURABILITY", "sometimes")])).unwrap_err();
+        let err = Config::load_from(None, env(&[("CONFAB_STORE__DURABILITY", "sometimes")])).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("store.durability"), "{text}");
     }
@@ -362,9 +330,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("confab.toml");
         std::fs::write(&path, "[server]\nshardz = 3\n").unwrap();
-        let text = Config::load_from(Some(&path), env(&[]))
-            .unwrap_err()
-            .to_string();
+        let text = Config::load_from(Some(&path), env(&[])).unwrap_err().to_string();
         assert!(text.contains("shardz"), "{text}");
     }
 
@@ -381,9 +347,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broken.toml");
         std::fs::write(&path, "[server\n").unwrap();
-        let text = Config::load_from(Some(&path), env(&[]))
-            .unwrap_err()
-            .to_string();
+        let text = Config::load_from(Some(&path), env(&[])).unwrap_err().to_string();
         assert!(text.contains("broken.toml"), "{text}");
     }
 }

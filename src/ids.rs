@@ -90,9 +90,7 @@ pub enum ConversationId {
 
 /// Why a conversation id string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "malformed conversation id {0:?}: expected \"d:<low user id>:<high user id>\" or \"g:<group id>\""
-)]
+#[error("malformed conversation id {0:?}: expected \"d:<low user id>:<high user id>\" or \"g:<group id>\"")]
 pub struct MalformedConversationId(pub String);
 
 /// A conversation's key prefix in stores (see [`ConversationId::to_key`]).
@@ -139,17 +137,11 @@ impl ConversationId {
             part.parse().ok()
         };
         if let Some(group) = text.strip_prefix("g:") {
-            return id(group)
-                .and_then(GroupId::new)
-                .map(Self::Group)
-                .ok_or_else(malformed);
+            return id(group).and_then(GroupId::new).map(Self::Group).ok_or_else(malformed);
         }
         let rest = text.strip_prefix("d:").ok_or_else(malformed)?;
         let (low, high) = rest.split_once(':').ok_or_else(malformed)?;
-        match (
-            id(low).and_then(UserId::new),
-            id(high).and_then(UserId::new),
-        ) {
+        match (id(low).and_then(UserId::new), id(high).and_then(UserId::new)) {
             (Some(low), Some(high)) if low <= high => Ok(Self::Direct { low, high }),
             _ => Err(malformed()),
         }
@@ -208,23 +200,14 @@ mod tests {
         assert_eq!(id, ConversationId::direct(user(3), user(9)));
         assert_eq!(id.to_string(), "d:3:9");
         assert_eq!(ConversationId::parse("d:3:9"), Ok(id));
-        assert_eq!(
-            id.direct_members().collect::<Vec<_>>(),
-            vec![user(3), user(9)]
-        );
+        assert_eq!(id.direct_members().collect::<Vec<_>>(), vec![user(3), user(9)]);
     }
 
     #[test]
     fn group_ids_round_trip_and_derive_stably() {
         let group = GroupId::derive(user(1), DeviceId::new(2).unwrap(), "create-1");
-        assert_eq!(
-            group,
-            GroupId::derive(user(1), DeviceId::new(2).unwrap(), "create-1")
-        );
-        assert_ne!(
-            group,
-            GroupId::derive(user(1), DeviceId::new(2).unwrap(), "create-2")
-        );
+        assert_eq!(group, GroupId::derive(user(1), DeviceId::new(2).unwrap(), "create-1"));
+        assert_ne!(group, GroupId::derive(user(1), DeviceId::new(2).unwrap(), "create-2"));
         let id = ConversationId::Group(group);
         assert_eq!(ConversationId::parse(&id.to_string()), Ok(id));
         assert_eq!(id.direct_members().count(), 0);
@@ -241,8 +224,7 @@ mod tests {
     #[test]
     fn non_canonical_ids_are_rejected() {
         for bad in [
-            "", "d:", "d:1", "d:9:3", "d:0:3", "d:03:9", "d:+3:9", "g:", "g:01", "x:1", "d:1:2:3",
-            "d:1:x",
+            "", "d:", "d:1", "d:9:3", "d:0:3", "d:03:9", "d:+3:9", "g:", "g:01", "x:1", "d:1:2:3", "d:1:x",
         ] {
             assert!(ConversationId::parse(bad).is_err(), "{bad:?} accepted");
         }

@@ -64,9 +64,7 @@ fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
 
 fn init_tracing(level: &str) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.is_empty() => {
-            tracing_subscriber::EnvFilter::try_new(env).context("RUST_LOG")?
-        }
+        Ok(env) if !env.is_empty() => tracing_subscriber::EnvFilter::try_new(env).context("RUST_LOG")?,
         _ => tracing_subscriber::EnvFilter::try_new(level)
             .with_context(|| format!("invalid config key `log.level`: {level:?}"))?,
     };
@@ -81,17 +79,14 @@ fn init_tracing(level: &str) -> anyhow::Result<()> {
 async fn shutdown_signal() -> anyhow::Result<()> {
     #[cfg(unix)]
     {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .context("installing the SIGTERM handler")?;
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
         tokio::select! {
             result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
             _ = terminate.recv() => {}
         }
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
     Ok(())
 }

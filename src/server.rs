@@ -23,10 +23,7 @@ pub enum StartError {
     #[error("setting up password hashing: {0}")]
     Hash(#[from] HashError),
     #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    Io { what: String, source: std::io::Error },
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
@@ -52,33 +49,24 @@ impl Server {
         let store: Arc<dyn Store> = match config.store.backend {
             StoreBackend::Embedded => Arc::new(EmbeddedStore::open(&config.store)?),
         };
-        let signer = TokenSigner::from_config_or_file(
-            &config.auth.token_key,
-            &config.store.data_dir.join("token.key"),
-        )?;
+        let signer =
+            TokenSigner::from_config_or_file(&config.auth.token_key, &config.store.data_dir.join("token.key"))?;
         let max_hashes = match config.auth.max_concurrent_hashes {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let hasher = PasswordHasher::new(
-            config.auth.argon2_memory_kib,
-            config.auth.argon2_iterations,
-            max_hashes,
-        )?;
+        let hasher = PasswordHasher::new(config.auth.argon2_memory_kib, config.auth.argon2_iterations, max_hashes)?;
         let accounts = Accounts::new(&config.auth, store.clone(), hasher, signer);
         let (mesh, mailboxes) = Mesh::new(shards, config.server.mesh_channel_capacity);
 
         // The first bind resolves port 0; the other shards join the same port.
         let first = crate::transport::tcp::bind_reuseport(config.server.listen)
             .map_err(io_error(format!("binding {}", config.server.listen)))?;
-        let local_addr = first
-            .local_addr()
-            .map_err(io_error("reading the bound address"))?;
+        let local_addr = first.local_addr().map_err(io_error("reading the bound address"))?;
         let mut listeners = vec![first];
         for _ in 1..shards {
             listeners.push(
-                crate::transport::tcp::bind_reuseport(local_addr)
-                    .map_err(io_error(format!("binding {local_addr}")))?,
+                crate::transport::tcp::bind_reuseport(local_addr).map_err(io_error(format!("binding {local_addr}")))?,
             );
         }
 
@@ -116,8 +104,7 @@ impl Server {
                 .map_err(io_error("building a shard runtime"))?;
             let listener = {
                 let _entered = runtime.enter();
-                tokio::net::TcpListener::from_std(listener)
-                    .map_err(io_error("registering a listener"))?
+                tokio::net::TcpListener::from_std(listener).map_err(io_error("registering a listener"))?
             };
             let (drained, drained_rx) = oneshot::channel();
             let start = ShardStart {
@@ -153,10 +140,7 @@ impl Server {
         }
         self.stop.cancel();
         let threads = std::mem::take(&mut self.threads);
-        let joined = tokio::task::spawn_blocking(move || {
-            threads.into_iter().all(|thread| thread.join().is_ok())
-        })
-        .await;
+        let joined = tokio::task::spawn_blocking(move || threads.into_iter().all(|thread| thread.join().is_ok())).await;
         if !matches!(joined, Ok(true)) {
             tracing::error!("a shard thread panicked");
         }

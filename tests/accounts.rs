@@ -16,10 +16,7 @@ async fn refresh_rotates_and_the_old_refresh_token_dies() {
     let client = Client::connect(node.addr).await.unwrap();
     let renewed = client.refresh(&old.refresh_token).await.unwrap();
     let new = renewed.tokens.unwrap();
-    assert_eq!(
-        (renewed.user_id, renewed.device_id),
-        (login.user_id, login.device_id)
-    );
+    assert_eq!((renewed.user_id, renewed.device_id), (login.user_id, login.device_id));
     assert_ne!(new.refresh_token, old.refresh_token);
     assert_eq!(
         code(client.refresh(&old.refresh_token).await),
@@ -56,10 +53,7 @@ async fn log_out_revokes_the_devices_tokens_only() {
         .await
         .unwrap();
     // And the user can log in again.
-    laptop
-        .log_in(&name, PASSWORD, "laptop again")
-        .await
-        .unwrap();
+    laptop.log_in(&name, PASSWORD, "laptop again").await.unwrap();
     node.shutdown().await;
 }
 
@@ -71,18 +65,9 @@ async fn tokens_and_accounts_survive_a_restart() {
 
     let server = Server::start(common::config(node.dir.path(), 2, &[])).unwrap();
     let client = Client::connect(server.local_addr()).await.unwrap();
-    let me = client
-        .authenticate(&login.tokens.unwrap().access_token)
-        .await
-        .unwrap();
-    assert_eq!(
-        (me.user_id, me.username.as_str()),
-        (login.user_id, name.as_str())
-    );
-    assert_eq!(
-        code(client.sign_up(&name, PASSWORD).await),
-        ErrorCode::AlreadyExists
-    );
+    let me = client.authenticate(&login.tokens.unwrap().access_token).await.unwrap();
+    assert_eq!((me.user_id, me.username.as_str()), (login.user_id, name.as_str()));
+    assert_eq!(code(client.sign_up(&name, PASSWORD).await), ErrorCode::AlreadyExists);
     server.shutdown().await.unwrap();
 }
 

@@ -6,9 +6,7 @@ mod common;
 
 use bytes::BufMut as _;
 use common::{PASSWORD, RawConnection, TestServer, code, new_user, unique_name, within};
-use confab_client::proto::{
-    self, ErrorCode, ProtocolVersion, client_frame::Kind, conversation_ref::Target,
-};
+use confab_client::proto::{self, ErrorCode, ProtocolVersion, client_frame::Kind, conversation_ref::Target};
 use confab_client::{Client, ClientOptions, Event};
 use std::time::Duration;
 
@@ -20,9 +18,7 @@ async fn server_still_serves(addr: std::net::SocketAddr) {
         .send_direct(bob_login.user_id, "still-up", "still up")
         .await
         .unwrap();
-    let message = within(Duration::from_secs(10), bob.next_message())
-        .await
-        .unwrap();
+    let message = within(Duration::from_secs(10), bob.next_message()).await.unwrap();
     assert_eq!((message.seq, message.body.as_str()), (ack.seq, "still up"));
 }
 
@@ -107,34 +103,16 @@ async fn an_empty_frame_is_answered_not_fatal() {
 async fn bad_credentials_and_tokens_get_clear_codes() {
     let mut node = TestServer::start(2).await;
     let client = Client::connect(node.addr).await.unwrap();
-    assert_eq!(
-        code(client.sign_up("x", PASSWORD).await),
-        ErrorCode::BadRequest
-    );
-    assert_eq!(
-        code(client.sign_up("has space", PASSWORD).await),
-        ErrorCode::BadRequest
-    );
+    assert_eq!(code(client.sign_up("x", PASSWORD).await), ErrorCode::BadRequest);
+    assert_eq!(code(client.sign_up("has space", PASSWORD).await), ErrorCode::BadRequest);
     let name = unique_name("dup");
-    assert_eq!(
-        code(client.sign_up(&name, "short").await),
-        ErrorCode::BadRequest
-    );
+    assert_eq!(code(client.sign_up(&name, "short").await), ErrorCode::BadRequest);
     client.sign_up(&name, PASSWORD).await.unwrap();
-    assert_eq!(
-        code(client.sign_up(&name, PASSWORD).await),
-        ErrorCode::AlreadyExists
-    );
+    assert_eq!(code(client.sign_up(&name, PASSWORD).await), ErrorCode::AlreadyExists);
 
     // Unknown user and wrong password look the same.
-    let unknown = client
-        .log_in(&unique_name("ghost"), PASSWORD, "d")
-        .await
-        .unwrap_err();
-    let wrong = client
-        .log_in(&name, "wrong password", "d")
-        .await
-        .unwrap_err();
+    let unknown = client.log_in(&unique_name("ghost"), PASSWORD, "d").await.unwrap_err();
+    let wrong = client.log_in(&name, "wrong password", "d").await.unwrap_err();
     assert_eq!(unknown.code(), Some(ErrorCode::Unauthenticated));
     assert_eq!(unknown.to_string(), wrong.to_string());
 
@@ -143,16 +121,10 @@ async fn bad_credentials_and_tokens_get_clear_codes() {
         code(fresh.authenticate("not-a-token").await),
         ErrorCode::Unauthenticated
     );
-    assert_eq!(
-        code(fresh.send_direct(1, "m", "hi").await),
-        ErrorCode::Unauthenticated
-    );
+    assert_eq!(code(fresh.send_direct(1, "m", "hi").await), ErrorCode::Unauthenticated);
     // Still open: the same connection can log in properly.
     let login = fresh.log_in(&name, PASSWORD, "d").await.unwrap();
-    fresh
-        .authenticate(&login.tokens.unwrap().access_token)
-        .await
-        .unwrap();
+    fresh.authenticate(&login.tokens.unwrap().access_token).await.unwrap();
     server_still_serves(node.addr).await;
     node.shutdown().await;
 }
@@ -191,10 +163,7 @@ async fn unknown_and_foreign_conversations_are_refused() {
         code(alice.send_direct(12_345, "m1", "hello?").await),
         ErrorCode::NotFound
     );
-    assert_eq!(
-        code(alice.send_direct(0, "m1", "hello?").await),
-        ErrorCode::BadRequest
-    );
+    assert_eq!(code(alice.send_direct(0, "m1", "hello?").await), ErrorCode::BadRequest);
     // Bob and Carol's conversation is not Alice's.
     let (low, high) = (
         bob_login.user_id.min(carol_login.user_id),
@@ -202,17 +171,10 @@ async fn unknown_and_foreign_conversations_are_refused() {
     );
     let theirs = format!("d:{low}:{high}");
     assert_eq!(
-        code(
-            alice
-                .send(Target::ConversationId(theirs.clone()), "m2", "hi")
-                .await
-        ),
+        code(alice.send(Target::ConversationId(theirs.clone()), "m2", "hi").await),
         ErrorCode::Forbidden
     );
-    assert_eq!(
-        code(alice.history(&theirs, None, None, 10).await),
-        ErrorCode::Forbidden
-    );
+    assert_eq!(code(alice.history(&theirs, None, None, 10).await), ErrorCode::Forbidden);
     assert_eq!(
         code(alice.history("not-an-id", None, None, 10).await),
         ErrorCode::BadRequest
@@ -223,11 +185,7 @@ async fn unknown_and_foreign_conversations_are_refused() {
         alice_login.user_id.max(bob_login.user_id),
     );
     let ack = alice
-        .send(
-            Target::ConversationId(format!("d:{low}:{high}")),
-            "m3",
-            "hi bob",
-        )
+        .send(Target::ConversationId(format!("d:{low}:{high}")), "m3", "hi bob")
         .await
         .unwrap();
     assert_eq!(ack.seq, 1);
@@ -252,11 +210,7 @@ async fn oversized_bodies_and_ids_are_refused_without_closing() {
         ErrorCode::TooLarge
     );
     assert_eq!(
-        code(
-            alice
-                .send_direct(bob_login.user_id, &"x".repeat(65), "hi")
-                .await
-        ),
+        code(alice.send_direct(bob_login.user_id, &"x".repeat(65), "hi").await),
         ErrorCode::TooLarge
     );
     assert_eq!(
@@ -265,15 +219,9 @@ async fn oversized_bodies_and_ids_are_refused_without_closing() {
     );
     // The largest body that is allowed goes through and comes back in history.
     let largest = "a".repeat(100_000);
-    let ack = alice
-        .send_direct(bob_login.user_id, "m4", &largest)
-        .await
-        .unwrap();
+    let ack = alice.send_direct(bob_login.user_id, "m4", &largest).await.unwrap();
     assert_eq!(ack.seq, 1);
-    let page = alice
-        .history(&ack.conversation_id, None, None, 0)
-        .await
-        .unwrap();
+    let page = alice.history(&ack.conversation_id, None, None, 0).await.unwrap();
     assert_eq!(page.messages[0].body.len(), 100_000);
     node.shutdown().await;
 }
@@ -294,10 +242,7 @@ async fn history_pages_never_exceed_the_frame_limit() {
     }
     // Five 100 kB messages cannot fit one 256 KiB frame: the page is cut, newest kept.
     let page = alice.history(&conversation, None, None, 200).await.unwrap();
-    assert_eq!(
-        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        vec![4, 5]
-    );
+    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![4, 5]);
     assert!(page.has_more);
     assert_eq!(alice.full_history(&conversation).await.unwrap().len(), 5);
     node.shutdown().await;
@@ -305,8 +250,7 @@ async fn history_pages_never_exceed_the_frame_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_says_hello_is_timed_out() {
-    let mut node =
-        TestServer::start_with(1, &[("CONFAB_SERVER__HANDSHAKE_TIMEOUT", "300ms")]).await;
+    let mut node = TestServer::start_with(1, &[("CONFAB_SERVER__HANDSHAKE_TIMEOUT", "300ms")]).await;
     let mut raw = RawConnection::connect(node.addr).await;
     raw.expect_error(ErrorCode::Timeout).await;
     raw.expect_closed().await;
@@ -315,8 +259,7 @@ async fn a_client_that_never_says_hello_is_timed_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_and_pinging_ones_kept() {
-    let mut node =
-        TestServer::start_with(1, &[("CONFAB_PROTOCOL__HEARTBEAT_INTERVAL", "100ms")]).await;
+    let mut node = TestServer::start_with(1, &[("CONFAB_PROTOCOL__HEARTBEAT_INTERVAL", "100ms")]).await;
     let silent = Client::connect_with(
         node.addr,
         ClientOptions {

@@ -40,10 +40,7 @@ async fn two_users_chat_with_gap_free_seqs_multi_device_and_history() {
     // Bob receives Alice's five messages, in order.
     for expected in [1, 3, 5, 7, 9] {
         let message = within(WAIT, bob.next_message()).await.unwrap();
-        assert_eq!(
-            (message.seq, message.sender_user_id),
-            (expected, alice_login.user_id)
-        );
+        assert_eq!((message.seq, message.sender_user_id), (expected, alice_login.user_id));
     }
     // Alice's first device receives only Bob's (it got SendAcks for its own).
     for expected in [2, 4, 6, 8, 10] {
@@ -72,19 +69,10 @@ async fn two_users_chat_with_gap_free_seqs_multi_device_and_history() {
     );
     assert!(before.has_more);
     let oldest = bob.history(&conversation, Some(3), None, 4).await.unwrap();
-    assert_eq!(
-        oldest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        vec![1, 2]
-    );
+    assert_eq!(oldest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
     assert!(!oldest.has_more);
-    let after = alice
-        .history(&conversation, None, Some(8), 50)
-        .await
-        .unwrap();
-    assert_eq!(
-        after.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        vec![9, 10]
-    );
+    let after = alice.history(&conversation, None, Some(8), 50).await.unwrap();
+    assert_eq!(after.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![9, 10]);
     assert!(!after.has_more);
     let all = alice.full_history(&conversation).await.unwrap();
     assert_eq!(all.len(), 10);
@@ -99,10 +87,7 @@ async fn messages_to_self_reach_other_devices_only() {
     let mut node = TestServer::start(2).await;
     let (laptop, login, name) = new_user(node.addr, "notes").await;
     let (phone, _) = second_device(node.addr, &name).await;
-    let ack = laptop
-        .send_direct(login.user_id, "n1", "buy milk")
-        .await
-        .unwrap();
+    let ack = laptop.send_direct(login.user_id, "n1", "buy milk").await.unwrap();
     assert_eq!(ack.seq, 1);
     let message = within(WAIT, phone.next_message()).await.unwrap();
     assert_eq!(message.body, "buy milk");
@@ -144,8 +129,7 @@ async fn two_hundred_clients_exchange_exactly_once_in_order() {
                     }
                 });
                 let acks = futures::future::join_all(sends).await;
-                let mut acked_seqs: Vec<u64> =
-                    acks.into_iter().map(|ack| ack.unwrap().seq).collect();
+                let mut acked_seqs: Vec<u64> = acks.into_iter().map(|ack| ack.unwrap().seq).collect();
                 acked_seqs.sort_unstable();
                 // Receive exactly the partner's messages, in increasing seq order.
                 let mut received: HashMap<String, u64> = HashMap::new();
@@ -153,16 +137,10 @@ async fn two_hundred_clients_exchange_exactly_once_in_order() {
                 while received.len() < PER_CLIENT as usize {
                     let message = within(WAIT, client.next_message()).await.unwrap();
                     assert_eq!(message.sender_user_id, partner_id);
-                    assert!(
-                        message.seq > last_seq,
-                        "out of order: {} after {last_seq}",
-                        message.seq
-                    );
+                    assert!(message.seq > last_seq, "out of order: {} after {last_seq}", message.seq);
                     last_seq = message.seq;
                     assert!(
-                        received
-                            .insert(message.client_msg_id.clone(), message.seq)
-                            .is_none(),
+                        received.insert(message.client_msg_id.clone(), message.seq).is_none(),
                         "duplicate"
                     );
                 }
@@ -201,10 +179,7 @@ async fn get_user_finds_users_by_name() {
     let (alice, _, _) = new_user(node.addr, "finder").await;
     let (_, bob_login, bob_name) = new_user(node.addr, "findee").await;
     let found = alice.user(&bob_name.to_uppercase()).await.unwrap();
-    assert_eq!(
-        (found.user_id, found.username),
-        (bob_login.user_id, bob_name)
-    );
+    assert_eq!((found.user_id, found.username), (bob_login.user_id, bob_name));
     assert_eq!(
         common::code(alice.user("nobody-here").await),
         confab_client::proto::ErrorCode::NotFound

@@ -95,10 +95,7 @@ async fn acknowledged_messages_survive_sigkill(durability: &str) {
     let history = alice.full_history(&conversation).await.unwrap();
     for ack in &acks {
         let stored = &history[(ack.seq - 1) as usize];
-        assert_eq!(
-            (stored.seq, &stored.client_msg_id),
-            (ack.seq, &ack.client_msg_id)
-        );
+        assert_eq!((stored.seq, &stored.client_msg_id), (ack.seq, &ack.client_msg_id));
         assert_eq!(stored.body, format!("body {}", &ack.client_msg_id[1..]));
     }
     assert_eq!(history.len(), acks.len());
@@ -172,9 +169,7 @@ async fn sigterm_sends_going_away_flushes_and_exits_zero() {
     // Restarted, the message is there.
     let node = Node::start(dir.path(), "buffered");
     let bob = Client::connect(node.addr).await.unwrap();
-    bob.authenticate(&bob_login.tokens.unwrap().access_token)
-        .await
-        .unwrap();
+    bob.authenticate(&bob_login.tokens.unwrap().access_token).await.unwrap();
     let history = bob.full_history(&ack.conversation_id).await.unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].body, "before shutdown");

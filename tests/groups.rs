@@ -48,10 +48,7 @@ async fn fifty_members_on_two_devices_receive_everything_once_in_order() {
     let ids: Vec<u64> = members.iter().map(|(id, _, _)| *id).collect();
 
     let owner = &members[0].1;
-    let created = owner
-        .create_group("create-1", "fifty", &ids[1..])
-        .await
-        .unwrap();
+    let created = owner.create_group("create-1", "fifty", &ids[1..]).await.unwrap();
     assert_eq!(created.seq, 1);
     let group = created.conversation_id.clone();
 
@@ -65,11 +62,7 @@ async fn fifty_members_on_two_devices_receive_everything_once_in_order() {
             for i in 0..PER_SENDER {
                 seqs.push(
                     laptop
-                        .send(
-                            group_target(&group),
-                            &format!("{id}-{i}"),
-                            &format!("hi {i}"),
-                        )
+                        .send(group_target(&group), &format!("{id}-{i}"), &format!("hi {i}"))
                         .await
                         .unwrap()
                         .seq,
@@ -84,17 +77,14 @@ async fn fifty_members_on_two_devices_receive_everything_once_in_order() {
     all.sort_unstable();
     assert_eq!(all, (2..=last).collect::<Vec<_>>(), "gap-free group seqs");
 
-    let checks = members
-        .iter()
-        .enumerate()
-        .flat_map(|(index, (_, laptop, phone))| {
-            let own: HashSet<u64> = match index {
-                0 => std::iter::once(1).chain(sent[0].iter().copied()).collect(),
-                i if i < SENDERS => sent[i].iter().copied().collect(),
-                _ => HashSet::new(),
-            };
-            [(laptop.clone(), own), (phone.clone(), HashSet::new())]
-        });
+    let checks = members.iter().enumerate().flat_map(|(index, (_, laptop, phone))| {
+        let own: HashSet<u64> = match index {
+            0 => std::iter::once(1).chain(sent[0].iter().copied()).collect(),
+            i if i < SENDERS => sent[i].iter().copied().collect(),
+            _ => HashSet::new(),
+        };
+        [(laptop.clone(), own), (phone.clone(), HashSet::new())]
+    });
     let checks = checks.map(|(device, own)| async move {
         let expected: Vec<u64> = (1..=last).filter(|seq| !own.contains(seq)).collect();
         let mut received = Vec::new();
@@ -121,31 +111,20 @@ async fn membership_changes_are_sequenced_and_removed_members_see_nothing_after(
     let (outsider, _, _) = new_user(node.addr, "outsider").await;
 
     let created = owner
-        .create_group(
-            "g1",
-            "  Team  ",
-            &[admin_login.user_id, member_login.user_id],
-        )
+        .create_group("g1", "  Team  ", &[admin_login.user_id, member_login.user_id])
         .await
         .unwrap();
     let group = created.conversation_id.clone();
     assert!(group.starts_with("g:"));
     // A retried create names the same group and returns the same ack.
-    assert_eq!(
-        owner.create_group("g1", "Team", &[]).await.unwrap(),
-        created
-    );
+    assert_eq!(owner.create_group("g1", "Team", &[]).await.unwrap(), created);
 
     let first = within(WAIT, member.next_message()).await.unwrap();
     let Some(Event::Created(created_event)) = event(&first) else {
         panic!("expected Created, got {first:?}");
     };
     assert_eq!(
-        (
-            created_event.title.as_str(),
-            first.sender_user_id,
-            first.seq
-        ),
+        (created_event.title.as_str(), first.sender_user_id, first.seq),
         ("Team", owner_login.user_id, 1)
     );
 
@@ -155,21 +134,14 @@ async fn membership_changes_are_sequenced_and_removed_members_see_nothing_after(
         .unwrap();
     // Permissions: plain members do not add; admins do; nobody adds a stranger id.
     assert_eq!(
-        code(
-            member
-                .add_members(&group, "a0", &[late_login.user_id])
-                .await
-        ),
+        code(member.add_members(&group, "a0", &[late_login.user_id]).await),
         ErrorCode::Forbidden
     );
     assert_eq!(
         code(admin.add_members(&group, "a1", &[424_242]).await),
         ErrorCode::NotFound
     );
-    let added = admin
-        .add_members(&group, "a2", &[late_login.user_id])
-        .await
-        .unwrap();
+    let added = admin.add_members(&group, "a2", &[late_login.user_id]).await.unwrap();
     assert_eq!(added.seq, 3);
     admin.rename_group(&group, "n1", "Renamed").await.unwrap();
 
@@ -187,33 +159,18 @@ async fn membership_changes_are_sequenced_and_removed_members_see_nothing_after(
         code(outsider.history(&group, None, None, 10).await),
         ErrorCode::Forbidden
     );
-    assert_eq!(
-        code(outsider.list_members(&group, 0, 10).await),
-        ErrorCode::Forbidden
-    );
+    assert_eq!(code(outsider.list_members(&group, 0, 10).await), ErrorCode::Forbidden);
     assert_eq!(
         code(outsider.send(group_target("g:12345"), "x", "hello?").await),
         ErrorCode::Forbidden
     );
-    assert_eq!(
-        code(outsider.leave_group(&group, "l").await),
-        ErrorCode::Forbidden
-    );
+    assert_eq!(code(outsider.leave_group(&group, "l").await), ErrorCode::Forbidden);
 
     // Remove the member: it gets its own removal, then nothing.
-    let removed = admin
-        .remove_member(&group, "rm1", member_login.user_id)
-        .await
-        .unwrap();
-    let after_removal = owner
-        .send(group_target(&group), "m1", "after removal")
-        .await
-        .unwrap();
+    let removed = admin.remove_member(&group, "rm1", member_login.user_id).await.unwrap();
+    let after_removal = owner.send(group_target(&group), "m1", "after removal").await.unwrap();
     let seen = read_until(&member, removed.seq).await;
-    assert!(matches!(
-        event(seen.last().unwrap()),
-        Some(Event::MemberRemoved(_))
-    ));
+    assert!(matches!(event(seen.last().unwrap()), Some(Event::MemberRemoved(_))));
     assert!(
         tokio::time::timeout(Duration::from_millis(300), member.next_message())
             .await
@@ -229,10 +186,7 @@ async fn membership_changes_are_sequenced_and_removed_members_see_nothing_after(
     let latest = member.history(&group, None, None, 50).await.unwrap();
     assert_eq!(latest.messages.last().unwrap().seq, removed.seq);
     assert!(latest.messages.iter().all(|m| m.seq < after_removal.seq));
-    assert_eq!(
-        code(member.list_members(&group, 0, 10).await),
-        ErrorCode::Forbidden
-    );
+    assert_eq!(code(member.list_members(&group, 0, 10).await), ErrorCode::Forbidden);
 
     // Members listing reflects roles and the removal.
     let list = late.list_members(&group, 0, 100).await.unwrap();
@@ -274,27 +228,14 @@ async fn group_limits_and_bad_requests_are_refused() {
     }
     let too_many: Result<_, ClientError> = owner.create_group("big", "big", &ids).await;
     assert_eq!(code(too_many), ErrorCode::TooLarge);
-    let group = owner
-        .create_group("ok", "ok", &ids[..2])
-        .await
-        .unwrap()
-        .conversation_id;
+    let group = owner.create_group("ok", "ok", &ids[..2]).await.unwrap().conversation_id;
     assert_eq!(
         code(owner.add_members(&group, "more", &ids[2..]).await),
         ErrorCode::TooLarge
     );
-    assert_eq!(
-        code(owner.create_group("t", "   ", &[]).await),
-        ErrorCode::BadRequest
-    );
-    assert_eq!(
-        code(owner.create_group("", "no id", &[]).await),
-        ErrorCode::BadRequest
-    );
-    assert_eq!(
-        code(owner.add_members("d:1:2", "x", &ids).await),
-        ErrorCode::BadRequest
-    );
+    assert_eq!(code(owner.create_group("t", "   ", &[]).await), ErrorCode::BadRequest);
+    assert_eq!(code(owner.create_group("", "no id", &[]).await), ErrorCode::BadRequest);
+    assert_eq!(code(owner.add_members("d:1:2", "x", &ids).await), ErrorCode::BadRequest);
     assert_eq!(
         code(owner.remove_member(&group, "self", 0).await),
         ErrorCode::BadRequest
@@ -312,10 +253,7 @@ async fn groups_survive_a_restart() {
         .await
         .unwrap()
         .conversation_id;
-    owner
-        .send(group_target(&group), "m", "before restart")
-        .await
-        .unwrap();
+    owner.send(group_target(&group), "m", "before restart").await.unwrap();
     node.shutdown().await;
 
     let server = confab::Server::start(common::config(node.dir.path(), 2, &[])).unwrap();
@@ -324,10 +262,7 @@ async fn groups_survive_a_restart() {
         .authenticate(&owner_login.tokens.unwrap().access_token)
         .await
         .unwrap();
-    let ack = owner
-        .send(group_target(&group), "m2", "after restart")
-        .await
-        .unwrap();
+    let ack = owner.send(group_target(&group), "m2", "after restart").await.unwrap();
     assert_eq!(ack.seq, 3, "seqs continue after the stored maximum");
     let list = owner.list_members(&group, 0, 10).await.unwrap();
     assert_eq!(list.members.len(), 2);

@@ -16,14 +16,8 @@ async fn a_retried_send_returns_the_original_ack_and_is_stored_once() {
     let (alice, alice_login, alice_name) = new_user(node.addr, "retry").await;
     let (bob, bob_login, _) = new_user(node.addr, "retry").await;
 
-    let first = alice
-        .send_direct(bob_login.user_id, "m-1", "hello")
-        .await
-        .unwrap();
-    let again = alice
-        .send_direct(bob_login.user_id, "m-1", "hello")
-        .await
-        .unwrap();
+    let first = alice.send_direct(bob_login.user_id, "m-1", "hello").await.unwrap();
+    let again = alice.send_direct(bob_login.user_id, "m-1", "hello").await.unwrap();
     assert_eq!(again, first, "same seq, same server time");
 
     // Concurrent retries of one new message: one seq for all of them.
@@ -43,10 +37,7 @@ async fn a_retried_send_returns_the_original_ack_and_is_stored_once() {
         .authenticate(&alice_login.tokens.clone().unwrap().access_token)
         .await
         .unwrap();
-    let after_reconnect = alice
-        .send_direct(bob_login.user_id, "m-2", "burst")
-        .await
-        .unwrap();
+    let after_reconnect = alice.send_direct(bob_login.user_id, "m-2", "burst").await.unwrap();
     assert_eq!(after_reconnect, acks[0]);
 
     // Another device may use the same client_msg_id: it is a different message.
@@ -59,9 +50,7 @@ async fn a_retried_send_returns_the_original_ack_and_is_stored_once() {
 
     // Bob received each message exactly once.
     for expected in 1..=3 {
-        let message = within(Duration::from_secs(10), bob.next_message())
-            .await
-            .unwrap();
+        let message = within(Duration::from_secs(10), bob.next_message()).await.unwrap();
         assert_eq!(message.seq, expected);
     }
     assert!(
@@ -81,16 +70,10 @@ async fn a_retried_send_returns_the_original_ack_and_is_stored_once() {
         .await
         .unwrap();
     assert_eq!(
-        alice
-            .send_direct(bob_login.user_id, "m-1", "hello")
-            .await
-            .unwrap(),
+        alice.send_direct(bob_login.user_id, "m-1", "hello").await.unwrap(),
         first
     );
-    let next = alice
-        .send_direct(bob_login.user_id, "m-3", "new")
-        .await
-        .unwrap();
+    let next = alice.send_direct(bob_login.user_id, "m-3", "new").await.unwrap();
     assert_eq!(next.seq, 4);
     server.shutdown().await.unwrap();
 }

@@ -45,16 +45,12 @@ async fn a_peer_that_stops_reading_is_cut_off_and_nobody_else_waits() {
     // ~24 MB of pushes: far more than socket buffers and the 8-frame queue hold.
     let body = "x".repeat(60_000);
     let ids: Vec<String> = (0..MESSAGES).map(|i| format!("f{i}")).collect();
-    let sends = ids
-        .iter()
-        .map(|id| alice.send_direct(bob_login.user_id, id, &body));
+    let sends = ids.iter().map(|id| alice.send_direct(bob_login.user_id, id, &body));
     for ack in futures::future::join_all(sends).await {
         ack.unwrap();
     }
     for expected in 1..=MESSAGES as u64 {
-        let message = within(Duration::from_secs(30), phone.next_message())
-            .await
-            .unwrap();
+        let message = within(Duration::from_secs(30), phone.next_message()).await.unwrap();
         assert_eq!(message.seq, expected);
     }
 
@@ -65,10 +61,7 @@ async fn a_peer_that_stops_reading_is_cut_off_and_nobody_else_waits() {
             received += 1;
         }
     }
-    assert!(
-        received < MESSAGES,
-        "the stalled peer got everything ({received})"
-    );
+    assert!(received < MESSAGES, "the stalled peer got everything ({received})");
     node.shutdown().await;
 }
 

@@ -7,28 +7,19 @@ use confab_client::Client;
 
 #[tokio::main]
 async fn main() -> Result<(), confab_client::ClientError> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:7300".into());
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:7300".into());
     let alice = Client::connect(addr.as_str()).await?;
     alice
         .register_and_authenticate("alice", "correct horse", "laptop")
         .await?;
     let bob = Client::connect(addr.as_str()).await?;
-    let bob_login = bob
-        .register_and_authenticate("bob", "battery staple", "phone")
-        .await?;
+    let bob_login = bob.register_and_authenticate("bob", "battery staple", "phone").await?;
 
-    let ack = alice
-        .send_direct(bob_login.user_id, "msg-1", "hi bob!")
-        .await?;
+    let ack = alice.send_direct(bob_login.user_id, "msg-1", "hi bob!").await?;
     println!("stored as #{} of {}", ack.seq, ack.conversation_id);
 
     let message = bob.next_message().await?;
-    println!(
-        "bob got {:?} from user {}",
-        message.body, message.sender_user_id
-    );
+    println!("bob got {:?} from user {}", message.body, message.sender_user_id);
 
     let page = bob.history(&ack.conversation_id, None, None, 50).await?;
     println!("history holds {} message(s)", page.messages.len());

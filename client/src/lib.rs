@@ -20,8 +20,7 @@
 
 use bytes::{Bytes, BytesMut};
 use confab_proto::v1::{
-    self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref,
-    server_frame,
+    self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref, server_frame,
 };
 use confab_proto::{FrameDecoder, FrameError, encode_frame};
 use std::collections::HashMap;
@@ -108,10 +107,7 @@ impl Client {
     }
 
     /// Connects and completes the `Hello` handshake.
-    pub async fn connect_with(
-        addr: impl ToSocketAddrs,
-        options: ClientOptions,
-    ) -> Result<Self, ClientError> {
+    pub async fn connect_with(addr: impl ToSocketAddrs, options: ClientOptions) -> Result<Self, ClientError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let (mut read, mut write) = stream.into_split();
@@ -162,10 +158,7 @@ impl Client {
     }
 
     /// Sends a request and waits for its reply; error replies become `Err`.
-    pub async fn request(
-        &self,
-        kind: client_frame::Kind,
-    ) -> Result<server_frame::Kind, ClientError> {
+    pub async fn request(&self, kind: client_frame::Kind) -> Result<server_frame::Kind, ClientError> {
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let (reply_tx, reply) = oneshot::channel();
         self.pending
@@ -210,10 +203,7 @@ impl Client {
     }
 
     pub async fn ping(&self, nonce: u64) -> Result<u64, ClientError> {
-        match self
-            .request(client_frame::Kind::Ping(v1::Ping { nonce }))
-            .await?
-        {
+        match self.request(client_frame::Kind::Ping(v1::Ping { nonce })).await? {
             server_frame::Kind::Pong(pong) => Ok(pong.nonce),
             other => Err(unexpected(other)),
         }
@@ -232,12 +222,7 @@ impl Client {
     }
 
     /// Logs a new device in; the reply carries its tokens.
-    pub async fn log_in(
-        &self,
-        username: &str,
-        password: &str,
-        device_name: &str,
-    ) -> Result<v1::LoggedIn, ClientError> {
+    pub async fn log_in(&self, username: &str, password: &str, device_name: &str) -> Result<v1::LoggedIn, ClientError> {
         let request = client_frame::Kind::LogIn(v1::LogIn {
             username: username.into(),
             password: password.into(),
@@ -293,10 +278,7 @@ impl Client {
     }
 
     pub async fn log_out(&self) -> Result<(), ClientError> {
-        match self
-            .request(client_frame::Kind::LogOut(v1::LogOut {}))
-            .await?
-        {
+        match self.request(client_frame::Kind::LogOut(v1::LogOut {})).await? {
             server_frame::Kind::LoggedOut(_) => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -314,18 +296,9 @@ impl Client {
     }
 
     /// Sends a message to the direct conversation with `user_id`.
-    pub async fn send_direct(
-        &self,
-        user_id: u64,
-        client_msg_id: &str,
-        body: &str,
-    ) -> Result<v1::SendAck, ClientError> {
-        self.send(
-            conversation_ref::Target::DirectUserId(user_id),
-            client_msg_id,
-            body,
-        )
-        .await
+    pub async fn send_direct(&self, user_id: u64, client_msg_id: &str, body: &str) -> Result<v1::SendAck, ClientError> {
+        self.send(conversation_ref::Target::DirectUserId(user_id), client_msg_id, body)
+            .await
     }
 
     pub async fn send(
@@ -388,11 +361,7 @@ impl Client {
         .await
     }
 
-    pub async fn leave_group(
-        &self,
-        conversation_id: &str,
-        client_msg_id: &str,
-    ) -> Result<v1::SendAck, ClientError> {
+    pub async fn leave_group(&self, conversation_id: &str, client_msg_id: &str) -> Result<v1::SendAck, ClientError> {
         self.ack(client_frame::Kind::LeaveGroup(v1::LeaveGroup {
             conversation_id: conversation_id.into(),
             client_msg_id: client_msg_id.into(),
@@ -466,9 +435,7 @@ impl Client {
     ) -> Result<v1::HistoryPage, ClientError> {
         let request = client_frame::Kind::History(v1::History {
             conversation: Some(v1::ConversationRef {
-                target: Some(conversation_ref::Target::ConversationId(
-                    conversation_id.into(),
-                )),
+                target: Some(conversation_ref::Target::ConversationId(conversation_id.into())),
             }),
             before_seq,
             after_seq,
@@ -481,10 +448,7 @@ impl Client {
     }
 
     /// Every message of a conversation, oldest first, paging forward.
-    pub async fn full_history(
-        &self,
-        conversation_id: &str,
-    ) -> Result<Vec<v1::Message>, ClientError> {
+    pub async fn full_history(&self, conversation_id: &str) -> Result<Vec<v1::Message>, ClientError> {
         let mut messages = Vec::new();
         let mut after = 0;
         loop {

@@ -58,10 +58,7 @@ impl FrameDecoder {
     }
 
     /// Decodes the first whole frame in `buf` as `M`.
-    pub fn decode<M: Message + Default>(
-        &self,
-        buf: &mut BytesMut,
-    ) -> Result<Option<M>, FrameError> {
+    pub fn decode<M: Message + Default>(&self, buf: &mut BytesMut) -> Result<Option<M>, FrameError> {
         match self.split_payload(buf)? {
             Some(payload) => Ok(Some(M::decode(payload)?)),
             None => Ok(None),
@@ -118,17 +115,10 @@ mod tests {
         let bytes = encode_frame(&ping(1, 2));
         let mut buf = BytesMut::new();
         for (i, byte) in bytes.iter().enumerate() {
-            assert_eq!(
-                decoder.decode::<ClientFrame>(&mut buf).unwrap(),
-                None,
-                "byte {i}"
-            );
+            assert_eq!(decoder.decode::<ClientFrame>(&mut buf).unwrap(), None, "byte {i}");
             buf.put_u8(*byte);
         }
-        assert_eq!(
-            decoder.decode::<ClientFrame>(&mut buf).unwrap(),
-            Some(ping(1, 2))
-        );
+        assert_eq!(decoder.decode::<ClientFrame>(&mut buf).unwrap(), Some(ping(1, 2)));
     }
 
     #[test]
@@ -145,11 +135,7 @@ mod tests {
                 max: 256 * 1024
             }
         );
-        assert_eq!(
-            buf.capacity(),
-            capacity_before,
-            "must not reserve the claimed length"
-        );
+        assert_eq!(buf.capacity(), capacity_before, "must not reserve the claimed length");
     }
 
     #[test]
@@ -172,10 +158,7 @@ mod tests {
             encode_frame_into(&ping(i, i * 10), &mut buf);
         }
         for i in 0..5 {
-            assert_eq!(
-                decoder.decode::<ClientFrame>(&mut buf).unwrap(),
-                Some(ping(i, i * 10))
-            );
+            assert_eq!(decoder.decode::<ClientFrame>(&mut buf).unwrap(), Some(ping(i, i * 10)));
         }
         assert_eq!(decoder.decode::<ClientFrame>(&mut buf).unwrap(), None);
     }

@@ -23,16 +23,11 @@ pub struct InvalidUsername;
 impl Username {
     pub fn parse(raw: &str) -> Result<Self, InvalidUsername> {
         let name = raw.to_ascii_lowercase();
-        let allowed =
-            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-');
+        let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-');
         let valid = (USERNAME_MIN_CHARS..=USERNAME_MAX_CHARS).contains(&name.len())
             && name.starts_with(|c: char| c.is_ascii_lowercase())
             && name.chars().all(allowed);
-        if valid {
-            Ok(Self(name))
-        } else {
-            Err(InvalidUsername)
-        }
+        if valid { Ok(Self(name)) } else { Err(InvalidUsername) }
     }
 
     pub fn as_str(&self) -> &str {
@@ -52,9 +47,7 @@ pub struct Password(String);
 
 /// Why a password was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "password must be at least {PASSWORD_MIN_CHARS} characters and at most {PASSWORD_MAX_BYTES} bytes"
-)]
+#[error("password must be at least {PASSWORD_MIN_CHARS} characters and at most {PASSWORD_MAX_BYTES} bytes")]
 pub struct InvalidPassword;
 
 impl Password {
@@ -85,11 +78,7 @@ pub fn device_name(raw: &str) -> String {
         .filter(|c| !c.is_control())
         .take(DEVICE_NAME_MAX_CHARS)
         .collect();
-    if name.is_empty() {
-        "unnamed".to_owned()
-    } else {
-        name
-    }
+    if name.is_empty() { "unnamed".to_owned() } else { name }
 }
 
 #[cfg(test)]

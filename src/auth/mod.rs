@@ -72,12 +72,7 @@ pub struct Accounts {
 }
 
 impl Accounts {
-    pub fn new(
-        config: &AuthConfig,
-        store: Arc<dyn Store>,
-        hasher: PasswordHasher,
-        signer: TokenSigner,
-    ) -> Self {
+    pub fn new(config: &AuthConfig, store: Arc<dyn Store>, hasher: PasswordHasher, signer: TokenSigner) -> Self {
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Self {
             store,
@@ -88,11 +83,7 @@ impl Accounts {
         }
     }
 
-    pub async fn sign_up(
-        &self,
-        username: Username,
-        password: Password,
-    ) -> Result<UserId, AuthError> {
+    pub async fn sign_up(&self, username: Username, password: Password) -> Result<UserId, AuthError> {
         // Cheap check first so a taken name does not cost a hash.
         if self.store.user_by_name(username.as_str()).await?.is_some() {
             return Err(AuthError::UsernameTaken);
@@ -151,12 +142,7 @@ impl Accounts {
             .signer
             .verify(access_token, unix_ms())
             .map_err(AuthError::InvalidToken)?;
-        if self
-            .store
-            .device(claims.user, claims.device)
-            .await?
-            .is_none()
-        {
+        if self.store.device(claims.user, claims.device).await?.is_none() {
             return Err(AuthError::DeviceRevoked);
         }
         let user = self
@@ -173,8 +159,7 @@ impl Accounts {
 
     /// Trades a refresh token for new tokens and rotates the refresh secret.
     pub async fn refresh(&self, refresh_token: &str) -> Result<Grant, AuthError> {
-        let presented =
-            PresentedRefresh::parse(refresh_token).map_err(|_| AuthError::InvalidRefreshToken)?;
+        let presented = PresentedRefresh::parse(refresh_token).map_err(|_| AuthError::InvalidRefreshToken)?;
         let now = unix_ms();
         let mut device = self
             .store
@@ -236,10 +221,9 @@ impl ErrorKind for AuthError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::UsernameTaken => ErrorCode::AlreadyExists,
-            Self::InvalidCredentials
-            | Self::InvalidToken(_)
-            | Self::InvalidRefreshToken
-            | Self::DeviceRevoked => ErrorCode::Unauthenticated,
+            Self::InvalidCredentials | Self::InvalidToken(_) | Self::InvalidRefreshToken | Self::DeviceRevoked => {
+                ErrorCode::Unauthenticated
+            }
             Self::UnknownUser => ErrorCode::NotFound,
             Self::Hash(HashError::Busy) => ErrorCode::Unavailable,
             Self::Store(_) | Self::Hash(_) => ErrorCode::Internal,

@@ -37,8 +37,7 @@ const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl PasswordHasher {
     pub fn new(memory_kib: u32, iterations: u32, max_concurrent: usize) -> Result<Self, HashError> {
-        let params = Params::new(memory_kib, iterations, 1, None)
-            .map_err(|err| HashError::Params(err.to_string()))?;
+        let params = Params::new(memory_kib, iterations, 1, None).map_err(|err| HashError::Params(err.to_string()))?;
         let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
         let decoy: [u8; 16] = rand::random();
         let decoy_hash = hash_blocking(&argon2, &decoy)?.into();
@@ -52,17 +51,12 @@ impl PasswordHasher {
     /// PHC string of `password` with a fresh salt.
     pub async fn hash(&self, password: Password) -> Result<String, HashError> {
         let argon2 = self.argon2.clone();
-        self.run(move || hash_blocking(&argon2, password.expose()))
-            .await?
+        self.run(move || hash_blocking(&argon2, password.expose())).await?
     }
 
     /// Checks `password` against a stored PHC string; `None` checks against the decoy
     /// and always fails.
-    pub async fn verify(
-        &self,
-        password: Password,
-        stored: Option<String>,
-    ) -> Result<bool, HashError> {
+    pub async fn verify(&self, password: Password, stored: Option<String>) -> Result<bool, HashError> {
         let argon2 = self.argon2.clone();
         let (hash, real) = match stored {
             Some(hash) => (hash, true),
@@ -70,18 +64,14 @@ impl PasswordHasher {
         };
         let matches = self
             .run(move || {
-                let parsed =
-                    PasswordHash::new(&hash).map_err(|err| HashError::Hash(err.to_string()))?;
+                let parsed = PasswordHash::new(&hash).map_err(|err| HashError::Hash(err.to_string()))?;
                 Ok::<_, HashError>(argon2.verify_password(password.expose(), &parsed).is_ok())
             })
             .await??;
         Ok(matches && real)
     }
 
-    async fn run<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, HashError> {
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, HashError> {
         let _permit = tokio::time::timeout(QUEUE_WAIT, self.permits.acquire())
             .await
             .map_err(|_| HashError::Busy)?
@@ -93,8 +83,7 @@ impl PasswordHasher {
 }
 
 fn hash_blocking(argon2: &Argon2<'_>, password: &[u8]) -> Result<String, HashError> {
-    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
-        .map_err(|err| HashError::Hash(err.to_string()))?;
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(|err| HashError::Hash(err.to_string()))?;
     argon2
         .hash_password(password, &salt)
         .map(|hash| hash.to_string())
@@ -122,17 +111,7 @@ mod tests {
                 .await
                 .unwrap()
         );
-        assert!(
-            !hasher
-                .verify(password("wrong horse!"), Some(hash))
-                .await
-                .unwrap()
-        );
-        assert!(
-            !hasher
-                .verify(password("correct horse"), None)
-                .await
-                .unwrap()
-        );
+        assert!(!hasher.verify(password("wrong horse!"), Some(hash)).await.unwrap());
+        assert!(!hasher.verify(password("correct horse"), None).await.unwrap());
     }
 }

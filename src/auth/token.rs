@@ -51,10 +51,7 @@ pub enum KeyError {
     #[error("auth.token_key must be at least {MIN_KEY_BYTES} bytes, got {0}")]
     TooShort(usize),
     #[error("token key file {path}: {source}")]
-    File {
-        path: String,
-        source: std::io::Error,
-    },
+    File { path: String, source: std::io::Error },
 }
 
 /// Signs and verifies access tokens.
@@ -75,8 +72,7 @@ impl TokenSigner {
         if key.len() < MIN_KEY_BYTES {
             return Err(KeyError::TooShort(key.len()));
         }
-        let keyed =
-            Hmac::<Sha256>::new_from_slice(&key).map_err(|_| KeyError::TooShort(key.len()))?;
+        let keyed = Hmac::<Sha256>::new_from_slice(&key).map_err(|_| KeyError::TooShort(key.len()))?;
         Ok(Self { keyed })
     }
 
@@ -102,11 +98,7 @@ impl TokenSigner {
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 let key: [u8; 32] = rand::random();
-                write_private(
-                    key_file,
-                    &base64::engine::general_purpose::STANDARD.encode(key),
-                )
-                .map_err(file_error)?;
+                write_private(key_file, &base64::engine::general_purpose::STANDARD.encode(key)).map_err(file_error)?;
                 tracing::info!(path = %key_file.display(), "generated a new token signing key");
                 Self::new(key.to_vec())
             }
@@ -127,9 +119,7 @@ impl TokenSigner {
         if token.len() > MAX_TOKEN_CHARS {
             return Err(TokenError::Malformed);
         }
-        let rest = token
-            .strip_prefix(ACCESS_PREFIX)
-            .ok_or(TokenError::Malformed)?;
+        let rest = token.strip_prefix(ACCESS_PREFIX).ok_or(TokenError::Malformed)?;
         let (payload, mac) = rest.split_once('.').ok_or(TokenError::Malformed)?;
         let payload: [u8; PAYLOAD_BYTES] = decode_exact(payload)?;
         let mac: [u8; 32] = decode_exact(mac)?;
@@ -194,19 +184,12 @@ impl PresentedRefresh {
         if token.len() > MAX_TOKEN_CHARS {
             return Err(TokenError::Malformed);
         }
-        let raw: [u8; 16 + SECRET_BYTES] = decode_exact(
-            token
-                .strip_prefix(REFRESH_PREFIX)
-                .ok_or(TokenError::Malformed)?,
-        )?;
+        let raw: [u8; 16 + SECRET_BYTES] =
+            decode_exact(token.strip_prefix(REFRESH_PREFIX).ok_or(TokenError::Malformed)?)?;
         let id = |range: std::ops::Range<usize>| raw[range].try_into().ok().map(u64::from_be_bytes);
         Ok(Self {
-            user: id(0..8)
-                .and_then(UserId::new)
-                .ok_or(TokenError::Malformed)?,
-            device: id(8..16)
-                .and_then(DeviceId::new)
-                .ok_or(TokenError::Malformed)?,
+            user: id(0..8).and_then(UserId::new).ok_or(TokenError::Malformed)?,
+            device: id(8..16).and_then(DeviceId::new).ok_or(TokenError::Malformed)?,
             secret_hash: Sha256::digest(&raw[16..]).into(),
         })
     }
@@ -282,10 +265,7 @@ mod tests {
 
     #[test]
     fn short_keys_are_refused() {
-        assert!(matches!(
-            TokenSigner::new(vec![1; 16]),
-            Err(KeyError::TooShort(16))
-        ));
+        assert!(matches!(TokenSigner::new(vec![1; 16]), Err(KeyError::TooShort(16))));
     }
 
     #[test]

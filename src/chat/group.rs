@@ -88,12 +88,7 @@ impl GroupState {
     }
 
     /// The event `command` by `actor` amounts to, if allowed.
-    pub fn authorize(
-        &self,
-        actor: UserId,
-        command: GroupCommand,
-        max_members: usize,
-    ) -> Result<GroupEvent, ChatError> {
+    pub fn authorize(&self, actor: UserId, command: GroupCommand, max_members: usize) -> Result<GroupEvent, ChatError> {
         let actor_role = self
             .role(actor)
             .ok_or(ChatError::Forbidden("not a member of this conversation"))?;
@@ -116,9 +111,7 @@ impl GroupState {
                 GroupEvent::MembersAdded(users)
             }
             GroupCommand::Remove(user) => {
-                let target = self
-                    .role(user)
-                    .ok_or(ChatError::BadRequest("not a member"))?;
+                let target = self.role(user).ok_or(ChatError::BadRequest("not a member"))?;
                 if user == actor {
                     return Err(ChatError::BadRequest("to remove yourself, leave the group"));
                 }
@@ -133,16 +126,12 @@ impl GroupState {
                 GroupEvent::MemberRemoved(user)
             }
             GroupCommand::Leave => {
-                let new_owner = (actor_role == Role::Owner)
-                    .then(|| self.successor(actor))
-                    .flatten();
+                let new_owner = (actor_role == Role::Owner).then(|| self.successor(actor)).flatten();
                 GroupEvent::MemberLeft { new_owner }
             }
             GroupCommand::Rename(title) => {
                 if !manages {
-                    return Err(ChatError::Forbidden(
-                        "only owners and admins rename the group",
-                    ));
+                    return Err(ChatError::Forbidden("only owners and admins rename the group"));
                 }
                 GroupEvent::Renamed(title)
             }
@@ -153,9 +142,7 @@ impl GroupState {
                 match (self.role(user), role) {
                     (None, _) => return Err(ChatError::BadRequest("not a member")),
                     (Some(Role::Owner), _) | (_, Role::Owner) => {
-                        return Err(ChatError::BadRequest(
-                            "ownership moves only when the owner leaves",
-                        ));
+                        return Err(ChatError::BadRequest("ownership moves only when the owner leaves"));
                     }
                     _ => GroupEvent::RoleChanged(user, role),
                 }
@@ -223,9 +210,7 @@ mod tests {
 
     /// Owner 1, admin 2, members 3 and 4.
     fn group() -> GroupState {
-        let created =
-            GroupState::create(user(1), "team".into(), vec![user(2), user(3), user(4)], 10)
-                .unwrap();
+        let created = GroupState::create(user(1), "team".into(), vec![user(2), user(3), user(4)], 10).unwrap();
         let mut state = GroupState::created(user(1), &created);
         state.apply(user(1), &GroupEvent::RoleChanged(user(2), Role::Admin));
         state
@@ -251,9 +236,7 @@ mod tests {
     fn roles_gate_every_change() {
         let state = group();
         let add = || GroupCommand::Add(vec![user(9)]);
-        assert!(
-            allowed(&state, 1, add()) && allowed(&state, 2, add()) && !allowed(&state, 3, add())
-        );
+        assert!(allowed(&state, 1, add()) && allowed(&state, 2, add()) && !allowed(&state, 3, add()));
         assert!(!allowed(&state, 9, add()), "non-members change nothing");
         assert!(allowed(&state, 2, GroupCommand::Remove(user(3))));
         assert!(
@@ -268,21 +251,9 @@ mod tests {
         );
         assert!(!allowed(&state, 3, GroupCommand::Rename("x".into())));
         assert!(allowed(&state, 2, GroupCommand::Rename("x".into())));
-        assert!(!allowed(
-            &state,
-            2,
-            GroupCommand::SetRole(user(3), Role::Admin)
-        ));
-        assert!(allowed(
-            &state,
-            1,
-            GroupCommand::SetRole(user(3), Role::Admin)
-        ));
-        assert!(!allowed(
-            &state,
-            1,
-            GroupCommand::SetRole(user(3), Role::Owner)
-        ));
+        assert!(!allowed(&state, 2, GroupCommand::SetRole(user(3), Role::Admin)));
+        assert!(allowed(&state, 1, GroupCommand::SetRole(user(3), Role::Admin)));
+        assert!(!allowed(&state, 1, GroupCommand::SetRole(user(3), Role::Owner)));
         assert!(allowed(&state, 4, GroupCommand::Leave));
     }
 
@@ -290,11 +261,7 @@ mod tests {
     fn adding_respects_the_member_limit_and_skips_existing_members() {
         let state = group();
         let event = state
-            .authorize(
-                user(1),
-                GroupCommand::Add(vec![user(3), user(5), user(5)]),
-                10,
-            )
+            .authorize(user(1), GroupCommand::Add(vec![user(3), user(5), user(5)]), 10)
             .unwrap();
         assert_eq!(event, GroupEvent::MembersAdded(vec![user(5)]));
         assert!(matches!(

@@ -10,8 +10,7 @@ mod sequencer;
 
 pub use group::{GroupCommand, GroupState};
 pub use sequencer::{
-    Admission, Append, Assigned, Check, CheckResult, Content, Outcome, SendKey, Sequencer,
-    SequencerLimits,
+    Admission, Append, Assigned, Check, CheckResult, Content, Outcome, SendKey, Sequencer, SequencerLimits,
 };
 
 use crate::protocol::{ErrorCode, ErrorKind, push_frame};
@@ -106,7 +105,5 @@ pub fn message_proto(record: &MessageRecord) -> v1::Message {
 
 /// The push frame of a message, encoded once for every recipient.
 pub fn message_frame(record: &MessageRecord) -> Bytes {
-    confab_proto::encode_frame(&push_frame(server_frame::Kind::Message(message_proto(
-        record,
-    ))))
+    confab_proto::encode_frame(&push_frame(server_frame::Kind::Message(message_proto(record))))
 }

@@ -157,20 +157,15 @@ impl<R> Conversation<R> {
         if let ConversationId::Direct { .. } = id {
             return match append.content {
                 Content::Text(_) => Ok((None, id.direct_members().collect())),
-                Content::Group(_) => Err(ChatError::BadRequest(
-                    "a direct conversation is not a group",
-                )),
+                Content::Group(_) => Err(ChatError::BadRequest("a direct conversation is not a group")),
             };
         }
         let not_member = ChatError::Forbidden("not a member of this conversation");
         match (&append.content, self.group.as_mut()) {
-            (Content::Text(_), Some(group)) if group.role(sender).is_some() => {
-                Ok((None, group.recipients()))
-            }
+            (Content::Text(_), Some(group)) if group.role(sender).is_some() => Ok((None, group.recipients())),
             (Content::Text(_), _) => Err(not_member),
             (Content::Group(GroupCommand::Create { title, members }), None) => {
-                let event =
-                    GroupState::create(sender, title.clone(), members.clone(), max_members)?;
+                let event = GroupState::create(sender, title.clone(), members.clone(), max_members)?;
                 let group = GroupState::created(sender, &event);
                 let recipients = group.recipients();
                 self.group = Some(group);
@@ -192,10 +187,7 @@ impl<R> Conversation<R> {
     }
 
     fn is_idle(&self) -> bool {
-        self.next_seq.is_some()
-            && self.queue.is_empty()
-            && self.checking == 0
-            && self.in_flight.is_empty()
+        self.next_seq.is_some() && self.queue.is_empty() && self.checking == 0 && self.in_flight.is_empty()
     }
 
     /// Starts a check of everything queued, if none is under way.
@@ -234,10 +226,7 @@ impl<R> Sequencer<R> {
         }
         self.pending += 1;
         let id = append.conversation;
-        let conversation = self
-            .conversations
-            .entry(id)
-            .or_insert_with(Conversation::new);
+        let conversation = self.conversations.entry(id).or_insert_with(Conversation::new);
         if let Some(waiters) = conversation.in_flight.get_mut(&append.key()) {
             waiters.push(reply);
             return Admission::Queued;
@@ -251,11 +240,7 @@ impl<R> Sequencer<R> {
 
     /// A check finished: resolves the appends it covered, in order, and returns the
     /// next check to run if more queued meanwhile.
-    pub fn checked(
-        &mut self,
-        id: ConversationId,
-        result: CheckResult,
-    ) -> (Vec<Outcome<R>>, Option<Check>) {
+    pub fn checked(&mut self, id: ConversationId, result: CheckResult) -> (Vec<Outcome<R>>, Option<Check>) {
         let Some(conversation) = self.conversations.get_mut(&id) else {
             return (Vec::new(), None);
         };
@@ -284,9 +269,7 @@ impl<R> Sequencer<R> {
                     Ok((event, recipients)) => {
                         let next_seq = conversation.next_seq.get_or_insert(1);
                         conversation.in_flight.insert(key, Vec::new());
-                        outcomes.push(Outcome::Assigned(assign(
-                            next_seq, append, event, recipients, reply,
-                        )));
+                        outcomes.push(Outcome::Assigned(assign(next_seq, append, event, recipients, reply)));
                     }
                     Err(error) => {
                         self.pending -= 1;
@@ -475,14 +458,8 @@ mod tests {
         let mut seq = sequencer(100, 100);
         seq.submit(append(2, "a"), 1);
         seq.submit(append(3, "a"), 2);
-        assert_eq!(
-            assigned(&seq.checked(conversation(2), loaded(0)).0),
-            vec![(1, 1)]
-        );
-        assert_eq!(
-            assigned(&seq.checked(conversation(3), loaded(7)).0),
-            vec![(8, 2)]
-        );
+        assert_eq!(assigned(&seq.checked(conversation(2), loaded(0)).0), vec![(1, 1)]);
+        assert_eq!(assigned(&seq.checked(conversation(3), loaded(7)).0), vec![(8, 2)]);
     }
 
     #[test]
@@ -496,12 +473,7 @@ mod tests {
         };
         result.stored.insert((device(), "a".to_owned()), original);
         let (outcomes, _) = seq.checked(conversation(2), result);
-        let [
-            Outcome::Duplicate {
-                stored, reply: 1, ..
-            },
-        ] = outcomes.as_slice()
-        else {
+        let [Outcome::Duplicate { stored, reply: 1, .. }] = outcomes.as_slice() else {
             panic!("expected a duplicate, got {outcomes:?}");
         };
         assert_eq!(*stored, original);
@@ -537,10 +509,7 @@ mod tests {
         assert_eq!(next.unwrap().keys.len(), 2);
         let (outcomes, _) = seq.checked(conversation(2), CheckResult::default());
         assert_eq!(assigned(&outcomes), vec![(2, 2)]);
-        assert_eq!(
-            seq.committed(conversation(2), &(device(), "c".to_owned())),
-            vec![3]
-        );
+        assert_eq!(seq.committed(conversation(2), &(device(), "c".to_owned())), vec![3]);
     }
 
     #[test]
@@ -548,16 +517,10 @@ mod tests {
         let mut seq = sequencer(2, 100);
         seq.submit(append(2, "a"), 1);
         seq.submit(append(2, "b"), 2);
-        assert!(matches!(
-            seq.submit(append(2, "c"), 3),
-            Admission::Overloaded(_, 3)
-        ));
+        assert!(matches!(seq.submit(append(2, "c"), 3), Admission::Overloaded(_, 3)));
         let (refused, next) = seq.check_failed(conversation(2));
         assert_eq!(refused.len(), 1);
-        assert!(
-            next.is_some(),
-            "b was queued after the failed check started"
-        );
+        assert!(next.is_some(), "b was queued after the failed check started");
     }
 
     #[test]

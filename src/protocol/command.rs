@@ -60,10 +60,7 @@ impl Command {
     pub fn is_pipelined(&self) -> bool {
         matches!(
             self,
-            Self::Append(_)
-                | Self::History { .. }
-                | Self::GetUser { .. }
-                | Self::ListMembers { .. }
+            Self::Append(_) | Self::History { .. } | Self::GetUser { .. } | Self::ListMembers { .. }
         )
     }
 }

@@ -14,8 +14,7 @@ use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
 use crate::store::{HistoryRange, Role};
 use confab_proto::FrameError;
 use confab_proto::v1::{
-    self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref,
-    server_frame,
+    self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref, server_frame,
 };
 use std::time::{Duration, Instant};
 
@@ -168,12 +167,8 @@ impl Session {
             return None;
         }
         let message = match (self.state, &self.identity) {
-            (State::AwaitingHello, _) if now >= self.opened_at + self.limits.handshake_timeout => {
-                "no Hello in time"
-            }
-            (State::Open, None) if now >= self.opened_at + self.limits.auth_timeout => {
-                "not authenticated in time"
-            }
+            (State::AwaitingHello, _) if now >= self.opened_at + self.limits.handshake_timeout => "no Hello in time",
+            (State::Open, None) if now >= self.opened_at + self.limits.auth_timeout => "not authenticated in time",
             _ => "connection silent for three heartbeat intervals",
         };
         Some(error_frame(0, ErrorCode::Timeout, message))
@@ -195,13 +190,8 @@ impl Session {
     /// connection has failed too often.
     pub fn auth_failed(&mut self) -> Option<ServerFrame> {
         self.auth_failures += 1;
-        (self.auth_failures >= self.limits.max_auth_failures).then(|| {
-            error_frame(
-                0,
-                ErrorCode::RateLimited,
-                "too many failed authentication attempts",
-            )
-        })
+        (self.auth_failures >= self.limits.max_auth_failures)
+            .then(|| error_frame(0, ErrorCode::RateLimited, "too many failed authentication attempts"))
     }
 
     fn on_hello(&mut self, request_id: u64, kind: client_frame::Kind) -> Step {
@@ -232,9 +222,7 @@ impl Session {
                 session_id: format!("{:016x}", self.id),
                 limits: Some(v1::Limits {
                     max_frame_bytes: clamp(self.limits.max_frame_bytes),
-                    heartbeat_interval_ms: clamp(
-                        self.limits.heartbeat_interval.as_millis() as usize
-                    ),
+                    heartbeat_interval_ms: clamp(self.limits.heartbeat_interval.as_millis() as usize),
                     max_body_chars: clamp(self.limits.max_body_chars),
                     max_history_limit: self.limits.max_history_limit,
                 }),
@@ -246,9 +234,7 @@ impl Session {
         use client_frame::Kind as K;
         Ok(match kind {
             K::Hello(_) => return reject(ErrorCode::BadRequest, "Hello was already received"),
-            K::Ping(ping) => {
-                Parsed::Reply(server_frame::Kind::Pong(v1::Pong { nonce: ping.nonce }))
-            }
+            K::Ping(ping) => Parsed::Reply(server_frame::Kind::Pong(v1::Pong { nonce: ping.nonce })),
             K::SignUp(sign_up) => Parsed::Run(Command::SignUp {
                 username: Username::parse(&sign_up.username)
                     .or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?,
@@ -257,12 +243,7 @@ impl Session {
             }),
             K::LogIn(log_in) => {
                 // A malformed name or password cannot match an account: same answer as a wrong one.
-                let invalid = || {
-                    Rejection(
-                        ErrorCode::Unauthenticated,
-                        "invalid username or password".into(),
-                    )
-                };
+                let invalid = || Rejection(ErrorCode::Unauthenticated, "invalid username or password".into());
                 Parsed::Run(Command::LogIn {
                     username: Username::parse(&log_in.username).map_err(|_| invalid())?,
                     password: Password::parse(log_in.password).map_err(|_| invalid())?,
@@ -271,10 +252,7 @@ impl Session {
             }
             K::Authenticate(authenticate) => {
                 if self.identity.is_some() {
-                    return reject(
-                        ErrorCode::BadRequest,
-                        "already authenticated; log out first",
-                    );
+                    return reject(ErrorCode::BadRequest, "already authenticated; log out first");
                 }
                 Parsed::Run(Command::Authenticate {
                     access_token: authenticate.access_token,
@@ -322,11 +300,9 @@ impl Session {
                 let command = GroupCommand::Remove(user_id(remove.user_id)?);
                 self.group_change(&remove.conversation_id, remove.client_msg_id, command)?
             }
-            K::LeaveGroup(leave) => self.group_change(
-                &leave.conversation_id,
-                leave.client_msg_id,
-                GroupCommand::Leave,
-            )?,
+            K::LeaveGroup(leave) => {
+                self.group_change(&leave.conversation_id, leave.client_msg_id, GroupCommand::Leave)?
+            }
             K::RenameGroup(rename) => {
                 let command = GroupCommand::Rename(self.title(&rename.title)?);
                 self.group_change(&rename.conversation_id, rename.client_msg_id, command)?
@@ -335,10 +311,7 @@ impl Session {
                 let role = match Role::from_proto(set_role.role) {
                     Some(role @ (Role::Member | Role::Admin)) => role,
                     _ => {
-                        return reject(
-                            ErrorCode::BadRequest,
-                            "role must be ROLE_MEMBER or ROLE_ADMIN",
-                        );
+                        return reject(ErrorCode::BadRequest, "role must be ROLE_MEMBER or ROLE_ADMIN");
                     }
                 };
                 let command = GroupCommand::SetRole(user_id(set_role.user_id)?, role);
@@ -366,10 +339,7 @@ impl Session {
                     (Some(before), None) => HistoryRange::Before(before),
                     (None, Some(after)) => HistoryRange::After(after),
                     (Some(_), Some(_)) => {
-                        return reject(
-                            ErrorCode::BadRequest,
-                            "set at most one of before_seq and after_seq",
-                        );
+                        return reject(ErrorCode::BadRequest, "set at most one of before_seq and after_seq");
                     }
                 };
                 let limit = match history.limit {
@@ -412,11 +382,7 @@ impl Session {
     ) -> Result<Parsed, Rejection> {
         self.require_identity()?;
         let group = group_id(conversation_id)?;
-        self.append(
-            ConversationId::Group(group),
-            client_msg_id,
-            Content::Group(command),
-        )
+        self.append(ConversationId::Group(group), client_msg_id, Content::Group(command))
     }
 
     /// A group title: trimmed, not empty, not too long.
@@ -428,10 +394,7 @@ impl Session {
         if title.chars().count() > self.limits.max_group_title_chars {
             return reject(
                 ErrorCode::TooLarge,
-                format!(
-                    "title is longer than {} characters",
-                    self.limits.max_group_title_chars
-                ),
+                format!("title is longer than {} characters", self.limits.max_group_title_chars),
             );
         }
         Ok(title.to_owned())
@@ -442,10 +405,7 @@ impl Session {
         if raw.len() > self.limits.max_group_members {
             return reject(
                 ErrorCode::TooLarge,
-                format!(
-                    "a group has at most {} members",
-                    self.limits.max_group_members
-                ),
+                format!("a group has at most {} members", self.limits.max_group_members),
             );
         }
         raw.into_iter().map(user_id).collect()
@@ -459,11 +419,7 @@ impl Session {
     }
 
     /// Resolves a conversation reference for `user`, who must be a member.
-    fn conversation(
-        &self,
-        reference: Option<v1::ConversationRef>,
-        user: UserId,
-    ) -> Result<ConversationId, Rejection> {
+    fn conversation(&self, reference: Option<v1::ConversationRef>, user: UserId) -> Result<ConversationId, Rejection> {
         let target = reference.and_then(|reference| reference.target);
         let conversation = match target {
             None => return reject(ErrorCode::BadRequest, "conversation is required"),
@@ -471,8 +427,9 @@ impl Session {
                 Some(other) => ConversationId::direct(user, other),
                 None => return reject(ErrorCode::BadRequest, "direct_user_id must not be 0"),
             },
-            Some(conversation_ref::Target::ConversationId(text)) => ConversationId::parse(&text)
-                .or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?,
+            Some(conversation_ref::Target::ConversationId(text)) => {
+                ConversationId::parse(&text).or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?
+            }
         };
         // A direct conversation's members are in its id; a group's are checked
         // where its membership lives.
@@ -504,10 +461,7 @@ impl Session {
         if body.is_empty() {
             return reject(ErrorCode::BadRequest, "body is empty");
         }
-        let max_bytes = self
-            .limits
-            .max_frame_bytes
-            .saturating_sub(FRAME_OVERHEAD_BYTES);
+        let max_bytes = self.limits.max_frame_bytes.saturating_sub(FRAME_OVERHEAD_BYTES);
         if body.len() > max_bytes || body.chars().count() > self.limits.max_body_chars {
             return reject(
                 ErrorCode::TooLarge,
@@ -531,18 +485,13 @@ const DEFAULT_MEMBER_LIMIT: usize = 100;
 const MAX_MEMBER_LIMIT: usize = 1000;
 
 fn user_id(raw: u64) -> Result<UserId, Rejection> {
-    UserId::new(raw).map_or_else(
-        || reject(ErrorCode::BadRequest, "user id must not be 0"),
-        Ok,
-    )
+    UserId::new(raw).map_or_else(|| reject(ErrorCode::BadRequest, "user id must not be 0"), Ok)
 }
 
 fn group_id(conversation_id: &str) -> Result<GroupId, Rejection> {
     match ConversationId::parse(conversation_id) {
         Ok(ConversationId::Group(group)) => Ok(group),
-        Ok(ConversationId::Direct { .. }) => {
-            reject(ErrorCode::BadRequest, "not a group conversation")
-        }
+        Ok(ConversationId::Direct { .. }) => reject(ErrorCode::BadRequest, "not a group conversation"),
         Err(err) => reject(ErrorCode::BadRequest, err.to_string()),
     }
 }
@@ -667,10 +616,7 @@ mod tests {
         let now = Instant::now();
         let mut session = open_session(now);
         let step = session.on_frame(
-            frame(
-                2,
-                send(conversation_ref::Target::DirectUserId(5), "m1", "hi"),
-            ),
+            frame(2, send(conversation_ref::Target::DirectUserId(5), "m1", "hi")),
             now,
         );
         assert_eq!(error_code(&step), Some(ErrorCode::Unauthenticated));
@@ -685,10 +631,7 @@ mod tests {
         let now = Instant::now();
         let mut session = authenticated_session(now, 9);
         let step = session.on_frame(
-            frame(
-                2,
-                send(conversation_ref::Target::DirectUserId(5), "m1", "hi"),
-            ),
+            frame(2, send(conversation_ref::Target::DirectUserId(5), "m1", "hi")),
             now,
         );
         let Step::Run(Request {
@@ -708,11 +651,7 @@ mod tests {
         let step = session.on_frame(
             frame(
                 2,
-                send(
-                    conversation_ref::Target::ConversationId("d:1:2".into()),
-                    "m1",
-                    "hi",
-                ),
+                send(conversation_ref::Target::ConversationId("d:1:2".into()), "m1", "hi"),
             ),
             now,
         );
@@ -720,11 +659,7 @@ mod tests {
         let step = session.on_frame(
             frame(
                 3,
-                send(
-                    conversation_ref::Target::ConversationId("bogus".into()),
-                    "m1",
-                    "hi",
-                ),
+                send(conversation_ref::Target::ConversationId("bogus".into()), "m1", "hi"),
             ),
             now,
         );
@@ -743,10 +678,7 @@ mod tests {
             (send(to(), "", "hi"), ErrorCode::BadRequest),
             (send(to(), &"x".repeat(17), "hi"), ErrorCode::TooLarge),
         ] {
-            assert_eq!(
-                error_code(&session.on_frame(frame(2, kind), now)),
-                Some(code)
-            );
+            assert_eq!(error_code(&session.on_frame(frame(2, kind), now)), Some(code));
         }
         assert!(matches!(
             session.on_frame(frame(2, send(to(), "m1", &"é".repeat(100))), now),
@@ -785,27 +717,15 @@ mod tests {
         let start = Instant::now();
         let session = Session::new(1, limits(), start);
         assert_eq!(session.deadline(), start + Duration::from_secs(5));
-        assert!(
-            session
-                .on_deadline(start + Duration::from_secs(4))
-                .is_none()
-        );
-        assert!(
-            session
-                .on_deadline(start + Duration::from_secs(5))
-                .is_some()
-        );
+        assert!(session.on_deadline(start + Duration::from_secs(4)).is_none());
+        assert!(session.on_deadline(start + Duration::from_secs(5)).is_some());
 
         let mut session = authenticated_session(start, 9);
         let later = start + Duration::from_secs(20);
         session.on_frame(frame(1, K::Ping(v1::Ping { nonce: 1 })), later);
         assert_eq!(session.deadline(), later + Duration::from_secs(30));
-        let close = session
-            .on_deadline(later + Duration::from_secs(30))
-            .unwrap();
-        assert!(
-            matches!(close.kind, Some(server_frame::Kind::Error(ref e)) if e.code == ErrorCode::Timeout as i32)
-        );
+        let close = session.on_deadline(later + Duration::from_secs(30)).unwrap();
+        assert!(matches!(close.kind, Some(server_frame::Kind::Error(ref e)) if e.code == ErrorCode::Timeout as i32));
     }
 
     #[test]

@@ -151,11 +151,7 @@ impl Connection {
         }
     }
 
-    async fn on_payload(
-        &mut self,
-        payload: Bytes,
-        in_flight: &mut FuturesUnordered<Reply>,
-    ) -> Flow {
+    async fn on_payload(&mut self, payload: Bytes, in_flight: &mut FuturesUnordered<Reply>) -> Flow {
         let frame = match v1::ClientFrame::decode(payload) {
             Ok(frame) => frame,
             Err(err) => {
@@ -184,35 +180,23 @@ impl Connection {
         let shard = self.shard.clone();
         match command {
             Command::Append(append) => {
-                if let Content::Group(
-                    GroupCommand::Create { members: users, .. } | GroupCommand::Add(users),
-                ) = &append.content
+                if let Content::Group(GroupCommand::Create { members: users, .. } | GroupCommand::Add(users)) =
+                    &append.content
                 {
                     match shard.store.missing_users(users.clone()).await {
                         Ok(missing) if missing.is_empty() => {}
                         Ok(_) => {
-                            return Box::pin(std::future::ready(failure(
-                                id,
-                                &ChatError::UnknownUser,
-                            )));
+                            return Box::pin(std::future::ready(failure(id, &ChatError::UnknownUser)));
                         }
                         Err(err) => {
-                            return Box::pin(std::future::ready(failure(
-                                id,
-                                &ChatError::Store(err),
-                            )));
+                            return Box::pin(std::future::ready(failure(id, &ChatError::Store(err))));
                         }
                     }
                 }
                 let (reply, ack) = oneshot::channel();
                 let owner = shard.mesh.owner_of(append.conversation);
                 // Handing over in frame order keeps one device's messages in order.
-                if shard
-                    .mesh
-                    .send(owner, ShardMsg::Append(append, reply))
-                    .await
-                    .is_err()
-                {
+                if shard.mesh.send(owner, ShardMsg::Append(append, reply)).await.is_err() {
                     return Box::pin(std::future::ready(failure(id, &ChatError::ShuttingDown)));
                 }
                 Box::pin(async move {
@@ -231,10 +215,7 @@ impl Connection {
             } => Box::pin(async move {
                 match readable_history(&shard, conversation, reader, range, limit).await {
                     Ok(page) => {
-                        let max_bytes = shard
-                            .limits
-                            .max_frame_bytes
-                            .saturating_sub(PAGE_OVERHEAD_BYTES);
+                        let max_bytes = shard.limits.max_frame_bytes.saturating_sub(PAGE_OVERHEAD_BYTES);
                         reply_frame(
                             id,
                             Kind::HistoryPage(history_page(conversation, range, page, max_bytes)),
@@ -278,51 +259,41 @@ impl Connection {
     async fn run_in_order(&mut self, Request { id, command }: Request) -> Flow {
         let accounts = self.shard.accounts.clone();
         let result = match command {
-            Command::SignUp { username, password } => {
-                accounts.sign_up(username, password).await.map(|user| {
-                    Kind::SignedUp(v1::SignedUp {
-                        user_id: user.get(),
-                    })
-                })
-            }
+            Command::SignUp { username, password } => accounts
+                .sign_up(username, password)
+                .await
+                .map(|user| Kind::SignedUp(v1::SignedUp { user_id: user.get() })),
             Command::LogIn {
                 username,
                 password,
                 device_name,
-            } => accounts
-                .log_in(username, password, device_name)
-                .await
-                .map(|grant| {
-                    Kind::LoggedIn(v1::LoggedIn {
-                        user_id: grant.user.get(),
-                        device_id: grant.device.get(),
-                        tokens: Some(tokens(grant)),
-                    })
-                }),
-            Command::RefreshToken { refresh_token } => {
-                accounts.refresh(&refresh_token).await.map(|grant| {
-                    Kind::LoggedIn(v1::LoggedIn {
-                        user_id: grant.user.get(),
-                        device_id: grant.device.get(),
-                        tokens: Some(tokens(grant)),
-                    })
+            } => accounts.log_in(username, password, device_name).await.map(|grant| {
+                Kind::LoggedIn(v1::LoggedIn {
+                    user_id: grant.user.get(),
+                    device_id: grant.device.get(),
+                    tokens: Some(tokens(grant)),
                 })
-            }
-            Command::Authenticate { access_token } => {
-                match accounts.authenticate(&access_token).await {
-                    Ok(identity) => {
-                        let reply = Kind::Authenticated(v1::Authenticated {
-                            user_id: identity.user.get(),
-                            device_id: identity.device.get(),
-                            username: identity.username.clone(),
-                        });
-                        self.register(&identity).await;
-                        self.session.authenticated(identity);
-                        Ok(reply)
-                    }
-                    Err(err) => Err(err),
+            }),
+            Command::RefreshToken { refresh_token } => accounts.refresh(&refresh_token).await.map(|grant| {
+                Kind::LoggedIn(v1::LoggedIn {
+                    user_id: grant.user.get(),
+                    device_id: grant.device.get(),
+                    tokens: Some(tokens(grant)),
+                })
+            }),
+            Command::Authenticate { access_token } => match accounts.authenticate(&access_token).await {
+                Ok(identity) => {
+                    let reply = Kind::Authenticated(v1::Authenticated {
+                        user_id: identity.user.get(),
+                        device_id: identity.device.get(),
+                        username: identity.username.clone(),
+                    });
+                    self.register(&identity).await;
+                    self.session.authenticated(identity);
+                    Ok(reply)
                 }
-            }
+                Err(err) => Err(err),
+            },
             Command::LogOut { user, device } => match accounts.log_out(user, device).await {
                 Ok(()) => {
                     self.unregister();
@@ -333,13 +304,7 @@ impl Connection {
                 Err(err) => Err(err),
             },
             pipelined => {
-                let reply = self
-                    .start(Request {
-                        id,
-                        command: pipelined,
-                    })
-                    .await
-                    .await;
+                let reply = self.start(Request { id, command: pipelined }).await.await;
                 return self.send(&reply).await;
             }
         };
@@ -359,12 +324,7 @@ impl Connection {
                         | AuthError::InvalidRefreshToken
                         | AuthError::DeviceRevoked
                 );
-                match (
-                    flow,
-                    counts_as_failure
-                        .then(|| self.session.auth_failed())
-                        .flatten(),
-                ) {
+                match (flow, counts_as_failure.then(|| self.session.auth_failed()).flatten()) {
                     (Flow::Continue, Some(close)) => {
                         self.send_best_effort(close);
                         Flow::Close("too many auth failures")
@@ -396,11 +356,7 @@ impl Connection {
 
     fn unregister(&mut self) {
         if let Some(user) = self.registered.take() {
-            let last = self
-                .shard
-                .sessions
-                .borrow_mut()
-                .remove(user, self.session.id());
+            let last = self.shard.sessions.borrow_mut().remove(user, self.session.id());
             if last {
                 self.shard.announce(user, false);
             }
@@ -505,12 +461,7 @@ async fn readable_history(
     };
     let mut page = shard.store.history(conversation, clamped, limit).await?;
     page.messages.retain(|message| message.seq <= last);
-    if matches!(range, HistoryRange::After(_))
-        && page
-            .messages
-            .last()
-            .is_none_or(|message| message.seq >= last)
-    {
+    if matches!(range, HistoryRange::After(_)) && page.messages.last().is_none_or(|message| message.seq >= last) {
         page.has_more = false;
     }
     Ok(page)

@@ -50,14 +50,8 @@ pub struct Mesh {
 impl Mesh {
     /// A mesh of `shards` mailboxes, each holding `capacity` messages.
     pub fn new(shards: usize, capacity: usize) -> (Self, Vec<mpsc::Receiver<ShardMsg>>) {
-        let (senders, receivers): (Vec<_>, Vec<_>) =
-            (0..shards).map(|_| mpsc::channel(capacity)).unzip();
-        (
-            Self {
-                shards: senders.into(),
-            },
-            receivers,
-        )
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(capacity)).unzip();
+        (Self { shards: senders.into() }, receivers)
     }
 
     pub fn shard_count(&self) -> usize {

@@ -207,10 +207,7 @@ impl Shard {
         let shards = self.directory.borrow().shards_of(user);
         for index in (0..self.mesh.shard_count()).filter(|index| shards & (1 << index) != 0) {
             // A stopped shard has no sessions left to close.
-            let _ = self
-                .mesh
-                .send(ShardId(index), ShardMsg::Revoke { user, device })
-                .await;
+            let _ = self.mesh.send(ShardId(index), ShardMsg::Revoke { user, device }).await;
         }
     }
 
@@ -224,11 +221,7 @@ impl Shard {
             (None, None)
         };
         // The announcer lives as long as the shard; if it is gone we are stopping.
-        let _ = self.presence.send(PresenceUpdate {
-            user,
-            online,
-            applied,
-        });
+        let _ = self.presence.send(PresenceUpdate { user, online, applied });
         done
     }
 }

@@ -9,9 +9,7 @@
 
 use super::mesh::{AppendReply, Delivery, ShardMsg};
 use super::{Shard, ShardId};
-use crate::chat::{
-    Admission, Append, Assigned, ChatError, Check, CheckResult, Outcome, SendAck, message_frame,
-};
+use crate::chat::{Admission, Append, Assigned, ChatError, Check, CheckResult, Outcome, SendAck, message_frame};
 use crate::clock::unix_ms;
 use crate::ids::ConversationId;
 use crate::ids::UserId;
@@ -98,10 +96,7 @@ async fn lookup(shard: &Shard, check: Check) -> Result<CheckResult, ChatError> {
     }
     let window_ms = u64::try_from(shard.config.chat.dedup_window.as_millis()).unwrap_or(u64::MAX);
     let since_ms = unix_ms().saturating_sub(window_ms);
-    let stored = shard
-        .store
-        .find_sends(check.conversation, check.keys, since_ms)
-        .await?;
+    let stored = shard.store.find_sends(check.conversation, check.keys, since_ms).await?;
     Ok(CheckResult {
         last_seq,
         group,
@@ -123,10 +118,7 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
                 () = shard.stop.cancelled() => return,
             }
         }
-        let records = batch
-            .iter()
-            .map(|assigned| assigned.record.clone())
-            .collect();
+        let records = batch.iter().map(|assigned| assigned.record.clone()).collect();
         match shard.store.append_messages(records).await {
             Ok(()) => fan_out(&shard, batch).await,
             Err(err) => {
@@ -134,10 +126,7 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
                 for assigned in batch {
                     let record = assigned.record;
                     let key = (record.sender_device, record.client_msg_id);
-                    let joined = shard
-                        .sequencer
-                        .borrow_mut()
-                        .commit_failed(record.conversation, &key);
+                    let joined = shard.sequencer.borrow_mut().commit_failed(record.conversation, &key);
                     for reply in std::iter::once(assigned.reply).chain(joined) {
                         let _ = reply.send(Err(ChatError::Store(err.clone())));
                     }
@@ -178,10 +167,7 @@ async fn fan_out(shard: &Rc<Shard>, batch: Vec<Assigned<AppendReply>>) {
             }
         }
         let key = (record.sender_device, record.client_msg_id.clone());
-        let joined = shard
-            .sequencer
-            .borrow_mut()
-            .committed(record.conversation, &key);
+        let joined = shard.sequencer.borrow_mut().committed(record.conversation, &key);
         let ack = SendAck::of(record);
         for reply in joined {
             let _ = reply.send(Ok(ack.clone()));
@@ -213,11 +199,7 @@ pub(super) async fn sweep_sends(shard: Rc<Shard>) {
             () = shard.stop.cancelled() => return,
         }
         let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-        match shard
-            .store
-            .purge_sends(unix_ms().saturating_sub(window_ms))
-            .await
-        {
+        match shard.store.purge_sends(unix_ms().saturating_sub(window_ms)).await {
             Ok(0) => {}
             Ok(purged) => tracing::info!(purged, "forgot send records older than the dedup window"),
             Err(err) => tracing::warn!(error = %err, "sweeping send records failed"),

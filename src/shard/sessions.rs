@@ -74,11 +74,9 @@ impl LocalSessions {
     pub fn revoke(&self, user: UserId, device: DeviceId) {
         for handle in self.by_user.get(&user).into_iter().flatten() {
             if handle.device == device {
-                handle.kick.kick(error_frame(
-                    0,
-                    ErrorCode::Unauthenticated,
-                    "the device was logged out",
-                ));
+                handle
+                    .kick
+                    .kick(error_frame(0, ErrorCode::Unauthenticated, "the device was logged out"));
             }
         }
     }

@@ -34,8 +34,8 @@
 //! Reads run on the blocking pool, never on a shard thread.
 
 use super::{
-    DeviceRecord, GroupEvent, GroupRecord, HistoryPage, HistoryRange, MemberRecord, MessageRecord,
-    NewUser, Role, Store, StoreError, StoredSend, UserRecord,
+    DeviceRecord, GroupEvent, GroupRecord, HistoryPage, HistoryRange, MemberRecord, MessageRecord, NewUser, Role,
+    Store, StoreError, StoredSend, UserRecord,
 };
 use crate::config::{Durability, StoreConfig};
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
@@ -91,10 +91,7 @@ impl EmbeddedStore {
         let path = config.data_dir.join("embedded");
         std::fs::create_dir_all(&path).map_err(|err| io_error(&path, err))?;
         let db = Database::builder(&path).open().map_err(fjall_error)?;
-        let keyspace = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(fjall_error)
-        };
+        let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(fjall_error);
         let inner = Arc::new(Inner {
             users: keyspace("users")?,
             usernames: keyspace("usernames")?,
@@ -126,10 +123,7 @@ impl EmbeddedStore {
 
     async fn write<T>(&self, job: impl FnOnce(Reply<T>) -> WriteJob) -> Result<T, StoreError> {
         let (reply, result) = oneshot::channel();
-        self.writer
-            .send(job(reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.writer.send(job(reply)).await.map_err(|_| StoreError::Closed)?;
         result.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -153,11 +147,7 @@ impl Store for EmbeddedStore {
     async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
         let username = username.to_owned();
         self.read(move |inner| {
-            let Some(id) = inner
-                .usernames
-                .get(username.as_bytes())
-                .map_err(fjall_error)?
-            else {
+            let Some(id) = inner.usernames.get(username.as_bytes()).map_err(fjall_error)? else {
                 return Ok(None);
             };
             inner.user(decode_user_id(&id)?)
@@ -173,11 +163,7 @@ impl Store for EmbeddedStore {
         self.read(move |inner| {
             let mut missing = Vec::new();
             for id in ids {
-                if !inner
-                    .users
-                    .contains_key(id.get().to_be_bytes())
-                    .map_err(fjall_error)?
-                {
+                if !inner.users.contains_key(id.get().to_be_bytes()).map_err(fjall_error)? {
                     missing.push(id);
                 }
             }
@@ -190,17 +176,9 @@ impl Store for EmbeddedStore {
         self.write(|reply| WriteJob::PutDevice(device, reply)).await
     }
 
-    async fn device(
-        &self,
-        user: UserId,
-        device: DeviceId,
-    ) -> Result<Option<DeviceRecord>, StoreError> {
+    async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
         self.read(move |inner| {
-            let Some(bytes) = inner
-                .devices
-                .get(device_key(user, device))
-                .map_err(fjall_error)?
-            else {
+            let Some(bytes) = inner.devices.get(device_key(user, device)).map_err(fjall_error)? else {
                 return Ok(None);
             };
             let stored = StoredDevice::decode(&*bytes).map_err(corrupt)?;
@@ -221,8 +199,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError> {
-        self.write(|reply| WriteJob::DeleteDevice(user, device, reply))
-            .await
+        self.write(|reply| WriteJob::DeleteDevice(user, device, reply)).await
     }
 
     async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
@@ -276,15 +253,10 @@ impl Store for EmbeddedStore {
 
     async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
         self.read(move |inner| {
-            let Some(title) = inner
-                .groups
-                .get(group.get().to_be_bytes())
-                .map_err(fjall_error)?
-            else {
+            let Some(title) = inner.groups.get(group.get().to_be_bytes()).map_err(fjall_error)? else {
                 return Ok(None);
             };
-            let title = String::from_utf8(title.to_vec())
-                .map_err(|_| StoreError::Corrupt("group title".into()))?;
+            let title = String::from_utf8(title.to_vec()).map_err(|_| StoreError::Corrupt("group title".into()))?;
             let mut members = Vec::new();
             for guard in inner.members.prefix(group.get().to_be_bytes()) {
                 let (key, value) = guard.into_inner().map_err(fjall_error)?;
@@ -298,11 +270,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn member(
-        &self,
-        group: GroupId,
-        user: UserId,
-    ) -> Result<Option<MemberRecord>, StoreError> {
+    async fn member(&self, group: GroupId, user: UserId) -> Result<Option<MemberRecord>, StoreError> {
         self.read(move |inner| {
             inner
                 .members
@@ -359,22 +327,15 @@ impl Store for EmbeddedStore {
         range: HistoryRange,
         limit: usize,
     ) -> Result<HistoryPage, StoreError> {
-        self.read(move |inner| inner.history(conversation, range, limit))
-            .await
+        self.read(move |inner| inner.history(conversation, range, limit)).await
     }
 
     async fn close(&self) -> Result<(), StoreError> {
         let result = self.write(WriteJob::Close).await;
-        let thread = self
-            .writer_thread
-            .lock()
-            .ok()
-            .and_then(|mut slot| slot.take());
+        let thread = self.writer_thread.lock().ok().and_then(|mut slot| slot.take());
         if let Some(thread) = thread {
             // The writer exits right after answering Close; joining cannot block long.
-            tokio::task::spawn_blocking(move || thread.join())
-                .await
-                .ok();
+            tokio::task::spawn_blocking(move || thread.join()).await.ok();
         }
         result
     }
@@ -382,11 +343,7 @@ impl Store for EmbeddedStore {
 
 impl Inner {
     fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-        let Some(bytes) = self
-            .users
-            .get(id.get().to_be_bytes())
-            .map_err(fjall_error)?
-        else {
+        let Some(bytes) = self.users.get(id.get().to_be_bytes()).map_err(fjall_error)? else {
             return Ok(None);
         };
         let stored = StoredUser::decode(&*bytes).map_err(corrupt)?;
@@ -406,19 +363,10 @@ impl Inner {
     ) -> Result<HistoryPage, StoreError> {
         let key = |seq: Seq| message_key(conversation, seq);
         let (iter, newest_first): (Box<dyn Iterator<Item = fjall::Guard>>, bool) = match range {
-            HistoryRange::Latest => (
-                Box::new(self.messages.prefix(conversation.to_key()).rev()),
-                true,
-            ),
-            HistoryRange::Before(bound) => (
-                Box::new(self.messages.range(key(0)..key(bound)).rev()),
-                true,
-            ),
+            HistoryRange::Latest => (Box::new(self.messages.prefix(conversation.to_key()).rev()), true),
+            HistoryRange::Before(bound) => (Box::new(self.messages.range(key(0)..key(bound)).rev()), true),
             HistoryRange::After(Seq::MAX) => return Ok(HistoryPage::default()),
-            HistoryRange::After(bound) => (
-                Box::new(self.messages.range(key(bound + 1)..=key(Seq::MAX))),
-                false,
-            ),
+            HistoryRange::After(bound) => (Box::new(self.messages.range(key(bound + 1)..=key(Seq::MAX))), false),
         };
         let mut messages = Vec::with_capacity(limit.min(256) + 1);
         for guard in iter.take(limit + 1) {
@@ -534,16 +482,8 @@ impl Writer {
                 WriteJob::Append(messages, reply) => {
                     for message in messages {
                         let key = message_key(message.conversation, message.seq);
-                        if let (ConversationId::Group(group), Some(event)) =
-                            (message.conversation, &message.event)
-                        {
-                            self.stage_group_event(
-                                &mut batch,
-                                group,
-                                message.sender,
-                                message.seq,
-                                event,
-                            );
+                        if let (ConversationId::Group(group), Some(event)) = (message.conversation, &message.event) {
+                            self.stage_group_event(&mut batch, group, message.sender, message.seq, event);
                         }
                         let stored = StoredMessage {
                             sender: message.sender.get(),
@@ -551,17 +491,10 @@ impl Writer {
                             client_msg_id: message.client_msg_id,
                             body: message.body,
                             server_time_ms: message.server_time_ms,
-                            event: message
-                                .event
-                                .as_ref()
-                                .map(confab_proto::v1::GroupEvent::from),
+                            event: message.event.as_ref().map(confab_proto::v1::GroupEvent::from),
                         };
                         batch.insert(&self.inner.messages, key, stored.encode_to_vec());
-                        let send = send_key(
-                            message.conversation,
-                            message.sender_device,
-                            &stored.client_msg_id,
-                        );
+                        let send = send_key(message.conversation, message.sender_device, &stored.client_msg_id);
                         let mut value = [0u8; 16];
                         value[..8].copy_from_slice(&message.seq.to_be_bytes());
                         value[8..].copy_from_slice(&message.server_time_ms.to_be_bytes());
@@ -579,11 +512,7 @@ impl Writer {
             });
         }
 
-        let outcome = if batch.is_empty() {
-            Ok(())
-        } else {
-            self.persist(batch)
-        };
+        let outcome = if batch.is_empty() { Ok(()) } else { self.persist(batch) };
         for answer in answers {
             answer(outcome.clone());
         }
@@ -632,16 +561,8 @@ impl Writer {
             password_hash: user.password_hash.clone(),
             created_at_ms: user.created_at_ms,
         };
-        batch.insert(
-            &self.inner.users,
-            id.get().to_be_bytes(),
-            stored.encode_to_vec(),
-        );
-        batch.insert(
-            &self.inner.usernames,
-            user.username.as_bytes(),
-            id.get().to_be_bytes(),
-        );
+        batch.insert(&self.inner.users, id.get().to_be_bytes(), stored.encode_to_vec());
+        batch.insert(&self.inner.usernames, user.username.as_bytes(), id.get().to_be_bytes());
         new_names.insert(user.username.clone());
         new_ids.insert(id);
         Ok(UserRecord {
@@ -671,15 +592,7 @@ impl Writer {
         match event {
             GroupEvent::Created { members, .. } => {
                 for member in members {
-                    put(
-                        *member,
-                        if *member == actor {
-                            Role::Owner
-                        } else {
-                            Role::Member
-                        },
-                        None,
-                    );
+                    put(*member, if *member == actor { Role::Owner } else { Role::Member }, None);
                 }
             }
             GroupEvent::MembersAdded(users) => {
@@ -698,11 +611,7 @@ impl Writer {
             GroupEvent::Renamed(_) => {}
         }
         if let GroupEvent::Created { title, .. } | GroupEvent::Renamed(title) = event {
-            batch.insert(
-                &self.inner.groups,
-                group.get().to_be_bytes(),
-                title.as_bytes(),
-            );
+            batch.insert(&self.inner.groups, group.get().to_be_bytes(), title.as_bytes());
         }
     }
 
@@ -723,9 +632,7 @@ impl Writer {
 fn refuse_job(job: WriteJob, err: StoreError) -> Answer {
     match job {
         WriteJob::CreateUser(_, reply) => refuse(reply, err),
-        WriteJob::PutDevice(_, reply) | WriteJob::Append(_, reply) | WriteJob::Close(reply) => {
-            refuse(reply, err)
-        }
+        WriteJob::PutDevice(_, reply) | WriteJob::Append(_, reply) | WriteJob::Close(reply) => refuse(reply, err),
         WriteJob::DeleteDevice(_, _, reply) => refuse(reply, err),
         WriteJob::Purge(_, reply) => refuse(reply, err),
     }
@@ -770,16 +677,11 @@ struct StoredMessage {
 }
 
 impl StoredMessage {
-    fn into_record(
-        self,
-        conversation: ConversationId,
-        seq: Seq,
-    ) -> Result<MessageRecord, StoreError> {
+    fn into_record(self, conversation: ConversationId, seq: Seq) -> Result<MessageRecord, StoreError> {
         Ok(MessageRecord {
             conversation,
             seq,
-            sender: UserId::new(self.sender)
-                .ok_or_else(|| StoreError::Corrupt("message sender is 0".into()))?,
+            sender: UserId::new(self.sender).ok_or_else(|| StoreError::Corrupt("message sender is 0".into()))?,
             sender_device: DeviceId::new(self.sender_device)
                 .ok_or_else(|| StoreError::Corrupt("message sender device is 0".into()))?,
             client_msg_id: self.client_msg_id,
@@ -788,8 +690,7 @@ impl StoredMessage {
             event: match self.event {
                 None => None,
                 Some(event) => Some(
-                    GroupEvent::from_proto(event)
-                        .ok_or_else(|| StoreError::Corrupt("invalid group event".into()))?,
+                    GroupEvent::from_proto(event).ok_or_else(|| StoreError::Corrupt("invalid group event".into()))?,
                 ),
             },
         })
@@ -866,17 +767,10 @@ fn send_key(conversation: ConversationId, device: DeviceId, client_msg_id: &str)
 }
 
 fn decode_send(value: &[u8]) -> Result<StoredSend, StoreError> {
-    let field = |range: std::ops::Range<usize>| {
-        value
-            .get(range)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_be_bytes)
-    };
+    let field =
+        |range: std::ops::Range<usize>| value.get(range).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
     match (field(0..8), field(8..16)) {
-        (Some(seq), Some(server_time_ms)) if value.len() == 16 => Ok(StoredSend {
-            seq,
-            server_time_ms,
-        }),
+        (Some(seq), Some(server_time_ms)) if value.len() == 16 => Ok(StoredSend { seq, server_time_ms }),
         _ => Err(StoreError::Corrupt("send record is not 16 bytes".into())),
     }
 }
@@ -968,34 +862,19 @@ mod tests {
         assert_eq!(store.last_seq(ours).await.unwrap(), 10);
         assert_eq!(store.last_seq(neighbour).await.unwrap(), 5);
         assert_eq!(
-            store
-                .last_seq(ConversationId::direct(user(7), user(8)))
-                .await
-                .unwrap(),
+            store.last_seq(ConversationId::direct(user(7), user(8))).await.unwrap(),
             0
         );
 
         let latest = store.history(ours, HistoryRange::Latest, 3).await.unwrap();
         assert_eq!((seqs(&latest), latest.has_more), (vec![8, 9, 10], true));
-        let before = store
-            .history(ours, HistoryRange::Before(3), 5)
-            .await
-            .unwrap();
+        let before = store.history(ours, HistoryRange::Before(3), 5).await.unwrap();
         assert_eq!((seqs(&before), before.has_more), (vec![1, 2], false));
-        let after = store
-            .history(ours, HistoryRange::After(0), 4)
-            .await
-            .unwrap();
+        let after = store.history(ours, HistoryRange::After(0), 4).await.unwrap();
         assert_eq!((seqs(&after), after.has_more), (vec![1, 2, 3, 4], true));
-        let tail = store
-            .history(ours, HistoryRange::After(8), 4)
-            .await
-            .unwrap();
+        let tail = store.history(ours, HistoryRange::After(8), 4).await.unwrap();
         assert_eq!((seqs(&tail), tail.has_more), (vec![9, 10], false));
-        let beyond = store
-            .history(ours, HistoryRange::After(Seq::MAX), 4)
-            .await
-            .unwrap();
+        let beyond = store.history(ours, HistoryRange::After(Seq::MAX), 4).await.unwrap();
         assert!(beyond.messages.is_empty());
         assert_eq!(tail.messages[0], message(ours, 9));
         store.close().await.unwrap();
@@ -1018,10 +897,7 @@ mod tests {
             })
         });
         let results = futures::future::join_all(attempts).await;
-        let created: Vec<_> = results
-            .into_iter()
-            .filter_map(|r| r.unwrap().ok())
-            .collect();
+        let created: Vec<_> = results.into_iter().filter_map(|r| r.unwrap().ok()).collect();
         assert_eq!(created.len(), 1);
         let found = store.user_by_name("alice").await.unwrap().unwrap();
         assert_eq!(found, created[0]);
@@ -1052,11 +928,7 @@ mod tests {
             }
         );
         assert!(
-            store
-                .find_sends(other, keys.clone(), 0)
-                .await
-                .unwrap()
-                .is_empty(),
+            store.find_sends(other, keys.clone(), 0).await.unwrap().is_empty(),
             "scoped to the conversation"
         );
         let recent = store.find_sends(ours, keys.clone(), 3).await.unwrap();
@@ -1107,10 +979,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let conversation = ConversationId::direct(user(1), user(2));
         let store = open(dir.path(), Durability::Sync);
-        store
-            .append_messages(vec![message(conversation, 1)])
-            .await
-            .unwrap();
+        store.append_messages(vec![message(conversation, 1)]).await.unwrap();
         store.close().await.unwrap();
         assert!(matches!(
             store.append_messages(vec![message(conversation, 2)]).await,

@@ -14,8 +14,7 @@ use async_trait::async_trait;
 use std::collections::HashMap;
 
 pub use records::{
-    DeviceRecord, GroupEvent, GroupRecord, MemberRecord, MessageRecord, NewUser, Role, StoredSend,
-    UserRecord,
+    DeviceRecord, GroupEvent, GroupRecord, MemberRecord, MessageRecord, NewUser, Role, StoredSend, UserRecord,
 };
 
 /// Why a store operation failed.
@@ -68,11 +67,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Creates or replaces a device.
     async fn put_device(&self, device: DeviceRecord) -> Result<(), StoreError>;
 
-    async fn device(
-        &self,
-        user: UserId,
-        device: DeviceId,
-    ) -> Result<Option<DeviceRecord>, StoreError>;
+    async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
 
     /// Removes a device; returns whether it existed.
     async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError>;
@@ -100,11 +95,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError>;
 
     /// A user's membership of a group, current or past.
-    async fn member(
-        &self,
-        group: GroupId,
-        user: UserId,
-    ) -> Result<Option<MemberRecord>, StoreError>;
+    async fn member(&self, group: GroupId, user: UserId) -> Result<Option<MemberRecord>, StoreError>;
 
     /// Current members with a user id above `after`, by user id; and whether more follow.
     async fn members_page(

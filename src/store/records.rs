@@ -127,18 +127,12 @@ impl From<&GroupEvent> for v1::GroupEvent {
                 title: title.clone(),
                 members: ids(members),
             }),
-            GroupEvent::MembersAdded(users) => Kind::MembersAdded(v1::MembersAdded {
-                user_ids: ids(users),
-            }),
-            GroupEvent::MemberRemoved(user) => Kind::MemberRemoved(v1::MemberRemoved {
-                user_id: user.get(),
-            }),
+            GroupEvent::MembersAdded(users) => Kind::MembersAdded(v1::MembersAdded { user_ids: ids(users) }),
+            GroupEvent::MemberRemoved(user) => Kind::MemberRemoved(v1::MemberRemoved { user_id: user.get() }),
             GroupEvent::MemberLeft { new_owner } => Kind::MemberLeft(v1::MemberLeft {
                 new_owner_user_id: new_owner.map_or(0, UserId::get),
             }),
-            GroupEvent::Renamed(title) => Kind::Renamed(v1::GroupRenamed {
-                title: title.clone(),
-            }),
+            GroupEvent::Renamed(title) => Kind::Renamed(v1::GroupRenamed { title: title.clone() }),
             GroupEvent::RoleChanged(user, role) => Kind::RoleChanged(v1::RoleChanged {
                 user_id: user.get(),
                 role: v1::Role::from(*role) as i32,
@@ -164,10 +158,9 @@ impl GroupEvent {
                 new_owner: UserId::new(left.new_owner_user_id),
             },
             Kind::Renamed(renamed) => Self::Renamed(renamed.title),
-            Kind::RoleChanged(changed) => Self::RoleChanged(
-                UserId::new(changed.user_id)?,
-                Role::from_proto(changed.role)?,
-            ),
+            Kind::RoleChanged(changed) => {
+                Self::RoleChanged(UserId::new(changed.user_id)?, Role::from_proto(changed.role)?)
+            }
         })
     }
 }

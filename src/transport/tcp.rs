@@ -70,12 +70,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: tokio::net::TcpListener) {
     }
 }
 
-async fn serve(
-    shard: Rc<Shard>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-) {
+async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permit: tokio::sync::OwnedSemaphorePermit) {
     let (read, write) = stream.into_split();
     let (outbound, queued) = mpsc::channel(shard.config.protocol.outbound_queue_frames);
     let writer = tokio::task::spawn_local(write_frames(write, queued));

@@ -17,22 +17,12 @@ pub fn config(data_dir: &Path, shards: usize, overrides: &[(&str, &str)]) -> Con
         ("CONFAB_SERVER__SHARDS".to_owned(), shards.to_string()),
         ("CONFAB_SERVER__PIN_THREADS".to_owned(), "false".to_owned()),
         ("CONFAB_SERVER__SHUTDOWN_GRACE".to_owned(), "1s".to_owned()),
-        (
-            "CONFAB_STORE__DATA_DIR".to_owned(),
-            data_dir.display().to_string(),
-        ),
+        ("CONFAB_STORE__DATA_DIR".to_owned(), data_dir.display().to_string()),
         // Cheaper hashing keeps the suite fast; the code path is the same.
-        (
-            "CONFAB_AUTH__ARGON2_MEMORY_KIB".to_owned(),
-            "1024".to_owned(),
-        ),
+        ("CONFAB_AUTH__ARGON2_MEMORY_KIB".to_owned(), "1024".to_owned()),
         ("CONFAB_AUTH__ARGON2_ITERATIONS".to_owned(), "1".to_owned()),
     ];
-    env.extend(
-        overrides
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-    );
+    env.extend(overrides.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     Config::load_from(None, env).unwrap()
 }
 
@@ -99,10 +89,7 @@ pub async fn new_user(addr: SocketAddr, prefix: &str) -> (Client, LoggedIn, Stri
 /// Another device of an existing user, connected and authenticated.
 pub async fn second_device(addr: SocketAddr, name: &str) -> (Client, LoggedIn) {
     let client = Client::connect(addr).await.unwrap();
-    let login = client
-        .log_in(name, PASSWORD, "second-device")
-        .await
-        .unwrap();
+    let login = client.log_in(name, PASSWORD, "second-device").await.unwrap();
     client
         .authenticate(&login.tokens.as_ref().unwrap().access_token)
         .await
@@ -113,18 +100,14 @@ pub async fn second_device(addr: SocketAddr, name: &str) -> (Client, LoggedIn) {
 /// The error code of a failed request.
 pub fn code<T: std::fmt::Debug>(result: Result<T, ClientError>) -> confab_client::proto::ErrorCode {
     match result {
-        Err(err) => err
-            .code()
-            .unwrap_or_else(|| panic!("not a server error: {err}")),
+        Err(err) => err.code().unwrap_or_else(|| panic!("not a server error: {err}")),
         Ok(value) => panic!("expected an error, got {value:?}"),
     }
 }
 
 /// Awaits `future`, failing the test if it takes longer than `limit`.
 pub async fn within<T>(limit: Duration, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(limit, future)
-        .await
-        .expect("timed out")
+    tokio::time::timeout(limit, future).await.expect("timed out")
 }
 
 /// Polls `check` until it returns true or the deadline passes.
@@ -215,10 +198,7 @@ impl RawConnection {
     pub async fn expect_closed(&mut self) {
         while let Some(frame) = self.recv().await {
             assert!(
-                !matches!(
-                    frame.kind,
-                    Some(confab_client::proto::server_frame::Kind::Message(_))
-                ),
+                !matches!(frame.kind, Some(confab_client::proto::server_frame::Kind::Message(_))),
                 "unexpected frame before close: {frame:?}"
             );
         }
