@@ -33,6 +33,7 @@ async fn a_peer_that_stops_reading_is_cut_off_and_nobody_else_waits() {
             2,
             Kind::Authenticate(Authenticate {
                 access_token: bob_login.tokens.unwrap().access_token,
+                resume: None,
             }),
         )
         .await;

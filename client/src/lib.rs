@@ -238,9 +238,84 @@ impl Client {
     pub async fn authenticate(&self, access_token: &str) -> Result<v1::Authenticated, ClientError> {
         let request = client_frame::Kind::Authenticate(v1::Authenticate {
             access_token: access_token.into(),
+            resume: None,
         });
         match self.request(request).await? {
             server_frame::Kind::Authenticated(authenticated) => Ok(authenticated),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Authenticates and resumes: the server first pushes what the device missed
+    /// since `sync_token` (and `cursors`), then replies, then pushes live messages.
+    pub async fn authenticate_resume(
+        &self,
+        access_token: &str,
+        sync_token: &str,
+        cursors: &[(String, u64)],
+    ) -> Result<v1::Authenticated, ClientError> {
+        let request = client_frame::Kind::Authenticate(v1::Authenticate {
+            access_token: access_token.into(),
+            resume: Some(v1::Resume {
+                sync_token: sync_token.into(),
+                cursors: conversation_cursors(cursors),
+            }),
+        });
+        match self.request(request).await? {
+            server_frame::Kind::Authenticated(authenticated) => Ok(authenticated),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// What this device has not seen, across all its conversations.
+    pub async fn sync(
+        &self,
+        sync_token: &str,
+        cursors: &[(String, u64)],
+        limit: u32,
+    ) -> Result<v1::SyncResult, ClientError> {
+        let request = client_frame::Kind::Sync(v1::Sync {
+            sync_token: sync_token.into(),
+            cursors: conversation_cursors(cursors),
+            limit,
+        });
+        match self.request(request).await? {
+            server_frame::Kind::SyncResult(result) => Ok(result),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One page of the user's conversations, most recently active first.
+    pub async fn list_conversations(&self, page_token: &str, limit: u32) -> Result<v1::ConversationList, ClientError> {
+        let request = client_frame::Kind::ListConversations(v1::ListConversations {
+            page_token: page_token.into(),
+            limit,
+        });
+        match self.request(request).await? {
+            server_frame::Kind::ConversationList(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn mark_delivered(&self, conversation_id: &str, seq: u64) -> Result<v1::Receipt, ClientError> {
+        self.receipt(client_frame::Kind::MarkDelivered(v1::MarkDelivered {
+            conversation_id: conversation_id.into(),
+            seq,
+        }))
+        .await
+    }
+
+    pub async fn mark_read(&self, conversation_id: &str, seq: u64) -> Result<v1::Receipt, ClientError> {
+        self.receipt(client_frame::Kind::MarkRead(v1::MarkRead {
+            conversation_id: conversation_id.into(),
+            seq,
+        }))
+        .await
+    }
+
+    async fn receipt(&self, request: client_frame::Kind) -> Result<v1::Receipt, ClientError> {
+        match self.request(request).await? {
+            server_frame::Kind::Receipt(receipt) => Ok(receipt),
             other => Err(unexpected(other)),
         }
     }
@@ -546,6 +621,16 @@ async fn heartbeat(outbound: mpsc::UnboundedSender<Bytes>, interval: Duration) {
             return;
         }
     }
+}
+
+fn conversation_cursors(cursors: &[(String, u64)]) -> Vec<v1::ConversationCursor> {
+    cursors
+        .iter()
+        .map(|(conversation_id, seq)| v1::ConversationCursor {
+            conversation_id: conversation_id.clone(),
+            seq: *seq,
+        })
+        .collect()
 }
 
 fn server_error(error: v1::Error) -> ClientError {

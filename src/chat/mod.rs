@@ -7,11 +7,13 @@
 
 mod group;
 mod sequencer;
+mod sync;
 
 pub use group::{GroupCommand, GroupState};
 pub use sequencer::{
     Admission, Append, Assigned, Check, CheckResult, Content, Outcome, SendKey, Sequencer, SequencerLimits,
 };
+pub use sync::{Cursors, MalformedToken, Plan, Planned, plan};
 
 use crate::protocol::{ErrorCode, ErrorKind, push_frame};
 use crate::store::{MessageRecord, StoreError};

@@ -2,9 +2,9 @@
 //! already parsed into domain types.
 
 use crate::auth::{Password, Username};
-use crate::chat::Append;
+use crate::chat::{Append, Cursors};
 use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
-use crate::store::HistoryRange;
+use crate::store::{HistoryRange, Marks};
 
 /// A command and the request id its reply must echo.
 #[derive(Debug)]
@@ -26,6 +26,8 @@ pub enum Command {
     },
     Authenticate {
         access_token: String,
+        /// Where a reconnecting device stands: replay what it missed first.
+        resume: Option<Cursors>,
     },
     RefreshToken {
         refresh_token: String,
@@ -51,6 +53,23 @@ pub enum Command {
         after: Option<UserId>,
         limit: usize,
     },
+    Sync {
+        user: UserId,
+        cursors: Cursors,
+        limit: usize,
+    },
+    ListConversations {
+        user: UserId,
+        /// Last activity and id of the previous page's last conversation.
+        after: Option<(u64, ConversationId)>,
+        limit: usize,
+    },
+    Mark {
+        conversation: ConversationId,
+        user: UserId,
+        device: DeviceId,
+        marks: Marks,
+    },
 }
 
 impl Command {
@@ -60,7 +79,13 @@ impl Command {
     pub fn is_pipelined(&self) -> bool {
         matches!(
             self,
-            Self::Append(_) | Self::History { .. } | Self::GetUser { .. } | Self::ListMembers { .. }
+            Self::Append(_)
+                | Self::History { .. }
+                | Self::GetUser { .. }
+                | Self::ListMembers { .. }
+                | Self::Sync { .. }
+                | Self::ListConversations { .. }
+                | Self::Mark { .. }
         )
     }
 }

@@ -9,6 +9,6 @@ mod session;
 
 pub use command::{Command, Request};
 pub use reply::{ErrorKind, error_frame, push_frame};
-pub use session::{Session, SessionLimits, Step};
+pub use session::{Session, SessionLimits, Step, encode_page_token};
 
 pub use confab_proto::v1::ErrorCode;

@@ -9,9 +9,9 @@
 use super::command::{Command, Request};
 use super::reply::error_frame;
 use crate::auth::{Identity, Password, Username, device_name};
-use crate::chat::{Append, Content, GroupCommand};
+use crate::chat::{Append, Content, Cursors, GroupCommand};
 use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
-use crate::store::{HistoryRange, Role};
+use crate::store::{HistoryRange, Marks, Role};
 use confab_proto::FrameError;
 use confab_proto::v1::{
     self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref, server_frame,
@@ -254,8 +254,13 @@ impl Session {
                 if self.identity.is_some() {
                     return reject(ErrorCode::BadRequest, "already authenticated; log out first");
                 }
+                let resume = match authenticate.resume {
+                    Some(resume) => Some(cursors(&resume.sync_token, resume.cursors)?),
+                    None => None,
+                };
                 Parsed::Run(Command::Authenticate {
                     access_token: authenticate.access_token,
+                    resume,
                 })
             }
             K::RefreshToken(refresh) => Parsed::Run(Command::RefreshToken {
@@ -317,6 +322,41 @@ impl Session {
                 let command = GroupCommand::SetRole(user_id(set_role.user_id)?, role);
                 self.group_change(&set_role.conversation_id, set_role.client_msg_id, command)?
             }
+            K::Sync(sync) => {
+                let (user, _) = self.require_identity()?;
+                Parsed::Run(Command::Sync {
+                    user,
+                    cursors: cursors(&sync.sync_token, sync.cursors)?,
+                    limit: page_limit(sync.limit, DEFAULT_SYNC_LIMIT, MAX_SYNC_LIMIT),
+                })
+            }
+            K::ListConversations(list) => {
+                let (user, _) = self.require_identity()?;
+                let after = match list.page_token.as_str() {
+                    "" => None,
+                    token => Some(page_token(token)?),
+                };
+                Parsed::Run(Command::ListConversations {
+                    user,
+                    after,
+                    limit: page_limit(list.limit, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT),
+                })
+            }
+            K::MarkDelivered(mark) => self.mark(
+                &mark.conversation_id,
+                Marks {
+                    delivered_seq: mark.seq,
+                    read_seq: 0,
+                },
+            )?,
+            K::MarkRead(mark) => self.mark(
+                &mark.conversation_id,
+                Marks {
+                    // What was read was delivered.
+                    delivered_seq: mark.seq,
+                    read_seq: mark.seq,
+                },
+            )?,
             K::ListMembers(list) => {
                 let (reader, _) = self.require_identity()?;
                 let group = group_id(&list.conversation_id)?;
@@ -372,6 +412,20 @@ impl Session {
             client_msg_id,
             content,
         })))
+    }
+
+    fn mark(&self, conversation_id: &str, marks: Marks) -> Result<Parsed, Rejection> {
+        let (user, device) = self.require_identity()?;
+        let reference = v1::ConversationRef {
+            target: Some(conversation_ref::Target::ConversationId(conversation_id.to_owned())),
+        };
+        let conversation = self.conversation(Some(reference), user)?;
+        Ok(Parsed::Run(Command::Mark {
+            conversation,
+            user,
+            device,
+            marks,
+        }))
     }
 
     fn group_change(
@@ -478,6 +532,43 @@ impl Session {
 enum Parsed {
     Reply(server_frame::Kind),
     Run(Command),
+}
+
+/// Default and largest Sync reply (messages) and ListConversations page.
+const DEFAULT_SYNC_LIMIT: usize = 500;
+const MAX_SYNC_LIMIT: usize = 1000;
+const DEFAULT_LIST_LIMIT: usize = 50;
+const MAX_LIST_LIMIT: usize = 200;
+
+fn page_limit(requested: u32, default: usize, max: usize) -> usize {
+    match requested {
+        0 => default,
+        limit => (limit as usize).min(max),
+    }
+}
+
+/// A device's cursors: its sync token merged with explicit cursors.
+fn cursors(token: &str, explicit: Vec<v1::ConversationCursor>) -> Result<Cursors, Rejection> {
+    let mut cursors = Cursors::from_token(token).or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?;
+    for cursor in explicit {
+        let conversation = ConversationId::parse(&cursor.conversation_id)
+            .or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?;
+        cursors.advance(conversation, cursor.seq);
+    }
+    Ok(cursors)
+}
+
+/// ListConversations page tokens: `<last activity ms>.<conversation id>`.
+pub fn encode_page_token(last_activity_ms: u64, conversation: ConversationId) -> String {
+    format!("{last_activity_ms}.{conversation}")
+}
+
+fn page_token(token: &str) -> Result<(u64, ConversationId), Rejection> {
+    let malformed = || Rejection(ErrorCode::BadRequest, "malformed page token".into());
+    let (time, conversation) = token.split_once('.').ok_or_else(malformed)?;
+    let time = time.parse().map_err(|_| malformed())?;
+    let conversation = ConversationId::parse(conversation).map_err(|_| malformed())?;
+    Ok((time, conversation))
 }
 
 /// Default and largest ListMembers page.

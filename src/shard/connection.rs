@@ -15,12 +15,13 @@
 //! than three heartbeat intervals.
 
 use super::Shard;
+use super::catch_up;
 use super::mesh::ShardMsg;
-use super::sessions::{Kick, SessionHandle};
+use super::sessions::{Held, Kick, SessionHandle};
 use crate::auth::{AuthError, Grant};
-use crate::chat::{ChatError, Content, GroupCommand, message_proto};
+use crate::chat::{ChatError, Content, Cursors, GroupCommand, message_proto};
 use crate::ids::{ConversationId, GroupId, UserId};
-use crate::protocol::{Command, ErrorCode, ErrorKind, Request, Session, Step, error_frame};
+use crate::protocol::{Command, ErrorCode, ErrorKind, Request, Session, Step, error_frame, push_frame};
 use crate::store::HistoryPage;
 use crate::store::HistoryRange;
 use bytes::Bytes;
@@ -28,6 +29,7 @@ use confab_proto::v1::{self, ServerFrame, server_frame::Kind};
 use confab_proto::{FrameError, ProstMessage as _, encode_frame};
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt as _};
+use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -36,6 +38,9 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Room kept in a History page for everything but the messages.
 const PAGE_OVERHEAD_BYTES: usize = 1024;
+/// Messages a resuming device is sent before `Authenticated`; beyond it the reply
+/// says `recovered = false` and the device syncs the rest.
+const MAX_REPLAY_MESSAGES: usize = 1000;
 
 /// Why a transport could not produce the next frame.
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +229,29 @@ impl Connection {
                     Err(err) => failure(id, &err),
                 }
             }),
+            Command::Sync { user, cursors, limit } => Box::pin(async move {
+                match catch_up::sync(&shard, user, cursors, limit).await {
+                    Ok(result) => reply_frame(id, Kind::SyncResult(result)),
+                    Err(err) => failure(id, &err),
+                }
+            }),
+            Command::ListConversations { user, after, limit } => Box::pin(async move {
+                match catch_up::list_conversations(&shard, user, after, limit).await {
+                    Ok(list) => reply_frame(id, Kind::ConversationList(list)),
+                    Err(err) => failure(id, &err),
+                }
+            }),
+            Command::Mark {
+                conversation,
+                user,
+                device,
+                marks,
+            } => Box::pin(async move {
+                match catch_up::mark(&shard, conversation, user, device, marks).await {
+                    Ok(receipt) => reply_frame(id, Kind::Receipt(receipt)),
+                    Err(err) => failure(id, &err),
+                }
+            }),
             Command::ListMembers {
                 group,
                 reader,
@@ -281,16 +309,23 @@ impl Connection {
                     tokens: Some(tokens(grant)),
                 })
             }),
-            Command::Authenticate { access_token } => match accounts.authenticate(&access_token).await {
+            Command::Authenticate { access_token, resume } => match accounts.authenticate(&access_token).await {
                 Ok(identity) => {
-                    let reply = Kind::Authenticated(v1::Authenticated {
-                        user_id: identity.user.get(),
+                    // A resuming session holds live pushes until its replay is out.
+                    let held: Held = Rc::new(RefCell::new(resume.is_some().then(Vec::new)));
+                    self.register(&identity, held.clone()).await;
+                    let user = identity.user;
+                    let reply = v1::Authenticated {
+                        user_id: user.get(),
                         device_id: identity.device.get(),
                         username: identity.username.clone(),
-                    });
-                    self.register(&identity).await;
+                        ..v1::Authenticated::default()
+                    };
                     self.session.authenticated(identity);
-                    Ok(reply)
+                    return match resume {
+                        Some(cursors) => self.resume(id, reply, user, cursors, held).await,
+                        None => self.send(&reply_frame(id, Kind::Authenticated(reply))).await,
+                    };
                 }
                 Err(err) => Err(err),
             },
@@ -337,7 +372,7 @@ impl Connection {
 
     /// Makes this connection reachable for pushes, on every shard's directory,
     /// before the client hears it is authenticated.
-    async fn register(&mut self, identity: &crate::auth::Identity) {
+    async fn register(&mut self, identity: &crate::auth::Identity, held: Held) {
         self.shard.sessions.borrow_mut().add(
             identity.user,
             SessionHandle {
@@ -345,6 +380,7 @@ impl Connection {
                 device: identity.device,
                 outbound: self.outbound.clone(),
                 kick: self.kick.clone(),
+                held,
             },
         );
         self.registered = Some(identity.user);
@@ -352,6 +388,49 @@ impl Connection {
             // Fails only if a shard stopped, i.e. during shutdown.
             let _ = applied.await;
         }
+    }
+
+    /// Pushes what a resuming device missed, then the Authenticated reply, then the
+    /// live pushes held meanwhile that the replay did not already cover. Live
+    /// pushes were held from before the replay read the store, so together they
+    /// leave no gap, and the cursor check leaves no duplicate.
+    async fn resume(
+        &mut self,
+        id: u64,
+        mut reply: v1::Authenticated,
+        user: UserId,
+        cursors: Cursors,
+        held: Held,
+    ) -> Flow {
+        let cursors =
+            match catch_up::catch_up(&self.shard, user, cursors.clone(), MAX_REPLAY_MESSAGES, usize::MAX).await {
+                Ok(replay) => {
+                    let messages = replay.conversations.into_iter().flat_map(|state| state.messages);
+                    for message in messages {
+                        let flow = self.send(&push_frame(Kind::Message(message))).await;
+                        if !matches!(flow, Flow::Continue) {
+                            return flow;
+                        }
+                        reply.replayed += 1;
+                    }
+                    reply.recovered = !replay.has_more;
+                    replay.cursors
+                }
+                Err(err) => {
+                    tracing::error!(peer = %self.peer, error = %err, "replay failed; the device must sync");
+                    cursors
+                }
+            };
+        reply.sync_token = cursors.to_token();
+        let flow = self.send(&reply_frame(id, Kind::Authenticated(reply))).await;
+        let live = held.borrow_mut().take().unwrap_or_default();
+        for (conversation, seq, frame) in live {
+            if seq > cursors.seq(conversation) && self.outbound.try_send(frame).is_err() {
+                tracing::warn!(peer = %self.peer, "slow consumer while resuming; closing");
+                return Flow::Abandon("slow consumer");
+            }
+        }
+        flow
     }
 
     fn unregister(&mut self) {

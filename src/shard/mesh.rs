@@ -6,7 +6,7 @@
 
 use super::ShardId;
 use crate::chat::{Append, ChatError, SendAck};
-use crate::ids::{ConversationId, DeviceId, UserId};
+use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use bytes::Bytes;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -35,6 +35,8 @@ pub enum ShardMsg {
 /// One encoded frame for the sessions of some users on one shard.
 #[derive(Debug, Clone)]
 pub struct Delivery {
+    pub conversation: ConversationId,
+    pub seq: Seq,
     pub frame: Bytes,
     pub users: Arc<[UserId]>,
     /// The device that sent it: it gets a SendAck instead.

@@ -15,6 +15,7 @@
 //! accept loops and ends every connection (after its in-flight requests finish);
 //! once every shard has drained, `stop` ends the mailbox loops and committers.
 
+mod catch_up;
 mod connection;
 mod directory;
 mod mesh;

@@ -160,6 +160,8 @@ async fn fan_out(shard: &Rc<Shard>, batch: Vec<Assigned<AppendReply>>) {
         for (deliveries, users) in per_shard.iter_mut().zip(users) {
             if !users.is_empty() {
                 deliveries.push(Delivery {
+                    conversation: record.conversation,
+                    seq: record.seq,
                     frame: frame.clone(),
                     users: users.into(),
                     skip_device,

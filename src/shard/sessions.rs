@@ -5,7 +5,7 @@
 //! catches up from history) so one stalled phone cannot hold up a shard.
 
 use super::mesh::Delivery;
-use crate::ids::{DeviceId, UserId};
+use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use crate::protocol::{ErrorCode, error_frame};
 use bytes::Bytes;
 use confab_proto::v1::ServerFrame;
@@ -38,12 +38,20 @@ impl Kick {
     }
 }
 
+/// Pushes held back while a resuming session replays what it missed.
+pub type Held = Rc<RefCell<Option<Vec<(ConversationId, Seq, Bytes)>>>>;
+
+/// Pushes a resuming session may hold before it counts as a slow consumer.
+const MAX_HELD: usize = 4096;
+
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     pub session_id: u64,
     pub device: DeviceId,
     pub outbound: mpsc::Sender<Bytes>,
     pub kick: Rc<Kick>,
+    /// `Some` while the session replays: live pushes wait here.
+    pub held: Held,
 }
 
 #[derive(Debug, Default)]
@@ -86,6 +94,12 @@ impl LocalSessions {
             for handle in self.by_user.get(user).into_iter().flatten() {
                 if delivery.skip_device == Some((*user, handle.device)) {
                     continue;
+                }
+                if let Some(held) = handle.held.borrow_mut().as_mut() {
+                    if held.len() < MAX_HELD {
+                        held.push((delivery.conversation, delivery.seq, delivery.frame.clone()));
+                        continue;
+                    }
                 }
                 if handle.outbound.try_send(delivery.frame.clone()).is_err() {
                     tracing::warn!(user = %user, session = handle.session_id, "slow consumer: closing session");

@@ -22,6 +22,10 @@
 //! - `members`:   group id ++ user id → role and, for a former member, the seq it
 //!   left at. Both are projections of the group events in `messages`, written in
 //!   the same batch as the event, so they never disagree with history.
+//! - `heads`:     conversation key → last seq ++ its server time
+//! - `user_convs`: user id ++ conversation key → the seq the user left at (0 while
+//!   in it): the index Sync and ListConversations start from
+//! - `marks`:     conversation key ++ user id ++ device id → delivered ++ read seq
 //!
 //! All writes go through one writer thread, which drains whatever is queued (up to
 //! `max_batch` jobs), commits it as one atomic fjall batch, then persists once:
@@ -34,8 +38,8 @@
 //! Reads run on the blocking pool, never on a shard thread.
 
 use super::{
-    DeviceRecord, GroupEvent, GroupRecord, HistoryPage, HistoryRange, MemberRecord, MessageRecord, NewUser, Role,
-    Store, StoreError, StoredSend, UserRecord,
+    ConversationHead, DeviceRecord, GroupEvent, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord,
+    MessageRecord, NewUser, Role, Store, StoreError, StoredSend, UserRecord,
 };
 use crate::config::{Durability, StoreConfig};
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
@@ -66,6 +70,9 @@ struct Inner {
     sends: Keyspace,
     groups: Keyspace,
     members: Keyspace,
+    heads: Keyspace,
+    user_convs: Keyspace,
+    marks: Keyspace,
 }
 
 impl std::fmt::Debug for Inner {
@@ -82,6 +89,7 @@ enum WriteJob {
     DeleteDevice(UserId, DeviceId, Reply<bool>),
     Append(Vec<MessageRecord>, Reply<()>),
     Purge(Vec<fjall::UserKey>, Reply<usize>),
+    Mark(ConversationId, UserId, DeviceId, Marks, Reply<(Marks, bool)>),
     Close(Reply<()>),
 }
 
@@ -100,6 +108,9 @@ impl EmbeddedStore {
             sends: keyspace("sends")?,
             groups: keyspace("groups")?,
             members: keyspace("members")?,
+            heads: keyspace("heads")?,
+            user_convs: keyspace("user_convs")?,
+            marks: keyspace("marks")?,
             db,
         });
         let (writer, jobs) = mpsc::channel(WRITE_QUEUE);
@@ -311,6 +322,53 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn conversations(&self, user: UserId) -> Result<Vec<ConversationHead>, StoreError> {
+        self.read(move |inner| {
+            let mut heads = Vec::new();
+            for guard in inner.user_convs.prefix(user.get().to_be_bytes()) {
+                let (key, value) = guard.into_inner().map_err(fjall_error)?;
+                let conversation = conversation_of_key(key.get(8..).unwrap_or_default())?;
+                let Some(head) = inner.heads.get(conversation.to_key()).map_err(fjall_error)? else {
+                    continue;
+                };
+                let (last_seq, last_time_ms) = decode_pair(&head)?;
+                let left = value.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+                let left_seq = left.ok_or_else(|| StoreError::Corrupt("user conversation entry".into()))?;
+                let left_seq = (left_seq != 0).then_some(left_seq);
+                let read_seq = inner.user_marks(conversation, user)?.read_seq;
+                let title = match conversation {
+                    ConversationId::Group(group) => inner
+                        .groups
+                        .get(group.get().to_be_bytes())
+                        .map_err(fjall_error)?
+                        .map(|title| String::from_utf8_lossy(&title).into_owned()),
+                    ConversationId::Direct { .. } => None,
+                };
+                heads.push(ConversationHead {
+                    conversation,
+                    last_seq: left_seq.map_or(last_seq, |left| left.min(last_seq)),
+                    last_time_ms,
+                    left_seq,
+                    read_seq,
+                    title,
+                });
+            }
+            Ok(heads)
+        })
+        .await
+    }
+
+    async fn mark(
+        &self,
+        conversation: ConversationId,
+        user: UserId,
+        device: DeviceId,
+        marks: Marks,
+    ) -> Result<(Marks, bool), StoreError> {
+        self.write(|reply| WriteJob::Mark(conversation, user, device, marks, reply))
+            .await
+    }
+
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
         self.read(
             move |inner| match inner.messages.prefix(conversation.to_key()).next_back() {
@@ -342,6 +400,19 @@ impl Store for EmbeddedStore {
 }
 
 impl Inner {
+    /// A user's receipt watermarks across its devices.
+    fn user_marks(&self, conversation: ConversationId, user: UserId) -> Result<Marks, StoreError> {
+        let mut prefix = conversation.to_key().as_ref().to_vec();
+        prefix.extend_from_slice(&user.get().to_be_bytes());
+        let mut marks = Marks::default();
+        for guard in self.marks.prefix(prefix) {
+            let (delivered_seq, read_seq) = decode_pair(&guard.value().map_err(fjall_error)?)?;
+            marks.delivered_seq = marks.delivered_seq.max(delivered_seq);
+            marks.read_seq = marks.read_seq.max(read_seq);
+        }
+        Ok(marks)
+    }
+
     fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
         let Some(bytes) = self.users.get(id.get().to_be_bytes()).map_err(fjall_error)? else {
             return Ok(None);
@@ -435,6 +506,7 @@ impl Writer {
         let mut closers: Vec<Reply<()>> = Vec::new();
         let mut new_names = HashSet::new();
         let mut new_ids = HashSet::new();
+        let mut marks_in_batch = HashMap::new();
         for job in jobs {
             if self.closed || !closers.is_empty() {
                 answers.push(refuse_job(job, StoreError::Closed));
@@ -480,6 +552,19 @@ impl Writer {
                     }
                 }
                 WriteJob::Append(messages, reply) => {
+                    for message in &messages {
+                        let mut head = [0u8; 16];
+                        head[..8].copy_from_slice(&message.seq.to_be_bytes());
+                        head[8..].copy_from_slice(&message.server_time_ms.to_be_bytes());
+                        batch.insert(&self.inner.heads, message.conversation.to_key().as_ref(), head);
+                        for member in message.conversation.direct_members() {
+                            batch.insert(
+                                &self.inner.user_convs,
+                                user_conv_key(member, message.conversation),
+                                [0u8; 8],
+                            );
+                        }
+                    }
                     for message in messages {
                         let key = message_key(message.conversation, message.seq);
                         if let (ConversationId::Group(group), Some(event)) = (message.conversation, &message.event) {
@@ -501,6 +586,12 @@ impl Writer {
                         batch.insert(&self.inner.sends, send, value);
                     }
                     on_commit(reply, ())
+                }
+                WriteJob::Mark(conversation, user, device, raised, reply) => {
+                    match self.stage_mark(&mut batch, &mut marks_in_batch, conversation, user, device, raised) {
+                        Ok(outcome) => on_commit(reply, outcome),
+                        Err(err) => refuse(reply, err),
+                    }
                 }
                 WriteJob::Purge(keys, reply) => {
                     let count = keys.len();
@@ -573,6 +664,50 @@ impl Writer {
         })
     }
 
+    /// Raises one device's watermarks; `pending` holds marks staged earlier in this
+    /// batch, which reads of the database do not see yet.
+    fn stage_mark(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        pending: &mut HashMap<Vec<u8>, Marks>,
+        conversation: ConversationId,
+        user: UserId,
+        device: DeviceId,
+        raised: Marks,
+    ) -> Result<(Marks, bool), StoreError> {
+        let mut key = conversation.to_key().as_ref().to_vec();
+        key.extend_from_slice(&user.get().to_be_bytes());
+        let before_user = self.inner.user_marks(conversation, user)?;
+        let before_user = pending
+            .iter()
+            .filter(|(other, _)| other.starts_with(&key))
+            .fold(before_user, |acc, (_, marks)| max_marks(acc, *marks));
+        key.extend_from_slice(&device.get().to_be_bytes());
+        let stored = match pending.get(&key) {
+            Some(marks) => *marks,
+            None => match self.inner.marks.get(&key).map_err(fjall_error)? {
+                Some(value) => {
+                    let (delivered_seq, read_seq) = decode_pair(&value)?;
+                    Marks {
+                        delivered_seq,
+                        read_seq,
+                    }
+                }
+                None => Marks::default(),
+            },
+        };
+        let updated = max_marks(stored, raised);
+        if updated != stored {
+            let mut value = [0u8; 16];
+            value[..8].copy_from_slice(&updated.delivered_seq.to_be_bytes());
+            value[8..].copy_from_slice(&updated.read_seq.to_be_bytes());
+            batch.insert(&self.inner.marks, key.clone(), value);
+            pending.insert(key, updated);
+        }
+        let after_user = max_marks(before_user, updated);
+        Ok((after_user, after_user != before_user))
+    }
+
     /// Updates the group projections for an event sent by `actor` at `seq`.
     fn stage_group_event(
         &self,
@@ -582,12 +717,15 @@ impl Writer {
         seq: Seq,
         event: &GroupEvent,
     ) {
+        let conversation = ConversationId::Group(group);
         let mut put = |user: UserId, role: Role, left_seq: Option<Seq>| {
             batch.insert(
                 &self.inner.members,
                 member_key(group, user),
                 encode_member(MemberRecord { role, left_seq }),
             );
+            let left = left_seq.unwrap_or(0).to_be_bytes();
+            batch.insert(&self.inner.user_convs, user_conv_key(user, conversation), left);
         };
         match event {
             GroupEvent::Created { members, .. } => {
@@ -635,6 +773,7 @@ fn refuse_job(job: WriteJob, err: StoreError) -> Answer {
         WriteJob::PutDevice(_, reply) | WriteJob::Append(_, reply) | WriteJob::Close(reply) => refuse(reply, err),
         WriteJob::DeleteDevice(_, _, reply) => refuse(reply, err),
         WriteJob::Purge(_, reply) => refuse(reply, err),
+        WriteJob::Mark(.., reply) => refuse(reply, err),
     }
 }
 
@@ -710,6 +849,42 @@ fn message_key(conversation: ConversationId, seq: Seq) -> Vec<u8> {
     key.extend_from_slice(prefix.as_ref());
     key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+fn max_marks(a: Marks, b: Marks) -> Marks {
+    Marks {
+        delivered_seq: a.delivered_seq.max(b.delivered_seq),
+        read_seq: a.read_seq.max(b.read_seq),
+    }
+}
+
+fn user_conv_key(user: UserId, conversation: ConversationId) -> Vec<u8> {
+    let mut key = user.get().to_be_bytes().to_vec();
+    key.extend_from_slice(conversation.to_key().as_ref());
+    key
+}
+
+/// The conversation a key (from `to_key`) names.
+fn conversation_of_key(key: &[u8]) -> Result<ConversationId, StoreError> {
+    let id = |range: std::ops::Range<usize>| key.get(range).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+    let parsed = match (key.first(), key.len()) {
+        (Some(b'd'), 17) => id(1..9)
+            .and_then(UserId::new)
+            .zip(id(9..17).and_then(UserId::new))
+            .map(|(low, high)| ConversationId::Direct { low, high }),
+        (Some(b'g'), 9) => id(1..9).and_then(GroupId::new).map(ConversationId::Group),
+        _ => None,
+    };
+    parsed.ok_or_else(|| StoreError::Corrupt("conversation key".into()))
+}
+
+/// Two big-endian u64s.
+fn decode_pair(value: &[u8]) -> Result<(u64, u64), StoreError> {
+    let field =
+        |range: std::ops::Range<usize>| value.get(range).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+    field(0..8)
+        .zip(field(8..16))
+        .ok_or_else(|| StoreError::Corrupt("pair of u64".into()))
 }
 
 fn member_key(group: GroupId, user: UserId) -> [u8; 16] {

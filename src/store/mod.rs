@@ -14,7 +14,8 @@ use async_trait::async_trait;
 use std::collections::HashMap;
 
 pub use records::{
-    DeviceRecord, GroupEvent, GroupRecord, MemberRecord, MessageRecord, NewUser, Role, StoredSend, UserRecord,
+    ConversationHead, DeviceRecord, GroupEvent, GroupRecord, Marks, MemberRecord, MessageRecord, NewUser, Role,
+    StoredSend, UserRecord,
 };
 
 /// Why a store operation failed.
@@ -104,6 +105,21 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         after: Option<UserId>,
         limit: usize,
     ) -> Result<(Vec<(UserId, Role)>, bool), StoreError>;
+
+    /// Every conversation `user` takes or took part in that has messages, with its
+    /// head and the user's read watermark. Kept in the same commit as messages and
+    /// group events.
+    async fn conversations(&self, user: UserId) -> Result<Vec<ConversationHead>, StoreError>;
+
+    /// Raises a device's receipt watermarks (never lowers them); returns the
+    /// user's watermarks across all its devices, and whether they rose.
+    async fn mark(
+        &self,
+        conversation: ConversationId,
+        user: UserId,
+        device: DeviceId,
+        marks: Marks,
+    ) -> Result<(Marks, bool), StoreError>;
 
     /// Highest stored seq of a conversation, 0 when it has none.
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError>;

@@ -164,3 +164,26 @@ impl GroupEvent {
         })
     }
 }
+
+/// Where one of a user's conversations stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationHead {
+    pub conversation: ConversationId,
+    /// Highest seq the user may see: the conversation's last seq, or for a former
+    /// group member the seq that removed it.
+    pub last_seq: Seq,
+    pub last_time_ms: u64,
+    /// Set for a former group member.
+    pub left_seq: Option<Seq>,
+    /// The user's read watermark: the highest seq any of its devices marked read.
+    pub read_seq: Seq,
+    /// A group's title.
+    pub title: Option<String>,
+}
+
+/// One device's receipt watermarks in one conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Marks {
+    pub delivered_seq: Seq,
+    pub read_seq: Seq,
+}

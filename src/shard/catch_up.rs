@@ -1,0 +1,163 @@
+//! Catching a device up: Sync, ListConversations, receipt watermarks, and the
+//! replay that precedes live pushes when a device resumes.
+//!
+//! The planning is sans-IO ([`crate::chat::plan`]); this module reads the store and
+//! assembles replies within the frame limit.
+
+use super::Shard;
+use crate::chat::{ChatError, Cursors, message_proto, plan};
+use crate::ids::{ConversationId, DeviceId, UserId};
+use crate::protocol::encode_page_token;
+use crate::store::{ConversationHead, HistoryRange, Marks};
+use confab_proto::ProstMessage as _;
+use confab_proto::v1;
+
+/// Conversations reported by one Sync at most; more make `has_more`.
+const MAX_SYNC_CONVERSATIONS: usize = 500;
+/// Room kept in a reply frame for everything but the conversations.
+const REPLY_OVERHEAD_BYTES: usize = 4096;
+
+/// What a device missed, ready to send.
+#[derive(Debug)]
+pub(super) struct CatchUp {
+    pub conversations: Vec<v1::ConversationState>,
+    /// The device's cursors once it has everything in `conversations`.
+    pub cursors: Cursors,
+    pub has_more: bool,
+}
+
+/// Everything `user`'s device at `cursors` has not seen, up to `limit` messages and
+/// `max_bytes` of encoded conversations.
+pub(super) async fn catch_up(
+    shard: &Shard,
+    user: UserId,
+    mut cursors: Cursors,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<CatchUp, ChatError> {
+    let heads = shard.store.conversations(user).await?;
+    let plan = plan(heads, &cursors, MAX_SYNC_CONVERSATIONS, limit);
+    let mut has_more = plan.has_more;
+    let mut used = 0;
+    let mut conversations = Vec::with_capacity(plan.conversations.len());
+    for planned in plan.conversations {
+        let head = &planned.head;
+        let mut state = conversation_state(head);
+        if planned.take > 0 {
+            let page = shard
+                .store
+                .history(head.conversation, HistoryRange::After(planned.after), planned.take)
+                .await?;
+            for record in page.messages.iter().filter(|record| record.seq <= head.last_seq) {
+                let message = message_proto(record);
+                let size = message.encoded_len() + 8;
+                if used + size > max_bytes {
+                    has_more = true;
+                    break;
+                }
+                used += size;
+                cursors.advance(head.conversation, record.seq);
+                state.messages.push(message);
+            }
+        }
+        used += state.encoded_len();
+        if used > max_bytes && !conversations.is_empty() {
+            has_more = true;
+            break;
+        }
+        conversations.push(state);
+    }
+    Ok(CatchUp {
+        conversations,
+        cursors,
+        has_more,
+    })
+}
+
+/// Answers Sync.
+pub(super) async fn sync(
+    shard: &Shard,
+    user: UserId,
+    cursors: Cursors,
+    limit: usize,
+) -> Result<v1::SyncResult, ChatError> {
+    let max_bytes = shard.limits.max_frame_bytes.saturating_sub(REPLY_OVERHEAD_BYTES);
+    let caught_up = catch_up(shard, user, cursors, limit, max_bytes).await?;
+    Ok(v1::SyncResult {
+        conversations: caught_up.conversations,
+        sync_token: caught_up.cursors.to_token(),
+        has_more: caught_up.has_more,
+    })
+}
+
+/// Answers ListConversations: by last activity, newest first, after the page token.
+pub(super) async fn list_conversations(
+    shard: &Shard,
+    user: UserId,
+    after: Option<(u64, ConversationId)>,
+    limit: usize,
+) -> Result<v1::ConversationList, ChatError> {
+    let mut heads = shard.store.conversations(user).await?;
+    heads.sort_by(|a, b| {
+        b.last_time_ms
+            .cmp(&a.last_time_ms)
+            .then(a.conversation.cmp(&b.conversation))
+    });
+    // The page after (time, id) starts at the first conversation less active, or
+    // as active with a greater id.
+    let start = after.map_or(0, |(time, id)| {
+        heads
+            .iter()
+            .position(|head| head.last_time_ms < time || (head.last_time_ms == time && head.conversation > id))
+            .unwrap_or(heads.len())
+    });
+    let page: Vec<&ConversationHead> = heads.iter().skip(start).take(limit).collect();
+    let next_page_token = match page.last() {
+        Some(last) if start + page.len() < heads.len() => encode_page_token(last.last_time_ms, last.conversation),
+        _ => String::new(),
+    };
+    Ok(v1::ConversationList {
+        conversations: page.into_iter().map(conversation_state).collect(),
+        next_page_token,
+    })
+}
+
+/// Raises a device's receipt watermarks, bounded by what the user may see.
+pub(super) async fn mark(
+    shard: &Shard,
+    conversation: ConversationId,
+    user: UserId,
+    device: DeviceId,
+    marks: Marks,
+) -> Result<v1::Receipt, ChatError> {
+    let mut visible = shard.store.last_seq(conversation).await?;
+    if let ConversationId::Group(group) = conversation {
+        let member = shard.store.member(group, user).await?;
+        let member = member.ok_or(ChatError::Forbidden("not a member of this conversation"))?;
+        visible = member.left_seq.map_or(visible, |left| left.min(visible));
+    }
+    let bounded = Marks {
+        delivered_seq: marks.delivered_seq.min(visible),
+        read_seq: marks.read_seq.min(visible),
+    };
+    let (marks, _raised) = shard.store.mark(conversation, user, device, bounded).await?;
+    Ok(v1::Receipt {
+        conversation_id: conversation.to_string(),
+        user_id: user.get(),
+        delivered_seq: marks.delivered_seq,
+        read_seq: marks.read_seq,
+    })
+}
+
+fn conversation_state(head: &ConversationHead) -> v1::ConversationState {
+    v1::ConversationState {
+        conversation_id: head.conversation.to_string(),
+        title: head.title.clone().unwrap_or_default(),
+        last_seq: head.last_seq,
+        last_activity_ms: head.last_time_ms,
+        read_seq: head.read_seq,
+        unread_count: head.last_seq.saturating_sub(head.read_seq),
+        left: head.left_seq.is_some(),
+        messages: Vec::new(),
+    }
+}
