@@ -56,6 +56,9 @@ fn fan_out(c: &mut Criterion) {
         body: "x".repeat(200),
         server_time_ms: 1_700_000_000_000,
         event: None,
+        amends: None,
+        deleted: false,
+        edited_by: None,
     };
     recipients_group(c, "fan_out_encode_once", |n| {
         let frame = message_frame(black_box(&record));

@@ -392,6 +392,42 @@ impl Client {
         .await
     }
 
+    /// Replaces the body of one of this user's messages.
+    pub async fn edit_message(
+        &self,
+        conversation_id: &str,
+        client_msg_id: &str,
+        seq: u64,
+        body: &str,
+    ) -> Result<v1::SendAck, ClientError> {
+        self.ack(client_frame::Kind::EditMessage(v1::EditMessage {
+            conversation: Some(v1::ConversationRef {
+                target: Some(conversation_ref::Target::ConversationId(conversation_id.into())),
+            }),
+            client_msg_id: client_msg_id.into(),
+            seq,
+            body: body.into(),
+        }))
+        .await
+    }
+
+    /// Deletes one of this user's messages.
+    pub async fn delete_message(
+        &self,
+        conversation_id: &str,
+        client_msg_id: &str,
+        seq: u64,
+    ) -> Result<v1::SendAck, ClientError> {
+        self.ack(client_frame::Kind::DeleteMessage(v1::DeleteMessage {
+            conversation: Some(v1::ConversationRef {
+                target: Some(conversation_ref::Target::ConversationId(conversation_id.into())),
+            }),
+            client_msg_id: client_msg_id.into(),
+            seq,
+        }))
+        .await
+    }
+
     /// Creates a group; the ack names its conversation id. Retrying with the same
     /// `client_msg_id` returns the same ack.
     pub async fn create_group(

@@ -16,7 +16,7 @@ pub use sequencer::{
 pub use sync::{Cursors, MalformedToken, Plan, Planned, plan};
 
 use crate::protocol::{ErrorCode, ErrorKind, push_frame};
-use crate::store::{MessageRecord, StoreError};
+use crate::store::{Amendment, MessageRecord, StoreError};
 use bytes::Bytes;
 use confab_proto::v1::{self, server_frame};
 
@@ -34,6 +34,8 @@ pub enum ChatError {
     TooManyMembers { max: usize },
     #[error("the group already exists")]
     AlreadyExists,
+    #[error("no such message")]
+    UnknownMessage,
     #[error("the server is overloaded; retry later")]
     Overloaded,
     #[error("the server is shutting down")]
@@ -50,6 +52,7 @@ impl ErrorKind for ChatError {
             Self::BadRequest(_) => ErrorCode::BadRequest,
             Self::TooManyMembers { .. } => ErrorCode::TooLarge,
             Self::AlreadyExists => ErrorCode::AlreadyExists,
+            Self::UnknownMessage => ErrorCode::NotFound,
             Self::Overloaded | Self::ShuttingDown => ErrorCode::Unavailable,
             Self::Store(err) => err.code(),
         }
@@ -102,6 +105,16 @@ pub fn message_proto(record: &MessageRecord) -> v1::Message {
         body: record.body.clone(),
         server_time_ms: record.server_time_ms,
         event: record.event.as_ref().map(v1::GroupEvent::from),
+        edits_seq: match record.amends {
+            Some(Amendment::Edit(target)) => target,
+            _ => 0,
+        },
+        deletes_seq: match record.amends {
+            Some(Amendment::Delete(target)) => target,
+            _ => 0,
+        },
+        deleted: record.deleted,
+        edited_by_seq: record.edited_by.unwrap_or(0),
     }
 }
 

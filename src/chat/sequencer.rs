@@ -24,8 +24,8 @@ use super::ChatError;
 use super::group::{GroupCommand, GroupState};
 use crate::clock::unix_ms;
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
-use crate::store::{GroupEvent, GroupRecord, MessageRecord, StoredSend};
-use std::collections::HashMap;
+use crate::store::{Amendment, GroupEvent, GroupRecord, MessageRecord, StoredSend};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Identifies one send of one device: what makes a retry a retry.
@@ -47,6 +47,25 @@ pub enum Content {
     Text(String),
     /// A change to a group, sequenced as a system message.
     Group(GroupCommand),
+    /// New body for an earlier message of the same sender.
+    Edit {
+        target: Seq,
+        body: String,
+    },
+    /// Deletes an earlier message of the same sender.
+    Delete {
+        target: Seq,
+    },
+}
+
+impl Content {
+    /// The earlier message this content changes.
+    fn target(&self) -> Option<Seq> {
+        match self {
+            Self::Edit { target, .. } | Self::Delete { target } => Some(*target),
+            Self::Text(_) | Self::Group(_) => None,
+        }
+    }
 }
 
 impl Append {
@@ -81,6 +100,8 @@ pub enum Admission<R> {
 pub struct Check {
     pub conversation: ConversationId,
     pub keys: Vec<SendKey>,
+    /// Messages that edits and deletes among the appends target: read them.
+    pub targets: Vec<Seq>,
     /// The conversation is not loaded: also read its last seq, check a direct
     /// conversation's members exist, and load a group.
     pub first_use: bool,
@@ -95,6 +116,8 @@ pub struct CheckResult {
     pub group: Option<GroupRecord>,
     /// Keys already stored, with what they were stored as.
     pub stored: HashMap<SendKey, StoredSend>,
+    /// The stored messages among `Check::targets`.
+    pub targets: HashMap<Seq, MessageRecord>,
 }
 
 /// An append resolved by a check.
@@ -132,6 +155,9 @@ struct Conversation<R> {
     in_flight: HashMap<SendKey, Vec<R>>,
     /// A group's members, once loaded (or created).
     group: Option<GroupState>,
+    /// Messages deleted since the conversation was loaded (the store may not have
+    /// committed the delete when a later check reads it).
+    deleted: HashSet<Seq>,
 }
 
 impl<R> Conversation<R> {
@@ -142,7 +168,36 @@ impl<R> Conversation<R> {
             checking: 0,
             in_flight: HashMap::new(),
             group: None,
+            deleted: HashSet::new(),
         }
+    }
+
+    /// Whether `sender` may edit or delete `target`, given what the store holds.
+    fn check_amendment(
+        &mut self,
+        sender: UserId,
+        content: &Content,
+        targets: &HashMap<Seq, MessageRecord>,
+    ) -> Result<(), ChatError> {
+        let Some(target) = content.target() else {
+            return Ok(());
+        };
+        let message = targets.get(&target).ok_or(ChatError::UnknownMessage)?;
+        if message.sender != sender {
+            return Err(ChatError::Forbidden("only the author edits or deletes a message"));
+        }
+        if message.event.is_some() || message.amends.is_some() {
+            return Err(ChatError::BadRequest(
+                "system messages, edits and deletes cannot be changed",
+            ));
+        }
+        if message.deleted || self.deleted.contains(&target) {
+            return Err(ChatError::UnknownMessage);
+        }
+        if let Content::Delete { target } = content {
+            self.deleted.insert(*target);
+        }
+        Ok(())
     }
 
     /// The event (for a group change) and the recipients of `append`, applying a
@@ -151,19 +206,33 @@ impl<R> Conversation<R> {
         &mut self,
         id: ConversationId,
         append: &Append,
+        targets: &HashMap<Seq, MessageRecord>,
         max_members: usize,
     ) -> Result<(Option<GroupEvent>, Arc<[UserId]>), ChatError> {
         let sender = append.sender;
+        let not_member = ChatError::Forbidden("not a member of this conversation");
+        let is_member = match (id, &self.group) {
+            (ConversationId::Direct { .. }, _) => true,
+            (ConversationId::Group(_), Some(group)) => group.role(sender).is_some(),
+            (ConversationId::Group(_), None) => false,
+        };
+        if matches!(append.content, Content::Edit { .. } | Content::Delete { .. }) {
+            if !is_member {
+                return Err(not_member);
+            }
+            self.check_amendment(sender, &append.content, targets)?;
+        }
         if let ConversationId::Direct { .. } = id {
             return match append.content {
-                Content::Text(_) => Ok((None, id.direct_members().collect())),
                 Content::Group(_) => Err(ChatError::BadRequest("a direct conversation is not a group")),
+                _ => Ok((None, id.direct_members().collect())),
             };
         }
-        let not_member = ChatError::Forbidden("not a member of this conversation");
         match (&append.content, self.group.as_mut()) {
-            (Content::Text(_), Some(group)) if group.role(sender).is_some() => Ok((None, group.recipients())),
-            (Content::Text(_), _) => Err(not_member),
+            (Content::Text(_) | Content::Edit { .. } | Content::Delete { .. }, Some(group)) if is_member => {
+                Ok((None, group.recipients()))
+            }
+            (Content::Text(_) | Content::Edit { .. } | Content::Delete { .. }, _) => Err(not_member),
             (Content::Group(GroupCommand::Create { title, members }), None) => {
                 let event = GroupState::create(sender, title.clone(), members.clone(), max_members)?;
                 let group = GroupState::created(sender, &event);
@@ -199,6 +268,11 @@ impl<R> Conversation<R> {
         Some(Check {
             conversation,
             keys: self.queue.iter().map(|(append, _)| append.key()).collect(),
+            targets: self
+                .queue
+                .iter()
+                .filter_map(|(append, _)| append.content.target())
+                .collect(),
             first_use: self.next_seq.is_none(),
         })
     }
@@ -265,7 +339,7 @@ impl<R> Sequencer<R> {
             } else if let Some(waiters) = conversation.in_flight.get_mut(&key) {
                 waiters.push(reply);
             } else {
-                match conversation.resolve(id, &append, self.limits.max_group_members) {
+                match conversation.resolve(id, &append, &result.targets, self.limits.max_group_members) {
                     Ok((event, recipients)) => {
                         let next_seq = conversation.next_seq.get_or_insert(1);
                         conversation.in_flight.insert(key, Vec::new());
@@ -316,6 +390,7 @@ impl<R> Sequencer<R> {
         if let Some(conversation) = self.conversations.get_mut(&id) {
             conversation.next_seq = None;
             conversation.group = None;
+            conversation.deleted.clear();
             if conversation.in_flight.is_empty() && conversation.queue.is_empty() {
                 self.conversations.remove(&id);
             }
@@ -360,9 +435,11 @@ fn assign<R>(
 ) -> Assigned<R> {
     let seq = *next_seq;
     *next_seq += 1;
-    let body = match append.content {
-        Content::Text(body) => body,
-        Content::Group(_) => String::new(),
+    let (body, amends) = match append.content {
+        Content::Text(body) => (body, None),
+        Content::Group(_) => (String::new(), None),
+        Content::Edit { target, body } => (body, Some(Amendment::Edit(target))),
+        Content::Delete { target } => (String::new(), Some(Amendment::Delete(target))),
     };
     Assigned {
         record: MessageRecord {
@@ -374,6 +451,9 @@ fn assign<R>(
             body,
             server_time_ms: unix_ms(),
             event,
+            amends,
+            deleted: false,
+            edited_by: None,
         },
         recipients,
         reply,

@@ -283,6 +283,25 @@ impl Session {
                 self.check_body(&send.body)?;
                 self.append(conversation, send.client_msg_id, Content::Text(send.body))?
             }
+            K::EditMessage(edit) => {
+                let (sender, _) = self.require_identity()?;
+                let conversation = self.conversation(edit.conversation, sender)?;
+                self.check_body(&edit.body)?;
+                let content = Content::Edit {
+                    target: edit.seq,
+                    body: edit.body,
+                };
+                self.append(conversation, edit.client_msg_id, content)?
+            }
+            K::DeleteMessage(delete) => {
+                let (sender, _) = self.require_identity()?;
+                let conversation = self.conversation(delete.conversation, sender)?;
+                self.append(
+                    conversation,
+                    delete.client_msg_id,
+                    Content::Delete { target: delete.seq },
+                )?
+            }
             K::CreateGroup(create) => {
                 let (creator, device) = self.require_identity()?;
                 self.check_client_msg_id(&create.client_msg_id)?;

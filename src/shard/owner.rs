@@ -97,10 +97,15 @@ async fn lookup(shard: &Shard, check: Check) -> Result<CheckResult, ChatError> {
     let window_ms = u64::try_from(shard.config.chat.dedup_window.as_millis()).unwrap_or(u64::MAX);
     let since_ms = unix_ms().saturating_sub(window_ms);
     let stored = shard.store.find_sends(check.conversation, check.keys, since_ms).await?;
+    let targets = match check.targets.is_empty() {
+        true => Default::default(),
+        false => shard.store.messages_at(check.conversation, check.targets).await?,
+    };
     Ok(CheckResult {
         last_seq,
         group,
         stored,
+        targets,
     })
 }
 

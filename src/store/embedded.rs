@@ -38,7 +38,7 @@
 //! Reads run on the blocking pool, never on a shard thread.
 
 use super::{
-    ConversationHead, DeviceRecord, GroupEvent, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord,
+    Amendment, ConversationHead, DeviceRecord, GroupEvent, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord,
     MessageRecord, NewUser, Role, Store, StoreError, StoredSend, UserRecord,
 };
 use crate::config::{Durability, StoreConfig};
@@ -369,6 +369,28 @@ impl Store for EmbeddedStore {
             .await
     }
 
+    async fn messages_at(
+        &self,
+        conversation: ConversationId,
+        seqs: Vec<Seq>,
+    ) -> Result<HashMap<Seq, MessageRecord>, StoreError> {
+        self.read(move |inner| {
+            let mut found = HashMap::new();
+            for seq in seqs {
+                if let Some(value) = inner
+                    .messages
+                    .get(message_key(conversation, seq))
+                    .map_err(fjall_error)?
+                {
+                    let stored = StoredMessage::decode(&*value).map_err(corrupt)?;
+                    found.insert(seq, stored.into_record(conversation, seq)?);
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
         self.read(
             move |inner| match inner.messages.prefix(conversation.to_key()).next_back() {
@@ -507,6 +529,7 @@ impl Writer {
         let mut new_names = HashSet::new();
         let mut new_ids = HashSet::new();
         let mut marks_in_batch = HashMap::new();
+        let mut messages_in_batch: HashMap<Vec<u8>, StoredMessage> = HashMap::new();
         for job in jobs {
             if self.closed || !closers.is_empty() {
                 answers.push(refuse_job(job, StoreError::Closed));
@@ -570,15 +593,16 @@ impl Writer {
                         if let (ConversationId::Group(group), Some(event)) = (message.conversation, &message.event) {
                             self.stage_group_event(&mut batch, group, message.sender, message.seq, event);
                         }
-                        let stored = StoredMessage {
-                            sender: message.sender.get(),
-                            sender_device: message.sender_device.get(),
-                            client_msg_id: message.client_msg_id,
-                            body: message.body,
-                            server_time_ms: message.server_time_ms,
-                            event: message.event.as_ref().map(confab_proto::v1::GroupEvent::from),
-                        };
-                        batch.insert(&self.inner.messages, key, stored.encode_to_vec());
+                        let stored = StoredMessage::of(&message);
+                        if let Some(amendment) = message.amends {
+                            if let Err(err) =
+                                self.stage_amendment(&mut batch, &mut messages_in_batch, &message, amendment)
+                            {
+                                tracing::error!(error = %err, "amending a message failed; the amendment is kept");
+                            }
+                        }
+                        batch.insert(&self.inner.messages, key.clone(), stored.encode_to_vec());
+                        messages_in_batch.insert(key, stored.clone());
                         let send = send_key(message.conversation, message.sender_device, &stored.client_msg_id);
                         let mut value = [0u8; 16];
                         value[..8].copy_from_slice(&message.seq.to_be_bytes());
@@ -662,6 +686,39 @@ impl Writer {
             password_hash: user.password_hash,
             created_at_ms: user.created_at_ms,
         })
+    }
+
+    /// Applies an edit or delete to its target's row, so history shows the current
+    /// state. `pending` holds messages staged earlier in this batch.
+    fn stage_amendment(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        pending: &mut HashMap<Vec<u8>, StoredMessage>,
+        amendment_message: &MessageRecord,
+        amendment: Amendment,
+    ) -> Result<(), StoreError> {
+        let (Amendment::Edit(target) | Amendment::Delete(target)) = amendment;
+        let key = message_key(amendment_message.conversation, target);
+        let mut stored = match pending.get(&key) {
+            Some(stored) => stored.clone(),
+            None => match self.inner.messages.get(&key).map_err(fjall_error)? {
+                Some(value) => StoredMessage::decode(&*value).map_err(corrupt)?,
+                None => return Err(StoreError::Corrupt(format!("amended message {target} is missing"))),
+            },
+        };
+        match amendment {
+            Amendment::Edit(_) => {
+                stored.body.clone_from(&amendment_message.body);
+                stored.edited_by = amendment_message.seq;
+            }
+            Amendment::Delete(_) => {
+                stored.body.clear();
+                stored.deleted = true;
+            }
+        }
+        batch.insert(&self.inner.messages, key.clone(), stored.encode_to_vec());
+        pending.insert(key, stored);
+        Ok(())
     }
 
     /// Raises one device's watermarks; `pending` holds marks staged earlier in this
@@ -813,9 +870,39 @@ struct StoredMessage {
     server_time_ms: u64,
     #[prost(message, optional, tag = "6")]
     event: Option<confab_proto::v1::GroupEvent>,
+    /// Seq of the message this one edits (0: none).
+    #[prost(uint64, tag = "7")]
+    edits: u64,
+    /// Seq of the message this one deletes (0: none).
+    #[prost(uint64, tag = "8")]
+    deletes: u64,
+    #[prost(bool, tag = "9")]
+    deleted: bool,
+    #[prost(uint64, tag = "10")]
+    edited_by: u64,
 }
 
 impl StoredMessage {
+    fn of(message: &MessageRecord) -> Self {
+        let (edits, deletes) = match message.amends {
+            Some(Amendment::Edit(target)) => (target, 0),
+            Some(Amendment::Delete(target)) => (0, target),
+            None => (0, 0),
+        };
+        Self {
+            sender: message.sender.get(),
+            sender_device: message.sender_device.get(),
+            client_msg_id: message.client_msg_id.clone(),
+            body: message.body.clone(),
+            server_time_ms: message.server_time_ms,
+            event: message.event.as_ref().map(confab_proto::v1::GroupEvent::from),
+            edits,
+            deletes,
+            deleted: message.deleted,
+            edited_by: message.edited_by.unwrap_or(0),
+        }
+    }
+
     fn into_record(self, conversation: ConversationId, seq: Seq) -> Result<MessageRecord, StoreError> {
         Ok(MessageRecord {
             conversation,
@@ -832,6 +919,13 @@ impl StoredMessage {
                     GroupEvent::from_proto(event).ok_or_else(|| StoreError::Corrupt("invalid group event".into()))?,
                 ),
             },
+            amends: match (self.edits, self.deletes) {
+                (0, 0) => None,
+                (edits, 0) => Some(Amendment::Edit(edits)),
+                (_, deletes) => Some(Amendment::Delete(deletes)),
+            },
+            deleted: self.deleted,
+            edited_by: (self.edited_by != 0).then_some(self.edited_by),
         })
     }
 }
@@ -1012,6 +1106,9 @@ mod tests {
             body: format!("body {seq}"),
             server_time_ms: seq,
             event: None,
+            amends: None,
+            deleted: false,
+            edited_by: None,
         }
     }
 

@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use std::collections::HashMap;
 
 pub use records::{
-    ConversationHead, DeviceRecord, GroupEvent, GroupRecord, Marks, MemberRecord, MessageRecord, NewUser, Role,
-    StoredSend, UserRecord,
+    Amendment, ConversationHead, DeviceRecord, GroupEvent, GroupRecord, Marks, MemberRecord, MessageRecord, NewUser,
+    Role, StoredSend, UserRecord,
 };
 
 /// Why a store operation failed.
@@ -120,6 +120,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         device: DeviceId,
         marks: Marks,
     ) -> Result<(Marks, bool), StoreError>;
+
+    /// The stored messages of `conversation` with these seqs (missing ones omitted).
+    async fn messages_at(
+        &self,
+        conversation: ConversationId,
+        seqs: Vec<Seq>,
+    ) -> Result<HashMap<Seq, MessageRecord>, StoreError>;
 
     /// Highest stored seq of a conversation, 0 when it has none.
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError>;

@@ -44,6 +44,20 @@ pub struct MessageRecord {
     pub server_time_ms: u64,
     /// Set for a system message.
     pub event: Option<GroupEvent>,
+    /// Set for an edit or a delete of an earlier message.
+    pub amends: Option<Amendment>,
+    /// Current state: deleted by a later message.
+    pub deleted: bool,
+    /// Current state: the body comes from this later edit.
+    pub edited_by: Option<Seq>,
+}
+
+/// A message that changes an earlier one of the same author.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Amendment {
+    /// The body of this message replaces the target's.
+    Edit(Seq),
+    Delete(Seq),
 }
 
 /// What a send was stored as: its answer to a retry.
