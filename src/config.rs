@@ -89,6 +89,12 @@ pub struct ChatConfig {
     pub dedup_window: Duration,
     pub max_group_members: usize,
     pub max_group_title_chars: usize,
+    #[serde(with = "humantime_serde")]
+    pub typing_min_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub typing_expiry: Duration,
+    #[serde(with = "humantime_serde")]
+    pub receipt_flush_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -66,6 +66,9 @@ impl ClientError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Message(v1::Message),
+    /// Another member's receipt watermarks rose (coalesced).
+    Receipt(v1::Receipt),
+    Typing(v1::TypingUpdate),
     GoingAway(v1::GoingAway),
     /// The connection ended; with the server's reason when it gave one.
     Closed(Option<v1::Error>),
@@ -195,7 +198,7 @@ impl Client {
         loop {
             match self.next_event().await {
                 Some(Event::Message(message)) => return Ok(message),
-                Some(Event::GoingAway(_)) => continue,
+                Some(Event::GoingAway(_) | Event::Receipt(_) | Event::Typing(_)) => continue,
                 Some(Event::Closed(Some(error))) => return Err(server_error(error)),
                 Some(Event::Closed(None)) | None => return Err(ClientError::Closed),
             }
@@ -293,6 +296,18 @@ impl Client {
         });
         match self.request(request).await? {
             server_frame::Kind::ConversationList(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Tells the other members this user is (or stopped) typing.
+    pub async fn typing(&self, conversation_id: &str, typing: bool) -> Result<(), ClientError> {
+        let request = client_frame::Kind::Typing(v1::Typing {
+            conversation_id: conversation_id.into(),
+            typing,
+        });
+        match self.request(request).await? {
+            server_frame::Kind::Done(_) => Ok(()),
             other => Err(unexpected(other)),
         }
     }
@@ -619,6 +634,8 @@ async fn read_frames(
         }
         let event = match frame.kind {
             Some(server_frame::Kind::Message(message)) => Event::Message(message),
+            Some(server_frame::Kind::Receipt(receipt)) => Event::Receipt(receipt),
+            Some(server_frame::Kind::TypingUpdate(typing)) => Event::Typing(typing),
             Some(server_frame::Kind::GoingAway(going_away)) => Event::GoingAway(going_away),
             Some(server_frame::Kind::Error(error)) => {
                 close_reason = Some(error);

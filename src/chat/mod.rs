@@ -7,12 +7,14 @@
 
 mod group;
 mod sequencer;
+mod signals;
 mod sync;
 
 pub use group::{GroupCommand, GroupState};
 pub use sequencer::{
     Admission, Append, Assigned, Check, CheckResult, Content, Outcome, SendKey, Sequencer, SequencerLimits,
 };
+pub use signals::{ReceiptCoalescer, Signal};
 pub use sync::{Cursors, MalformedToken, Plan, Planned, plan};
 
 use crate::protocol::{ErrorCode, ErrorKind, push_frame};

@@ -294,6 +294,11 @@ impl<R> Sequencer<R> {
         }
     }
 
+    /// A loaded group's current members.
+    pub fn group_recipients(&self, id: ConversationId) -> Option<Arc<[UserId]>> {
+        self.conversations.get(&id)?.group.as_ref().map(GroupState::recipients)
+    }
+
     pub fn submit(&mut self, append: Append, reply: R) -> Admission<R> {
         if self.pending >= self.limits.max_pending {
             return Admission::Overloaded(append, reply);

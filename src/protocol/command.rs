@@ -70,6 +70,12 @@ pub enum Command {
         device: DeviceId,
         marks: Marks,
     },
+    Typing {
+        conversation: ConversationId,
+        user: UserId,
+        device: DeviceId,
+        typing: bool,
+    },
 }
 
 impl Command {
@@ -86,6 +92,7 @@ impl Command {
                 | Self::Sync { .. }
                 | Self::ListConversations { .. }
                 | Self::Mark { .. }
+                | Self::Typing { .. }
         )
     }
 }

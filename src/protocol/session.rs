@@ -16,6 +16,7 @@ use confab_proto::FrameError;
 use confab_proto::v1::{
     self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref, server_frame,
 };
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Default History page when the request leaves `limit` at 0.
@@ -39,6 +40,7 @@ pub struct SessionLimits {
     pub max_auth_failures: u32,
     pub max_group_members: usize,
     pub max_group_title_chars: usize,
+    pub typing_min_interval: Duration,
 }
 
 impl SessionLimits {
@@ -54,6 +56,7 @@ impl SessionLimits {
             max_auth_failures: config.protocol.max_auth_failures,
             max_group_members: config.chat.max_group_members,
             max_group_title_chars: config.chat.max_group_title_chars,
+            typing_min_interval: config.chat.typing_min_interval,
         }
     }
 }
@@ -84,6 +87,8 @@ pub struct Session {
     opened_at: Instant,
     last_heard: Instant,
     auth_failures: u32,
+    /// When this device last sent typing to each conversation, and what.
+    typing_sent: HashMap<ConversationId, (Instant, bool)>,
 }
 
 /// A request rejected before it runs: the error to reply with.
@@ -103,6 +108,7 @@ impl Session {
             opened_at: now,
             last_heard: now,
             auth_failures: 0,
+            typing_sent: HashMap::new(),
         }
     }
 
@@ -128,7 +134,7 @@ impl Session {
         if self.state == State::AwaitingHello {
             return self.on_hello(request_id, kind);
         }
-        match self.parse(kind) {
+        match self.parse(kind, now) {
             Ok(Parsed::Reply(kind)) => Step::Reply(ServerFrame {
                 request_id,
                 kind: Some(kind),
@@ -230,7 +236,7 @@ impl Session {
         })
     }
 
-    fn parse(&self, kind: client_frame::Kind) -> Result<Parsed, Rejection> {
+    fn parse(&mut self, kind: client_frame::Kind, now: Instant) -> Result<Parsed, Rejection> {
         use client_frame::Kind as K;
         Ok(match kind {
             K::Hello(_) => return reject(ErrorCode::BadRequest, "Hello was already received"),
@@ -301,6 +307,20 @@ impl Session {
                     delete.client_msg_id,
                     Content::Delete { target: delete.seq },
                 )?
+            }
+            K::Typing(typing) => {
+                let (user, device) = self.require_identity()?;
+                let reference = v1::ConversationRef {
+                    target: Some(conversation_ref::Target::ConversationId(typing.conversation_id)),
+                };
+                let conversation = self.conversation(Some(reference), user)?;
+                self.throttle_typing(conversation, typing.typing, now)?;
+                Parsed::Run(Command::Typing {
+                    conversation,
+                    user,
+                    device,
+                    typing: typing.typing,
+                })
             }
             K::CreateGroup(create) => {
                 let (creator, device) = self.require_identity()?;
@@ -433,6 +453,23 @@ impl Session {
         })))
     }
 
+    /// At most one typing signal per conversation per interval; a change of state
+    /// (stopping) always goes through.
+    fn throttle_typing(&mut self, conversation: ConversationId, typing: bool, now: Instant) -> Result<(), Rejection> {
+        let interval = self.limits.typing_min_interval;
+        if let Some((sent, state)) = self.typing_sent.get(&conversation) {
+            if *state == typing && now.duration_since(*sent) < interval {
+                return reject(ErrorCode::RateLimited, "typing is sent at most once per interval");
+            }
+        }
+        if self.typing_sent.len() >= MAX_TYPING_CONVERSATIONS {
+            self.typing_sent
+                .retain(|_, (sent, _)| now.duration_since(*sent) < interval);
+        }
+        self.typing_sent.insert(conversation, (now, typing));
+        Ok(())
+    }
+
     fn mark(&self, conversation_id: &str, marks: Marks) -> Result<Parsed, Rejection> {
         let (user, device) = self.require_identity()?;
         let reference = v1::ConversationRef {
@@ -553,6 +590,10 @@ enum Parsed {
     Run(Command),
 }
 
+/// Conversations whose last typing signal a session remembers before forgetting
+/// the stale ones.
+const MAX_TYPING_CONVERSATIONS: usize = 64;
+
 /// Default and largest Sync reply (messages) and ListConversations page.
 const DEFAULT_SYNC_LIMIT: usize = 500;
 const MAX_SYNC_LIMIT: usize = 1000;
@@ -624,6 +665,7 @@ mod tests {
             max_auth_failures: 3,
             max_group_members: 10,
             max_group_title_chars: 16,
+            typing_min_interval: Duration::from_secs(1),
         }
     }
 
@@ -836,6 +878,32 @@ mod tests {
         assert_eq!(session.deadline(), later + Duration::from_secs(30));
         let close = session.on_deadline(later + Duration::from_secs(30)).unwrap();
         assert!(matches!(close.kind, Some(server_frame::Kind::Error(ref e)) if e.code == ErrorCode::Timeout as i32));
+    }
+
+    #[test]
+    fn typing_is_throttled_per_conversation_but_stopping_goes_through() {
+        let start = Instant::now();
+        let mut session = authenticated_session(start, 9);
+        let typing = |typing| {
+            frame(
+                1,
+                K::Typing(v1::Typing {
+                    conversation_id: "d:5:9".into(),
+                    typing,
+                }),
+            )
+        };
+        assert!(matches!(session.on_frame(typing(true), start), Step::Run(_)));
+        let again = session.on_frame(typing(true), start + Duration::from_millis(500));
+        assert_eq!(error_code(&again), Some(ErrorCode::RateLimited));
+        assert!(matches!(
+            session.on_frame(typing(false), start + Duration::from_millis(600)),
+            Step::Run(_)
+        ));
+        assert!(matches!(
+            session.on_frame(typing(true), start + Duration::from_millis(1700)),
+            Step::Run(_)
+        ));
     }
 
     #[test]

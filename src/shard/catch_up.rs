@@ -4,9 +4,9 @@
 //! The planning is sans-IO ([`crate::chat::plan`]); this module reads the store and
 //! assembles replies within the frame limit.
 
-use super::Shard;
-use crate::chat::{ChatError, Cursors, message_proto, plan};
-use crate::ids::{ConversationId, DeviceId, UserId};
+use super::{Shard, ShardMsg};
+use crate::chat::{ChatError, Cursors, Signal, message_proto, plan};
+use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use crate::protocol::encode_page_token;
 use crate::store::{ConversationHead, HistoryRange, Marks};
 use confab_proto::ProstMessage as _;
@@ -122,7 +122,9 @@ pub(super) async fn list_conversations(
     })
 }
 
-/// Raises a device's receipt watermarks, bounded by what the user may see.
+/// Raises a device's receipt watermarks, bounded by what the user may see; when
+/// the user's watermarks rose, tells the other members (through the owner, which
+/// coalesces).
 pub(super) async fn mark(
     shard: &Shard,
     conversation: ConversationId,
@@ -131,16 +133,23 @@ pub(super) async fn mark(
     marks: Marks,
 ) -> Result<v1::Receipt, ChatError> {
     let mut visible = shard.store.last_seq(conversation).await?;
-    if let ConversationId::Group(group) = conversation {
-        let member = shard.store.member(group, user).await?;
-        let member = member.ok_or(ChatError::Forbidden("not a member of this conversation"))?;
-        visible = member.left_seq.map_or(visible, |left| left.min(visible));
+    if let Some(left_seq) = membership(shard, conversation, user).await? {
+        visible = left_seq.min(visible);
     }
     let bounded = Marks {
         delivered_seq: marks.delivered_seq.min(visible),
         read_seq: marks.read_seq.min(visible),
     };
-    let (marks, _raised) = shard.store.mark(conversation, user, device, bounded).await?;
+    let (marks, raised) = shard.store.mark(conversation, user, device, bounded).await?;
+    if raised {
+        let signal = ShardMsg::Signal {
+            conversation,
+            user,
+            signal: Signal::Receipt(marks),
+        };
+        // The owner is gone only during shutdown; receipts are best effort then.
+        let _ = shard.mesh.send(shard.mesh.owner_of(conversation), signal).await;
+    }
     Ok(v1::Receipt {
         conversation_id: conversation.to_string(),
         user_id: user.get(),
@@ -160,4 +169,39 @@ fn conversation_state(head: &ConversationHead) -> v1::ConversationState {
         left: head.left_seq.is_some(),
         messages: Vec::new(),
     }
+}
+
+/// Sends a typing signal to the other members, through the conversation's owner.
+pub(super) async fn typing(
+    shard: &Shard,
+    conversation: ConversationId,
+    user: UserId,
+    typing: bool,
+) -> Result<(), ChatError> {
+    if membership(shard, conversation, user).await?.is_some() {
+        return Err(ChatError::Forbidden("not a member of this conversation"));
+    }
+    let signal = ShardMsg::Signal {
+        conversation,
+        user,
+        signal: Signal::Typing(typing),
+    };
+    shard
+        .mesh
+        .send(shard.mesh.owner_of(conversation), signal)
+        .await
+        .map_err(|_| ChatError::ShuttingDown)
+}
+
+/// Checks `user` may see `conversation`: `Ok(None)` for a member, `Ok(Some(seq))`
+/// for a former group member (who sees up to `seq`). Direct conversations were
+/// checked against their id already.
+async fn membership(shard: &Shard, conversation: ConversationId, user: UserId) -> Result<Option<Seq>, ChatError> {
+    let ConversationId::Group(group) = conversation else {
+        return Ok(None);
+    };
+    let member = shard.store.member(group, user).await?;
+    Ok(member
+        .ok_or(ChatError::Forbidden("not a member of this conversation"))?
+        .left_seq)
 }

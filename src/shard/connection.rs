@@ -252,6 +252,17 @@ impl Connection {
                     Err(err) => failure(id, &err),
                 }
             }),
+            Command::Typing {
+                conversation,
+                user,
+                typing,
+                ..
+            } => Box::pin(async move {
+                match catch_up::typing(&shard, conversation, user, typing).await {
+                    Ok(()) => reply_frame(id, Kind::Done(v1::Done {})),
+                    Err(err) => failure(id, &err),
+                }
+            }),
             Command::ListMembers {
                 group,
                 reader,

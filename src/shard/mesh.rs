@@ -5,7 +5,7 @@
 //! sender, never a cycle of shards waiting on each other.
 
 use super::ShardId;
-use crate::chat::{Append, ChatError, SendAck};
+use crate::chat::{Append, ChatError, SendAck, Signal};
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -30,6 +30,12 @@ pub enum ShardMsg {
     },
     /// The device logged out: close its sessions on the receiving shard.
     Revoke { user: UserId, device: DeviceId },
+    /// To a conversation's owner: an ephemeral signal from `user` for the members.
+    Signal {
+        conversation: ConversationId,
+        user: UserId,
+        signal: Signal,
+    },
 }
 
 /// One encoded frame for the sessions of some users on one shard.

@@ -27,7 +27,7 @@ pub use mesh::Mesh;
 pub(crate) use mesh::ShardMsg;
 
 use crate::auth::Accounts;
-use crate::chat::{Assigned, Sequencer, SequencerLimits};
+use crate::chat::{Assigned, ReceiptCoalescer, Sequencer, SequencerLimits};
 use crate::config::Config;
 use crate::ids::UserId;
 use crate::protocol::SessionLimits;
@@ -89,6 +89,7 @@ pub struct Shard {
     sequencer: RefCell<Sequencer<AppendReply>>,
     commit_queue: RefCell<VecDeque<Assigned<AppendReply>>>,
     commit_ready: Notify,
+    receipts: RefCell<ReceiptCoalescer>,
     presence: mpsc::UnboundedSender<PresenceUpdate>,
     connections: TaskTracker,
 }
@@ -159,6 +160,7 @@ async fn run(
         directory: RefCell::default(),
         commit_queue: RefCell::default(),
         commit_ready: Notify::new(),
+        receipts: RefCell::default(),
         presence,
         connections: TaskTracker::new(),
     });
@@ -246,6 +248,11 @@ async fn mailbox_loop(shard: Rc<Shard>, mut mailbox: mpsc::Receiver<ShardMsg>) {
                 }
             }
             ShardMsg::Revoke { user, device } => shard.sessions.borrow().revoke(user, device),
+            ShardMsg::Signal {
+                conversation,
+                user,
+                signal,
+            } => owner::signal(&shard, conversation, user, signal),
             ShardMsg::Presence {
                 user,
                 from,

@@ -9,11 +9,17 @@
 
 use super::mesh::{AppendReply, Delivery, ShardMsg};
 use super::{Shard, ShardId};
-use crate::chat::{Admission, Append, Assigned, ChatError, Check, CheckResult, Outcome, SendAck, message_frame};
+use crate::chat::{
+    Admission, Append, Assigned, ChatError, Check, CheckResult, Outcome, SendAck, Signal, message_frame,
+};
 use crate::clock::unix_ms;
 use crate::ids::ConversationId;
 use crate::ids::UserId;
+use crate::protocol::push_frame;
+use bytes::Bytes;
+use confab_proto::v1::{self, server_frame::Kind};
 use std::rc::Rc;
+use std::sync::Arc;
 
 /// Takes an append from the mesh. Never waits.
 pub(super) fn submit(shard: &Rc<Shard>, append: Append, reply: AppendReply) {
@@ -148,20 +154,7 @@ async fn fan_out(shard: &Rc<Shard>, batch: Vec<Assigned<AppendReply>>) {
         let record = &assigned.record;
         let frame = message_frame(record);
         let skip_device = Some((record.sender, record.sender_device));
-        // Split the recipients by the shards holding their sessions: each shard
-        // gets the one encoded frame and only its own users.
-        let mut users: Vec<Vec<UserId>> = vec![Vec::new(); shards];
-        {
-            let directory = shard.directory.borrow();
-            for user in assigned.recipients.iter() {
-                let mask = directory.shards_of(*user);
-                for (index, users) in users.iter_mut().enumerate() {
-                    if mask & (1 << index) != 0 {
-                        users.push(*user);
-                    }
-                }
-            }
-        }
+        let users = split_by_shard(shard, &assigned.recipients);
         for (deliveries, users) in per_shard.iter_mut().zip(users) {
             if !users.is_empty() {
                 deliveries.push(Delivery {
@@ -211,5 +204,116 @@ pub(super) async fn sweep_sends(shard: Rc<Shard>) {
             Ok(purged) => tracing::info!(purged, "forgot send records older than the dedup window"),
             Err(err) => tracing::warn!(error = %err, "sweeping send records failed"),
         }
+    }
+}
+
+/// Splits recipients by the shards holding their sessions, so each shard gets the
+/// one encoded frame and only its own users.
+fn split_by_shard(shard: &Shard, recipients: &[UserId]) -> Vec<Vec<UserId>> {
+    let mut users: Vec<Vec<UserId>> = vec![Vec::new(); shard.mesh.shard_count()];
+    let directory = shard.directory.borrow();
+    for user in recipients {
+        let mask = directory.shards_of(*user);
+        for (index, users) in users.iter_mut().enumerate() {
+            if mask & (1 << index) != 0 {
+                users.push(*user);
+            }
+        }
+    }
+    users
+}
+
+/// Sends one ephemeral push (not part of any sequence) to `recipients`.
+async fn push_to(shard: &Shard, conversation: ConversationId, recipients: &[UserId], frame: Bytes) {
+    for (index, users) in split_by_shard(shard, recipients).into_iter().enumerate() {
+        if users.is_empty() {
+            continue;
+        }
+        let delivery = Delivery {
+            conversation,
+            // Seq 0: a resuming session drops it rather than replay it.
+            seq: 0,
+            frame: frame.clone(),
+            users: users.into(),
+            skip_device: None,
+        };
+        if shard
+            .mesh
+            .send(ShardId(index), ShardMsg::Deliver(vec![delivery]))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Current members of a conversation, for ephemeral pushes: from the sequencer when
+/// the conversation is loaded, else from the store.
+async fn members(shard: &Shard, conversation: ConversationId) -> Result<Arc<[UserId]>, ChatError> {
+    if let ConversationId::Direct { .. } = conversation {
+        return Ok(conversation.direct_members().collect());
+    }
+    if let Some(recipients) = shard.sequencer.borrow().group_recipients(conversation) {
+        return Ok(recipients);
+    }
+    let ConversationId::Group(group) = conversation else {
+        return Ok(Arc::new([]));
+    };
+    let record = shard.store.group(group).await?;
+    Ok(record.map_or_else(
+        || Arc::new([]) as Arc<[UserId]>,
+        |record| record.members.iter().map(|(user, _)| *user).collect(),
+    ))
+}
+
+/// Takes a signal from the mesh. Never waits.
+pub(super) fn signal(shard: &Rc<Shard>, conversation: ConversationId, user: UserId, signal: Signal) {
+    match signal {
+        Signal::Receipt(marks) => {
+            if shard.receipts.borrow_mut().record(conversation, user, marks) {
+                shard.spawn_core(flush_receipts(shard.clone()));
+            }
+        }
+        Signal::Typing(typing) => {
+            let shard = shard.clone();
+            shard.clone().spawn_core(async move {
+                let members = match members(&shard, conversation).await {
+                    Ok(members) => members,
+                    Err(err) => return tracing::warn!(%conversation, error = %err, "typing not sent"),
+                };
+                let others: Vec<UserId> = members.iter().copied().filter(|member| *member != user).collect();
+                let expires_in_ms = u32::try_from(shard.config.chat.typing_expiry.as_millis()).unwrap_or(u32::MAX);
+                let frame = confab_proto::encode_frame(&push_frame(Kind::TypingUpdate(v1::TypingUpdate {
+                    conversation_id: conversation.to_string(),
+                    user_id: user.get(),
+                    typing,
+                    expires_in_ms,
+                })));
+                push_to(&shard, conversation, &others, frame).await;
+            });
+        }
+    }
+}
+
+/// After one flush interval, sends every coalesced receipt update to the members.
+async fn flush_receipts(shard: Rc<Shard>) {
+    tokio::time::sleep(shard.config.chat.receipt_flush_interval).await;
+    let updates = shard.receipts.borrow_mut().drain();
+    for (conversation, user, marks) in updates {
+        let members = match members(&shard, conversation).await {
+            Ok(members) => members,
+            Err(err) => {
+                tracing::warn!(%conversation, error = %err, "receipt update not sent");
+                continue;
+            }
+        };
+        let frame = confab_proto::encode_frame(&push_frame(Kind::Receipt(v1::Receipt {
+            conversation_id: conversation.to_string(),
+            user_id: user.get(),
+            delivered_seq: marks.delivered_seq,
+            read_seq: marks.read_seq,
+        })));
+        push_to(&shard, conversation, &members, frame).await;
     }
 }
