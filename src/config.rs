@@ -95,6 +95,11 @@ pub struct ChatConfig {
     pub typing_expiry: Duration,
     #[serde(with = "humantime_serde")]
     pub receipt_flush_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub presence_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub presence_min_interval: Duration,
+    pub max_presence_subscriptions: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -151,7 +151,7 @@ async fn sigterm_sends_going_away_flushes_and_exits_zero() {
                 saw_going_away = true;
             }
             Some(Event::Closed(_)) | None => break,
-            Some(Event::Message(_) | Event::Receipt(_) | Event::Typing(_)) => {}
+            Some(Event::Message(_) | Event::Receipt(_) | Event::Typing(_) | Event::Presence(_)) => {}
         }
     }
     assert!(saw_going_away, "clients are told to reconnect");

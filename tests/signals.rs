@@ -14,7 +14,7 @@ async fn next_receipt(client: &Client) -> Receipt {
     loop {
         match within(WAIT, client.next_event()).await {
             Some(Event::Receipt(receipt)) => return receipt,
-            Some(Event::Message(_) | Event::Typing(_) | Event::GoingAway(_)) => continue,
+            Some(Event::Message(_) | Event::Typing(_) | Event::Presence(_) | Event::GoingAway(_)) => continue,
             other => panic!("connection ended: {other:?}"),
         }
     }
@@ -24,7 +24,7 @@ async fn next_typing(client: &Client) -> TypingUpdate {
     loop {
         match within(WAIT, client.next_event()).await {
             Some(Event::Typing(typing)) => return typing,
-            Some(Event::Message(_) | Event::Receipt(_) | Event::GoingAway(_)) => continue,
+            Some(Event::Message(_) | Event::Receipt(_) | Event::Presence(_) | Event::GoingAway(_)) => continue,
             other => panic!("connection ended: {other:?}"),
         }
     }

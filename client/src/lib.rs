@@ -69,6 +69,7 @@ pub enum Event {
     /// Another member's receipt watermarks rose (coalesced).
     Receipt(v1::Receipt),
     Typing(v1::TypingUpdate),
+    Presence(v1::PresenceUpdate),
     GoingAway(v1::GoingAway),
     /// The connection ended; with the server's reason when it gave one.
     Closed(Option<v1::Error>),
@@ -198,7 +199,7 @@ impl Client {
         loop {
             match self.next_event().await {
                 Some(Event::Message(message)) => return Ok(message),
-                Some(Event::GoingAway(_) | Event::Receipt(_) | Event::Typing(_)) => continue,
+                Some(Event::GoingAway(_) | Event::Receipt(_) | Event::Typing(_) | Event::Presence(_)) => continue,
                 Some(Event::Closed(Some(error))) => return Err(server_error(error)),
                 Some(Event::Closed(None)) | None => return Err(ClientError::Closed),
             }
@@ -296,6 +297,17 @@ impl Client {
         });
         match self.request(request).await? {
             server_frame::Kind::ConversationList(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Current presence of `user_ids` this user may see, and pushes when it changes.
+    pub async fn subscribe_presence(&self, user_ids: &[u64]) -> Result<v1::PresenceList, ClientError> {
+        let request = client_frame::Kind::SubscribePresence(v1::SubscribePresence {
+            user_ids: user_ids.to_vec(),
+        });
+        match self.request(request).await? {
+            server_frame::Kind::PresenceList(list) => Ok(list),
             other => Err(unexpected(other)),
         }
     }
@@ -636,6 +648,7 @@ async fn read_frames(
             Some(server_frame::Kind::Message(message)) => Event::Message(message),
             Some(server_frame::Kind::Receipt(receipt)) => Event::Receipt(receipt),
             Some(server_frame::Kind::TypingUpdate(typing)) => Event::Typing(typing),
+            Some(server_frame::Kind::PresenceUpdate(presence)) => Event::Presence(presence),
             Some(server_frame::Kind::GoingAway(going_away)) => Event::GoingAway(going_away),
             Some(server_frame::Kind::Error(error)) => {
                 close_reason = Some(error);

@@ -6,11 +6,13 @@
 //! then fanned out as shared `Bytes`.
 
 mod group;
+mod presence;
 mod sequencer;
 mod signals;
 mod sync;
 
 pub use group::{GroupCommand, GroupState};
+pub use presence::{Presence, PresenceTracker, Update};
 pub use sequencer::{
     Admission, Append, Assigned, Check, CheckResult, Content, Outcome, SendKey, Sequencer, SequencerLimits,
 };

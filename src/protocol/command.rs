@@ -76,6 +76,14 @@ pub enum Command {
         device: DeviceId,
         typing: bool,
     },
+    SubscribePresence {
+        subscriber: UserId,
+        users: Vec<UserId>,
+    },
+    UnsubscribePresence {
+        subscriber: UserId,
+        users: Vec<UserId>,
+    },
 }
 
 impl Command {
@@ -93,6 +101,8 @@ impl Command {
                 | Self::ListConversations { .. }
                 | Self::Mark { .. }
                 | Self::Typing { .. }
+                | Self::SubscribePresence { .. }
+                | Self::UnsubscribePresence { .. }
         )
     }
 }

@@ -41,6 +41,7 @@ pub struct SessionLimits {
     pub max_group_members: usize,
     pub max_group_title_chars: usize,
     pub typing_min_interval: Duration,
+    pub max_presence_subscriptions: usize,
 }
 
 impl SessionLimits {
@@ -57,6 +58,7 @@ impl SessionLimits {
             max_group_members: config.chat.max_group_members,
             max_group_title_chars: config.chat.max_group_title_chars,
             typing_min_interval: config.chat.typing_min_interval,
+            max_presence_subscriptions: config.chat.max_presence_subscriptions,
         }
     }
 }
@@ -322,6 +324,20 @@ impl Session {
                     typing: typing.typing,
                 })
             }
+            K::SubscribePresence(subscribe) => {
+                let (subscriber, _) = self.require_identity()?;
+                Parsed::Run(Command::SubscribePresence {
+                    subscriber,
+                    users: self.presence_users(subscribe.user_ids)?,
+                })
+            }
+            K::UnsubscribePresence(unsubscribe) => {
+                let (subscriber, _) = self.require_identity()?;
+                Parsed::Run(Command::UnsubscribePresence {
+                    subscriber,
+                    users: self.presence_users(unsubscribe.user_ids)?,
+                })
+            }
             K::CreateGroup(create) => {
                 let (creator, device) = self.require_identity()?;
                 self.check_client_msg_id(&create.client_msg_id)?;
@@ -510,6 +526,20 @@ impl Session {
         Ok(title.to_owned())
     }
 
+    /// User ids of a presence request: none 0, bounded, no repeats.
+    fn presence_users(&self, raw: Vec<u64>) -> Result<Vec<UserId>, Rejection> {
+        if raw.len() > self.limits.max_presence_subscriptions {
+            return reject(
+                ErrorCode::TooLarge,
+                format!("at most {} users per request", self.limits.max_presence_subscriptions),
+            );
+        }
+        let mut users = raw.into_iter().map(user_id).collect::<Result<Vec<_>, _>>()?;
+        users.sort_unstable();
+        users.dedup();
+        Ok(users)
+    }
+
     /// User ids of a group change: none 0, at most the group size.
     fn users(&self, raw: Vec<u64>) -> Result<Vec<UserId>, Rejection> {
         if raw.len() > self.limits.max_group_members {
@@ -666,6 +696,7 @@ mod tests {
             max_group_members: 10,
             max_group_title_chars: 16,
             typing_min_interval: Duration::from_secs(1),
+            max_presence_subscriptions: 4,
         }
     }
 

@@ -15,9 +15,9 @@
 //! than three heartbeat intervals.
 
 use super::Shard;
-use super::catch_up;
 use super::mesh::ShardMsg;
 use super::sessions::{Held, Kick, SessionHandle};
+use super::{catch_up, presence};
 use crate::auth::{AuthError, Grant};
 use crate::chat::{ChatError, Content, Cursors, GroupCommand, message_proto};
 use crate::ids::{ConversationId, GroupId, UserId};
@@ -262,6 +262,16 @@ impl Connection {
                     Ok(()) => reply_frame(id, Kind::Done(v1::Done {})),
                     Err(err) => failure(id, &err),
                 }
+            }),
+            Command::SubscribePresence { subscriber, users } => Box::pin(async move {
+                match presence::subscribe_users(&shard, subscriber, users).await {
+                    Ok(list) => reply_frame(id, Kind::PresenceList(list)),
+                    Err(err) => failure(id, &err),
+                }
+            }),
+            Command::UnsubscribePresence { subscriber, users } => Box::pin(async move {
+                presence::unsubscribe_users(&shard, subscriber, users).await;
+                reply_frame(id, Kind::Done(v1::Done {}))
             }),
             Command::ListMembers {
                 group,

@@ -5,7 +5,7 @@
 //! sender, never a cycle of shards waiting on each other.
 
 use super::ShardId;
-use crate::chat::{Append, ChatError, SendAck, Signal};
+use crate::chat::{Append, ChatError, Presence, SendAck, Signal};
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ pub enum ShardMsg {
     Deliver(Vec<Delivery>),
     /// `user` gained (`online`) or lost its last session on shard `from`. An ack,
     /// when present, is answered once the update is applied.
-    Presence {
+    Directory {
         user: UserId,
         from: ShardId,
         online: bool,
@@ -30,6 +30,17 @@ pub enum ShardMsg {
     },
     /// The device logged out: close its sessions on the receiving shard.
     Revoke { user: UserId, device: DeviceId },
+    /// To `user`'s presence home: `subscriber` (on shard `from`) follows it; the
+    /// reply is its current presence.
+    Subscribe {
+        user: UserId,
+        subscriber: (ShardId, UserId),
+        reply: oneshot::Sender<Presence>,
+    },
+    Unsubscribe {
+        user: UserId,
+        subscriber: (ShardId, UserId),
+    },
     /// To a conversation's owner: an ephemeral signal from `user` for the members.
     Signal {
         conversation: ConversationId,
@@ -69,6 +80,12 @@ impl Mesh {
     /// The shard that sequences `conversation`.
     pub fn owner_of(&self, conversation: ConversationId) -> ShardId {
         ShardId((conversation.hash64() % self.shards.len() as u64) as usize)
+    }
+
+    /// The shard that decides `user`'s presence.
+    pub fn home_of(&self, user: UserId) -> ShardId {
+        let hash = ConversationId::direct(user, user).hash64();
+        ShardId((hash % self.shards.len() as u64) as usize)
     }
 
     /// Sends, waiting for room. Fails only once the receiving shard has stopped.

@@ -20,6 +20,7 @@ mod connection;
 mod directory;
 mod mesh;
 mod owner;
+mod presence;
 mod sessions;
 
 pub use connection::{Ending, FrameSource, ReadError, run as run_connection};
@@ -27,7 +28,7 @@ pub use mesh::Mesh;
 pub(crate) use mesh::ShardMsg;
 
 use crate::auth::Accounts;
-use crate::chat::{Assigned, ReceiptCoalescer, Sequencer, SequencerLimits};
+use crate::chat::{Assigned, PresenceTracker, ReceiptCoalescer, Sequencer, SequencerLimits};
 use crate::config::Config;
 use crate::ids::UserId;
 use crate::protocol::SessionLimits;
@@ -64,9 +65,9 @@ pub struct NodeContext {
     pub stop: CancellationToken,
 }
 
-/// A presence change for the announcer to broadcast, in order.
+/// A directory change for the announcer to broadcast, in order.
 #[derive(Debug)]
-struct PresenceUpdate {
+struct DirectoryUpdate {
     user: UserId,
     online: bool,
     applied: Option<oneshot::Sender<()>>,
@@ -90,7 +91,10 @@ pub struct Shard {
     commit_queue: RefCell<VecDeque<Assigned<AppendReply>>>,
     commit_ready: Notify,
     receipts: RefCell<ReceiptCoalescer>,
-    presence: mpsc::UnboundedSender<PresenceUpdate>,
+    /// Presence of the users whose home this shard is.
+    presence: RefCell<PresenceTracker<presence::Subscriber>>,
+    presence_changed: Notify,
+    announcer: mpsc::UnboundedSender<DirectoryUpdate>,
     connections: TaskTracker,
 }
 
@@ -139,7 +143,11 @@ async fn run(
     mailbox: mpsc::Receiver<ShardMsg>,
     drained: oneshot::Sender<()>,
 ) {
-    let (presence, presence_updates) = mpsc::unbounded_channel();
+    let (announcer, directory_updates) = mpsc::unbounded_channel();
+    let presence_tracker = PresenceTracker::new(
+        context.config.chat.presence_grace,
+        context.config.chat.presence_min_interval,
+    );
     let config = context.config.clone();
     let shard = Rc::new(Shard {
         id,
@@ -161,13 +169,16 @@ async fn run(
         commit_queue: RefCell::default(),
         commit_ready: Notify::new(),
         receipts: RefCell::default(),
-        presence,
+        presence: RefCell::new(presence_tracker),
+        presence_changed: Notify::new(),
+        announcer,
         connections: TaskTracker::new(),
     });
     let core = TaskTracker::new();
     core.spawn_local(mailbox_loop(shard.clone(), mailbox));
     core.spawn_local(owner::run_committer(shard.clone()));
-    core.spawn_local(announce_presence(shard.clone(), presence_updates));
+    core.spawn_local(announce_directory(shard.clone(), directory_updates));
+    core.spawn_local(presence::run_timer(shard.clone()));
     if id == ShardId(0) {
         core.spawn_local(owner::sweep_sends(shard.clone()));
     }
@@ -224,7 +235,7 @@ impl Shard {
             (None, None)
         };
         // The announcer lives as long as the shard; if it is gone we are stopping.
-        let _ = self.presence.send(PresenceUpdate { user, online, applied });
+        let _ = self.announcer.send(DirectoryUpdate { user, online, applied });
         done
     }
 }
@@ -248,18 +259,29 @@ async fn mailbox_loop(shard: Rc<Shard>, mut mailbox: mpsc::Receiver<ShardMsg>) {
                 }
             }
             ShardMsg::Revoke { user, device } => shard.sessions.borrow().revoke(user, device),
+            ShardMsg::Subscribe {
+                user,
+                subscriber,
+                reply,
+            } => presence::subscribe(&shard, user, subscriber, reply),
+            ShardMsg::Unsubscribe { user, subscriber } => presence::unsubscribe(&shard, user, subscriber),
             ShardMsg::Signal {
                 conversation,
                 user,
                 signal,
             } => owner::signal(&shard, conversation, user, signal),
-            ShardMsg::Presence {
+            ShardMsg::Directory {
                 user,
                 from,
                 online,
                 ack,
             } => {
+                let was_anywhere = shard.directory.borrow().shards_of(user) != 0;
                 shard.directory.borrow_mut().update(user, from, online);
+                let is_anywhere = shard.directory.borrow().shards_of(user) != 0;
+                if was_anywhere != is_anywhere && shard.mesh.home_of(user) == shard.id {
+                    presence::directory_changed(&shard, user, is_anywhere);
+                }
                 if let Some(ack) = ack {
                     let _ = ack.send(());
                 }
@@ -268,9 +290,9 @@ async fn mailbox_loop(shard: Rc<Shard>, mut mailbox: mpsc::Receiver<ShardMsg>) {
     }
 }
 
-/// Sends presence updates to every shard, one update at a time, so each shard sees
+/// Sends directory updates to every shard, one update at a time, so each shard sees
 /// one user's updates from this shard in the order they happened.
-async fn announce_presence(shard: Rc<Shard>, mut updates: mpsc::UnboundedReceiver<PresenceUpdate>) {
+async fn announce_directory(shard: Rc<Shard>, mut updates: mpsc::UnboundedReceiver<DirectoryUpdate>) {
     loop {
         let update = tokio::select! {
             update = updates.recv() => match update {
@@ -286,7 +308,7 @@ async fn announce_presence(shard: Rc<Shard>, mut updates: mpsc::UnboundedReceive
                 acks.push(rx);
                 tx
             });
-            let msg = ShardMsg::Presence {
+            let msg = ShardMsg::Directory {
                 user: update.user,
                 from: shard.id,
                 online: update.online,

@@ -1,0 +1,69 @@
+//! Presence: visible only to users who share a conversation, online while a device
+//! is connected, offline after a grace period, no flapping on quick reconnects.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{TestServer, new_user, within};
+use confab_client::proto::PresenceUpdate;
+use confab_client::{Client, Event};
+use std::time::Duration;
+
+async fn next_presence(client: &Client) -> PresenceUpdate {
+    loop {
+        match within(Duration::from_secs(10), client.next_event()).await {
+            Some(Event::Presence(presence)) => return presence,
+            Some(Event::Closed(reason)) => panic!("connection ended: {reason:?}"),
+            None => panic!("connection ended"),
+            Some(_) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contacts_see_presence_with_a_grace_period_and_strangers_do_not() {
+    let mut node = TestServer::start_with(
+        2,
+        &[
+            ("CONFAB_CHAT__PRESENCE_GRACE", "500ms"),
+            ("CONFAB_CHAT__PRESENCE_MIN_INTERVAL", "100ms"),
+        ],
+    )
+    .await;
+    let (alice, alice_login, alice_name) = new_user(node.addr, "seen").await;
+    let (bob, _, _) = new_user(node.addr, "watcher").await;
+    let (carol, _, _) = new_user(node.addr, "stranger").await;
+    bob.send_direct(alice_login.user_id, "hi", "hi").await.unwrap();
+
+    let stranger = carol.subscribe_presence(&[alice_login.user_id]).await.unwrap();
+    assert!(stranger.users.is_empty());
+    assert_eq!(stranger.hidden, vec![alice_login.user_id]);
+
+    let list = bob.subscribe_presence(&[alice_login.user_id, 987_654]).await.unwrap();
+    assert_eq!(list.users.len(), 1);
+    assert!(list.users[0].online);
+    assert_eq!(list.hidden, vec![987_654]);
+
+    // A quick reconnect within the grace period: no update at all.
+    drop(alice);
+    let (alice, _) = common::second_device(node.addr, &alice_name).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(900), next_presence(&bob))
+            .await
+            .is_err(),
+        "a reconnect inside the grace period must not flap"
+    );
+
+    // Gone for good: offline after the grace period, with last_seen.
+    drop(alice);
+    let offline = next_presence(&bob).await;
+    assert_eq!(offline.user_id, alice_login.user_id);
+    assert!(!offline.online);
+    assert!(offline.last_seen_ms > 0);
+
+    // And back online.
+    let (_alice_again, _) = common::second_device(node.addr, &alice_name).await;
+    let online = next_presence(&bob).await;
+    assert!(online.online);
+    node.shutdown().await;
+}
