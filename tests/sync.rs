@@ -42,10 +42,9 @@ async fn an_offline_device_resumes_with_exactly_what_it_missed_then_live() {
     let mut node = TestServer::start(2).await;
     let (alice, alice_login, alice_name) = new_user(node.addr, "resume").await;
     let (bob, bob_login, _) = new_user(node.addr, "resume").await;
-    let mut others = Vec::new();
-    for _ in 0..3 {
-        others.push(new_user(node.addr, "resume").await);
-    }
+    // A 50-member group (with Alice and Bob); three of the others send.
+    let addr = node.addr;
+    let others = futures::future::join_all((0..48).map(|_| new_user(addr, "resume"))).await;
     let mut members: Vec<u64> = others.iter().map(|(_, login, _)| login.user_id).collect();
     members.push(alice_login.user_id);
     let team = bob
@@ -74,7 +73,7 @@ async fn an_offline_device_resumes_with_exactly_what_it_missed_then_live() {
     drop(phone);
 
     // 500 messages while it is away, from several senders and conversations.
-    let sends = others.iter().enumerate().map(|(index, (client, _, _))| {
+    let sends = others[..3].iter().enumerate().map(|(index, (client, _, _))| {
         let team = team.clone();
         async move {
             for i in 0..150 {
