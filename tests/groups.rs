@@ -268,3 +268,79 @@ async fn groups_survive_a_restart() {
     assert_eq!(list.members.len(), 2);
     server.shutdown().await.unwrap();
 }
+
+/// A 10 000-member room: created in one request, messages fan out, members page.
+/// The members are created through the store directly (signing up 10 000 users
+/// over the protocol would only measure password hashing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_thousand_member_room_works() {
+    use confab::store::{NewUser, Store as _, embedded::EmbeddedStore};
+    const MEMBERS: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::config(
+        dir.path(),
+        2,
+        &[
+            ("CONFAB_CHAT__MAX_GROUP_MEMBERS", "10000"),
+            ("CONFAB_STORE__DURABILITY", "buffered"),
+        ],
+    );
+    let store = std::sync::Arc::new(EmbeddedStore::open(&config.store).unwrap());
+    let creates = (0..MEMBERS - 1).map(|i| {
+        let store = store.clone();
+        async move {
+            store
+                .create_user(NewUser {
+                    username: format!("crowd{i}"),
+                    password_hash: "unused".into(),
+                    created_at_ms: 0,
+                })
+                .await
+                .unwrap()
+                .id
+                .get()
+        }
+    });
+    let members: Vec<u64> = futures::future::join_all(creates).await;
+    store.close().await.unwrap();
+    drop(store);
+
+    let server = confab::Server::start(config).unwrap();
+    let addr = server.local_addr();
+    let (owner, _, _) = new_user(addr, "host").await;
+    let (listener, listener_login, _) = new_user(addr, "listener").await;
+    let mut everyone = members.clone();
+    everyone.pop();
+    everyone.push(listener_login.user_id);
+    let created = owner.create_group("big", "town hall", &everyone).await.unwrap();
+    let group = created.conversation_id;
+    for i in 0..20 {
+        owner
+            .send(group_target(&group), &format!("m{i}"), "to everyone")
+            .await
+            .unwrap();
+    }
+    let seen = read_until(&listener, 21).await;
+    assert_eq!(
+        seen.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=21).collect::<Vec<_>>()
+    );
+
+    let mut listed = 0;
+    let mut after = 0;
+    loop {
+        let page = listener.list_members(&group, after, 1000).await.unwrap();
+        listed += page.members.len();
+        after = page.members.last().map_or(after, |m| m.user_id);
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(listed, MEMBERS);
+    let outsider = members[MEMBERS - 2];
+    let full: Result<_, ClientError> = owner.add_members(&group, "one-more", &[outsider]).await;
+    assert_eq!(code(full), ErrorCode::TooLarge, "the room is full");
+    let again: Result<_, ClientError> = owner.add_members(&group, "again", &[members[0]]).await;
+    assert_eq!(code(again), ErrorCode::BadRequest, "already a member");
+    server.shutdown().await.unwrap();
+}
