@@ -70,19 +70,7 @@ async fn acknowledged_messages_survive_sigkill(durability: &str) {
         .unwrap();
 
     // 300 pipelined sends; keep exactly what was acknowledged.
-    let sends = (0..300).map(|i| {
-        let alice = &alice;
-        async move {
-            alice
-                .send_direct(bob_login.user_id, &format!("m{i}"), &format!("body {i}"))
-                .await
-        }
-    });
-    let acks: Vec<_> = futures::future::join_all(sends)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let acks = common::send_pipelined(&alice, bob_login.user_id, 300).await;
     let conversation = acks[0].conversation_id.clone();
     node.kill();
 

@@ -146,13 +146,7 @@ async fn a_long_absence_is_reported_unrecovered_and_sync_pages_the_rest() {
     let token = phone.sync("", &[], 0).await.unwrap().sync_token;
     drop(phone);
 
-    let ids: Vec<String> = (0..1500).map(|i| format!("m{i}")).collect();
-    let sends = ids.iter().map(|id| bob.send_direct(alice_login.user_id, id, "x"));
-    let acks: Vec<_> = futures::future::join_all(sends)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let acks = common::send_pipelined(&bob, alice_login.user_id, 1500).await;
     let conversation = acks[0].conversation_id.clone();
 
     let phone = Client::connect(node.addr).await.unwrap();

@@ -204,3 +204,15 @@ impl RawConnection {
         }
     }
 }
+
+/// Sends `count` messages to `user_id` at once (pipelined), with client_msg_ids
+/// `m0`, `m1`, ... and bodies `body 0`, `body 1`, ...; returns their acks in order.
+pub async fn send_pipelined(client: &Client, user_id: u64, count: usize) -> Vec<confab_client::proto::SendAck> {
+    let ids: Vec<(String, String)> = (0..count).map(|i| (format!("m{i}"), format!("body {i}"))).collect();
+    let sends = ids.iter().map(|(id, body)| client.send_direct(user_id, id, body));
+    futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
