@@ -232,11 +232,18 @@ async fn sync_reports_unread_counts_and_lists_conversations_by_activity() {
         })
         .collect();
     assert_eq!(unread[with_bob.as_str()], (6, 2, ""));
+    let latest = sync
+        .conversations
+        .iter()
+        .find(|state| state.conversation_id == with_bob)
+        .unwrap();
+    assert_eq!(latest.last_message.as_ref().map(|m| m.body.as_str()), Some("latest"));
     assert_eq!(unread[group.as_str()], (4, 1, "carol's"));
 
     // ListConversations pages by last activity, newest first.
     let first = alice.list_conversations("", 1).await.unwrap();
     assert_eq!(first.conversations[0].conversation_id, with_bob);
+    assert_eq!(first.conversations[0].last_message.as_ref().unwrap().seq, 6);
     let second = alice.list_conversations(&first.next_page_token, 1).await.unwrap();
     assert_eq!(second.conversations[0].conversation_id, group);
     assert!(second.next_page_token.is_empty());

@@ -42,7 +42,7 @@ pub(super) async fn catch_up(
     let mut conversations = Vec::with_capacity(plan.conversations.len());
     for planned in plan.conversations {
         let head = &planned.head;
-        let mut state = conversation_state(head);
+        let mut state = conversation_state(shard, head).await?;
         if planned.take > 0 {
             let page = shard
                 .store
@@ -116,8 +116,12 @@ pub(super) async fn list_conversations(
         Some(last) if start + page.len() < heads.len() => encode_page_token(last.last_time_ms, last.conversation),
         _ => String::new(),
     };
+    let mut conversations = Vec::with_capacity(page.len());
+    for head in page {
+        conversations.push(conversation_state(shard, head).await?);
+    }
     Ok(v1::ConversationList {
-        conversations: page.into_iter().map(conversation_state).collect(),
+        conversations,
         next_page_token,
     })
 }
@@ -158,8 +162,10 @@ pub(super) async fn mark(
     })
 }
 
-fn conversation_state(head: &ConversationHead) -> v1::ConversationState {
-    v1::ConversationState {
+/// A conversation as Sync and ListConversations show it, with its last message.
+async fn conversation_state(shard: &Shard, head: &ConversationHead) -> Result<v1::ConversationState, ChatError> {
+    let last = shard.store.messages_at(head.conversation, vec![head.last_seq]).await?;
+    Ok(v1::ConversationState {
         conversation_id: head.conversation.to_string(),
         title: head.title.clone().unwrap_or_default(),
         last_seq: head.last_seq,
@@ -168,7 +174,8 @@ fn conversation_state(head: &ConversationHead) -> v1::ConversationState {
         unread_count: head.last_seq.saturating_sub(head.read_seq),
         left: head.left_seq.is_some(),
         messages: Vec::new(),
-    }
+        last_message: last.get(&head.last_seq).map(message_proto),
+    })
 }
 
 /// Sends a typing signal to the other members, through the conversation's owner.
