@@ -1,18 +1,188 @@
-//! `confab-loadgen`: the benchmark and correctness load generator.
+//! `confab-loadgen`: the benchmark tool that also checks correctness.
 //!
-//! Scenarios (connect, direct, group, sync, echo-baseline) arrive with the loadgen
-//! issue; until then the binary only says so and exits with status 2.
+//! Scenarios run against a confab server on loopback through the real protocol
+//! (`confab-client`); every run checks that nothing was lost, duplicated or
+//! reordered and that seqs have no gaps, and exits non-zero if anything was.
 
+mod check;
+mod echo;
+mod payload;
+mod scenario;
+mod setup;
+mod stats;
+mod traffic;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[derive(Debug, Parser)]
+#[command(name = "confab-loadgen", version, about = "Load generator and correctness checker for confab")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// P pairs of users exchanging 1:1 messages at a target total rate (open loop).
+    Direct {
+        #[command(flatten)]
+        common: Common,
+        /// Pairs of users.
+        #[arg(long, default_value_t = 50)]
+        pairs: usize,
+    },
+    /// G groups of M members, S senders per group, at a target total rate.
+    Group {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 2)]
+        groups: usize,
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        #[arg(long, default_value_t = 2)]
+        senders: usize,
+    },
+    /// Only the raw loopback echo baseline.
+    EchoBaseline {
+        #[arg(long, default_value_t = 100)]
+        connections: usize,
+        #[arg(long, default_value_t = 100)]
+        body_bytes: usize,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        duration: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    Tcp,
+    Ws,
+    Quic,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// The server, on loopback (127.0.0.0/8 or [::1]).
+    #[arg(long, default_value = "127.0.0.1:7300")]
+    server: SocketAddr,
+    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
+    transport: Transport,
+    /// Messages per second, all senders together.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+    #[arg(long, default_value_t = 100)]
+    body_bytes: usize,
+    /// Longest wait for outstanding deliveries after the last send.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    drain: Duration,
+    /// Also measure the raw echo baseline with the same connections and frame size.
+    #[arg(long)]
+    echo_baseline: bool,
+    /// Write every figure and the parameters as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// Runs are bounded: at most this many messages in one run.
+const MAX_MESSAGES: f64 = 50_000_000.0;
+
 fn main() -> ExitCode {
-    eprintln!(
-        "confab-loadgen {}: no scenarios yet (connect, direct, group, sync and \
-         echo-baseline are planned); see BENCHMARKS.md",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: building the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.scenario)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a scenario; `Ok(false)` when the correctness check failed.
+async fn run(scenario: Scenario) -> anyhow::Result<bool> {
+    raise_open_files_limit();
+    let (report, json) = match scenario {
+        Scenario::EchoBaseline {
+            connections,
+            body_bytes,
+            duration,
+        } => {
+            let rate = echo::baseline(connections, body_bytes + scenario::FRAME_OVERHEAD_BYTES, duration).await?;
+            println!("echo baseline: {rate:.0} frames/s over {connections} connections");
+            return Ok(true);
+        }
+        Scenario::Direct { common, pairs } => {
+            check_common(&common)?;
+            let parameters = serde_json::json!({ "pairs": pairs, "rate": common.rate, "duration_s": common.duration.as_secs_f64(), "body_bytes": common.body_bytes });
+            let report = scenario::direct(common.server, pairs, load(&common), common.echo_baseline, parameters).await?;
+            (report, common.json)
+        }
+        Scenario::Group {
+            common,
+            groups,
+            members,
+            senders,
+        } => {
+            check_common(&common)?;
+            if senders > members || members < 2 {
+                bail!("--senders must be at most --members, and a group needs 2 members");
+            }
+            let parameters = serde_json::json!({ "groups": groups, "members": members, "senders": senders, "rate": common.rate, "duration_s": common.duration.as_secs_f64(), "body_bytes": common.body_bytes });
+            let shape = scenario::GroupShape { groups, members, senders };
+            let report = scenario::group(common.server, shape, load(&common), common.echo_baseline, parameters).await?;
+            (report, common.json)
+        }
+    };
+    print!("{}", report.print());
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report.violations.is_empty())
+}
+
+fn load(common: &Common) -> traffic::Load {
+    traffic::Load {
+        rate: common.rate,
+        duration: common.duration,
+        body_bytes: common.body_bytes,
+        drain: common.drain,
+    }
+}
+
+fn check_common(common: &Common) -> anyhow::Result<()> {
+    if common.transport != Transport::Tcp {
+        bail!("--transport {:?} is not supported yet; use tcp", common.transport);
+    }
+    if !common.server.ip().is_loopback() {
+        bail!("--server must be a loopback address (127.0.0.0/8 or [::1]); got {}", common.server);
+    }
+    if !(common.rate > 0.0) || common.rate * common.duration.as_secs_f64() > MAX_MESSAGES {
+        bail!("--rate × --duration must be between 1 and {MAX_MESSAGES} messages");
+    }
+    Ok(())
+}
+
+/// Many connections need many descriptors: use the hard limit.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => eprintln!("open files limit: {limit}"),
+        Err(err) => eprintln!("could not raise the open files limit: {err}"),
+    }
 }

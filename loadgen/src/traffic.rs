@@ -1,0 +1,156 @@
+//! The open-loop traffic runner shared by the message scenarios.
+//!
+//! Each flow sends at its share of the target rate on a fixed schedule, whatever
+//! the server does (open loop): a send is started at its intended time even if
+//! earlier ones are still unanswered, and latency counts from the intended time,
+//! so a stall shows up in the percentiles instead of silently slowing the load
+//! (no coordinated omission). Every delivery goes through the checker.
+
+use crate::check::{Checker, Device, MessageId};
+use crate::payload;
+use crate::setup::Member;
+use crate::stats::Latency;
+use confab_client::Event;
+use confab_client::proto::conversation_ref::Target;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// One sender and where it sends.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    pub sender: usize,
+    pub target: Target,
+    /// Devices that must receive every message of this flow.
+    pub recipients: Vec<Device>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Messages per second, over all flows.
+    pub rate: f64,
+    pub duration: Duration,
+    pub body_bytes: usize,
+    /// How long to wait for outstanding deliveries after the last send.
+    pub drain: Duration,
+}
+
+/// What a run measured.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub checker: Checker,
+    pub ack_latency: Latency,
+    pub delivery_latency: Latency,
+    pub sent: u64,
+    pub acked: u64,
+    pub errors: u64,
+    /// From the first intended send to the last delivery (or the drain timeout).
+    pub elapsed: Duration,
+}
+
+type Shared = Arc<Mutex<Outcome>>;
+
+pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
+    let shared: Shared = Arc::default();
+    let (stop, stopped) = watch::channel(false);
+    // Give every task time to be scheduled before the first intended send.
+    let start = Instant::now() + Duration::from_millis(50);
+    let receivers: Vec<_> = members
+        .iter()
+        .map(|member| tokio::spawn(receive(member.clone(), start, shared.clone(), stopped.clone())))
+        .collect();
+
+    let per_flow = load.rate / flows.len().max(1) as f64;
+    let count = (per_flow * load.duration.as_secs_f64()).round() as u64;
+    let senders: Vec<_> = flows
+        .into_iter()
+        .map(|flow| tokio::spawn(send(members[flow.sender].clone(), flow, per_flow, count, load.body_bytes, start, shared.clone())))
+        .collect();
+    for sender in senders {
+        if let Ok(pending) = sender.await {
+            futures::future::join_all(pending).await;
+        }
+    }
+
+    let deadline = Instant::now() + load.drain;
+    loop {
+        let outstanding = shared.lock().map_or(0, |outcome| outcome.checker.outstanding());
+        if outstanding == 0 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = stop.send(true);
+    for receiver in receivers {
+        let _ = receiver.await;
+    }
+    let mut outcome = std::mem::take(&mut *shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    outcome.elapsed = start.elapsed();
+    outcome
+}
+
+/// Sends `count` messages on schedule; returns the tasks still awaiting acks.
+async fn send(
+    member: Member,
+    flow: Flow,
+    per_second: f64,
+    count: u64,
+    body_bytes: usize,
+    start: Instant,
+    shared: Shared,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut pending = Vec::with_capacity(count as usize);
+    let recipients: Arc<[Device]> = flow.recipients.into();
+    for counter in 0..count {
+        let intended = start + Duration::from_secs_f64(counter as f64 / per_second);
+        tokio::time::sleep_until(intended.into()).await;
+        let id = MessageId {
+            sender: member.device,
+            counter,
+        };
+        let intended_ns = u64::try_from((intended - start).as_nanos()).unwrap_or(u64::MAX);
+        let body = payload::encode(id, intended_ns, body_bytes);
+        let client = member.client.clone();
+        let target = flow.target.clone();
+        let shared = shared.clone();
+        let recipients = recipients.clone();
+        pending.push(tokio::spawn(async move {
+            let result = client.send(target, &format!("{}-{counter}", id.sender), &body).await;
+            let latency = intended.elapsed();
+            let Ok(mut outcome) = shared.lock() else { return };
+            outcome.sent += 1;
+            match result {
+                Ok(ack) => {
+                    outcome.acked += 1;
+                    outcome.ack_latency.record(latency);
+                    outcome.checker.acked(id, &ack.conversation_id, ack.seq, recipients.to_vec());
+                }
+                Err(_) => outcome.errors += 1,
+            }
+        }));
+    }
+    pending
+}
+
+/// Records every loadgen message a member receives until stopped.
+async fn receive(member: Member, start: Instant, shared: Shared, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let event = tokio::select! {
+            event = member.client.next_event() => event,
+            _ = stopped.changed() => return,
+        };
+        let message = match event {
+            Some(Event::Message(message)) => message,
+            Some(Event::Closed(_)) | None => return,
+            Some(_) => continue,
+        };
+        let Some((id, intended_ns)) = payload::decode(&message.body) else {
+            continue;
+        };
+        let latency = start.elapsed().saturating_sub(Duration::from_nanos(intended_ns));
+        if let Ok(mut outcome) = shared.lock() {
+            outcome.delivery_latency.record(latency);
+            outcome.checker.delivered(member.device, &message.conversation_id, message.seq, id);
+        }
+    }
+}
