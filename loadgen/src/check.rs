@@ -23,7 +23,12 @@ pub enum Violation {
     /// Delivered twice to one device.
     Duplicate { id: MessageId, device: Device },
     /// A device got `seq` after a later one of the same conversation.
-    OutOfOrder { device: Device, conversation: String, seq: u64, after: u64 },
+    OutOfOrder {
+        device: Device,
+        conversation: String,
+        seq: u64,
+        after: u64,
+    },
     /// No acknowledged message holds this seq, though later ones exist.
     Gap { conversation: String, seq: u64 },
 }
@@ -31,12 +36,28 @@ pub enum Violation {
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Lost { id, device } => write!(f, "lost: message {}#{} never reached device {device}", id.sender, id.counter),
+            Self::Lost { id, device } => write!(
+                f,
+                "lost: message {}#{} never reached device {device}",
+                id.sender, id.counter
+            ),
             Self::Duplicate { id, device } => {
-                write!(f, "duplicate: message {}#{} reached device {device} twice", id.sender, id.counter)
+                write!(
+                    f,
+                    "duplicate: message {}#{} reached device {device} twice",
+                    id.sender, id.counter
+                )
             }
-            Self::OutOfOrder { device, conversation, seq, after } => {
-                write!(f, "out of order: device {device} got {conversation} seq {seq} after seq {after}")
+            Self::OutOfOrder {
+                device,
+                conversation,
+                seq,
+                after,
+            } => {
+                write!(
+                    f,
+                    "out of order: device {device} got {conversation} seq {seq} after seq {after}"
+                )
             }
             Self::Gap { conversation, seq } => write!(f, "gap: {conversation} has no seq {seq}"),
         }
@@ -61,7 +82,10 @@ impl Checker {
     /// `id` was acknowledged with `seq` in `conversation`; `recipients` must get it.
     pub fn acked(&mut self, id: MessageId, conversation: &str, seq: u64, recipients: Vec<Device>) {
         // A push may overtake its sender's ack.
-        self.owed += recipients.iter().filter(|device| !self.delivered.contains(&(**device, id))).count();
+        self.owed += recipients
+            .iter()
+            .filter(|device| !self.delivered.contains(&(**device, id)))
+            .count();
         self.expected.insert(id, recipients);
         self.seqs.entry(conversation.to_owned()).or_default().push(seq);
     }
@@ -73,7 +97,11 @@ impl Checker {
             self.violations.push(Violation::Duplicate { id, device });
             return;
         }
-        if self.expected.get(&id).is_some_and(|recipients| recipients.contains(&device)) {
+        if self
+            .expected
+            .get(&id)
+            .is_some_and(|recipients| recipients.contains(&device))
+        {
             self.owed -= 1;
         }
         let last = self.last_seq.entry((device, conversation.to_owned())).or_insert(0);
@@ -157,19 +185,39 @@ mod tests {
     #[test]
     fn an_injected_loss_is_flagged() {
         let violations = run(&[(1, 1), (2, 1), (1, 2), (1, 3), (2, 3)]);
-        assert_eq!(violations, vec![Violation::Lost { id: id(0, 2), device: 2 }]);
+        assert_eq!(
+            violations,
+            vec![Violation::Lost {
+                id: id(0, 2),
+                device: 2
+            }]
+        );
     }
 
     #[test]
     fn an_injected_duplicate_is_flagged() {
         let violations = run(&[(1, 1), (1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3)]);
-        assert_eq!(violations, vec![Violation::Duplicate { id: id(0, 1), device: 1 }]);
+        assert_eq!(
+            violations,
+            vec![Violation::Duplicate {
+                id: id(0, 1),
+                device: 1
+            }]
+        );
     }
 
     #[test]
     fn an_injected_reordering_is_flagged() {
         let violations = run(&[(1, 2), (1, 1), (2, 1), (2, 2), (1, 3), (2, 3)]);
-        assert!(matches!(violations.as_slice(), [Violation::OutOfOrder { device: 1, seq: 1, after: 2, .. }]));
+        assert!(matches!(
+            violations.as_slice(),
+            [Violation::OutOfOrder {
+                device: 1,
+                seq: 1,
+                after: 2,
+                ..
+            }]
+        ));
     }
 
     #[test]
@@ -177,7 +225,13 @@ mod tests {
         let mut checker = Checker::default();
         checker.acked(id(0, 1), "g:9", 1, vec![]);
         checker.acked(id(0, 2), "g:9", 3, vec![]);
-        assert_eq!(checker.finish(), vec![Violation::Gap { conversation: "g:9".into(), seq: 2 }]);
+        assert_eq!(
+            checker.finish(),
+            vec![Violation::Gap {
+                conversation: "g:9".into(),
+                seq: 2
+            }]
+        );
     }
 
     #[test]

@@ -1,19 +1,10 @@
-//! `confab-loadgen`: the benchmark tool that also checks correctness.
-//!
-//! Scenarios run against a confab server on loopback through the real protocol
-//! (`confab-client`); every run checks that nothing was lost, duplicated or
-//! reordered and that seqs have no gaps, and exits non-zero if anything was.
-
-mod check;
-mod echo;
-mod payload;
-mod scenario;
-mod setup;
-mod stats;
-mod traffic;
+//! `confab-loadgen`: the command line of the load generator (see the library).
+//! Its reports go to stdout.
+#![allow(clippy::print_stdout)]
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use confab_loadgen::{echo, scenario, traffic};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,7 +14,11 @@ use std::time::Duration;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
-#[command(name = "confab-loadgen", version, about = "Load generator and correctness checker for confab")]
+#[command(
+    name = "confab-loadgen",
+    version,
+    about = "Load generator and correctness checker for confab"
+)]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
@@ -131,7 +126,8 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
         Scenario::Direct { common, pairs } => {
             check_common(&common)?;
             let parameters = serde_json::json!({ "pairs": pairs, "rate": common.rate, "duration_s": common.duration.as_secs_f64(), "body_bytes": common.body_bytes });
-            let report = scenario::direct(common.server, pairs, load(&common), common.echo_baseline, parameters).await?;
+            let report =
+                scenario::direct(common.server, pairs, load(&common), common.echo_baseline, parameters).await?;
             (report, common.json)
         }
         Scenario::Group {
@@ -145,14 +141,19 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
                 bail!("--senders must be at most --members, and a group needs 2 members");
             }
             let parameters = serde_json::json!({ "groups": groups, "members": members, "senders": senders, "rate": common.rate, "duration_s": common.duration.as_secs_f64(), "body_bytes": common.body_bytes });
-            let shape = scenario::GroupShape { groups, members, senders };
+            let shape = scenario::GroupShape {
+                groups,
+                members,
+                senders,
+            };
             let report = scenario::group(common.server, shape, load(&common), common.echo_baseline, parameters).await?;
             (report, common.json)
         }
     };
     print!("{}", report.print());
     if let Some(path) = json {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report.violations.is_empty())
 }
@@ -171,9 +172,13 @@ fn check_common(common: &Common) -> anyhow::Result<()> {
         bail!("--transport {:?} is not supported yet; use tcp", common.transport);
     }
     if !common.server.ip().is_loopback() {
-        bail!("--server must be a loopback address (127.0.0.0/8 or [::1]); got {}", common.server);
+        bail!(
+            "--server must be a loopback address (127.0.0.0/8 or [::1]); got {}",
+            common.server
+        );
     }
-    if !(common.rate > 0.0) || common.rate * common.duration.as_secs_f64() > MAX_MESSAGES {
+    let messages = common.rate * common.duration.as_secs_f64();
+    if !(1.0..=MAX_MESSAGES).contains(&messages) {
         bail!("--rate × --duration must be between 1 and {MAX_MESSAGES} messages");
     }
     Ok(())

@@ -2,10 +2,10 @@
 //! shared [`crate::traffic`] runner's.
 
 use crate::check::Device;
+use crate::echo;
 use crate::setup::{self, Member};
 use crate::stats::{self, Report};
 use crate::traffic::{self, Flow, Load, Outcome};
-use crate::echo;
 use anyhow::Context as _;
 use confab_client::proto::conversation_ref::Target;
 use std::net::SocketAddr;
@@ -34,7 +34,12 @@ pub async fn direct(
         })
         .collect();
     let outcome = traffic::run(&members, flows, load).await;
-    finish("direct", parameters, outcome, baseline(echo_baseline, members.len(), load).await?)
+    finish(
+        "direct",
+        parameters,
+        outcome,
+        baseline(echo_baseline, members.len(), load).await?,
+    )
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -70,11 +75,20 @@ pub async fn group(
         }
     }
     let outcome = traffic::run(&members, flows, load).await;
-    finish("group", parameters, outcome, baseline(echo_baseline, members.len(), load).await?)
+    finish(
+        "group",
+        parameters,
+        outcome,
+        baseline(echo_baseline, members.len(), load).await?,
+    )
 }
 
 fn everyone_but(group: &[Member], sender: Device) -> Vec<Device> {
-    group.iter().map(|member| member.device).filter(|device| *device != sender).collect()
+    group
+        .iter()
+        .map(|member| member.device)
+        .filter(|device| *device != sender)
+        .collect()
 }
 
 async fn baseline(wanted: bool, connections: usize, load: Load) -> anyhow::Result<Option<f64>> {
@@ -85,7 +99,12 @@ async fn baseline(wanted: bool, connections: usize, load: Load) -> anyhow::Resul
     Ok(Some(echo::baseline(connections, frame_bytes, load.duration).await?))
 }
 
-fn finish(scenario: &str, parameters: serde_json::Value, outcome: Outcome, echo: Option<f64>) -> anyhow::Result<Report> {
+fn finish(
+    scenario: &str,
+    parameters: serde_json::Value,
+    outcome: Outcome,
+    echo: Option<f64>,
+) -> anyhow::Result<Report> {
     let seconds = outcome.elapsed.as_secs_f64();
     let deliveries = outcome.checker.deliveries();
     Ok(Report {

@@ -64,7 +64,17 @@ pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
     let count = (per_flow * load.duration.as_secs_f64()).round() as u64;
     let senders: Vec<_> = flows
         .into_iter()
-        .map(|flow| tokio::spawn(send(members[flow.sender].clone(), flow, per_flow, count, load.body_bytes, start, shared.clone())))
+        .map(|flow| {
+            tokio::spawn(send(
+                members[flow.sender].clone(),
+                flow,
+                per_flow,
+                count,
+                load.body_bytes,
+                start,
+                shared.clone(),
+            ))
+        })
         .collect();
     for sender in senders {
         if let Ok(pending) = sender.await {
@@ -123,7 +133,9 @@ async fn send(
                 Ok(ack) => {
                     outcome.acked += 1;
                     outcome.ack_latency.record(latency);
-                    outcome.checker.acked(id, &ack.conversation_id, ack.seq, recipients.to_vec());
+                    outcome
+                        .checker
+                        .acked(id, &ack.conversation_id, ack.seq, recipients.to_vec());
                 }
                 Err(_) => outcome.errors += 1,
             }
@@ -150,7 +162,9 @@ async fn receive(member: Member, start: Instant, shared: Shared, mut stopped: wa
         let latency = start.elapsed().saturating_sub(Duration::from_nanos(intended_ns));
         if let Ok(mut outcome) = shared.lock() {
             outcome.delivery_latency.record(latency);
-            outcome.checker.delivered(member.device, &message.conversation_id, message.seq, id);
+            outcome
+                .checker
+                .delivered(member.device, &message.conversation_id, message.seq, id);
         }
     }
 }

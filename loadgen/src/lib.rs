@@ -1,0 +1,19 @@
+//! The confab load generator: scenarios that drive a confab server on loopback
+//! through the real protocol (`confab-client`), time it with open-loop,
+//! coordinated-omission-correct latency, and check every run for lost,
+//! duplicated or reordered messages and gaps in seqs.
+
+/// The correctness checker (sans-IO).
+pub mod check;
+/// The raw loopback echo baseline.
+pub mod echo;
+/// What a loadgen message body carries.
+pub mod payload;
+/// Who talks to whom: direct and group scenarios.
+pub mod scenario;
+/// Users and connections for a run.
+pub mod setup;
+/// Latency histograms and reports.
+pub mod stats;
+/// The shared open-loop traffic runner.
+pub mod traffic;
