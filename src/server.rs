@@ -26,6 +26,10 @@ pub enum StartError {
     Io { what: String, source: std::io::Error },
 }
 
+/// Threads a shard may use for blocking work (store reads, password hashing).
+/// Bounded so a burst of requests queues instead of spawning hundreds of threads.
+const BLOCKING_THREADS_PER_SHARD: usize = 32;
+
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
     let what = what.into();
     move |source| StartError::Io { what, source }
@@ -99,6 +103,7 @@ impl Server {
         for (index, (listener, mailbox)) in listeners.into_iter().zip(mailboxes).enumerate() {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .max_blocking_threads(BLOCKING_THREADS_PER_SHARD)
                 .thread_name(format!("confab-shard-{index}-blocking"))
                 .build()
                 .map_err(io_error("building a shard runtime"))?;

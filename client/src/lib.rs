@@ -81,6 +81,9 @@ pub struct ClientOptions {
     pub client_name: String,
     /// Send pings at the server's heartbeat interval.
     pub heartbeat: bool,
+    /// Local address to connect from (e.g. one of 127.0.0.x, to use more than one
+    /// address's ephemeral ports); `None` lets the OS choose.
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for ClientOptions {
@@ -88,6 +91,7 @@ impl Default for ClientOptions {
         Self {
             client_name: "confab-client".into(),
             heartbeat: true,
+            local_ip: None,
         }
     }
 }
@@ -112,7 +116,18 @@ impl Client {
 
     /// Connects and completes the `Hello` handshake.
     pub async fn connect_with(addr: impl ToSocketAddrs, options: ClientOptions) -> Result<Self, ClientError> {
-        let stream = TcpStream::connect(addr).await?;
+        let stream = match options.local_ip {
+            None => TcpStream::connect(addr).await?,
+            Some(local_ip) => {
+                let server = tokio::net::lookup_host(addr).await?.next().ok_or(ClientError::Closed)?;
+                let socket = match server {
+                    std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket.bind(std::net::SocketAddr::new(local_ip, 0))?;
+                socket.connect(server).await?
+            }
+        };
         stream.set_nodelay(true)?;
         let (mut read, mut write) = stream.into_split();
         let hello = ClientFrame {

@@ -5,6 +5,8 @@
 
 /// The correctness checker (sans-IO).
 pub mod check;
+/// The connect storm and idle memory per connection.
+pub mod connect;
 /// The raw loopback echo baseline.
 pub mod echo;
 /// What a loadgen message body carries.

@@ -4,7 +4,7 @@
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use confab_loadgen::{echo, scenario, traffic};
+use confab_loadgen::{connect, echo, scenario, traffic};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +44,25 @@ enum Scenario {
         members: usize,
         #[arg(long, default_value_t = 2)]
         senders: usize,
+    },
+    /// Opens N authenticated connections at a rate and holds them idle; reports
+    /// connects/s, handshake latency and (with --server-pid) server memory per connection.
+    Connect {
+        /// The server, on loopback.
+        #[arg(long, default_value = "127.0.0.1:7300")]
+        server: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        /// Connects started per second.
+        #[arg(long, default_value_t = 10_000.0)]
+        rate: f64,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        hold: Duration,
+        /// The server's pid, to read its resident memory from /proc.
+        #[arg(long)]
+        server_pid: Option<u32>,
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
     /// Only the raw loopback echo baseline.
     EchoBaseline {
@@ -122,6 +141,35 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
             let rate = echo::baseline(connections, body_bytes + scenario::FRAME_OVERHEAD_BYTES, duration).await?;
             println!("echo baseline: {rate:.0} frames/s over {connections} connections");
             return Ok(true);
+        }
+        Scenario::Connect {
+            server,
+            connections,
+            rate,
+            hold,
+            server_pid,
+            json,
+        } => {
+            if !server.ip().is_loopback() {
+                bail!("--server must be a loopback address; got {server}");
+            }
+            let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft);
+            if connections as u64 + 100 > limit {
+                bail!("{connections} connections need more open files than this process may have ({limit})");
+            }
+            let parameters = serde_json::json!({ "connections": connections, "rate": rate, "hold_s": hold.as_secs_f64(), "server_pid": server_pid });
+            let storm = connect::Storm {
+                connections,
+                rate,
+                hold,
+            };
+            let report = connect::run(server, storm, server_pid, parameters).await?;
+            println!("{}", report.print());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            return Ok(report.failures == 0);
         }
         Scenario::Direct { common, pairs } => {
             check_common(&common)?;

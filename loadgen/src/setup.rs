@@ -16,6 +16,7 @@ const SETUP_CONCURRENCY: usize = 32;
 pub struct Member {
     pub device: Device,
     pub user_id: u64,
+    pub access_token: String,
     pub client: Arc<Client>,
 }
 
@@ -37,6 +38,7 @@ pub async fn members(server: SocketAddr, count: usize) -> anyhow::Result<Vec<Mem
             anyhow::Ok(Member {
                 device: Device::try_from(index).context("too many devices")?,
                 user_id: login.user_id,
+                access_token: login.tokens.map(|tokens| tokens.access_token).unwrap_or_default(),
                 client: Arc::new(client),
             })
         }

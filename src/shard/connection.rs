@@ -124,7 +124,8 @@ impl Connection {
             let deadline = tokio::time::Instant::from_std(self.session.deadline());
             let flow = tokio::select! {
                 biased;
-                () = shard.drain.cancelled() => return self.going_away(in_flight).await,
+                // Rare paths are boxed so an idle connection's task stays small.
+                () = shard.drain.cancelled() => return Box::pin(self.going_away(in_flight)).await,
                 reason = kick.kicked() => {
                     let slow = matches!(&reason.kind, Some(Kind::Error(error)) if error.code == ErrorCode::SlowConsumer as i32);
                     self.send_best_effort(reason);
@@ -132,7 +133,7 @@ impl Connection {
                 }
                 Some(reply) = in_flight.next(), if !in_flight.is_empty() => self.send(&reply).await,
                 frame = source.next_frame(), if in_flight.len() < max_in_flight => match frame {
-                    Ok(Some(payload)) => self.on_payload(payload, &mut in_flight).await,
+                    Ok(Some(payload)) => Box::pin(self.on_payload(payload, &mut in_flight)).await,
                     Ok(None) => Flow::Close("peer closed"),
                     Err(ReadError::Frame(err)) => {
                         tracing::info!(peer = %self.peer, error = %err, "undecodable frame; closing");

@@ -12,15 +12,15 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
 /// Bytes written to the socket in one call when frames are queued back to back.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
-/// A read buffer grown by a large frame is released once it is empty and above this.
-const IDLE_READ_BUFFER_BYTES: usize = 16 * 1024;
+/// Room a read buffer gets when bytes arrive.
+const READ_CHUNK_BYTES: usize = 4096;
 /// How long a closing connection may take to flush what it has queued.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 const LISTEN_BACKLOG: i32 = 4096;
@@ -99,24 +99,34 @@ struct TcpFrames {
 }
 
 impl FrameSource for TcpFrames {
+    /// An idle connection holds no read buffer: it waits for readiness, and a
+    /// buffer exists only while bytes of a frame are pending. Cancel-safe: bytes
+    /// read stay in `buf`.
     async fn next_frame(&mut self) -> Result<Option<Bytes>, ReadError> {
         loop {
             if let Some(payload) = self.decoder.split_payload(&mut self.buf)? {
-                if self.buf.is_empty() && self.buf.capacity() > IDLE_READ_BUFFER_BYTES {
+                if self.buf.is_empty() {
                     self.buf = BytesMut::new();
                 }
                 return Ok(Some(payload));
             }
-            if self.buf.capacity() == self.buf.len() {
-                self.buf.reserve(4096);
+            if self.buf.is_empty() {
+                self.read.readable().await?;
             }
-            // `read_buf` is cancel-safe: bytes read stay in `buf`.
-            if self.read.read_buf(&mut self.buf).await? == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()))
-                };
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK_BYTES / 4 {
+                self.buf.reserve(READ_CHUNK_BYTES);
+            }
+            match self.read.try_read_buf(&mut self.buf) {
+                Ok(0) if self.buf.is_empty() => return Ok(None),
+                Ok(0) => return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.buf.is_empty() {
+                        self.buf = BytesMut::new();
+                    }
+                    self.read.readable().await?;
+                }
+                Err(err) => return Err(err.into()),
             }
         }
     }

@@ -1,0 +1,173 @@
+//! The connect scenario: a storm of authenticated connections at a given rate,
+//! held idle, with handshake latency and the server's memory per connection.
+
+use crate::setup;
+use crate::stats::{Latency, Percentiles};
+use anyhow::Context as _;
+use confab_client::{Client, ClientOptions};
+use serde::Serialize;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// Connections per source address; loopback has about 28 000 ephemeral ports.
+const PER_SOURCE_ADDRESS: usize = 20_000;
+/// Accounts whose tokens the connections share.
+const USERS: usize = 50;
+/// Wait before reading the server's memory, so transient allocations of a burst
+/// are returned (the allocator releases freed memory after a delay).
+const SETTLE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Storm {
+    pub connections: usize,
+    /// Connects started per second.
+    pub rate: f64,
+    /// How long the connections are held idle once all are up.
+    pub hold: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectReport {
+    pub parameters: serde_json::Value,
+    pub connected: usize,
+    pub failures: usize,
+    pub seconds: f64,
+    pub connects_per_second: f64,
+    /// Connect start → Authenticated.
+    pub handshake: Percentiles,
+    /// Server resident memory before and while holding (bytes), when its pid is known.
+    pub server_rss_before: Option<u64>,
+    pub server_rss_holding: Option<u64>,
+    pub server_bytes_per_connection: Option<f64>,
+    pub first_error: Option<String>,
+}
+
+impl ConnectReport {
+    pub fn print(&self) -> String {
+        let p = &self.handshake;
+        let mut text = format!(
+            "connect: {} of {} authenticated in {:.2} s ({:.0}/s), failures {}\n  handshake        p50 {:>8.3} ms  p90 {:>8.3}  p99 {:>8.3}  p99.9 {:>8.3}  max {:>8.3}\n",
+            self.connected,
+            self.connected + self.failures,
+            self.seconds,
+            self.connects_per_second,
+            self.failures,
+            p.p50_ms,
+            p.p90_ms,
+            p.p99_ms,
+            p.p999_ms,
+            p.max_ms
+        );
+        if let Some(per) = self.server_bytes_per_connection {
+            text += &format!("  server memory: {per:.0} bytes per idle authenticated connection\n");
+        }
+        if let Some(error) = &self.first_error {
+            text += &format!("  first error: {error}\n");
+        }
+        text
+    }
+}
+
+pub async fn run(
+    server: SocketAddr,
+    storm: Storm,
+    server_pid: Option<u32>,
+    parameters: serde_json::Value,
+) -> anyhow::Result<ConnectReport> {
+    let members = setup::members(server, USERS).await?;
+    let tokens: Vec<String> = members.iter().map(|member| member.access_token.clone()).collect();
+    drop(members);
+    let start = Instant::now();
+    let mut clients = Vec::with_capacity(storm.connections);
+    let mut handshake = Latency::default();
+    let mut failures = 0;
+    let mut first_error = None;
+    // A first quarter warms the server up (thread pools, allocator); memory per
+    // connection is measured over the other three quarters.
+    let warm_up = storm.connections / 4;
+    let mut rss_before = None;
+    for (from, to) in [(0, warm_up), (warm_up, storm.connections)] {
+        if from > 0 {
+            tokio::time::sleep(SETTLE).await;
+            rss_before = server_pid.map(rss_bytes).transpose()?;
+        }
+        let batch_start = Instant::now();
+        let tasks: Vec<_> = (from..to)
+            .map(|index| {
+                let token = tokens[index % tokens.len()].clone();
+                let intended = batch_start + Duration::from_secs_f64((index - from) as f64 / storm.rate);
+                let local_ip = source_address(server, index);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(intended.into()).await;
+                    let began = Instant::now();
+                    let options = ClientOptions {
+                        local_ip,
+                        ..ClientOptions::default()
+                    };
+                    let client = Client::connect_with(server, options).await?;
+                    client.authenticate(&token).await?;
+                    anyhow::Ok((client, began.elapsed()))
+                })
+            })
+            .collect();
+        for task in tasks {
+            match task.await.context("connect task")? {
+                Ok((client, latency)) => {
+                    handshake.record(latency);
+                    clients.push(client);
+                }
+                Err(err) => {
+                    failures += 1;
+                    first_error.get_or_insert_with(|| format!("{err:#}"));
+                }
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64() - SETTLE.as_secs_f64();
+    tokio::time::sleep(storm.hold.max(SETTLE)).await;
+    let rss_holding = server_pid.map(rss_bytes).transpose()?;
+    let measured = storm.connections - warm_up;
+    let per_connection = match (rss_before, rss_holding) {
+        (Some(before), Some(holding)) if measured > 0 => Some(holding.saturating_sub(before) as f64 / measured as f64),
+        _ => None,
+    };
+    Ok(ConnectReport {
+        parameters,
+        connected: clients.len(),
+        failures,
+        seconds,
+        connects_per_second: clients.len() as f64 / seconds,
+        handshake: handshake.summary(),
+        server_rss_before: rss_before,
+        server_rss_holding: rss_holding,
+        server_bytes_per_connection: per_connection,
+        first_error,
+    })
+}
+
+/// The OS's choice for the first PER_SOURCE_ADDRESS connections (it picks ports
+/// per 4-tuple, which an explicit bind cannot), then 127.0.0.2, 127.0.0.3, ... by
+/// blocks, when the server is on IPv4 loopback.
+fn source_address(server: SocketAddr, index: usize) -> Option<IpAddr> {
+    let block = index / PER_SOURCE_ADDRESS;
+    match server.ip() {
+        IpAddr::V4(_) if block > 0 => {
+            let host = u8::try_from(1 + block).ok()?;
+            Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)))
+        }
+        _ => None,
+    }
+}
+
+/// Resident memory of a process, from /proc/<pid>/status.
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .context("no VmRSS line")?;
+    Ok(kib * 1024)
+}
