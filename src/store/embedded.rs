@@ -575,17 +575,19 @@ impl Writer {
                     }
                 }
                 WriteJob::Append(messages, reply) => {
+                    // One head and one index entry per conversation per job: messages
+                    // arrive in seq order, so the last one of each conversation wins.
+                    let mut heads: HashMap<ConversationId, &MessageRecord> = HashMap::new();
                     for message in &messages {
+                        heads.insert(message.conversation, message);
+                    }
+                    for (conversation, message) in heads {
                         let mut head = [0u8; 16];
                         head[..8].copy_from_slice(&message.seq.to_be_bytes());
                         head[8..].copy_from_slice(&message.server_time_ms.to_be_bytes());
-                        batch.insert(&self.inner.heads, message.conversation.to_key().as_ref(), head);
-                        for member in message.conversation.direct_members() {
-                            batch.insert(
-                                &self.inner.user_convs,
-                                user_conv_key(member, message.conversation),
-                                [0u8; 8],
-                            );
+                        batch.insert(&self.inner.heads, conversation.to_key().as_ref(), head);
+                        for member in conversation.direct_members() {
+                            batch.insert(&self.inner.user_convs, user_conv_key(member, conversation), [0u8; 8]);
                         }
                     }
                     for message in messages {
