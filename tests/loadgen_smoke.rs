@@ -54,3 +54,34 @@ async fn group_scenario_runs_clean() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_scenario_catches_everyone_up() {
+    let mut node = TestServer::start(2).await;
+    let report = scenario::sync(node.addr, 3, 1200, serde_json::json!({})).await.unwrap();
+    assert_eq!(report.violations, Vec::<String>::new());
+    assert_eq!(report.deliveries, 3 * 1200, "replay (1000) plus Sync pages");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_scenario_authenticates_every_connection() {
+    let mut node = TestServer::start(2).await;
+    let storm = confab_loadgen::connect::Storm {
+        connections: 200,
+        rate: 2000.0,
+        hold: Duration::ZERO,
+    };
+    let pid = Some(std::process::id());
+    let report = confab_loadgen::connect::run(node.addr, storm, pid, serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.connected, report.failures),
+        (200, 0),
+        "{:?}",
+        report.first_error
+    );
+    assert!(report.server_bytes_per_connection.is_some());
+    node.shutdown().await;
+}

@@ -87,7 +87,7 @@ pub async fn run(
     let warm_up = storm.connections / 4;
     let mut rss_before = None;
     for (from, to) in [(0, warm_up), (warm_up, storm.connections)] {
-        if from > 0 {
+        if from > 0 && server_pid.is_some() {
             tokio::time::sleep(SETTLE).await;
             rss_before = server_pid.map(rss_bytes).transpose()?;
         }
@@ -123,8 +123,9 @@ pub async fn run(
             }
         }
     }
-    let seconds = start.elapsed().as_secs_f64() - SETTLE.as_secs_f64();
-    tokio::time::sleep(storm.hold.max(SETTLE)).await;
+    let settle = if server_pid.is_some() { SETTLE } else { Duration::ZERO };
+    let seconds = start.elapsed().as_secs_f64() - settle.as_secs_f64();
+    tokio::time::sleep(storm.hold.max(settle)).await;
     let rss_holding = server_pid.map(rss_bytes).transpose()?;
     let measured = storm.connections - warm_up;
     let per_connection = match (rss_before, rss_holding) {
@@ -170,4 +171,26 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .and_then(|kib| kib.parse().ok())
         .context("no VmRSS line")?;
     Ok(kib * 1024)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process_resident_memory() {
+        assert!(rss_bytes(std::process::id()).unwrap() > 1024 * 1024);
+    }
+
+    #[test]
+    fn source_addresses_rotate_by_block_on_ipv4() {
+        let server: SocketAddr = "127.0.0.1:7300".parse().unwrap();
+        assert_eq!(source_address(server, 0), None);
+        assert_eq!(
+            source_address(server, PER_SOURCE_ADDRESS),
+            Some("127.0.0.2".parse().unwrap())
+        );
+        assert_eq!(source_address("[::1]:7300".parse().unwrap(), PER_SOURCE_ADDRESS), None);
+    }
 }

@@ -45,6 +45,20 @@ enum Scenario {
         #[arg(long, default_value_t = 2)]
         senders: usize,
     },
+    /// Devices go offline, messages pile up, devices reconnect (resume + Sync) and
+    /// catch up; reports catch-up time per device and messages/s.
+    Sync {
+        /// The server, on loopback.
+        #[arg(long, default_value = "127.0.0.1:7300")]
+        server: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        devices: usize,
+        /// Messages waiting for each device.
+        #[arg(long, default_value_t = 2000)]
+        backlog: usize,
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// Opens N authenticated connections at a rate and holds them idle; reports
     /// connects/s, handshake latency and (with --server-pid) server memory per connection.
     Connect {
@@ -170,6 +184,21 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
                     .with_context(|| format!("writing {}", path.display()))?;
             }
             return Ok(report.failures == 0);
+        }
+        Scenario::Sync {
+            server,
+            devices,
+            backlog,
+            json,
+        } => {
+            if !server.ip().is_loopback() {
+                bail!("--server must be a loopback address; got {server}");
+            }
+            if (devices * backlog) as f64 > MAX_MESSAGES {
+                bail!("--devices × --backlog must be at most {MAX_MESSAGES} messages");
+            }
+            let parameters = serde_json::json!({ "devices": devices, "backlog": backlog });
+            (scenario::sync(server, devices, backlog, parameters).await?, json)
         }
         Scenario::Direct { common, pairs } => {
             check_common(&common)?;

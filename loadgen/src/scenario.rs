@@ -1,8 +1,9 @@
 //! The message scenarios: who talks to whom. Traffic, checking and timing are the
 //! shared [`crate::traffic`] runner's.
 
-use crate::check::Device;
+use crate::check::{Device, MessageId};
 use crate::echo;
+use crate::payload;
 use crate::setup::{self, Member};
 use crate::stats::{self, Report};
 use crate::traffic::{self, Flow, Load, Outcome};
@@ -34,12 +35,8 @@ pub async fn direct(
         })
         .collect();
     let outcome = traffic::run(&members, flows, load).await;
-    finish(
-        "direct",
-        parameters,
-        outcome,
-        baseline(echo_baseline, members.len(), load).await?,
-    )
+    let echo = baseline(echo_baseline, members.len(), load).await?;
+    finish("direct", parameters, outcome, echo, "send → deliver")
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -75,12 +72,8 @@ pub async fn group(
         }
     }
     let outcome = traffic::run(&members, flows, load).await;
-    finish(
-        "group",
-        parameters,
-        outcome,
-        baseline(echo_baseline, members.len(), load).await?,
-    )
+    let echo = baseline(echo_baseline, members.len(), load).await?;
+    finish("group", parameters, outcome, echo, "send → deliver")
 }
 
 fn everyone_but(group: &[Member], sender: Device) -> Vec<Device> {
@@ -104,6 +97,7 @@ fn finish(
     parameters: serde_json::Value,
     outcome: Outcome,
     echo: Option<f64>,
+    delivery_label: &str,
 ) -> anyhow::Result<Report> {
     let seconds = outcome.elapsed.as_secs_f64();
     let deliveries = outcome.checker.deliveries();
@@ -119,7 +113,105 @@ fn finish(
         deliveries_per_second: deliveries as f64 / seconds,
         ack_latency: outcome.ack_latency.summary(),
         delivery_latency: outcome.delivery_latency.summary(),
+        delivery_label: delivery_label.to_owned(),
         echo_baseline_per_second: echo,
         violations: stats::describe(&outcome.checker.finish()),
     })
+}
+
+/// Devices go offline, `backlog` messages pile up for each, then every device
+/// reconnects at once, resumes, and syncs until it has everything. Reports the
+/// catch-up time per device and the catch-up rate over all of them.
+pub async fn sync(
+    server: SocketAddr,
+    devices: usize,
+    backlog: usize,
+    parameters: serde_json::Value,
+) -> anyhow::Result<Report> {
+    let members = setup::members(server, devices * 2).await?;
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        members.chunks(2).map(|pair| (pair[0].clone(), pair[1].clone())).unzip();
+    let mut tokens = Vec::with_capacity(devices);
+    for receiver in &receivers {
+        tokens.push(receiver.client.sync("", &[], 0).await?.sync_token);
+    }
+    let offline: Vec<(Device, String)> = receivers.iter().map(|r| (r.device, r.access_token.clone())).collect();
+    drop(receivers);
+
+    // Pile up: every sender sends its backlog (pipelined in chunks).
+    let mut outcome = Outcome::default();
+    for (sender, (receiver, _)) in senders.iter().zip(&offline) {
+        let recipient_id = members[*receiver as usize].user_id;
+        for chunk in (0..backlog).collect::<Vec<_>>().chunks(256) {
+            let sends = chunk.iter().map(|counter| {
+                let id = MessageId {
+                    sender: sender.device,
+                    counter: *counter as u64,
+                };
+                let body = payload::encode(id, 0, 64);
+                let client = sender.client.clone();
+                async move {
+                    (
+                        id,
+                        client
+                            .send(
+                                Target::DirectUserId(recipient_id),
+                                &format!("{}-{}", id.sender, id.counter),
+                                &body,
+                            )
+                            .await,
+                    )
+                }
+            });
+            for (id, result) in futures::future::join_all(sends).await {
+                outcome.sent += 1;
+                match result {
+                    Ok(ack) => {
+                        outcome.acked += 1;
+                        outcome
+                            .checker
+                            .acked(id, &ack.conversation_id, ack.seq, vec![*receiver]);
+                    }
+                    Err(_) => outcome.errors += 1,
+                }
+            }
+        }
+    }
+
+    // Everyone comes back at once.
+    let started = std::time::Instant::now();
+    let catch_ups = offline
+        .into_iter()
+        .zip(tokens)
+        .map(|((device, access_token), token)| async move {
+            let began = std::time::Instant::now();
+            let client = confab_client::Client::connect(server).await?;
+            let resumed = client.authenticate_resume(&access_token, &token, &[]).await?;
+            let mut received = Vec::new();
+            for _ in 0..resumed.replayed {
+                received.push(client.next_message().await?);
+            }
+            let mut token = resumed.sync_token;
+            let mut more = !resumed.recovered;
+            while more {
+                let page = client.sync(&token, &[], 1000).await?;
+                received.extend(page.conversations.into_iter().flat_map(|state| state.messages));
+                token = page.sync_token;
+                more = page.has_more;
+            }
+            anyhow::Ok((device, received, began.elapsed()))
+        });
+    for result in futures::future::join_all(catch_ups).await {
+        let (device, received, took) = result?;
+        outcome.delivery_latency.record(took);
+        for message in received {
+            if let Some((id, _)) = payload::decode(&message.body) {
+                outcome
+                    .checker
+                    .delivered(device, &message.conversation_id, message.seq, id);
+            }
+        }
+    }
+    outcome.elapsed = started.elapsed();
+    finish("sync", parameters, outcome, None, "catch-up per device")
 }

@@ -58,8 +58,9 @@ pub struct Report {
     pub deliveries_per_second: f64,
     /// Intended send time → SendAck.
     pub ack_latency: Percentiles,
-    /// Intended send time → delivery at a recipient.
+    /// Intended send time → delivery at a recipient (sync: catch-up time per device).
     pub delivery_latency: Percentiles,
+    pub delivery_label: String,
     /// The same-run raw echo baseline, when measured.
     pub echo_baseline_per_second: Option<f64>,
     pub violations: Vec<String>,
@@ -70,7 +71,7 @@ impl Report {
     pub fn print(&self) -> String {
         let line = |name: &str, p: &Percentiles| {
             format!(
-                "  {name:<16} p50 {:>8.3} ms  p90 {:>8.3}  p99 {:>8.3}  p99.9 {:>8.3}  max {:>8.3}  (n={})\n",
+                "  {name:<20} p50 {:>8.3} ms  p90 {:>8.3}  p99 {:>8.3}  p99.9 {:>8.3}  max {:>8.3}  (n={})\n",
                 p.p50_ms, p.p90_ms, p.p99_ms, p.p999_ms, p.max_ms, p.count
             )
         };
@@ -85,8 +86,10 @@ impl Report {
             self.deliveries,
             self.deliveries_per_second
         );
-        text += &line("send → ack", &self.ack_latency);
-        text += &line("send → deliver", &self.delivery_latency);
+        if self.ack_latency.count > 0 {
+            text += &line("send → ack", &self.ack_latency);
+        }
+        text += &line(&self.delivery_label, &self.delivery_latency);
         if let Some(echo) = self.echo_baseline_per_second {
             text += &format!(
                 "  echo baseline {echo:.0} msgs/s; deliveries are {:.1}% of it\n",
