@@ -223,7 +223,12 @@ impl Store for EmbeddedStore {
         keys: Vec<(DeviceId, String)>,
         since_ms: u64,
     ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError> {
-        self.read(move |inner| {
+        // Inline, not on the blocking pool: this runs before every append, and the
+        // keys looked up are almost always new, which fjall answers from the
+        // memtable or the segments' bloom filters without touching the disk. The
+        // hop to a blocking thread and back cost more than the lookup itself.
+        let inner = &self.inner;
+        {
             let mut found = HashMap::new();
             for key in keys {
                 let Some(value) = inner
@@ -239,8 +244,7 @@ impl Store for EmbeddedStore {
                 }
             }
             Ok(found)
-        })
-        .await
+        }
     }
 
     async fn purge_sends(&self, before_ms: u64) -> Result<usize, StoreError> {
