@@ -6,7 +6,7 @@
 mod common;
 
 use common::TestServer;
-use confab_loadgen::scenario::{self, GroupShape};
+use confab_loadgen::scenario::{self, GroupShape, Mode};
 use confab_loadgen::traffic::Load;
 use std::time::Duration;
 
@@ -16,13 +16,14 @@ fn load() -> Load {
         duration: Duration::from_millis(500),
         body_bytes: 64,
         drain: Duration::from_secs(10),
+        round: 0,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_scenario_runs_clean() {
     let mut node = TestServer::start(2).await;
-    let report = scenario::direct(node.addr, 4, load(), true, serde_json::json!({}))
+    let report = scenario::direct(node.addr, 4, load(), Mode::Once, true, serde_json::json!({}))
         .await
         .unwrap();
     assert_eq!(report.violations, Vec::<String>::new());
@@ -42,7 +43,7 @@ async fn group_scenario_runs_clean() {
         members: 5,
         senders: 2,
     };
-    let report = scenario::group(node.addr, shape, load(), false, serde_json::json!({}))
+    let report = scenario::group(node.addr, shape, load(), Mode::Once, false, serde_json::json!({}))
         .await
         .unwrap();
     assert_eq!(report.violations, Vec::<String>::new());
@@ -83,5 +84,25 @@ async fn connect_scenario_authenticates_every_connection() {
         report.first_error
     );
     assert!(report.server_bytes_per_connection.is_some());
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ramp_finds_a_rate_that_holds() {
+    let mut node = TestServer::start(2).await;
+    let mode = Mode::Ramp {
+        p99_bound: Duration::from_secs(5),
+    };
+    let quick = Load {
+        rate: 100.0,
+        duration: Duration::from_millis(300),
+        ..load()
+    };
+    let report = scenario::direct(node.addr, 2, quick, mode, false, serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(report.violations, Vec::<String>::new());
+    let steps = report.parameters["ramp_steps"].as_array().unwrap();
+    assert!(steps.len() >= 2, "{steps:?}");
     node.shutdown().await;
 }

@@ -119,6 +119,12 @@ struct Common {
     /// Write every figure and the parameters as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Find the highest rate (starting at --rate) whose send→deliver p99 stays
+    /// within --p99-bound; each step lasts --duration.
+    #[arg(long)]
+    ramp: bool,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10ms")]
+    p99_bound: Duration,
 }
 
 /// Runs are bounded: at most this many messages in one run.
@@ -203,8 +209,15 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
         Scenario::Direct { common, pairs } => {
             check_common(&common)?;
             let parameters = serde_json::json!({ "pairs": pairs, "rate": common.rate, "duration_s": common.duration.as_secs_f64(), "body_bytes": common.body_bytes });
-            let report =
-                scenario::direct(common.server, pairs, load(&common), common.echo_baseline, parameters).await?;
+            let report = scenario::direct(
+                common.server,
+                pairs,
+                load(&common),
+                mode(&common),
+                common.echo_baseline,
+                parameters,
+            )
+            .await?;
             (report, common.json)
         }
         Scenario::Group {
@@ -223,7 +236,15 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
                 members,
                 senders,
             };
-            let report = scenario::group(common.server, shape, load(&common), common.echo_baseline, parameters).await?;
+            let report = scenario::group(
+                common.server,
+                shape,
+                load(&common),
+                mode(&common),
+                common.echo_baseline,
+                parameters,
+            )
+            .await?;
             (report, common.json)
         }
     };
@@ -241,6 +262,16 @@ fn load(common: &Common) -> traffic::Load {
         duration: common.duration,
         body_bytes: common.body_bytes,
         drain: common.drain,
+        round: 0,
+    }
+}
+
+fn mode(common: &Common) -> scenario::Mode {
+    match common.ramp {
+        true => scenario::Mode::Ramp {
+            p99_bound: common.p99_bound,
+        },
+        false => scenario::Mode::Once,
     }
 }
 

@@ -20,6 +20,7 @@ pub async fn direct(
     server: SocketAddr,
     pairs: usize,
     load: Load,
+    mode: Mode,
     echo_baseline: bool,
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
@@ -34,9 +35,7 @@ pub async fn direct(
             })
         })
         .collect();
-    let outcome = traffic::run(&members, flows, load).await;
-    let echo = baseline(echo_baseline, members.len(), load).await?;
-    finish("direct", parameters, outcome, echo, "send → deliver")
+    drive("direct", &members, flows, load, mode, echo_baseline, parameters).await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +50,7 @@ pub async fn group(
     server: SocketAddr,
     shape: GroupShape,
     load: Load,
+    mode: Mode,
     echo_baseline: bool,
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
@@ -71,9 +71,75 @@ pub async fn group(
             });
         }
     }
-    let outcome = traffic::run(&members, flows, load).await;
+    drive("group", &members, flows, load, mode, echo_baseline, parameters).await
+}
+
+/// Run once at the given rate, or ramp to find the highest rate that holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    Once,
+    /// Find the highest rate whose delivery p99 stays within the bound, with every
+    /// message delivered and no errors.
+    Ramp {
+        p99_bound: std::time::Duration,
+    },
+}
+
+/// Most ramp steps; the search also stops once it has narrowed to 10 %.
+const MAX_RAMP_STEPS: u32 = 8;
+
+async fn drive(
+    scenario: &str,
+    members: &[Member],
+    flows: Vec<Flow>,
+    load: Load,
+    mode: Mode,
+    echo_baseline: bool,
+    parameters: serde_json::Value,
+) -> anyhow::Result<Report> {
     let echo = baseline(echo_baseline, members.len(), load).await?;
-    finish("group", parameters, outcome, echo, "send → deliver")
+    let Mode::Ramp { p99_bound } = mode else {
+        let outcome = traffic::run(members, flows, load).await;
+        return finish(scenario, parameters, outcome, echo, "send → deliver");
+    };
+    let bound_ms = p99_bound.as_secs_f64() * 1000.0;
+    let (mut good, mut bad): (Option<(f64, Report)>, Option<f64>) = (None, None);
+    let mut steps = Vec::new();
+    let mut rate = load.rate;
+    for round in 0..MAX_RAMP_STEPS {
+        let step = Load { rate, round, ..load };
+        let outcome = traffic::run(members, flows.clone(), step).await;
+        let report = finish(scenario, parameters.clone(), outcome, echo, "send → deliver")?;
+        if !report.violations.is_empty() {
+            return Ok(report);
+        }
+        let held =
+            report.errors == 0 && report.delivery_latency.p99_ms <= bound_ms && report.acked_per_second >= 0.95 * rate;
+        eprintln!(
+            "ramp step {round}: {rate:.0}/s → {:.0} delivered/s, p99 {:.3} ms: {}",
+            report.deliveries_per_second,
+            report.delivery_latency.p99_ms,
+            if held { "holds" } else { "does not hold" }
+        );
+        steps.push(serde_json::json!({ "rate": rate, "deliveries_per_second": report.deliveries_per_second, "p99_ms": report.delivery_latency.p99_ms, "holds": held }));
+        if held {
+            good = Some((rate, report));
+        } else {
+            bad = Some(rate);
+        }
+        rate = match (&good, bad) {
+            (_, None) => rate * 2.0,
+            (Some((low, _)), Some(high)) if (high - low) / high < 0.1 => break,
+            (Some((low, _)), Some(high)) => (low + high) / 2.0,
+            (None, Some(high)) => high / 2.0,
+        };
+    }
+    let Some((_, mut best)) = good else {
+        anyhow::bail!("no rate held a p99 within {bound_ms} ms (lowest tried: {rate:.0}/s)");
+    };
+    best.parameters["ramp_p99_bound_ms"] = bound_ms.into();
+    best.parameters["ramp_steps"] = steps.into();
+    Ok(best)
 }
 
 fn everyone_but(group: &[Member], sender: Device) -> Vec<Device> {

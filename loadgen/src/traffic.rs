@@ -33,6 +33,9 @@ pub struct Load {
     pub body_bytes: usize,
     /// How long to wait for outstanding deliveries after the last send.
     pub drain: Duration,
+    /// Distinguishes the message ids of successive runs on the same connections
+    /// (a repeated id would be an idempotent retry, not a new message).
+    pub round: u32,
 }
 
 /// What a run measured.
@@ -60,20 +63,14 @@ pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
         .map(|member| tokio::spawn(receive(member.clone(), start, shared.clone(), stopped.clone())))
         .collect();
 
+    let progress = progress_line(shared.clone(), start, load.duration);
     let per_flow = load.rate / flows.len().max(1) as f64;
     let count = (per_flow * load.duration.as_secs_f64()).round() as u64;
     let senders: Vec<_> = flows
         .into_iter()
         .map(|flow| {
-            tokio::spawn(send(
-                members[flow.sender].clone(),
-                flow,
-                per_flow,
-                count,
-                load.body_bytes,
-                start,
-                shared.clone(),
-            ))
+            let member = members[flow.sender].clone();
+            tokio::spawn(send(member, flow, per_flow, count, load, start, shared.clone()))
         })
         .collect();
     for sender in senders {
@@ -82,6 +79,7 @@ pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
         }
     }
 
+    progress.finish_and_clear();
     let deadline = Instant::now() + load.drain;
     loop {
         let outstanding = shared.lock().map_or(0, |outcome| outcome.checker.outstanding());
@@ -105,7 +103,7 @@ async fn send(
     flow: Flow,
     per_second: f64,
     count: u64,
-    body_bytes: usize,
+    load: Load,
     start: Instant,
     shared: Shared,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -119,13 +117,14 @@ async fn send(
             counter,
         };
         let intended_ns = u64::try_from((intended - start).as_nanos()).unwrap_or(u64::MAX);
-        let body = payload::encode(id, intended_ns, body_bytes);
+        let body = payload::encode(id, intended_ns, load.body_bytes);
         let client = member.client.clone();
         let target = flow.target.clone();
         let shared = shared.clone();
         let recipients = recipients.clone();
         pending.push(tokio::spawn(async move {
-            let result = client.send(target, &format!("{}-{counter}", id.sender), &body).await;
+            let client_msg_id = format!("{}-{}-{counter}", load.round, id.sender);
+            let result = client.send(target, &client_msg_id, &body).await;
             let latency = intended.elapsed();
             let Ok(mut outcome) = shared.lock() else { return };
             outcome.sent += 1;
@@ -167,4 +166,31 @@ async fn receive(member: Member, start: Instant, shared: Shared, mut stopped: wa
                 .delivered(member.device, &message.conversation_id, message.seq, id);
         }
     }
+}
+
+/// A live line on stderr (only when it is a terminal): elapsed, ack rate, p99 of
+/// deliveries so far, errors.
+fn progress_line(shared: Shared, start: Instant, duration: Duration) -> indicatif::ProgressBar {
+    use std::io::IsTerminal as _;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    let ticker = bar.clone();
+    tokio::spawn(async move {
+        while !ticker.is_finished() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let Ok(outcome) = shared.lock() else { return };
+            let elapsed = start.elapsed().as_secs_f64().max(0.001);
+            ticker.set_message(format!(
+                "{elapsed:>5.1}/{:.0} s  {:>8.0} acked/s  p99 {:>8.3} ms  errors {}",
+                duration.as_secs_f64(),
+                outcome.acked as f64 / elapsed,
+                outcome.delivery_latency.summary().p99_ms,
+                outcome.errors
+            ));
+            ticker.tick();
+        }
+    });
+    bar
 }
