@@ -13,8 +13,8 @@ use crate::chat::{
     Admission, Append, Assigned, ChatError, Check, CheckResult, Outcome, SendAck, Signal, message_frame,
 };
 use crate::clock::unix_ms;
-use crate::ids::ConversationId;
 use crate::ids::UserId;
+use crate::ids::{ConversationId, DeviceId};
 use crate::protocol::push_frame;
 use bytes::Bytes;
 use confab_proto::v1::{self, server_frame::Kind};
@@ -129,16 +129,36 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
                 () = shard.stop.cancelled() => return,
             }
         }
-        let records = batch.iter().map(|assigned| assigned.record.clone()).collect();
+        // Encode what fan-out needs first, so the records move to the store
+        // instead of being copied; nothing is sent before the store confirms.
+        let mut committing = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
+        for Assigned {
+            record,
+            recipients,
+            reply,
+        } in batch
+        {
+            committing.push(Committing {
+                frame: message_frame(&record),
+                ack: SendAck::of(&record),
+                sender: (record.sender, record.sender_device),
+                recipients,
+                reply,
+            });
+            records.push(record);
+        }
         match shard.store.append_messages(records).await {
-            Ok(()) => fan_out(&shard, batch).await,
+            Ok(()) => fan_out(&shard, committing).await,
             Err(err) => {
-                tracing::error!(error = %err, messages = batch.len(), "committing messages failed");
-                for assigned in batch {
-                    let record = assigned.record;
-                    let key = (record.sender_device, record.client_msg_id);
-                    let joined = shard.sequencer.borrow_mut().commit_failed(record.conversation, &key);
-                    for reply in std::iter::once(assigned.reply).chain(joined) {
+                tracing::error!(error = %err, messages = committing.len(), "committing messages failed");
+                for message in committing {
+                    let key = (message.sender.1, message.ack.client_msg_id);
+                    let joined = shard
+                        .sequencer
+                        .borrow_mut()
+                        .commit_failed(message.ack.conversation, &key);
+                    for reply in std::iter::once(message.reply).chain(joined) {
                         let _ = reply.send(Err(ChatError::Store(err.clone())));
                     }
                 }
@@ -147,32 +167,38 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
     }
 }
 
-async fn fan_out(shard: &Rc<Shard>, batch: Vec<Assigned<AppendReply>>) {
+/// A message on its way to the store, with everything needed once it is durable.
+struct Committing {
+    frame: Bytes,
+    ack: SendAck,
+    /// The sending (user, device): it gets the ack, not the push.
+    sender: (UserId, DeviceId),
+    recipients: Arc<[UserId]>,
+    reply: AppendReply,
+}
+
+async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
     let shards = shard.mesh.shard_count();
     let mut per_shard: Vec<Vec<Delivery>> = vec![Vec::new(); shards];
-    for assigned in batch {
-        let record = &assigned.record;
-        let frame = message_frame(record);
-        let skip_device = Some((record.sender, record.sender_device));
-        let users = split_by_shard(shard, &assigned.recipients);
+    for message in committed {
+        let users = split_by_shard(shard, &message.recipients);
         for (deliveries, users) in per_shard.iter_mut().zip(users) {
             if !users.is_empty() {
                 deliveries.push(Delivery {
-                    conversation: record.conversation,
-                    seq: record.seq,
-                    frame: frame.clone(),
+                    conversation: message.ack.conversation,
+                    seq: message.ack.seq,
+                    frame: message.frame.clone(),
                     users: users.into(),
-                    skip_device,
+                    skip_device: Some(message.sender),
                 });
             }
         }
-        let key = (record.sender_device, record.client_msg_id.clone());
-        let joined = shard.sequencer.borrow_mut().committed(record.conversation, &key);
-        let ack = SendAck::of(record);
+        let key = (message.sender.1, message.ack.client_msg_id.clone());
+        let joined = shard.sequencer.borrow_mut().committed(message.ack.conversation, &key);
         for reply in joined {
-            let _ = reply.send(Ok(ack.clone()));
+            let _ = reply.send(Ok(message.ack.clone()));
         }
-        let _ = assigned.reply.send(Ok(ack));
+        let _ = message.reply.send(Ok(message.ack));
     }
     for (index, deliveries) in per_shard.into_iter().enumerate() {
         if !deliveries.is_empty()

@@ -518,7 +518,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(queue.drain(..));
+            self.commit(&mut queue);
             if self.closed {
                 break;
             }
@@ -526,7 +526,12 @@ impl Writer {
         // Later senders see a closed channel and get `StoreError::Closed`.
     }
 
-    fn commit(&mut self, jobs: impl Iterator<Item = WriteJob>) {
+    fn commit(&mut self, jobs: &mut Vec<WriteJob>) {
+        // Edits and deletes rewrite earlier rows, maybe staged in this very batch:
+        // only then are staged messages kept at hand.
+        let amends = jobs.iter().any(|job| {
+            matches!(job, WriteJob::Append(messages, _) if messages.iter().any(|message| message.amends.is_some()))
+        });
         let mut batch = self.inner.db.batch();
         let mut answers: Vec<Answer> = Vec::new();
         let mut closers: Vec<Reply<()>> = Vec::new();
@@ -534,7 +539,7 @@ impl Writer {
         let mut new_ids = HashSet::new();
         let mut marks_in_batch = HashMap::new();
         let mut messages_in_batch: HashMap<Vec<u8>, StoredMessage> = HashMap::new();
-        for job in jobs {
+        for job in jobs.drain(..) {
             if self.closed || !closers.is_empty() {
                 answers.push(refuse_job(job, StoreError::Closed));
                 continue;
@@ -608,7 +613,9 @@ impl Writer {
                             }
                         }
                         batch.insert(&self.inner.messages, key.clone(), stored.encode_to_vec());
-                        messages_in_batch.insert(key, stored.clone());
+                        if amends {
+                            messages_in_batch.insert(key, stored.clone());
+                        }
                         let send = send_key(message.conversation, message.sender_device, &stored.client_msg_id);
                         let mut value = [0u8; 16];
                         value[..8].copy_from_slice(&message.seq.to_be_bytes());
