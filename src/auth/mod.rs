@@ -142,12 +142,9 @@ impl Accounts {
             .signer
             .verify(access_token, unix_ms())
             .map_err(AuthError::InvalidToken)?;
-        if self.store.device(claims.user, claims.device).await?.is_none() {
-            return Err(AuthError::DeviceRevoked);
-        }
-        let user = self
+        let (_, user) = self
             .store
-            .user_by_id(claims.user)
+            .device_and_user(claims.user, claims.device)
             .await?
             .ok_or(AuthError::DeviceRevoked)?;
         Ok(Identity {

@@ -188,23 +188,19 @@ impl Store for EmbeddedStore {
     }
 
     async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        self.read(move |inner| inner.device(user, device)).await
+    }
+
+    async fn device_and_user(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<Option<(DeviceRecord, UserRecord)>, StoreError> {
         self.read(move |inner| {
-            let Some(bytes) = inner.devices.get(device_key(user, device)).map_err(fjall_error)? else {
+            let Some(device) = inner.device(user, device)? else {
                 return Ok(None);
             };
-            let stored = StoredDevice::decode(&*bytes).map_err(corrupt)?;
-            let refresh_hash = stored
-                .refresh_hash
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("device refresh hash is not 32 bytes".into()))?;
-            Ok(Some(DeviceRecord {
-                user,
-                id: device,
-                name: stored.name,
-                refresh_hash,
-                refresh_expires_at_ms: stored.refresh_expires_at_ms,
-                created_at_ms: stored.created_at_ms,
-            }))
+            Ok(inner.user(user)?.map(|user| (device, user)))
         })
         .await
     }
@@ -437,6 +433,25 @@ impl Inner {
             marks.read_seq = marks.read_seq.max(read_seq);
         }
         Ok(marks)
+    }
+
+    fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let Some(bytes) = self.devices.get(device_key(user, device)).map_err(fjall_error)? else {
+            return Ok(None);
+        };
+        let stored = StoredDevice::decode(&*bytes).map_err(corrupt)?;
+        let refresh_hash = stored
+            .refresh_hash
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("device refresh hash is not 32 bytes".into()))?;
+        Ok(Some(DeviceRecord {
+            user,
+            id: device,
+            name: stored.name,
+            refresh_hash,
+            refresh_expires_at_ms: stored.refresh_expires_at_ms,
+            created_at_ms: stored.created_at_ms,
+        }))
     }
 
     fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {

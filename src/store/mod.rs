@@ -70,6 +70,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
 
+    /// A device and its user, in one read; `None` unless both exist.
+    async fn device_and_user(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<Option<(DeviceRecord, UserRecord)>, StoreError>;
+
     /// Removes a device; returns whether it existed.
     async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError>;
 
