@@ -16,6 +16,7 @@
 
 use super::Shard;
 use super::mesh::ShardMsg;
+use super::outbound::Outbound;
 use super::sessions::{Held, Kick, SessionHandle};
 use super::{catch_up, presence};
 use crate::auth::{AuthError, Grant};
@@ -34,7 +35,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Room kept in a History page for everything but the messages.
 const PAGE_OVERHEAD_BYTES: usize = 1024;
@@ -68,12 +69,7 @@ pub enum Ending {
 }
 
 /// Runs a connection until it ends. `outbound` feeds the transport's writer.
-pub async fn run(
-    shard: Rc<Shard>,
-    source: impl FrameSource,
-    outbound: mpsc::Sender<Bytes>,
-    peer: SocketAddr,
-) -> Ending {
+pub async fn run(shard: Rc<Shard>, source: impl FrameSource, outbound: Outbound, peer: SocketAddr) -> Ending {
     let session_id = rand::random();
     let session = Session::new(session_id, shard.limits.clone(), Instant::now());
     let mut connection = Connection {
@@ -96,7 +92,7 @@ pub async fn run(
 struct Connection {
     shard: Rc<Shard>,
     session: Session,
-    outbound: mpsc::Sender<Bytes>,
+    outbound: Outbound,
     kick: Rc<Kick>,
     /// The user this connection is registered for in the shard's sessions.
     registered: Option<crate::ids::UserId>,

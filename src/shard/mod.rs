@@ -19,6 +19,7 @@ mod catch_up;
 mod connection;
 mod directory;
 mod mesh;
+mod outbound;
 mod owner;
 mod presence;
 mod sessions;
@@ -26,6 +27,7 @@ mod sessions;
 pub use connection::{Ending, FrameSource, ReadError, run as run_connection};
 pub use mesh::Mesh;
 pub(crate) use mesh::ShardMsg;
+pub use outbound::Outbound;
 
 use crate::auth::Accounts;
 use crate::chat::{Assigned, PresenceTracker, ReceiptCoalescer, Sequencer, SequencerLimits};

@@ -5,6 +5,7 @@
 //! catches up from history) so one stalled phone cannot hold up a shard.
 
 use super::mesh::Delivery;
+use super::outbound::Outbound;
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use crate::protocol::{ErrorCode, error_frame};
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use confab_proto::v1::ServerFrame;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 /// Tells a connection to close, with the frame to say why.
 #[derive(Debug, Default)]
@@ -48,7 +49,7 @@ const MAX_HELD: usize = 4096;
 pub struct SessionHandle {
     pub session_id: u64,
     pub device: DeviceId,
-    pub outbound: mpsc::Sender<Bytes>,
+    pub outbound: Outbound,
     pub kick: Rc<Kick>,
     /// `Some` while the session replays: live pushes wait here.
     pub held: Held,

@@ -5,7 +5,7 @@
 //! exponential backoff on errors, and spawns the connection task. Handshake and
 //! authentication happen in that task, under the session's deadlines.
 
-use crate::shard::{Ending, FrameSource, ReadError, Shard};
+use crate::shard::{Ending, FrameSource, Outbound, ReadError, Shard};
 use bytes::{Bytes, BytesMut};
 use confab_proto::FrameDecoder;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -15,7 +15,6 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
 
 /// Bytes written to the socket in one call when frames are queued back to back.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
@@ -72,16 +71,16 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: tokio::net::TcpListener) {
 
 async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permit: tokio::sync::OwnedSemaphorePermit) {
     let (read, write) = stream.into_split();
-    let (outbound, queued) = mpsc::channel(shard.config.protocol.outbound_queue_frames);
-    let writer = tokio::task::spawn_local(write_frames(write, queued));
+    let outbound = Outbound::new(shard.config.protocol.outbound_queue_frames);
+    let writer = tokio::task::spawn_local(write_frames(write, outbound.clone()));
     let source = TcpFrames {
         read,
         buf: BytesMut::new(),
         decoder: FrameDecoder::new(shard.limits.max_frame_bytes),
     };
-    let ending = crate::shard::run_connection(shard, source, outbound, peer).await;
-    // The driver dropped its sender: the writer flushes what is queued and exits,
-    // unless the peer stopped reading.
+    let ending = crate::shard::run_connection(shard, source, outbound.clone(), peer).await;
+    // The writer flushes what is queued and exits, unless the peer stopped reading.
+    outbound.close();
     let abort = writer.abort_handle();
     if ending == Ending::Discard {
         abort.abort();
@@ -133,30 +132,27 @@ impl FrameSource for TcpFrames {
 }
 
 /// Writes queued frames, coalescing back-to-back frames into one write, until the
-/// queue closes; then shuts the write side down.
-async fn write_frames(mut write: OwnedWriteHalf, mut queued: mpsc::Receiver<Bytes>) {
-    let mut batch = BytesMut::new();
+/// queue closes; then shuts the write side down. A failed write closes the queue,
+/// which ends the connection. Between writes it holds no buffer.
+async fn write_frames(mut write: OwnedWriteHalf, queued: Outbound) {
     while let Some(frame) = queued.recv().await {
         let result = match queued.try_recv() {
-            Err(_) => write.write_all(&frame).await,
-            Ok(next) => {
+            None => write.write_all(&frame).await,
+            Some(next) => {
+                let mut batch = BytesMut::with_capacity(WRITE_BATCH_BYTES);
                 batch.extend_from_slice(&frame);
                 batch.extend_from_slice(&next);
                 while batch.len() < WRITE_BATCH_BYTES {
                     match queued.try_recv() {
-                        Ok(more) => batch.extend_from_slice(&more),
-                        Err(_) => break,
+                        Some(more) => batch.extend_from_slice(&more),
+                        None => break,
                     }
                 }
-                let result = write.write_all(&batch).await;
-                batch.clear();
-                if batch.capacity() > WRITE_BATCH_BYTES * 2 {
-                    batch = BytesMut::new();
-                }
-                result
+                write.write_all(&batch).await
             }
         };
         if result.is_err() {
+            queued.close();
             return;
         }
     }
