@@ -74,18 +74,11 @@ pub struct Checker {
     last_seq: HashMap<(Device, String), u64>,
     violations: Vec<Violation>,
     deliveries: u64,
-    /// (acknowledged message, recipient) pairs not delivered yet.
-    owed: usize,
 }
 
 impl Checker {
     /// `id` was acknowledged with `seq` in `conversation`; `recipients` must get it.
     pub fn acked(&mut self, id: MessageId, conversation: &str, seq: u64, recipients: Vec<Device>) {
-        // A push may overtake its sender's ack.
-        self.owed += recipients
-            .iter()
-            .filter(|device| !self.delivered.contains(&(**device, id)))
-            .count();
         self.expected.insert(id, recipients);
         self.seqs.entry(conversation.to_owned()).or_default().push(seq);
     }
@@ -97,13 +90,6 @@ impl Checker {
             self.violations.push(Violation::Duplicate { id, device });
             return;
         }
-        if self
-            .expected
-            .get(&id)
-            .is_some_and(|recipients| recipients.contains(&device))
-        {
-            self.owed -= 1;
-        }
         let last = self.last_seq.entry((device, conversation.to_owned())).or_insert(0);
         if seq <= *last {
             self.violations.push(Violation::OutOfOrder {
@@ -114,11 +100,6 @@ impl Checker {
             });
         }
         *last = (*last).max(seq);
-    }
-
-    /// Deliveries still owed: (acknowledged message, recipient) pairs not seen yet.
-    pub fn outstanding(&self) -> usize {
-        self.owed
     }
 
     pub fn deliveries(&self) -> u64 {
@@ -232,14 +213,5 @@ mod tests {
                 seq: 2
             }]
         );
-    }
-
-    #[test]
-    fn outstanding_counts_what_is_still_owed() {
-        let mut checker = Checker::default();
-        checker.acked(id(0, 1), "c", 1, vec![1, 2]);
-        assert_eq!(checker.outstanding(), 2);
-        checker.delivered(1, "c", 1, id(0, 1));
-        assert_eq!(checker.outstanding(), 1);
     }
 }

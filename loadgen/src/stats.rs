@@ -21,6 +21,11 @@ impl Latency {
         self.0.saturating_record(micros);
     }
 
+    pub fn merge(&mut self, other: &Latency) {
+        // Both histograms have the same bounds, so adding cannot fail.
+        let _ = self.0.add(&other.0);
+    }
+
     pub fn summary(&self) -> Percentiles {
         let ms = |quantile: f64| self.0.value_at_quantile(quantile) as f64 / 1000.0;
         Percentiles {

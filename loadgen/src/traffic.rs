@@ -12,6 +12,7 @@ use crate::setup::Member;
 use crate::stats::Latency;
 use confab_client::Event;
 use confab_client::proto::conversation_ref::Target;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -47,23 +48,35 @@ pub struct Outcome {
     pub sent: u64,
     pub acked: u64,
     pub errors: u64,
+    /// Deliveries the acknowledged messages owe (recipients summed).
+    pub expected_deliveries: u64,
     /// From the first intended send to the last delivery (or the drain timeout).
     pub elapsed: Duration,
 }
 
 type Shared = Arc<Mutex<Outcome>>;
 
+/// What one receiver saw, kept locally (no lock per delivery) and handed to the
+/// checker at the end, in arrival order.
+#[derive(Debug, Default)]
+struct Received {
+    device: Device,
+    latency: Latency,
+    log: Vec<(String, u64, MessageId)>,
+}
+
 pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
     let shared: Shared = Arc::default();
+    let delivered = Arc::new(AtomicU64::new(0));
     let (stop, stopped) = watch::channel(false);
     // Give every task time to be scheduled before the first intended send.
     let start = Instant::now() + Duration::from_millis(50);
     let receivers: Vec<_> = members
         .iter()
-        .map(|member| tokio::spawn(receive(member.clone(), start, shared.clone(), stopped.clone())))
+        .map(|member| tokio::spawn(receive(member.clone(), start, delivered.clone(), stopped.clone())))
         .collect();
 
-    let progress = progress_line(shared.clone(), start, load.duration);
+    let progress = progress_line(shared.clone(), delivered.clone(), start, load.duration);
     let per_flow = load.rate / flows.len().max(1) as f64;
     let count = (per_flow * load.duration.as_secs_f64()).round() as u64;
     let senders: Vec<_> = flows
@@ -82,18 +95,23 @@ pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
     progress.finish_and_clear();
     let deadline = Instant::now() + load.drain;
     loop {
-        let outstanding = shared.lock().map_or(0, |outcome| outcome.checker.outstanding());
-        if outstanding == 0 || Instant::now() >= deadline {
+        let expected = shared.lock().map_or(0, |outcome| outcome.expected_deliveries);
+        if delivered.load(Ordering::Relaxed) >= expected || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let elapsed = start.elapsed();
     let _ = stop.send(true);
-    for receiver in receivers {
-        let _ = receiver.await;
-    }
     let mut outcome = std::mem::take(&mut *shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-    outcome.elapsed = start.elapsed();
+    for receiver in receivers {
+        let Ok(received) = receiver.await else { continue };
+        outcome.delivery_latency.merge(&received.latency);
+        for (conversation, seq, id) in received.log {
+            outcome.checker.delivered(received.device, &conversation, seq, id);
+        }
+    }
+    outcome.elapsed = elapsed;
     outcome
 }
 
@@ -131,6 +149,7 @@ async fn send(
             match result {
                 Ok(ack) => {
                     outcome.acked += 1;
+                    outcome.expected_deliveries += recipients.len() as u64;
                     outcome.ack_latency.record(latency);
                     outcome
                         .checker
@@ -144,33 +163,45 @@ async fn send(
 }
 
 /// Records every loadgen message a member receives until stopped.
-async fn receive(member: Member, start: Instant, shared: Shared, mut stopped: watch::Receiver<bool>) {
+async fn receive(
+    member: Member,
+    start: Instant,
+    delivered: Arc<AtomicU64>,
+    mut stopped: watch::Receiver<bool>,
+) -> Received {
+    let mut received = Received {
+        device: member.device,
+        ..Received::default()
+    };
     loop {
         let event = tokio::select! {
             event = member.client.next_event() => event,
-            _ = stopped.changed() => return,
+            _ = stopped.changed() => return received,
         };
         let message = match event {
             Some(Event::Message(message)) => message,
-            Some(Event::Closed(_)) | None => return,
+            Some(Event::Closed(_)) | None => return received,
             Some(_) => continue,
         };
         let Some((id, intended_ns)) = payload::decode(&message.body) else {
             continue;
         };
-        let latency = start.elapsed().saturating_sub(Duration::from_nanos(intended_ns));
-        if let Ok(mut outcome) = shared.lock() {
-            outcome.delivery_latency.record(latency);
-            outcome
-                .checker
-                .delivered(member.device, &message.conversation_id, message.seq, id);
-        }
+        received
+            .latency
+            .record(start.elapsed().saturating_sub(Duration::from_nanos(intended_ns)));
+        received.log.push((message.conversation_id, message.seq, id));
+        delivered.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 /// A live line on stderr (only when it is a terminal): elapsed, ack rate, p99 of
-/// deliveries so far, errors.
-fn progress_line(shared: Shared, start: Instant, duration: Duration) -> indicatif::ProgressBar {
+/// acks so far, deliveries, errors.
+fn progress_line(
+    shared: Shared,
+    delivered: Arc<AtomicU64>,
+    start: Instant,
+    duration: Duration,
+) -> indicatif::ProgressBar {
     use std::io::IsTerminal as _;
     if !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
@@ -183,10 +214,11 @@ fn progress_line(shared: Shared, start: Instant, duration: Duration) -> indicati
             let Ok(outcome) = shared.lock() else { return };
             let elapsed = start.elapsed().as_secs_f64().max(0.001);
             ticker.set_message(format!(
-                "{elapsed:>5.1}/{:.0} s  {:>8.0} acked/s  p99 {:>8.3} ms  errors {}",
+                "{elapsed:>5.1}/{:.0} s  {:>8.0} acked/s  ack p99 {:>8.3} ms  {} delivered  errors {}",
                 duration.as_secs_f64(),
                 outcome.acked as f64 / elapsed,
-                outcome.delivery_latency.summary().p99_ms,
+                outcome.ack_latency.summary().p99_ms,
+                delivered.load(Ordering::Relaxed),
                 outcome.errors
             ));
             ticker.tick();
