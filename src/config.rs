@@ -195,8 +195,9 @@ impl Config {
         if self.server.mesh_channel_capacity == 0 {
             return invalid("server.mesh_channel_capacity", "must be at least 1");
         }
-        if !(4096..=64 * 1024 * 1024).contains(&self.protocol.max_frame_bytes) {
-            return invalid("protocol.max_frame_bytes", "must be between 4096 and 67108864");
+        // A frame keeps 16 KiB for everything but a message body.
+        if !(32 * 1024..=64 * 1024 * 1024).contains(&self.protocol.max_frame_bytes) {
+            return invalid("protocol.max_frame_bytes", "must be between 32768 and 67108864");
         }
         if self.protocol.heartbeat_interval < Duration::from_millis(100) {
             return invalid("protocol.heartbeat_interval", "must be at least 100ms");

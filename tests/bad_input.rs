@@ -203,7 +203,8 @@ async fn oversized_bodies_and_ids_are_refused_without_closing() {
         ErrorCode::TooLarge
     );
     // Under the character limit and inside one frame (261 300 bytes), but over the
-    // room a frame keeps for a body (262 144 - 1 024): its push could not be sent.
+    // room a frame keeps for a body (262 144 - 16 384): its push, History page or
+    // Sync reply might not fit a frame.
     let too_wide = "€".repeat(87_100);
     assert_eq!(
         code(alice.send_direct(bob_login.user_id, "m2", &too_wide).await),

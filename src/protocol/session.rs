@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 /// Default History page when the request leaves `limit` at 0.
 pub const DEFAULT_HISTORY_LIMIT: usize = 50;
 /// Room kept in a frame for everything but the message body, so a message that was
-/// accepted always fits in the frame that pushes it.
-const FRAME_OVERHEAD_BYTES: usize = 1024;
+/// accepted always fits in the frame that pushes it, and in a History or Sync reply
+/// (with its sync token).
+const FRAME_OVERHEAD_BYTES: usize = 16 * 1024;
 /// Heartbeat intervals of silence after which the connection is closed.
 const SILENT_INTERVALS: u32 = 3;
 
@@ -685,7 +686,7 @@ mod tests {
 
     fn limits() -> SessionLimits {
         SessionLimits {
-            max_frame_bytes: 8192,
+            max_frame_bytes: 64 * 1024,
             heartbeat_interval: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
             auth_timeout: Duration::from_secs(60),
@@ -790,7 +791,7 @@ mod tests {
         };
         assert_eq!(welcome.session_id, "0000000000000abc");
         let limits = welcome.limits.unwrap();
-        assert_eq!(limits.max_frame_bytes, 8192);
+        assert_eq!(limits.max_frame_bytes, 64 * 1024);
         assert_eq!(limits.heartbeat_interval_ms, 10_000);
     }
 

@@ -16,6 +16,12 @@ use confab_proto::v1;
 const MAX_SYNC_CONVERSATIONS: usize = 500;
 /// Room kept in a reply frame for everything but the conversations.
 const REPLY_OVERHEAD_BYTES: usize = 4096;
+/// A repeated field's tag and length in front of each state or message.
+const FIELD_OVERHEAD_BYTES: usize = 8;
+/// Most bytes one conversation's cursor adds to a sync token.
+const TOKEN_BYTES_PER_CONVERSATION: usize = 32;
+/// Characters of the last message's body a conversation state carries.
+const PREVIEW_CHARS: usize = 200;
 
 /// What a device missed, ready to send.
 #[derive(Debug)]
@@ -43,6 +49,13 @@ pub(super) async fn catch_up(
     for planned in plan.conversations {
         let head = &planned.head;
         let mut state = conversation_state(shard, head).await?;
+        let header = state.encoded_len() + FIELD_OVERHEAD_BYTES;
+        if used + header > max_bytes && !conversations.is_empty() {
+            has_more = true;
+            break;
+        }
+        used += header;
+        let mut full = false;
         if planned.take > 0 {
             let page = shard
                 .store
@@ -50,9 +63,12 @@ pub(super) async fn catch_up(
                 .await?;
             for record in page.messages.iter().filter(|record| record.seq <= head.last_seq) {
                 let message = message_proto(record);
-                let size = message.encoded_len() + 8;
-                if used + size > max_bytes {
-                    has_more = true;
+                let size = message.encoded_len() + FIELD_OVERHEAD_BYTES;
+                // The first message of a reply always goes (any accepted message fits
+                // a frame), so paging makes progress whatever the sizes.
+                let first = conversations.is_empty() && state.messages.is_empty();
+                if used + size > max_bytes && !first {
+                    full = true;
                     break;
                 }
                 used += size;
@@ -60,12 +76,12 @@ pub(super) async fn catch_up(
                 state.messages.push(message);
             }
         }
-        used += state.encoded_len();
-        if used > max_bytes && !conversations.is_empty() {
+        // Pushed even when cut short: its cursor already says what it carries.
+        conversations.push(state);
+        if full {
             has_more = true;
             break;
         }
-        conversations.push(state);
     }
     Ok(CatchUp {
         conversations,
@@ -81,7 +97,13 @@ pub(super) async fn sync(
     cursors: Cursors,
     limit: usize,
 ) -> Result<v1::SyncResult, ChatError> {
-    let max_bytes = shard.limits.max_frame_bytes.saturating_sub(REPLY_OVERHEAD_BYTES);
+    // The reply also carries the new token: at most the old one plus a cursor per
+    // conversation reported.
+    let token_bytes = cursors.to_token().len() + TOKEN_BYTES_PER_CONVERSATION * MAX_SYNC_CONVERSATIONS;
+    let max_bytes = shard
+        .limits
+        .max_frame_bytes
+        .saturating_sub(REPLY_OVERHEAD_BYTES + token_bytes);
     let caught_up = catch_up(shard, user, cursors, limit, max_bytes).await?;
     Ok(v1::SyncResult {
         conversations: caught_up.conversations,
@@ -111,15 +133,25 @@ pub(super) async fn list_conversations(
             .position(|head| head.last_time_ms < time || (head.last_time_ms == time && head.conversation > id))
             .unwrap_or(heads.len())
     });
-    let page: Vec<&ConversationHead> = heads.iter().skip(start).take(limit).collect();
-    let next_page_token = match page.last() {
-        Some(last) if start + page.len() < heads.len() => encode_page_token(last.last_time_ms, last.conversation),
+    let max_bytes = shard.limits.max_frame_bytes.saturating_sub(REPLY_OVERHEAD_BYTES);
+    let mut used = 0;
+    let mut conversations = Vec::with_capacity(limit.min(heads.len()));
+    let mut last = None;
+    for head in heads.iter().skip(start).take(limit) {
+        let state = conversation_state(shard, head).await?;
+        used += state.encoded_len() + FIELD_OVERHEAD_BYTES;
+        if used > max_bytes && !conversations.is_empty() {
+            break;
+        }
+        conversations.push(state);
+        last = Some(head);
+    }
+    let next_page_token = match last {
+        Some(last) if start + conversations.len() < heads.len() => {
+            encode_page_token(last.last_time_ms, last.conversation)
+        }
         _ => String::new(),
     };
-    let mut conversations = Vec::with_capacity(page.len());
-    for head in page {
-        conversations.push(conversation_state(shard, head).await?);
-    }
     Ok(v1::ConversationList {
         conversations,
         next_page_token,
@@ -162,9 +194,17 @@ pub(super) async fn mark(
     })
 }
 
-/// A conversation as Sync and ListConversations show it, with its last message.
+/// A conversation as Sync and ListConversations show it, with a preview of its
+/// last message (its body cut to PREVIEW_CHARS, so a state's size is bounded).
 async fn conversation_state(shard: &Shard, head: &ConversationHead) -> Result<v1::ConversationState, ChatError> {
     let last = shard.store.messages_at(head.conversation, vec![head.last_seq]).await?;
+    let preview = last.get(&head.last_seq).map(|record| {
+        let mut message = message_proto(record);
+        if let Some((cut, _)) = message.body.char_indices().nth(PREVIEW_CHARS) {
+            message.body.truncate(cut);
+        }
+        message
+    });
     Ok(v1::ConversationState {
         conversation_id: head.conversation.to_string(),
         title: head.title.clone().unwrap_or_default(),
@@ -174,7 +214,7 @@ async fn conversation_state(shard: &Shard, head: &ConversationHead) -> Result<v1
         unread_count: head.last_seq.saturating_sub(head.read_seq),
         left: head.left_seq.is_some(),
         messages: Vec::new(),
-        last_message: last.get(&head.last_seq).map(message_proto),
+        last_message: preview,
     })
 }
 
