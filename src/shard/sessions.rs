@@ -96,13 +96,17 @@ impl LocalSessions {
                 if delivery.skip_device == Some((*user, handle.device)) {
                     continue;
                 }
-                if let Some(held) = handle.held.borrow_mut().as_mut() {
-                    if held.len() < MAX_HELD {
+                let queued = match handle.held.borrow_mut().as_mut() {
+                    // Replaying: live pushes wait behind the replay. One that cannot
+                    // wait must not overtake it: the session is closed and resumes.
+                    Some(held) if held.len() < MAX_HELD => {
                         held.push((delivery.conversation, delivery.seq, delivery.frame.clone()));
-                        continue;
+                        true
                     }
-                }
-                if handle.outbound.try_send(delivery.frame.clone()).is_err() {
+                    Some(_) => false,
+                    None => handle.outbound.try_send(delivery.frame.clone()).is_ok(),
+                };
+                if !queued {
                     tracing::warn!(user = %user, session = handle.session_id, "slow consumer: closing session");
                     handle.kick.kick(error_frame(
                         0,
@@ -112,5 +116,43 @@ impl LocalSessions {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_hold_closes_the_session_instead_of_overtaking_the_replay() {
+        let user = UserId::new(1).unwrap();
+        let conversation = ConversationId::direct(user, UserId::new(2).unwrap());
+        let outbound = Outbound::new(16);
+        let held: Held = Rc::new(RefCell::new(Some(vec![(conversation, 1, Bytes::new()); MAX_HELD])));
+        let kick = Rc::new(Kick::default());
+        let mut sessions = LocalSessions::default();
+        sessions.add(
+            user,
+            SessionHandle {
+                session_id: 1,
+                device: DeviceId::new(1).unwrap(),
+                outbound: outbound.clone(),
+                kick: kick.clone(),
+                held,
+            },
+        );
+        sessions.deliver(&Delivery {
+            conversation,
+            seq: 2,
+            frame: Bytes::from_static(b"live"),
+            users: std::sync::Arc::new([user]),
+            skip_device: None,
+        });
+        assert_eq!(outbound.try_recv(), None, "the live push must not jump the replay");
+        let reason = kick.kicked().await;
+        assert!(
+            matches!(reason.kind, Some(confab_proto::v1::server_frame::Kind::Error(e)) if e.code == ErrorCode::SlowConsumer as i32)
+        );
     }
 }
