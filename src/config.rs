@@ -186,14 +186,39 @@ impl Config {
                 message: message.to_owned(),
             })
         };
+        // Counts and durations that must not be zero.
+        let at_least_one = [
+            ("server.max_connections", self.server.max_connections as u128),
+            (
+                "server.mesh_channel_capacity",
+                self.server.mesh_channel_capacity as u128,
+            ),
+            (
+                "protocol.max_in_flight_requests",
+                self.protocol.max_in_flight_requests as u128,
+            ),
+            ("auth.argon2_iterations", u128::from(self.auth.argon2_iterations)),
+            ("auth.access_token_ttl", self.auth.access_token_ttl.as_millis()),
+            ("auth.refresh_token_ttl", self.auth.refresh_token_ttl.as_millis()),
+            ("chat.max_body_chars", self.chat.max_body_chars as u128),
+            ("chat.max_history_limit", u128::from(self.chat.max_history_limit)),
+            ("chat.max_group_title_chars", self.chat.max_group_title_chars as u128),
+            (
+                "chat.max_cached_conversations",
+                self.chat.max_cached_conversations as u128,
+            ),
+            ("chat.max_pending_appends", self.chat.max_pending_appends as u128),
+            (
+                "chat.max_presence_subscriptions",
+                self.chat.max_presence_subscriptions as u128,
+            ),
+            ("store.max_batch", self.store.max_batch as u128),
+        ];
+        if let Some((key, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+            return invalid(key, "must be at least 1");
+        }
         if self.server.shards > crate::shard::MAX_SHARDS {
             return invalid("server.shards", "at most 64 shards are supported");
-        }
-        if self.server.max_connections == 0 {
-            return invalid("server.max_connections", "must be at least 1");
-        }
-        if self.server.mesh_channel_capacity == 0 {
-            return invalid("server.mesh_channel_capacity", "must be at least 1");
         }
         // A frame keeps 16 KiB for everything but a message body.
         if !(32 * 1024..=64 * 1024 * 1024).contains(&self.protocol.max_frame_bytes) {
@@ -208,38 +233,14 @@ impl Config {
                 "must be larger than protocol.max_in_flight_requests, so replies cannot crowd out pushes",
             );
         }
-        if self.protocol.max_in_flight_requests == 0 {
-            return invalid("protocol.max_in_flight_requests", "must be at least 1");
-        }
         if self.auth.argon2_memory_kib < 8 {
             return invalid("auth.argon2_memory_kib", "must be at least 8");
-        }
-        if self.auth.argon2_iterations == 0 {
-            return invalid("auth.argon2_iterations", "must be at least 1");
-        }
-        if self.auth.access_token_ttl.is_zero() || self.auth.refresh_token_ttl.is_zero() {
-            return invalid("auth.access_token_ttl", "token lifetimes must be positive");
-        }
-        if self.chat.max_body_chars == 0 {
-            return invalid("chat.max_body_chars", "must be at least 1");
-        }
-        if self.chat.max_history_limit == 0 {
-            return invalid("chat.max_history_limit", "must be at least 1");
         }
         if self.chat.max_group_members < 2 {
             return invalid("chat.max_group_members", "must be at least 2");
         }
-        if self.chat.max_group_title_chars == 0 {
-            return invalid("chat.max_group_title_chars", "must be at least 1");
-        }
         if self.chat.dedup_window < Duration::from_secs(1) {
             return invalid("chat.dedup_window", "must be at least 1s");
-        }
-        if self.chat.max_cached_conversations == 0 || self.chat.max_pending_appends == 0 {
-            return invalid("chat.max_pending_appends", "chat limits must be at least 1");
-        }
-        if self.store.max_batch == 0 {
-            return invalid("store.max_batch", "must be at least 1");
         }
         Ok(())
     }
@@ -335,6 +336,24 @@ mod tests {
         let err = Config::load_from(None, env(&[("CONFAB_STORE__DURABILITY", "sometimes")])).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("store.durability"), "{text}");
+    }
+
+    #[test]
+    fn every_zero_limit_names_its_own_key() {
+        for key in [
+            "AUTH__REFRESH_TOKEN_TTL",
+            "CHAT__MAX_CACHED_CONVERSATIONS",
+            "CHAT__MAX_PRESENCE_SUBSCRIPTIONS",
+        ] {
+            let value = if key.ends_with("TTL") { "0s" } else { "0" };
+            let text = Config::load_from(None, env(&[(&format!("CONFAB_{key}"), value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                text.contains(&key.to_ascii_lowercase().replace("__", ".")),
+                "{key}: {text}"
+            );
+        }
     }
 
     #[test]
