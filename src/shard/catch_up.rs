@@ -1,5 +1,6 @@
 //! Catching a device up: Sync, ListConversations, receipt watermarks, and the
-//! replay that precedes live pushes when a device resumes.
+//! replay that precedes live pushes when a device resumes. Also the sender side of
+//! typing, which shares the membership check with receipts.
 //!
 //! The planning is sans-IO ([`crate::chat::plan`]); this module reads the store and
 //! assembles replies within the frame limit.

@@ -302,8 +302,9 @@ pub(super) fn signal(shard: &Rc<Shard>, conversation: ConversationId, user: User
             }
         }
         Signal::Typing(typing) => {
-            let shard = shard.clone();
-            shard.clone().spawn_core(async move {
+            let owner = shard.clone();
+            shard.spawn_core(async move {
+                let shard = owner;
                 let members = match members(&shard, conversation).await {
                     Ok(members) => members,
                     Err(err) => return tracing::warn!(%conversation, error = %err, "typing not sent"),
