@@ -30,6 +30,9 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub websocket: WebSocketConfig,
+    pub quic: QuicConfig,
     pub protocol: ProtocolConfig,
     pub auth: AuthConfig,
     pub chat: ChatConfig,
@@ -51,6 +54,39 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub mesh_channel_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub mode: TlsMode,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// Where the TCP and WebSocket listeners get their certificate, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    Off,
+    SelfSigned,
+    Files,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub path: String,
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -232,6 +268,14 @@ impl Config {
                 "protocol.outbound_queue_frames",
                 "must be larger than protocol.max_in_flight_requests, so replies cannot crowd out pushes",
             );
+        }
+        if self.tls.mode == TlsMode::Files
+            && (self.tls.cert_file.as_os_str().is_empty() || self.tls.key_file.as_os_str().is_empty())
+        {
+            return invalid("tls.cert_file", "tls.mode = \"files\" needs tls.cert_file and tls.key_file");
+        }
+        if !self.websocket.path.starts_with('/') {
+            return invalid("websocket.path", "must start with /");
         }
         if self.auth.argon2_memory_kib < 8 {
             return invalid("auth.argon2_memory_kib", "must be at least 8");

@@ -55,6 +55,18 @@ fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
         // A machine-readable line for scripts and tests that start the binary.
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "listening on {}", server.local_addr())?;
+        if let Some(addr) = server.websocket_addr() {
+            writeln!(stdout, "websocket on {addr}")?;
+        }
+        if let Some(addr) = server.quic_addr() {
+            writeln!(stdout, "quic on {addr}")?;
+        }
+        if let Some(fingerprint) = server.tls_fingerprint() {
+            writeln!(stdout, "tls certificate sha256 {fingerprint}")?;
+        }
+        if let Some(fingerprint) = server.quic_fingerprint() {
+            writeln!(stdout, "quic certificate sha256 {fingerprint}")?;
+        }
         stdout.flush()?;
         drop(stdout);
         shutdown_signal().await?;

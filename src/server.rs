@@ -4,7 +4,10 @@
 
 use crate::auth::{Accounts, HashError, KeyError, PasswordHasher, TokenSigner};
 use crate::config::{Config, StoreBackend};
-use crate::shard::{self, Mesh, NodeContext, ShardId, ShardStart};
+use crate::shard::{self, Listeners, Mesh, NodeContext, ShardId, ShardStart};
+use crate::transport::bind_reuseport;
+use crate::transport::quic::QuicListener;
+use crate::transport::tls::{Identity, TlsError};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
@@ -22,6 +25,8 @@ pub enum StartError {
     Key(#[from] KeyError),
     #[error("setting up password hashing: {0}")]
     Hash(#[from] HashError),
+    #[error("setting up TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
 }
@@ -39,6 +44,11 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartErro
 #[derive(Debug)]
 pub struct Server {
     local_addr: SocketAddr,
+    websocket_addr: Option<SocketAddr>,
+    quic_addr: Option<SocketAddr>,
+    /// SHA-256 of the TCP/WebSocket certificate, when TLS is on.
+    tls_fingerprint: Option<String>,
+    quic_fingerprint: Option<String>,
     drain: CancellationToken,
     stop: CancellationToken,
     drained: Vec<oneshot::Receiver<()>>,
@@ -63,16 +73,36 @@ impl Server {
         let accounts = Accounts::new(&config.auth, store.clone(), hasher, signer);
         let (mesh, mailboxes) = Mesh::new(shards, config.server.mesh_channel_capacity);
 
-        // The first bind resolves port 0; the other shards join the same port.
-        let first = crate::transport::tcp::bind_reuseport(config.server.listen)
-            .map_err(io_error(format!("binding {}", config.server.listen)))?;
-        let local_addr = first.local_addr().map_err(io_error("reading the bound address"))?;
-        let mut listeners = vec![first];
-        for _ in 1..shards {
-            listeners.push(
-                crate::transport::tcp::bind_reuseport(local_addr).map_err(io_error(format!("binding {local_addr}")))?,
-            );
-        }
+        let tcp = bind_each_shard(config.server.listen, shards)?;
+        let local_addr = tcp[0].local_addr().map_err(io_error("reading the bound address"))?;
+        let websocket = match config.websocket.enabled {
+            true => Some(bind_each_shard(config.websocket.listen, shards)?),
+            false => None,
+        };
+        let websocket_addr = match &websocket {
+            Some(listeners) => Some(listeners[0].local_addr().map_err(io_error("reading the bound address"))?),
+            None => None,
+        };
+        let identity = Identity::from_config(&config.tls)?;
+        let tls = identity.as_ref().map(Identity::stream_config).transpose()?;
+        let tls_fingerprint = identity.as_ref().map(|identity| identity.fingerprint().to_owned());
+        let quic = match config.quic.enabled {
+            true => {
+                let identity = match identity {
+                    Some(identity) => identity,
+                    None => Identity::self_signed()?,
+                };
+                let idle = config.protocol.heartbeat_interval * 4;
+                let listener = QuicListener::bind(config.quic.listen, &identity, idle)
+                    .map_err(io_error(format!("binding QUIC to {}", config.quic.listen)))?;
+                Some((listener, identity.fingerprint().to_owned()))
+            }
+            false => None,
+        };
+        let quic_addr = match &quic {
+            Some((listener, _)) => Some(listener.local_addr().map_err(io_error("reading the QUIC address"))?),
+            None => None,
+        };
 
         let cores = if config.server.pin_threads {
             core_affinity::get_core_ids().unwrap_or_default()
@@ -85,6 +115,7 @@ impl Server {
             accounts,
             mesh,
             connection_permits: Arc::new(Semaphore::new(0)),
+            tls,
             drain: CancellationToken::new(),
             stop: CancellationToken::new(),
         };
@@ -94,29 +125,44 @@ impl Server {
 
         let mut server = Self {
             local_addr,
+            websocket_addr,
+            quic_addr,
+            tls_fingerprint,
+            quic_fingerprint: quic.as_ref().map(|(_, fingerprint)| fingerprint.clone()),
             drain: context.drain.clone(),
             stop: context.stop.clone(),
             drained: Vec::new(),
             threads: Vec::new(),
             store,
         };
-        for (index, (listener, mailbox)) in listeners.into_iter().zip(mailboxes).enumerate() {
+        let mut quic_handoffs = Vec::new();
+        let mut websocket = websocket.map(Vec::into_iter);
+        for (index, (tcp, mailbox)) in tcp.into_iter().zip(mailboxes).enumerate() {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .max_blocking_threads(BLOCKING_THREADS_PER_SHARD)
                 .thread_name(format!("confab-shard-{index}-blocking"))
                 .build()
                 .map_err(io_error("building a shard runtime"))?;
-            let listener = {
+            let listeners = {
                 let _entered = runtime.enter();
-                tokio::net::TcpListener::from_std(listener).map_err(io_error("registering a listener"))?
+                let register = |listener| tokio::net::TcpListener::from_std(listener).map_err(io_error("registering a listener"));
+                Listeners {
+                    tcp: register(tcp)?,
+                    websocket: websocket.as_mut().and_then(Iterator::next).map(register).transpose()?,
+                    quic: quic.as_ref().map(|_| {
+                        let (handoff, handoffs) = tokio::sync::mpsc::channel(crate::transport::quic::HANDOFF_QUEUE);
+                        quic_handoffs.push(handoff);
+                        handoffs
+                    }),
+                }
             };
             let (drained, drained_rx) = oneshot::channel();
             let start = ShardStart {
                 id: ShardId(index),
                 context: context.clone(),
                 runtime,
-                listener,
+                listeners,
                 mailbox,
                 core: (!cores.is_empty()).then(|| cores[index % cores.len()]),
                 drained,
@@ -126,12 +172,50 @@ impl Server {
                 .threads
                 .push(shard::spawn(start).map_err(io_error("spawning a shard thread"))?);
         }
+        if let Some((listener, fingerprint)) = quic {
+            let thread = listener
+                .spawn(
+                    quic_handoffs,
+                    context.connection_permits.clone(),
+                    context.config.server.handshake_timeout,
+                    context.drain.clone(),
+                    context.stop.clone(),
+                )
+                .map_err(io_error("spawning the QUIC thread"))?;
+            server.threads.push(thread);
+            tracing::info!(addr = ?quic_addr, certificate_sha256 = %fingerprint, "QUIC listening");
+        }
+        if let Some(addr) = websocket_addr {
+            tracing::info!(%addr, path = %context.config.websocket.path, "WebSocket listening");
+        }
+        if let Some(fingerprint) = &server.tls_fingerprint {
+            tracing::info!(certificate_sha256 = %fingerprint, "TLS on for TCP and WebSocket");
+        }
         tracing::info!(addr = %local_addr, shards, "confab listening");
         Ok(server)
     }
 
+    /// The TCP listener's address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.websocket_addr
+    }
+
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic_addr
+    }
+
+    /// SHA-256 (hex) of the TCP/WebSocket certificate, when TLS is on.
+    pub fn tls_fingerprint(&self) -> Option<&str> {
+        self.tls_fingerprint.as_deref()
+    }
+
+    /// SHA-256 (hex) of the QUIC certificate, when QUIC is on.
+    pub fn quic_fingerprint(&self) -> Option<&str> {
+        self.quic_fingerprint.as_deref()
     }
 
     /// Graceful stop: stop accepting, let in-flight requests finish and tell clients
@@ -161,4 +245,16 @@ impl Drop for Server {
         self.drain.cancel();
         self.stop.cancel();
     }
+}
+
+/// One SO_REUSEPORT listener per shard on `addr`; the first bind resolves port 0
+/// and the others join that port.
+fn bind_each_shard(addr: SocketAddr, shards: usize) -> Result<Vec<std::net::TcpListener>, StartError> {
+    let first = bind_reuseport(addr).map_err(io_error(format!("binding {addr}")))?;
+    let bound = first.local_addr().map_err(io_error("reading the bound address"))?;
+    let mut listeners = vec![first];
+    for _ in 1..shards {
+        listeners.push(bind_reuseport(bound).map_err(io_error(format!("binding {bound}")))?);
+    }
+    Ok(listeners)
 }

@@ -136,6 +136,15 @@ impl Accounts {
         Ok(self.grant(user.id, device, refresh, refresh_expires_at_ms, now))
     }
 
+    /// Checks an access token's signature and expiry only (no store access), for
+    /// rejecting a bad token early, e.g. at a WebSocket upgrade.
+    pub fn check_token(&self, access_token: &str) -> Result<(), AuthError> {
+        self.signer
+            .verify(access_token, unix_ms())
+            .map(drop)
+            .map_err(AuthError::InvalidToken)
+    }
+
     /// Checks an access token and that its device still exists.
     pub async fn authenticate(&self, access_token: &str) -> Result<Identity, AuthError> {
         let claims = self

@@ -150,6 +150,11 @@ impl Session {
         }
     }
 
+    /// Records a transport-level keepalive: the peer is alive, though it sent no frame.
+    pub fn on_keepalive(&mut self, now: Instant) {
+        self.last_heard = now;
+    }
+
     /// The close frame for bytes that could not be decoded into a frame.
     pub fn on_decode_error(&self, err: &FrameError) -> ServerFrame {
         let code = match err {

@@ -50,26 +50,75 @@ pub enum ReadError {
     Frame(#[from] FrameError),
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
+    /// Transport-level input the protocol has no meaning for (a WebSocket text message).
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// What a transport read.
+#[derive(Debug)]
+pub enum Inbound {
+    /// One frame's protobuf payload.
+    Frame(Bytes),
+    /// A transport-level keepalive (a WebSocket ping): the peer is alive.
+    Alive,
 }
 
 /// Frames arriving on one connection, whatever the transport.
 pub trait FrameSource {
-    /// The next frame's payload, or `None` when the peer closed cleanly. Must be
+    /// The next frame or keepalive, or `None` when the peer closed cleanly. Must be
     /// cancel-safe: dropping the future loses no bytes.
-    fn next_frame(&mut self) -> impl Future<Output = Result<Option<Bytes>, ReadError>>;
+    fn next(&mut self) -> impl Future<Output = Result<Option<Inbound>, ReadError>>;
 }
 
-/// What the transport does with frames still queued when a connection ends.
+/// Why a connection ended; transports map it to their close codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    /// Write them, then close.
-    Flush,
-    /// The peer does not read: drop them and close now.
-    Discard,
+pub enum Closed {
+    /// The peer closed its side.
+    PeerClosed,
+    /// The peer broke the protocol (undecodable frame, wrong order, too many failed
+    /// logins); it was sent an `Error` first.
+    Violation,
+    /// The peer sent a frame above the size limit; it was sent an `Error` first.
+    TooLarge,
+    /// The peer sent transport-level data the protocol does not use (WebSocket text).
+    UnsupportedData,
+    /// Silent past the heartbeat or handshake deadline.
+    Timeout,
+    /// Replaced or revoked (e.g. the device logged out elsewhere).
+    Kicked,
+    /// The peer does not read what it is sent.
+    SlowConsumer,
+    /// The transport failed underneath.
+    TransportError,
+    /// The node is shutting down; the peer was told when to reconnect.
+    ShuttingDown,
+}
+
+impl Closed {
+    /// What to do with frames still queued: a slow consumer's are dropped, the
+    /// rest are written before closing.
+    pub fn flushes(self) -> bool {
+        self != Self::SlowConsumer
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::PeerClosed => "peer closed",
+            Self::Violation => "protocol violation",
+            Self::TooLarge => "frame too large",
+            Self::UnsupportedData => "unsupported data",
+            Self::Timeout => "timeout",
+            Self::Kicked => "kicked",
+            Self::SlowConsumer => "slow consumer",
+            Self::TransportError => "transport error",
+            Self::ShuttingDown => "server shutting down",
+        }
+    }
 }
 
 /// Runs a connection until it ends. `outbound` feeds the transport's writer.
-pub async fn run(shard: Rc<Shard>, source: impl FrameSource, outbound: Outbound, peer: SocketAddr) -> Ending {
+pub async fn run(shard: Rc<Shard>, source: impl FrameSource, outbound: Outbound, peer: SocketAddr) -> Closed {
     let session_id = rand::random();
     let session = Session::new(session_id, shard.limits.clone(), Instant::now());
     let mut connection = Connection {
@@ -80,13 +129,12 @@ pub async fn run(shard: Rc<Shard>, source: impl FrameSource, outbound: Outbound,
         registered: None,
         peer,
     };
-    let (reason, ending) = match connection.serve(source).await {
-        Flow::Abandon(reason) => (reason, Ending::Discard),
-        Flow::Close(reason) => (reason, Ending::Flush),
-        Flow::Continue => ("ended", Ending::Flush),
+    let closed = match connection.serve(source).await {
+        Flow::Close(closed) => closed,
+        Flow::Continue => Closed::PeerClosed,
     };
-    tracing::debug!(%peer, session = format_args!("{session_id:016x}"), reason, "connection closed");
-    ending
+    tracing::debug!(%peer, session = format_args!("{session_id:016x}"), reason = closed.describe(), "connection closed");
+    closed
 }
 
 struct Connection {
@@ -104,10 +152,7 @@ type Reply = LocalBoxFuture<'static, ServerFrame>;
 /// Whether the connection goes on after a step.
 enum Flow {
     Continue,
-    /// End after writing what is queued.
-    Close(&'static str),
-    /// End now, dropping what is queued: the peer does not read it.
-    Abandon(&'static str),
+    Close(Closed),
 }
 
 impl Connection {
@@ -125,24 +170,36 @@ impl Connection {
                 reason = kick.kicked() => {
                     let slow = matches!(&reason.kind, Some(Kind::Error(error)) if error.code == ErrorCode::SlowConsumer as i32);
                     self.send_best_effort(reason);
-                    if slow { Flow::Abandon("slow consumer") } else { Flow::Close("kicked") }
+                    Flow::Close(if slow { Closed::SlowConsumer } else { Closed::Kicked })
                 }
                 Some(reply) = in_flight.next(), if !in_flight.is_empty() => self.send(&reply).await,
-                frame = source.next_frame(), if in_flight.len() < max_in_flight => match frame {
-                    Ok(Some(payload)) => Box::pin(self.on_payload(payload, &mut in_flight)).await,
-                    Ok(None) => Flow::Close("peer closed"),
+                inbound = source.next(), if in_flight.len() < max_in_flight => match inbound {
+                    Ok(Some(Inbound::Frame(payload))) => Box::pin(self.on_payload(payload, &mut in_flight)).await,
+                    Ok(Some(Inbound::Alive)) => {
+                        self.session.on_keepalive(Instant::now());
+                        Flow::Continue
+                    }
+                    Ok(None) => Flow::Close(Closed::PeerClosed),
                     Err(ReadError::Frame(err)) => {
                         tracing::info!(peer = %self.peer, error = %err, "undecodable frame; closing");
                         self.send_best_effort(self.session.on_decode_error(&err));
-                        Flow::Close("bad frame")
+                        Flow::Close(match err {
+                            FrameError::TooLarge { .. } => Closed::TooLarge,
+                            _ => Closed::Violation,
+                        })
                     }
-                    Err(ReadError::Io(_)) => Flow::Close("read error"),
+                    Err(ReadError::Unsupported(what)) => {
+                        tracing::info!(peer = %self.peer, what, "unsupported input; closing");
+                        self.send_best_effort(error_frame(0, ErrorCode::BadRequest, what));
+                        Flow::Close(Closed::UnsupportedData)
+                    }
+                    Err(ReadError::Io(_)) => Flow::Close(Closed::TransportError),
                 },
                 () = tokio::time::sleep_until(deadline) => match self.session.on_deadline(Instant::now()) {
                     Some(close) => {
                         tracing::info!(peer = %self.peer, "connection timed out");
                         self.send_best_effort(close);
-                        Flow::Close("timeout")
+                        Flow::Close(Closed::Timeout)
                     }
                     None => Flow::Continue,
                 },
@@ -159,7 +216,7 @@ impl Connection {
             Err(err) => {
                 tracing::info!(peer = %self.peer, error = %err, "malformed frame; closing");
                 self.send_best_effort(self.session.on_decode_error(&FrameError::Malformed(err)));
-                return Flow::Close("malformed frame");
+                return Flow::Close(Closed::Violation);
             }
         };
         match self.session.on_frame(frame, Instant::now()) {
@@ -167,7 +224,7 @@ impl Connection {
             Step::Close(reply) => {
                 tracing::info!(peer = %self.peer, reply = ?reply.kind, "protocol violation; closing");
                 self.send_best_effort(reply);
-                Flow::Close("protocol violation")
+                Flow::Close(Closed::Violation)
             }
             Step::Run(request) if request.command.is_pipelined() => {
                 in_flight.push(self.start(request).await);
@@ -380,7 +437,7 @@ impl Connection {
                 match (flow, counts_as_failure.then(|| self.session.auth_failed()).flatten()) {
                     (Flow::Continue, Some(close)) => {
                         self.send_best_effort(close);
-                        Flow::Close("too many auth failures")
+                        Flow::Close(Closed::Violation)
                     }
                     (flow, _) => flow,
                 }
@@ -445,7 +502,7 @@ impl Connection {
         for (conversation, seq, frame) in live {
             if seq > cursors.seq(conversation) && self.outbound.try_send(frame).is_err() {
                 tracing::warn!(peer = %self.peer, "slow consumer while resuming; closing");
-                return Flow::Abandon("slow consumer");
+                return Flow::Close(Closed::SlowConsumer);
             }
         }
         flow
@@ -467,10 +524,10 @@ impl Connection {
         let patience = self.shard.limits.heartbeat_interval * 3;
         match tokio::time::timeout(patience, self.outbound.send(encode_frame(frame))).await {
             Ok(Ok(())) => Flow::Continue,
-            Ok(Err(_)) => Flow::Close("writer closed"),
+            Ok(Err(_)) => Flow::Close(Closed::TransportError),
             Err(_) => {
                 tracing::warn!(peer = %self.peer, "slow consumer: replies not read; closing");
-                Flow::Abandon("slow consumer")
+                Flow::Close(Closed::SlowConsumer)
             }
         }
     }
@@ -502,7 +559,7 @@ impl Connection {
                 reason: "server shutting down".into(),
             })),
         });
-        Flow::Close("server shutting down")
+        Flow::Close(Closed::ShuttingDown)
     }
 }
 

@@ -2,12 +2,13 @@
 //!
 //! Each shard is one OS thread (pinned to a core where the OS allows) running a
 //! `current_thread` tokio runtime. It accepts connections on its own SO_REUSEPORT
-//! listener and owns them and their state outright: nothing of a connection is
+//! listeners (TCP, WebSocket), takes the QUIC sessions the node's endpoint hands
+//! it, and owns them and their state outright: nothing of a connection is
 //! shared with another thread. Shards talk only through the [`mesh`]: bounded
 //! channels carrying appends to a conversation's owner shard, encoded deliveries,
 //! and presence updates for the [`directory`].
 //!
-//! Each shard runs four kinds of task: the accept loop, one task per connection,
+//! Each shard runs four kinds of task: the accept loops, one task per connection,
 //! the mailbox loop (never blocks: it applies mesh messages to local state), and the
 //! owner's committer (see [`owner`]).
 //!
@@ -24,12 +25,13 @@ mod owner;
 mod presence;
 mod sessions;
 
-pub use connection::{Ending, FrameSource, ReadError, run as run_connection};
+pub use connection::{Closed, FrameSource, Inbound, ReadError, run as run_connection};
 pub use mesh::Mesh;
 pub(crate) use mesh::ShardMsg;
 pub use outbound::Outbound;
 
 use crate::auth::Accounts;
+use crate::transport;
 use crate::chat::{Assigned, PresenceTracker, ReceiptCoalescer, Sequencer, SequencerLimits};
 use crate::config::Config;
 use crate::ids::UserId;
@@ -61,6 +63,8 @@ pub struct NodeContext {
     pub accounts: Accounts,
     pub mesh: Mesh,
     pub connection_permits: Arc<Semaphore>,
+    /// TLS for the TCP and WebSocket listeners, when `[tls]` is on.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Phase one of shutdown: stop accepting, close connections.
     pub drain: CancellationToken,
     /// Phase two: stop the mailbox loops and committers.
@@ -84,6 +88,7 @@ pub struct Shard {
     pub store: Arc<dyn Store>,
     pub accounts: Accounts,
     pub mesh: Mesh,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub drain: CancellationToken,
     pub stop: CancellationToken,
     connection_permits: Arc<Semaphore>,
@@ -106,12 +111,20 @@ pub struct ShardStart {
     pub id: ShardId,
     pub context: NodeContext,
     pub runtime: tokio::runtime::Runtime,
-    /// Registered with `runtime` (created inside it).
-    pub listener: tokio::net::TcpListener,
+    pub listeners: Listeners,
     pub mailbox: mpsc::Receiver<ShardMsg>,
     pub core: Option<core_affinity::CoreId>,
     /// Answered once this shard's connections have all ended.
     pub drained: oneshot::Sender<()>,
+}
+
+/// A shard's share of the node's listeners, registered with its runtime.
+#[derive(Debug)]
+pub struct Listeners {
+    pub tcp: tokio::net::TcpListener,
+    pub websocket: Option<tokio::net::TcpListener>,
+    /// QUIC sessions the node's endpoint hands to this shard.
+    pub quic: Option<mpsc::Receiver<crate::transport::quic::Handoff>>,
 }
 
 /// Starts a shard on its own thread.
@@ -128,20 +141,20 @@ pub fn spawn(start: ShardStart) -> std::io::Result<std::thread::JoinHandle<()>> 
                 id,
                 context,
                 runtime,
-                listener,
+                listeners,
                 mailbox,
                 drained,
                 ..
             } = start;
             let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, run(id, context, listener, mailbox, drained));
+            local.block_on(&runtime, run(id, context, listeners, mailbox, drained));
         })
 }
 
 async fn run(
     id: ShardId,
     context: NodeContext,
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     mailbox: mpsc::Receiver<ShardMsg>,
     drained: oneshot::Sender<()>,
 ) {
@@ -163,6 +176,7 @@ async fn run(
         store: context.store,
         accounts: context.accounts,
         mesh: context.mesh,
+        tls: context.tls,
         drain: context.drain,
         stop: context.stop,
         connection_permits: context.connection_permits,
@@ -185,7 +199,22 @@ async fn run(
         core.spawn_local(owner::sweep_sends(shard.clone()));
     }
 
-    crate::transport::tcp::accept_loop(shard.clone(), listener).await;
+    let Listeners { tcp, websocket, quic } = listeners;
+    let websocket = async {
+        if let Some(listener) = websocket {
+            transport::accept_loop(shard.clone(), listener, transport::ws::serve).await;
+        }
+    };
+    let quic = async {
+        if let Some(handoffs) = quic {
+            transport::quic::serve_handoffs(shard.clone(), handoffs).await;
+        }
+    };
+    futures::join!(
+        transport::accept_loop(shard.clone(), tcp, transport::tcp::serve),
+        websocket,
+        quic
+    );
 
     shard.connections.close();
     shard.connections.wait().await;

@@ -6,6 +6,7 @@
 //! only the handle. A tokio `mpsc` channel would allocate a block of slots up front
 //! for every connection.
 
+use super::Closed;
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -30,6 +31,8 @@ struct Queue {
     frames: RefCell<VecDeque<Bytes>>,
     capacity: usize,
     closed: Cell<bool>,
+    /// Why the connection ended, once it has: transports turn it into a close code.
+    ended: Cell<Option<Closed>>,
     /// Wakes the writer when a frame arrives or the queue closes.
     filled: Notify,
     /// Wakes a sender waiting for room.
@@ -42,6 +45,7 @@ impl Outbound {
             frames: RefCell::new(VecDeque::new()),
             capacity,
             closed: Cell::new(false),
+            ended: Cell::new(None),
             filled: Notify::new(),
             drained: Notify::new(),
         }))
@@ -103,6 +107,17 @@ impl Outbound {
         self.0.closed.set(true);
         self.0.filled.notify_one();
         self.0.drained.notify_waiters();
+    }
+
+    /// The connection ended: records why, then closes the queue.
+    pub fn end(&self, why: Closed) {
+        self.0.ended.set(Some(why));
+        self.close();
+    }
+
+    /// Why the connection ended; `None` while it runs or if only the writer failed.
+    pub fn ended(&self) -> Option<Closed> {
+        self.0.ended.get()
     }
 }
 

@@ -1,5 +1,78 @@
 //! Transports: bytes in, frames out. Nothing here knows about chat; each transport
 //! adapts its sockets to [`crate::shard::FrameSource`] plus an outbound queue of
 //! encoded frames, and hands both to the shard's shared connection driver.
+//!
+//! - [`tcp`]: length-prefixed frames on TCP, optionally inside TLS.
+//! - [`ws`]: one frame per binary WebSocket message (browsers), optionally WSS.
+//! - [`quic`]: length-prefixed frames on one bidirectional QUIC stream.
+//! - [`stream`]: framing shared by every byte-stream transport.
+//! - [`tls`]: certificates and rustls configs.
 
+pub mod quic;
+pub mod stream;
 pub mod tcp;
+pub mod tls;
+pub mod ws;
+
+use crate::shard::Shard;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A non-blocking listener with SO_REUSEPORT set, so every shard can bind `addr`.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Accepts until the shard drains, handing each connection to `serve` as a task of
+/// the shard. The loop only accepts: it takes a connection-limit permit, accepts
+/// with exponential backoff on errors, and spawns; handshakes (TLS, WebSocket,
+/// protocol) happen in the connection's task under its deadlines.
+pub async fn accept_loop<F, Fut>(shard: Rc<Shard>, listener: tokio::net::TcpListener, serve: F)
+where
+    F: Fn(Rc<Shard>, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: Future<Output = ()> + 'static,
+{
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            permit = shard.connection_permit() => match permit {
+                Some(permit) => permit,
+                None => return,
+            },
+            () = shard.drain.cancelled() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shard.drain.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %err, "could not set TCP_NODELAY");
+                }
+                shard.spawn_connection(serve(shard.clone(), stream, peer, permit));
+            }
+            Err(err) => {
+                // Usually EMFILE/ENFILE: wait for connections to close.
+                tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! QUIC (quinn, TLS 1.3, ALPN `confab/1`), for mobile networks.
+//!
+//! **One endpoint per node, handing sessions to shards.** Several SO_REUSEPORT UDP
+//! sockets would let the kernel route by the 4-tuple, so a client whose address
+//! changes (Wi-Fi → cellular) would land on a socket that does not know its
+//! connection and migration would break. Instead a single endpoint runs on its own
+//! small thread; it does the UDP I/O and the handshakes, accepts each connection's
+//! session stream, and hands the stream pair to a shard (round robin), where the
+//! shared connection driver runs exactly as for TCP. Quinn's streams are
+//! thread-safe handles onto the connection state, so the shard reads and writes
+//! them directly; only packet I/O stays on the endpoint thread.
+//!
+//! **One bidirectional stream per session** (the first one the client opens),
+//! carrying length-prefixed frames like TCP. Per-conversation streams would spare
+//! one conversation a burst in another, but pushes are small, the outbound queue
+//! already bounds a connection, and one ordered stream keeps the protocol's order
+//! guarantees (replies after the pushes they follow) without a second copy of the
+//! session logic. The client may open no other stream.
+//!
+//! **0-RTT**: the server accepts early data (session tickets). Early frames may be
+//! replayed by an attacker, so until the handshake completes only idempotent frames
+//! are accepted ([`allowed_in_0rtt`]); anything else closes the connection.
+//!
+//! Application close codes are listed in [`close_code`] and PROTOCOL.md.
+
+use super::stream::{StreamFrames, run_connection, write_frames};
+use super::tls::Identity;
+use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
+use confab_proto::v1::{ClientFrame, client_frame::Kind};
+use confab_proto::ProstMessage as _;
+use futures::FutureExt as _;
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt, ZeroRttAccepted};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Sessions waiting to be picked up by one shard.
+pub const HANDOFF_QUEUE: usize = 1024;
+/// How long the endpoint may take to tell peers it is closing.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection's session stream, handed from the endpoint to a shard.
+pub struct Handoff {
+    connection: Connection,
+    send: SendStream,
+    recv: RecvStream,
+    /// Resolves when the handshake completes; `None` if it already had.
+    handshake_done: Option<ZeroRttAccepted>,
+    permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handoff")
+            .field("peer", &self.connection.remote_address())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The QUIC side of a node: a bound endpoint, not yet serving.
+#[derive(Debug)]
+pub struct QuicListener {
+    endpoint: Endpoint,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl QuicListener {
+    /// Binds the UDP socket (on a runtime of its own) with the node's identity.
+    pub fn bind(addr: SocketAddr, identity: &Identity, idle_timeout: Duration) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("confab-quic")
+            .build()?;
+        let tls = identity.quic_config().map_err(std::io::Error::other)?;
+        let crypto = QuicServerConfig::try_from(tls).map_err(std::io::Error::other)?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let transport = Arc::get_mut(&mut config.transport).ok_or_else(|| std::io::Error::other("shared config"))?;
+        transport
+            .max_concurrent_bidi_streams(VarInt::from_u32(1))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .max_idle_timeout(Some(idle_timeout.try_into().map_err(std::io::Error::other)?));
+        let endpoint = {
+            let _entered = runtime.enter();
+            Endpoint::server(config, addr)?
+        };
+        Ok(Self { endpoint, runtime })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Runs the endpoint on its own thread: accepts until `drain`, keeps the
+    /// connections' packets flowing until `stop`, then closes.
+    pub fn spawn(
+        self,
+        shards: Vec<mpsc::Sender<Handoff>>,
+        permits: Arc<Semaphore>,
+        handshake_timeout: Duration,
+        drain: CancellationToken,
+        stop: CancellationToken,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let Self { endpoint, runtime } = self;
+        std::thread::Builder::new().name("confab-quic".into()).spawn(move || {
+            runtime.block_on(async move {
+                tokio::select! {
+                    () = accept(&endpoint, &shards, &permits, handshake_timeout) => {}
+                    () = drain.cancelled() => {}
+                }
+                endpoint.set_server_config(None);
+                stop.cancelled().await;
+                endpoint.close(close_code(Closed::ShuttingDown), b"server shutting down");
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
+            });
+        })
+    }
+}
+
+async fn accept(
+    endpoint: &Endpoint,
+    shards: &[mpsc::Sender<Handoff>],
+    permits: &Arc<Semaphore>,
+    handshake_timeout: Duration,
+) {
+    let mut next_shard = 0;
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %incoming.remote_address(), "connection limit reached; refusing QUIC connection");
+            incoming.refuse();
+            continue;
+        };
+        let Some(shard) = shards.get(next_shard % shards.len().max(1)).cloned() else {
+            return;
+        };
+        next_shard = next_shard.wrapping_add(1);
+        tokio::spawn(async move {
+            let peer = incoming.remote_address();
+            match tokio::time::timeout(handshake_timeout, open_session(incoming, permit)).await {
+                Ok(Ok(handoff)) => {
+                    if shard.send(handoff).await.is_err() {
+                        tracing::debug!(%peer, "shard gone; dropping QUIC connection");
+                    }
+                }
+                Ok(Err(err)) => tracing::info!(%peer, error = %err, "QUIC connection failed before its session stream"),
+                Err(_) => tracing::info!(%peer, "QUIC handshake or session stream timed out"),
+            }
+        });
+    }
+}
+
+/// Accepts the connection (with 0.5-RTT, so early data is read at once) and its
+/// session stream.
+async fn open_session(incoming: quinn::Incoming, permit: OwnedSemaphorePermit) -> Result<Handoff, quinn::ConnectionError> {
+    let connecting = incoming.accept()?;
+    let (connection, handshake_done) = match connecting.into_0rtt() {
+        Ok((connection, handshake_done)) => (connection, Some(handshake_done)),
+        Err(connecting) => (connecting.await?, None),
+    };
+    let (send, recv) = connection.accept_bi().await?;
+    Ok(Handoff {
+        connection,
+        send,
+        recv,
+        handshake_done,
+        permit,
+    })
+}
+
+/// Runs a shard's share of QUIC sessions until the shard drains.
+pub async fn serve_handoffs(shard: Rc<Shard>, mut handoffs: mpsc::Receiver<Handoff>) {
+    loop {
+        let handoff = tokio::select! {
+            handoff = handoffs.recv() => match handoff {
+                Some(handoff) => handoff,
+                None => return,
+            },
+            () = shard.drain.cancelled() => return,
+        };
+        shard.spawn_connection(serve(shard.clone(), handoff));
+    }
+}
+
+async fn serve(shard: Rc<Shard>, handoff: Handoff) {
+    let Handoff {
+        connection,
+        mut send,
+        recv,
+        handshake_done,
+        permit: _permit,
+    } = handoff;
+    let peer = connection.remote_address();
+    let source = QuicFrames {
+        frames: StreamFrames::new(recv, shard.limits.max_frame_bytes),
+        handshake_done,
+    };
+    let closed = run_connection(shard, source, peer, |queued: Outbound| async move {
+        if write_frames(&mut send, &queued).await.is_ok() && send.finish().is_ok() {
+            // Wait until the peer has everything before the connection closes.
+            let _ = send.stopped().await;
+        }
+    })
+    .await;
+    connection.close(close_code(closed), b"");
+}
+
+/// Frames from the session stream, screening 0-RTT frames.
+struct QuicFrames {
+    frames: StreamFrames<RecvStream>,
+    /// Until this resolves, frames may be 0-RTT data.
+    handshake_done: Option<ZeroRttAccepted>,
+}
+
+impl FrameSource for QuicFrames {
+    async fn next(&mut self) -> Result<Option<Inbound>, ReadError> {
+        let inbound = self.frames.next().await?;
+        if let Some(handshake_done) = &mut self.handshake_done {
+            if handshake_done.now_or_never().is_some() {
+                self.handshake_done = None;
+            } else if let Some(Inbound::Frame(payload)) = &inbound {
+                let kind = ClientFrame::decode(payload.clone()).ok().and_then(|frame| frame.kind);
+                if !kind.as_ref().is_some_and(allowed_in_0rtt) {
+                    return Err(ReadError::Unsupported(
+                        "only idempotent frames (Hello, Ping, Authenticate, reads) are allowed in 0-RTT",
+                    ));
+                }
+            }
+        }
+        Ok(inbound)
+    }
+}
+
+/// Frames a replay cannot turn into a second effect: the handshake, reads, and
+/// authentication (which only binds this connection).
+pub fn allowed_in_0rtt(kind: &Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Hello(_)
+            | Kind::Ping(_)
+            | Kind::Authenticate(_)
+            | Kind::GetUser(_)
+            | Kind::History(_)
+            | Kind::Sync(_)
+            | Kind::ListConversations(_)
+            | Kind::ListMembers(_)
+    )
+}
+
+/// The QUIC application close code for why a session ended.
+pub fn close_code(closed: Closed) -> VarInt {
+    VarInt::from_u32(match closed {
+        Closed::PeerClosed => 0,
+        Closed::ShuttingDown => 1,
+        Closed::Violation => 2,
+        Closed::UnsupportedData => 3,
+        Closed::TooLarge => 4,
+        Closed::Timeout | Closed::Kicked | Closed::SlowConsumer => 5,
+        Closed::TransportError => 6,
+    })
+}

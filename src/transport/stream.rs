@@ -1,0 +1,121 @@
+//! What every transport shares around the connection driver: length-prefixed
+//! framing on a byte stream (TLS, QUIC; plain TCP has a leaner reader of its own),
+//! a coalescing frame writer, and running a connection with its writer task.
+
+use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
+use bytes::BytesMut;
+use confab_proto::FrameDecoder;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+/// Bytes written to the socket in one call when frames are queued back to back.
+pub const WRITE_BATCH_BYTES: usize = 64 * 1024;
+/// Room a read buffer gets when bytes arrive.
+pub const READ_CHUNK_BYTES: usize = 4096;
+/// How long a closing connection may take to flush what it has queued.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the shard's connection driver on `source` while the task made by `writer`
+/// drains the outbound queue. Afterwards the writer may flush what is queued
+/// (bounded by a timeout), unless the peer stopped reading.
+pub async fn run_connection<W>(
+    shard: Rc<Shard>,
+    source: impl FrameSource,
+    peer: SocketAddr,
+    writer: impl FnOnce(Outbound) -> W,
+) -> Closed
+where
+    W: Future<Output = ()> + 'static,
+{
+    let outbound = Outbound::new(shard.config.protocol.outbound_queue_frames);
+    let writer = tokio::task::spawn_local(writer(outbound.clone()));
+    let closed = crate::shard::run_connection(shard, source, outbound.clone(), peer).await;
+    outbound.end(closed);
+    let abort = writer.abort_handle();
+    if !closed.flushes() {
+        abort.abort();
+    } else if tokio::time::timeout(FLUSH_TIMEOUT, writer).await.is_err() {
+        tracing::debug!(%peer, "peer did not read its last frames; dropping them");
+        abort.abort();
+    }
+    closed
+}
+
+/// Splits length-prefixed frames off any byte stream.
+#[derive(Debug)]
+pub struct StreamFrames<R> {
+    read: R,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl<R> StreamFrames<R> {
+    pub fn new(read: R, max_frame_bytes: usize) -> Self {
+        Self {
+            read,
+            buf: BytesMut::new(),
+            decoder: FrameDecoder::new(max_frame_bytes),
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> FrameSource for StreamFrames<R> {
+    /// Cancel-safe: bytes read stay in `buf`. The buffer is released whenever it
+    /// empties, so an idle stream holds none of its own.
+    async fn next(&mut self) -> Result<Option<Inbound>, ReadError> {
+        loop {
+            if let Some(payload) = self.decoder.split_payload(&mut self.buf)? {
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::new();
+                }
+                return Ok(Some(Inbound::Frame(payload)));
+            }
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK_BYTES / 4 {
+                self.buf.reserve(READ_CHUNK_BYTES);
+            }
+            match self.read.read_buf(&mut self.buf).await? {
+                0 if self.buf.is_empty() => return Ok(None),
+                0 => return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Writes queued frames, coalescing back-to-back frames into one write, until the
+/// queue closes and is empty. A failed write closes the queue, which ends the
+/// connection. Between writes it holds no buffer.
+pub async fn write_frames<W: AsyncWrite + Unpin>(write: &mut W, queued: &Outbound) -> std::io::Result<()> {
+    while let Some(frame) = queued.recv().await {
+        let result = match queued.try_recv() {
+            None => write.write_all(&frame).await,
+            Some(next) => {
+                let mut batch = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+                batch.extend_from_slice(&frame);
+                batch.extend_from_slice(&next);
+                while batch.len() < WRITE_BATCH_BYTES {
+                    match queued.try_recv() {
+                        Some(more) => batch.extend_from_slice(&more),
+                        None => break,
+                    }
+                }
+                write.write_all(&batch).await
+            }
+        };
+        if let Err(err) = result.and(write.flush().await) {
+            queued.close();
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Writes queued frames until the queue closes, then shuts the write side down.
+pub async fn write_then_shutdown<W: AsyncWrite + Unpin>(mut write: W, queued: Outbound) {
+    if write_frames(&mut write, &queued).await.is_ok() {
+        let _ = write.shutdown().await;
+    }
+}

@@ -1,0 +1,160 @@
+//! The node's TLS identity (certificate chain + key) and the rustls configs built
+//! from it for TCP, WebSocket and QUIC.
+//!
+//! Crypto provider: `ring`, chosen deliberately and passed explicitly (never the
+//! process default). It builds with a C compiler alone; `aws-lc-rs` would also need
+//! cmake (and Go or NASM on some targets), which a fresh machine may lack.
+
+use crate::config::{TlsConfig, TlsMode};
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest as _, Sha256};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+/// ALPN of protocol v1 over QUIC.
+pub const QUIC_ALPN: &[u8] = b"confab/1";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    #[error("reading {path}: {message}")]
+    Pem { path: String, message: String },
+    #[error("{path} holds no certificate")]
+    NoCertificate { path: String },
+    #[error("generating a self-signed certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("certificate and key do not make a TLS config: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A certificate chain with its private key.
+#[derive(Debug)]
+pub struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// SHA-256 of the leaf certificate, hex: what clients pin.
+    fingerprint: String,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+}
+
+impl Identity {
+    /// The identity `[tls]` asks for; `None` when TLS is off.
+    pub fn from_config(config: &TlsConfig) -> Result<Option<Self>, TlsError> {
+        match config.mode {
+            TlsMode::Off => Ok(None),
+            TlsMode::SelfSigned => Self::self_signed().map(Some),
+            TlsMode::Files => Self::from_files(&config.cert_file, &config.key_file).map(Some),
+        }
+    }
+
+    /// A fresh certificate for `localhost` and the loopback addresses.
+    pub fn self_signed() -> Result<Self, TlsError> {
+        let names = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
+        let generated = rcgen::generate_simple_self_signed(names)?;
+        let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
+        Ok(Self::new(vec![generated.cert.der().clone()], key))
+    }
+
+    pub fn from_files(cert_file: &Path, key_file: &Path) -> Result<Self, TlsError> {
+        let pem_error = |path: &Path| {
+            let path = path.display().to_string();
+            move |err: rustls_pki_types::pem::Error| TlsError::Pem {
+                path,
+                message: err.to_string(),
+            }
+        };
+        let chain = CertificateDer::pem_file_iter(cert_file)
+            .map_err(pem_error(cert_file))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pem_error(cert_file))?;
+        if chain.is_empty() {
+            return Err(TlsError::NoCertificate {
+                path: cert_file.display().to_string(),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_file(key_file).map_err(pem_error(key_file))?;
+        Ok(Self::new(chain, key))
+    }
+
+    fn new(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Self {
+        let fingerprint = chain.first().map(|leaf| fingerprint(leaf)).unwrap_or_default();
+        Self {
+            chain,
+            key,
+            fingerprint,
+        }
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// For TCP and WebSocket listeners: TLS 1.2 and 1.3.
+    pub fn stream_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        Ok(Arc::new(config))
+    }
+
+    /// For QUIC: TLS 1.3 only, ALPN `confab/1`, session tickets for 0-RTT.
+    pub fn quic_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+        // QUIC requires exactly this value when early data is enabled.
+        config.max_early_data_size = u32::MAX;
+        Ok(config)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Lowercase hex SHA-256 of a DER certificate.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    Sha256::digest(cert.as_ref())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// The server side of a TLS handshake, bounded by `timeout`; failures are logged.
+pub async fn accept(
+    config: &Arc<rustls::ServerConfig>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    timeout: Duration,
+) -> Option<TlsStream<TcpStream>> {
+    match tokio::time::timeout(timeout, TlsAcceptor::from(config.clone()).accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(err)) => {
+            tracing::info!(%peer, error = %err, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
