@@ -272,7 +272,10 @@ impl Config {
         if self.tls.mode == TlsMode::Files
             && (self.tls.cert_file.as_os_str().is_empty() || self.tls.key_file.as_os_str().is_empty())
         {
-            return invalid("tls.cert_file", "tls.mode = \"files\" needs tls.cert_file and tls.key_file");
+            return invalid(
+                "tls.cert_file",
+                "tls.mode = \"files\" needs tls.cert_file and tls.key_file",
+            );
         }
         if !self.websocket.path.starts_with('/') {
             return invalid("websocket.path", "must start with /");

@@ -54,19 +54,21 @@ fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
         let server = Server::start(config)?;
         // A machine-readable line for scripts and tests that start the binary.
         let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "listening on {}", server.local_addr())?;
+        // One write, so a reader that stops after the first line loses nothing.
+        let mut lines = format!("listening on {}\n", server.local_addr());
         if let Some(addr) = server.websocket_addr() {
-            writeln!(stdout, "websocket on {addr}")?;
+            lines += &format!("websocket on {addr}\n");
         }
         if let Some(addr) = server.quic_addr() {
-            writeln!(stdout, "quic on {addr}")?;
+            lines += &format!("quic on {addr}\n");
         }
         if let Some(fingerprint) = server.tls_fingerprint() {
-            writeln!(stdout, "tls certificate sha256 {fingerprint}")?;
+            lines += &format!("tls certificate sha256 {fingerprint}\n");
         }
         if let Some(fingerprint) = server.quic_fingerprint() {
-            writeln!(stdout, "quic certificate sha256 {fingerprint}")?;
+            lines += &format!("quic certificate sha256 {fingerprint}\n");
         }
+        stdout.write_all(lines.as_bytes())?;
         stdout.flush()?;
         drop(stdout);
         shutdown_signal().await?;

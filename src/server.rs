@@ -5,11 +5,11 @@
 use crate::auth::{Accounts, HashError, KeyError, PasswordHasher, TokenSigner};
 use crate::config::{Config, StoreBackend};
 use crate::shard::{self, Listeners, Mesh, NodeContext, ShardId, ShardStart};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{Store, StoreError};
 use crate::transport::bind_reuseport;
 use crate::transport::quic::QuicListener;
 use crate::transport::tls::{Identity, TlsError};
-use crate::store::embedded::EmbeddedStore;
-use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, oneshot};
@@ -80,7 +80,11 @@ impl Server {
             false => None,
         };
         let websocket_addr = match &websocket {
-            Some(listeners) => Some(listeners[0].local_addr().map_err(io_error("reading the bound address"))?),
+            Some(listeners) => Some(
+                listeners[0]
+                    .local_addr()
+                    .map_err(io_error("reading the bound address"))?,
+            ),
             None => None,
         };
         let identity = Identity::from_config(&config.tls)?;
@@ -146,7 +150,8 @@ impl Server {
                 .map_err(io_error("building a shard runtime"))?;
             let listeners = {
                 let _entered = runtime.enter();
-                let register = |listener| tokio::net::TcpListener::from_std(listener).map_err(io_error("registering a listener"));
+                let register =
+                    |listener| tokio::net::TcpListener::from_std(listener).map_err(io_error("registering a listener"));
                 Listeners {
                     tcp: register(tcp)?,
                     websocket: websocket.as_mut().and_then(Iterator::next).map(register).transpose()?,

@@ -64,7 +64,9 @@ async fn tokens_and_accounts_survive_a_restart() {
     node.shutdown().await;
 
     let server = Server::start(common::config(node.dir.path(), 2, &[])).unwrap();
-    let client = Client::connect(server.local_addr()).await.unwrap();
+    let client = Client::connect(common::endpoint(&server, common::transport()))
+        .await
+        .unwrap();
     let me = client.authenticate(&login.tokens.unwrap().access_token).await.unwrap();
     assert_eq!((me.user_id, me.username.as_str()), (login.user_id, name.as_str()));
     assert_eq!(code(client.sign_up(&name, PASSWORD).await), ErrorCode::AlreadyExists);

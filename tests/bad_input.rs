@@ -11,7 +11,7 @@ use confab_client::{Client, ClientOptions, Event};
 use std::time::Duration;
 
 /// After each bad client, a fresh one can still sign up and chat.
-async fn server_still_serves(addr: std::net::SocketAddr) {
+async fn server_still_serves(addr: confab_client::Endpoint) {
     let (alice, _, _) = new_user(addr, "after").await;
     let (bob, bob_login, _) = new_user(addr, "after").await;
     let ack = alice
@@ -25,7 +25,7 @@ async fn server_still_serves(addr: std::net::SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_frame_must_be_hello() {
     let mut node = TestServer::start(2).await;
-    let mut raw = RawConnection::connect(node.addr).await;
+    let mut raw = RawConnection::connect(node.tcp).await;
     raw.send(5, Kind::Ping(proto::Ping { nonce: 1 })).await;
     assert_eq!(raw.expect_error(ErrorCode::BadRequest).await, 5);
     raw.expect_closed().await;
@@ -37,7 +37,7 @@ async fn first_frame_must_be_hello() {
 async fn wrong_protocol_version_is_refused_and_closed() {
     let mut node = TestServer::start(2).await;
     for version in [0, 2, 99] {
-        let mut raw = RawConnection::connect(node.addr).await;
+        let mut raw = RawConnection::connect(node.tcp).await;
         let reply = raw.hello(version).await;
         let Some(proto::server_frame::Kind::Error(error)) = reply.kind else {
             panic!("expected an error, got {reply:?}");
@@ -52,7 +52,7 @@ async fn wrong_protocol_version_is_refused_and_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_frame_is_refused_before_reading_it() {
     let mut node = TestServer::start(2).await;
-    let mut raw = RawConnection::connect(node.addr).await;
+    let mut raw = RawConnection::connect(node.tcp).await;
     raw.hello(ProtocolVersion::V1 as i32).await;
     // Claim 1 GiB and send nothing more: the server must answer from the prefix alone.
     raw.send_bytes(&(1u32 << 30).to_be_bytes()).await;
@@ -65,7 +65,7 @@ async fn oversized_frame_is_refused_before_reading_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_bytes_are_a_bad_request_not_a_crash() {
     let mut node = TestServer::start(2).await;
-    let mut raw = RawConnection::connect(node.addr).await;
+    let mut raw = RawConnection::connect(node.tcp).await;
     raw.hello(ProtocolVersion::V1 as i32).await;
     let mut frame = bytes::BytesMut::new();
     frame.put_u32(6);
@@ -74,7 +74,7 @@ async fn garbage_bytes_are_a_bad_request_not_a_crash() {
     raw.expect_error(ErrorCode::BadRequest).await;
     raw.expect_closed().await;
     // Random bytes before any Hello.
-    let mut raw = RawConnection::connect(node.addr).await;
+    let mut raw = RawConnection::connect(node.tcp).await;
     raw.send_bytes(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     raw.expect_error(ErrorCode::TooLarge).await;
     raw.expect_closed().await;
@@ -85,7 +85,7 @@ async fn garbage_bytes_are_a_bad_request_not_a_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_frame_is_answered_not_fatal() {
     let mut node = TestServer::start(1).await;
-    let mut raw = RawConnection::connect(node.addr).await;
+    let mut raw = RawConnection::connect(node.tcp).await;
     raw.hello(ProtocolVersion::V1 as i32).await;
     raw.send_bytes(&confab_proto::encode_frame(&proto::ClientFrame {
         request_id: 9,
@@ -252,7 +252,7 @@ async fn history_pages_never_exceed_the_frame_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_says_hello_is_timed_out() {
     let mut node = TestServer::start_with(1, &[("CONFAB_SERVER__HANDSHAKE_TIMEOUT", "300ms")]).await;
-    let mut raw = RawConnection::connect(node.addr).await;
+    let mut raw = RawConnection::connect(node.tcp).await;
     raw.expect_error(ErrorCode::Timeout).await;
     raw.expect_closed().await;
     node.shutdown().await;

@@ -24,6 +24,8 @@ impl Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
             .arg("serve")
             .env("CONFAB_SERVER__LISTEN", "127.0.0.1:0")
+            .env("CONFAB_WEBSOCKET__LISTEN", "127.0.0.1:0")
+            .env("CONFAB_QUIC__LISTEN", "127.0.0.1:0")
             .env("CONFAB_SERVER__SHARDS", "2")
             .env("CONFAB_SERVER__PIN_THREADS", "false")
             .env("CONFAB_SERVER__SHUTDOWN_GRACE", "1s")

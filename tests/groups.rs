@@ -257,7 +257,9 @@ async fn groups_survive_a_restart() {
     node.shutdown().await;
 
     let server = confab::Server::start(common::config(node.dir.path(), 2, &[])).unwrap();
-    let owner = Client::connect(server.local_addr()).await.unwrap();
+    let owner = Client::connect(common::endpoint(&server, common::transport()))
+        .await
+        .unwrap();
     owner
         .authenticate(&owner_login.tokens.unwrap().access_token)
         .await
@@ -306,7 +308,7 @@ async fn a_ten_thousand_member_room_works() {
     drop(store);
 
     let server = confab::Server::start(config).unwrap();
-    let addr = server.local_addr();
+    let addr = common::endpoint(&server, common::transport());
     let (owner, _, _) = new_user(addr, "host").await;
     let (listener, listener_login, _) = new_user(addr, "listener").await;
     let mut everyone = members.clone();

@@ -64,7 +64,9 @@ async fn a_retried_send_returns_the_original_ack_and_is_stored_once() {
     // After a restart the original acks still come back.
     node.shutdown().await;
     let server = Server::start(common::config(node.dir.path(), 2, &[])).unwrap();
-    let alice = Client::connect(server.local_addr()).await.unwrap();
+    let alice = Client::connect(common::endpoint(&server, common::transport()))
+        .await
+        .unwrap();
     alice
         .authenticate(&alice_login.tokens.unwrap().access_token)
         .await

@@ -21,12 +21,16 @@ async fn a_peer_that_stops_reading_is_cut_off_and_nobody_else_waits() {
         ],
     )
     .await;
-    let (alice, _, _) = new_user(node.addr, "flood").await;
-    let (bob, bob_login, bob_name) = new_user(node.addr, "stall").await;
+    // Over TCP whatever the run's transport: the 8-frame queue is sized for
+    // socket buffers, and a fresh QUIC connection's congestion window would make
+    // even a prompt reader look slow under this burst.
+    let tcp = confab_client::Endpoint::tcp(node.tcp);
+    let (alice, _, _) = new_user(tcp, "flood").await;
+    let (bob, bob_login, bob_name) = new_user(tcp, "stall").await;
     drop(bob);
     // Bob's phone reads normally; his stalled laptop authenticates, then never reads.
-    let (phone, _) = second_device(node.addr, &bob_name).await;
-    let mut stalled = RawConnection::connect(node.addr).await;
+    let (phone, _) = second_device(tcp, &bob_name).await;
+    let mut stalled = RawConnection::connect(node.tcp).await;
     stalled.hello(ProtocolVersion::V1 as i32).await;
     stalled
         .send(
@@ -71,7 +75,7 @@ async fn the_connection_limit_holds_new_connections_until_one_closes() {
     let mut node = TestServer::start_with(1, &[("CONFAB_SERVER__MAX_CONNECTIONS", "2")]).await;
     let first = Client::connect(node.addr).await.unwrap();
     let _second = Client::connect(node.addr).await.unwrap();
-    let mut third = RawConnection::connect(node.addr).await;
+    let mut third = RawConnection::connect(node.tcp).await;
     third
         .send(
             1,

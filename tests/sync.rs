@@ -293,7 +293,9 @@ async fn sync_after_a_restart_returns_everything_acknowledged() {
     node.shutdown().await;
 
     let server = confab::Server::start(common::config(node.dir.path(), 2, &[])).unwrap();
-    let alice = Client::connect(server.local_addr()).await.unwrap();
+    let alice = Client::connect(common::endpoint(&server, common::transport()))
+        .await
+        .unwrap();
     alice
         .authenticate(&alice_login.tokens.unwrap().access_token)
         .await

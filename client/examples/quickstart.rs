@@ -7,12 +7,17 @@ use confab_client::Client;
 
 #[tokio::main]
 async fn main() -> Result<(), confab_client::ClientError> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:7300".into());
-    let alice = Client::connect(addr.as_str()).await?;
+    // e.g. 127.0.0.1:7300, ws://127.0.0.1:7380 or quic://127.0.0.1:7300#<certificate sha256>
+    let server: confab_client::Endpoint = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:7300".into())
+        .parse()
+        .map_err(confab_client::ClientError::Transport)?;
+    let alice = Client::connect(server).await?;
     alice
         .register_and_authenticate("alice", "correct horse", "laptop")
         .await?;
-    let bob = Client::connect(addr.as_str()).await?;
+    let bob = Client::connect(server).await?;
     let bob_login = bob.register_and_authenticate("bob", "battery staple", "phone").await?;
 
     let ack = alice.send_direct(bob_login.user_id, "msg-1", "hi bob!").await?;

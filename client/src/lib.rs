@@ -1,4 +1,5 @@
-//! Async Rust client for the confab chat protocol (v1, TCP transport).
+//! Async Rust client for the confab chat protocol (v1) over TCP, TLS, WebSocket
+//! or QUIC (see [`Endpoint`]).
 //!
 //! Used by the integration tests, the load generator and future mobile bindings.
 //! One [`Client`] is one connection: it performs the `Hello` handshake, pings at the
@@ -8,7 +9,8 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), confab_client::ClientError> {
-//! let client = confab_client::Client::connect("127.0.0.1:7300").await?;
+//! let server: confab_client::Endpoint = "127.0.0.1:7300".parse().map_err(confab_client::ClientError::Transport)?;
+//! let client = confab_client::Client::connect(server).await?;
 //! client.sign_up("alice", "correct horse").await?;
 //! let login = client.log_in("alice", "correct horse", "laptop").await?;
 //! client.authenticate(&login.tokens.unwrap_or_default().access_token).await?;
@@ -18,7 +20,11 @@
 //! # Ok(()) }
 //! ```
 
-use bytes::{Bytes, BytesMut};
+mod transport;
+
+pub use transport::{DEFAULT_WEBSOCKET_PATH, Endpoint, QUIC_ALPN, Transport, parse_fingerprint};
+
+use bytes::Bytes;
 use confab_proto::v1::{
     self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref, server_frame,
 };
@@ -27,10 +33,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
+use transport::{FrameReader, FrameWriter, QuicHandles};
 
 pub use confab_proto::v1 as proto;
 
@@ -50,6 +54,8 @@ pub enum ClientError {
     Unexpected(String),
     #[error("connection closed")]
     Closed,
+    #[error("{0}")]
+    Transport(String),
 }
 
 impl ClientError {
@@ -84,6 +90,10 @@ pub struct ClientOptions {
     /// Local address to connect from (e.g. one of 127.0.0.x, to use more than one
     /// address's ephemeral ports); `None` lets the OS choose.
     pub local_ip: Option<std::net::IpAddr>,
+    /// Name the TLS certificate is checked against (SNI).
+    pub tls_server_name: String,
+    /// Path of the server's WebSocket endpoint.
+    pub websocket_path: String,
 }
 
 impl Default for ClientOptions {
@@ -92,6 +102,8 @@ impl Default for ClientOptions {
             client_name: "confab-client".into(),
             heartbeat: true,
             local_ip: None,
+            tls_server_name: "localhost".into(),
+            websocket_path: DEFAULT_WEBSOCKET_PATH.into(),
         }
     }
 }
@@ -107,29 +119,23 @@ pub struct Client {
     events: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
     welcome: v1::Welcome,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    quic: Option<QuicHandles>,
+    zero_rtt_accepted: Option<bool>,
 }
 
 impl Client {
-    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Self, ClientError> {
-        Self::connect_with(addr, ClientOptions::default()).await
+    pub async fn connect(endpoint: impl Into<Endpoint>) -> Result<Self, ClientError> {
+        Self::connect_with(endpoint, ClientOptions::default()).await
     }
 
     /// Connects and completes the `Hello` handshake.
-    pub async fn connect_with(addr: impl ToSocketAddrs, options: ClientOptions) -> Result<Self, ClientError> {
-        let stream = match options.local_ip {
-            None => TcpStream::connect(addr).await?,
-            Some(local_ip) => {
-                let server = tokio::net::lookup_host(addr).await?.next().ok_or(ClientError::Closed)?;
-                let socket = match server {
-                    std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-                    std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-                };
-                socket.bind(std::net::SocketAddr::new(local_ip, 0))?;
-                socket.connect(server).await?
-            }
-        };
-        stream.set_nodelay(true)?;
-        let (mut read, mut write) = stream.into_split();
+    pub async fn connect_with(endpoint: impl Into<Endpoint>, options: ClientOptions) -> Result<Self, ClientError> {
+        let transport::Connected {
+            mut reader,
+            mut writer,
+            quic,
+            zero_rtt,
+        } = transport::connect(&endpoint.into(), &options).await?;
         let hello = ClientFrame {
             request_id: 1,
             kind: Some(client_frame::Kind::Hello(v1::Hello {
@@ -138,14 +144,21 @@ impl Client {
                 client_version: env!("CARGO_PKG_VERSION").into(),
             })),
         };
-        write.write_all(&encode_frame(&hello)).await?;
-        let mut buf = BytesMut::new();
-        let reply = read_frame(&mut read, &mut buf, &FrameDecoder::new(HANDSHAKE_MAX_FRAME))
-            .await?
-            .ok_or(ClientError::Closed)?;
-        let welcome = match reply.kind {
-            Some(server_frame::Kind::Welcome(welcome)) => welcome,
-            other => return Err(unexpected_or_error(other)),
+        let hello = encode_frame(&hello);
+        let (welcome, zero_rtt_accepted) = match zero_rtt {
+            None => (handshake(&mut reader, &mut writer, hello).await?, None),
+            Some(accepted) => match handshake(&mut reader, &mut writer, hello.clone()).await {
+                Ok(welcome) => (welcome, Some(accepted.await)),
+                // The server refused the early data (e.g. it forgot the ticket):
+                // the stream is gone, so say Hello again on a fresh one.
+                Err(first) => match (accepted.await, &quic) {
+                    (false, Some(quic)) => {
+                        (reader, writer) = transport::reopen_quic_stream(quic).await?;
+                        (handshake(&mut reader, &mut writer, hello).await?, Some(false))
+                    }
+                    _ => return Err(first),
+                },
+            },
         };
         let limits = welcome.limits.unwrap_or_default();
         let decoder = FrameDecoder::new(limits.max_frame_bytes as usize);
@@ -154,8 +167,8 @@ impl Client {
         let (outbound, queued) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
         let mut tasks = vec![
-            tokio::spawn(write_frames(write, queued)),
-            tokio::spawn(read_frames(read, buf, decoder, pending.clone(), event_tx)),
+            tokio::spawn(write_frames(writer, queued)),
+            tokio::spawn(read_frames(reader, decoder, pending.clone(), event_tx)),
         ];
         if options.heartbeat && limits.heartbeat_interval_ms > 0 {
             let interval = Duration::from_millis(u64::from(limits.heartbeat_interval_ms));
@@ -168,7 +181,29 @@ impl Client {
             events: tokio::sync::Mutex::new(events),
             welcome,
             tasks,
+            quic,
+            zero_rtt_accepted,
         })
+    }
+
+    /// QUIC only: whether the handshake went out as 0-RTT and the server accepted
+    /// it (`None`: no 0-RTT was attempted, e.g. on a first connection).
+    pub fn zero_rtt_accepted(&self) -> Option<bool> {
+        self.zero_rtt_accepted
+    }
+
+    /// QUIC only: moves the connection to a new local UDP socket, as when a phone
+    /// changes networks; the session carries on.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> Result<(), ClientError> {
+        match &self.quic {
+            Some(quic) => Ok(quic.endpoint.rebind(socket)?),
+            None => Err(ClientError::Transport("rebind needs the QUIC transport".into())),
+        }
+    }
+
+    /// QUIC only: the address the server currently sees for this client.
+    pub fn quic_local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.quic.as_ref().and_then(|quic| quic.endpoint.local_addr().ok())
     }
 
     /// What the server said in its handshake reply.
@@ -622,33 +657,37 @@ impl Drop for Client {
         for task in &self.tasks {
             task.abort();
         }
+        if let Some(quic) = &self.quic {
+            quic.connection.close(quinn::VarInt::from_u32(0), b"client closed");
+        }
     }
 }
 
-async fn read_frame(
-    read: &mut OwnedReadHalf,
-    buf: &mut BytesMut,
-    decoder: &FrameDecoder,
-) -> Result<Option<ServerFrame>, ClientError> {
-    loop {
-        if let Some(frame) = decoder.decode::<ServerFrame>(buf)? {
-            return Ok(Some(frame));
-        }
-        if read.read_buf(buf).await? == 0 {
-            return Ok(None);
-        }
+/// Sends the encoded `Hello` and reads the `Welcome`.
+async fn handshake(
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    hello: Bytes,
+) -> Result<v1::Welcome, ClientError> {
+    writer.write(hello).await?;
+    let reply = reader
+        .next(&FrameDecoder::new(HANDSHAKE_MAX_FRAME))
+        .await?
+        .ok_or(ClientError::Closed)?;
+    match reply.kind {
+        Some(server_frame::Kind::Welcome(welcome)) => Ok(welcome),
+        other => Err(unexpected_or_error(other)),
     }
 }
 
 async fn read_frames(
-    mut read: OwnedReadHalf,
-    mut buf: BytesMut,
+    mut reader: FrameReader,
     decoder: FrameDecoder,
     pending: Pending,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let mut close_reason = None;
-    while let Ok(Some(frame)) = read_frame(&mut read, &mut buf, &decoder).await {
+    while let Ok(Some(frame)) = reader.next(&decoder).await {
         if frame.request_id != 0 {
             let waiter = pending
                 .lock()
@@ -680,13 +719,13 @@ async fn read_frames(
     let _ = events.send(Event::Closed(close_reason));
 }
 
-async fn write_frames(mut write: OwnedWriteHalf, mut queued: mpsc::UnboundedReceiver<Bytes>) {
+async fn write_frames(mut writer: FrameWriter, mut queued: mpsc::UnboundedReceiver<Bytes>) {
     while let Some(frame) = queued.recv().await {
-        if write.write_all(&frame).await.is_err() {
+        if writer.write(frame).await.is_err() {
             return;
         }
     }
-    let _ = write.shutdown().await;
+    writer.shutdown().await;
 }
 
 async fn heartbeat(outbound: mpsc::UnboundedSender<Bytes>, interval: Duration) {

@@ -4,7 +4,7 @@
 use crate::setup;
 use crate::stats::{Latency, Percentiles};
 use anyhow::Context as _;
-use confab_client::{Client, ClientOptions};
+use confab_client::{Client, ClientOptions, Endpoint};
 use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -69,7 +69,7 @@ impl ConnectReport {
 }
 
 pub async fn run(
-    server: SocketAddr,
+    server: Endpoint,
     storm: Storm,
     server_pid: Option<u32>,
     parameters: serde_json::Value,
@@ -96,7 +96,7 @@ pub async fn run(
             .map(|index| {
                 let token = tokens[index % tokens.len()].clone();
                 let intended = batch_start + Duration::from_secs_f64((index - from) as f64 / storm.rate);
-                let local_ip = source_address(server, index);
+                let local_ip = source_address(server.addr, index);
                 tokio::spawn(async move {
                     tokio::time::sleep_until(intended.into()).await;
                     let began = Instant::now();

@@ -3,7 +3,8 @@
 #![allow(clippy::print_stdout)]
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+use confab_client::{Endpoint, Transport, parse_fingerprint};
 use confab_loadgen::{connect, echo, scenario, traffic};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,9 +49,8 @@ enum Scenario {
     /// Devices go offline, messages pile up, devices reconnect (resume + Sync) and
     /// catch up; reports catch-up time per device and messages/s.
     Sync {
-        /// The server, on loopback.
-        #[arg(long, default_value = "127.0.0.1:7300")]
-        server: SocketAddr,
+        #[command(flatten)]
+        target: Target,
         #[arg(long, default_value_t = 50)]
         devices: usize,
         /// Messages waiting for each device.
@@ -62,9 +62,8 @@ enum Scenario {
     /// Opens N authenticated connections at a rate and holds them idle; reports
     /// connects/s, handshake latency and (with --server-pid) server memory per connection.
     Connect {
-        /// The server, on loopback.
-        #[arg(long, default_value = "127.0.0.1:7300")]
-        server: SocketAddr,
+        #[command(flatten)]
+        target: Target,
         #[arg(long, default_value_t = 1000)]
         connections: usize,
         /// Connects started per second.
@@ -89,20 +88,52 @@ enum Scenario {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Transport {
-    Tcp,
-    Ws,
-    Quic,
+/// Where the server is and how to reach it.
+#[derive(Debug, Args)]
+struct Target {
+    /// The server's listener for --transport, on loopback (127.0.0.0/8 or [::1]):
+    /// the TCP port for tcp/tls, the WebSocket port for ws/wss, the UDP port for quic.
+    #[arg(long, default_value = "127.0.0.1:7300")]
+    server: SocketAddr,
+    #[arg(long, value_parser = parse_transport, default_value = "tcp")]
+    transport: Transport,
+    /// SHA-256 of the server certificate (printed by `confab serve`), for tls, wss and quic.
+    #[arg(long, value_name = "HEX")]
+    cert_sha256: Option<String>,
+}
+
+impl Target {
+    /// The endpoint, refusing anything but loopback.
+    fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        if !self.server.ip().is_loopback() {
+            bail!(
+                "--server must be a loopback address (127.0.0.0/8 or [::1]); got {}",
+                self.server
+            );
+        }
+        let pinned_certificate = match &self.cert_sha256 {
+            Some(hex) => {
+                Some(parse_fingerprint(hex).with_context(|| format!("--cert-sha256 {hex:?} is not 64 hex digits"))?)
+            }
+            None if self.transport.uses_tls() => bail!("--transport {} needs --cert-sha256", self.transport.name()),
+            None => None,
+        };
+        Ok(Endpoint {
+            addr: self.server,
+            transport: self.transport,
+            pinned_certificate,
+        })
+    }
+}
+
+fn parse_transport(name: &str) -> Result<Transport, String> {
+    name.parse()
 }
 
 #[derive(Debug, Args)]
 struct Common {
-    /// The server, on loopback (127.0.0.0/8 or [::1]).
-    #[arg(long, default_value = "127.0.0.1:7300")]
-    server: SocketAddr,
-    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
-    transport: Transport,
+    #[command(flatten)]
+    target: Target,
     /// Messages per second, all senders together.
     #[arg(long, default_value_t = 1000.0)]
     rate: f64,
@@ -163,16 +194,14 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
             return Ok(true);
         }
         Scenario::Connect {
-            server,
+            target,
             connections,
             rate,
             hold,
             server_pid,
             json,
         } => {
-            if !server.ip().is_loopback() {
-                bail!("--server must be a loopback address; got {server}");
-            }
+            let server = target.endpoint()?;
             let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft);
             if connections as u64 + 100 > limit {
                 bail!("{connections} connections need more open files than this process may have ({limit})");
@@ -192,14 +221,12 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
             return Ok(report.failures == 0);
         }
         Scenario::Sync {
-            server,
+            target,
             devices,
             backlog,
             json,
         } => {
-            if !server.ip().is_loopback() {
-                bail!("--server must be a loopback address; got {server}");
-            }
+            let server = target.endpoint()?;
             if (devices * backlog) as f64 > MAX_MESSAGES {
                 bail!("--devices × --backlog must be at most {MAX_MESSAGES} messages");
             }
@@ -207,10 +234,10 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
             (scenario::sync(server, devices, backlog, parameters).await?, json)
         }
         Scenario::Direct { common, pairs } => {
-            check_common(&common)?;
+            let server = check_common(&common)?;
             let parameters = serde_json::json!({ "pairs": pairs, "rate": common.rate, "duration_s": common.duration.as_secs_f64(), "body_bytes": common.body_bytes });
             let report = scenario::direct(
-                common.server,
+                server,
                 pairs,
                 load(&common),
                 mode(&common),
@@ -226,7 +253,7 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
             members,
             senders,
         } => {
-            check_common(&common)?;
+            let server = check_common(&common)?;
             if senders > members || members < 2 {
                 bail!("--senders must be at most --members, and a group needs 2 members");
             }
@@ -237,7 +264,7 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
                 senders,
             };
             let report = scenario::group(
-                common.server,
+                server,
                 shape,
                 load(&common),
                 mode(&common),
@@ -275,21 +302,13 @@ fn mode(common: &Common) -> scenario::Mode {
     }
 }
 
-fn check_common(common: &Common) -> anyhow::Result<()> {
-    if common.transport != Transport::Tcp {
-        bail!("--transport {:?} is not supported yet; use tcp", common.transport);
-    }
-    if !common.server.ip().is_loopback() {
-        bail!(
-            "--server must be a loopback address (127.0.0.0/8 or [::1]); got {}",
-            common.server
-        );
-    }
+fn check_common(common: &Common) -> anyhow::Result<Endpoint> {
+    let server = common.target.endpoint()?;
     let messages = common.rate * common.duration.as_secs_f64();
     if !(1.0..=MAX_MESSAGES).contains(&messages) {
         bail!("--rate × --duration must be between 1 and {MAX_MESSAGES} messages");
     }
-    Ok(())
+    Ok(server)
 }
 
 /// Many connections need many descriptors: use the hard limit.

@@ -8,8 +8,8 @@ use crate::setup::{self, Member};
 use crate::stats::{self, Report};
 use crate::traffic::{self, Flow, Load, Outcome};
 use anyhow::Context as _;
+use confab_client::Endpoint;
 use confab_client::proto::conversation_ref::Target;
-use std::net::SocketAddr;
 
 /// Bytes a Send frame adds to its body (prefix, ids, field tags), for the echo
 /// baseline's frame size.
@@ -17,7 +17,7 @@ pub const FRAME_OVERHEAD_BYTES: usize = 32;
 
 /// Pairs of users, each sending to the other.
 pub async fn direct(
-    server: SocketAddr,
+    server: Endpoint,
     pairs: usize,
     load: Load,
     mode: Mode,
@@ -47,7 +47,7 @@ pub struct GroupShape {
 
 /// Groups whose first members send to everyone else.
 pub async fn group(
-    server: SocketAddr,
+    server: Endpoint,
     shape: GroupShape,
     load: Load,
     mode: Mode,
@@ -189,7 +189,7 @@ fn finish(
 /// reconnects at once, resumes, and syncs until it has everything. Reports the
 /// catch-up time per device and the catch-up rate over all of them.
 pub async fn sync(
-    server: SocketAddr,
+    server: Endpoint,
     devices: usize,
     backlog: usize,
     parameters: serde_json::Value,

@@ -3,7 +3,7 @@
 use crate::check::Device;
 use anyhow::Context as _;
 use confab_client::Client;
-use std::net::SocketAddr;
+use confab_client::Endpoint;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
@@ -22,7 +22,7 @@ pub struct Member {
 
 /// Signs up `count` fresh users (names unique to this run), logs each in and
 /// authenticates one connection per user.
-pub async fn members(server: SocketAddr, count: usize) -> anyhow::Result<Vec<Member>> {
+pub async fn members(server: Endpoint, count: usize) -> anyhow::Result<Vec<Member>> {
     let run: u32 = rand_suffix();
     let permits = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
     let setups = (0..count).map(|index| {

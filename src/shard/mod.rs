@@ -31,12 +31,12 @@ pub(crate) use mesh::ShardMsg;
 pub use outbound::Outbound;
 
 use crate::auth::Accounts;
-use crate::transport;
 use crate::chat::{Assigned, PresenceTracker, ReceiptCoalescer, Sequencer, SequencerLimits};
 use crate::config::Config;
 use crate::ids::UserId;
 use crate::protocol::SessionLimits;
 use crate::store::Store;
+use crate::transport;
 use directory::Directory;
 use mesh::AppendReply;
 use sessions::LocalSessions;

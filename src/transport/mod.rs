@@ -38,8 +38,8 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 }
 
 /// Accepts until the shard drains, handing each connection to `serve` as a task of
-/// the shard. The loop only accepts: it takes a connection-limit permit, accepts
-/// with exponential backoff on errors, and spawns; handshakes (TLS, WebSocket,
+/// the shard. The loop only accepts: it accepts (with exponential backoff on
+/// errors), takes a connection-limit permit, and spawns; handshakes (TLS, WebSocket,
 /// protocol) happen in the connection's task under its deadlines.
 pub async fn accept_loop<F, Fut>(shard: Rc<Shard>, listener: tokio::net::TcpListener, serve: F)
 where
@@ -48,13 +48,6 @@ where
 {
     let mut backoff = Duration::from_millis(5);
     loop {
-        let permit = tokio::select! {
-            permit = shard.connection_permit() => match permit {
-                Some(permit) => permit,
-                None => return,
-            },
-            () = shard.drain.cancelled() => return,
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shard.drain.cancelled() => return,
@@ -62,6 +55,15 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
+                // At the limit, this connection waits here and the loop stops
+                // accepting, so later ones wait in the kernel's backlog.
+                let permit = tokio::select! {
+                    permit = shard.connection_permit() => match permit {
+                        Some(permit) => permit,
+                        None => return,
+                    },
+                    () = shard.drain.cancelled() => return,
+                };
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(%peer, error = %err, "could not set TCP_NODELAY");
                 }

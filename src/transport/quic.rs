@@ -26,8 +26,8 @@
 use super::stream::{StreamFrames, run_connection, write_frames};
 use super::tls::Identity;
 use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
-use confab_proto::v1::{ClientFrame, client_frame::Kind};
 use confab_proto::ProstMessage as _;
+use confab_proto::v1::{ClientFrame, client_frame::Kind};
 use futures::FutureExt as _;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt, ZeroRttAccepted};
@@ -40,6 +40,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Sessions waiting to be picked up by one shard.
 pub const HANDOFF_QUEUE: usize = 1024;
+/// Bytes of one connection's pushes in flight, as a TCP socket buffer would hold.
+const SEND_WINDOW_BYTES: u64 = 8 * 1024 * 1024;
 /// How long the endpoint may take to tell peers it is closing.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -82,7 +84,8 @@ impl QuicListener {
         transport
             .max_concurrent_bidi_streams(VarInt::from_u32(1))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
-            .max_idle_timeout(Some(idle_timeout.try_into().map_err(std::io::Error::other)?));
+            .max_idle_timeout(Some(idle_timeout.try_into().map_err(std::io::Error::other)?))
+            .send_window(SEND_WINDOW_BYTES);
         let endpoint = {
             let _entered = runtime.enter();
             Endpoint::server(config, addr)?
@@ -154,7 +157,10 @@ async fn accept(
 
 /// Accepts the connection (with 0.5-RTT, so early data is read at once) and its
 /// session stream.
-async fn open_session(incoming: quinn::Incoming, permit: OwnedSemaphorePermit) -> Result<Handoff, quinn::ConnectionError> {
+async fn open_session(
+    incoming: quinn::Incoming,
+    permit: OwnedSemaphorePermit,
+) -> Result<Handoff, quinn::ConnectionError> {
     let connecting = incoming.accept()?;
     let (connection, handshake_done) = match connecting.into_0rtt() {
         Ok((connection, handshake_done)) => (connection, Some(handshake_done)),

@@ -26,8 +26,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permi
             buf: BytesMut::new(),
             decoder: FrameDecoder::new(max_frame_bytes),
         };
-        run_connection(shard, source, peer, |queued| write_then_shutdown(write, queued))
-        .await;
+        run_connection(shard, source, peer, |queued| write_then_shutdown(write, queued)).await;
         return;
     };
     let Some(stream) = super::tls::accept(&tls, stream, peer, shard.limits.handshake_timeout).await else {
@@ -35,8 +34,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permi
     };
     let (read, write) = tokio::io::split(stream);
     let source = StreamFrames::new(read, max_frame_bytes);
-    run_connection(shard, source, peer, |queued| write_then_shutdown(write, queued))
-    .await;
+    run_connection(shard, source, peer, |queued| write_then_shutdown(write, queued)).await;
 }
 
 /// Splits length-prefixed frames off a plain TCP read half.

@@ -62,6 +62,7 @@ where
         .max_message_size(Some(max_frame_bytes))
         .max_frame_size(Some(max_frame_bytes));
     let mut upgrade_token = None;
+    #[allow(clippy::result_large_err)]
     let check = |request: &Request, response: Response| check_upgrade(&shard, request, response, &mut upgrade_token);
     let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
     let socket = match tokio::time::timeout(shard.limits.handshake_timeout, upgrade).await {
@@ -84,7 +85,9 @@ where
     run_connection(shard, source, peer, |queued| write_messages(sink, queued)).await;
 }
 
-/// Decides the HTTP upgrade: path, Origin, optional `?token=`.
+/// Decides the HTTP upgrade: path, Origin, optional `?token=`. (The error type is
+/// tungstenite's callback signature.)
+#[allow(clippy::result_large_err)]
 fn check_upgrade(
     shard: &Shard,
     request: &Request,

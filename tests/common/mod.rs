@@ -1,10 +1,14 @@
 //! Test helpers: a real confab node on 127.0.0.1:0 with a fresh data dir, clients,
 //! and polling with a deadline (tests never sleep to wait for something).
+//!
+//! Clients reach the node over the transport named by `TEST_TRANSPORT`
+//! (`tcp`, the default; `ws`; `quic`; `tls`; `wss`): the test command runs the
+//! end-to-end suites once per transport.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use confab::{Config, Server};
 use confab_client::proto::LoggedIn;
-use confab_client::{Client, ClientError};
+use confab_client::{Client, ClientError, Endpoint, Transport};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +18,8 @@ use std::time::Duration;
 pub fn config(data_dir: &Path, shards: usize, overrides: &[(&str, &str)]) -> Config {
     let mut env = vec![
         ("CONFAB_SERVER__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        ("CONFAB_WEBSOCKET__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        ("CONFAB_QUIC__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
         ("CONFAB_SERVER__SHARDS".to_owned(), shards.to_string()),
         ("CONFAB_SERVER__PIN_THREADS".to_owned(), "false".to_owned()),
         ("CONFAB_SERVER__SHUTDOWN_GRACE".to_owned(), "1s".to_owned()),
@@ -26,10 +32,37 @@ pub fn config(data_dir: &Path, shards: usize, overrides: &[(&str, &str)]) -> Con
     Config::load_from(None, env).unwrap()
 }
 
+/// The transport this test run uses.
+pub fn transport() -> Transport {
+    match std::env::var("TEST_TRANSPORT") {
+        Ok(name) => name.parse().unwrap(),
+        Err(_) => Transport::Tcp,
+    }
+}
+
+/// How a client reaches `server` over `transport`.
+pub fn endpoint(server: &Server, transport: Transport) -> Endpoint {
+    let pin = |fingerprint: Option<&str>| confab_client::parse_fingerprint(fingerprint.unwrap()).unwrap();
+    match transport {
+        Transport::Tcp => Endpoint::tcp(server.local_addr()),
+        Transport::WebSocket => Endpoint::websocket(server.websocket_addr().unwrap()),
+        Transport::Tls => Endpoint::pinned(server.local_addr(), transport, pin(server.tls_fingerprint())),
+        Transport::WebSocketTls => Endpoint::pinned(
+            server.websocket_addr().unwrap(),
+            transport,
+            pin(server.tls_fingerprint()),
+        ),
+        Transport::Quic => Endpoint::pinned(server.quic_addr().unwrap(), transport, pin(server.quic_fingerprint())),
+    }
+}
+
 /// A running in-process node and the temp dir it owns.
 pub struct TestServer {
     pub server: Option<Server>,
-    pub addr: SocketAddr,
+    /// Where clients connect, over this run's transport.
+    pub addr: Endpoint,
+    /// The plain TCP listener, for raw-socket tests.
+    pub tcp: SocketAddr,
     pub dir: tempfile::TempDir,
 }
 
@@ -40,11 +73,16 @@ impl TestServer {
 
     pub async fn start_with(shards: usize, overrides: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let server = Server::start(config(dir.path(), shards, overrides)).unwrap();
-        let addr = server.local_addr();
+        let transport = transport();
+        let mut overrides = overrides.to_vec();
+        if matches!(transport, Transport::Tls | Transport::WebSocketTls) {
+            overrides.push(("CONFAB_TLS__MODE", "self-signed"));
+        }
+        let server = Server::start(config(dir.path(), shards, &overrides)).unwrap();
         Self {
+            addr: endpoint(&server, transport),
+            tcp: server.local_addr(),
             server: Some(server),
-            addr,
             dir,
         }
     }
@@ -76,7 +114,7 @@ fn rand_suffix() -> u32 {
 pub const PASSWORD: &str = "correct horse battery";
 
 /// A connected, authenticated client for a new user named like `prefix`.
-pub async fn new_user(addr: SocketAddr, prefix: &str) -> (Client, LoggedIn, String) {
+pub async fn new_user(addr: Endpoint, prefix: &str) -> (Client, LoggedIn, String) {
     let name = unique_name(prefix);
     let client = Client::connect(addr).await.unwrap();
     let login = client
@@ -87,7 +125,7 @@ pub async fn new_user(addr: SocketAddr, prefix: &str) -> (Client, LoggedIn, Stri
 }
 
 /// Another device of an existing user, connected and authenticated.
-pub async fn second_device(addr: SocketAddr, name: &str) -> (Client, LoggedIn) {
+pub async fn second_device(addr: Endpoint, name: &str) -> (Client, LoggedIn) {
     let client = Client::connect(addr).await.unwrap();
     let login = client.log_in(name, PASSWORD, "second-device").await.unwrap();
     client
