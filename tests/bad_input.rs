@@ -5,22 +5,10 @@
 mod common;
 
 use bytes::BufMut as _;
-use common::{PASSWORD, RawConnection, TestServer, code, new_user, unique_name, within};
+use common::{PASSWORD, RawConnection, TestServer, code, new_user, server_still_serves, unique_name, within};
 use confab_client::proto::{self, ErrorCode, ProtocolVersion, client_frame::Kind, conversation_ref::Target};
 use confab_client::{Client, ClientOptions, Event};
 use std::time::Duration;
-
-/// After each bad client, a fresh one can still sign up and chat.
-async fn server_still_serves(addr: confab_client::Endpoint) {
-    let (alice, _, _) = new_user(addr, "after").await;
-    let (bob, bob_login, _) = new_user(addr, "after").await;
-    let ack = alice
-        .send_direct(bob_login.user_id, "still-up", "still up")
-        .await
-        .unwrap();
-    let message = within(Duration::from_secs(10), bob.next_message()).await.unwrap();
-    assert_eq!((message.seq, message.body.as_str()), (ack.seq, "still up"));
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_frame_must_be_hello() {

@@ -22,7 +22,7 @@
 
 mod transport;
 
-pub use transport::{DEFAULT_WEBSOCKET_PATH, Endpoint, QUIC_ALPN, Transport, parse_fingerprint};
+pub use transport::{DEFAULT_WEBSOCKET_PATH, Endpoint, QUIC_ALPN, Transport, parse_fingerprint, pinned_tls_config};
 
 use bytes::Bytes;
 use confab_proto::v1::{

@@ -199,7 +199,7 @@ pub(crate) async fn connect(endpoint: &Endpoint, options: &ClientOptions) -> Res
     }
     let stream = connect_tcp(endpoint.addr, options).await?;
     let stream: Box<dyn Io> = if endpoint.transport.uses_tls() {
-        let connector = tokio_rustls::TlsConnector::from(tls_config(endpoint, options)?);
+        let connector = tokio_rustls::TlsConnector::from(tls_config(endpoint)?);
         Box::new(connector.connect(server_name(options)?, stream).await?)
     } else {
         Box::new(stream)
@@ -262,8 +262,8 @@ async fn connect_quic(endpoint: &Endpoint, options: &ClientOptions) -> Result<Co
         (None, SocketAddr::V6(_)) => SocketAddr::from(([0u16; 8], 0)),
     };
     let mut quic_endpoint = quinn::Endpoint::client(local)?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls_config(endpoint, options)?)
-        .map_err(|err| quic_error(&err))?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls_config(endpoint)?).map_err(|err| quic_error(&err))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     // Windows in the range TCP autotuning reaches on loopback, so a burst of
     // pushes is not throttled by flow control before the reader sees it.
@@ -322,7 +322,7 @@ type ConfigCache = HashMap<([u8; 32], bool), Arc<rustls::ClientConfig>>;
 
 /// One rustls config per (pin, transport) for the whole process, so session
 /// tickets from one connection let the next resume (QUIC 0-RTT).
-fn tls_config(endpoint: &Endpoint, _options: &ClientOptions) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+fn tls_config(endpoint: &Endpoint) -> Result<Arc<rustls::ClientConfig>, ClientError> {
     static CONFIGS: OnceLock<Mutex<ConfigCache>> = OnceLock::new();
     let pin = endpoint
         .pinned_certificate
@@ -335,6 +335,18 @@ fn tls_config(endpoint: &Endpoint, _options: &ClientOptions) -> Result<Arc<rustl
     if let Some(config) = configs.get(&(pin, quic)) {
         return Ok(config.clone());
     }
+    let config = match quic {
+        true => pinned_tls_config(pin, &[QUIC_ALPN])?,
+        false => pinned_tls_config(pin, &[])?,
+    };
+    configs.insert((pin, quic), config.clone());
+    Ok(config)
+}
+
+/// A rustls client config trusting only the certificate with SHA-256 `pin`,
+/// offering `alpn` (QUIC: TLS 1.3 with early data when `alpn` is non-empty).
+pub fn pinned_tls_config(pin: [u8; 32], alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    let quic = !alpn.is_empty();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone());
     let builder = if quic {
@@ -347,13 +359,9 @@ fn tls_config(endpoint: &Endpoint, _options: &ClientOptions) -> Result<Arc<rustl
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCertificate { sha256: pin, provider }))
         .with_no_client_auth();
-    if quic {
-        config.alpn_protocols = vec![QUIC_ALPN.to_vec()];
-        config.enable_early_data = true;
-    }
-    let config = Arc::new(config);
-    configs.insert((pin, quic), config.clone());
-    Ok(config)
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    config.enable_early_data = quic;
+    Ok(Arc::new(config))
 }
 
 /// Trusts exactly one certificate, by its SHA-256; signatures are still checked.

@@ -232,6 +232,16 @@ impl RawConnection {
         }
     }
 
+    /// Every byte until the server closes (bounded by a deadline).
+    pub async fn read_to_end(&mut self) -> Vec<u8> {
+        use tokio::io::AsyncReadExt as _;
+        let mut bytes = Vec::new();
+        within(Duration::from_secs(10), self.stream.read_to_end(&mut bytes))
+            .await
+            .unwrap();
+        bytes
+    }
+
     /// Asserts the server closes the connection (after any frames already sent).
     pub async fn expect_closed(&mut self) {
         while let Some(frame) = self.recv().await {
@@ -253,4 +263,16 @@ pub async fn send_pipelined(client: &Client, user_id: u64, count: usize) -> Vec<
         .into_iter()
         .map(Result::unwrap)
         .collect()
+}
+
+/// After each bad client, a fresh one can still sign up and chat.
+pub async fn server_still_serves(addr: confab_client::Endpoint) {
+    let (alice, _, _) = new_user(addr, "after").await;
+    let (bob, bob_login, _) = new_user(addr, "after").await;
+    let ack = alice
+        .send_direct(bob_login.user_id, "still-up", "still up")
+        .await
+        .unwrap();
+    let message = within(Duration::from_secs(10), bob.next_message()).await.unwrap();
+    assert_eq!((message.seq, message.body.as_str()), (ack.seq, "still up"));
 }

@@ -1,0 +1,327 @@
+//! What differs between transports: a group mixing TCP, WebSocket and QUIC users;
+//! QUIC migration and 0-RTT; TLS with a pinned self-signed certificate; and bad
+//! input specific to each transport (text WebSocket messages, oversized messages,
+//! foreign origins, wrong ALPN, garbage on the QUIC stream).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{TestServer, endpoint, new_user, within};
+use confab_client::proto::{ErrorCode, conversation_ref::Target, server_frame};
+use confab_client::{Client, ClientError, Endpoint, Transport, parse_fingerprint};
+use confab_proto::ProstMessage as _;
+use futures::{SinkExt as _, StreamExt as _};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn group(id: &str) -> Target {
+    Target::ConversationId(id.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_websocket_and_quic_users_share_a_group_in_order() {
+    let mut node = TestServer::start(2).await;
+    let server = node.server.as_ref().unwrap();
+    let (tcp, _, _) = new_user(endpoint(server, Transport::Tcp), "tcp").await;
+    let (ws, ws_login, _) = new_user(endpoint(server, Transport::WebSocket), "ws").await;
+    let (quic, quic_login, _) = new_user(endpoint(server, Transport::Quic), "quic").await;
+    let created = tcp
+        .create_group("g", "mixed", &[ws_login.user_id, quic_login.user_id])
+        .await
+        .unwrap();
+    let id = created.conversation_id;
+    const EACH: usize = 30;
+    let clients = [("tcp", &tcp), ("ws", &ws), ("quic", &quic)];
+    // Seqs each client was acknowledged (the creator also owns seq 1).
+    let mut own: Vec<Vec<u64>> = vec![vec![created.seq], vec![], vec![]];
+    for round in 0..EACH {
+        for (index, (name, client)) in clients.iter().enumerate() {
+            let ack = client
+                .send(group(&id), &format!("{name}-{round}"), &format!("{name} {round}"))
+                .await
+                .unwrap();
+            own[index].push(ack.seq);
+        }
+    }
+    // A device is pushed everyone else's messages, each once, in seq order.
+    let total = (1 + 3 * EACH) as u64;
+    for (index, (name, client)) in clients.iter().enumerate() {
+        let expected: Vec<u64> = (1..=total).filter(|seq| !own[index].contains(seq)).collect();
+        let mut seqs = Vec::new();
+        while seqs.len() < expected.len() {
+            seqs.push(within(WAIT, client.next_message()).await.unwrap().seq);
+        }
+        assert_eq!(seqs, expected, "{name}");
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_client_that_changes_address_keeps_its_session() {
+    let mut node = TestServer::start(2).await;
+    let server = node.server.as_ref().unwrap();
+    let (sender, sender_login, _) = new_user(endpoint(server, Transport::Tcp), "sender").await;
+    let (phone, phone_login, _) = new_user(endpoint(server, Transport::Quic), "phone").await;
+    let before = phone.quic_local_addr().unwrap();
+    for i in 0..20 {
+        sender
+            .send_direct(phone_login.user_id, &format!("a{i}"), "before")
+            .await
+            .unwrap();
+        if i == 9 {
+            // The phone moves to another network mid-conversation.
+            phone.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        }
+    }
+    assert_ne!(phone.quic_local_addr().unwrap(), before, "the socket moved");
+    for expected in 1..=20 {
+        let message = within(WAIT, phone.next_message()).await.unwrap();
+        assert_eq!(message.seq, expected);
+    }
+    // And it can still send on the same session.
+    phone.send_direct(sender_login.user_id, "after", "hi").await.unwrap();
+    assert_eq!(within(WAIT, sender.next_message()).await.unwrap().body, "hi");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_quic_client_resumes_with_0rtt() {
+    let mut node = TestServer::start(1).await;
+    let quic = endpoint(node.server.as_ref().unwrap(), Transport::Quic);
+    let first = Client::connect(quic).await.unwrap();
+    assert_eq!(first.zero_rtt_accepted(), None, "a first connection has no ticket");
+    // A round trip after the handshake: the session ticket has arrived.
+    first.ping(7).await.unwrap();
+    let second = Client::connect(quic).await.unwrap();
+    assert_eq!(
+        second.zero_rtt_accepted(),
+        Some(true),
+        "Hello went out as accepted 0-RTT"
+    );
+    assert_eq!(second.ping(8).await.unwrap(), 8);
+    node.shutdown().await;
+}
+
+/// A node with `tls.mode = "self-signed"` and its pinned endpoints.
+async fn tls_node() -> (TestServer, [u8; 32]) {
+    let node = TestServer::start_with(1, &[("CONFAB_TLS__MODE", "self-signed")]).await;
+    let pin = parse_fingerprint(node.server.as_ref().unwrap().tls_fingerprint().unwrap()).unwrap();
+    (node, pin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_wss_clients_with_the_pinned_certificate_chat() {
+    let (mut node, pin) = tls_node().await;
+    let server = node.server.as_ref().unwrap();
+    let tls = Endpoint::pinned(server.local_addr(), Transport::Tls, pin);
+    let wss = Endpoint::pinned(server.websocket_addr().unwrap(), Transport::WebSocketTls, pin);
+    let (alice, _, _) = new_user(tls, "tls").await;
+    let (bob, bob_login, _) = new_user(wss, "wss").await;
+    let ack = alice.send_direct(bob_login.user_id, "m1", "over TLS").await.unwrap();
+    let message = within(WAIT, bob.next_message()).await.unwrap();
+    assert_eq!((message.seq, message.body.as_str()), (ack.seq, "over TLS"));
+
+    // The wrong pin is refused by the client, before any protocol byte.
+    let wrong = Endpoint::pinned(server.local_addr(), Transport::Tls, [7; 32]);
+    assert!(matches!(Client::connect(wrong).await, Err(ClientError::Io(_))));
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_client_on_a_tls_port_fails_cleanly_and_others_go_on() {
+    let (mut node, pin) = tls_node().await;
+    let server = node.server.as_ref().unwrap();
+    let mut raw = common::RawConnection::connect(server.local_addr()).await;
+    raw.send_bytes(&confab_proto::encode_frame(
+        &confab_client::proto::ClientFrame::default(),
+    ))
+    .await;
+    let reply = raw.read_to_end().await;
+    assert_eq!(reply.first(), Some(&0x15), "a TLS alert record, then close: {reply:?}");
+    let (alice, _, _) = new_user(Endpoint::pinned(server.local_addr(), Transport::Tls, pin), "after").await;
+    alice.ping(1).await.unwrap();
+    node.shutdown().await;
+}
+
+type RawWebSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn raw_websocket(
+    node: &TestServer,
+    path_and_query: &str,
+    origin: Option<&str>,
+) -> Result<RawWebSocket, tungstenite::Error> {
+    let addr = node.server.as_ref().unwrap().websocket_addr().unwrap();
+    let mut request =
+        tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{addr}{path_and_query}"))?;
+    if let Some(origin) = origin {
+        request.headers_mut().insert("origin", origin.parse().unwrap());
+    }
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (socket, _) = tokio_tungstenite::client_async(request, stream).await?;
+    Ok(socket)
+}
+
+fn hello() -> Message {
+    let frame = confab_client::proto::ClientFrame {
+        request_id: 1,
+        kind: Some(confab_client::proto::client_frame::Kind::Hello(
+            confab_client::proto::Hello {
+                protocol_version: confab_client::proto::ProtocolVersion::V1 as i32,
+                client_name: "raw-ws".into(),
+                client_version: "0".into(),
+            },
+        )),
+    };
+    Message::Binary(frame.encode_to_vec().into())
+}
+
+/// Frames until the server's Close; returns the error frames seen and the close code.
+async fn until_close(socket: &mut RawWebSocket) -> (Vec<confab_client::proto::Error>, Option<CloseCode>) {
+    let mut errors = Vec::new();
+    loop {
+        match within(WAIT, socket.next()).await {
+            Some(Ok(Message::Binary(payload))) => {
+                let frame = confab_client::proto::ServerFrame::decode(payload).unwrap();
+                if let Some(server_frame::Kind::Error(error)) = frame.kind {
+                    errors.push(error);
+                }
+            }
+            Some(Ok(Message::Close(close))) => return (errors, close.map(|close| close.code)),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (errors, None),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_text_and_oversized_messages_close_with_their_codes() {
+    let mut node = TestServer::start(1).await;
+    let mut text = raw_websocket(&node, "/v1/ws", None).await.unwrap();
+    text.send(hello()).await.unwrap();
+    text.send(Message::Text("{\"hello\":1}".into())).await.unwrap();
+    let (errors, code) = until_close(&mut text).await;
+    assert_eq!(code, Some(CloseCode::Unsupported));
+    assert!(
+        errors.iter().any(|error| error.code == ErrorCode::BadRequest as i32),
+        "{errors:?}"
+    );
+
+    let mut big = raw_websocket(&node, "/v1/ws", None).await.unwrap();
+    big.send(hello()).await.unwrap();
+    big.send(Message::Binary(vec![0u8; 300 * 1024].into())).await.unwrap();
+    let (errors, code) = until_close(&mut big).await;
+    assert_eq!(code, Some(CloseCode::Size));
+    assert!(
+        errors.iter().any(|error| error.code == ErrorCode::TooLarge as i32),
+        "{errors:?}"
+    );
+
+    let mut garbage = raw_websocket(&node, "/v1/ws", None).await.unwrap();
+    garbage.send(Message::Binary(vec![0xff; 16].into())).await.unwrap();
+    let (_, code) = until_close(&mut garbage).await;
+    assert_eq!(code, Some(CloseCode::Protocol));
+
+    common::server_still_serves(node.addr).await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_check_path_origin_and_token() {
+    let mut node = TestServer::start_with(
+        1,
+        &[("CONFAB_WEBSOCKET__ALLOWED_ORIGINS", "[\"https://chat.example\"]")],
+    )
+    .await;
+    let status = |result: Result<RawWebSocket, tungstenite::Error>| match result {
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected the upgrade to be refused"),
+    };
+    assert_eq!(
+        status(raw_websocket(&node, "/elsewhere", Some("https://chat.example")).await),
+        404
+    );
+    assert_eq!(
+        status(raw_websocket(&node, "/v1/ws", Some("https://evil.example")).await),
+        403
+    );
+    assert_eq!(status(raw_websocket(&node, "/v1/ws", None).await), 403);
+    assert_eq!(
+        status(raw_websocket(&node, "/v1/ws?token=forged", Some("https://chat.example")).await),
+        401
+    );
+
+    // A valid token at upgrade authenticates the connection right after Hello.
+    let (_, login, _) = new_user(node.addr, "upgrade").await;
+    let token = login.tokens.unwrap().access_token;
+    let mut socket = raw_websocket(&node, &format!("/v1/ws?token={token}"), Some("https://chat.example"))
+        .await
+        .unwrap();
+    socket.send(hello()).await.unwrap();
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        if let Some(Ok(Message::Binary(payload))) = within(WAIT, socket.next()).await {
+            kinds.push(
+                confab_client::proto::ServerFrame::decode(payload)
+                    .unwrap()
+                    .kind
+                    .unwrap(),
+            );
+        }
+    }
+    assert!(matches!(kinds[0], server_frame::Kind::Welcome(_)), "{kinds:?}");
+    match &kinds[1] {
+        server_frame::Kind::Authenticated(authenticated) => assert_eq!(authenticated.user_id, login.user_id),
+        other => panic!("expected Authenticated, got {other:?}"),
+    }
+    node.shutdown().await;
+}
+
+/// A raw QUIC connection offering `alpn`, trusting the node's certificate.
+async fn raw_quic(node: &TestServer, alpn: &[u8]) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let server = node.server.as_ref().unwrap();
+    let pin = parse_fingerprint(server.quic_fingerprint().unwrap()).unwrap();
+    let tls = confab_client::pinned_tls_config(pin, &[alpn]).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    endpoint
+        .connect(server.quic_addr().unwrap(), "localhost")
+        .unwrap()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_refuses_a_wrong_alpn_and_closes_on_garbage() {
+    let mut node = TestServer::start(1).await;
+    match raw_quic(&node, b"h3").await {
+        // TLS alert 120 (no_application_protocol) as a QUIC crypto error.
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            assert_eq!(u64::from(close.error_code), 0x100 + 120, "{close:?}");
+        }
+        other => panic!("expected the handshake to be refused, got {other:?}"),
+    }
+
+    let connection = raw_quic(&node, confab_client::QUIC_ALPN).await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    // A length prefix of 4, then bytes that are no protobuf message.
+    send.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    let reply = within(WAIT, recv.read_to_end(64 * 1024)).await.unwrap();
+    let frame = confab_proto::FrameDecoder::new(64 * 1024)
+        .decode::<confab_client::proto::ServerFrame>(&mut bytes::BytesMut::from(&reply[..]))
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&frame.kind, Some(server_frame::Kind::Error(error)) if error.code == ErrorCode::BadRequest as i32),
+        "{frame:?}"
+    );
+    match within(WAIT, connection.closed()).await {
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(u64::from(close.error_code), 2),
+        other => panic!("expected an application close, got {other:?}"),
+    }
+    common::server_still_serves(node.addr).await;
+    node.shutdown().await;
+}
