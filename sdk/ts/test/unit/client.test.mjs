@@ -1,0 +1,200 @@
+// The client against a scripted in-process server: handshake, login, sends,
+// going offline with sends pending, resume without duplicates, retry with the
+// same client_msg_id.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { ConfabClient, proto } from "../../dist/index.js";
+
+/** A fake server: answers frames the way confab does, for one user. */
+class Server {
+  sockets = [];
+  stored = new Map(); // client_msg_id -> seq (the server's idempotency)
+  conversation = "d:1:2";
+  nextSeq = 1n;
+  resumes = [];
+  sendAttempts = [];
+  /** Messages the next resume replays. */
+  replay = [];
+
+  factory = (url) => {
+    const socket = new Socket(this, url);
+    this.sockets.push(socket);
+    return socket;
+  };
+
+  reply(socket, requestId, kind) {
+    socket.push(create(proto.ServerFrameSchema, { requestId, kind }));
+  }
+
+  handle(socket, frame) {
+    const { requestId, kind } = frame;
+    switch (kind.case) {
+      case "hello":
+        return this.reply(socket, requestId, {
+          case: "welcome",
+          value: { protocolVersion: proto.ProtocolVersion.V1, limits: { heartbeatIntervalMs: 0 } },
+        });
+      case "logIn":
+        return this.reply(socket, requestId, {
+          case: "loggedIn",
+          value: { userId: 1n, deviceId: 7n, tokens: { accessToken: "access", refreshToken: "refresh" } },
+        });
+      case "authenticate": {
+        if (kind.value.resume) this.resumes.push(kind.value.resume);
+        for (const message of kind.value.resume ? this.replay : []) {
+          this.reply(socket, 0n, { case: "message", value: message });
+        }
+        this.replay = [];
+        return this.reply(socket, requestId, {
+          case: "authenticated",
+          value: { userId: 1n, deviceId: 7n, username: "me", recovered: true, syncToken: "s1.token" },
+        });
+      }
+      case "listConversations":
+        return this.reply(socket, requestId, { case: "conversationList", value: {} });
+      case "send": {
+        this.sendAttempts.push(kind.value.clientMsgId);
+        if (socket.dropSends) return; // the connection dies before the ack
+        let seq = this.stored.get(kind.value.clientMsgId);
+        if (seq === undefined) {
+          seq = this.nextSeq++;
+          this.stored.set(kind.value.clientMsgId, seq);
+        }
+        return this.reply(socket, requestId, {
+          case: "sendAck",
+          value: { conversationId: this.conversation, seq, clientMsgId: kind.value.clientMsgId },
+        });
+      }
+      default:
+        throw new Error(`unexpected ${kind.case}`);
+    }
+  }
+
+  /** A message from user 2, sequenced now. */
+  incoming(body) {
+    return create(proto.MessageSchema, {
+      conversationId: this.conversation,
+      seq: this.nextSeq++,
+      senderUserId: 2n,
+      body,
+    });
+  }
+
+  get current() {
+    return this.sockets.at(-1);
+  }
+}
+
+class Socket {
+  binaryType = "blob";
+  onopen = null;
+  onmessage = null;
+  onclose = null;
+  onerror = null;
+  closed = false;
+  dropSends = false;
+
+  constructor(server, url) {
+    this.server = server;
+    this.url = url;
+    setTimeout(() => this.onopen?.({}), 0);
+  }
+
+  send(bytes) {
+    assert.equal(this.closed, false, "sent on a closed socket");
+    this.server.handle(this, fromBinary(proto.ClientFrameSchema, bytes));
+  }
+
+  push(frame) {
+    const bytes = toBinary(proto.ServerFrameSchema, frame);
+    setTimeout(() => !this.closed && this.onmessage?.({ data: bytes.slice().buffer }), 0);
+  }
+
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    setTimeout(() => this.onclose?.({ code: 1000 }), 0);
+  }
+}
+
+async function until(check, what) {
+  const deadline = Date.now() + 5000;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+function client(server) {
+  return new ConfabClient({
+    url: "ws://test/v1/ws",
+    webSocket: server.factory,
+    backoff: { initialDelayMs: 10, maxDelayMs: 20 },
+  });
+}
+
+test("logs in, sends, and receives pushes once", async () => {
+  const server = new Server();
+  const chat = client(server);
+  const received = [];
+  chat.onMessage((message) => received.push(message.body));
+  const me = await chat.logIn("me", "pw");
+  assert.equal(me.userId, 1n);
+  assert.equal(chat.status, "online");
+  const ack = await chat.send({ userId: 2n }, "hello");
+  assert.equal(ack.seq, 1n);
+  const push = server.incoming("hi back");
+  server.reply(server.current, 0n, { case: "message", value: push });
+  server.reply(server.current, 0n, { case: "message", value: push });
+  await until(() => received.length >= 1, "the push");
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.deepEqual(received, ["hi back"], "the repeated push is dropped");
+  chat.close();
+});
+
+test("sends made offline go out after reconnecting, with resume cursors and no duplicates", async () => {
+  const server = new Server();
+  const chat = client(server);
+  const received = [];
+  chat.onMessage((message) => received.push(message.seq));
+  await chat.logIn("me", "pw");
+  server.reply(server.current, 0n, { case: "message", value: server.incoming("one") });
+  await until(() => received.length === 1, "message 1");
+
+  chat.goOffline();
+  const pending = [chat.send({ userId: 2n }, "queued a"), chat.send({ userId: 2n }, "queued b")];
+  assert.equal(chat.unacknowledged, 2);
+  // While offline: message 2 arrives at the server, and the replay will repeat 1.
+  const missed = server.incoming("two");
+  server.replay = [create(proto.MessageSchema, { conversationId: server.conversation, seq: 1n, senderUserId: 2n }), missed];
+  chat.goOnline();
+  const acks = await Promise.all(pending);
+  assert.deepEqual(
+    acks.map((ack) => ack.seq),
+    [3n, 4n],
+  );
+  assert.deepEqual(received, [1n, 2n], "the replay delivered 2 once and skipped 1");
+  assert.deepEqual(server.resumes.at(-1).cursors.map((c) => [c.conversationId, c.seq]), [["d:1:2", 1n]]);
+  chat.close();
+});
+
+test("a send whose ack was lost is retried with the same client_msg_id", async () => {
+  const server = new Server();
+  const chat = client(server);
+  const statuses = [];
+  chat.onStatus((status) => statuses.push(status));
+  await chat.logIn("me", "pw");
+  server.current.dropSends = true;
+  const sent = chat.send({ userId: 2n }, "once only");
+  await until(() => server.sendAttempts.length === 1, "the first attempt");
+  // The server stored it, but the connection dies before the ack.
+  server.stored.set(server.sendAttempts[0], server.nextSeq++);
+  server.current.close();
+  const ack = await sent;
+  assert.equal(server.sendAttempts.length, 2);
+  assert.equal(server.sendAttempts[0], server.sendAttempts[1], "same client_msg_id");
+  assert.equal(ack.seq, 1n, "the original seq: stored once");
+  assert.ok(statuses.includes("reconnecting"), statuses.join(","));
+  chat.close();
+});
