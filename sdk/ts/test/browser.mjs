@@ -7,7 +7,7 @@
 // shows exactly those 20, once each, in order. A screenshot goes to
 // test-output/browser.png.
 //
-// Env: CONFAB_BIN (default ../../target/debug/confab), CHROMIUM (default /usr/bin/chromium).
+// Env: SERVER_BIN (default ../../target/debug/confab), CHROMIUM (default /usr/bin/chromium).
 import { spawn } from "node:child_process";
 import { createServer } from "node:http";
 import { mkdtempSync, mkdirSync, readFileSync, rmSync } from "node:fs";
@@ -20,7 +20,7 @@ import { chromium } from "playwright-core";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = resolve(here, "..");
-const binary = process.env.CONFAB_BIN ?? resolve(root, "../../target/debug/confab");
+const binary = process.env.SERVER_BIN ?? resolve(root, "../../target/debug/confab");
 const executablePath = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const output = join(root, "test-output");
 const STEP_TIMEOUT_MS = 15_000;
