@@ -50,8 +50,10 @@ fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the main runtime")?;
+    // Outside the runtime: the node builds runtimes of its own, and one must not
+    // be dropped (on a startup error) inside another.
+    let server = Server::start(config)?;
     runtime.block_on(async {
-        let server = Server::start(config)?;
         // A machine-readable line for scripts and tests that start the binary.
         let mut stdout = std::io::stdout().lock();
         // One write, so a reader that stops after the first line loses nothing.

@@ -97,7 +97,7 @@ impl Server {
                     None => Identity::self_signed()?,
                 };
                 let idle = config.protocol.heartbeat_interval * 4;
-                let listener = QuicListener::bind(config.quic.listen, &identity, idle)
+                let listener = QuicListener::bind(config.quic.listen, &identity, idle, shards)
                     .map_err(io_error(format!("binding QUIC to {}", config.quic.listen)))?;
                 Some((listener, identity.fingerprint().to_owned()))
             }

@@ -22,7 +22,10 @@
 
 mod transport;
 
-pub use transport::{DEFAULT_WEBSOCKET_PATH, Endpoint, QUIC_ALPN, Transport, parse_fingerprint, pinned_tls_config};
+pub use transport::{
+    DEFAULT_WEBSOCKET_PATH, Endpoint, QUIC_ALPN, Transport, UDP_BUFFER_BYTES, parse_fingerprint, pinned_tls_config,
+    quic_client_endpoint, udp_socket,
+};
 
 use bytes::Bytes;
 use confab_proto::v1::{
@@ -37,6 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use transport::{FrameReader, FrameWriter, QuicHandles};
 
 pub use confab_proto::v1 as proto;
+pub use quinn;
 
 /// Largest frame the client accepts before the server told it its limit.
 const HANDSHAKE_MAX_FRAME: usize = 1024 * 1024;
@@ -94,6 +98,10 @@ pub struct ClientOptions {
     pub tls_server_name: String,
     /// Path of the server's WebSocket endpoint.
     pub websocket_path: String,
+    /// QUIC: an endpoint (one UDP socket) to share with other clients, as a load
+    /// generator with thousands of connections should; `None` gives this client a
+    /// socket of its own, which [`Client::rebind`] can move.
+    pub quic_endpoint: Option<quinn::Endpoint>,
 }
 
 impl Default for ClientOptions {
@@ -104,6 +112,7 @@ impl Default for ClientOptions {
             local_ip: None,
             tls_server_name: "localhost".into(),
             websocket_path: DEFAULT_WEBSOCKET_PATH.into(),
+            quic_endpoint: None,
         }
     }
 }

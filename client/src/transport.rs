@@ -261,7 +261,10 @@ async fn connect_quic(endpoint: &Endpoint, options: &ClientOptions) -> Result<Co
         (None, SocketAddr::V4(_)) => SocketAddr::from(([0, 0, 0, 0], 0)),
         (None, SocketAddr::V6(_)) => SocketAddr::from(([0u16; 8], 0)),
     };
-    let mut quic_endpoint = quinn::Endpoint::client(local)?;
+    let quic_endpoint = match &options.quic_endpoint {
+        Some(shared) => shared.clone(),
+        None => quic_client_endpoint(local)?,
+    };
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls_config(endpoint)?).map_err(|err| quic_error(&err))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -272,9 +275,8 @@ async fn connect_quic(endpoint: &Endpoint, options: &ClientOptions) -> Result<Co
         .stream_receive_window(quinn::VarInt::from_u32(QUIC_RECEIVE_WINDOW))
         .receive_window(quinn::VarInt::from_u32(QUIC_RECEIVE_WINDOW));
     config.transport_config(Arc::new(transport));
-    quic_endpoint.set_default_client_config(config);
     let connecting = quic_endpoint
-        .connect(endpoint.addr, &options.tls_server_name)
+        .connect_with(config, endpoint.addr, &options.tls_server_name)
         .map_err(|err| quic_error(&err))?;
     // With a session ticket from an earlier connection, the Hello goes out as 0-RTT.
     let (connection, zero_rtt) = match connecting.into_0rtt() {
@@ -294,6 +296,29 @@ async fn connect_quic(endpoint: &Endpoint, options: &ClientOptions) -> Result<Co
         }),
         zero_rtt,
     })
+}
+
+/// UDP socket buffers asked for: a burst of handshakes or pushes must not
+/// overflow the kernel's default (~200 KB), or packets drop and QUIC waits for
+/// its retransmission timers. The kernel caps it at `net.core.rmem_max`.
+pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// A UDP socket bound to `local` with [`UDP_BUFFER_BYTES`] buffers (as far as the
+/// kernel allows).
+pub fn udp_socket(local: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(local), socket2::Type::DGRAM, None)?;
+    // Best effort: the kernel may cap or refuse the size.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&local.into())?;
+    Ok(socket.into())
+}
+
+/// A QUIC client endpoint on its own UDP socket, for one client or to share
+/// ([`ClientOptions::quic_endpoint`]).
+pub fn quic_client_endpoint(local: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("QUIC needs a tokio runtime"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, udp_socket(local)?, runtime)
 }
 
 /// A new session stream on an established QUIC connection.

@@ -4,7 +4,7 @@
 use crate::setup;
 use crate::stats::{Latency, Percentiles};
 use anyhow::Context as _;
-use confab_client::{Client, ClientOptions, Endpoint};
+use confab_client::Endpoint;
 use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -74,7 +74,8 @@ pub async fn run(
     server_pid: Option<u32>,
     parameters: serde_json::Value,
 ) -> anyhow::Result<ConnectReport> {
-    let members = setup::members(server, USERS).await?;
+    let connector = setup::Connector::new(server)?;
+    let members = setup::members(&connector, USERS).await?;
     let tokens: Vec<String> = members.iter().map(|member| member.access_token.clone()).collect();
     drop(members);
     let start = Instant::now();
@@ -96,15 +97,16 @@ pub async fn run(
             .map(|index| {
                 let token = tokens[index % tokens.len()].clone();
                 let intended = batch_start + Duration::from_secs_f64((index - from) as f64 / storm.rate);
-                let local_ip = source_address(server.addr, index);
+                let local_ip = match server.transport {
+                    // QUIC connections share one UDP socket: no port limit.
+                    confab_client::Transport::Quic => None,
+                    _ => source_address(server.addr, index),
+                };
+                let connector = connector.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep_until(intended.into()).await;
                     let began = Instant::now();
-                    let options = ClientOptions {
-                        local_ip,
-                        ..ClientOptions::default()
-                    };
-                    let client = Client::connect_with(server, options).await?;
+                    let client = connector.connect(local_ip).await?;
                     client.authenticate(&token).await?;
                     anyhow::Ok((client, began.elapsed()))
                 })

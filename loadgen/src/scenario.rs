@@ -24,7 +24,8 @@ pub async fn direct(
     echo_baseline: bool,
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
-    let members = setup::members(server, pairs * 2).await?;
+    let connector = setup::Connector::new(server)?;
+    let members = setup::members(&connector, pairs * 2).await?;
     let flows = members
         .chunks(2)
         .flat_map(|pair| {
@@ -54,7 +55,8 @@ pub async fn group(
     echo_baseline: bool,
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
-    let members = setup::members(server, shape.groups * shape.members).await?;
+    let connector = setup::Connector::new(server)?;
+    let members = setup::members(&connector, shape.groups * shape.members).await?;
     let mut flows = Vec::new();
     for (index, group) in members.chunks(shape.members).enumerate() {
         let others: Vec<u64> = group[1..].iter().map(|member| member.user_id).collect();
@@ -194,7 +196,8 @@ pub async fn sync(
     backlog: usize,
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
-    let members = setup::members(server, devices * 2).await?;
+    let connector = setup::Connector::new(server)?;
+    let members = setup::members(&connector, devices * 2).await?;
     let (senders, receivers): (Vec<_>, Vec<_>) =
         members.chunks(2).map(|pair| (pair[0].clone(), pair[1].clone())).unzip();
     let mut tokens = Vec::with_capacity(devices);
@@ -246,12 +249,11 @@ pub async fn sync(
 
     // Everyone comes back at once.
     let started = std::time::Instant::now();
-    let catch_ups = offline
-        .into_iter()
-        .zip(tokens)
-        .map(|((device, access_token), token)| async move {
+    let catch_ups = offline.into_iter().zip(tokens).map(|((device, access_token), token)| {
+        let connector = connector.clone();
+        async move {
             let began = std::time::Instant::now();
-            let client = confab_client::Client::connect(server).await?;
+            let client = connector.connect(None).await?;
             let resumed = client.authenticate_resume(&access_token, &token, &[]).await?;
             let mut received = Vec::new();
             for _ in 0..resumed.replayed {
@@ -266,7 +268,8 @@ pub async fn sync(
                 more = page.has_more;
             }
             anyhow::Ok((device, received, began.elapsed()))
-        });
+        }
+    });
     for result in futures::future::join_all(catch_ups).await {
         let (device, received, took) = result?;
         outcome.delivery_latency.record(took);

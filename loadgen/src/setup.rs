@@ -3,7 +3,8 @@
 use crate::check::Device;
 use anyhow::Context as _;
 use confab_client::Client;
-use confab_client::Endpoint;
+use confab_client::{ClientOptions, Endpoint};
+use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
@@ -22,14 +23,14 @@ pub struct Member {
 
 /// Signs up `count` fresh users (names unique to this run), logs each in and
 /// authenticates one connection per user.
-pub async fn members(server: Endpoint, count: usize) -> anyhow::Result<Vec<Member>> {
+pub async fn members(connector: &Connector, count: usize) -> anyhow::Result<Vec<Member>> {
     let run: u32 = rand_suffix();
     let permits = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
     let setups = (0..count).map(|index| {
         let permits = permits.clone();
         async move {
             let _permit = permits.acquire().await.context("setup semaphore")?;
-            let client = Client::connect(server).await.context("connecting")?;
+            let client = connector.connect(None).await.context("connecting")?;
             let name = format!("lg{run:08x}x{index}");
             let login = client
                 .register_and_authenticate(&name, PASSWORD, "loadgen")
@@ -51,4 +52,43 @@ fn rand_suffix() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_nanos());
     (nanos as u32) ^ std::process::id().rotate_left(16)
+}
+
+/// Opens a run's connections: over QUIC they share one client endpoint (one UDP
+/// socket and receive buffer for all, instead of ~2 MB each).
+#[derive(Debug, Clone)]
+pub struct Connector {
+    server: Endpoint,
+    quic: Option<confab_client::quinn::Endpoint>,
+}
+
+impl Connector {
+    /// Must be called inside the runtime the run uses (QUIC drives its socket there).
+    pub fn new(server: Endpoint) -> anyhow::Result<Self> {
+        let quic = match server.transport {
+            confab_client::Transport::Quic => {
+                let local: std::net::SocketAddr = match server.addr {
+                    std::net::SocketAddr::V4(_) => ([127, 0, 0, 1], 0).into(),
+                    std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::LOCALHOST, 0).into(),
+                };
+                Some(confab_client::quic_client_endpoint(local).context("binding the QUIC client socket")?)
+            }
+            _ => None,
+        };
+        Ok(Self { server, quic })
+    }
+
+    pub fn server(&self) -> Endpoint {
+        self.server
+    }
+
+    /// A connected client, from `local_ip` when given (TCP-based transports).
+    pub async fn connect(&self, local_ip: Option<IpAddr>) -> Result<Client, confab_client::ClientError> {
+        let options = ClientOptions {
+            local_ip,
+            quic_endpoint: self.quic.clone(),
+            ..ClientOptions::default()
+        };
+        Client::connect_with(self.server, options).await
+    }
 }

@@ -3,12 +3,14 @@
 //! **One endpoint per node, handing sessions to shards.** Several SO_REUSEPORT UDP
 //! sockets would let the kernel route by the 4-tuple, so a client whose address
 //! changes (Wi-Fi → cellular) would land on a socket that does not know its
-//! connection and migration would break. Instead a single endpoint runs on its own
-//! small thread; it does the UDP I/O and the handshakes, accepts each connection's
-//! session stream, and hands the stream pair to a shard (round robin), where the
-//! shared connection driver runs exactly as for TCP. Quinn's streams are
-//! thread-safe handles onto the connection state, so the shard reads and writes
-//! them directly; only packet I/O stays on the endpoint thread.
+//! connection and migration would break. Instead a single endpoint (one socket)
+//! runs on a small runtime of its own (one worker per shard: connection drivers,
+//! which do packet processing and handshake crypto, spread over them); it accepts
+//! each connection's session stream and hands the stream pair to a shard (round
+//! robin), where the shared connection driver runs exactly as for TCP. Quinn's
+//! streams are thread-safe handles onto the connection state, so the shard reads
+//! and writes them directly; only packets are handled off the shard. This is the
+//! one place connection work leaves its shard: the price of migration.
 //!
 //! **One bidirectional stream per session** (the first one the client opens),
 //! carrying length-prefixed frames like TCP. Per-conversation streams would spare
@@ -30,13 +32,18 @@ use confab_proto::ProstMessage as _;
 use confab_proto::v1::{ClientFrame, client_frame::Kind};
 use futures::FutureExt as _;
 use quinn::crypto::rustls::QuicServerConfig;
-use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt, ZeroRttAccepted};
+use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream, VarInt, ZeroRttAccepted};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+
+/// UDP socket buffers asked for (the kernel caps them at `net.core.rmem_max` /
+/// `wmem_max`): a burst of handshakes must not overflow the ~200 KB default, or
+/// packets drop and every handshake waits for retransmission timers.
+const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
 /// Sessions waiting to be picked up by one shard.
 pub const HANDOFF_QUEUE: usize = 1024;
@@ -71,26 +78,35 @@ pub struct QuicListener {
 }
 
 impl QuicListener {
-    /// Binds the UDP socket (on a runtime of its own) with the node's identity.
-    pub fn bind(addr: SocketAddr, identity: &Identity, idle_timeout: Duration) -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+    /// Binds the UDP socket with the node's identity, on a runtime of its own with
+    /// `threads` workers: the socket is one, but the connections' drivers (packet
+    /// processing, handshake crypto) spread over the workers.
+    pub fn bind(
+        addr: SocketAddr,
+        identity: &Identity,
+        idle_timeout: Duration,
+        threads: usize,
+    ) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
             .enable_all()
             .thread_name("confab-quic")
             .build()?;
-        let tls = identity.quic_config().map_err(std::io::Error::other)?;
-        let crypto = QuicServerConfig::try_from(tls).map_err(std::io::Error::other)?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let transport = Arc::get_mut(&mut config.transport).ok_or_else(|| std::io::Error::other("shared config"))?;
-        transport
-            .max_concurrent_bidi_streams(VarInt::from_u32(1))
-            .max_concurrent_uni_streams(VarInt::from_u32(0))
-            .max_idle_timeout(Some(idle_timeout.try_into().map_err(std::io::Error::other)?))
-            .send_window(SEND_WINDOW_BYTES);
         let endpoint = {
             let _entered = runtime.enter();
-            Endpoint::server(config, addr)?
+            server_config(identity, idle_timeout).and_then(|config| {
+                let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no tokio runtime"))?;
+                Endpoint::new(EndpointConfig::default(), Some(config), udp_socket(addr)?, runtime)
+            })
         };
-        Ok(Self { endpoint, runtime })
+        match endpoint {
+            Ok(endpoint) => Ok(Self { endpoint, runtime }),
+            Err(err) => {
+                // Dropping a runtime blocks; the caller may be async.
+                runtime.shutdown_background();
+                Err(err)
+            }
+        }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -121,6 +137,40 @@ impl QuicListener {
             });
         })
     }
+}
+
+/// The endpoint's UDP socket, with large buffers where the kernel allows.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+    if let Err(err) = socket
+        .set_recv_buffer_size(UDP_BUFFER_BYTES)
+        .and_then(|()| socket.set_send_buffer_size(UDP_BUFFER_BYTES))
+    {
+        tracing::warn!(error = %err, "could not enlarge the QUIC socket buffers");
+    }
+    if let Ok(size) = socket.recv_buffer_size() {
+        if size < UDP_BUFFER_BYTES {
+            tracing::info!(
+                bytes = size,
+                "QUIC receive buffer capped by the kernel; raise net.core.rmem_max for large bursts"
+            );
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+fn server_config(identity: &Identity, idle_timeout: Duration) -> std::io::Result<quinn::ServerConfig> {
+    let tls = identity.quic_config().map_err(std::io::Error::other)?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(std::io::Error::other)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let transport = Arc::get_mut(&mut config.transport).ok_or_else(|| std::io::Error::other("shared config"))?;
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(1))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_idle_timeout(Some(idle_timeout.try_into().map_err(std::io::Error::other)?))
+        .send_window(SEND_WINDOW_BYTES);
+    Ok(config)
 }
 
 async fn accept(

@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Message, WebSocketConfig};
 
 /// Read buffer each connection allocates at upgrade.
-pub const READ_BUFFER_BYTES: usize = 4096;
+pub const READ_BUFFER_BYTES: usize = 1024;
 /// Outgoing bytes buffered before a write; flushed after each batch anyway.
 const WRITE_BUFFER_BYTES: usize = 4096;
 
@@ -64,7 +64,13 @@ where
     let mut upgrade_token = None;
     #[allow(clippy::result_large_err)]
     let check = |request: &Request, response: Response| check_upgrade(&shard, request, response, &mut upgrade_token);
-    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
+    // Boxed: the handshake's state is large and would otherwise size the whole
+    // connection task for as long as the connection lives.
+    let upgrade = Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        check,
+        Some(config),
+    ));
     let socket = match tokio::time::timeout(shard.limits.handshake_timeout, upgrade).await {
         Ok(Ok(socket)) => socket,
         Ok(Err(err)) => {
