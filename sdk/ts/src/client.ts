@@ -197,6 +197,16 @@ export class ConfabClient {
     return this.outbox.length;
   }
 
+  // ---- connection ----
+
+  /**
+   * Opens the WebSocket and completes the protocol handshake. Optional: the
+   * first request connects by itself.
+   */
+  async connect(): Promise<void> {
+    await this.ensureSocket();
+  }
+
   // ---- accounts ----
 
   /** Creates an account; returns the new user's id. */

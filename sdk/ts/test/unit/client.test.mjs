@@ -139,7 +139,10 @@ test("logs in, sends, and receives pushes once", async () => {
   const chat = client(server);
   const received = [];
   chat.onMessage((message) => received.push(message.body));
+  await chat.connect();
+  assert.equal(server.sockets.length, 1);
   const me = await chat.logIn("me", "pw");
+  assert.equal(server.sockets.length, 1, "logIn reuses the open connection");
   assert.equal(me.userId, 1n);
   assert.equal(chat.status, "online");
   const ack = await chat.send({ userId: 2n }, "hello");
