@@ -37,6 +37,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub chat: ChatConfig,
     pub store: StoreConfig,
+    pub cassandra: CassandraConfig,
     pub log: LogConfig,
 }
 
@@ -151,6 +152,33 @@ pub struct StoreConfig {
 #[serde(rename_all = "lowercase")]
 pub enum StoreBackend {
     Embedded,
+    Cassandra,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CassandraConfig {
+    pub contact_points: Vec<String>,
+    pub keyspace: String,
+    pub create_schema: bool,
+    pub replication: String,
+    pub consistency: Consistency,
+    #[serde(with = "humantime_serde")]
+    pub batch_window: Duration,
+    pub max_batch_rows: usize,
+    pub max_in_flight: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// CQL consistency levels confab accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    One,
+    Quorum,
+    LocalQuorum,
+    All,
 }
 
 /// When an acknowledged write is safe.
@@ -249,6 +277,9 @@ impl Config {
                 self.chat.max_presence_subscriptions as u128,
             ),
             ("store.max_batch", self.store.max_batch as u128),
+            ("cassandra.max_batch_rows", self.cassandra.max_batch_rows as u128),
+            ("cassandra.max_in_flight", self.cassandra.max_in_flight as u128),
+            ("cassandra.request_timeout", self.cassandra.request_timeout.as_millis()),
         ];
         if let Some((key, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return invalid(key, "must be at least 1");
@@ -276,6 +307,16 @@ impl Config {
                 "tls.cert_file",
                 "tls.mode = \"files\" needs tls.cert_file and tls.key_file",
             );
+        }
+        if self.cassandra.contact_points.is_empty() {
+            return invalid("cassandra.contact_points", "needs at least one host:port");
+        }
+        let keyspace = &self.cassandra.keyspace;
+        if keyspace.is_empty()
+            || keyspace.len() > 48
+            || !keyspace.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return invalid("cassandra.keyspace", "must be 1-48 letters, digits or underscores");
         }
         if !self.websocket.path.starts_with('/') {
             return invalid("websocket.path", "must start with /");

@@ -3,9 +3,8 @@
 //! [`Server::shutdown`].
 
 use crate::auth::{Accounts, HashError, KeyError, PasswordHasher, TokenSigner};
-use crate::config::{Config, StoreBackend};
+use crate::config::Config;
 use crate::shard::{self, Listeners, Mesh, NodeContext, ShardId, ShardStart};
-use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, StoreError};
 use crate::transport::bind_reuseport;
 use crate::transport::quic::QuicListener;
@@ -60,9 +59,7 @@ impl Server {
     /// Opens the store, binds every shard's listener and starts the shards.
     pub fn start(config: Config) -> Result<Self, StartError> {
         let shards = config.shard_count();
-        let store: Arc<dyn Store> = match config.store.backend {
-            StoreBackend::Embedded => Arc::new(EmbeddedStore::open(&config.store)?),
-        };
+        let store = crate::store::open(&config)?;
         let signer =
             TokenSigner::from_config_or_file(&config.auth.token_key, &config.store.data_dir.join("token.key"))?;
         let max_hashes = match config.auth.max_concurrent_hashes {

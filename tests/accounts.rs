@@ -4,7 +4,6 @@
 mod common;
 
 use common::{PASSWORD, TestServer, code, new_user};
-use confab::Server;
 use confab_client::Client;
 use confab_client::proto::ErrorCode;
 
@@ -63,7 +62,7 @@ async fn tokens_and_accounts_survive_a_restart() {
     let (_, login, name) = new_user(node.addr, "restart").await;
     node.shutdown().await;
 
-    let server = Server::start(common::config(node.dir.path(), 2, &[])).unwrap();
+    let server = common::start_server(common::config(node.dir.path(), 2, &[]));
     let client = Client::connect(common::endpoint(&server, common::transport()))
         .await
         .unwrap();

@@ -256,7 +256,7 @@ async fn groups_survive_a_restart() {
     owner.send(group_target(&group), "m", "before restart").await.unwrap();
     node.shutdown().await;
 
-    let server = confab::Server::start(common::config(node.dir.path(), 2, &[])).unwrap();
+    let server = common::start_server(common::config(node.dir.path(), 2, &[]));
     let owner = Client::connect(common::endpoint(&server, common::transport()))
         .await
         .unwrap();
@@ -276,7 +276,7 @@ async fn groups_survive_a_restart() {
 /// over the protocol would only measure password hashing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_thousand_member_room_works() {
-    use confab::store::{NewUser, Store as _, embedded::EmbeddedStore};
+    use confab::store::NewUser;
     const MEMBERS: usize = 10_000;
     let dir = tempfile::tempdir().unwrap();
     let config = common::config(
@@ -287,7 +287,7 @@ async fn a_ten_thousand_member_room_works() {
             ("CONFAB_STORE__DURABILITY", "buffered"),
         ],
     );
-    let store = std::sync::Arc::new(EmbeddedStore::open(&config.store).unwrap());
+    let store = confab::store::open(&config).unwrap();
     let creates = (0..MEMBERS - 1).map(|i| {
         let store = store.clone();
         async move {
@@ -307,7 +307,7 @@ async fn a_ten_thousand_member_room_works() {
     store.close().await.unwrap();
     drop(store);
 
-    let server = confab::Server::start(config).unwrap();
+    let server = common::start_server(config);
     let addr = common::endpoint(&server, common::transport());
     let (owner, _, _) = new_user(addr, "host").await;
     let (listener, listener_login, _) = new_user(addr, "listener").await;

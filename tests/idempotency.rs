@@ -6,7 +6,6 @@
 mod common;
 
 use common::{TestServer, new_user, within};
-use confab::Server;
 use confab_client::Client;
 use std::time::Duration;
 
@@ -63,7 +62,7 @@ async fn a_retried_send_returns_the_original_ack_and_is_stored_once() {
 
     // After a restart the original acks still come back.
     node.shutdown().await;
-    let server = Server::start(common::config(node.dir.path(), 2, &[])).unwrap();
+    let server = common::start_server(common::config(node.dir.path(), 2, &[]));
     let alice = Client::connect(common::endpoint(&server, common::transport()))
         .await
         .unwrap();

@@ -292,7 +292,7 @@ async fn sync_after_a_restart_returns_everything_acknowledged() {
     }
     node.shutdown().await;
 
-    let server = confab::Server::start(common::config(node.dir.path(), 2, &[])).unwrap();
+    let server = common::start_server(common::config(node.dir.path(), 2, &[]));
     let alice = Client::connect(common::endpoint(&server, common::transport()))
         .await
         .unwrap();

@@ -65,7 +65,10 @@ impl ErrorKind for ChatError {
 
 impl ErrorKind for StoreError {
     fn code(&self) -> ErrorCode {
-        ErrorCode::Internal
+        match self {
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            _ => ErrorCode::Internal,
+        }
     }
 }
 

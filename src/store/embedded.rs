@@ -37,6 +37,7 @@
 //!
 //! Reads run on the blocking pool, never on a shard thread.
 
+use super::encoding::StoredMessage;
 use super::{
     Amendment, ConversationHead, DeviceRecord, GroupEvent, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord,
     MessageRecord, NewUser, Role, Store, StoreError, StoredSend, UserRecord,
@@ -734,16 +735,7 @@ impl Writer {
                 None => return Err(StoreError::Corrupt(format!("amended message {target} is missing"))),
             },
         };
-        match amendment {
-            Amendment::Edit(_) => {
-                stored.body.clone_from(&amendment_message.body);
-                stored.edited_by = amendment_message.seq;
-            }
-            Amendment::Delete(_) => {
-                stored.body.clear();
-                stored.deleted = true;
-            }
-        }
+        stored.amend(amendment_message, amendment);
         batch.insert(&self.inner.messages, key.clone(), stored.encode_to_vec());
         pending.insert(key, stored);
         Ok(())
@@ -882,80 +874,6 @@ struct StoredDevice {
     refresh_expires_at_ms: u64,
     #[prost(uint64, tag = "4")]
     created_at_ms: u64,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StoredMessage {
-    #[prost(uint64, tag = "1")]
-    sender: u64,
-    #[prost(uint64, tag = "2")]
-    sender_device: u64,
-    #[prost(string, tag = "3")]
-    client_msg_id: String,
-    #[prost(string, tag = "4")]
-    body: String,
-    #[prost(uint64, tag = "5")]
-    server_time_ms: u64,
-    #[prost(message, optional, tag = "6")]
-    event: Option<confab_proto::v1::GroupEvent>,
-    /// Seq of the message this one edits (0: none).
-    #[prost(uint64, tag = "7")]
-    edits: u64,
-    /// Seq of the message this one deletes (0: none).
-    #[prost(uint64, tag = "8")]
-    deletes: u64,
-    #[prost(bool, tag = "9")]
-    deleted: bool,
-    #[prost(uint64, tag = "10")]
-    edited_by: u64,
-}
-
-impl StoredMessage {
-    fn of(message: &MessageRecord) -> Self {
-        let (edits, deletes) = match message.amends {
-            Some(Amendment::Edit(target)) => (target, 0),
-            Some(Amendment::Delete(target)) => (0, target),
-            None => (0, 0),
-        };
-        Self {
-            sender: message.sender.get(),
-            sender_device: message.sender_device.get(),
-            client_msg_id: message.client_msg_id.clone(),
-            body: message.body.clone(),
-            server_time_ms: message.server_time_ms,
-            event: message.event.as_ref().map(confab_proto::v1::GroupEvent::from),
-            edits,
-            deletes,
-            deleted: message.deleted,
-            edited_by: message.edited_by.unwrap_or(0),
-        }
-    }
-
-    fn into_record(self, conversation: ConversationId, seq: Seq) -> Result<MessageRecord, StoreError> {
-        Ok(MessageRecord {
-            conversation,
-            seq,
-            sender: UserId::new(self.sender).ok_or_else(|| StoreError::Corrupt("message sender is 0".into()))?,
-            sender_device: DeviceId::new(self.sender_device)
-                .ok_or_else(|| StoreError::Corrupt("message sender device is 0".into()))?,
-            client_msg_id: self.client_msg_id,
-            body: self.body,
-            server_time_ms: self.server_time_ms,
-            event: match self.event {
-                None => None,
-                Some(event) => Some(
-                    GroupEvent::from_proto(event).ok_or_else(|| StoreError::Corrupt("invalid group event".into()))?,
-                ),
-            },
-            amends: match (self.edits, self.deletes) {
-                (0, 0) => None,
-                (edits, 0) => Some(Amendment::Edit(edits)),
-                (_, deletes) => Some(Amendment::Delete(deletes)),
-            },
-            deleted: self.deleted,
-            edited_by: (self.edited_by != 0).then_some(self.edited_by),
-        })
-    }
 }
 
 fn device_key(user: UserId, device: DeviceId) -> [u8; 16] {

@@ -4,9 +4,12 @@
 //! safe as the configured durability promises, and callers acknowledge to clients
 //! only then. Implementations group concurrent writes into one commit.
 //!
-//! The embedded backend ([`embedded`]) is the default product mode.
+//! The embedded backend ([`embedded`]) is the default product mode; cluster mode
+//! keeps the same state in Cassandra ([`cassandra`]).
 
+pub mod cassandra;
 pub mod embedded;
+mod encoding;
 mod records;
 
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
@@ -17,6 +20,17 @@ pub use records::{
     Amendment, ConversationHead, DeviceRecord, GroupEvent, GroupRecord, Marks, MemberRecord, MessageRecord, NewUser,
     Role, StoredSend, UserRecord,
 };
+
+/// Opens the backend `config` names.
+pub fn open(config: &crate::Config) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match config.store.backend {
+        crate::config::StoreBackend::Embedded => std::sync::Arc::new(embedded::EmbeddedStore::open(&config.store)?),
+        crate::config::StoreBackend::Cassandra => std::sync::Arc::new(cassandra::CassandraStore::open(
+            &config.cassandra,
+            config.chat.dedup_window,
+        )?),
+    })
+}
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -32,6 +46,10 @@ pub enum StoreError {
     Poisoned,
     #[error("the store is shut down")]
     Closed,
+    /// The database did not confirm the operation (unreachable, timed out, too few
+    /// replicas); nothing acknowledged was lost, and a retry may succeed.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Which slice of a conversation's history to read.

@@ -3,7 +3,9 @@
 //!
 //! Clients reach the node over the transport named by `TEST_TRANSPORT`
 //! (`tcp`, the default; `ws`; `quic`; `tls`; `wss`): the test command runs the
-//! end-to-end suites once per transport.
+//! end-to-end suites once per transport. With `TEST_STORE=cassandra` and
+//! `TEST_CASSANDRA=<host:port>` (scripts/cassandra), nodes keep their state in
+//! that Cassandra node, each in a keyspace of its own.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use confab::{Config, Server};
@@ -28,6 +30,19 @@ pub fn config(data_dir: &Path, shards: usize, overrides: &[(&str, &str)]) -> Con
         ("CONFAB_AUTH__ARGON2_MEMORY_KIB".to_owned(), "1024".to_owned()),
         ("CONFAB_AUTH__ARGON2_ITERATIONS".to_owned(), "1".to_owned()),
     ];
+    if std::env::var("TEST_STORE").as_deref() == Ok("cassandra") {
+        let contact = std::env::var("TEST_CASSANDRA").expect("TEST_CASSANDRA=<host:port> with TEST_STORE=cassandra");
+        env.push(("CONFAB_STORE__BACKEND".to_owned(), "cassandra".to_owned()));
+        env.push((
+            "CONFAB_CASSANDRA__CONTACT_POINTS".to_owned(),
+            format!("[\"{contact}\"]"),
+        ));
+        // One keyspace per test process (created by its first node; schema changes
+        // are slow and serialize in Cassandra): users, groups and conversations
+        // have random ids, so tests sharing it do not meet, and a restarted node
+        // finds its data.
+        env.push(("CONFAB_CASSANDRA__KEYSPACE".to_owned(), cassandra_keyspace().to_owned()));
+    }
     env.extend(overrides.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     Config::load_from(None, env).unwrap()
 }
@@ -56,6 +71,19 @@ pub fn endpoint(server: &Server, transport: Transport) -> Endpoint {
     }
 }
 
+fn cassandra_keyspace() -> &'static str {
+    static KEYSPACE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEYSPACE.get_or_init(|| format!("t{}_{:x}", std::process::id(), rand_suffix()))
+}
+
+/// Nodes start one at a time against Cassandra, so only the first one of a
+/// process creates the keyspace.
+pub fn start_server(config: Config) -> Server {
+    static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = STARTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Server::start(config).unwrap()
+}
+
 /// A running in-process node and the temp dir it owns.
 pub struct TestServer {
     pub server: Option<Server>,
@@ -78,7 +106,7 @@ impl TestServer {
         if matches!(transport, Transport::Tls | Transport::WebSocketTls) {
             overrides.push(("CONFAB_TLS__MODE", "self-signed"));
         }
-        let server = Server::start(config(dir.path(), shards, &overrides)).unwrap();
+        let server = start_server(config(dir.path(), shards, &overrides));
         Self {
             addr: endpoint(&server, transport),
             tcp: server.local_addr(),

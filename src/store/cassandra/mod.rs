@@ -1,0 +1,904 @@
+//! The [`Store`] on Apache Cassandra (or ScyllaDB), through the `scylla` driver,
+//! for cluster mode (`store.backend = "cassandra"`).
+//!
+//! The driver runs on a small runtime of its own (two worker threads), never on a
+//! shard: every call hops there and back. Writes of messages go through one
+//! [`writer`] that groups them into unlogged batches per partition.
+//!
+//! Tables ([`schema.cql`](schema.cql)) and the query each serves — every query hits
+//! one partition, or a small set known in advance:
+//!
+//! | table | partition key | clustering | serves |
+//! |---|---|---|---|
+//! | `users` | `id` | | a user by id (auth, `GetUser` replies) |
+//! | `usernames` | `username` | | sign-up uniqueness (lightweight transaction), login by name |
+//! | `devices` | `user_id` | `device_id` | authenticate a device; refresh tokens |
+//! | `messages` | `(conversation, bucket)` | `seq` DESC | history pages, sync, `messages_at`, the stored maximum seq |
+//! | `sends` | `conversation` | `device_id, client_msg_id` | idempotent send lookups; rows expire after the dedup window (TTL) |
+//! | `heads` | `conversation` | | a conversation's last seq and time, for conversation lists |
+//! | `user_conversations` | `user_id` | `conversation` | a user's conversations (sync, lists) |
+//! | `groups` | `group_id` | | a group's title |
+//! | `members` | `group_id` | `user_id` | membership checks, member pages, fan-out |
+//! | `marks` | `(conversation, user_id)` | `device_id` | receipt watermarks of one user's devices |
+//!
+//! A bucket is [`BUCKET_SIZE`] consecutive seqs, so no partition grows forever and
+//! a page knows which partitions to read: its bound's bucket, then the next ones
+//! in the page's direction. The stored maximum seq (where sequencing continues
+//! after a restart) is read from `messages` itself, starting at the bucket the
+//! `heads` row points to and moving up while later buckets hold rows, so a head
+//! that lags its messages can never make a seq be reused.
+//!
+//! Rows that several flushes may update (`heads`, `members`, `groups`,
+//! `user_conversations`) are written `USING TIMESTAMP <seq>`: the write for the
+//! highest seq wins whatever order the writes land in.
+//!
+//! Known gap: the `user_conversations` index is not ordered by last activity; a
+//! conversation list reads the user's partition and the heads it names.
+
+mod writer;
+
+use super::encoding::StoredMessage;
+use super::{
+    ConversationHead, DeviceRecord, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord, MessageRecord,
+    NewUser, Role, Store, StoreError, StoredSend, UserRecord,
+};
+use crate::config::{CassandraConfig, Consistency};
+use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
+use async_trait::async_trait;
+use futures::future::try_join_all;
+use prost::Message as _;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::statement::prepared::PreparedStatement;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Seqs per `messages` partition.
+pub const BUCKET_SIZE: u64 = 1000;
+const SCHEMA: &str = include_str!("schema.cql");
+/// Threads of the driver's runtime.
+const DRIVER_THREADS: usize = 2;
+/// Longest wait for a contact point at start.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The bucket holding `seq`.
+pub fn bucket(seq: Seq) -> i64 {
+    (seq / BUCKET_SIZE) as i64
+}
+
+/// Ids and seqs are u64; CQL `bigint` is i64: the bits are kept as they are.
+fn to_cql(value: u64) -> i64 {
+    value as i64
+}
+
+fn from_cql(value: i64) -> u64 {
+    value as u64
+}
+
+/// Prepared once at start.
+#[derive(Debug)]
+struct Statements {
+    insert_user: PreparedStatement,
+    claim_username: PreparedStatement,
+    user_by_id: PreparedStatement,
+    id_by_username: PreparedStatement,
+    insert_device: PreparedStatement,
+    device: PreparedStatement,
+    delete_device: PreparedStatement,
+    insert_message: PreparedStatement,
+    message_at: PreparedStatement,
+    latest_in_bucket: PreparedStatement,
+    before_in_bucket: PreparedStatement,
+    after_in_bucket: PreparedStatement,
+    insert_send: PreparedStatement,
+    send: PreparedStatement,
+    upsert_head: PreparedStatement,
+    head: PreparedStatement,
+    upsert_user_conversation: PreparedStatement,
+    user_conversations: PreparedStatement,
+    upsert_title: PreparedStatement,
+    title: PreparedStatement,
+    upsert_member: PreparedStatement,
+    member: PreparedStatement,
+    members: PreparedStatement,
+    upsert_mark: PreparedStatement,
+    marks: PreparedStatement,
+}
+
+#[derive(Debug)]
+struct Inner {
+    session: Session,
+    statements: Statements,
+    /// How long `sends` rows live: the dedup window.
+    send_ttl_s: i32,
+    /// For batches (prepared statements carry their own).
+    consistency: scylla::statement::Consistency,
+    request_timeout: Duration,
+}
+
+/// Cassandra-backed store; cheap to share.
+#[derive(Debug)]
+pub struct CassandraStore {
+    inner: Arc<Inner>,
+    handle: tokio::runtime::Handle,
+    writer: writer::Handle,
+    /// Owned here and shut down without blocking on drop.
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+impl CassandraStore {
+    /// Connects, creates the schema if asked, prepares the statements and starts
+    /// the writer. Callable from anywhere, async context included.
+    pub fn open(config: &CassandraConfig, dedup_window: Duration) -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(DRIVER_THREADS)
+            .thread_name("confab-cassandra")
+            .enable_all()
+            .build()
+            .map_err(|err| StoreError::Io(format!("building the driver runtime: {err}")))?;
+        let handle = runtime.handle().clone();
+        let config = config.clone();
+        // block_on must not run inside another runtime: use a plain thread.
+        let connected = std::thread::scope(|scope| {
+            scope
+                .spawn(|| handle.block_on(connect(&config, dedup_window)))
+                .join()
+                .unwrap_or_else(|_| Err(StoreError::Io("connecting panicked".into())))
+        });
+        let inner = match connected {
+            Ok(inner) => Arc::new(inner),
+            Err(err) => {
+                runtime.shutdown_background();
+                return Err(err);
+            }
+        };
+        let writer = writer::spawn(&handle, inner.clone(), &config);
+        Ok(Self {
+            inner,
+            handle,
+            writer,
+            runtime: Mutex::new(Some(runtime)),
+        })
+    }
+
+    /// Runs a driver future on the driver's runtime.
+    async fn on_driver<T, F>(&self, work: impl FnOnce(Arc<Inner>) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.handle
+            .spawn(work(self.inner.clone()))
+            .await
+            .map_err(|err| StoreError::Io(format!("driver task failed: {err}")))?
+    }
+}
+
+impl Drop for CassandraStore {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.lock().ok().and_then(|mut slot| slot.take()) {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inner, StoreError> {
+    let session = SessionBuilder::new()
+        .known_nodes(&config.contact_points)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .build()
+        .await
+        .map_err(|err| StoreError::Unavailable(format!("connecting to {}: {err}", config.contact_points.join(", "))))?;
+    if config.create_schema {
+        for statement in SCHEMA
+            .replace("{keyspace}", &config.keyspace)
+            .replace("{replication}", &config.replication)
+            .split(";\n")
+            .map(strip_comments)
+            .filter(|statement| !statement.is_empty())
+        {
+            session
+                .query_unpaged(statement.clone(), ())
+                .await
+                .map_err(|err| StoreError::Io(format!("applying the schema ({statement}): {err}")))?;
+        }
+    }
+    let statements = Statements::prepare(&session, &config.keyspace, config).await?;
+    Ok(Inner {
+        session,
+        statements,
+        consistency: consistency(config.consistency),
+        request_timeout: config.request_timeout,
+        send_ttl_s: i32::try_from(dedup_window.as_secs()).unwrap_or(i32::MAX).max(1),
+    })
+}
+
+fn consistency(level: Consistency) -> scylla::statement::Consistency {
+    match level {
+        Consistency::One => scylla::statement::Consistency::One,
+        Consistency::Quorum => scylla::statement::Consistency::Quorum,
+        Consistency::LocalQuorum => scylla::statement::Consistency::LocalQuorum,
+        Consistency::All => scylla::statement::Consistency::All,
+    }
+}
+
+fn strip_comments(statement: &str) -> String {
+    statement
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim()
+        .to_owned()
+}
+
+impl Statements {
+    async fn prepare(session: &Session, keyspace: &str, config: &CassandraConfig) -> Result<Self, StoreError> {
+        let consistency = consistency(config.consistency);
+        let timeout = config.request_timeout;
+        let prepare = |cql: String| async move {
+            let mut statement = session
+                .prepare(cql.clone())
+                .await
+                .map_err(|err| StoreError::Io(format!("preparing {cql}: {err}")))?;
+            statement.set_consistency(consistency);
+            statement.set_request_timeout(Some(timeout));
+            Ok::<_, StoreError>(statement)
+        };
+        let k = keyspace;
+        Ok(Self {
+            insert_user: prepare(format!(
+                "INSERT INTO {k}.users (id, username, password_hash, created_at_ms) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            claim_username: {
+                let mut statement =
+                    prepare(format!("INSERT INTO {k}.usernames (username, id) VALUES (?, ?) IF NOT EXISTS")).await?;
+                // A lightweight transaction: Paxos among the replicas.
+                statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
+                statement
+            },
+            user_by_id: prepare(format!(
+                "SELECT username, password_hash, created_at_ms FROM {k}.users WHERE id = ?"
+            ))
+            .await?,
+            id_by_username: prepare(format!("SELECT id FROM {k}.usernames WHERE username = ?")).await?,
+            insert_device: prepare(format!(
+                "INSERT INTO {k}.devices (user_id, device_id, name, refresh_hash, refresh_expires_at_ms, created_at_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            device: prepare(format!(
+                "SELECT name, refresh_hash, refresh_expires_at_ms, created_at_ms FROM {k}.devices \
+                 WHERE user_id = ? AND device_id = ?"
+            ))
+            .await?,
+            delete_device: prepare(format!("DELETE FROM {k}.devices WHERE user_id = ? AND device_id = ?")).await?,
+            insert_message: prepare(format!(
+                "INSERT INTO {k}.messages (conversation, bucket, seq, data) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            message_at: prepare(format!(
+                "SELECT data FROM {k}.messages WHERE conversation = ? AND bucket = ? AND seq = ?"
+            ))
+            .await?,
+            latest_in_bucket: prepare(format!(
+                "SELECT seq, data FROM {k}.messages WHERE conversation = ? AND bucket = ? LIMIT ?"
+            ))
+            .await?,
+            before_in_bucket: prepare(format!(
+                "SELECT seq, data FROM {k}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
+            ))
+            .await?,
+            after_in_bucket: prepare(format!(
+                "SELECT seq, data FROM {k}.messages WHERE conversation = ? AND bucket = ? AND seq > ? \
+                 ORDER BY seq ASC LIMIT ?"
+            ))
+            .await?,
+            insert_send: prepare(format!(
+                "INSERT INTO {k}.sends (conversation, device_id, client_msg_id, seq, server_time_ms) \
+                 VALUES (?, ?, ?, ?, ?) USING TTL ?"
+            ))
+            .await?,
+            send: prepare(format!(
+                "SELECT seq, server_time_ms FROM {k}.sends \
+                 WHERE conversation = ? AND device_id = ? AND client_msg_id = ?"
+            ))
+            .await?,
+            upsert_head: prepare(format!(
+                "INSERT INTO {k}.heads (conversation, last_seq, last_time_ms) VALUES (?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            head: prepare(format!(
+                "SELECT last_seq, last_time_ms FROM {k}.heads WHERE conversation = ?"
+            ))
+            .await?,
+            upsert_user_conversation: prepare(format!(
+                "INSERT INTO {k}.user_conversations (user_id, conversation, left_seq) VALUES (?, ?, ?) \
+                 USING TIMESTAMP ?"
+            ))
+            .await?,
+            user_conversations: prepare(format!(
+                "SELECT conversation, left_seq FROM {k}.user_conversations WHERE user_id = ?"
+            ))
+            .await?,
+            upsert_title: prepare(format!(
+                "INSERT INTO {k}.groups (group_id, title) VALUES (?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            title: prepare(format!("SELECT title FROM {k}.groups WHERE group_id = ?")).await?,
+            upsert_member: prepare(format!(
+                "INSERT INTO {k}.members (group_id, user_id, role, left_seq) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            member: prepare(format!(
+                "SELECT role, left_seq FROM {k}.members WHERE group_id = ? AND user_id = ?"
+            ))
+            .await?,
+            members: prepare(format!(
+                "SELECT user_id, role, left_seq FROM {k}.members WHERE group_id = ?"
+            ))
+            .await?,
+            upsert_mark: prepare(format!(
+                "INSERT INTO {k}.marks (conversation, user_id, device_id, delivered_seq, read_seq) \
+                 VALUES (?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            marks: prepare(format!(
+                "SELECT device_id, delivered_seq, read_seq FROM {k}.marks WHERE conversation = ? AND user_id = ?"
+            ))
+            .await?,
+        })
+    }
+}
+
+/// Maps a driver error: the database did not answer as asked.
+fn unavailable(err: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(err.to_string())
+}
+
+fn corrupt(err: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(err.to_string())
+}
+
+fn role_code(role: Role) -> i8 {
+    match role {
+        Role::Member => 0,
+        Role::Admin => 1,
+        Role::Owner => 2,
+    }
+}
+
+fn role_of(code: i8) -> Result<Role, StoreError> {
+    match code {
+        0 => Ok(Role::Member),
+        1 => Ok(Role::Admin),
+        2 => Ok(Role::Owner),
+        other => Err(StoreError::Corrupt(format!("unknown role {other}"))),
+    }
+}
+
+fn user_id(raw: i64) -> Result<UserId, StoreError> {
+    UserId::new(from_cql(raw)).ok_or_else(|| StoreError::Corrupt("user id 0".into()))
+}
+
+fn left(raw: Option<i64>) -> Option<Seq> {
+    raw.map(from_cql).filter(|seq| *seq != 0)
+}
+
+impl Inner {
+    /// Rows of one query, deserialized as `R`.
+    async fn rows<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<Vec<R>, StoreError>
+    where
+        R: for<'frame, 'metadata> scylla::deserialize::row::DeserializeRow<'frame, 'metadata>,
+    {
+        let result = self
+            .session
+            .execute_unpaged(statement, values)
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?;
+        result
+            .rows::<R>()
+            .map_err(corrupt)?
+            .collect::<Result<Vec<R>, _>>()
+            .map_err(corrupt)
+    }
+
+    async fn execute(
+        &self,
+        statement: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<(), StoreError> {
+        self.session
+            .execute_unpaged(statement, values)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
+        let rows: Vec<(String, String, i64)> = self.rows(&self.statements.user_by_id, (to_cql(id.get()),)).await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .map(|(username, password_hash, created_at_ms)| UserRecord {
+                id,
+                username,
+                password_hash,
+                created_at_ms: from_cql(created_at_ms),
+            }))
+    }
+
+    async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        let rows: Vec<(String, Vec<u8>, i64, i64)> = self
+            .rows(&self.statements.device, (to_cql(user.get()), to_cql(device.get())))
+            .await?;
+        let Some((name, refresh_hash, refresh_expires_at_ms, created_at_ms)) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        Ok(Some(DeviceRecord {
+            user,
+            id: device,
+            name,
+            refresh_hash: refresh_hash
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("refresh hash is not 32 bytes".into()))?,
+            refresh_expires_at_ms: from_cql(refresh_expires_at_ms),
+            created_at_ms: from_cql(created_at_ms),
+        }))
+    }
+
+    async fn message(&self, conversation: ConversationId, seq: Seq) -> Result<Option<StoredMessage>, StoreError> {
+        let rows: Vec<(Vec<u8>,)> = self
+            .rows(
+                &self.statements.message_at,
+                (conversation.to_string(), bucket(seq), to_cql(seq)),
+            )
+            .await?;
+        rows.into_iter()
+            .next()
+            .map(|(data,)| StoredMessage::decode(data.as_slice()).map_err(corrupt))
+            .transpose()
+    }
+
+    /// Every device's marks of `user` in `conversation`, folded to the highest.
+    async fn user_marks(
+        &self,
+        conversation: ConversationId,
+        user: UserId,
+    ) -> Result<(Marks, HashMap<u64, Marks>), StoreError> {
+        let rows: Vec<(i64, i64, i64)> = self
+            .rows(&self.statements.marks, (conversation.to_string(), to_cql(user.get())))
+            .await?;
+        let mut devices = HashMap::new();
+        let mut all = Marks::default();
+        for (device, delivered_seq, read_seq) in rows {
+            let marks = Marks {
+                delivered_seq: from_cql(delivered_seq),
+                read_seq: from_cql(read_seq),
+            };
+            all = max_marks(all, marks);
+            devices.insert(from_cql(device), marks);
+        }
+        Ok((all, devices))
+    }
+
+    /// The highest seq stored in `conversation` (see the module doc).
+    async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
+        let key = conversation.to_string();
+        let head: Vec<(i64, i64)> = self.rows(&self.statements.head, (key.clone(),)).await?;
+        let mut current = head.first().map_or(0, |(seq, _)| bucket(from_cql(*seq)));
+        let mut highest = 0;
+        loop {
+            let rows: Vec<(i64, Vec<u8>)> = self
+                .rows(&self.statements.latest_in_bucket, (key.clone(), current, 1_i32))
+                .await?;
+            match rows.first() {
+                Some((seq, _)) => highest = from_cql(*seq),
+                None if current > 0 || highest > 0 => return Ok(highest),
+                None => return Ok(0),
+            }
+            current += 1;
+        }
+    }
+
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        range: HistoryRange,
+        limit: usize,
+    ) -> Result<HistoryPage, StoreError> {
+        let key = conversation.to_string();
+        let wanted = limit + 1;
+        let mut found: Vec<(Seq, Vec<u8>)> = Vec::with_capacity(wanted.min(256));
+        match range {
+            HistoryRange::After(bound) => {
+                if bound == Seq::MAX {
+                    return Ok(HistoryPage::default());
+                }
+                let last = self.last_seq(conversation).await?;
+                let mut current = bucket(bound + 1);
+                while found.len() < wanted && current <= bucket(last) {
+                    let left = i32::try_from(wanted - found.len()).unwrap_or(i32::MAX);
+                    let rows: Vec<(i64, Vec<u8>)> = self
+                        .rows(
+                            &self.statements.after_in_bucket,
+                            (key.clone(), current, to_cql(bound), left),
+                        )
+                        .await?;
+                    found.extend(rows.into_iter().map(|(seq, data)| (from_cql(seq), data)));
+                    current += 1;
+                }
+            }
+            HistoryRange::Latest | HistoryRange::Before(_) => {
+                let below = match range {
+                    HistoryRange::Before(bound) => bound,
+                    _ => self.last_seq(conversation).await?.saturating_add(1),
+                };
+                if below <= 1 {
+                    return Ok(HistoryPage::default());
+                }
+                let mut current = bucket(below - 1);
+                while found.len() < wanted && current >= 0 {
+                    let left = i32::try_from(wanted - found.len()).unwrap_or(i32::MAX);
+                    let rows: Vec<(i64, Vec<u8>)> = self
+                        .rows(
+                            &self.statements.before_in_bucket,
+                            (key.clone(), current, to_cql(below), left),
+                        )
+                        .await?;
+                    found.extend(rows.into_iter().map(|(seq, data)| (from_cql(seq), data)));
+                    current -= 1;
+                }
+                found.reverse();
+            }
+        }
+        let has_more = found.len() > limit;
+        match range {
+            HistoryRange::After(_) => found.truncate(limit),
+            _ => {
+                let excess = found.len().saturating_sub(limit);
+                found.drain(..excess);
+            }
+        }
+        let messages = found
+            .into_iter()
+            .map(|(seq, data)| {
+                StoredMessage::decode(data.as_slice())
+                    .map_err(corrupt)?
+                    .into_record(conversation, seq)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(HistoryPage { messages, has_more })
+    }
+}
+
+fn max_marks(a: Marks, b: Marks) -> Marks {
+    Marks {
+        delivered_seq: a.delivered_seq.max(b.delivered_seq),
+        read_seq: a.read_seq.max(b.read_seq),
+    }
+}
+
+#[async_trait]
+impl Store for CassandraStore {
+    async fn create_user(&self, user: NewUser) -> Result<UserRecord, StoreError> {
+        self.on_driver(move |inner| async move {
+            let id = UserId::random();
+            let claimed = inner
+                .session
+                .execute_unpaged(
+                    &inner.statements.claim_username,
+                    (user.username.clone(), to_cql(id.get())),
+                )
+                .await
+                .map_err(unavailable)?
+                .into_rows_result()
+                .map_err(corrupt)?;
+            // The first column of a lightweight transaction's reply is `[applied]`.
+            let applied = claimed
+                .rows::<scylla::value::Row>()
+                .map_err(corrupt)?
+                .next()
+                .transpose()
+                .map_err(corrupt)?
+                .and_then(|row| row.columns.into_iter().next().flatten())
+                .and_then(|value| value.as_boolean())
+                .unwrap_or(false);
+            if !applied {
+                return Err(StoreError::UsernameTaken);
+            }
+            inner
+                .execute(
+                    &inner.statements.insert_user,
+                    (
+                        to_cql(id.get()),
+                        user.username.clone(),
+                        user.password_hash.clone(),
+                        to_cql(user.created_at_ms),
+                    ),
+                )
+                .await?;
+            Ok(UserRecord {
+                id,
+                username: user.username,
+                password_hash: user.password_hash,
+                created_at_ms: user.created_at_ms,
+            })
+        })
+        .await
+    }
+
+    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
+        let username = username.to_owned();
+        self.on_driver(move |inner| async move {
+            let rows: Vec<(i64,)> = inner.rows(&inner.statements.id_by_username, (username,)).await?;
+            match rows.first() {
+                Some((id,)) => inner.user(user_id(*id)?).await,
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn user_by_id(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
+        self.on_driver(move |inner| async move { inner.user(id).await }).await
+    }
+
+    async fn missing_users(&self, ids: Vec<UserId>) -> Result<Vec<UserId>, StoreError> {
+        self.on_driver(move |inner| async move {
+            let found = try_join_all(ids.iter().map(|id| inner.user(*id))).await?;
+            Ok(ids
+                .into_iter()
+                .zip(found)
+                .filter_map(|(id, user)| user.is_none().then_some(id))
+                .collect())
+        })
+        .await
+    }
+
+    async fn put_device(&self, device: DeviceRecord) -> Result<(), StoreError> {
+        self.on_driver(move |inner| async move {
+            inner
+                .execute(
+                    &inner.statements.insert_device,
+                    (
+                        to_cql(device.user.get()),
+                        to_cql(device.id.get()),
+                        device.name,
+                        device.refresh_hash.to_vec(),
+                        to_cql(device.refresh_expires_at_ms),
+                        to_cql(device.created_at_ms),
+                    ),
+                )
+                .await
+        })
+        .await
+    }
+
+    async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        self.on_driver(move |inner| async move { inner.device(user, device).await })
+            .await
+    }
+
+    async fn device_and_user(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> Result<Option<(DeviceRecord, UserRecord)>, StoreError> {
+        self.on_driver(move |inner| async move {
+            let (device, user) = futures::try_join!(inner.device(user, device), inner.user(user))?;
+            Ok(device.zip(user))
+        })
+        .await
+    }
+
+    async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError> {
+        self.on_driver(move |inner| async move {
+            let existed = inner.device(user, device).await?.is_some();
+            inner
+                .execute(
+                    &inner.statements.delete_device,
+                    (to_cql(user.get()), to_cql(device.get())),
+                )
+                .await?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
+        self.writer.append(messages).await
+    }
+
+    async fn find_sends(
+        &self,
+        conversation: ConversationId,
+        keys: Vec<(DeviceId, String)>,
+        since_ms: u64,
+    ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError> {
+        self.on_driver(move |inner| async move {
+            let key = conversation.to_string();
+            let lookups = keys.iter().map(|(device, client_msg_id)| {
+                inner.rows::<(i64, i64)>(
+                    &inner.statements.send,
+                    (key.clone(), to_cql(device.get()), client_msg_id.clone()),
+                )
+            });
+            let found = try_join_all(lookups).await?;
+            Ok(keys
+                .into_iter()
+                .zip(found)
+                .filter_map(|(key, rows)| {
+                    let (seq, server_time_ms) = rows.into_iter().next()?;
+                    let send = StoredSend {
+                        seq: from_cql(seq),
+                        server_time_ms: from_cql(server_time_ms),
+                    };
+                    (send.server_time_ms >= since_ms).then_some((key, send))
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Send records expire by themselves (TTL = the dedup window).
+    async fn purge_sends(&self, _before_ms: u64) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
+    async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
+        self.on_driver(move |inner| async move {
+            let titles: Vec<(Option<String>,)> = inner.rows(&inner.statements.title, (to_cql(group.get()),)).await?;
+            let Some((title,)) = titles.into_iter().next() else {
+                return Ok(None);
+            };
+            let rows: Vec<(i64, i8, Option<i64>)> =
+                inner.rows(&inner.statements.members, (to_cql(group.get()),)).await?;
+            let mut members = Vec::new();
+            for (user, role, left_seq) in rows {
+                if left(left_seq).is_none() {
+                    members.push((user_id(user)?, role_of(role)?));
+                }
+            }
+            members.sort_by_key(|(user, _)| user.get());
+            Ok(Some(GroupRecord {
+                title: title.unwrap_or_default(),
+                members,
+            }))
+        })
+        .await
+    }
+
+    async fn member(&self, group: GroupId, user: UserId) -> Result<Option<MemberRecord>, StoreError> {
+        self.on_driver(move |inner| async move {
+            let rows: Vec<(i8, Option<i64>)> = inner
+                .rows(&inner.statements.member, (to_cql(group.get()), to_cql(user.get())))
+                .await?;
+            rows.into_iter()
+                .next()
+                .map(|(role, left_seq)| {
+                    Ok(MemberRecord {
+                        role: role_of(role)?,
+                        left_seq: left(left_seq),
+                    })
+                })
+                .transpose()
+        })
+        .await
+    }
+
+    async fn members_page(
+        &self,
+        group: GroupId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<(Vec<(UserId, Role)>, bool), StoreError> {
+        let members = match self.group(group).await? {
+            Some(record) => record.members,
+            None => return Ok((Vec::new(), false)),
+        };
+        let mut page: Vec<(UserId, Role)> = members
+            .into_iter()
+            .filter(|(user, _)| after.is_none_or(|after| user.get() > after.get()))
+            .take(limit + 1)
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        Ok((page, more))
+    }
+
+    async fn conversations(&self, user: UserId) -> Result<Vec<ConversationHead>, StoreError> {
+        self.on_driver(move |inner| async move {
+            let rows: Vec<(String, Option<i64>)> = inner
+                .rows(&inner.statements.user_conversations, (to_cql(user.get()),))
+                .await?;
+            let heads = rows.into_iter().map(|(key, left_seq)| {
+                let inner = inner.clone();
+                async move {
+                    let conversation = ConversationId::parse(&key).map_err(corrupt)?;
+                    let head: Vec<(i64, i64)> = inner.rows(&inner.statements.head, (key,)).await?;
+                    let Some((last_seq, last_time_ms)) = head.into_iter().next() else {
+                        return Ok(None);
+                    };
+                    let left_seq = left(left_seq);
+                    let (marks, _) = inner.user_marks(conversation, user).await?;
+                    let title = match conversation {
+                        ConversationId::Group(group) => {
+                            let titles: Vec<(Option<String>,)> =
+                                inner.rows(&inner.statements.title, (to_cql(group.get()),)).await?;
+                            titles.into_iter().next().and_then(|(title,)| title)
+                        }
+                        ConversationId::Direct { .. } => None,
+                    };
+                    let last_seq = from_cql(last_seq);
+                    Ok::<_, StoreError>(Some(ConversationHead {
+                        conversation,
+                        last_seq: left_seq.map_or(last_seq, |left| left.min(last_seq)),
+                        last_time_ms: from_cql(last_time_ms),
+                        left_seq,
+                        read_seq: marks.read_seq,
+                        title,
+                    }))
+                }
+            });
+            Ok(try_join_all(heads).await?.into_iter().flatten().collect())
+        })
+        .await
+    }
+
+    async fn mark(
+        &self,
+        conversation: ConversationId,
+        user: UserId,
+        device: DeviceId,
+        marks: Marks,
+    ) -> Result<(Marks, bool), StoreError> {
+        self.writer.mark(conversation, user, device, marks).await
+    }
+
+    async fn messages_at(
+        &self,
+        conversation: ConversationId,
+        seqs: Vec<Seq>,
+    ) -> Result<HashMap<Seq, MessageRecord>, StoreError> {
+        self.on_driver(move |inner| async move {
+            let found = try_join_all(seqs.iter().map(|seq| inner.message(conversation, *seq))).await?;
+            seqs.into_iter()
+                .zip(found)
+                .filter_map(|(seq, stored)| {
+                    stored.map(|stored| stored.into_record(conversation, seq).map(|m| (seq, m)))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
+        self.on_driver(move |inner| async move { inner.last_seq(conversation).await })
+            .await
+    }
+
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        range: HistoryRange,
+        limit: usize,
+    ) -> Result<HistoryPage, StoreError> {
+        self.on_driver(move |inner| async move { inner.history(conversation, range, limit).await })
+            .await
+    }
+
+    /// Every acknowledged write was confirmed by Cassandra already: stop the writer.
+    async fn close(&self) -> Result<(), StoreError> {
+        self.writer.close().await
+    }
+}

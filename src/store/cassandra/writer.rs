@@ -1,0 +1,364 @@
+//! The Cassandra write path: one task on the driver runtime collects appends from
+//! every shard for `cassandra.batch_window` (or up to `max_batch_rows` rows), turns
+//! them into rows, groups the rows by partition and writes each partition as one
+//! unlogged batch (never a multi-partition batch), at most `max_in_flight` at once.
+//! Every append of a flush is answered once all its partitions were confirmed at
+//! the configured consistency, or all fail with `Unavailable`: nothing is
+//! acknowledged that Cassandra did not confirm. Flushes run one after another, so
+//! an edit always finds the message it edits.
+//!
+//! Receipt marks are read-modify-write, so they go through the same task, in order.
+
+use super::{Inner, bucket, max_marks, to_cql, unavailable};
+use crate::config::CassandraConfig;
+use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
+use crate::store::encoding::StoredMessage;
+use crate::store::{Amendment, GroupEvent, Marks, MessageRecord, Role, StoreError};
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use futures::stream::{self, StreamExt as _};
+use prost::Message as _;
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Jobs waiting for the writer; beyond it, callers wait (back-pressure).
+const QUEUE: usize = 16 * 1024;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Job {
+    Append(Vec<MessageRecord>, Reply<()>),
+    Mark {
+        conversation: ConversationId,
+        user: UserId,
+        device: DeviceId,
+        marks: Marks,
+        reply: Reply<(Marks, bool)>,
+    },
+    Close(Reply<()>),
+}
+
+/// Sends jobs to the writer task.
+#[derive(Debug, Clone)]
+pub(super) struct Handle {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Handle {
+    async fn submit<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(job(reply)).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub(super) async fn append(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
+        self.submit(|reply| Job::Append(messages, reply)).await
+    }
+
+    pub(super) async fn mark(
+        &self,
+        conversation: ConversationId,
+        user: UserId,
+        device: DeviceId,
+        marks: Marks,
+    ) -> Result<(Marks, bool), StoreError> {
+        self.submit(|reply| Job::Mark {
+            conversation,
+            user,
+            device,
+            marks,
+            reply,
+        })
+        .await
+    }
+
+    pub(super) async fn close(&self) -> Result<(), StoreError> {
+        self.submit(Job::Close).await
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    window: Duration,
+    max_rows: usize,
+    max_in_flight: usize,
+}
+
+pub(super) fn spawn(runtime: &tokio::runtime::Handle, inner: Arc<Inner>, config: &CassandraConfig) -> Handle {
+    let (jobs, queue) = mpsc::channel(QUEUE);
+    let limits = Limits {
+        window: config.batch_window,
+        max_rows: config.max_batch_rows,
+        max_in_flight: config.max_in_flight,
+    };
+    runtime.spawn(run(inner, queue, limits));
+    Handle { jobs }
+}
+
+fn rows_of(job: &Job) -> usize {
+    match job {
+        Job::Append(messages, _) => messages.len(),
+        Job::Mark { .. } | Job::Close(_) => 1,
+    }
+}
+
+async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) {
+    let mut closed = false;
+    while let Some(first) = queue.recv().await {
+        let mut rows = rows_of(&first);
+        let mut jobs = vec![first];
+        let deadline = tokio::time::Instant::now() + limits.window;
+        while rows < limits.max_rows {
+            match tokio::time::timeout_at(deadline, queue.recv()).await {
+                Ok(Some(job)) => {
+                    rows += rows_of(&job);
+                    jobs.push(job);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let mut appends = Vec::new();
+        let mut closers = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Append(_, reply) | Job::Close(reply) if closed => {
+                    let _ = reply.send(Err(StoreError::Closed));
+                }
+                Job::Mark { reply, .. } if closed => {
+                    let _ = reply.send(Err(StoreError::Closed));
+                }
+                Job::Append(messages, reply) => appends.push((messages, reply)),
+                Job::Mark {
+                    conversation,
+                    user,
+                    device,
+                    marks,
+                    reply,
+                } => {
+                    let _ = reply.send(mark(&inner, conversation, user, device, marks).await);
+                }
+                Job::Close(reply) => {
+                    closed = true;
+                    closers.push(reply);
+                }
+            }
+        }
+        if !appends.is_empty() {
+            let messages: Vec<&MessageRecord> = appends.iter().flat_map(|(messages, _)| messages).collect();
+            let result = flush(&inner, &messages, limits.max_in_flight).await;
+            if let Err(err) = &result {
+                tracing::warn!(error = %err, messages = messages.len(), "Cassandra write failed; appends not acknowledged");
+            }
+            for (_, reply) in appends {
+                let _ = reply.send(result.clone());
+            }
+        }
+        for reply in closers {
+            let _ = reply.send(Ok(()));
+        }
+    }
+}
+
+/// Raises one device's watermarks; returns the user's across devices and whether they rose.
+async fn mark(
+    inner: &Inner,
+    conversation: ConversationId,
+    user: UserId,
+    device: DeviceId,
+    raised: Marks,
+) -> Result<(Marks, bool), StoreError> {
+    let (before_user, devices) = inner.user_marks(conversation, user).await?;
+    let stored = devices.get(&device.get()).copied().unwrap_or_default();
+    let updated = max_marks(stored, raised);
+    if updated != stored {
+        inner
+            .execute(
+                &inner.statements.upsert_mark,
+                (
+                    conversation.to_string(),
+                    to_cql(user.get()),
+                    to_cql(device.get()),
+                    to_cql(updated.delivered_seq),
+                    to_cql(updated.read_seq),
+                ),
+            )
+            .await?;
+    }
+    let after_user = max_marks(before_user, updated);
+    Ok((after_user, after_user != before_user))
+}
+
+/// Bound values of one row, per statement: `insert_message`, `insert_send`,
+/// `upsert_head`, `upsert_user_conversation`, `upsert_title`, `upsert_member`.
+type MessageRow = (String, i64, i64, Vec<u8>);
+type SendRow = (String, i64, String, i64, i64, i32);
+type HeadRow = (String, i64, i64, i64);
+type UserConversationRow = (i64, String, i64, i64);
+type TitleRow = (i64, String, i64);
+type MemberRow = (i64, i64, i8, i64, i64);
+
+/// The rows of one flush, by table and partition.
+#[derive(Default)]
+struct Rows {
+    /// (conversation, seq) → the message as it must end up (amendments applied).
+    messages: BTreeMap<(String, Seq), StoredMessage>,
+    sends: HashMap<String, Vec<SendRow>>,
+    heads: HashMap<String, HeadRow>,
+    user_conversations: HashMap<i64, Vec<UserConversationRow>>,
+    titles: HashMap<i64, Vec<TitleRow>>,
+    members: HashMap<i64, Vec<MemberRow>>,
+}
+
+async fn flush(inner: &Inner, messages: &[&MessageRecord], max_in_flight: usize) -> Result<(), StoreError> {
+    let mut rows = Rows::default();
+    for message in messages {
+        let key = message.conversation.to_string();
+        let seq = to_cql(message.seq);
+        if let Some(amendment) = message.amends {
+            let (Amendment::Edit(target) | Amendment::Delete(target)) = amendment;
+            let target_key = (key.clone(), target);
+            let stored = match rows.messages.get_mut(&target_key) {
+                Some(stored) => Some(stored),
+                None => match inner.message(message.conversation, target).await? {
+                    Some(stored) => Some(rows.messages.entry(target_key).or_insert(stored)),
+                    None => None,
+                },
+            };
+            match stored {
+                Some(stored) => stored.amend(message, amendment),
+                None => tracing::error!(target, "amended message is missing; the amendment is kept"),
+            }
+        }
+        if let (ConversationId::Group(group), Some(event)) = (message.conversation, &message.event) {
+            stage_group_event(&mut rows, group, message.sender, message.seq, event);
+        }
+        rows.sends.entry(key.clone()).or_default().push((
+            key.clone(),
+            to_cql(message.sender_device.get()),
+            message.client_msg_id.clone(),
+            seq,
+            to_cql(message.server_time_ms),
+            inner.send_ttl_s,
+        ));
+        // Messages arrive in seq order per conversation: the last one is the head.
+        rows.heads
+            .insert(key.clone(), (key.clone(), seq, to_cql(message.server_time_ms), seq));
+        for member in message.conversation.direct_members() {
+            rows.user_conversations.entry(to_cql(member.get())).or_default().push((
+                to_cql(member.get()),
+                key.clone(),
+                0,
+                seq,
+            ));
+        }
+        rows.messages.insert((key, message.seq), StoredMessage::of(message));
+    }
+
+    let statements = &inner.statements;
+    let mut message_partitions: HashMap<(String, i64), Vec<MessageRow>> = HashMap::new();
+    for ((key, seq), stored) in rows.messages {
+        message_partitions.entry((key.clone(), bucket(seq))).or_default().push((
+            key,
+            bucket(seq),
+            to_cql(seq),
+            stored.encode_to_vec(),
+        ));
+    }
+    let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::new();
+    for partition in message_partitions.into_values() {
+        writes.push(write(inner, &statements.insert_message, partition).boxed());
+    }
+    for partition in rows.sends.into_values() {
+        writes.push(write(inner, &statements.insert_send, partition).boxed());
+    }
+    for head in rows.heads.into_values() {
+        writes.push(write(inner, &statements.upsert_head, vec![head]).boxed());
+    }
+    for partition in rows.user_conversations.into_values() {
+        writes.push(write(inner, &statements.upsert_user_conversation, partition).boxed());
+    }
+    for partition in rows.titles.into_values() {
+        writes.push(write(inner, &statements.upsert_title, partition).boxed());
+    }
+    for partition in rows.members.into_values() {
+        writes.push(write(inner, &statements.upsert_member, partition).boxed());
+    }
+    let results: Vec<Result<(), StoreError>> = stream::iter(writes)
+        .buffer_unordered(max_in_flight.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// The member, title and index rows for a group event sent by `actor` at `seq`.
+fn stage_group_event(rows: &mut Rows, group: GroupId, actor: UserId, seq: Seq, event: &GroupEvent) {
+    let group_key = to_cql(group.get());
+    let conversation = ConversationId::Group(group).to_string();
+    let at = to_cql(seq);
+    let mut put = |user: UserId, role: Role, left_seq: Option<Seq>| {
+        let left = to_cql(left_seq.unwrap_or(0));
+        rows.members.entry(group_key).or_default().push((
+            group_key,
+            to_cql(user.get()),
+            super::role_code(role),
+            left,
+            at,
+        ));
+        rows.user_conversations.entry(to_cql(user.get())).or_default().push((
+            to_cql(user.get()),
+            conversation.clone(),
+            left,
+            at,
+        ));
+    };
+    match event {
+        GroupEvent::Created { members, .. } => {
+            for member in members {
+                put(*member, if *member == actor { Role::Owner } else { Role::Member }, None);
+            }
+        }
+        GroupEvent::MembersAdded(users) => {
+            for user in users {
+                put(*user, Role::Member, None);
+            }
+        }
+        GroupEvent::MemberRemoved(user) => put(*user, Role::Member, Some(seq)),
+        GroupEvent::MemberLeft { new_owner } => {
+            put(actor, Role::Member, Some(seq));
+            if let Some(owner) = new_owner {
+                put(*owner, Role::Owner, None);
+            }
+        }
+        GroupEvent::RoleChanged(user, role) => put(*user, *role, None),
+        GroupEvent::Renamed(_) => {}
+    }
+    if let GroupEvent::Created { title, .. } | GroupEvent::Renamed(title) = event {
+        rows.titles
+            .entry(group_key)
+            .or_default()
+            .push((group_key, title.clone(), at));
+    }
+}
+
+/// Writes rows of one partition: one statement, or one unlogged batch.
+async fn write<V: SerializeRow>(inner: &Inner, statement: &PreparedStatement, rows: Vec<V>) -> Result<(), StoreError> {
+    if rows.len() == 1 {
+        if let Some(row) = rows.into_iter().next() {
+            inner.execute(statement, row).await?;
+        }
+        return Ok(());
+    }
+    let mut batch = Batch::new(BatchType::Unlogged);
+    for _ in 0..rows.len() {
+        batch.append_statement(statement.clone());
+    }
+    batch.set_consistency(inner.consistency);
+    batch.set_request_timeout(Some(inner.request_timeout));
+    inner.session.batch(&batch, rows).await.map_err(unavailable)?;
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! How a message is stored as bytes, shared by the backends: a small protobuf
+//! record (prost) of everything but its conversation and seq, which are the key.
+
+use super::{Amendment, GroupEvent, MessageRecord, StoreError};
+use crate::ids::{ConversationId, DeviceId, Seq, UserId};
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct StoredMessage {
+    #[prost(uint64, tag = "1")]
+    pub(crate) sender: u64,
+    #[prost(uint64, tag = "2")]
+    pub(crate) sender_device: u64,
+    #[prost(string, tag = "3")]
+    pub(crate) client_msg_id: String,
+    #[prost(string, tag = "4")]
+    pub(crate) body: String,
+    #[prost(uint64, tag = "5")]
+    pub(crate) server_time_ms: u64,
+    #[prost(message, optional, tag = "6")]
+    pub(crate) event: Option<confab_proto::v1::GroupEvent>,
+    /// Seq of the message this one edits (0: none).
+    #[prost(uint64, tag = "7")]
+    pub(crate) edits: u64,
+    /// Seq of the message this one deletes (0: none).
+    #[prost(uint64, tag = "8")]
+    pub(crate) deletes: u64,
+    #[prost(bool, tag = "9")]
+    pub(crate) deleted: bool,
+    #[prost(uint64, tag = "10")]
+    pub(crate) edited_by: u64,
+}
+
+impl StoredMessage {
+    pub(crate) fn of(message: &MessageRecord) -> Self {
+        let (edits, deletes) = match message.amends {
+            Some(Amendment::Edit(target)) => (target, 0),
+            Some(Amendment::Delete(target)) => (0, target),
+            None => (0, 0),
+        };
+        Self {
+            sender: message.sender.get(),
+            sender_device: message.sender_device.get(),
+            client_msg_id: message.client_msg_id.clone(),
+            body: message.body.clone(),
+            server_time_ms: message.server_time_ms,
+            event: message.event.as_ref().map(confab_proto::v1::GroupEvent::from),
+            edits,
+            deletes,
+            deleted: message.deleted,
+            edited_by: message.edited_by.unwrap_or(0),
+        }
+    }
+
+    pub(crate) fn into_record(self, conversation: ConversationId, seq: Seq) -> Result<MessageRecord, StoreError> {
+        Ok(MessageRecord {
+            conversation,
+            seq,
+            sender: UserId::new(self.sender).ok_or_else(|| StoreError::Corrupt("message sender is 0".into()))?,
+            sender_device: DeviceId::new(self.sender_device)
+                .ok_or_else(|| StoreError::Corrupt("message sender device is 0".into()))?,
+            client_msg_id: self.client_msg_id,
+            body: self.body,
+            server_time_ms: self.server_time_ms,
+            event: match self.event {
+                None => None,
+                Some(event) => Some(
+                    GroupEvent::from_proto(event).ok_or_else(|| StoreError::Corrupt("invalid group event".into()))?,
+                ),
+            },
+            amends: match (self.edits, self.deletes) {
+                (0, 0) => None,
+                (edits, 0) => Some(Amendment::Edit(edits)),
+                (_, deletes) => Some(Amendment::Delete(deletes)),
+            },
+            deleted: self.deleted,
+            edited_by: (self.edited_by != 0).then_some(self.edited_by),
+        })
+    }
+}
+
+impl StoredMessage {
+    /// Applies an edit or delete sent as `amendment_message`, so history shows the
+    /// current state.
+    pub(crate) fn amend(&mut self, amendment_message: &MessageRecord, amendment: Amendment) {
+        match amendment {
+            Amendment::Edit(_) => {
+                self.body.clone_from(&amendment_message.body);
+                self.edited_by = amendment_message.seq;
+            }
+            Amendment::Delete(_) => {
+                self.body.clear();
+                self.deleted = true;
+            }
+        }
+    }
+}
