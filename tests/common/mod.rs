@@ -79,10 +79,17 @@ fn cassandra_keyspace() -> &'static str {
 /// Nodes start one at a time against Cassandra, so only the first one of a
 /// process creates the keyspace.
 pub fn start_server(config: Config) -> Server {
-    static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = STARTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     Server::start(config).unwrap()
 }
+
+/// The store `config` names, opened one at a time like nodes.
+pub fn open_store(config: &Config) -> std::sync::Arc<dyn confab::store::Store> {
+    let _one_at_a_time = STARTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    confab::store::open(config).unwrap()
+}
+
+static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A running in-process node and the temp dir it owns.
 pub struct TestServer {

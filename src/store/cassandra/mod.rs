@@ -113,6 +113,11 @@ struct Inner {
     statements: Statements,
     /// How long `sends` rows live: the dedup window.
     send_ttl_s: i32,
+    /// Conversations a failed flush may have written in part, with the lowest seq
+    /// of that flush and when: their send records may be missing (see
+    /// [`Inner::scan_sends`]).
+    suspects: Mutex<HashMap<ConversationId, (Seq, std::time::Instant)>>,
+    dedup_window: Duration,
     /// For batches (prepared statements carry their own).
     consistency: scylla::statement::Consistency,
     request_timeout: Duration,
@@ -212,6 +217,8 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
         consistency: consistency(config.consistency),
         request_timeout: config.request_timeout,
         send_ttl_s: i32::try_from(dedup_window.as_secs()).unwrap_or(i32::MAX).max(1),
+        suspects: Mutex::default(),
+        dedup_window,
     })
 }
 
@@ -389,6 +396,53 @@ fn left(raw: Option<i64>) -> Option<Seq> {
 }
 
 impl Inner {
+    /// A failed flush wrote an unknown part of its rows: a message row may have
+    /// landed without its send record, so a retry of that send would be stored
+    /// twice. Until the dedup window passes, lookups that miss in such a
+    /// conversation also scan its messages from the failed flush's lowest seq.
+    fn suspect(&self, conversation: ConversationId, from: Seq) {
+        if let Ok(mut suspects) = self.suspects.lock() {
+            let entry = suspects
+                .entry(conversation)
+                .or_insert((from, std::time::Instant::now()));
+            entry.0 = entry.0.min(from);
+            entry.1 = std::time::Instant::now();
+        }
+    }
+
+    fn suspect_from(&self, conversation: ConversationId) -> Option<Seq> {
+        let mut suspects = self.suspects.lock().ok()?;
+        let window = self.dedup_window;
+        suspects.retain(|_, (_, since)| since.elapsed() < window);
+        suspects.get(&conversation).map(|(from, _)| *from)
+    }
+
+    /// Send records rebuilt from the stored messages with seq >= `from`.
+    async fn scan_sends(
+        &self,
+        conversation: ConversationId,
+        from: Seq,
+    ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError> {
+        let mut sends = HashMap::new();
+        let mut after = from.saturating_sub(1);
+        loop {
+            let page = self.history(conversation, HistoryRange::After(after), 500).await?;
+            for message in &page.messages {
+                sends.insert(
+                    (message.sender_device, message.client_msg_id.clone()),
+                    StoredSend {
+                        seq: message.seq,
+                        server_time_ms: message.server_time_ms,
+                    },
+                );
+            }
+            match page.messages.last() {
+                Some(last) if page.has_more => after = last.seq,
+                _ => return Ok(sends),
+            }
+        }
+    }
+
     /// Rows of one query, deserialized as `R`.
     async fn rows<R>(
         &self,
@@ -734,8 +788,9 @@ impl Store for CassandraStore {
                 )
             });
             let found = try_join_all(lookups).await?;
-            Ok(keys
-                .into_iter()
+            let mut sends: HashMap<(DeviceId, String), StoredSend> = keys
+                .iter()
+                .cloned()
                 .zip(found)
                 .filter_map(|(key, rows)| {
                     let (seq, server_time_ms) = rows.into_iter().next()?;
@@ -743,8 +798,18 @@ impl Store for CassandraStore {
                         seq: from_cql(seq),
                         server_time_ms: from_cql(server_time_ms),
                     };
-                    (send.server_time_ms >= since_ms).then_some((key, send))
+                    Some((key, send))
                 })
+                .collect();
+            if let Some(from) = inner.suspect_from(conversation) {
+                if keys.iter().any(|key| !sends.contains_key(key)) {
+                    sends.extend(inner.scan_sends(conversation, from).await?);
+                }
+            }
+            sends.retain(|_, send| send.server_time_ms >= since_ms);
+            Ok(keys
+                .into_iter()
+                .filter_map(|key| sends.remove(&key).map(|send| (key, send)))
                 .collect())
         })
         .await

@@ -153,6 +153,13 @@ async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) 
             let result = flush(&inner, &messages, limits.max_in_flight).await;
             if let Err(err) = &result {
                 tracing::warn!(error = %err, messages = messages.len(), "Cassandra write failed; appends not acknowledged");
+                let mut lowest: HashMap<ConversationId, Seq> = HashMap::new();
+                for message in &messages {
+                    lowest.entry(message.conversation).or_insert(message.seq);
+                }
+                for (conversation, from) in lowest {
+                    inner.suspect(conversation, from);
+                }
             }
             for (_, reply) in appends {
                 let _ = reply.send(result.clone());

@@ -1,0 +1,100 @@
+//! Cassandra dies while clients send: sends fail with UNAVAILABLE (never an ack
+//! for a message Cassandra did not confirm); once it is back, sending resumes and
+//! every acknowledged message is stored exactly once.
+//!
+//! Kills and restarts the shared node of scripts/test, so it runs alone, last:
+//! `TEST_STORE=cassandra TEST_CASSANDRA=... cargo test --test cassandra_outage -- --ignored`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{TestServer, new_user};
+use confab_client::proto::ErrorCode;
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+fn cassandra(action: &str) {
+    let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cassandra"))
+        .arg(action)
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/cassandra {action} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "kills the Cassandra node of scripts/test; run alone with TEST_STORE=cassandra"]
+async fn sends_fail_cleanly_while_cassandra_is_down_and_resume_after() {
+    assert_eq!(
+        std::env::var("TEST_STORE").as_deref(),
+        Ok("cassandra"),
+        "needs TEST_STORE=cassandra"
+    );
+    let mut node = TestServer::start_with(1, &[("CONFAB_CASSANDRA__REQUEST_TIMEOUT", "1s")]).await;
+    let (alice, _, _) = new_user(node.addr, "outage").await;
+    let (_bob, bob_login, _) = new_user(node.addr, "outage").await;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    let mut conversation = String::new();
+    for i in 0..20 {
+        let id = format!("before-{i}");
+        let ack = alice.send_direct(bob_login.user_id, &id, "before").await.unwrap();
+        conversation = ack.conversation_id;
+        acked.insert(id, ack.seq);
+    }
+
+    cassandra("kill");
+    // While the node is down: no ack, a clear UNAVAILABLE.
+    let mut refused = Vec::new();
+    for i in 0..5 {
+        let id = format!("during-{i}");
+        let result = tokio::time::timeout(
+            Duration::from_secs(30),
+            alice.send_direct(bob_login.user_id, &id, "during"),
+        )
+        .await
+        .expect("a send while Cassandra is down must fail, not hang");
+        match result {
+            Err(err) => assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}"),
+            Ok(ack) => panic!("acknowledged while Cassandra was down: {ack:?}"),
+        }
+        refused.push(id);
+    }
+
+    cassandra("start");
+    // The driver reconnects by itself; retries of the refused sends (same ids) and
+    // new sends go through.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for id in refused.iter().cloned().chain((0..5).map(|i| format!("after-{i}"))) {
+        loop {
+            match alice.send_direct(bob_login.user_id, &id, "again").await {
+                Ok(ack) => {
+                    acked.insert(id, ack.seq);
+                    break;
+                }
+                Err(err) if err.code() == Some(ErrorCode::Unavailable) => {
+                    assert!(tokio::time::Instant::now() < deadline, "sends did not resume: {err}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(err) => panic!("unexpected error after the restart: {err}"),
+            }
+        }
+    }
+
+    // Every acknowledged message is stored exactly once, at its acked seq.
+    let history = alice.full_history(&conversation).await.unwrap();
+    let mut stored: HashMap<String, Vec<u64>> = HashMap::new();
+    for message in &history {
+        stored
+            .entry(message.client_msg_id.clone())
+            .or_default()
+            .push(message.seq);
+    }
+    for (id, seq) in &acked {
+        assert_eq!(
+            stored.get(id),
+            Some(&vec![*seq]),
+            "{id} must be stored once, at seq {seq}"
+        );
+    }
+    node.shutdown().await;
+}
