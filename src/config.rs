@@ -166,6 +166,7 @@ pub struct CassandraConfig {
     #[serde(with = "humantime_serde")]
     pub batch_window: Duration,
     pub max_batch_rows: usize,
+    pub batch_writes: bool,
     pub max_in_flight: usize,
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,

@@ -118,6 +118,8 @@ struct Inner {
     /// [`Inner::scan_sends`]).
     suspects: Mutex<HashMap<ConversationId, (Seq, std::time::Instant)>>,
     dedup_window: Duration,
+    /// Group rows into one unlogged batch per partition (`cassandra.batch_writes`).
+    batch_writes: bool,
     /// For batches (prepared statements carry their own).
     consistency: scylla::statement::Consistency,
     request_timeout: Duration,
@@ -214,6 +216,7 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
     Ok(Inner {
         session,
         statements,
+        batch_writes: config.batch_writes,
         consistency: consistency(config.consistency),
         request_timeout: config.request_timeout,
         send_ttl_s: i32::try_from(dedup_window.as_secs()).unwrap_or(i32::MAX).max(1),

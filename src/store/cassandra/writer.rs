@@ -352,12 +352,11 @@ fn stage_group_event(rows: &mut Rows, group: GroupId, actor: UserId, seq: Seq, e
     }
 }
 
-/// Writes rows of one partition: one statement, or one unlogged batch.
+/// Writes rows of one partition: one statement, or one unlogged batch (or, with
+/// `cassandra.batch_writes = false`, one statement per row).
 async fn write<V: SerializeRow>(inner: &Inner, statement: &PreparedStatement, rows: Vec<V>) -> Result<(), StoreError> {
-    if rows.len() == 1 {
-        if let Some(row) = rows.into_iter().next() {
-            inner.execute(statement, row).await?;
-        }
+    if rows.len() == 1 || !inner.batch_writes {
+        futures::future::try_join_all(rows.into_iter().map(|row| inner.execute(statement, row))).await?;
         return Ok(());
     }
     let mut batch = Batch::new(BatchType::Unlogged);
