@@ -60,6 +60,9 @@ impl Server {
     pub fn start(config: Config) -> Result<Self, StartError> {
         let shards = config.shard_count();
         let store = crate::store::open(&config)?;
+        // The key file lives there whatever the backend.
+        std::fs::create_dir_all(&config.store.data_dir)
+            .map_err(io_error(format!("creating {}", config.store.data_dir.display())))?;
         let signer =
             TokenSigner::from_config_or_file(&config.auth.token_key, &config.store.data_dir.join("token.key"))?;
         let max_hashes = match config.auth.max_concurrent_hashes {
