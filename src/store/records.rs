@@ -93,6 +93,38 @@ pub enum GroupEvent {
     RoleChanged(UserId, Role),
 }
 
+impl GroupEvent {
+    /// The membership records this event, sent by `actor` at `seq`, writes:
+    /// `(user, role, left_seq)` — the store projections every backend keeps.
+    pub fn member_updates(&self, actor: UserId, seq: Seq) -> Vec<(UserId, MemberRecord)> {
+        let member = |role, left_seq| MemberRecord { role, left_seq };
+        match self {
+            Self::Created { members, .. } => members
+                .iter()
+                .map(|user| {
+                    let role = if *user == actor { Role::Owner } else { Role::Member };
+                    (*user, member(role, None))
+                })
+                .collect(),
+            Self::MembersAdded(users) => users.iter().map(|user| (*user, member(Role::Member, None))).collect(),
+            Self::MemberRemoved(user) => vec![(*user, member(Role::Member, Some(seq)))],
+            Self::MemberLeft { new_owner } => std::iter::once((actor, member(Role::Member, Some(seq))))
+                .chain(new_owner.map(|owner| (owner, member(Role::Owner, None))))
+                .collect(),
+            Self::RoleChanged(user, role) => vec![(*user, member(*role, None))],
+            Self::Renamed(_) => Vec::new(),
+        }
+    }
+
+    /// The title this event sets, if any.
+    pub fn title(&self) -> Option<&str> {
+        match self {
+            Self::Created { title, .. } | Self::Renamed(title) => Some(title),
+            _ => None,
+        }
+    }
+}
+
 /// A group as stored: its title and current members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupRecord {

@@ -13,7 +13,7 @@ use super::{Inner, bucket, max_marks, to_cql, unavailable};
 use crate::config::CassandraConfig;
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use crate::store::encoding::StoredMessage;
-use crate::store::{Amendment, GroupEvent, Marks, MessageRecord, Role, StoreError};
+use crate::store::{Amendment, GroupEvent, Marks, MessageRecord, StoreError};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt as _};
@@ -307,12 +307,12 @@ fn stage_group_event(rows: &mut Rows, group: GroupId, actor: UserId, seq: Seq, e
     let group_key = to_cql(group.get());
     let conversation = ConversationId::Group(group).to_string();
     let at = to_cql(seq);
-    let mut put = |user: UserId, role: Role, left_seq: Option<Seq>| {
-        let left = to_cql(left_seq.unwrap_or(0));
+    for (user, member) in event.member_updates(actor, seq) {
+        let left = to_cql(member.left_seq.unwrap_or(0));
         rows.members.entry(group_key).or_default().push((
             group_key,
             to_cql(user.get()),
-            super::role_code(role),
+            super::role_code(member.role),
             left,
             at,
         ));
@@ -322,33 +322,12 @@ fn stage_group_event(rows: &mut Rows, group: GroupId, actor: UserId, seq: Seq, e
             left,
             at,
         ));
-    };
-    match event {
-        GroupEvent::Created { members, .. } => {
-            for member in members {
-                put(*member, if *member == actor { Role::Owner } else { Role::Member }, None);
-            }
-        }
-        GroupEvent::MembersAdded(users) => {
-            for user in users {
-                put(*user, Role::Member, None);
-            }
-        }
-        GroupEvent::MemberRemoved(user) => put(*user, Role::Member, Some(seq)),
-        GroupEvent::MemberLeft { new_owner } => {
-            put(actor, Role::Member, Some(seq));
-            if let Some(owner) = new_owner {
-                put(*owner, Role::Owner, None);
-            }
-        }
-        GroupEvent::RoleChanged(user, role) => put(*user, *role, None),
-        GroupEvent::Renamed(_) => {}
     }
-    if let GroupEvent::Created { title, .. } | GroupEvent::Renamed(title) = event {
+    if let Some(title) = event.title() {
         rows.titles
             .entry(group_key)
             .or_default()
-            .push((group_key, title.clone(), at));
+            .push((group_key, title.to_owned(), at));
     }
 }
 
