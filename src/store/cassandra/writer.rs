@@ -21,7 +21,7 @@ use prost::Message as _;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -107,8 +107,14 @@ fn rows_of(job: &Job) -> usize {
     }
 }
 
+/// Direct conversations whose `user_conversations` rows this writer has written:
+/// they never change, so later flushes skip them. Bounded; forgetting only costs
+/// a rewrite.
+const MAX_INDEXED: usize = 100_000;
+
 async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) {
     let mut closed = false;
+    let mut indexed: HashSet<ConversationId> = HashSet::new();
     while let Some(first) = queue.recv().await {
         let mut rows = rows_of(&first);
         let mut jobs = vec![first];
@@ -150,7 +156,18 @@ async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) 
         }
         if !appends.is_empty() {
             let messages: Vec<&MessageRecord> = appends.iter().flat_map(|(messages, _)| messages).collect();
-            let result = flush(&inner, &messages, limits.max_in_flight).await;
+            let result = flush(&inner, &messages, &indexed, limits.max_in_flight).await;
+            if result.is_ok() {
+                if indexed.len() > MAX_INDEXED {
+                    indexed.clear();
+                }
+                indexed.extend(
+                    messages
+                        .iter()
+                        .map(|message| message.conversation)
+                        .filter(|conversation| matches!(conversation, ConversationId::Direct { .. })),
+                );
+            }
             if let Err(err) = &result {
                 tracing::warn!(error = %err, messages = messages.len(), "Cassandra write failed; appends not acknowledged");
                 let mut lowest: HashMap<ConversationId, Seq> = HashMap::new();
@@ -221,7 +238,12 @@ struct Rows {
     members: HashMap<i64, Vec<MemberRow>>,
 }
 
-async fn flush(inner: &Inner, messages: &[&MessageRecord], max_in_flight: usize) -> Result<(), StoreError> {
+async fn flush(
+    inner: &Inner,
+    messages: &[&MessageRecord],
+    indexed: &HashSet<ConversationId>,
+    max_in_flight: usize,
+) -> Result<(), StoreError> {
     let mut rows = Rows::default();
     for message in messages {
         let key = message.conversation.to_string();
@@ -255,7 +277,11 @@ async fn flush(inner: &Inner, messages: &[&MessageRecord], max_in_flight: usize)
         // Messages arrive in seq order per conversation: the last one is the head.
         rows.heads
             .insert(key.clone(), (key.clone(), seq, to_cql(message.server_time_ms), seq));
-        for member in message.conversation.direct_members() {
+        let members = match indexed.contains(&message.conversation) {
+            true => None,
+            false => Some(message.conversation.direct_members()),
+        };
+        for member in members.into_iter().flatten() {
             rows.user_conversations.entry(to_cql(member.get())).or_default().push((
                 to_cql(member.get()),
                 key.clone(),
