@@ -1,7 +1,9 @@
 //! The Cassandra write path: one task on the driver runtime collects appends from
 //! every shard for `cassandra.batch_window` (or up to `max_batch_rows` rows), turns
 //! them into rows, groups the rows by partition and writes each partition as one
-//! unlogged batch (never a multi-partition batch), at most `max_in_flight` at once.
+//! unlogged batch (never a multi-partition batch), at most `max_in_flight` at once:
+//! first the messages, then (only if all of them were stored) the send records,
+//! heads, indexes and group state.
 //! Every append of a flush is answered once all its partitions were confirmed at
 //! the configured consistency, or all fail with `Unavailable`: nothing is
 //! acknowledged that Cassandra did not confirm. Flushes run one after another, so
@@ -293,19 +295,33 @@ async fn flush(
     }
 
     let statements = &inner.statements;
-    let mut message_partitions: HashMap<(String, i64), Vec<MessageRow>> = HashMap::new();
+    // Phase 1, the messages: per conversation its buckets in ascending order,
+    // stopping at the first failure (so a failed flush never leaves a later seq
+    // stored above a missing one); conversations in parallel.
+    let mut conversations: HashMap<String, BTreeMap<i64, Vec<MessageRow>>> = HashMap::new();
     for ((key, seq), stored) in rows.messages {
-        message_partitions.entry((key.clone(), bucket(seq))).or_default().push((
-            key,
-            bucket(seq),
-            to_cql(seq),
-            stored.encode_to_vec(),
-        ));
+        conversations
+            .entry(key.clone())
+            .or_default()
+            .entry(bucket(seq))
+            .or_default()
+            .push((key, bucket(seq), to_cql(seq), stored.encode_to_vec()));
     }
+    let in_order = conversations.into_values().map(|buckets| {
+        async move {
+            for partition in buckets.into_values() {
+                write(inner, &statements.insert_message, partition).await?;
+            }
+            Ok::<_, StoreError>(())
+        }
+        .boxed()
+    });
+    run_all(in_order.collect(), max_in_flight).await?;
+
+    // Phase 2, only once every message is stored: the send records (a send
+    // record without its message would acknowledge a retry of a lost message),
+    // heads, indexes and group state.
     let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::new();
-    for partition in message_partitions.into_values() {
-        writes.push(write(inner, &statements.insert_message, partition).boxed());
-    }
     for partition in rows.sends.into_values() {
         writes.push(write(inner, &statements.insert_send, partition).boxed());
     }
@@ -321,6 +337,11 @@ async fn flush(
     for partition in rows.members.into_values() {
         writes.push(write(inner, &statements.upsert_member, partition).boxed());
     }
+    run_all(writes, max_in_flight).await
+}
+
+/// Runs `writes`, at most `max_in_flight` at once; the first error, if any.
+async fn run_all(writes: Vec<BoxFuture<'_, Result<(), StoreError>>>, max_in_flight: usize) -> Result<(), StoreError> {
     let results: Vec<Result<(), StoreError>> = stream::iter(writes)
         .buffer_unordered(max_in_flight.max(1))
         .collect()
