@@ -317,3 +317,25 @@ pub fn close_code(closed: Closed) -> VarInt {
         Closed::TransportError => 6,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confab_proto::v1;
+
+    /// Early data can be replayed: anything with an effect beyond binding this
+    /// connection must wait for the handshake.
+    #[test]
+    fn only_idempotent_frames_are_allowed_in_0rtt() {
+        assert!(allowed_in_0rtt(&Kind::Hello(v1::Hello::default())));
+        assert!(allowed_in_0rtt(&Kind::Authenticate(v1::Authenticate::default())));
+        assert!(allowed_in_0rtt(&Kind::History(v1::History::default())));
+        assert!(allowed_in_0rtt(&Kind::Sync(v1::Sync::default())));
+        assert!(!allowed_in_0rtt(&Kind::Send(v1::Send::default())));
+        assert!(!allowed_in_0rtt(&Kind::SignUp(v1::SignUp::default())));
+        assert!(!allowed_in_0rtt(&Kind::LogIn(v1::LogIn::default())));
+        assert!(!allowed_in_0rtt(&Kind::RefreshToken(v1::RefreshToken::default())));
+        assert!(!allowed_in_0rtt(&Kind::MarkRead(v1::MarkRead::default())));
+        assert!(!allowed_in_0rtt(&Kind::CreateGroup(v1::CreateGroup::default())));
+    }
+}
