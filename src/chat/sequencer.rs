@@ -324,7 +324,13 @@ impl<R> Sequencer<R> {
             return (Vec::new(), None);
         };
         if conversation.next_seq.is_none() {
-            conversation.next_seq = Some(result.last_seq.unwrap_or(0) + 1);
+            let Some(last_seq) = result.last_seq else {
+                // A failed commit forgot the conversation while this check ran: its
+                // result says nothing of where seqs continue. Check again, reading it.
+                conversation.checking = 0;
+                return (Vec::new(), conversation.start_check(id));
+            };
+            conversation.next_seq = Some(last_seq + 1);
             conversation.group = result.group.map(GroupState::from_record);
         }
         let covered = conversation.checking.min(conversation.queue.len());
@@ -390,6 +396,8 @@ impl<R> Sequencer<R> {
     /// The append `key` of `id` failed to commit: returns the retries that joined
     /// it, to be refused too. Its seq may or may not be stored, so the conversation
     /// is forgotten once nothing else of it is in flight, and re-read on next use.
+    /// The caller fails every later append of `id` already assigned too: stored
+    /// after a missing one, it would leave a gap.
     pub fn commit_failed(&mut self, id: ConversationId, key: &SendKey) -> Vec<R> {
         let joined = self.finish(id, key);
         if let Some(conversation) = self.conversations.get_mut(&id) {
@@ -618,6 +626,25 @@ mod tests {
             panic!("expected a check");
         };
         assert!(check.first_use);
+    }
+
+    #[test]
+    fn a_check_overtaken_by_a_failed_commit_is_redone_as_a_first_use() {
+        let mut seq = sequencer(100, 100);
+        seq.submit(append(2, "a"), 1);
+        seq.checked(conversation(2), loaded(41));
+        let Admission::Check(check) = seq.submit(append(2, "b"), 2) else {
+            panic!("expected a check");
+        };
+        assert!(!check.first_use);
+        // "a" fails to commit while the check of "b" is under way.
+        seq.commit_failed(conversation(2), &(device(), "a".to_owned()));
+        let (outcomes, next) = seq.checked(conversation(2), CheckResult::default());
+        assert!(outcomes.is_empty(), "no seq without knowing the stored maximum");
+        let next = next.unwrap();
+        assert!(next.first_use);
+        assert_eq!(next.keys, vec![(device(), "b".to_owned())]);
+        assert_eq!(assigned(&seq.checked(conversation(2), loaded(41)).0), vec![(42, 2)]);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::ids::{ConversationId, DeviceId};
 use crate::protocol::push_frame;
 use bytes::Bytes;
 use confab_proto::v1::{self, server_frame::Kind};
+use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -152,17 +153,54 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
             Ok(()) => fan_out(&shard, committing).await,
             Err(err) => {
                 tracing::error!(error = %err, messages = committing.len(), "committing messages failed");
-                for message in committing {
-                    let key = (message.sender.1, message.ack.client_msg_id);
-                    let joined = shard
-                        .sequencer
-                        .borrow_mut()
-                        .commit_failed(message.ack.conversation, &key);
-                    for reply in std::iter::once(message.reply).chain(joined) {
-                        let _ = reply.send(Err(ChatError::Store(err.clone())));
-                    }
-                }
+                let failed: Vec<_> = committing
+                    .into_iter()
+                    .map(|message| {
+                        (
+                            message.ack.conversation,
+                            message.sender.1,
+                            message.ack.client_msg_id,
+                            message.reply,
+                        )
+                    })
+                    .collect();
+                fail_commits(&shard, failed, &ChatError::Store(err));
             }
+        }
+    }
+}
+
+/// Refuses appends whose commit failed, and every later append of their
+/// conversations already assigned (queued for the next batch): stored after a
+/// seq that may be missing, they would leave a gap. Their conversations reload
+/// from the store on next use.
+fn fail_commits(shard: &Shard, failed: Vec<(ConversationId, DeviceId, String, AppendReply)>, error: &ChatError) {
+    let conversations: HashSet<ConversationId> = failed.iter().map(|(conversation, ..)| *conversation).collect();
+    let later: VecDeque<_> = {
+        let mut queue = shard.commit_queue.borrow_mut();
+        let (later, kept) = queue
+            .drain(..)
+            .partition(|assigned| conversations.contains(&assigned.record.conversation));
+        *queue = kept;
+        later
+    };
+    if !later.is_empty() {
+        tracing::warn!(messages = later.len(), "refusing appends queued behind a failed commit");
+    }
+    let later = later.into_iter().map(|assigned| {
+        let record = assigned.record;
+        (
+            record.conversation,
+            record.sender_device,
+            record.client_msg_id,
+            assigned.reply,
+        )
+    });
+    let mut sequencer = shard.sequencer.borrow_mut();
+    for (conversation, device, client_msg_id, reply) in failed.into_iter().chain(later) {
+        let joined = sequencer.commit_failed(conversation, &(device, client_msg_id));
+        for reply in std::iter::once(reply).chain(joined) {
+            let _ = reply.send(Err(error.clone()));
         }
     }
 }
