@@ -1,9 +1,19 @@
 //! The Cassandra write path: one task on the driver runtime collects appends from
 //! every shard for `cassandra.batch_window` (or up to `max_batch_rows` rows), turns
 //! them into rows, groups the rows by partition and writes each partition as one
-//! unlogged batch (never a multi-partition batch), at most `max_in_flight` at once:
-//! first the messages, then (only if all of them were stored) the send records,
-//! heads, indexes and group state.
+//! unlogged batch (never a multi-partition batch), at most `max_in_flight` at once.
+//!
+//! A flush is one round trip: messages, send records, heads and direct
+//! conversations' index rows all at once — except that a conversation's buckets
+//! are written in ascending order, stopping at the first failure, so a failed
+//! flush never leaves a later seq stored above a missing one. Group state
+//! (members, titles, the members' index rows) follows only once every message is
+//! stored, so a membership never changes without its event in the history.
+//!
+//! A failed flush can leave a send record without its message, or a head past
+//! the stored maximum: readers allow for both (`find_sends` confirms a send
+//! record against its message, `last_seq` steps down from an empty head bucket).
+//!
 //! Every append of a flush is answered once all its partitions were confirmed at
 //! the configured consistency, or all fail with `Unavailable`: nothing is
 //! acknowledged that Cassandra did not confirm. Flushes run one after another, so
@@ -235,9 +245,23 @@ struct Rows {
     messages: BTreeMap<(String, Seq), StoredMessage>,
     sends: HashMap<String, Vec<SendRow>>,
     heads: HashMap<String, HeadRow>,
+    /// Index rows of direct conversations (their members never change).
+    direct_user_conversations: HashMap<i64, Vec<UserConversationRow>>,
+    group: GroupRows,
+}
+
+/// Rows that group events change: written only after their messages.
+#[derive(Default)]
+struct GroupRows {
     user_conversations: HashMap<i64, Vec<UserConversationRow>>,
     titles: HashMap<i64, Vec<TitleRow>>,
     members: HashMap<i64, Vec<MemberRow>>,
+}
+
+impl GroupRows {
+    fn is_empty(&self) -> bool {
+        self.user_conversations.is_empty() && self.titles.is_empty() && self.members.is_empty()
+    }
 }
 
 async fn flush(
@@ -266,7 +290,7 @@ async fn flush(
             }
         }
         if let (ConversationId::Group(group), Some(event)) = (message.conversation, &message.event) {
-            stage_group_event(&mut rows, group, message.sender, message.seq, event);
+            stage_group_event(&mut rows.group, group, message.sender, message.seq, event);
         }
         rows.sends.entry(key.clone()).or_default().push((
             key.clone(),
@@ -284,20 +308,17 @@ async fn flush(
             false => Some(message.conversation.direct_members()),
         };
         for member in members.into_iter().flatten() {
-            rows.user_conversations.entry(to_cql(member.get())).or_default().push((
-                to_cql(member.get()),
-                key.clone(),
-                0,
-                seq,
-            ));
+            rows.direct_user_conversations
+                .entry(to_cql(member.get()))
+                .or_default()
+                .push((to_cql(member.get()), key.clone(), 0, seq));
         }
         rows.messages.insert((key, message.seq), StoredMessage::of(message));
     }
 
     let statements = &inner.statements;
-    // Phase 1, the messages: per conversation its buckets in ascending order,
-    // stopping at the first failure (so a failed flush never leaves a later seq
-    // stored above a missing one); conversations in parallel.
+    // One round trip: per conversation its buckets of messages in ascending
+    // order, stopping at the first failure; everything else beside them.
     let mut conversations: HashMap<String, BTreeMap<i64, Vec<MessageRow>>> = HashMap::new();
     for ((key, seq), stored) in rows.messages {
         conversations
@@ -307,34 +328,42 @@ async fn flush(
             .or_default()
             .push((key, bucket(seq), to_cql(seq), stored.encode_to_vec()));
     }
-    let in_order = conversations.into_values().map(|buckets| {
-        async move {
-            for partition in buckets.into_values() {
-                write(inner, &statements.insert_message, partition).await?;
+    let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = conversations
+        .into_values()
+        .map(|buckets| {
+            async move {
+                for partition in buckets.into_values() {
+                    write(inner, &statements.insert_message, partition).await?;
+                }
+                Ok(())
             }
-            Ok::<_, StoreError>(())
-        }
-        .boxed()
-    });
-    run_all(in_order.collect(), max_in_flight).await?;
-
-    // Phase 2, only once every message is stored: the send records (a send
-    // record without its message would acknowledge a retry of a lost message),
-    // heads, indexes and group state.
-    let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::new();
+            .boxed()
+        })
+        .collect();
     for partition in rows.sends.into_values() {
         writes.push(write(inner, &statements.insert_send, partition).boxed());
     }
     for head in rows.heads.into_values() {
         writes.push(write(inner, &statements.upsert_head, vec![head]).boxed());
     }
-    for partition in rows.user_conversations.into_values() {
+    for partition in rows.direct_user_conversations.into_values() {
         writes.push(write(inner, &statements.upsert_user_conversation, partition).boxed());
     }
-    for partition in rows.titles.into_values() {
+    run_all(writes, max_in_flight).await?;
+    if rows.group.is_empty() {
+        return Ok(());
+    }
+
+    // Group state, only once every message (its events among them) is stored.
+    let group = rows.group;
+    let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::new();
+    for partition in group.user_conversations.into_values() {
+        writes.push(write(inner, &statements.upsert_user_conversation, partition).boxed());
+    }
+    for partition in group.titles.into_values() {
         writes.push(write(inner, &statements.upsert_title, partition).boxed());
     }
-    for partition in rows.members.into_values() {
+    for partition in group.members.into_values() {
         writes.push(write(inner, &statements.upsert_member, partition).boxed());
     }
     run_all(writes, max_in_flight).await
@@ -350,7 +379,7 @@ async fn run_all(writes: Vec<BoxFuture<'_, Result<(), StoreError>>>, max_in_flig
 }
 
 /// The member, title and index rows for a group event sent by `actor` at `seq`.
-fn stage_group_event(rows: &mut Rows, group: GroupId, actor: UserId, seq: Seq, event: &GroupEvent) {
+fn stage_group_event(rows: &mut GroupRows, group: GroupId, actor: UserId, seq: Seq, event: &GroupEvent) {
     let group_key = to_cql(group.get());
     let conversation = ConversationId::Group(group).to_string();
     let at = to_cql(seq);
