@@ -60,6 +60,8 @@ pub const BUCKET_SIZE: u64 = 1000;
 const SCHEMA: &str = include_str!("schema.cql");
 /// Threads of the driver's runtime.
 const DRIVER_THREADS: usize = 2;
+/// Send keys looked up by one query (`IN` on the clustering key).
+const MAX_KEYS_PER_READ: usize = 100;
 /// Longest wait for a contact point at start.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,7 +95,7 @@ struct Statements {
     before_in_bucket: PreparedStatement,
     after_in_bucket: PreparedStatement,
     insert_send: PreparedStatement,
-    send: PreparedStatement,
+    sends: PreparedStatement,
     upsert_head: PreparedStatement,
     head: PreparedStatement,
     upsert_user_conversation: PreparedStatement,
@@ -312,9 +314,9 @@ impl Statements {
                  VALUES (?, ?, ?, ?, ?) USING TTL ?"
             ))
             .await?,
-            send: prepare(format!(
-                "SELECT seq, server_time_ms FROM {k}.sends \
-                 WHERE conversation = ? AND device_id = ? AND client_msg_id = ?"
+            sends: prepare(format!(
+                "SELECT device_id, client_msg_id, seq, server_time_ms FROM {k}.sends \
+                 WHERE conversation = ? AND (device_id, client_msg_id) IN ?"
             ))
             .await?,
             upsert_head: prepare(format!(
@@ -797,25 +799,24 @@ impl Store for CassandraStore {
         since_ms: u64,
     ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError> {
         self.on_driver(move |inner| async move {
-            let key = conversation.to_string();
-            let lookups = keys.iter().map(|(device, client_msg_id)| {
-                inner.rows::<(i64, i64)>(
-                    &inner.statements.send,
-                    (key.clone(), to_cql(device.get()), client_msg_id.clone()),
-                )
+            // The keys are clustering keys of one partition: one read per chunk of them.
+            let reads = keys.chunks(MAX_KEYS_PER_READ).map(|chunk| {
+                let wanted: Vec<(i64, String)> = chunk
+                    .iter()
+                    .map(|(device, client_msg_id)| (to_cql(device.get()), client_msg_id.clone()))
+                    .collect();
+                inner.rows::<(i64, String, i64, i64)>(&inner.statements.sends, (conversation.to_string(), wanted))
             });
-            let found = try_join_all(lookups).await?;
-            let records: Vec<((DeviceId, String), StoredSend)> = keys
-                .iter()
-                .cloned()
-                .zip(found)
-                .filter_map(|(key, rows)| {
-                    let (seq, server_time_ms) = rows.into_iter().next()?;
+            let records: Vec<((DeviceId, String), StoredSend)> = try_join_all(reads)
+                .await?
+                .into_iter()
+                .flatten()
+                .filter_map(|(device, client_msg_id, seq, server_time_ms)| {
                     let send = StoredSend {
                         seq: from_cql(seq),
                         server_time_ms: from_cql(server_time_ms),
                     };
-                    Some((key, send))
+                    Some(((DeviceId::new(from_cql(device))?, client_msg_id), send))
                 })
                 .collect();
             // A send record counts only with its message: a failed flush may have
@@ -1057,7 +1058,10 @@ mod tests {
             3600_i32,
         );
         let statement = store.inner.statements.insert_send.clone();
-        store.on_driver(|inner| async move { inner.execute(&statement, row).await }).await.unwrap();
+        store
+            .on_driver(|inner| async move { inner.execute(&statement, row).await })
+            .await
+            .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1072,9 +1076,15 @@ mod tests {
         assert!(found.is_empty(), "a send record without its message: {found:?}");
 
         // Its seq now holds another message: still not that send.
-        store.append_messages(vec![message(conversation, 1, "other")]).await.unwrap();
+        store
+            .append_messages(vec![message(conversation, 1, "other")])
+            .await
+            .unwrap();
         let other = (lost.sender_device, "other".to_owned());
-        let found = store.find_sends(conversation, vec![key, other.clone()], 0).await.unwrap();
+        let found = store
+            .find_sends(conversation, vec![key, other.clone()], 0)
+            .await
+            .unwrap();
         assert_eq!(found.keys().collect::<Vec<_>>(), vec![&other]);
     }
 
@@ -1083,13 +1093,18 @@ mod tests {
     async fn last_seq_steps_down_from_a_head_past_the_stored_messages() {
         let store = store();
         let conversation = conversation();
-        let messages = (1..=3).map(|seq| message(conversation, seq, &format!("m{seq}"))).collect();
+        let messages = (1..=3)
+            .map(|seq| message(conversation, seq, &format!("m{seq}")))
+            .collect();
         store.append_messages(messages).await.unwrap();
         for head in [BUCKET_SIZE, 2 * BUCKET_SIZE + 5] {
             let key = conversation.to_string();
             let row = (key.clone(), to_cql(head), 0_i64, to_cql(head));
             let statement = store.inner.statements.upsert_head.clone();
-            store.on_driver(|inner| async move { inner.execute(&statement, row).await }).await.unwrap();
+            store
+                .on_driver(|inner| async move { inner.execute(&statement, row).await })
+                .await
+                .unwrap();
             assert_eq!(store.last_seq(conversation).await.unwrap(), 3, "head at {head}");
         }
     }
