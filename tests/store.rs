@@ -179,5 +179,9 @@ async fn data_survives_reopening_and_a_closed_store_refuses_writes() {
 
     let reopened = open(dir.path());
     assert_eq!(reopened.last_seq(conversation).await.unwrap(), 1);
+    // The send record too: a retry after a restart is still recognised.
+    let key = (DeviceId::new(9).unwrap(), "m1".to_owned());
+    let found = reopened.find_sends(conversation, vec![key.clone()], 0).await.unwrap();
+    assert_eq!(found.get(&key).map(|send| send.seq), Some(1));
     reopened.close().await.unwrap();
 }

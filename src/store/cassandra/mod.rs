@@ -35,6 +35,7 @@
 //! Known gap: the `user_conversations` index is not ordered by last activity; a
 //! conversation list reads the user's partition and the heads it names.
 
+mod sends;
 mod writer;
 
 use super::encoding::StoredMessage;
@@ -79,6 +80,13 @@ fn from_cql(value: i64) -> u64 {
     value as u64
 }
 
+fn stored_send(seq: i64, server_time_ms: i64) -> StoredSend {
+    StoredSend {
+        seq: from_cql(seq),
+        server_time_ms: from_cql(server_time_ms),
+    }
+}
+
 /// Prepared once at start.
 #[derive(Debug)]
 struct Statements {
@@ -96,6 +104,7 @@ struct Statements {
     after_in_bucket: PreparedStatement,
     insert_send: PreparedStatement,
     sends: PreparedStatement,
+    device_sends: PreparedStatement,
     upsert_head: PreparedStatement,
     head: PreparedStatement,
     upsert_user_conversation: PreparedStatement,
@@ -119,6 +128,8 @@ struct Inner {
     /// of that flush and when: their send records may be missing (see
     /// [`Inner::scan_sends`]).
     suspects: Mutex<HashMap<ConversationId, (Seq, std::time::Instant)>>,
+    /// Send records of this node's owners, so a check needs no read.
+    send_cache: sends::SendCache,
     dedup_window: Duration,
     /// Group rows into one unlogged batch per partition (`cassandra.batch_writes`).
     batch_writes: bool,
@@ -223,6 +234,7 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
         request_timeout: config.request_timeout,
         send_ttl_s: i32::try_from(dedup_window.as_secs()).unwrap_or(i32::MAX).max(1),
         suspects: Mutex::default(),
+        send_cache: sends::SendCache::default(),
         dedup_window,
     })
 }
@@ -317,6 +329,11 @@ impl Statements {
             sends: prepare(format!(
                 "SELECT device_id, client_msg_id, seq, server_time_ms FROM {k}.sends \
                  WHERE conversation = ? AND (device_id, client_msg_id) IN ?"
+            ))
+            .await?,
+            device_sends: prepare(format!(
+                "SELECT client_msg_id, seq, server_time_ms FROM {k}.sends \
+                 WHERE conversation = ? AND device_id = ? LIMIT ?"
             ))
             .await?,
             upsert_head: prepare(format!(
@@ -420,6 +437,68 @@ impl Inner {
         let window = self.dedup_window;
         suspects.retain(|_, (_, since)| since.elapsed() < window);
         suspects.get(&conversation).map(|(from, _)| *from)
+    }
+
+    /// Which of `ids` of `device` are stored, from the send cache (loading the
+    /// device's set first when missing); `None` when the cache cannot say.
+    async fn cached_sends(
+        &self,
+        conversation: ConversationId,
+        device: DeviceId,
+        ids: &[String],
+    ) -> Result<Option<HashMap<String, StoredSend>>, StoreError> {
+        if let Some(found) = self.send_cache.cached(conversation, device, ids) {
+            return Ok(Some(found));
+        }
+        let Some(ticket) = self.send_cache.start_load(conversation, device) else {
+            return Ok(None);
+        };
+        let limit = i32::try_from(sends::MAX_PER_SET + 1).unwrap_or(i32::MAX);
+        let read = self
+            .rows::<(String, i64, i64)>(
+                &self.statements.device_sends,
+                (conversation.to_string(), to_cql(device.get()), limit),
+            )
+            .await;
+        let rows = match read {
+            Ok(rows) => rows,
+            Err(err) => {
+                self.send_cache.finish_load(conversation, device, ticket, None);
+                return Err(err);
+            }
+        };
+        let loaded = (rows.len() <= sends::MAX_PER_SET).then(|| {
+            rows.into_iter()
+                .map(|(id, seq, server_time_ms)| (id, stored_send(seq, server_time_ms)))
+                .collect()
+        });
+        self.send_cache.finish_load(conversation, device, ticket, loaded);
+        Ok(self.send_cache.cached(conversation, device, ids))
+    }
+
+    /// The stored send records among `keys`: clustering keys of one partition,
+    /// read a chunk of them per query.
+    async fn read_sends(
+        &self,
+        conversation: ConversationId,
+        keys: &[(DeviceId, String)],
+    ) -> Result<Vec<((DeviceId, String), StoredSend)>, StoreError> {
+        let reads = keys.chunks(MAX_KEYS_PER_READ).map(|chunk| {
+            let wanted: Vec<(i64, String)> = chunk
+                .iter()
+                .map(|(device, client_msg_id)| (to_cql(device.get()), client_msg_id.clone()))
+                .collect();
+            self.rows::<(i64, String, i64, i64)>(&self.statements.sends, (conversation.to_string(), wanted))
+        });
+        Ok(try_join_all(reads)
+            .await?
+            .into_iter()
+            .flatten()
+            .filter_map(|(device, client_msg_id, seq, server_time_ms)| {
+                let device = DeviceId::new(from_cql(device))?;
+                Some(((device, client_msg_id), stored_send(seq, server_time_ms)))
+            })
+            .collect())
     }
 
     /// Send records rebuilt from the stored messages with seq >= `from`.
@@ -799,26 +878,19 @@ impl Store for CassandraStore {
         since_ms: u64,
     ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError> {
         self.on_driver(move |inner| async move {
-            // The keys are clustering keys of one partition: one read per chunk of them.
-            let reads = keys.chunks(MAX_KEYS_PER_READ).map(|chunk| {
-                let wanted: Vec<(i64, String)> = chunk
-                    .iter()
-                    .map(|(device, client_msg_id)| (to_cql(device.get()), client_msg_id.clone()))
-                    .collect();
-                inner.rows::<(i64, String, i64, i64)>(&inner.statements.sends, (conversation.to_string(), wanted))
-            });
-            let records: Vec<((DeviceId, String), StoredSend)> = try_join_all(reads)
-                .await?
-                .into_iter()
-                .flatten()
-                .filter_map(|(device, client_msg_id, seq, server_time_ms)| {
-                    let send = StoredSend {
-                        seq: from_cql(seq),
-                        server_time_ms: from_cql(server_time_ms),
-                    };
-                    Some(((DeviceId::new(from_cql(device))?, client_msg_id), send))
-                })
-                .collect();
+            let mut by_device: HashMap<DeviceId, Vec<String>> = HashMap::new();
+            for (device, client_msg_id) in &keys {
+                by_device.entry(*device).or_default().push(client_msg_id.clone());
+            }
+            let mut records: Vec<((DeviceId, String), StoredSend)> = Vec::new();
+            let mut uncached: Vec<(DeviceId, String)> = Vec::new();
+            for (device, ids) in by_device {
+                match inner.cached_sends(conversation, device, &ids).await? {
+                    Some(found) => records.extend(found.into_iter().map(|(id, send)| ((device, id), send))),
+                    None => uncached.extend(ids.into_iter().map(|id| (device, id))),
+                }
+            }
+            records.extend(inner.read_sends(conversation, &uncached).await?);
             // A send record counts only with its message: a failed flush may have
             // stored the record and not the message (then its seq may even hold
             // another message by now).

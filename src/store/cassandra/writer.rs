@@ -169,6 +169,10 @@ async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) 
         if !appends.is_empty() {
             let messages: Vec<&MessageRecord> = appends.iter().flat_map(|(messages, _)| messages).collect();
             let result = flush(&inner, &messages, &indexed, limits.max_in_flight).await;
+            match &result {
+                Ok(()) => inner.send_cache.record(&messages),
+                Err(_) => inner.send_cache.forget(&messages),
+            }
             if result.is_ok() {
                 if indexed.len() > MAX_INDEXED {
                     indexed.clear();
