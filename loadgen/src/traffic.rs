@@ -4,7 +4,9 @@
 //! the server does (open loop): a send is started at its intended time even if
 //! earlier ones are still unanswered, and latency counts from the intended time,
 //! so a stall shows up in the percentiles instead of silently slowing the load
-//! (no coordinated omission). Every delivery goes through the checker.
+//! (no coordinated omission). The flows' schedules are staggered evenly over one
+//! interval, so together they send at a steady total rate rather than in bursts
+//! of one message per flow. Every delivery goes through the checker.
 
 use crate::check::{Checker, Device, MessageId};
 use crate::payload;
@@ -79,11 +81,19 @@ pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
     let progress = progress_line(shared.clone(), delivered.clone(), start, load.duration);
     let per_flow = load.rate / flows.len().max(1) as f64;
     let count = (per_flow * load.duration.as_secs_f64()).round() as u64;
+    let stagger = 1.0 / (per_flow * flows.len().max(1) as f64);
     let senders: Vec<_> = flows
         .into_iter()
-        .map(|flow| {
+        .enumerate()
+        .map(|(index, flow)| {
             let member = members[flow.sender].clone();
-            tokio::spawn(send(member, flow, per_flow, count, load, start, shared.clone()))
+            let schedule = Schedule {
+                start,
+                first: start + Duration::from_secs_f64(index as f64 * stagger),
+                per_second: per_flow,
+                count,
+            };
+            tokio::spawn(send(member, flow, schedule, load, shared.clone()))
         })
         .collect();
     for sender in senders {
@@ -115,20 +125,34 @@ pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
     outcome
 }
 
-/// Sends `count` messages on schedule; returns the tasks still awaiting acks.
+/// When one flow sends.
+#[derive(Debug, Clone, Copy)]
+struct Schedule {
+    /// The run's start: intended times travel in the payload relative to it.
+    start: Instant,
+    /// This flow's first intended send.
+    first: Instant,
+    per_second: f64,
+    count: u64,
+}
+
+/// Sends a flow's messages on schedule; returns the tasks still awaiting acks.
 async fn send(
     member: Member,
     flow: Flow,
-    per_second: f64,
-    count: u64,
+    Schedule {
+        start,
+        first,
+        per_second,
+        count,
+    }: Schedule,
     load: Load,
-    start: Instant,
     shared: Shared,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut pending = Vec::with_capacity(count as usize);
     let recipients: Arc<[Device]> = flow.recipients.into();
     for counter in 0..count {
-        let intended = start + Duration::from_secs_f64(counter as f64 / per_second);
+        let intended = first + Duration::from_secs_f64(counter as f64 / per_second);
         tokio::time::sleep_until(intended.into()).await;
         let id = MessageId {
             sender: member.device,
