@@ -32,8 +32,13 @@
 //! `user_conversations`) are written `USING TIMESTAMP <seq>`: the write for the
 //! highest seq wins whatever order the writes land in.
 //!
+//! Idempotency checks read `sends` once per (conversation, device) and then
+//! answer from [`sends::SendCache`], which the writer keeps complete: every send
+//! of a conversation is stored through its owner on this node.
+//!
 //! Known gap: the `user_conversations` index is not ordered by last activity; a
-//! conversation list reads the user's partition and the heads it names.
+//! conversation list reads the user's partition and the heads it names (ordering
+//! it would cost an index write per member per message).
 
 mod sends;
 mod writer;
