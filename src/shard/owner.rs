@@ -18,6 +18,8 @@ use crate::ids::{ConversationId, DeviceId};
 use crate::protocol::push_frame;
 use bytes::Bytes;
 use confab_proto::v1::{self, server_frame::Kind};
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -116,58 +118,112 @@ async fn lookup(shard: &Shard, check: Check) -> Result<CheckResult, ChatError> {
     })
 }
 
-/// The committer: batches assigned messages into the store, then fans out and acks.
+/// Batches a shard's committer keeps in the store at once.
+const MAX_COMMITS_IN_FLIGHT: usize = 4;
+
+/// The committer: batches assigned messages into the store, then fans out and
+/// acks. Up to [`MAX_COMMITS_IN_FLIGHT`] batches are in the store at once, but a
+/// conversation is in at most one of them: its next messages wait for the batch
+/// before to be answered, so its seqs are stored, acknowledged and fanned out in
+/// order, and a failed batch can refuse what follows it (see [`fail_commits`]).
 pub(super) async fn run_committer(shard: Rc<Shard>) {
+    let mut in_flight = FuturesUnordered::new();
+    let mut busy: HashSet<ConversationId> = HashSet::new();
     loop {
-        let batch: Vec<Assigned<AppendReply>> = {
-            let mut queue = shard.commit_queue.borrow_mut();
-            let take = queue.len().min(shard.config.store.max_batch);
-            queue.drain(..take).collect()
-        };
-        if batch.is_empty() {
-            tokio::select! {
-                () = shard.commit_ready.notified() => continue,
-                () = shard.stop.cancelled() => return,
+        while in_flight.len() < MAX_COMMITS_IN_FLIGHT {
+            let batch = {
+                let mut queue = shard.commit_queue.borrow_mut();
+                take_batch(&mut queue, shard.config.store.max_batch, |assigned| {
+                    busy.contains(&assigned.record.conversation)
+                })
+            };
+            if batch.is_empty() {
+                break;
             }
-        }
-        // Encode what fan-out needs first, so the records move to the store
-        // instead of being copied; nothing is sent before the store confirms.
-        let mut committing = Vec::with_capacity(batch.len());
-        let mut records = Vec::with_capacity(batch.len());
-        for Assigned {
-            record,
-            recipients,
-            reply,
-        } in batch
-        {
-            committing.push(Committing {
-                frame: message_frame(&record),
-                ack: SendAck::of(&record),
-                sender: (record.sender, record.sender_device),
-                recipients,
-                reply,
+            let (conversations, committing, records) = prepare_commit(batch);
+            busy.extend(conversations.iter().copied());
+            let store = shard.store.clone();
+            in_flight.push(async move {
+                let result = store.append_messages(records).await;
+                (conversations, committing, result)
             });
-            records.push(record);
         }
-        match shard.store.append_messages(records).await {
-            Ok(()) => fan_out(&shard, committing).await,
-            Err(err) => {
-                tracing::error!(error = %err, messages = committing.len(), "committing messages failed");
-                let failed: Vec<_> = committing
-                    .into_iter()
-                    .map(|message| {
-                        (
-                            message.ack.conversation,
-                            message.sender.1,
-                            message.ack.client_msg_id,
-                            message.reply,
-                        )
-                    })
-                    .collect();
-                fail_commits(&shard, failed, &ChatError::Store(err));
+        tokio::select! {
+            Some((conversations, committing, result)) = in_flight.next() => {
+                for conversation in &conversations {
+                    busy.remove(conversation);
+                }
+                match result {
+                    Ok(()) => fan_out(&shard, committing).await,
+                    Err(err) => {
+                        tracing::error!(error = %err, messages = committing.len(), "committing messages failed");
+                        let failed: Vec<_> = committing
+                            .into_iter()
+                            .map(|message| {
+                                (message.ack.conversation, message.sender.1, message.ack.client_msg_id, message.reply)
+                            })
+                            .collect();
+                        fail_commits(&shard, failed, &ChatError::Store(err));
+                    }
+                }
             }
+            () = shard.commit_ready.notified() => {}
+            () = shard.stop.cancelled(), if in_flight.is_empty() => return,
         }
     }
+}
+
+/// Takes up to `max` items from the front of `queue`, skipping the `busy` ones;
+/// the rest stay queued in order. So for every key, what is taken is a prefix of
+/// its items and what stays keeps its order.
+fn take_batch<T>(queue: &mut VecDeque<T>, max: usize, busy: impl Fn(&T) -> bool) -> Vec<T> {
+    let mut batch = Vec::new();
+    let mut kept = VecDeque::new();
+    while let Some(item) = queue.pop_front() {
+        if batch.len() >= max {
+            queue.push_front(item);
+            break;
+        }
+        match busy(&item) {
+            true => kept.push_back(item),
+            false => batch.push(item),
+        }
+    }
+    kept.append(queue);
+    *queue = kept;
+    batch
+}
+
+/// Splits assigned messages into what the store takes and what fan-out needs
+/// once it is durable, encoding each message's frame now so the records move to
+/// the store instead of being copied.
+fn prepare_commit(
+    batch: Vec<Assigned<AppendReply>>,
+) -> (
+    HashSet<ConversationId>,
+    Vec<Committing>,
+    Vec<crate::store::MessageRecord>,
+) {
+    let mut conversations = HashSet::new();
+    let mut committing = Vec::with_capacity(batch.len());
+    let mut records = Vec::with_capacity(batch.len());
+    for Assigned {
+        record,
+        recipients,
+        reply,
+    } in batch
+    {
+        conversations.insert(record.conversation);
+        committing.push(Committing {
+            frame: message_frame(&record),
+            ack: SendAck::of(&record),
+            sender: (record.sender, record.sender_device),
+            recipients,
+            reply,
+        });
+        records.push(record);
+    }
+    (conversations, committing, records)
 }
 
 /// Refuses appends whose commit failed, and every later append of their
@@ -380,5 +436,25 @@ async fn flush_receipts(shard: Rc<Shard>) {
             read_seq: marks.read_seq,
         })));
         push_to(&shard, conversation, &members, frame).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (conversation, seq) pairs; conversation 1 is busy.
+    fn taken(queue: &mut VecDeque<(u8, u8)>, max: usize) -> Vec<(u8, u8)> {
+        take_batch(queue, max, |(conversation, _)| *conversation == 1)
+    }
+
+    #[test]
+    fn a_batch_skips_busy_conversations_and_keeps_every_order() {
+        let mut queue = VecDeque::from([(1, 1), (2, 1), (1, 2), (3, 1), (2, 2), (3, 2)]);
+        assert_eq!(taken(&mut queue, 3), vec![(2, 1), (3, 1), (2, 2)]);
+        assert_eq!(queue, VecDeque::from([(1, 1), (1, 2), (3, 2)]));
+        assert_eq!(taken(&mut queue, 10), vec![(3, 2)]);
+        assert_eq!(queue, VecDeque::from([(1, 1), (1, 2)]));
+        assert_eq!(taken(&mut queue, 10), vec![]);
     }
 }

@@ -99,8 +99,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError>;
 
     /// Appends messages. They arrive in seq order per conversation, with no gaps
-    /// after the stored maximum. Each message's `(sender_device, client_msg_id)` is
-    /// recorded with it, atomically, for [`Store::find_sends`].
+    /// after the stored maximum, and a conversation's next append only once the
+    /// previous one was answered (appends of different conversations overlap).
+    /// Each message's `(sender_device, client_msg_id)` is recorded with it for
+    /// [`Store::find_sends`], which answers as if both were written atomically.
     async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError>;
 
     /// Which of `keys` (sender device, client_msg_id) were already stored in

@@ -16,8 +16,10 @@
 //!
 //! Every append of a flush is answered once all its partitions were confirmed at
 //! the configured consistency, or all fail with `Unavailable`: nothing is
-//! acknowledged that Cassandra did not confirm. Flushes run one after another, so
-//! an edit always finds the message it edits.
+//! acknowledged that Cassandra did not confirm. Up to [`MAX_FLUSHES_IN_FLIGHT`]
+//! flushes run at once; they never share a conversation, because an owner sends
+//! a conversation's next append only once the previous one was answered — so an
+//! edit always finds the message it edits, stored by an earlier flush.
 //!
 //! Receipt marks are read-modify-write, so they go through the same task, in order.
 
@@ -28,7 +30,7 @@ use crate::store::encoding::StoredMessage;
 use crate::store::{Amendment, GroupEvent, Marks, MessageRecord, StoreError};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
-use futures::stream::{self, StreamExt as _};
+use futures::stream::{self, FuturesUnordered, StreamExt as _};
 use prost::Message as _;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
@@ -124,83 +126,148 @@ fn rows_of(job: &Job) -> usize {
 /// a rewrite.
 const MAX_INDEXED: usize = 100_000;
 
+/// Flushes under way at once. Owners never have two appends of one conversation
+/// in the store at once, so concurrent flushes touch different conversations.
+const MAX_FLUSHES_IN_FLIGHT: usize = 4;
+
+/// A flush once Cassandra answered.
+struct Flushed {
+    appends: Vec<(Vec<MessageRecord>, Reply<()>)>,
+    /// Direct conversations whose index rows it wrote.
+    indexed: HashSet<ConversationId>,
+    result: Result<(), StoreError>,
+}
+
 async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) {
     let mut closed = false;
+    let mut closers = Vec::new();
     let mut indexed: HashSet<ConversationId> = HashSet::new();
-    while let Some(first) = queue.recv().await {
-        let mut rows = rows_of(&first);
-        let mut jobs = vec![first];
-        let deadline = tokio::time::Instant::now() + limits.window;
-        while rows < limits.max_rows {
-            match tokio::time::timeout_at(deadline, queue.recv()).await {
-                Ok(Some(job)) => {
-                    rows += rows_of(&job);
-                    jobs.push(job);
+    let mut flushing = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            Some(flushed) = flushing.next() => finish(&inner, &mut indexed, flushed),
+            first = queue.recv(), if flushing.len() < MAX_FLUSHES_IN_FLIGHT => {
+                let Some(first) = first else { break };
+                let mut appends = Vec::new();
+                for job in collect(first, &mut queue, limits).await {
+                    match job {
+                        Job::Append(_, reply) | Job::Close(reply) if closed => {
+                            let _ = reply.send(Err(StoreError::Closed));
+                        }
+                        Job::Mark { reply, .. } if closed => {
+                            let _ = reply.send(Err(StoreError::Closed));
+                        }
+                        Job::Append(messages, reply) => appends.push((messages, reply)),
+                        Job::Mark {
+                            conversation,
+                            user,
+                            device,
+                            marks,
+                            reply,
+                        } => {
+                            let _ = reply.send(mark(&inner, conversation, user, device, marks).await);
+                        }
+                        Job::Close(reply) => {
+                            closed = true;
+                            closers.push(reply);
+                        }
+                    }
                 }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        let mut appends = Vec::new();
-        let mut closers = Vec::new();
-        for job in jobs {
-            match job {
-                Job::Append(_, reply) | Job::Close(reply) if closed => {
-                    let _ = reply.send(Err(StoreError::Closed));
-                }
-                Job::Mark { reply, .. } if closed => {
-                    let _ = reply.send(Err(StoreError::Closed));
-                }
-                Job::Append(messages, reply) => appends.push((messages, reply)),
-                Job::Mark {
-                    conversation,
-                    user,
-                    device,
-                    marks,
-                    reply,
-                } => {
-                    let _ = reply.send(mark(&inner, conversation, user, device, marks).await);
-                }
-                Job::Close(reply) => {
-                    closed = true;
-                    closers.push(reply);
-                }
-            }
-        }
-        if !appends.is_empty() {
-            let messages: Vec<&MessageRecord> = appends.iter().flat_map(|(messages, _)| messages).collect();
-            let result = flush(&inner, &messages, &indexed, limits.max_in_flight).await;
-            match &result {
-                Ok(()) => inner.send_cache.record(&messages),
-                Err(_) => inner.send_cache.forget(&messages),
-            }
-            if result.is_ok() {
-                if indexed.len() > MAX_INDEXED {
-                    indexed.clear();
-                }
-                indexed.extend(
-                    messages
+                if !appends.is_empty() {
+                    let needs_index = appends
                         .iter()
+                        .flat_map(|(messages, _)| messages)
                         .map(|message| message.conversation)
-                        .filter(|conversation| matches!(conversation, ConversationId::Direct { .. })),
-                );
-            }
-            if let Err(err) = &result {
-                tracing::warn!(error = %err, messages = messages.len(), "Cassandra write failed; appends not acknowledged");
-                let mut lowest: HashMap<ConversationId, Seq> = HashMap::new();
-                for message in &messages {
-                    lowest.entry(message.conversation).or_insert(message.seq);
-                }
-                for (conversation, from) in lowest {
-                    inner.suspect(conversation, from);
+                        .filter(|conversation| {
+                            matches!(conversation, ConversationId::Direct { .. }) && !indexed.contains(conversation)
+                        })
+                        .collect();
+                    flushing.push(spawn_flush(inner.clone(), appends, needs_index, limits.max_in_flight));
                 }
             }
-            for (_, reply) in appends {
-                let _ = reply.send(result.clone());
+        }
+        if flushing.is_empty() {
+            for reply in closers.drain(..) {
+                let _ = reply.send(Ok(()));
             }
         }
-        for reply in closers {
-            let _ = reply.send(Ok(()));
+    }
+    while let Some(flushed) = flushing.next().await {
+        finish(&inner, &mut indexed, flushed);
+    }
+}
+
+/// `first` and whatever else arrives within the batch window, up to the row limit.
+async fn collect(first: Job, queue: &mut mpsc::Receiver<Job>, limits: Limits) -> Vec<Job> {
+    let mut rows = rows_of(&first);
+    let mut jobs = vec![first];
+    let deadline = tokio::time::Instant::now() + limits.window;
+    while rows < limits.max_rows {
+        match tokio::time::timeout_at(deadline, queue.recv()).await {
+            Ok(Some(job)) => {
+                rows += rows_of(&job);
+                jobs.push(job);
+            }
+            Ok(None) | Err(_) => break,
         }
+    }
+    jobs
+}
+
+/// Runs a flush as a task of its own, so it progresses while the writer
+/// collects the next one or updates marks.
+fn spawn_flush(
+    inner: Arc<Inner>,
+    appends: Vec<(Vec<MessageRecord>, Reply<()>)>,
+    needs_index: HashSet<ConversationId>,
+    max_in_flight: usize,
+) -> tokio::task::JoinHandle<Flushed> {
+    tokio::spawn(async move {
+        let result = {
+            let messages: Vec<&MessageRecord> = appends.iter().flat_map(|(messages, _)| messages).collect();
+            flush(&inner, &messages, &needs_index, max_in_flight).await
+        };
+        Flushed {
+            appends,
+            indexed: needs_index,
+            result,
+        }
+    })
+}
+
+/// Answers a flush's appends, after noting what it stored (or may have).
+fn finish(inner: &Inner, indexed: &mut HashSet<ConversationId>, flushed: Result<Flushed, tokio::task::JoinError>) {
+    let flushed = match flushed {
+        Ok(flushed) => flushed,
+        Err(err) => {
+            // Its appends' callers see the writer gone (`Closed`).
+            tracing::error!(error = %err, "a Cassandra flush task failed");
+            return;
+        }
+    };
+    let messages: Vec<&MessageRecord> = flushed.appends.iter().flat_map(|(messages, _)| messages).collect();
+    match &flushed.result {
+        Ok(()) => {
+            inner.send_cache.record(&messages);
+            if indexed.len() > MAX_INDEXED {
+                indexed.clear();
+            }
+            indexed.extend(flushed.indexed);
+        }
+        Err(err) => {
+            inner.send_cache.forget(&messages);
+            tracing::warn!(error = %err, messages = messages.len(), "Cassandra write failed; appends not acknowledged");
+            let mut lowest: HashMap<ConversationId, Seq> = HashMap::new();
+            for message in &messages {
+                lowest.entry(message.conversation).or_insert(message.seq);
+            }
+            for (conversation, from) in lowest {
+                inner.suspect(conversation, from);
+            }
+        }
+    }
+    for (_, reply) in flushed.appends {
+        let _ = reply.send(flushed.result.clone());
     }
 }
 
@@ -268,10 +335,12 @@ impl GroupRows {
     }
 }
 
+/// Writes `messages` and their rows; index rows only for the direct
+/// conversations in `needs_index`.
 async fn flush(
     inner: &Inner,
     messages: &[&MessageRecord],
-    indexed: &HashSet<ConversationId>,
+    needs_index: &HashSet<ConversationId>,
     max_in_flight: usize,
 ) -> Result<(), StoreError> {
     let mut rows = Rows::default();
@@ -307,9 +376,9 @@ async fn flush(
         // Messages arrive in seq order per conversation: the last one is the head.
         rows.heads
             .insert(key.clone(), (key.clone(), seq, to_cql(message.server_time_ms), seq));
-        let members = match indexed.contains(&message.conversation) {
-            true => None,
-            false => Some(message.conversation.direct_members()),
+        let members = match needs_index.contains(&message.conversation) {
+            true => Some(message.conversation.direct_members()),
+            false => None,
         };
         for member in members.into_iter().flatten() {
             rows.direct_user_conversations
