@@ -32,14 +32,19 @@
 //! `user_conversations`) are written `USING TIMESTAMP <seq>`: the write for the
 //! highest seq wins whatever order the writes land in.
 //!
+//! One confab node writes a keyspace: its owner shards sequence every
+//! conversation, so what the node has read or written stays current in memory.
 //! Idempotency checks read `sends` once per (conversation, device) and then
-//! answer from [`sends::SendCache`], which the writer keeps complete: every send
-//! of a conversation is stored through its owner on this node.
+//! answer from the `sends` module's cache, which the writer keeps complete; heads and
+//! users' receipt watermarks, which only grow, are kept in `highest`
+//! caches, so a conversation list or sync reads only what the node has not seen.
 //!
 //! Known gap: the `user_conversations` index is not ordered by last activity; a
-//! conversation list reads the user's partition and the heads it names (ordering
-//! it would cost an index write per member per message).
+//! conversation list reads the user's partition and the heads it names, from
+//! memory once seen (ordering it in Cassandra would cost an index write per
+//! member per message).
 
+mod highest;
 mod sends;
 mod writer;
 
@@ -52,6 +57,7 @@ use crate::config::{CassandraConfig, Consistency};
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use async_trait::async_trait;
 use futures::future::try_join_all;
+use highest::Highest;
 use prost::Message as _;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -135,6 +141,10 @@ struct Inner {
     suspects: Mutex<HashMap<ConversationId, (Seq, std::time::Instant)>>,
     /// Send records of this node's owners, so a check needs no read.
     send_cache: sends::SendCache,
+    /// Conversations' (last seq, last time) as last read or written here.
+    known_heads: Highest<ConversationId, (Seq, u64)>,
+    /// Users' receipt watermarks across their devices, as last read or written here.
+    known_marks: Highest<(ConversationId, UserId), Marks>,
     dedup_window: Duration,
     /// Group rows into one unlogged batch per partition (`cassandra.batch_writes`).
     batch_writes: bool,
@@ -240,6 +250,8 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
         send_ttl_s: i32::try_from(dedup_window.as_secs()).unwrap_or(i32::MAX).max(1),
         suspects: Mutex::default(),
         send_cache: sends::SendCache::default(),
+        known_heads: Highest::new(std::cmp::max),
+        known_marks: Highest::new(max_marks),
         dedup_window,
     })
 }
@@ -612,6 +624,27 @@ impl Inner {
             .transpose()
     }
 
+    /// A conversation's (last seq, last time), `None` before its first message.
+    async fn head(&self, conversation: ConversationId) -> Result<Option<(Seq, u64)>, StoreError> {
+        if let Some(head) = self.known_heads.get(&conversation) {
+            return Ok(Some(head));
+        }
+        let rows: Vec<(i64, i64)> = self.rows(&self.statements.head, (conversation.to_string(),)).await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .map(|(seq, time_ms)| self.known_heads.raise(conversation, (from_cql(seq), from_cql(time_ms)))))
+    }
+
+    /// `user`'s watermarks in `conversation`, highest across its devices.
+    async fn folded_marks(&self, conversation: ConversationId, user: UserId) -> Result<Marks, StoreError> {
+        if let Some(marks) = self.known_marks.get(&(conversation, user)) {
+            return Ok(marks);
+        }
+        let (marks, _) = self.user_marks(conversation, user).await?;
+        Ok(self.known_marks.raise((conversation, user), marks))
+    }
+
     /// Every device's marks of `user` in `conversation`, folded to the highest.
     async fn user_marks(
         &self,
@@ -634,7 +667,6 @@ impl Inner {
         Ok((all, devices))
     }
 
-    /// The highest seq stored in `conversation` (see the module doc).
     /// The stored maximum seq: up from the head's bucket while later buckets hold
     /// rows (a head lags its messages while a flush is under way); down from it
     /// when the head's bucket is empty (a failed flush stored the head and not
@@ -999,12 +1031,11 @@ impl Store for CassandraStore {
                 let inner = inner.clone();
                 async move {
                     let conversation = ConversationId::parse(&key).map_err(corrupt)?;
-                    let head: Vec<(i64, i64)> = inner.rows(&inner.statements.head, (key,)).await?;
-                    let Some((last_seq, last_time_ms)) = head.into_iter().next() else {
+                    let Some((last_seq, last_time_ms)) = inner.head(conversation).await? else {
                         return Ok(None);
                     };
                     let left_seq = left(left_seq);
-                    let (marks, _) = inner.user_marks(conversation, user).await?;
+                    let marks = inner.folded_marks(conversation, user).await?;
                     let title = match conversation {
                         ConversationId::Group(group) => {
                             let titles: Vec<(Option<String>,)> =
@@ -1013,11 +1044,10 @@ impl Store for CassandraStore {
                         }
                         ConversationId::Direct { .. } => None,
                     };
-                    let last_seq = from_cql(last_seq);
                     Ok::<_, StoreError>(Some(ConversationHead {
                         conversation,
                         last_seq: left_seq.map_or(last_seq, |left| left.min(last_seq)),
-                        last_time_ms: from_cql(last_time_ms),
+                        last_time_ms,
                         left_seq,
                         read_seq: marks.read_seq,
                         title,

@@ -249,6 +249,11 @@ fn finish(inner: &Inner, indexed: &mut HashSet<ConversationId>, flushed: Result<
     match &flushed.result {
         Ok(()) => {
             inner.send_cache.record(&messages);
+            for message in &messages {
+                inner
+                    .known_heads
+                    .raise(message.conversation, (message.seq, message.server_time_ms));
+            }
             if indexed.len() > MAX_INDEXED {
                 indexed.clear();
             }
@@ -297,6 +302,7 @@ async fn mark(
             .await?;
     }
     let after_user = max_marks(before_user, updated);
+    inner.known_marks.raise((conversation, user), after_user);
     Ok((after_user, after_user != before_user))
 }
 
