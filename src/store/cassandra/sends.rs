@@ -17,7 +17,7 @@
 //! not cached (its checks read the store), and past [`MAX_ENTRIES`] records in all
 //! every set is dropped; forgetting only costs reloads.
 
-use crate::ids::{ConversationId, DeviceId};
+use crate::ids::{ConversationId, DeviceId, Seq};
 use crate::store::{MessageRecord, StoredSend};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -136,16 +136,14 @@ impl SendCache {
         state.grew(added);
     }
 
-    /// A flush of these messages failed: what it stored is unknown, so the sets
-    /// of their conversations go (every device's: drop by conversation).
-    pub(super) fn forget(&self, messages: &[&MessageRecord]) {
+    /// A flush of these conversations failed: what it stored is unknown, so
+    /// their sets go (every device's).
+    pub(super) fn forget(&self, conversations: &HashMap<ConversationId, Seq>) {
         let mut state = self.state();
-        let conversations: std::collections::HashSet<ConversationId> =
-            messages.iter().map(|message| message.conversation).collect();
         let dropped: Vec<SetKey> = state
             .sets
             .keys()
-            .filter(|(conversation, _)| conversations.contains(conversation))
+            .filter(|(conversation, _)| conversations.contains_key(conversation))
             .copied()
             .collect();
         for key in dropped {
@@ -237,7 +235,7 @@ mod tests {
     fn a_failed_flush_drops_the_set_and_a_late_load_does_not_bring_it_back() {
         let cache = SendCache::default();
         let ticket = cache.start_load(conversation(), device()).unwrap();
-        cache.forget(&[&message(1, "x")]);
+        cache.forget(&HashMap::from([(conversation(), 1)]));
         cache.finish_load(conversation(), device(), ticket, Some(Vec::new()));
         assert_eq!(cache.cached(conversation(), device(), &ids(&["a"])), None);
         assert!(cache.start_load(conversation(), device()).is_some(), "it reloads");

@@ -214,15 +214,24 @@ async fn collect(first: Job, queue: &mut mpsc::Receiver<Job>, limits: Limits) ->
     jobs
 }
 
+/// The lowest seq of each conversation among `appends`: where a failed flush
+/// may have left messages without their send records.
+type Lowest = HashMap<ConversationId, Seq>;
+
 /// Runs a flush as a task of its own, so it progresses while the writer
-/// collects the next one or updates marks.
+/// collects the next one or updates marks. Resolves to the flush, or to the
+/// task's failure with what the flush held.
 fn spawn_flush(
     inner: Arc<Inner>,
     appends: Vec<(Vec<MessageRecord>, Reply<()>)>,
     needs_index: HashSet<ConversationId>,
     max_in_flight: usize,
-) -> tokio::task::JoinHandle<Flushed> {
-    tokio::spawn(async move {
+) -> impl Future<Output = (Lowest, Result<Flushed, tokio::task::JoinError>)> {
+    let mut lowest = Lowest::new();
+    for message in appends.iter().flat_map(|(messages, _)| messages) {
+        lowest.entry(message.conversation).or_insert(message.seq);
+    }
+    let task = tokio::spawn(async move {
         let result = {
             let messages: Vec<&MessageRecord> = appends.iter().flat_map(|(messages, _)| messages).collect();
             flush(&inner, &messages, &needs_index, max_in_flight).await
@@ -232,16 +241,23 @@ fn spawn_flush(
             indexed: needs_index,
             result,
         }
-    })
+    });
+    async move { (lowest, task.await) }
 }
 
 /// Answers a flush's appends, after noting what it stored (or may have).
-fn finish(inner: &Inner, indexed: &mut HashSet<ConversationId>, flushed: Result<Flushed, tokio::task::JoinError>) {
+fn finish(
+    inner: &Inner,
+    indexed: &mut HashSet<ConversationId>,
+    (lowest, flushed): (Lowest, Result<Flushed, tokio::task::JoinError>),
+) {
     let flushed = match flushed {
         Ok(flushed) => flushed,
         Err(err) => {
-            // Its appends' callers see the writer gone (`Closed`).
+            // Its appends' callers see the writer gone (`Closed`); what it
+            // stored is unknown, as after any failed flush.
             tracing::error!(error = %err, "a Cassandra flush task failed");
+            forget_failed(inner, &lowest);
             return;
         }
     };
@@ -260,19 +276,21 @@ fn finish(inner: &Inner, indexed: &mut HashSet<ConversationId>, flushed: Result<
             indexed.extend(flushed.indexed);
         }
         Err(err) => {
-            inner.send_cache.forget(&messages);
             tracing::warn!(error = %err, messages = messages.len(), "Cassandra write failed; appends not acknowledged");
-            let mut lowest: HashMap<ConversationId, Seq> = HashMap::new();
-            for message in &messages {
-                lowest.entry(message.conversation).or_insert(message.seq);
-            }
-            for (conversation, from) in lowest {
-                inner.suspect(conversation, from);
-            }
+            forget_failed(inner, &lowest);
         }
     }
     for (_, reply) in flushed.appends {
         let _ = reply.send(flushed.result.clone());
+    }
+}
+
+/// After a failed flush: its conversations' send records may be missing or
+/// without their messages, so their cached sets go and their lookups scan.
+fn forget_failed(inner: &Inner, lowest: &Lowest) {
+    inner.send_cache.forget(lowest);
+    for (conversation, from) in lowest {
+        inner.suspect(*conversation, *from);
     }
 }
 
