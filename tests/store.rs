@@ -7,7 +7,9 @@
 mod common;
 
 use confab::ids::{ConversationId, DeviceId, Seq, UserId};
-use confab::store::{DeviceRecord, HistoryPage, HistoryRange, MessageRecord, NewUser, Store, StoreError, StoredSend};
+use confab::store::{
+    DeviceRecord, GroupEvent, HistoryPage, HistoryRange, MessageRecord, NewUser, Store, StoreError, StoredSend,
+};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -183,5 +185,167 @@ async fn data_survives_reopening_and_a_closed_store_refuses_writes() {
     let key = (DeviceId::new(9).unwrap(), "m1".to_owned());
     let found = reopened.find_sends(conversation, vec![key.clone()], 0).await.unwrap();
     assert_eq!(found.get(&key).map(|send| send.seq), Some(1));
+    reopened.close().await.unwrap();
+}
+
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+/// Some day well after the epoch; tests add days and hours to it.
+const EPOCH_DAY: u64 = 20_000;
+
+fn at(conversation: ConversationId, sender: UserId, seq: Seq, day: u64, hour: u64) -> MessageRecord {
+    MessageRecord {
+        server_time_ms: (EPOCH_DAY + day) * DAY_MS + hour * 60 * 60 * 1000,
+        ..message(conversation, sender, seq)
+    }
+}
+
+/// Every page of `user`'s list, `limit` at a time, as the conversations in order.
+async fn list_pages(store: &dyn Store, user: UserId, limit: usize) -> Vec<Vec<ConversationId>> {
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let (heads, more) = store.recent_conversations(user, after, limit).await.unwrap();
+        assert!(heads.len() <= limit);
+        pages.push(heads.iter().map(|head| head.conversation).collect());
+        match heads.last() {
+            Some(last) if more => after = Some(last.activity()),
+            _ => return pages,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_list_by_last_activity_newest_first_across_days() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let me = UserId::random();
+    let [c1, c2, c3, c4, c5] = std::array::from_fn(|_| ConversationId::direct(me, UserId::random()));
+    // Each append is its own commit, as separate sends would be.
+    for (conversation, seq, day, hour) in [
+        (c1, 1, 1, 9),
+        (c5, 1, 0, 9),
+        (c4, 1, 3, 8),
+        (c3, 1, 2, 9),
+        (c2, 1, 3, 10),
+        (c1, 2, 4, 9),
+    ] {
+        store
+            .append_messages(vec![at(conversation, me, seq, day, hour)])
+            .await
+            .unwrap();
+    }
+
+    let expected = vec![c1, c2, c4, c3, c5];
+    assert_eq!(list_pages(&*store, me, 10).await, vec![expected.clone()]);
+    assert_eq!(
+        list_pages(&*store, me, 2).await,
+        vec![vec![c1, c2], vec![c4, c3], vec![c5]]
+    );
+    let (first, more) = store.recent_conversations(me, None, 1).await.unwrap();
+    assert!(more);
+    assert_eq!(
+        (first[0].last_seq, first[0].last_time_ms),
+        (2, at(c1, me, 2, 4, 9).server_time_ms)
+    );
+    // The same heads as the unordered index.
+    let mut all = store.conversations(me).await.unwrap();
+    all.sort_by_key(|head| expected.iter().position(|c| *c == head.conversation));
+    assert_eq!(store.recent_conversations(me, None, 10).await.unwrap().0, all);
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_member_sees_a_group_where_it_left_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (me, owner) = (UserId::random(), UserId::random());
+    let group = ConversationId::Group(confab::ids::GroupId::random());
+    let direct = ConversationId::direct(me, owner);
+    let created = MessageRecord {
+        event: Some(GroupEvent::Created {
+            title: "g".into(),
+            members: vec![owner, me],
+        }),
+        ..at(group, owner, 1, 1, 9)
+    };
+    let removed = MessageRecord {
+        event: Some(GroupEvent::MemberRemoved(me)),
+        ..at(group, owner, 2, 2, 9)
+    };
+    store.append_messages(vec![created]).await.unwrap();
+    store.append_messages(vec![removed.clone()]).await.unwrap();
+    store.append_messages(vec![at(direct, owner, 1, 3, 9)]).await.unwrap();
+    store.append_messages(vec![at(group, owner, 3, 5, 9)]).await.unwrap();
+
+    let (mine, more) = store.recent_conversations(me, None, 10).await.unwrap();
+    assert!(!more);
+    assert_eq!(
+        mine.iter().map(|head| head.conversation).collect::<Vec<_>>(),
+        vec![direct, group]
+    );
+    assert_eq!(
+        (mine[1].last_seq, mine[1].last_time_ms, mine[1].left_seq),
+        (2, removed.server_time_ms, Some(2))
+    );
+    // The owner sees the group's latest message.
+    let (theirs, _) = store.recent_conversations(owner, None, 10).await.unwrap();
+    assert_eq!(
+        theirs.iter().map(|head| head.conversation).collect::<Vec<_>>(),
+        vec![group, direct]
+    );
+    assert_eq!(theirs[0].last_seq, 3);
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_day_pages_in_order_with_the_days_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let me = UserId::random();
+    // More conversations in one day than a backend may read at once.
+    let busy: Vec<ConversationId> = (0..260).map(|_| ConversationId::direct(me, UserId::random())).collect();
+    let earlier: Vec<ConversationId> = (0..3).map(|_| ConversationId::direct(me, UserId::random())).collect();
+    store
+        .append_messages(earlier.iter().map(|c| at(*c, me, 1, 1, 9)).collect())
+        .await
+        .unwrap();
+    // One hour apart would overflow the day: spread over its milliseconds instead.
+    store
+        .append_messages(
+            busy.iter()
+                .enumerate()
+                .map(|(i, c)| MessageRecord {
+                    server_time_ms: at(*c, me, 1, 2, 0).server_time_ms + i as u64 * 1000,
+                    ..at(*c, me, 1, 2, 0)
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+
+    let mut expected: Vec<ConversationId> = busy.iter().rev().copied().collect();
+    let mut same_time = earlier.clone();
+    same_time.sort();
+    expected.extend(same_time);
+    let pages = list_pages(&*store, me, 100).await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), vec![100, 100, 63]);
+    assert_eq!(pages.concat(), expected);
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_active_again_after_reopening_is_listed_once_in_its_new_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let me = UserId::random();
+    let [old, new] = std::array::from_fn(|_| ConversationId::direct(me, UserId::random()));
+    let store = open(dir.path());
+    store.append_messages(vec![at(old, me, 1, 1, 9)]).await.unwrap();
+    store.append_messages(vec![at(new, me, 1, 2, 9)]).await.unwrap();
+    store.close().await.unwrap();
+    drop(store);
+
+    let reopened = open(dir.path());
+    reopened.append_messages(vec![at(old, me, 2, 3, 9)]).await.unwrap();
+    assert_eq!(list_pages(&*reopened, me, 1).await, vec![vec![old], vec![new]]);
     reopened.close().await.unwrap();
 }

@@ -120,35 +120,20 @@ pub(super) async fn list_conversations(
     after: Option<(u64, ConversationId)>,
     limit: usize,
 ) -> Result<v1::ConversationList, ChatError> {
-    let mut heads = shard.store.conversations(user).await?;
-    heads.sort_by(|a, b| {
-        b.last_time_ms
-            .cmp(&a.last_time_ms)
-            .then(a.conversation.cmp(&b.conversation))
-    });
-    // The page after (time, id) starts at the first conversation less active, or
-    // as active with a greater id.
-    let start = after.map_or(0, |(time, id)| {
-        heads
-            .iter()
-            .position(|head| head.last_time_ms < time || (head.last_time_ms == time && head.conversation > id))
-            .unwrap_or(heads.len())
-    });
+    let (heads, more) = shard.store.recent_conversations(user, after, limit).await?;
     let max_bytes = shard.limits.max_frame_bytes.saturating_sub(REPLY_OVERHEAD_BYTES);
     let mut used = 0;
-    let mut conversations = Vec::with_capacity(limit.min(heads.len()));
-    let mut last = None;
-    for head in heads.iter().skip(start).take(limit) {
+    let mut conversations = Vec::with_capacity(heads.len());
+    for head in &heads {
         let state = conversation_state(shard, head).await?;
         used += state.encoded_len() + FIELD_OVERHEAD_BYTES;
         if used > max_bytes && !conversations.is_empty() {
             break;
         }
         conversations.push(state);
-        last = Some(head);
     }
-    let next_page_token = match last {
-        Some(last) if start + conversations.len() < heads.len() => {
+    let next_page_token = match conversations.len().checked_sub(1).and_then(|last| heads.get(last)) {
+        Some(last) if more || conversations.len() < heads.len() => {
             encode_page_token(last.last_time_ms, last.conversation)
         }
         _ => String::new(),

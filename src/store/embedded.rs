@@ -23,8 +23,9 @@
 //!   left at. Both are projections of the group events in `messages`, written in
 //!   the same batch as the event, so they never disagree with history.
 //! - `heads`:     conversation key → last seq ++ its server time
-//! - `user_convs`: user id ++ conversation key → the seq the user left at (0 while
-//!   in it): the index Sync and ListConversations start from
+//! - `user_convs`: user id ++ conversation key → the seq the user left at ++ that
+//!   message's time (0 ++ 0 while in it): the index Sync and ListConversations
+//!   start from
 //! - `marks`:     conversation key ++ user id ++ device id → delivered ++ read seq
 //!
 //! All writes go through one writer thread, which drains whatever is queued (up to
@@ -333,9 +334,7 @@ impl Store for EmbeddedStore {
                     continue;
                 };
                 let (last_seq, last_time_ms) = decode_pair(&head)?;
-                let left = value.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
-                let left_seq = left.ok_or_else(|| StoreError::Corrupt("user conversation entry".into()))?;
-                let left_seq = (left_seq != 0).then_some(left_seq);
+                let (left_seq, left_time_ms) = decode_user_conversation(&value)?;
                 let read_seq = inner.user_marks(conversation, user)?.read_seq;
                 let title = match conversation {
                     ConversationId::Group(group) => inner
@@ -348,7 +347,7 @@ impl Store for EmbeddedStore {
                 heads.push(ConversationHead {
                     conversation,
                     last_seq: left_seq.map_or(last_seq, |left| left.min(last_seq)),
-                    last_time_ms,
+                    last_time_ms: left_time_ms.unwrap_or(last_time_ms),
                     left_seq,
                     read_seq,
                     title,
@@ -607,18 +606,20 @@ impl Writer {
                         heads.insert(message.conversation, message);
                     }
                     for (conversation, message) in heads {
-                        let mut head = [0u8; 16];
-                        head[..8].copy_from_slice(&message.seq.to_be_bytes());
-                        head[8..].copy_from_slice(&message.server_time_ms.to_be_bytes());
+                        let head = encode_pair(message.seq, message.server_time_ms);
                         batch.insert(&self.inner.heads, conversation.to_key().as_ref(), head);
                         for member in conversation.direct_members() {
-                            batch.insert(&self.inner.user_convs, user_conv_key(member, conversation), [0u8; 8]);
+                            batch.insert(
+                                &self.inner.user_convs,
+                                user_conv_key(member, conversation),
+                                encode_pair(0, 0),
+                            );
                         }
                     }
                     for message in messages {
                         let key = message_key(message.conversation, message.seq);
                         if let (ConversationId::Group(group), Some(event)) = (message.conversation, &message.event) {
-                            self.stage_group_event(&mut batch, group, message.sender, message.seq, event);
+                            self.stage_group_event(&mut batch, group, &message, event);
                         }
                         let stored = StoredMessage::of(&message);
                         if let Some(amendment) = message.amends {
@@ -633,10 +634,11 @@ impl Writer {
                             messages_in_batch.insert(key, stored.clone());
                         }
                         let send = send_key(message.conversation, message.sender_device, &stored.client_msg_id);
-                        let mut value = [0u8; 16];
-                        value[..8].copy_from_slice(&message.seq.to_be_bytes());
-                        value[8..].copy_from_slice(&message.server_time_ms.to_be_bytes());
-                        batch.insert(&self.inner.sends, send, value);
+                        batch.insert(
+                            &self.inner.sends,
+                            send,
+                            encode_pair(message.seq, message.server_time_ms),
+                        );
                     }
                     on_commit(reply, ())
                 }
@@ -785,19 +787,21 @@ impl Writer {
         Ok((after_user, after_user != before_user))
     }
 
-    /// Updates the group projections for an event sent by `actor` at `seq`.
+    /// Updates the group projections for `event`, carried by `message`.
     fn stage_group_event(
         &self,
         batch: &mut fjall::OwnedWriteBatch,
         group: GroupId,
-        actor: UserId,
-        seq: Seq,
+        message: &MessageRecord,
         event: &GroupEvent,
     ) {
         let conversation = ConversationId::Group(group);
-        for (user, member) in event.member_updates(actor, seq) {
+        for (user, member) in event.member_updates(message.sender, message.seq) {
             batch.insert(&self.inner.members, member_key(group, user), encode_member(member));
-            let left = member.left_seq.unwrap_or(0).to_be_bytes();
+            let left = match member.left_seq {
+                Some(seq) => encode_pair(seq, message.server_time_ms),
+                None => encode_pair(0, 0),
+            };
             batch.insert(&self.inner.user_convs, user_conv_key(user, conversation), left);
         }
         if let Some(title) = event.title() {
@@ -894,6 +898,25 @@ fn conversation_of_key(key: &[u8]) -> Result<ConversationId, StoreError> {
 }
 
 /// Two big-endian u64s.
+/// A `user_convs` value: the seq the user left at and that message's time (for a
+/// current member `0, 0`; entries written before the time was kept hold the seq
+/// alone).
+fn decode_user_conversation(value: &[u8]) -> Result<(Option<Seq>, Option<u64>), StoreError> {
+    let (left_seq, left_time_ms) = match value.len() {
+        8 => (value.try_into().map(u64::from_be_bytes).unwrap_or_default(), 0),
+        _ => decode_pair(value)?,
+    };
+    let left_seq = (left_seq != 0).then_some(left_seq);
+    Ok((left_seq, left_seq.and((left_time_ms != 0).then_some(left_time_ms))))
+}
+
+fn encode_pair(first: u64, second: u64) -> [u8; 16] {
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&first.to_be_bytes());
+    value[8..].copy_from_slice(&second.to_be_bytes());
+    value
+}
+
 fn decode_pair(value: &[u8]) -> Result<(u64, u64), StoreError> {
     let field =
         |range: std::ops::Range<usize>| value.get(range).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);

@@ -138,6 +138,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// group events.
     async fn conversations(&self, user: UserId) -> Result<Vec<ConversationHead>, StoreError>;
 
+    /// `user`'s conversations by the last activity it may see, newest first (ties
+    /// by conversation id), after `after` (a conversation's `(last_time_ms, id)`);
+    /// at most `limit`, and whether more follow. This default sorts
+    /// [`Store::conversations`]; a backend with an index ordered by activity reads
+    /// only the newest part of it.
+    async fn recent_conversations(
+        &self,
+        user: UserId,
+        after: Option<(u64, ConversationId)>,
+        limit: usize,
+    ) -> Result<(Vec<ConversationHead>, bool), StoreError> {
+        Ok(page_by_activity(self.conversations(user).await?, after, limit))
+    }
+
     /// Raises a device's receipt watermarks (never lowers them); returns the
     /// user's watermarks across all its devices, and whether they rose.
     async fn mark(
@@ -168,4 +182,28 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Makes every acknowledged write durable regardless of the durability setting,
     /// and stops accepting writes. Called once at shutdown.
     async fn close(&self) -> Result<(), StoreError>;
+}
+
+/// The page of `heads` after `after` by last activity, newest first (ties by
+/// conversation id): at most `limit`, and whether more follow.
+pub fn page_by_activity(
+    mut heads: Vec<ConversationHead>,
+    after: Option<(u64, ConversationId)>,
+    limit: usize,
+) -> (Vec<ConversationHead>, bool) {
+    heads.retain(|head| follows(head, after));
+    heads.sort_by_key(|head| activity_order(head.activity()));
+    let more = heads.len() > limit;
+    heads.truncate(limit);
+    (heads, more)
+}
+
+/// Whether `head` comes after `after` in a list by activity.
+pub fn follows(head: &ConversationHead, after: Option<(u64, ConversationId)>) -> bool {
+    after.is_none_or(|after| activity_order(head.activity()) > activity_order(after))
+}
+
+/// Newest first, then by conversation id.
+fn activity_order((time_ms, conversation): (u64, ConversationId)) -> (std::cmp::Reverse<u64>, ConversationId) {
+    (std::cmp::Reverse(time_ms), conversation)
 }

@@ -218,6 +218,7 @@ pub struct ConversationHead {
     /// Highest seq the user may see: the conversation's last seq, or for a former
     /// group member the seq that removed it.
     pub last_seq: Seq,
+    /// Time of that message: what conversation lists are ordered by.
     pub last_time_ms: u64,
     /// Set for a former group member.
     pub left_seq: Option<Seq>,
@@ -225,6 +226,13 @@ pub struct ConversationHead {
     pub read_seq: Seq,
     /// A group's title.
     pub title: Option<String>,
+}
+
+impl ConversationHead {
+    /// Where it stands in a list by activity: `(last_time_ms, conversation)`.
+    pub fn activity(&self) -> (u64, ConversationId) {
+        (self.last_time_ms, self.conversation)
+    }
 }
 
 /// One device's receipt watermarks in one conversation.

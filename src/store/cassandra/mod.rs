@@ -16,7 +16,8 @@
 //! | `messages` | `(conversation, bucket)` | `seq` DESC | history pages, sync, `messages_at`, the stored maximum seq |
 //! | `sends` | `conversation` | `device_id, client_msg_id` | idempotent send lookups; rows expire after the dedup window (TTL) |
 //! | `heads` | `conversation` | | a conversation's last seq and time, for conversation lists |
-//! | `user_conversations` | `user_id` | `conversation` | a user's conversations (sync, lists) |
+//! | `user_conversations` | `user_id` | `conversation` | a user's conversations, and when it left a group (sync; a list's rows) |
+//! | `user_activity` | `user_id` | `day` DESC, `conversation` DESC | conversation lists by last activity, newest day first |
 //! | `groups` | `group_id` | | a group's title |
 //! | `members` | `group_id` | `user_id` | membership checks, member pages, fan-out |
 //! | `marks` | `(conversation, user_id)` | `device_id` | receipt watermarks of one user's devices |
@@ -39,10 +40,17 @@
 //! users' receipt watermarks, which only grow, are kept in `highest`
 //! caches, so a conversation list or sync reads only what the node has not seen.
 //!
-//! Known gap: the `user_conversations` index is not ordered by last activity; a
-//! conversation list reads the user's partition and the heads it names, from
-//! memory once seen (ordering it in Cassandra would cost an index write per
-//! member per message).
+//! `user_activity` orders a user's conversations by the day of their last
+//! activity: the writer adds a conversation's row for each member on the first
+//! message of each day (and for a member a group event adds or removes, on the
+//! event's day), deleting the row of the day before when it wrote it. So a list
+//! reads days newest first and stops once the days read hold more than a page:
+//! a conversation not read yet was last active earlier. Within the days read,
+//! the heads give the exact order. An index kept in exact order would cost a
+//! delete and an insert per member per message, and its tombstones would pile
+//! up at the top of the partition that every list reads; per day it is one row
+//! per member per conversation per active day, and stale rows (left behind when
+//! a restart forgot the day written) cost only a longer read.
 
 mod highest;
 mod sends;
@@ -51,7 +59,7 @@ mod writer;
 use super::encoding::StoredMessage;
 use super::{
     ConversationHead, DeviceRecord, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord, MessageRecord,
-    NewUser, Role, Store, StoreError, StoredSend, UserRecord,
+    NewUser, Role, Store, StoreError, StoredSend, UserRecord, follows, page_by_activity,
 };
 use crate::config::{CassandraConfig, Consistency};
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
@@ -62,7 +70,7 @@ use prost::Message as _;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::prepared::PreparedStatement;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -76,6 +84,16 @@ const DRIVER_THREADS: usize = 2;
 const MAX_KEYS_PER_READ: usize = 100;
 /// Longest wait for a contact point at start.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `user_activity` rows are per day of activity.
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+/// `user_activity` rows read per query.
+const ACTIVITY_ROWS_PER_READ: usize = 200;
+
+/// The day `time_ms` falls in (days since the Unix epoch).
+fn day(time_ms: u64) -> i64 {
+    to_cql(time_ms / DAY_MS)
+}
 
 /// The bucket holding `seq`.
 pub fn bucket(seq: Seq) -> i64 {
@@ -120,6 +138,10 @@ struct Statements {
     head: PreparedStatement,
     upsert_user_conversation: PreparedStatement,
     user_conversations: PreparedStatement,
+    user_conversation: PreparedStatement,
+    upsert_activity: PreparedStatement,
+    delete_activity: PreparedStatement,
+    activity: PreparedStatement,
     upsert_title: PreparedStatement,
     title: PreparedStatement,
     upsert_member: PreparedStatement,
@@ -362,12 +384,29 @@ impl Statements {
             ))
             .await?,
             upsert_user_conversation: prepare(format!(
-                "INSERT INTO {k}.user_conversations (user_id, conversation, left_seq) VALUES (?, ?, ?) \
-                 USING TIMESTAMP ?"
+                "INSERT INTO {k}.user_conversations (user_id, conversation, left_seq, left_time_ms) \
+                 VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
             ))
             .await?,
             user_conversations: prepare(format!(
-                "SELECT conversation, left_seq FROM {k}.user_conversations WHERE user_id = ?"
+                "SELECT conversation, left_seq, left_time_ms FROM {k}.user_conversations WHERE user_id = ?"
+            ))
+            .await?,
+            user_conversation: prepare(format!(
+                "SELECT left_seq, left_time_ms FROM {k}.user_conversations WHERE user_id = ? AND conversation = ?"
+            ))
+            .await?,
+            upsert_activity: prepare(format!(
+                "INSERT INTO {k}.user_activity (user_id, day, conversation) VALUES (?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            delete_activity: prepare(format!(
+                "DELETE FROM {k}.user_activity USING TIMESTAMP ? WHERE user_id = ? AND day = ? AND conversation = ?"
+            ))
+            .await?,
+            activity: prepare(format!(
+                "SELECT day, conversation FROM {k}.user_activity WHERE user_id = ? AND (day, conversation) < (?, ?) \
+                 LIMIT ?"
             ))
             .await?,
             upsert_title: prepare(format!(
@@ -634,6 +673,81 @@ impl Inner {
             .into_iter()
             .next()
             .map(|(seq, time_ms)| self.known_heads.raise(conversation, (from_cql(seq), from_cql(time_ms)))))
+    }
+
+    /// `user`'s view of a conversation it is or was in, given its index row's
+    /// values; `None` while the conversation has no messages.
+    async fn conversation_head(
+        &self,
+        user: UserId,
+        conversation: ConversationId,
+        left_seq: Option<i64>,
+        left_time_ms: Option<i64>,
+    ) -> Result<Option<ConversationHead>, StoreError> {
+        let Some((last_seq, last_time_ms)) = self.head(conversation).await? else {
+            return Ok(None);
+        };
+        let left_seq = left(left_seq);
+        let left_time_ms = left_seq.and(left_time_ms.map(from_cql).filter(|time_ms| *time_ms != 0));
+        let marks = self.folded_marks(conversation, user).await?;
+        let title = match conversation {
+            ConversationId::Group(group) => {
+                let titles: Vec<(Option<String>,)> = self.rows(&self.statements.title, (to_cql(group.get()),)).await?;
+                titles.into_iter().next().and_then(|(title,)| title)
+            }
+            ConversationId::Direct { .. } => None,
+        };
+        Ok(Some(ConversationHead {
+            conversation,
+            last_seq: left_seq.map_or(last_seq, |left| left.min(last_seq)),
+            last_time_ms: left_time_ms.unwrap_or(last_time_ms),
+            left_seq,
+            read_seq: marks.read_seq,
+            title,
+        }))
+    }
+
+    /// The heads of those of `conversations` in `user`'s index that come after
+    /// `after` by activity.
+    async fn heads_after(
+        &self,
+        user: UserId,
+        conversations: Vec<ConversationId>,
+        after: Option<(u64, ConversationId)>,
+    ) -> Result<Vec<ConversationHead>, StoreError> {
+        let heads = try_join_all(conversations.into_iter().map(|conversation| async move {
+            let rows: Vec<(Option<i64>, Option<i64>)> = self
+                .rows(
+                    &self.statements.user_conversation,
+                    (to_cql(user.get()), conversation.to_string()),
+                )
+                .await?;
+            match rows.into_iter().next() {
+                Some((left_seq, left_time_ms)) => {
+                    self.conversation_head(user, conversation, left_seq, left_time_ms).await
+                }
+                None => Ok(None),
+            }
+        }))
+        .await?;
+        Ok(heads
+            .into_iter()
+            .flatten()
+            .filter(|head| follows(head, after))
+            .collect())
+    }
+
+    /// A group's current members, by user id.
+    async fn current_members(&self, group: GroupId) -> Result<Vec<(UserId, Role)>, StoreError> {
+        let rows: Vec<(i64, i8, Option<i64>)> = self.rows(&self.statements.members, (to_cql(group.get()),)).await?;
+        let mut members = Vec::new();
+        for (user, role, left_seq) in rows {
+            if left(left_seq).is_none() {
+                members.push((user_id(user)?, role_of(role)?));
+            }
+        }
+        members.sort_by_key(|(user, _)| user.get());
+        Ok(members)
     }
 
     /// `user`'s watermarks in `conversation`, highest across its devices.
@@ -967,18 +1081,9 @@ impl Store for CassandraStore {
             let Some((title,)) = titles.into_iter().next() else {
                 return Ok(None);
             };
-            let rows: Vec<(i64, i8, Option<i64>)> =
-                inner.rows(&inner.statements.members, (to_cql(group.get()),)).await?;
-            let mut members = Vec::new();
-            for (user, role, left_seq) in rows {
-                if left(left_seq).is_none() {
-                    members.push((user_id(user)?, role_of(role)?));
-                }
-            }
-            members.sort_by_key(|(user, _)| user.get());
             Ok(Some(GroupRecord {
                 title: title.unwrap_or_default(),
-                members,
+                members: inner.current_members(group).await?,
             }))
         })
         .await
@@ -1024,37 +1129,74 @@ impl Store for CassandraStore {
 
     async fn conversations(&self, user: UserId) -> Result<Vec<ConversationHead>, StoreError> {
         self.on_driver(move |inner| async move {
-            let rows: Vec<(String, Option<i64>)> = inner
+            let rows: Vec<(String, Option<i64>, Option<i64>)> = inner
                 .rows(&inner.statements.user_conversations, (to_cql(user.get()),))
                 .await?;
-            let heads = rows.into_iter().map(|(key, left_seq)| {
+            let heads = rows.into_iter().map(|(key, left_seq, left_time_ms)| {
                 let inner = inner.clone();
                 async move {
                     let conversation = ConversationId::parse(&key).map_err(corrupt)?;
-                    let Some((last_seq, last_time_ms)) = inner.head(conversation).await? else {
-                        return Ok(None);
-                    };
-                    let left_seq = left(left_seq);
-                    let marks = inner.folded_marks(conversation, user).await?;
-                    let title = match conversation {
-                        ConversationId::Group(group) => {
-                            let titles: Vec<(Option<String>,)> =
-                                inner.rows(&inner.statements.title, (to_cql(group.get()),)).await?;
-                            titles.into_iter().next().and_then(|(title,)| title)
-                        }
-                        ConversationId::Direct { .. } => None,
-                    };
-                    Ok::<_, StoreError>(Some(ConversationHead {
-                        conversation,
-                        last_seq: left_seq.map_or(last_seq, |left| left.min(last_seq)),
-                        last_time_ms,
-                        left_seq,
-                        read_seq: marks.read_seq,
-                        title,
-                    }))
+                    inner
+                        .conversation_head(user, conversation, left_seq, left_time_ms)
+                        .await
                 }
             });
             Ok(try_join_all(heads).await?.into_iter().flatten().collect())
+        })
+        .await
+    }
+
+    /// Reads `user_activity` newest day first, a day at a time, until the days
+    /// read hold more than `limit` conversations after `after`: any conversation
+    /// not read yet was last active on an earlier day.
+    async fn recent_conversations(
+        &self,
+        user: UserId,
+        after: Option<(u64, ConversationId)>,
+        limit: usize,
+    ) -> Result<(Vec<ConversationHead>, bool), StoreError> {
+        self.on_driver(move |inner| async move {
+            // Rows sort by (day, conversation) descending: read below this bound.
+            let first_day = after.map_or(i64::MAX, |(time_ms, _)| day(time_ms).saturating_add(1));
+            let mut bound = (first_day, String::new());
+            let mut seen = HashSet::new();
+            let mut found = Vec::new();
+            let mut day_read = None;
+            let mut fresh = Vec::new();
+            loop {
+                let rows: Vec<(i64, String)> = inner
+                    .rows(
+                        &inner.statements.activity,
+                        (
+                            to_cql(user.get()),
+                            bound.0,
+                            bound.1.clone(),
+                            ACTIVITY_ROWS_PER_READ as i32,
+                        ),
+                    )
+                    .await?;
+                let exhausted = rows.len() < ACTIVITY_ROWS_PER_READ;
+                for (row_day, key) in rows {
+                    if day_read != Some(row_day) {
+                        // Every row of the days before was read.
+                        found.extend(inner.heads_after(user, std::mem::take(&mut fresh), after).await?);
+                        if found.len() > limit {
+                            return Ok(page_by_activity(found, after, limit));
+                        }
+                        day_read = Some(row_day);
+                    }
+                    let conversation = ConversationId::parse(&key).map_err(corrupt)?;
+                    if seen.insert(conversation) {
+                        fresh.push(conversation);
+                    }
+                    bound = (row_day, key);
+                }
+                if exhausted {
+                    break;
+                }
+            }
+            found.extend(inner.heads_after(user, fresh, after).await?);
+            Ok(page_by_activity(found, after, limit))
         })
         .await
     }

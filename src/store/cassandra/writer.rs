@@ -4,11 +4,13 @@
 //! unlogged batch (never a multi-partition batch), at most `max_in_flight` at once.
 //!
 //! A flush is one round trip: messages, send records, heads and direct
-//! conversations' index rows all at once — except that a conversation's buckets
-//! are written in ascending order, stopping at the first failure, so a failed
-//! flush never leaves a later seq stored above a missing one. Group state
-//! (members, titles, the members' index rows) follows only once every message is
-//! stored, so a membership never changes without its event in the history.
+//! conversations' index and activity rows all at once — except that a
+//! conversation's buckets are written in ascending order, stopping at the first
+//! failure, so a failed flush never leaves a later seq stored above a missing
+//! one. Group state (members, titles, the members' index rows) follows only once
+//! every message is stored, so a membership never changes without its event in
+//! the history. A group's first message of a day adds one more step: its
+//! current members are read and their activity rows written.
 //!
 //! A failed flush can leave a send record without its message, or a head past
 //! the stored maximum: readers allow for both (`find_sends` confirms a send
@@ -23,19 +25,19 @@
 //!
 //! Receipt marks are read-modify-write, so they go through the same task, in order.
 
-use super::{Inner, bucket, max_marks, to_cql, unavailable};
+use super::{Inner, bucket, day, max_marks, to_cql, unavailable};
 use crate::config::CassandraConfig;
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use crate::store::encoding::StoredMessage;
 use crate::store::{Amendment, GroupEvent, Marks, MessageRecord, StoreError};
 use futures::FutureExt as _;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, try_join_all};
 use futures::stream::{self, FuturesUnordered, StreamExt as _};
 use prost::Message as _;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -121,10 +123,24 @@ fn rows_of(job: &Job) -> usize {
     }
 }
 
-/// Direct conversations whose `user_conversations` rows this writer has written:
-/// they never change, so later flushes skip them. Bounded; forgetting only costs
-/// a rewrite.
+/// Conversations whose members' `user_activity` rows this writer has written, by
+/// the day they are for (and for a direct conversation, whose `user_conversations`
+/// rows, which never change): later flushes that day skip them. Bounded;
+/// forgetting only costs a rewrite.
 const MAX_INDEXED: usize = 100_000;
+
+/// Conversations → the day their activity rows were written for.
+type Indexed = HashMap<ConversationId, i64>;
+
+/// A conversation whose members' activity rows a flush writes.
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    day: i64,
+    /// The day of the rows it replaces, if this writer wrote them.
+    previous: Option<i64>,
+    /// Time of the conversation's last message in the flush.
+    time_ms: u64,
+}
 
 /// Flushes under way at once. Owners never have two appends of one conversation
 /// in the store at once, so concurrent flushes touch different conversations.
@@ -133,15 +149,15 @@ const MAX_FLUSHES_IN_FLIGHT: usize = 4;
 /// A flush once Cassandra answered.
 struct Flushed {
     appends: Vec<(Vec<MessageRecord>, Reply<()>)>,
-    /// Direct conversations whose index rows it wrote.
-    indexed: HashSet<ConversationId>,
+    /// Conversations whose activity rows it wrote.
+    indexed: HashMap<ConversationId, Activity>,
     result: Result<(), StoreError>,
 }
 
 async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) {
     let mut closed = false;
     let mut closers = Vec::new();
-    let mut indexed: HashSet<ConversationId> = HashSet::new();
+    let mut indexed = Indexed::new();
     let mut flushing = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -174,14 +190,7 @@ async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) 
                     }
                 }
                 if !appends.is_empty() {
-                    let needs_index = appends
-                        .iter()
-                        .flat_map(|(messages, _)| messages)
-                        .map(|message| message.conversation)
-                        .filter(|conversation| {
-                            matches!(conversation, ConversationId::Direct { .. }) && !indexed.contains(conversation)
-                        })
-                        .collect();
+                    let needs_index = needs_index(&appends, &indexed);
                     flushing.push(spawn_flush(inner.clone(), appends, needs_index, limits.max_in_flight));
                 }
             }
@@ -195,6 +204,27 @@ async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) 
     while let Some(flushed) = flushing.next().await {
         finish(&inner, &mut indexed, flushed);
     }
+}
+
+/// The conversations of `appends` whose activity rows are not written for the
+/// day of their last message.
+fn needs_index(appends: &[(Vec<MessageRecord>, Reply<()>)], indexed: &Indexed) -> HashMap<ConversationId, Activity> {
+    let mut needed = HashMap::new();
+    for message in appends.iter().flat_map(|(messages, _)| messages) {
+        // Messages arrive in seq order per conversation: the last one counts.
+        let previous = indexed.get(&message.conversation).copied();
+        let activity = Activity {
+            day: day(message.server_time_ms),
+            previous,
+            time_ms: message.server_time_ms,
+        };
+        if previous == Some(activity.day) {
+            needed.remove(&message.conversation);
+        } else {
+            needed.insert(message.conversation, activity);
+        }
+    }
+    needed
 }
 
 /// `first` and whatever else arrives within the batch window, up to the row limit.
@@ -224,7 +254,7 @@ type Lowest = HashMap<ConversationId, Seq>;
 fn spawn_flush(
     inner: Arc<Inner>,
     appends: Vec<(Vec<MessageRecord>, Reply<()>)>,
-    needs_index: HashSet<ConversationId>,
+    needs_index: HashMap<ConversationId, Activity>,
     max_in_flight: usize,
 ) -> impl Future<Output = (Lowest, Result<Flushed, tokio::task::JoinError>)> {
     let mut lowest = Lowest::new();
@@ -246,11 +276,7 @@ fn spawn_flush(
 }
 
 /// Answers a flush's appends, after noting what it stored (or may have).
-fn finish(
-    inner: &Inner,
-    indexed: &mut HashSet<ConversationId>,
-    (lowest, flushed): (Lowest, Result<Flushed, tokio::task::JoinError>),
-) {
+fn finish(inner: &Inner, indexed: &mut Indexed, (lowest, flushed): (Lowest, Result<Flushed, tokio::task::JoinError>)) {
     let flushed = match flushed {
         Ok(flushed) => flushed,
         Err(err) => {
@@ -273,7 +299,12 @@ fn finish(
             if indexed.len() > MAX_INDEXED {
                 indexed.clear();
             }
-            indexed.extend(flushed.indexed);
+            indexed.extend(
+                flushed
+                    .indexed
+                    .into_iter()
+                    .map(|(conversation, activity)| (conversation, activity.day)),
+            );
         }
         Err(err) => {
             tracing::warn!(error = %err, messages = messages.len(), "Cassandra write failed; appends not acknowledged");
@@ -325,13 +356,16 @@ async fn mark(
 }
 
 /// Bound values of one row, per statement: `insert_message`, `insert_send`,
-/// `upsert_head`, `upsert_user_conversation`, `upsert_title`, `upsert_member`.
+/// `upsert_head`, `upsert_user_conversation`, `upsert_title`, `upsert_member`,
+/// `upsert_activity`, `delete_activity`.
 type MessageRow = (String, i64, i64, Vec<u8>);
 type SendRow = (String, i64, String, i64, i64, i32);
 type HeadRow = (String, i64, i64, i64);
-type UserConversationRow = (i64, String, i64, i64);
+type UserConversationRow = (i64, String, i64, i64, i64);
 type TitleRow = (i64, String, i64);
 type MemberRow = (i64, i64, i8, i64, i64);
+type ActivityRow = (i64, i64, String, i64);
+type StaleActivityRow = (i64, i64, i64, String);
 
 /// The rows of one flush, by table and partition.
 #[derive(Default)]
@@ -342,6 +376,7 @@ struct Rows {
     heads: HashMap<String, HeadRow>,
     /// Index rows of direct conversations (their members never change).
     direct_user_conversations: HashMap<i64, Vec<UserConversationRow>>,
+    direct_activity: ActivityRows,
     group: GroupRows,
 }
 
@@ -351,6 +386,8 @@ struct GroupRows {
     user_conversations: HashMap<i64, Vec<UserConversationRow>>,
     titles: HashMap<i64, Vec<TitleRow>>,
     members: HashMap<i64, Vec<MemberRow>>,
+    /// The members an event adds or removes, on the event's day.
+    activity: ActivityRows,
 }
 
 impl GroupRows {
@@ -359,12 +396,45 @@ impl GroupRows {
     }
 }
 
-/// Writes `messages` and their rows; index rows only for the direct
-/// conversations in `needs_index`.
+/// `user_activity` rows to write, and the older rows they replace, by user.
+#[derive(Default)]
+struct ActivityRows {
+    current: HashMap<i64, Vec<ActivityRow>>,
+    stale: HashMap<i64, Vec<StaleActivityRow>>,
+}
+
+impl ActivityRows {
+    /// `user`'s row for `conversation` on the activity's day, replacing the one
+    /// of the day before it (when known). Written at the activity's time, in µs.
+    fn stage(&mut self, user: UserId, conversation: &str, activity: Activity) {
+        let user = to_cql(user.get());
+        let timestamp = to_cql(activity.time_ms.saturating_mul(1000));
+        self.current
+            .entry(user)
+            .or_default()
+            .push((user, activity.day, conversation.to_owned(), timestamp));
+        if let Some(previous) = activity.previous.filter(|previous| *previous != activity.day) {
+            self.stale
+                .entry(user)
+                .or_default()
+                .push((timestamp, user, previous, conversation.to_owned()));
+        }
+    }
+
+    fn writes(self, inner: &Inner) -> impl Iterator<Item = BoxFuture<'_, Result<(), StoreError>>> {
+        let statements = &inner.statements;
+        let current = (self.current.into_values()).map(|rows| write(inner, &statements.upsert_activity, rows).boxed());
+        let stale = (self.stale.into_values()).map(|rows| write(inner, &statements.delete_activity, rows).boxed());
+        current.chain(stale)
+    }
+}
+
+/// Writes `messages` and their rows; activity rows (and direct conversations'
+/// index rows) only for the conversations in `needs_index`.
 async fn flush(
     inner: &Inner,
     messages: &[&MessageRecord],
-    needs_index: &HashSet<ConversationId>,
+    needs_index: &HashMap<ConversationId, Activity>,
     max_in_flight: usize,
 ) -> Result<(), StoreError> {
     let mut rows = Rows::default();
@@ -387,7 +457,7 @@ async fn flush(
             }
         }
         if let (ConversationId::Group(group), Some(event)) = (message.conversation, &message.event) {
-            stage_group_event(&mut rows.group, group, message.sender, message.seq, event);
+            stage_group_event(&mut rows.group, group, message, event);
         }
         rows.sends.entry(key.clone()).or_default().push((
             key.clone(),
@@ -400,15 +470,14 @@ async fn flush(
         // Messages arrive in seq order per conversation: the last one is the head.
         rows.heads
             .insert(key.clone(), (key.clone(), seq, to_cql(message.server_time_ms), seq));
-        let members = match needs_index.contains(&message.conversation) {
-            true => Some(message.conversation.direct_members()),
-            false => None,
-        };
-        for member in members.into_iter().flatten() {
-            rows.direct_user_conversations
-                .entry(to_cql(member.get()))
-                .or_default()
-                .push((to_cql(member.get()), key.clone(), 0, seq));
+        if let Some(activity) = needs_index.get(&message.conversation) {
+            for member in message.conversation.direct_members() {
+                rows.direct_user_conversations
+                    .entry(to_cql(member.get()))
+                    .or_default()
+                    .push((to_cql(member.get()), key.clone(), 0, 0, seq));
+                rows.direct_activity.stage(member, &key, *activity);
+            }
         }
         rows.messages.insert((key, message.seq), StoredMessage::of(message));
     }
@@ -446,24 +515,44 @@ async fn flush(
     for partition in rows.direct_user_conversations.into_values() {
         writes.push(write(inner, &statements.upsert_user_conversation, partition).boxed());
     }
+    writes.extend(rows.direct_activity.writes(inner));
     run_all(writes, max_in_flight).await?;
-    if rows.group.is_empty() {
-        return Ok(());
+
+    if !rows.group.is_empty() {
+        // Group state, only once every message (its events among them) is stored.
+        let group = rows.group;
+        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::new();
+        for partition in group.user_conversations.into_values() {
+            writes.push(write(inner, &statements.upsert_user_conversation, partition).boxed());
+        }
+        for partition in group.titles.into_values() {
+            writes.push(write(inner, &statements.upsert_title, partition).boxed());
+        }
+        for partition in group.members.into_values() {
+            writes.push(write(inner, &statements.upsert_member, partition).boxed());
+        }
+        writes.extend(group.activity.writes(inner));
+        run_all(writes, max_in_flight).await?;
     }
 
-    // Group state, only once every message (its events among them) is stored.
-    let group = rows.group;
-    let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::new();
-    for partition in group.user_conversations.into_values() {
-        writes.push(write(inner, &statements.upsert_user_conversation, partition).boxed());
+    // A group's first message of a day: its members' activity rows, once the
+    // flush's events changed who they are.
+    let groups = needs_index
+        .iter()
+        .filter_map(|(conversation, activity)| match conversation {
+            ConversationId::Group(group) => Some(async move {
+                let members = inner.current_members(*group).await?;
+                Ok::<_, StoreError>((conversation.to_string(), *activity, members))
+            }),
+            ConversationId::Direct { .. } => None,
+        });
+    let mut activity = ActivityRows::default();
+    for (key, day_activity, members) in try_join_all(groups).await? {
+        for (member, _) in members {
+            activity.stage(member, &key, day_activity);
+        }
     }
-    for partition in group.titles.into_values() {
-        writes.push(write(inner, &statements.upsert_title, partition).boxed());
-    }
-    for partition in group.members.into_values() {
-        writes.push(write(inner, &statements.upsert_member, partition).boxed());
-    }
-    run_all(writes, max_in_flight).await
+    run_all(activity.writes(inner).collect(), max_in_flight).await
 }
 
 /// Runs `writes`, at most `max_in_flight` at once; the first error, if any.
@@ -475,26 +564,36 @@ async fn run_all(writes: Vec<BoxFuture<'_, Result<(), StoreError>>>, max_in_flig
     results.into_iter().collect()
 }
 
-/// The member, title and index rows for a group event sent by `actor` at `seq`.
-fn stage_group_event(rows: &mut GroupRows, group: GroupId, actor: UserId, seq: Seq, event: &GroupEvent) {
+/// The member, title, index and activity rows for a group event carried by `message`.
+fn stage_group_event(rows: &mut GroupRows, group: GroupId, message: &MessageRecord, event: &GroupEvent) {
     let group_key = to_cql(group.get());
     let conversation = ConversationId::Group(group).to_string();
-    let at = to_cql(seq);
-    for (user, member) in event.member_updates(actor, seq) {
-        let left = to_cql(member.left_seq.unwrap_or(0));
+    let at = to_cql(message.seq);
+    let activity = Activity {
+        day: day(message.server_time_ms),
+        previous: None,
+        time_ms: message.server_time_ms,
+    };
+    for (user, member) in event.member_updates(message.sender, message.seq) {
+        let (left_seq, left_time_ms) = match member.left_seq {
+            Some(seq) => (to_cql(seq), to_cql(message.server_time_ms)),
+            None => (0, 0),
+        };
         rows.members.entry(group_key).or_default().push((
             group_key,
             to_cql(user.get()),
             super::role_code(member.role),
-            left,
+            left_seq,
             at,
         ));
         rows.user_conversations.entry(to_cql(user.get())).or_default().push((
             to_cql(user.get()),
             conversation.clone(),
-            left,
+            left_seq,
+            left_time_ms,
             at,
         ));
+        rows.activity.stage(user, &conversation, activity);
     }
     if let Some(title) = event.title() {
         rows.titles
