@@ -1,5 +1,5 @@
-//! Server-side micro-benchmarks: token verification, sequencing, and appending
-//! to the embedded store with each durability.
+//! Server-side micro-benchmarks: token verification, sequencing, appending to
+//! the embedded store with each durability, and conversation lists.
 //!
 //! `cargo bench --bench server`. Numbers go in BENCHMARKS.md with the machine.
 
@@ -16,6 +16,28 @@ fn ids() -> (UserId, UserId, DeviceId) {
     match (UserId::new(1), UserId::new(2), DeviceId::new(3)) {
         (Some(a), Some(b), Some(d)) => (a, b, d),
         _ => unreachable!("non-zero constants"),
+    }
+}
+
+fn message(
+    conversation: ConversationId,
+    sender: UserId,
+    device: DeviceId,
+    seq: u64,
+    server_time_ms: u64,
+) -> MessageRecord {
+    MessageRecord {
+        conversation,
+        seq,
+        sender,
+        sender_device: device,
+        client_msg_id: seq.to_string(),
+        body: "x".repeat(100),
+        server_time_ms,
+        event: None,
+        amends: None,
+        deleted: false,
+        edited_by: None,
     }
 }
 
@@ -99,19 +121,7 @@ fn store_append(c: &mut Criterion) {
                         (0..batch)
                             .map(|_| {
                                 seq += 1;
-                                MessageRecord {
-                                    conversation,
-                                    seq,
-                                    sender: alice,
-                                    sender_device: device,
-                                    client_msg_id: seq.to_string(),
-                                    body: "x".repeat(100),
-                                    server_time_ms: seq,
-                                    event: None,
-                                    amends: None,
-                                    deleted: false,
-                                    edited_by: None,
-                                }
+                                message(conversation, alice, device, seq, seq)
                             })
                             .collect::<Vec<_>>()
                     },
@@ -124,5 +134,80 @@ fn store_append(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, tokens, sequencing, store_append);
+/// Conversations of the user `conversation_list` lists, and the days they span.
+const LISTED_CONVERSATIONS: u64 = 5_000;
+const LISTED_DAYS: u64 = 100;
+
+/// The first page (50) of a conversation list for a user with
+/// LISTED_CONVERSATIONS conversations over LISTED_DAYS days: from the store's
+/// ordered index, and by sorting every conversation. On the embedded store, and
+/// on Cassandra too with `BENCH_CASSANDRA=<host:port>` (scripts/cassandra).
+/// Caches are warm after the first iteration, as on a running node.
+fn conversation_list(c: &mut Criterion) {
+    let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let Ok(dir) = tempfile::tempdir() else { return };
+    let mut env = vec![("CONFAB_STORE__DATA_DIR".to_owned(), dir.path().display().to_string())];
+    let mut backends = vec![("embedded", env.clone())];
+    if let Ok(contact) = std::env::var("BENCH_CASSANDRA") {
+        env.extend([
+            ("CONFAB_STORE__BACKEND".to_owned(), "cassandra".to_owned()),
+            (
+                "CONFAB_CASSANDRA__CONTACT_POINTS".to_owned(),
+                format!("[\"{contact}\"]"),
+            ),
+            (
+                "CONFAB_CASSANDRA__KEYSPACE".to_owned(),
+                format!("bench_list_{}", std::process::id()),
+            ),
+        ]);
+        backends.push(("cassandra", env));
+    }
+    let (me, _, device) = ids();
+    let mut group = c.benchmark_group("list/first_page");
+    for (backend, env) in backends {
+        let store = match confab::Config::load_from(None, env).map(|config| confab::store::open(&config)) {
+            Ok(Ok(store)) => store,
+            Ok(Err(err)) => return eprintln!("opening the {backend} store: {err}"),
+            Err(err) => return eprintln!("{backend} config: {err}"),
+        };
+        let day_ms = 24 * 60 * 60 * 1000;
+        let messages: Vec<MessageRecord> = (1..=LISTED_CONVERSATIONS)
+            .filter_map(|n| UserId::new(1_000 + n))
+            .enumerate()
+            .map(|(i, other)| {
+                let time = 20_000 * day_ms + (i as u64 % LISTED_DAYS) * day_ms + i as u64;
+                message(ConversationId::direct(me, other), me, device, 1, time)
+            })
+            .collect();
+        for chunk in messages.chunks(500) {
+            if let Err(err) = runtime.block_on(store.append_messages(chunk.to_vec())) {
+                return eprintln!("filling the {backend} store: {err}");
+            }
+        }
+        group.bench_function(BenchmarkId::new("index", backend), |b| {
+            b.iter(|| {
+                runtime
+                    .block_on(store.recent_conversations(me, None, 50))
+                    .map(|(heads, _)| heads.len())
+            })
+        });
+        group.bench_function(BenchmarkId::new("sort_all", backend), |b| {
+            b.iter(|| {
+                runtime
+                    .block_on(store.conversations(me))
+                    .map(|heads| confab::store::page_by_activity(heads, None, 50).0.len())
+            })
+        });
+        let _ = runtime.block_on(store.close());
+    }
+    group.finish();
+}
+
+criterion_group!(benches, tokens, sequencing, store_append, conversation_list);
 criterion_main!(benches);

@@ -80,7 +80,7 @@ pub const BUCKET_SIZE: u64 = 1000;
 const SCHEMA: &str = include_str!("schema.cql");
 /// Threads of the driver's runtime.
 const DRIVER_THREADS: usize = 2;
-/// Send keys looked up by one query (`IN` on the clustering key).
+/// Keys looked up by one query (`IN` on the clustering key).
 const MAX_KEYS_PER_READ: usize = 100;
 /// Longest wait for a contact point at start.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,7 +138,7 @@ struct Statements {
     head: PreparedStatement,
     upsert_user_conversation: PreparedStatement,
     user_conversations: PreparedStatement,
-    user_conversation: PreparedStatement,
+    user_conversations_in: PreparedStatement,
     upsert_activity: PreparedStatement,
     delete_activity: PreparedStatement,
     activity: PreparedStatement,
@@ -392,8 +392,9 @@ impl Statements {
                 "SELECT conversation, left_seq, left_time_ms FROM {k}.user_conversations WHERE user_id = ?"
             ))
             .await?,
-            user_conversation: prepare(format!(
-                "SELECT left_seq, left_time_ms FROM {k}.user_conversations WHERE user_id = ? AND conversation = ?"
+            user_conversations_in: prepare(format!(
+                "SELECT conversation, left_seq, left_time_ms FROM {k}.user_conversations \
+                 WHERE user_id = ? AND conversation IN ?"
             ))
             .await?,
             upsert_activity: prepare(format!(
@@ -708,26 +709,24 @@ impl Inner {
     }
 
     /// The heads of those of `conversations` in `user`'s index that come after
-    /// `after` by activity.
+    /// `after` by activity. Index rows are read [`MAX_KEYS_PER_READ`] at a time.
     async fn heads_after(
         &self,
         user: UserId,
         conversations: Vec<ConversationId>,
         after: Option<(u64, ConversationId)>,
     ) -> Result<Vec<ConversationHead>, StoreError> {
-        let heads = try_join_all(conversations.into_iter().map(|conversation| async move {
-            let rows: Vec<(Option<i64>, Option<i64>)> = self
-                .rows(
-                    &self.statements.user_conversation,
-                    (to_cql(user.get()), conversation.to_string()),
-                )
-                .await?;
-            match rows.into_iter().next() {
-                Some((left_seq, left_time_ms)) => {
-                    self.conversation_head(user, conversation, left_seq, left_time_ms).await
-                }
-                None => Ok(None),
-            }
+        let reads = conversations.chunks(MAX_KEYS_PER_READ).map(|chunk| {
+            let keys: Vec<String> = chunk.iter().map(ConversationId::to_string).collect();
+            self.rows::<(String, Option<i64>, Option<i64>)>(
+                &self.statements.user_conversations_in,
+                (to_cql(user.get()), keys),
+            )
+        });
+        let rows = try_join_all(reads).await?.into_iter().flatten();
+        let heads = try_join_all(rows.map(|(key, left_seq, left_time_ms)| async move {
+            let conversation = ConversationId::parse(&key).map_err(corrupt)?;
+            self.conversation_head(user, conversation, left_seq, left_time_ms).await
         }))
         .await?;
         Ok(heads
