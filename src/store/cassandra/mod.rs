@@ -109,6 +109,15 @@ fn from_cql(value: i64) -> u64 {
     value as u64
 }
 
+/// Send keys grouped by device.
+fn by_device(keys: &[(DeviceId, String)]) -> HashMap<DeviceId, Vec<String>> {
+    let mut grouped: HashMap<DeviceId, Vec<String>> = HashMap::new();
+    for (device, client_msg_id) in keys {
+        grouped.entry(*device).or_default().push(client_msg_id.clone());
+    }
+    grouped
+}
+
 fn stored_send(seq: i64, server_time_ms: i64) -> StoredSend {
     StoredSend {
         seq: from_cql(seq),
@@ -494,6 +503,20 @@ impl Inner {
         let window = self.dedup_window;
         suspects.retain(|_, (_, since)| since.elapsed() < window);
         suspects.get(&conversation).map(|(from, _)| *from)
+    }
+
+    /// Whether the send cache alone says none of `keys` is stored: every
+    /// device's set is loaded, holds none of them, and no failed flush of the
+    /// conversation may have left records it does not know.
+    fn none_sent(&self, conversation: ConversationId, keys: &[(DeviceId, String)]) -> bool {
+        if self.suspect_from(conversation).is_some() {
+            return false;
+        }
+        by_device(keys).into_iter().all(|(device, ids)| {
+            self.send_cache
+                .cached(conversation, device, &ids)
+                .is_some_and(|found| found.is_empty())
+        })
     }
 
     /// Which of `ids` of `device` are stored, from the send cache (loading the
@@ -1027,14 +1050,15 @@ impl Store for CassandraStore {
         keys: Vec<(DeviceId, String)>,
         since_ms: u64,
     ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError> {
+        // A new message, the common case, is answered here without a hop to the
+        // driver's runtime.
+        if self.inner.none_sent(conversation, &keys) {
+            return Ok(HashMap::new());
+        }
         self.on_driver(move |inner| async move {
-            let mut by_device: HashMap<DeviceId, Vec<String>> = HashMap::new();
-            for (device, client_msg_id) in &keys {
-                by_device.entry(*device).or_default().push(client_msg_id.clone());
-            }
             let mut records: Vec<((DeviceId, String), StoredSend)> = Vec::new();
             let mut uncached: Vec<(DeviceId, String)> = Vec::new();
-            for (device, ids) in by_device {
+            for (device, ids) in by_device(&keys) {
                 match inner.cached_sends(conversation, device, &ids).await? {
                     Some(found) => records.extend(found.into_iter().map(|(id, send)| ((device, id), send))),
                     None => uncached.extend(ids.into_iter().map(|id| (device, id))),
