@@ -275,6 +275,11 @@ async fn a_former_member_sees_a_group_where_it_left_it() {
     store.append_messages(vec![created]).await.unwrap();
     store.append_messages(vec![removed.clone()]).await.unwrap();
     store.append_messages(vec![at(direct, owner, 1, 3, 9)]).await.unwrap();
+    let elsewhere = ConversationId::direct(owner, UserId::random());
+    store
+        .append_messages(vec![at(elsewhere, owner, 1, 4, 9)])
+        .await
+        .unwrap();
     store.append_messages(vec![at(group, owner, 3, 5, 9)]).await.unwrap();
 
     let (mine, more) = store.recent_conversations(me, None, 10).await.unwrap();
@@ -287,12 +292,13 @@ async fn a_former_member_sees_a_group_where_it_left_it() {
         (mine[1].last_seq, mine[1].last_time_ms, mine[1].left_seq),
         (2, removed.server_time_ms, Some(2))
     );
-    // The owner sees the group's latest message.
-    let (theirs, _) = store.recent_conversations(owner, None, 10).await.unwrap();
+    // The owner sees the group's latest message, on top of a one-item page too:
+    // a group's later day counts for every member.
     assert_eq!(
-        theirs.iter().map(|head| head.conversation).collect::<Vec<_>>(),
-        vec![group, direct]
+        list_pages(&*store, owner, 1).await,
+        vec![vec![group], vec![elsewhere], vec![direct]]
     );
+    let (theirs, _) = store.recent_conversations(owner, None, 1).await.unwrap();
     assert_eq!(theirs[0].last_seq, 3);
     store.close().await.unwrap();
 }
