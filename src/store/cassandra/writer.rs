@@ -619,3 +619,56 @@ async fn write<V: SerializeRow>(inner: &Inner, statement: &PreparedStatement, ro
     inner.session.batch(&batch, rows).await.map_err(unavailable)?;
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+    fn append(conversation: ConversationId, times_ms: &[u64]) -> (Vec<MessageRecord>, Reply<()>) {
+        let messages = times_ms
+            .iter()
+            .enumerate()
+            .map(|(i, time_ms)| MessageRecord {
+                conversation,
+                seq: i as u64 + 1,
+                sender: UserId::new(1).unwrap(),
+                sender_device: DeviceId::new(1).unwrap(),
+                client_msg_id: i.to_string(),
+                body: String::new(),
+                server_time_ms: *time_ms,
+                event: None,
+                amends: None,
+                deleted: false,
+                edited_by: None,
+            })
+            .collect();
+        (messages, oneshot::channel().0)
+    }
+
+    #[test]
+    fn activity_rows_are_written_once_a_day_per_conversation_replacing_the_day_before() {
+        let [same_day, next_day, unknown, past_midnight] =
+            std::array::from_fn(|_| ConversationId::direct(UserId::random(), UserId::random()));
+        let indexed = Indexed::from([(same_day, 10), (next_day, 10), (past_midnight, 10)]);
+        let appends = [
+            append(same_day, &[10 * DAY_MS + 5]),
+            append(next_day, &[11 * DAY_MS]),
+            append(unknown, &[10 * DAY_MS]),
+            append(past_midnight, &[11 * DAY_MS - 1, 11 * DAY_MS + 1]),
+        ];
+        let needed = needs_index(&appends, &indexed);
+        let days = |conversation| {
+            needed
+                .get(&conversation)
+                .map(|a: &Activity| (a.day, a.previous, a.time_ms))
+        };
+        assert_eq!(needed.len(), 3);
+        assert_eq!(days(same_day), None);
+        assert_eq!(days(next_day), Some((11, Some(10), 11 * DAY_MS)));
+        assert_eq!(days(unknown), Some((10, None, 10 * DAY_MS)));
+        assert_eq!(days(past_midnight), Some((11, Some(10), 11 * DAY_MS + 1)));
+    }
+}
