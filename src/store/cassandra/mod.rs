@@ -65,6 +65,7 @@ use crate::config::{CassandraConfig, Consistency};
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use async_trait::async_trait;
 use futures::future::try_join_all;
+use futures::stream::{self, StreamExt as _, TryStreamExt as _};
 use highest::Highest;
 use prost::Message as _;
 use scylla::client::session::Session;
@@ -107,6 +108,17 @@ fn to_cql(value: u64) -> i64 {
 
 fn from_cql(value: i64) -> u64 {
     value as u64
+}
+
+/// Reads one call keeps in flight at most (a user's conversations can be many).
+const MAX_READS_IN_FLIGHT: usize = 64;
+
+/// Runs `reads`, at most [`MAX_READS_IN_FLIGHT`] at once: their results in
+/// order, or the first error.
+async fn read_all<T>(
+    reads: impl IntoIterator<Item = impl Future<Output = Result<T, StoreError>>>,
+) -> Result<Vec<T>, StoreError> {
+    stream::iter(reads).buffered(MAX_READS_IN_FLIGHT).try_collect().await
 }
 
 /// Send keys grouped by device.
@@ -739,15 +751,18 @@ impl Inner {
         conversations: Vec<ConversationId>,
         after: Option<(u64, ConversationId)>,
     ) -> Result<Vec<ConversationHead>, StoreError> {
-        let reads = conversations.chunks(MAX_KEYS_PER_READ).map(|chunk| {
-            let keys: Vec<String> = chunk.iter().map(ConversationId::to_string).collect();
+        let chunks: Vec<Vec<String>> = conversations
+            .chunks(MAX_KEYS_PER_READ)
+            .map(|chunk| chunk.iter().map(ConversationId::to_string).collect())
+            .collect();
+        let reads = chunks.into_iter().map(|keys| {
             self.rows::<(String, Option<i64>, Option<i64>)>(
                 &self.statements.user_conversations_in,
                 (to_cql(user.get()), keys),
             )
         });
-        let rows = try_join_all(reads).await?.into_iter().flatten();
-        let heads = try_join_all(rows.map(|(key, left_seq, left_time_ms)| async move {
+        let rows = read_all(reads).await?.into_iter().flatten();
+        let heads = read_all(rows.map(|(key, left_seq, left_time_ms)| async move {
             let conversation = ConversationId::parse(&key).map_err(corrupt)?;
             self.conversation_head(user, conversation, left_seq, left_time_ms).await
         }))
@@ -1164,7 +1179,7 @@ impl Store for CassandraStore {
                         .await
                 }
             });
-            Ok(try_join_all(heads).await?.into_iter().flatten().collect())
+            Ok(read_all(heads).await?.into_iter().flatten().collect())
         })
         .await
     }
