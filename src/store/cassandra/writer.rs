@@ -123,14 +123,9 @@ fn rows_of(job: &Job) -> usize {
     }
 }
 
-/// Conversations whose members' `user_activity` rows this writer has written, by
-/// the day they are for (and for a direct conversation, whose `user_conversations`
-/// rows, which never change): later flushes that day skip them. Bounded;
-/// forgetting only costs a rewrite.
+/// Conversations the [`ActivityIndex`] remembers, at most (each map); forgetting
+/// only costs a rewrite.
 const MAX_INDEXED: usize = 100_000;
-
-/// Conversations → the day their activity rows were written for.
-type Indexed = HashMap<ConversationId, i64>;
 
 /// A conversation whose members' activity rows a flush writes.
 #[derive(Debug, Clone, Copy)]
@@ -138,8 +133,63 @@ struct Activity {
     day: i64,
     /// The day of the rows it replaces, if this writer wrote them.
     previous: Option<i64>,
-    /// Time of the conversation's last message in the flush.
+    /// Time and seq of the conversation's last message in the flush.
     time_ms: u64,
+    seq: Seq,
+}
+
+/// Which conversations' members' `user_activity` rows (and for a direct
+/// conversation its `user_conversations` rows, which never change) a flush must
+/// write: those not written yet for the day of their last message, and those a
+/// failed flush was writing — its message may be stored even so, and a retry of
+/// the send is then answered from its send record, with no append to index it.
+#[derive(Default)]
+struct ActivityIndex {
+    /// Conversation → the day its rows were written for.
+    written: HashMap<ConversationId, i64>,
+    retry: HashMap<ConversationId, Activity>,
+}
+
+impl ActivityIndex {
+    fn needed_by(&mut self, appends: &[(Vec<MessageRecord>, Reply<()>)]) -> HashMap<ConversationId, Activity> {
+        let mut needed = HashMap::new();
+        for message in appends.iter().flat_map(|(messages, _)| messages) {
+            // Messages arrive in seq order per conversation: the last one counts.
+            let previous = self.written.get(&message.conversation).copied();
+            let activity = Activity {
+                day: day(message.server_time_ms),
+                previous,
+                time_ms: message.server_time_ms,
+                seq: message.seq,
+            };
+            if previous == Some(activity.day) {
+                needed.remove(&message.conversation);
+            } else {
+                needed.insert(message.conversation, activity);
+            }
+        }
+        for (conversation, activity) in self.retry.drain() {
+            needed.entry(conversation).or_insert(activity);
+        }
+        needed
+    }
+
+    fn written(&mut self, indexed: HashMap<ConversationId, Activity>) {
+        if self.written.len() > MAX_INDEXED {
+            self.written.clear();
+        }
+        for (conversation, activity) in indexed {
+            let day = self.written.entry(conversation).or_insert(activity.day);
+            *day = activity.day.max(*day);
+        }
+    }
+
+    fn failed(&mut self, indexed: HashMap<ConversationId, Activity>) {
+        if self.retry.len() > MAX_INDEXED {
+            self.retry.clear();
+        }
+        self.retry.extend(indexed);
+    }
 }
 
 /// Flushes under way at once. Owners never have two appends of one conversation
@@ -157,11 +207,11 @@ struct Flushed {
 async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) {
     let mut closed = false;
     let mut closers = Vec::new();
-    let mut indexed = Indexed::new();
+    let mut index = ActivityIndex::default();
     let mut flushing = FuturesUnordered::new();
     loop {
         tokio::select! {
-            Some(flushed) = flushing.next() => finish(&inner, &mut indexed, flushed),
+            Some(flushed) = flushing.next() => finish(&inner, &mut index, flushed),
             first = queue.recv(), if flushing.len() < MAX_FLUSHES_IN_FLIGHT => {
                 let Some(first) = first else { break };
                 let mut appends = Vec::new();
@@ -190,7 +240,7 @@ async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) 
                     }
                 }
                 if !appends.is_empty() {
-                    let needs_index = needs_index(&appends, &indexed);
+                    let needs_index = index.needed_by(&appends);
                     flushing.push(spawn_flush(inner.clone(), appends, needs_index, limits.max_in_flight));
                 }
             }
@@ -202,29 +252,8 @@ async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) 
         }
     }
     while let Some(flushed) = flushing.next().await {
-        finish(&inner, &mut indexed, flushed);
+        finish(&inner, &mut index, flushed);
     }
-}
-
-/// The conversations of `appends` whose activity rows are not written for the
-/// day of their last message.
-fn needs_index(appends: &[(Vec<MessageRecord>, Reply<()>)], indexed: &Indexed) -> HashMap<ConversationId, Activity> {
-    let mut needed = HashMap::new();
-    for message in appends.iter().flat_map(|(messages, _)| messages) {
-        // Messages arrive in seq order per conversation: the last one counts.
-        let previous = indexed.get(&message.conversation).copied();
-        let activity = Activity {
-            day: day(message.server_time_ms),
-            previous,
-            time_ms: message.server_time_ms,
-        };
-        if previous == Some(activity.day) {
-            needed.remove(&message.conversation);
-        } else {
-            needed.insert(message.conversation, activity);
-        }
-    }
-    needed
 }
 
 /// `first` and whatever else arrives within the batch window, up to the row limit.
@@ -276,7 +305,11 @@ fn spawn_flush(
 }
 
 /// Answers a flush's appends, after noting what it stored (or may have).
-fn finish(inner: &Inner, indexed: &mut Indexed, (lowest, flushed): (Lowest, Result<Flushed, tokio::task::JoinError>)) {
+fn finish(
+    inner: &Inner,
+    index: &mut ActivityIndex,
+    (lowest, flushed): (Lowest, Result<Flushed, tokio::task::JoinError>),
+) {
     let flushed = match flushed {
         Ok(flushed) => flushed,
         Err(err) => {
@@ -296,19 +329,12 @@ fn finish(inner: &Inner, indexed: &mut Indexed, (lowest, flushed): (Lowest, Resu
                     .known_heads
                     .raise(message.conversation, (message.seq, message.server_time_ms));
             }
-            if indexed.len() > MAX_INDEXED {
-                indexed.clear();
-            }
-            indexed.extend(
-                flushed
-                    .indexed
-                    .into_iter()
-                    .map(|(conversation, activity)| (conversation, activity.day)),
-            );
+            index.written(flushed.indexed);
         }
         Err(err) => {
             tracing::warn!(error = %err, messages = messages.len(), "Cassandra write failed; appends not acknowledged");
             forget_failed(inner, &lowest);
+            index.failed(flushed.indexed);
         }
     }
     for (_, reply) in flushed.appends {
@@ -470,16 +496,17 @@ async fn flush(
         // Messages arrive in seq order per conversation: the last one is the head.
         rows.heads
             .insert(key.clone(), (key.clone(), seq, to_cql(message.server_time_ms), seq));
-        if let Some(activity) = needs_index.get(&message.conversation) {
-            for member in message.conversation.direct_members() {
-                rows.direct_user_conversations
-                    .entry(to_cql(member.get()))
-                    .or_default()
-                    .push((to_cql(member.get()), key.clone(), 0, 0, seq));
-                rows.direct_activity.stage(member, &key, *activity);
-            }
-        }
         rows.messages.insert((key, message.seq), StoredMessage::of(message));
+    }
+    for (conversation, activity) in needs_index {
+        let key = conversation.to_string();
+        for member in conversation.direct_members() {
+            rows.direct_user_conversations
+                .entry(to_cql(member.get()))
+                .or_default()
+                .push((to_cql(member.get()), key.clone(), 0, 0, to_cql(activity.seq)));
+            rows.direct_activity.stage(member, &key, *activity);
+        }
     }
 
     let statements = &inner.statements;
@@ -573,6 +600,7 @@ fn stage_group_event(rows: &mut GroupRows, group: GroupId, message: &MessageReco
         day: day(message.server_time_ms),
         previous: None,
         time_ms: message.server_time_ms,
+        seq: message.seq,
     };
     for (user, member) in event.member_updates(message.sender, message.seq) {
         let (left_seq, left_time_ms) = match member.left_seq {
@@ -624,6 +652,7 @@ async fn write<V: SerializeRow>(inner: &Inner, statement: &PreparedStatement, ro
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -652,14 +681,17 @@ mod tests {
     fn activity_rows_are_written_once_a_day_per_conversation_replacing_the_day_before() {
         let [same_day, next_day, unknown, past_midnight] =
             std::array::from_fn(|_| ConversationId::direct(UserId::random(), UserId::random()));
-        let indexed = Indexed::from([(same_day, 10), (next_day, 10), (past_midnight, 10)]);
+        let mut index = ActivityIndex {
+            written: HashMap::from([(same_day, 10), (next_day, 10), (past_midnight, 10)]),
+            ..Default::default()
+        };
         let appends = [
             append(same_day, &[10 * DAY_MS + 5]),
             append(next_day, &[11 * DAY_MS]),
             append(unknown, &[10 * DAY_MS]),
             append(past_midnight, &[11 * DAY_MS - 1, 11 * DAY_MS + 1]),
         ];
-        let needed = needs_index(&appends, &indexed);
+        let needed = index.needed_by(&appends);
         let days = |conversation| {
             needed
                 .get(&conversation)
@@ -670,5 +702,30 @@ mod tests {
         assert_eq!(days(next_day), Some((11, Some(10), 11 * DAY_MS)));
         assert_eq!(days(unknown), Some((10, None, 10 * DAY_MS)));
         assert_eq!(days(past_midnight), Some((11, Some(10), 11 * DAY_MS + 1)));
+    }
+
+    #[test]
+    fn a_failed_flush_has_its_activity_rows_written_by_the_next_one() {
+        let [failed, later] = std::array::from_fn(|_| ConversationId::direct(UserId::random(), UserId::random()));
+        let mut index = ActivityIndex::default();
+        let first = index.needed_by(&[append(failed, &[10 * DAY_MS])]);
+        index.failed(first);
+        // The next flush holds another conversation only, and still writes them.
+        let next = index.needed_by(&[append(later, &[10 * DAY_MS])]);
+        assert_eq!(
+            next.keys().copied().collect::<HashSet<_>>(),
+            HashSet::from([failed, later])
+        );
+        index.written(next);
+        assert!(index.needed_by(&[append(failed, &[10 * DAY_MS + 1])]).is_empty());
+        // A day written later is not taken back by an older one.
+        let day_12 = index.needed_by(&[append(failed, &[12 * DAY_MS])]);
+        let day_11 = Activity {
+            day: 11,
+            ..day_12[&failed]
+        };
+        index.written(day_12);
+        index.written(HashMap::from([(failed, day_11)]));
+        assert_eq!(index.written[&failed], 12);
     }
 }
