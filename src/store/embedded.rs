@@ -897,7 +897,6 @@ fn conversation_of_key(key: &[u8]) -> Result<ConversationId, StoreError> {
     parsed.ok_or_else(|| StoreError::Corrupt("conversation key".into()))
 }
 
-/// Two big-endian u64s.
 /// A `user_convs` value: the seq the user left at and that message's time (for a
 /// current member `0, 0`; entries written before the time was kept hold the seq
 /// alone).
@@ -910,6 +909,7 @@ fn decode_user_conversation(value: &[u8]) -> Result<(Option<Seq>, Option<u64>), 
     Ok((left_seq, left_seq.and((left_time_ms != 0).then_some(left_time_ms))))
 }
 
+/// Two big-endian u64s.
 fn encode_pair(first: u64, second: u64) -> [u8; 16] {
     let mut value = [0u8; 16];
     value[..8].copy_from_slice(&first.to_be_bytes());
@@ -917,6 +917,7 @@ fn encode_pair(first: u64, second: u64) -> [u8; 16] {
     value
 }
 
+/// The two u64s of [`encode_pair`].
 fn decode_pair(value: &[u8]) -> Result<(u64, u64), StoreError> {
     let field =
         |range: std::ops::Range<usize>| value.get(range).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
@@ -1038,6 +1039,19 @@ mod tests {
 
     fn user(raw: u64) -> UserId {
         UserId::new(raw).unwrap()
+    }
+
+    #[test]
+    fn user_conversation_entries_of_both_layouts_decode() {
+        assert_eq!(decode_user_conversation(&encode_pair(0, 0)).unwrap(), (None, None));
+        assert_eq!(
+            decode_user_conversation(&encode_pair(7, 1234)).unwrap(),
+            (Some(7), Some(1234))
+        );
+        // Written before the time was kept: the seq alone, and no time to show.
+        assert_eq!(decode_user_conversation(&7u64.to_be_bytes()).unwrap(), (Some(7), None));
+        assert_eq!(decode_user_conversation(&0u64.to_be_bytes()).unwrap(), (None, None));
+        assert!(decode_user_conversation(&[1, 2, 3]).is_err());
     }
 
     fn message(conversation: ConversationId, seq: Seq) -> MessageRecord {
