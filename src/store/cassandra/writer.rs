@@ -449,8 +449,14 @@ impl ActivityRows {
 
     fn writes(self, inner: &Inner) -> impl Iterator<Item = BoxFuture<'_, Result<(), StoreError>>> {
         let statements = &inner.statements;
-        let current = (self.current.into_values()).map(|rows| write(inner, &statements.upsert_activity, rows).boxed());
-        let stale = (self.stale.into_values()).map(|rows| write(inner, &statements.delete_activity, rows).boxed());
+        let current = self
+            .current
+            .into_values()
+            .map(|rows| write(inner, &statements.upsert_activity, rows).boxed());
+        let stale = self
+            .stale
+            .into_values()
+            .map(|rows| write(inner, &statements.delete_activity, rows).boxed());
         current.chain(stale)
     }
 }
