@@ -99,6 +99,7 @@ pub struct ProtocolConfig {
     pub outbound_queue_frames: usize,
     pub max_in_flight_requests: usize,
     pub max_auth_failures: u32,
+    pub max_replay_messages: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +262,10 @@ impl Config {
             (
                 "protocol.max_in_flight_requests",
                 self.protocol.max_in_flight_requests as u128,
+            ),
+            (
+                "protocol.max_replay_messages",
+                self.protocol.max_replay_messages as u128,
             ),
             ("auth.argon2_iterations", u128::from(self.auth.argon2_iterations)),
             ("auth.access_token_ttl", self.auth.access_token_ttl.as_millis()),

@@ -342,3 +342,149 @@ async fn sync_pages_large_messages_without_skipping_any() {
     assert_eq!(seen, expected);
     node.shutdown().await;
 }
+
+/// Sends to `to` at full speed, 16 sends in flight, until `stop` is set.
+fn keep_sending(
+    client: Client,
+    to: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Client> {
+    tokio::spawn(async move {
+        let mut next = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let ids: Vec<String> = (next..next + 16).map(|i| format!("live-{i}")).collect();
+            let sends = ids.iter().map(|id| client.send_direct(to, id, "live"));
+            for ack in futures::future::join_all(sends).await {
+                ack.unwrap();
+            }
+            next += 16;
+        }
+        client
+    })
+}
+
+/// The independent client's finding: a device resuming while two peers send
+/// into its conversations at full speed got messages of the replay again as
+/// live pushes (delivered late through a busy mesh channel, after the hold).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_under_live_traffic_never_repeats_or_skips_a_message() {
+    // The default (sync) durability: a message is visible to the replay's read
+    // while its commit waits for the fsync, so its fan-out comes late. A hold
+    // and a replay large enough that every round recovers.
+    let mut node = TestServer::start_with(
+        2,
+        &[
+            ("CONFAB_PROTOCOL__OUTBOUND_QUEUE_FRAMES", "16384"),
+            ("CONFAB_PROTOCOL__MAX_REPLAY_MESSAGES", "10000"),
+        ],
+    )
+    .await;
+    let (_, alice_login, alice_name) = new_user(node.addr, "seam").await;
+    let (bob, _, _) = new_user(node.addr, "seam").await;
+    let (carol, _, _) = new_user(node.addr, "seam").await;
+    let (phone, phone_login) = second_device(node.addr, &alice_name).await;
+    drop(phone);
+    let access = phone_login.tokens.unwrap().access_token;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders = [bob, carol].map(|client| keep_sending(client, alice_login.user_id, stop.clone()));
+
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    for round in 0..20 {
+        let phone = Client::connect(node.addr).await.unwrap();
+        let cursors: Vec<(String, u64)> = last.iter().map(|(id, seq)| (id.clone(), *seq)).collect();
+        let resumed = phone.authenticate_resume(&access, "", &cursors).await.unwrap();
+        assert!(
+            resumed.recovered,
+            "round {round}: the hold and replay were sized to recover"
+        );
+        // The replay, then live pushes: each conversation continues where the
+        // device was, one seq at a time.
+        for _ in 0..resumed.replayed as usize + 300 {
+            let message = within(WAIT, phone.next_message()).await.unwrap();
+            let previous = last.entry(message.conversation_id.clone()).or_insert(0);
+            assert_eq!(
+                message.seq,
+                *previous + 1,
+                "round {round}: gap or duplicate in {} (replayed {})",
+                message.conversation_id,
+                resumed.replayed
+            );
+            *previous = message.seq;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    node.shutdown().await;
+}
+
+/// A device that missed more than the replay limit resumes while a peer keeps
+/// sending: it gets an answer (`recovered = false`), never a bare close, and
+/// replay, live pushes and a Sync from its token add up to every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_past_the_replay_limit_under_live_traffic_is_answered() {
+    let mut node = TestServer::start_with(2, &[("CONFAB_STORE__DURABILITY", "buffered")]).await;
+    let (_, alice_login, alice_name) = new_user(node.addr, "busy").await;
+    let (bob, _, _) = new_user(node.addr, "busy").await;
+    let (phone, phone_login) = second_device(node.addr, &alice_name).await;
+    drop(phone);
+    let access = phone_login.tokens.unwrap().access_token;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = keep_sending(bob, alice_login.user_id, stop.clone());
+
+    for attempt in 0..5 {
+        // Far more than the default replay limit (1 000) arrives meanwhile.
+        let target = (attempt + 1) * 1500;
+        let probe = Client::connect(node.addr).await.unwrap();
+        probe.authenticate(&access).await.unwrap();
+        loop {
+            let state = probe.sync("", &[], 1).await.unwrap();
+            if state.conversations.first().is_some_and(|c| c.last_seq >= target) {
+                break;
+            }
+        }
+        drop(probe);
+        let phone = Client::connect(node.addr).await.unwrap();
+        let resumed = within(WAIT, phone.authenticate_resume(&access, "", &[]))
+            .await
+            .unwrap_or_else(|err| panic!("attempt {attempt}: resume not answered: {err}"));
+        assert!(!resumed.recovered, "attempt {attempt}: more than the limit was missed");
+        // What was pushed (replay, then live) never repeats or goes back.
+        let mut pushed = Vec::new();
+        for _ in 0..resumed.replayed as usize + 200 {
+            pushed.push(within(WAIT, phone.next_message()).await.unwrap().seq);
+        }
+        assert!(
+            pushed.windows(2).all(|pair| pair[0] < pair[1]),
+            "attempt {attempt}: {pushed:?}"
+        );
+        assert_eq!(
+            pushed[..resumed.replayed as usize],
+            (1..=u64::from(resumed.replayed)).collect::<Vec<_>>()
+        );
+        // Sync from the token fills what was not pushed.
+        let mut token = resumed.sync_token;
+        let mut synced = Vec::new();
+        loop {
+            let page = phone.sync(&token, &[], 0).await.unwrap();
+            synced.extend(page.conversations.iter().flat_map(|c| c.messages.iter().map(|m| m.seq)));
+            token = page.sync_token;
+            if !page.has_more {
+                break;
+            }
+        }
+        let mut all: Vec<u64> = pushed.iter().chain(&synced).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        let upto = *all.last().unwrap();
+        assert_eq!(
+            all,
+            (1..=upto).collect::<Vec<_>>(),
+            "attempt {attempt}: a message is missing"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.await.unwrap();
+    node.shutdown().await;
+}

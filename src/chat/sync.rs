@@ -32,6 +32,11 @@ impl Cursors {
         self.0.get(&conversation).copied().unwrap_or(0)
     }
 
+    /// Every conversation's cursor.
+    pub fn iter(&self) -> impl Iterator<Item = (ConversationId, Seq)> + '_ {
+        self.0.iter().map(|(conversation, seq)| (*conversation, *seq))
+    }
+
     /// Raises the cursor of `conversation` to `seq` (never lowers it).
     pub fn advance(&mut self, conversation: ConversationId, seq: Seq) {
         let cursor = self.0.entry(conversation).or_default();

@@ -17,7 +17,7 @@
 use super::Shard;
 use super::mesh::ShardMsg;
 use super::outbound::Outbound;
-use super::sessions::{Held, Kick, SessionHandle};
+use super::sessions::{Kick, Replay, SessionHandle};
 use super::{catch_up, presence};
 use crate::auth::{AuthError, Grant};
 use crate::chat::{ChatError, Content, Cursors, GroupCommand, message_proto};
@@ -39,9 +39,6 @@ use tokio::sync::oneshot;
 
 /// Room kept in a History page for everything but the messages.
 const PAGE_OVERHEAD_BYTES: usize = 1024;
-/// Messages a resuming device is sent before `Authenticated`; beyond it the reply
-/// says `recovered = false` and the device syncs the rest.
-const MAX_REPLAY_MESSAGES: usize = 1000;
 
 /// Why a transport could not produce the next frame.
 #[derive(Debug, thiserror::Error)]
@@ -386,9 +383,13 @@ impl Connection {
             }),
             Command::Authenticate { access_token, resume } => match accounts.authenticate(&access_token).await {
                 Ok(identity) => {
-                    // A resuming session holds live pushes until its replay is out.
-                    let held: Held = Rc::new(RefCell::new(resume.is_some().then(Vec::new)));
-                    self.register(&identity, held.clone()).await;
+                    // A resuming session holds live pushes until its replay is out;
+                    // it may hold as many as its queue takes.
+                    let replay = resume.is_some().then(|| {
+                        let max_held = self.shard.config.protocol.outbound_queue_frames;
+                        Rc::new(RefCell::new(Replay::new(max_held)))
+                    });
+                    self.register(&identity, replay.clone()).await;
                     let user = identity.user;
                     let reply = v1::Authenticated {
                         user_id: user.get(),
@@ -397,8 +398,8 @@ impl Connection {
                         ..v1::Authenticated::default()
                     };
                     self.session.authenticated(identity);
-                    return match resume {
-                        Some(cursors) => self.resume(id, reply, user, cursors, held).await,
+                    return match resume.zip(replay) {
+                        Some((cursors, replay)) => self.resume(id, reply, user, cursors, &replay).await,
                         None => self.send(&reply_frame(id, Kind::Authenticated(reply))).await,
                     };
                 }
@@ -447,7 +448,7 @@ impl Connection {
 
     /// Makes this connection reachable for pushes, on every shard's directory,
     /// before the client hears it is authenticated.
-    async fn register(&mut self, identity: &crate::auth::Identity, held: Held) {
+    async fn register(&mut self, identity: &crate::auth::Identity, replay: Option<Rc<RefCell<Replay>>>) {
         self.shard.sessions.borrow_mut().add(
             identity.user,
             SessionHandle {
@@ -455,7 +456,7 @@ impl Connection {
                 device: identity.device,
                 outbound: self.outbound.clone(),
                 kick: self.kick.clone(),
-                held,
+                replay,
             },
         );
         self.registered = Some(identity.user);
@@ -468,44 +469,55 @@ impl Connection {
     /// Pushes what a resuming device missed, then the Authenticated reply, then the
     /// live pushes held meanwhile that the replay did not already cover. Live
     /// pushes were held from before the replay read the store, so together they
-    /// leave no gap, and the cursor check leaves no duplicate.
+    /// leave no gap; the replay's cursors stay as a floor under every later push,
+    /// so none comes twice. If more live pushes came than could be held, the
+    /// reply says `recovered = false` and the device syncs from its token.
     async fn resume(
         &mut self,
         id: u64,
         mut reply: v1::Authenticated,
         user: UserId,
         cursors: Cursors,
-        held: Held,
+        replay: &RefCell<Replay>,
     ) -> Flow {
-        let cursors =
-            match catch_up::catch_up(&self.shard, user, cursors.clone(), MAX_REPLAY_MESSAGES, usize::MAX).await {
-                Ok(replay) => {
-                    let messages = replay.conversations.into_iter().flat_map(|state| state.messages);
-                    for message in messages {
-                        let flow = self.send(&push_frame(Kind::Message(message))).await;
-                        if !matches!(flow, Flow::Continue) {
-                            return flow;
-                        }
-                        reply.replayed += 1;
+        let limit = self.shard.config.protocol.max_replay_messages;
+        let cursors = match catch_up::catch_up(&self.shard, user, cursors.clone(), limit, usize::MAX).await {
+            Ok(replayed) => {
+                let messages = replayed.conversations.into_iter().flat_map(|state| state.messages);
+                for message in messages {
+                    let flow = self.send(&push_frame(Kind::Message(message))).await;
+                    if !matches!(flow, Flow::Continue) {
+                        return flow;
                     }
-                    reply.recovered = !replay.has_more;
-                    replay.cursors
+                    reply.replayed += 1;
                 }
-                Err(err) => {
-                    tracing::error!(peer = %self.peer, error = %err, "replay failed; the device must sync");
-                    cursors
-                }
-            };
+                reply.recovered = !replayed.has_more;
+                replayed.cursors
+            }
+            Err(err) => {
+                tracing::error!(peer = %self.peer, error = %err, "replay failed; the device must sync");
+                cursors
+            }
+        };
+        if !replay.borrow_mut().replayed(&cursors) {
+            tracing::info!(peer = %self.peer, "live pushes overflowed the hold while resuming; the device must sync");
+            reply.recovered = false;
+        }
         reply.sync_token = cursors.to_token();
         let flow = self.send(&reply_frame(id, Kind::Authenticated(reply))).await;
-        let live = held.borrow_mut().take().unwrap_or_default();
-        for (conversation, seq, frame) in live {
-            if seq > cursors.seq(conversation) && self.outbound.try_send(frame).is_err() {
-                tracing::warn!(peer = %self.peer, "slow consumer while resuming; closing");
-                return Flow::Close(Closed::SlowConsumer);
+        if !matches!(flow, Flow::Continue) {
+            return flow;
+        }
+        loop {
+            let next = replay.borrow_mut().next_held();
+            let Some(frame) = next else {
+                return Flow::Continue;
+            };
+            let flow = self.send_encoded(frame).await;
+            if !matches!(flow, Flow::Continue) {
+                return flow;
             }
         }
-        flow
     }
 
     fn unregister(&mut self) {
@@ -521,8 +533,12 @@ impl Connection {
     /// back-pressure, not a disconnect. One that reads nothing for three heartbeat
     /// intervals is abandoned.
     async fn send(&self, frame: &ServerFrame) -> Flow {
+        self.send_encoded(encode_frame(frame)).await
+    }
+
+    async fn send_encoded(&self, frame: Bytes) -> Flow {
         let patience = self.shard.limits.heartbeat_interval * 3;
-        match tokio::time::timeout(patience, self.outbound.send(encode_frame(frame))).await {
+        match tokio::time::timeout(patience, self.outbound.send(frame)).await {
             Ok(Ok(())) => Flow::Continue,
             Ok(Err(_)) => Flow::Close(Closed::TransportError),
             Err(_) => {

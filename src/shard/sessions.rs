@@ -3,15 +3,20 @@
 //! Delivery never waits: a frame goes into the session's bounded outbound queue or,
 //! when that is full, the session is kicked as a slow consumer (it reconnects and
 //! catches up from history) so one stalled phone cannot hold up a shard.
+//!
+//! A session that resumes has a [`Replay`] gate in front of its queue: live pushes
+//! wait behind the replay, and afterwards a push the replay already carried is
+//! dropped, however late it arrives.
 
 use super::mesh::Delivery;
 use super::outbound::Outbound;
+use crate::chat::Cursors;
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use crate::protocol::{ErrorCode, error_frame};
 use bytes::Bytes;
 use confab_proto::v1::ServerFrame;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use tokio::sync::Notify;
 
@@ -39,11 +44,113 @@ impl Kick {
     }
 }
 
-/// Pushes held back while a resuming session replays what it missed.
-pub type Held = Rc<RefCell<Option<Vec<(ConversationId, Seq, Bytes)>>>>;
+/// Where a resuming session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The replay is being read and sent: live pushes are held.
+    Replaying,
+    /// `Authenticated` is out; the held pushes are being sent, in order, and new
+    /// ones still queue behind them.
+    Draining,
+    /// Live pushes go straight to the queue (minus those the replay carried).
+    Live,
+}
 
-/// Pushes a resuming session may hold before it counts as a slow consumer.
-const MAX_HELD: usize = 4096;
+/// The gate between live pushes and a resuming session's queue.
+///
+/// A message committed before the replay read the store may be fanned out after
+/// it, even after the held pushes were sent (its delivery sat in a busy mesh
+/// channel). Without a floor it would arrive twice: once replayed, once live.
+#[derive(Debug)]
+pub struct Replay {
+    phase: Phase,
+    held: VecDeque<(ConversationId, Seq, Bytes)>,
+    max_held: usize,
+    /// More live pushes arrived during the replay than could be held: they were
+    /// dropped, and the reply must say `recovered = false` (the device syncs).
+    overflowed: bool,
+    /// Per conversation, the last seq the device has once the replay is out: a
+    /// push at or below it is a duplicate. A conversation's entry goes once a push
+    /// passes it (a conversation's pushes arrive in seq order).
+    floor: HashMap<ConversationId, Seq>,
+}
+
+/// What happened to a push offered to a [`Replay`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    /// Queued, held, or dropped as already replayed.
+    Taken,
+    /// The session's queue (or hold, once `Authenticated` is out) is full.
+    Full,
+}
+
+impl Replay {
+    /// A gate holding at most `max_held` live pushes during the replay.
+    pub fn new(max_held: usize) -> Self {
+        Self {
+            phase: Phase::Replaying,
+            held: VecDeque::new(),
+            max_held,
+            overflowed: false,
+            floor: HashMap::new(),
+        }
+    }
+
+    /// Takes a live push for the session behind `outbound`.
+    pub fn offer(&mut self, conversation: ConversationId, seq: Seq, frame: &Bytes, outbound: &Outbound) -> Offered {
+        // Ephemeral pushes (seq 0) are not in any replay: never duplicates.
+        if seq != 0 {
+            if let Some(&floor) = self.floor.get(&conversation) {
+                if seq <= floor {
+                    return Offered::Taken;
+                }
+                self.floor.remove(&conversation);
+            }
+        }
+        let room = self.held.len() < self.max_held;
+        match self.phase {
+            Phase::Replaying if self.overflowed => Offered::Taken,
+            Phase::Replaying if !room => {
+                // The device will sync from the replay's cursors: nothing is lost.
+                self.overflowed = true;
+                self.held = VecDeque::new();
+                Offered::Taken
+            }
+            Phase::Replaying | Phase::Draining if room => {
+                self.held.push_back((conversation, seq, frame.clone()));
+                Offered::Taken
+            }
+            Phase::Replaying | Phase::Draining => Offered::Full,
+            Phase::Live => match outbound.try_send(frame.clone()) {
+                Ok(()) => Offered::Taken,
+                Err(_) => Offered::Full,
+            },
+        }
+    }
+
+    /// The replay is out and the device is at `cursors`: returns whether every
+    /// live push was held (else the device must sync), and starts sending them.
+    pub fn replayed(&mut self, cursors: &Cursors) -> bool {
+        self.floor = cursors.iter().collect();
+        self.phase = Phase::Draining;
+        !self.overflowed
+    }
+
+    /// The next held push the device does not have yet; `None` once the hold is
+    /// empty, and from then on pushes go straight to the queue.
+    pub fn next_held(&mut self) -> Option<Bytes> {
+        while let Some((conversation, seq, frame)) = self.held.pop_front() {
+            let floor = self.floor.get(&conversation).copied().unwrap_or(0);
+            if seq > floor {
+                self.floor.remove(&conversation);
+                return Some(frame);
+            }
+        }
+        self.held = VecDeque::new();
+        self.phase = Phase::Live;
+        None
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
@@ -51,8 +158,8 @@ pub struct SessionHandle {
     pub device: DeviceId,
     pub outbound: Outbound,
     pub kick: Rc<Kick>,
-    /// `Some` while the session replays: live pushes wait here.
-    pub held: Held,
+    /// For a session that resumed: the gate its live pushes pass.
+    pub replay: Option<Rc<RefCell<Replay>>>,
 }
 
 #[derive(Debug, Default)]
@@ -96,14 +203,16 @@ impl LocalSessions {
                 if delivery.skip_device == Some((*user, handle.device)) {
                     continue;
                 }
-                let queued = match handle.held.borrow_mut().as_mut() {
-                    // Replaying: live pushes wait behind the replay. One that cannot
-                    // wait must not overtake it: the session is closed and resumes.
-                    Some(held) if held.len() < MAX_HELD => {
-                        held.push((delivery.conversation, delivery.seq, delivery.frame.clone()));
-                        true
+                let queued = match &handle.replay {
+                    Some(replay) => {
+                        let offered = replay.borrow_mut().offer(
+                            delivery.conversation,
+                            delivery.seq,
+                            &delivery.frame,
+                            &handle.outbound,
+                        );
+                        offered == Offered::Taken
                     }
-                    Some(_) => false,
                     None => handle.outbound.try_send(delivery.frame.clone()).is_ok(),
                 };
                 if !queued {
@@ -124,12 +233,83 @@ impl LocalSessions {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_full_hold_closes_the_session_instead_of_overtaking_the_replay() {
-        let user = UserId::new(1).unwrap();
-        let conversation = ConversationId::direct(user, UserId::new(2).unwrap());
+    fn conversation() -> ConversationId {
+        ConversationId::direct(UserId::new(1).unwrap(), UserId::new(2).unwrap())
+    }
+
+    fn push(seq: Seq) -> Bytes {
+        Bytes::from(format!("push {seq}"))
+    }
+
+    fn drained(outbound: &Outbound) -> Vec<Bytes> {
+        std::iter::from_fn(|| outbound.try_recv()).collect()
+    }
+
+    fn cursors_at(seq: Seq) -> Cursors {
+        let mut cursors = Cursors::default();
+        cursors.advance(conversation(), seq);
+        cursors
+    }
+
+    #[test]
+    fn a_push_the_replay_carried_is_dropped_even_when_it_arrives_after_the_hold() {
         let outbound = Outbound::new(16);
-        let held: Held = Rc::new(RefCell::new(Some(vec![(conversation, 1, Bytes::new()); MAX_HELD])));
+        let mut replay = Replay::new(16);
+        // Held during the replay: 105 (in the replay too).
+        assert_eq!(replay.offer(conversation(), 105, &push(105), &outbound), Offered::Taken);
+        assert!(replay.replayed(&cursors_at(120)));
+        assert_eq!(replay.next_held(), None);
+        // 106..=120 were committed before the replay read them, but their
+        // deliveries sat in a busy mesh channel until the hold was over.
+        for seq in 106..=120 {
+            assert_eq!(replay.offer(conversation(), seq, &push(seq), &outbound), Offered::Taken);
+        }
+        assert!(
+            drained(&outbound).is_empty(),
+            "pushes the replay carried must not come again"
+        );
+        for seq in 121..=122 {
+            replay.offer(conversation(), seq, &push(seq), &outbound);
+        }
+        assert_eq!(drained(&outbound), vec![push(121), push(122)]);
+    }
+
+    #[test]
+    fn pushes_during_the_drain_queue_behind_the_held_ones() {
+        let outbound = Outbound::new(16);
+        let mut replay = Replay::new(16);
+        replay.offer(conversation(), 11, &push(11), &outbound);
+        assert!(replay.replayed(&cursors_at(10)));
+        assert_eq!(replay.next_held(), Some(push(11)));
+        // Arrives while the held ones are being sent: must not overtake them.
+        replay.offer(conversation(), 12, &push(12), &outbound);
+        assert!(drained(&outbound).is_empty());
+        assert_eq!(replay.next_held(), Some(push(12)));
+        assert_eq!(replay.next_held(), None);
+        replay.offer(conversation(), 13, &push(13), &outbound);
+        assert_eq!(drained(&outbound), vec![push(13)]);
+    }
+
+    #[test]
+    fn a_full_hold_during_the_replay_means_not_recovered_instead_of_a_close() {
+        let outbound = Outbound::new(16);
+        let mut replay = Replay::new(2);
+        for seq in 11..=20 {
+            assert_eq!(replay.offer(conversation(), seq, &push(seq), &outbound), Offered::Taken);
+        }
+        assert!(!replay.replayed(&cursors_at(10)), "the device must be told to sync");
+        assert_eq!(replay.next_held(), None, "what overflowed is left to the sync");
+        replay.offer(conversation(), 21, &push(21), &outbound);
+        assert_eq!(drained(&outbound), vec![push(21)]);
+    }
+
+    #[tokio::test]
+    async fn a_full_hold_after_the_reply_closes_the_session_instead_of_skipping() {
+        let user = UserId::new(1).unwrap();
+        let outbound = Outbound::new(16);
+        let replay = Rc::new(RefCell::new(Replay::new(1)));
+        replay.borrow_mut().offer(conversation(), 1, &push(1), &outbound);
+        assert!(replay.borrow_mut().replayed(&Cursors::default()));
         let kick = Rc::new(Kick::default());
         let mut sessions = LocalSessions::default();
         sessions.add(
@@ -139,17 +319,17 @@ mod tests {
                 device: DeviceId::new(1).unwrap(),
                 outbound: outbound.clone(),
                 kick: kick.clone(),
-                held,
+                replay: Some(replay),
             },
         );
         sessions.deliver(&Delivery {
-            conversation,
+            conversation: conversation(),
             seq: 2,
-            frame: Bytes::from_static(b"live"),
+            frame: push(2),
             users: std::sync::Arc::new([user]),
             skip_device: None,
         });
-        assert_eq!(outbound.try_recv(), None, "the live push must not jump the replay");
+        assert_eq!(outbound.try_recv(), None, "the live push must not jump the held one");
         let reason = kick.kicked().await;
         assert!(
             matches!(reason.kind, Some(confab_proto::v1::server_frame::Kind::Error(e)) if e.code == ErrorCode::SlowConsumer as i32)
