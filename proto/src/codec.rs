@@ -35,8 +35,10 @@ impl FrameDecoder {
     }
 
     /// Returns the payload of the first frame if it is wholly buffered, removing it
-    /// (and its prefix) from `buf`. Returns `Ok(None)` when more bytes are needed; in
-    /// that case `buf` has room reserved for the rest of the frame.
+    /// (and its prefix) from `buf`. Returns `Ok(None)` when more bytes are needed.
+    /// It never reserves room for the rest of a frame: a peer that claims a large
+    /// frame and sends a few bytes of it costs only those bytes, and the reader
+    /// grows the buffer in steps as the rest arrives.
     pub fn split_payload(&self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         let Some(prefix) = buf.get(..LENGTH_PREFIX_BYTES) else {
             return Ok(None);
@@ -48,9 +50,7 @@ impl FrameDecoder {
                 max: self.max_frame_bytes,
             });
         }
-        let total = LENGTH_PREFIX_BYTES + claimed;
-        if buf.len() < total {
-            buf.reserve(total - buf.len());
+        if buf.len() < LENGTH_PREFIX_BYTES + claimed {
             return Ok(None);
         }
         buf.advance(LENGTH_PREFIX_BYTES);
@@ -136,6 +136,21 @@ mod tests {
             }
         );
         assert_eq!(buf.capacity(), capacity_before, "must not reserve the claimed length");
+    }
+
+    #[test]
+    fn a_claimed_length_reserves_nothing_before_the_bytes_arrive() {
+        let decoder = FrameDecoder::new(256 * 1024);
+        let mut buf = BytesMut::with_capacity(8);
+        buf.put_u32(200 * 1024);
+        buf.put_u8(0);
+        let capacity_before = buf.capacity();
+        assert_eq!(decoder.split_payload(&mut buf), Ok(None));
+        assert_eq!(
+            buf.capacity(),
+            capacity_before,
+            "room grows with what arrives, not with the claim"
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! encoded frames, and hands both to the shard's shared connection driver.
 //!
 //! - [`tcp`]: length-prefixed frames on TCP, optionally inside TLS.
-//! - [`ws`]: one frame per binary WebSocket message (browsers), optionally WSS.
+//! - [`ws`]: one frame per binary WebSocket message (browsers), optionally WSS;
+//!   [`ws_arrival`] holds its input back until each frame has arrived.
 //! - [`quic`]: length-prefixed frames on one bidirectional QUIC stream.
 //! - [`stream`]: framing shared by every byte-stream transport.
 //! - [`tls`]: certificates and rustls configs.
@@ -13,6 +14,7 @@ pub mod stream;
 pub mod tcp;
 pub mod tls;
 pub mod ws;
+mod ws_arrival;
 
 use crate::shard::Shard;
 use socket2::{Domain, Protocol, Socket, Type};

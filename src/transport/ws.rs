@@ -12,9 +12,12 @@
 //!   refused by the WebSocket layer and close with 1009; WebSocket pings count as
 //!   heartbeats (tungstenite answers them). Other close codes: see [`close_code`].
 //! - Memory: tungstenite allocates its read buffer eagerly (128 KiB by default), so
-//!   it is set to [`READ_BUFFER_BYTES`]; the write buffer is small too.
+//!   it is set to [`READ_BUFFER_BYTES`]; the write buffer is small too. It also
+//!   reserves a frame's claimed length from its header, so input reaches it
+//!   through [`ArrivedFrames`], which releases a frame only once it has arrived.
 
 use super::stream::run_connection;
+use super::ws_arrival::ArrivedFrames;
 use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
 use bytes::Bytes;
 use confab_proto::v1::{self, ClientFrame, client_frame};
@@ -67,7 +70,7 @@ where
     // Boxed: the handshake's state is large and would otherwise size the whole
     // connection task for as long as the connection lives.
     let upgrade = Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
-        stream,
+        ArrivedFrames::new(stream, max_frame_bytes),
         check,
         Some(config),
     ));
