@@ -30,6 +30,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub limits: LimitsConfig,
     pub tls: TlsConfig,
     pub websocket: WebSocketConfig,
     pub quic: QuicConfig,
@@ -55,6 +56,14 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub mesh_channel_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub reserved_file_descriptors: usize,
+    pub max_connections_per_ip: usize,
+    pub exempt_loopback: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,6 +264,10 @@ impl Config {
         // Counts and durations that must not be zero.
         let at_least_one = [
             ("server.max_connections", self.server.max_connections as u128),
+            (
+                "limits.max_connections_per_ip",
+                self.limits.max_connections_per_ip as u128,
+            ),
             (
                 "server.mesh_channel_capacity",
                 self.server.mesh_channel_capacity as u128,

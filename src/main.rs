@@ -45,7 +45,7 @@ fn main() -> ExitCode {
 fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config_file.as_deref())?;
     init_tracing(&config.log.level)?;
-    raise_open_files_limit(config.server.max_connections);
+    raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -79,15 +79,10 @@ fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
     })
 }
 
-/// Every connection is a descriptor: use the hard limit, and say so when
-/// `server.max_connections` cannot be reached under it.
-fn raise_open_files_limit(max_connections: usize) {
+/// Every connection is a descriptor: use the hard limit. The node derives its
+/// connection limit from what this leaves (see `limits.reserved_file_descriptors`).
+fn raise_open_files_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if (limit as usize) < max_connections => tracing::warn!(
-            limit,
-            max_connections,
-            "the open files limit is below server.max_connections: connections beyond it will be refused"
-        ),
         Ok(limit) => tracing::info!(limit, "open files limit"),
         Err(err) => tracing::warn!(error = %err, "could not raise the open files limit"),
     }

@@ -6,12 +6,13 @@ use crate::auth::{Accounts, HashError, KeyError, PasswordHasher, TokenSigner};
 use crate::config::Config;
 use crate::shard::{self, Listeners, Mesh, NodeContext, ShardId, ShardStart};
 use crate::store::{Store, StoreError};
+use crate::transport::admission::Admission;
 use crate::transport::bind_reuseport;
 use crate::transport::quic::QuicListener;
 use crate::transport::tls::{Identity, TlsError};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 /// Why a node could not start.
@@ -108,24 +109,22 @@ impl Server {
             None => None,
         };
 
+        let max_connections = connection_limit(&config);
         let cores = if config.server.pin_threads {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
             Vec::new()
         };
         let context = NodeContext {
-            config: Arc::new(config),
             store: store.clone(),
             accounts,
             mesh,
-            connection_permits: Arc::new(Semaphore::new(0)),
+            admission: Admission::new(max_connections, &config.limits),
+            config: Arc::new(config),
             tls,
             drain: CancellationToken::new(),
             stop: CancellationToken::new(),
         };
-        context
-            .connection_permits
-            .add_permits(context.config.server.max_connections);
 
         let mut server = Self {
             local_addr,
@@ -181,7 +180,7 @@ impl Server {
             let thread = listener
                 .spawn(
                     quic_handoffs,
-                    context.connection_permits.clone(),
+                    context.admission.clone(),
                     context.config.server.handshake_timeout,
                     context.drain.clone(),
                     context.stop.clone(),
@@ -250,6 +249,30 @@ impl Drop for Server {
         self.drain.cancel();
         self.stop.cancel();
     }
+}
+
+/// The node-wide connection limit: `server.max_connections`, lowered to keep
+/// `limits.reserved_file_descriptors` of the open-files limit for the rest.
+fn connection_limit(config: &Config) -> usize {
+    let configured = config.server.max_connections;
+    let reserved = config.limits.reserved_file_descriptors;
+    let open_files = match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _)) => soft,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read the open files limit; using server.max_connections");
+            return configured;
+        }
+    };
+    let limit = Admission::node_limit(configured, open_files, reserved);
+    if limit < configured {
+        tracing::warn!(
+            open_files,
+            reserved,
+            limit,
+            "the open files limit caps connections below server.max_connections"
+        );
+    }
+    limit
 }
 
 /// One SO_REUSEPORT listener per shard on `addr`; the first bind resolves port 0

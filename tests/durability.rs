@@ -5,60 +5,14 @@
 
 mod common;
 
-use common::{PASSWORD, unique_name, within};
+use common::{BinaryNode, PASSWORD, unique_name, within};
 use confab_client::{Client, Event};
-use std::io::{BufRead as _, BufReader};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-/// The `confab` binary serving on 127.0.0.1:0 with `data_dir`.
-struct Node {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Node {
-    fn start(data_dir: &Path, durability: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_confab"))
-            .arg("serve")
-            .env("CONFAB_SERVER__LISTEN", "127.0.0.1:0")
-            .env("CONFAB_WEBSOCKET__LISTEN", "127.0.0.1:0")
-            .env("CONFAB_QUIC__LISTEN", "127.0.0.1:0")
-            .env("CONFAB_SERVER__SHARDS", "2")
-            .env("CONFAB_SERVER__PIN_THREADS", "false")
-            .env("CONFAB_SERVER__SHUTDOWN_GRACE", "1s")
-            .env("CONFAB_STORE__DATA_DIR", data_dir)
-            .env("CONFAB_STORE__DURABILITY", durability)
-            .env("CONFAB_AUTH__ARGON2_MEMORY_KIB", "1024")
-            .env("CONFAB_AUTH__ARGON2_ITERATIONS", "1")
-            .env("CONFAB_LOG__LEVEL", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let line = BufReader::new(stdout).lines().next().unwrap().unwrap();
-        let addr = line.strip_prefix("listening on ").unwrap().parse().unwrap();
-        Self { child, addr }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn acknowledged_messages_survive_sigkill(durability: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), durability);
+    let node = BinaryNode::start(dir.path(), &[("CONFAB_STORE__DURABILITY", durability)], None);
     let alice_name = unique_name("alice");
     let alice = Client::connect(node.addr).await.unwrap();
     let alice_login = alice
@@ -76,7 +30,7 @@ async fn acknowledged_messages_survive_sigkill(durability: &str) {
     let conversation = acks[0].conversation_id.clone();
     node.kill();
 
-    let node = Node::start(dir.path(), durability);
+    let node = BinaryNode::start(dir.path(), &[("CONFAB_STORE__DURABILITY", durability)], None);
     let alice = Client::connect(node.addr).await.unwrap();
     alice
         .authenticate(&alice_login.tokens.unwrap().access_token)
@@ -111,7 +65,7 @@ async fn acknowledged_messages_survive_sigkill_with_buffered_durability() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_sends_going_away_flushes_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start(dir.path(), "buffered");
+    let mut node = BinaryNode::start(dir.path(), &[("CONFAB_STORE__DURABILITY", "buffered")], None);
     let alice = Client::connect(node.addr).await.unwrap();
     alice
         .register_and_authenticate(&unique_name("term"), PASSWORD, "phone")
@@ -157,7 +111,7 @@ async fn sigterm_sends_going_away_flushes_and_exits_zero() {
     assert!(exit.success(), "exit status {exit:?}");
 
     // Restarted, the message is there.
-    let node = Node::start(dir.path(), "buffered");
+    let node = BinaryNode::start(dir.path(), &[("CONFAB_STORE__DURABILITY", "buffered")], None);
     let bob = Client::connect(node.addr).await.unwrap();
     bob.authenticate(&bob_login.tokens.unwrap().access_token).await.unwrap();
     let history = bob.full_history(&ack.conversation_id).await.unwrap();

@@ -1,12 +1,12 @@
 //! Resource limits: a peer that stops reading is cut off without slowing anyone
-//! else, and the node-wide connection limit holds new connections back.
+//! else; connections beyond the node's limit, or beyond one address's share, are
+//! refused with a reason (tests/faults.rs: a flood cannot starve the store).
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use common::{RawConnection, TestServer, new_user, second_device, within};
-use confab_client::Client;
-use confab_client::proto::{Authenticate, ProtocolVersion, client_frame::Kind, server_frame};
+use confab_client::proto::{Authenticate, ErrorCode, ProtocolVersion, client_frame::Kind, server_frame};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,33 +70,86 @@ async fn a_peer_that_stops_reading_is_cut_off_and_nobody_else_waits() {
     node.shutdown().await;
 }
 
+/// A raw TCP connection from `source` (any 127.0.0.0/8 address) to `addr`.
+async fn connect_from(source: &str, addr: std::net::SocketAddr) -> RawConnection {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    RawConnection::from_stream(socket.connect(addr).await.unwrap())
+}
+
+/// Asserts `connection` was refused with `code` and closed.
+async fn assert_refused(connection: &mut RawConnection, code: ErrorCode) {
+    assert_eq!(connection.expect_error(code).await, 0);
+    assert!(connection.recv().await.is_none(), "a refused connection is closed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_connection_limit_holds_new_connections_until_one_closes() {
+async fn the_connection_limit_refuses_clearly_and_frees_slots_as_connections_close() {
     let mut node = TestServer::start_with(1, &[("CONFAB_SERVER__MAX_CONNECTIONS", "2")]).await;
-    let first = Client::connect(node.addr).await.unwrap();
-    let _second = Client::connect(node.addr).await.unwrap();
+    let mut first = RawConnection::connect(node.tcp).await;
+    first.hello(ProtocolVersion::V1 as i32).await;
+    let mut second = RawConnection::connect(node.tcp).await;
+    second.hello(ProtocolVersion::V1 as i32).await;
+    // Refused at once with a reason, not left waiting in the backlog.
     let mut third = RawConnection::connect(node.tcp).await;
-    third
-        .send(
-            1,
-            Kind::Hello(confab_client::proto::Hello {
-                protocol_version: ProtocolVersion::V1 as i32,
-                client_name: "third".into(),
-                client_version: "0".into(),
-            }),
-        )
-        .await;
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), third.recv())
-            .await
-            .is_err(),
-        "a third connection must wait while two are open"
-    );
+    assert_refused(&mut third, ErrorCode::Unavailable).await;
     drop(first);
-    let welcome = third.recv().await.unwrap();
+    let welcome = within(Duration::from_secs(10), async {
+        loop {
+            let mut next = RawConnection::connect(node.tcp).await;
+            if let Some(frame) = next.try_hello().await {
+                return frame;
+            }
+        }
+    })
+    .await;
     assert!(
         matches!(welcome.kind, Some(server_frame::Kind::Welcome(_))),
         "{welcome:?}"
     );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    let mut node = TestServer::start_with(
+        2,
+        &[
+            ("CONFAB_LIMITS__MAX_CONNECTIONS_PER_IP", "3"),
+            ("CONFAB_LIMITS__EXEMPT_LOOPBACK", "false"),
+        ],
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut connection = connect_from("127.0.0.2", node.tcp).await;
+        connection.hello(ProtocolVersion::V1 as i32).await;
+        held.push(connection);
+    }
+    let mut fourth = connect_from("127.0.0.2", node.tcp).await;
+    assert_refused(&mut fourth, ErrorCode::RateLimited).await;
+    // Over WebSocket the refusal is an HTTP status before the upgrade.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut websocket = socket
+        .connect(node.server.as_ref().unwrap().websocket_addr().unwrap())
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    within(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut websocket, &mut response),
+    )
+    .await
+    .unwrap();
+    assert!(
+        response.starts_with(b"HTTP/1.1 429"),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+    // Other addresses are not affected.
+    let mut other = connect_from("127.0.0.3", node.tcp).await;
+    other.hello(ProtocolVersion::V1 as i32).await;
+    common::server_still_serves(confab_client::Endpoint::tcp(node.tcp)).await;
     node.shutdown().await;
 }

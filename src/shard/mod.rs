@@ -37,6 +37,7 @@ use crate::ids::UserId;
 use crate::protocol::SessionLimits;
 use crate::store::Store;
 use crate::transport;
+use crate::transport::admission::Admission;
 use directory::Directory;
 use mesh::AppendReply;
 use sessions::LocalSessions;
@@ -45,7 +46,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -62,7 +63,8 @@ pub struct NodeContext {
     pub store: Arc<dyn Store>,
     pub accounts: Accounts,
     pub mesh: Mesh,
-    pub connection_permits: Arc<Semaphore>,
+    /// Connection slots, node-wide and per source address.
+    pub admission: Admission,
     /// TLS for the TCP and WebSocket listeners, when `[tls]` is on.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Phase one of shutdown: stop accepting, close connections.
@@ -91,7 +93,7 @@ pub struct Shard {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub drain: CancellationToken,
     pub stop: CancellationToken,
-    connection_permits: Arc<Semaphore>,
+    pub admission: Admission,
     sessions: RefCell<LocalSessions>,
     directory: RefCell<Directory>,
     sequencer: RefCell<Sequencer<AppendReply>>,
@@ -179,7 +181,7 @@ async fn run(
         tls: context.tls,
         drain: context.drain,
         stop: context.stop,
-        connection_permits: context.connection_permits,
+        admission: context.admission,
         sessions: RefCell::default(),
         directory: RefCell::default(),
         commit_queue: RefCell::default(),
@@ -202,7 +204,7 @@ async fn run(
     let Listeners { tcp, websocket, quic } = listeners;
     let websocket = async {
         if let Some(listener) = websocket {
-            transport::accept_loop(shard.clone(), listener, transport::ws::serve).await;
+            transport::accept_loop(shard.clone(), listener, transport::ws::serve, transport::ws::refuse).await;
         }
     };
     let quic = async {
@@ -211,7 +213,7 @@ async fn run(
         }
     };
     futures::join!(
-        transport::accept_loop(shard.clone(), tcp, transport::tcp::serve),
+        transport::accept_loop(shard.clone(), tcp, transport::tcp::serve, transport::tcp::refuse),
         websocket,
         quic
     );
@@ -230,11 +232,6 @@ impl Shard {
     /// Runs a connection task, tracked for shutdown.
     pub fn spawn_connection(&self, task: impl Future<Output = ()> + 'static) {
         self.connections.spawn_local(task);
-    }
-
-    /// Waits for a free connection slot (node-wide limit).
-    pub async fn connection_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.connection_permits.clone().acquire_owned().await.ok()
     }
 
     /// Runs a core (non-connection) task of this shard.

@@ -53,6 +53,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
+/// Segment files fjall keeps open at most: well inside the descriptors the node
+/// keeps from connections (`limits.reserved_file_descriptors`).
+const MAX_CACHED_FILES: usize = 256;
+
 /// Jobs queued for the writer before `append_messages` and friends wait.
 const WRITE_QUEUE: usize = 16 * 1024;
 
@@ -100,7 +104,10 @@ impl EmbeddedStore {
     pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         let path = config.data_dir.join("embedded");
         std::fs::create_dir_all(&path).map_err(|err| io_error(&path, err))?;
-        let db = Database::builder(&path).open().map_err(fjall_error)?;
+        let db = Database::builder(&path)
+            .max_cached_files(Some(MAX_CACHED_FILES))
+            .open()
+            .map_err(fjall_error)?;
         let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(fjall_error);
         let inner = Arc::new(Inner {
             users: keyspace("users")?,

@@ -9,6 +9,7 @@
 //! - [`stream`]: framing shared by every byte-stream transport.
 //! - [`tls`]: certificates and rustls configs.
 
+pub mod admission;
 pub mod quic;
 pub mod stream;
 pub mod tcp;
@@ -17,13 +18,13 @@ pub mod ws;
 mod ws_arrival;
 
 use crate::shard::Shard;
+use admission::{Permit, Refused};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
 const LISTEN_BACKLOG: i32 = 4096;
 
@@ -39,16 +40,25 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(socket.into())
 }
 
+/// How often at most a shard logs refused connections (a flood would flood the log).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How a transport tells a connection it was refused, without waiting: a
+/// best-effort write of a few bytes, or nothing.
+pub type Refuse = fn(&Shard, &TcpStream, Refused);
+
 /// Accepts until the shard drains, handing each connection to `serve` as a task of
 /// the shard. The loop only accepts: it accepts (with exponential backoff on
-/// errors), takes a connection-limit permit, and spawns; handshakes (TLS, WebSocket,
-/// protocol) happen in the connection's task under its deadlines.
-pub async fn accept_loop<F, Fut>(shard: Rc<Shard>, listener: tokio::net::TcpListener, serve: F)
+/// errors), takes a connection slot or refuses the connection at once (see
+/// [`admission`]), and spawns; handshakes (TLS, WebSocket, protocol) happen in
+/// the connection's task under its deadlines.
+pub async fn accept_loop<F, Fut>(shard: Rc<Shard>, listener: tokio::net::TcpListener, serve: F, refuse: Refuse)
 where
-    F: Fn(Rc<Shard>, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    F: Fn(Rc<Shard>, TcpStream, SocketAddr, Permit) -> Fut,
     Fut: Future<Output = ()> + 'static,
 {
     let mut backoff = Duration::from_millis(5);
+    let mut refusals = RefusalLog::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -57,14 +67,13 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                // At the limit, this connection waits here and the loop stops
-                // accepting, so later ones wait in the kernel's backlog.
-                let permit = tokio::select! {
-                    permit = shard.connection_permit() => match permit {
-                        Some(permit) => permit,
-                        None => return,
-                    },
-                    () = shard.drain.cancelled() => return,
+                let permit = match shard.admission.admit(peer.ip()) {
+                    Ok(permit) => permit,
+                    Err(refused) => {
+                        refuse(&shard, &stream, refused);
+                        refusals.record(peer, refused);
+                        continue;
+                    }
                 };
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(%peer, error = %err, "could not set TCP_NODELAY");
@@ -72,11 +81,35 @@ where
                 shard.spawn_connection(serve(shard.clone(), stream, peer, permit));
             }
             Err(err) => {
-                // Usually EMFILE/ENFILE: wait for connections to close.
+                // EMFILE/ENFILE despite the reserve (another part of the process
+                // holds many files): wait for descriptors to come back.
                 tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+        }
+    }
+}
+
+/// Logs refused connections at most once per [`REFUSAL_LOG_INTERVAL`], with how
+/// many there were.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    since: Option<std::time::Instant>,
+    count: u64,
+}
+
+impl RefusalLog {
+    fn record(&mut self, peer: SocketAddr, refused: Refused) {
+        self.count += 1;
+        let now = std::time::Instant::now();
+        if self
+            .since
+            .is_none_or(|since| now.duration_since(since) >= REFUSAL_LOG_INTERVAL)
+        {
+            tracing::warn!(%peer, refused = self.count, reason = refused.reason(), "refusing connections");
+            self.since = Some(now);
+            self.count = 0;
         }
     }
 }

@@ -25,6 +25,7 @@
 //!
 //! Application close codes are listed in [`close_code`] and PROTOCOL.md.
 
+use super::admission::{Admission, Permit};
 use super::stream::{StreamFrames, run_connection, write_frames};
 use super::tls::Identity;
 use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
@@ -37,7 +38,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// UDP socket buffers asked for (the kernel caps them at `net.core.rmem_max` /
@@ -59,7 +60,7 @@ pub struct Handoff {
     recv: RecvStream,
     /// Resolves when the handshake completes; `None` if it already had.
     handshake_done: Option<ZeroRttAccepted>,
-    permit: OwnedSemaphorePermit,
+    permit: Permit,
 }
 
 impl std::fmt::Debug for Handoff {
@@ -118,7 +119,7 @@ impl QuicListener {
     pub fn spawn(
         self,
         shards: Vec<mpsc::Sender<Handoff>>,
-        permits: Arc<Semaphore>,
+        admission: Admission,
         handshake_timeout: Duration,
         drain: CancellationToken,
         stop: CancellationToken,
@@ -127,7 +128,7 @@ impl QuicListener {
         std::thread::Builder::new().name("confab-quic".into()).spawn(move || {
             runtime.block_on(async move {
                 tokio::select! {
-                    () = accept(&endpoint, &shards, &permits, handshake_timeout) => {}
+                    () = accept(&endpoint, &shards, &admission, handshake_timeout) => {}
                     () = drain.cancelled() => {}
                 }
                 endpoint.set_server_config(None);
@@ -176,15 +177,18 @@ fn server_config(identity: &Identity, idle_timeout: Duration) -> std::io::Result
 async fn accept(
     endpoint: &Endpoint,
     shards: &[mpsc::Sender<Handoff>],
-    permits: &Arc<Semaphore>,
+    admission: &Admission,
     handshake_timeout: Duration,
 ) {
     let mut next_shard = 0;
     while let Some(incoming) = endpoint.accept().await {
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %incoming.remote_address(), "connection limit reached; refusing QUIC connection");
-            incoming.refuse();
-            continue;
+        let permit = match admission.admit(incoming.remote_address().ip()) {
+            Ok(permit) => permit,
+            Err(refused) => {
+                tracing::debug!(peer = %incoming.remote_address(), reason = refused.reason(), "refusing a QUIC connection");
+                incoming.refuse();
+                continue;
+            }
         };
         let Some(shard) = shards.get(next_shard % shards.len().max(1)).cloned() else {
             return;
@@ -207,10 +211,7 @@ async fn accept(
 
 /// Accepts the connection (with 0.5-RTT, so early data is read at once) and its
 /// session stream.
-async fn open_session(
-    incoming: quinn::Incoming,
-    permit: OwnedSemaphorePermit,
-) -> Result<Handoff, quinn::ConnectionError> {
+async fn open_session(incoming: quinn::Incoming, permit: Permit) -> Result<Handoff, quinn::ConnectionError> {
     let connecting = incoming.accept()?;
     let (connection, handshake_done) = match connecting.into_0rtt() {
         Ok((connection, handshake_done)) => (connection, Some(handshake_done)),

@@ -6,6 +6,7 @@
 //! read buffer at all, which keeps an idle connection near 1.5 KB. Under TLS,
 //! rustls keeps its own buffers and the generic [`StreamFrames`] reader is used.
 
+use super::admission::{Permit, Refused};
 use super::stream::{READ_CHUNK_BYTES, StreamFrames, run_connection, write_then_shutdown};
 use crate::shard::{FrameSource, Inbound, ReadError, Shard};
 use bytes::BytesMut;
@@ -14,10 +15,9 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::OwnedSemaphorePermit;
 
 /// Serves one accepted TCP connection, after a TLS handshake if TLS is on.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permit: Permit) {
     let max_frame_bytes = shard.limits.max_frame_bytes;
     let Some(tls) = shard.tls.clone() else {
         let (read, write) = stream.into_split();
@@ -35,6 +35,24 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permi
     let (read, write) = tokio::io::split(stream);
     let source = StreamFrames::new(read, max_frame_bytes);
     run_connection(shard, source, peer, |queued| write_then_shutdown(write, queued)).await;
+}
+
+/// Tells a refused connection why in an `Error` frame (best effort, never
+/// waiting); under TLS there is no handshake yet to say it in, so it is just closed.
+pub fn refuse(shard: &Shard, stream: &TcpStream, refused: Refused) {
+    if shard.tls.is_none() {
+        let _ = stream.try_write(&confab_proto::encode_frame(&refusal_frame(refused)));
+    }
+}
+
+/// The `Error` a refused connection gets: RATE_LIMITED when its address holds too
+/// many, UNAVAILABLE when the node does.
+pub fn refusal_frame(refused: Refused) -> confab_proto::v1::ServerFrame {
+    let code = match refused {
+        Refused::AddressFull => crate::protocol::ErrorCode::RateLimited,
+        Refused::NodeFull => crate::protocol::ErrorCode::Unavailable,
+    };
+    crate::protocol::error_frame(0, code, refused.reason())
 }
 
 /// Splits length-prefixed frames off a plain TCP read half.

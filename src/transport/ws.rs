@@ -16,6 +16,7 @@
 //!   reserves a frame's claimed length from its header, so input reaches it
 //!   through [`ArrivedFrames`], which releases a frame only once it has arrived.
 
+use super::admission::{Permit, Refused};
 use super::stream::run_connection;
 use super::ws_arrival::ArrivedFrames;
 use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
@@ -28,7 +29,6 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -42,7 +42,7 @@ pub const READ_BUFFER_BYTES: usize = 1024;
 const WRITE_BUFFER_BYTES: usize = 4096;
 
 /// Serves one accepted connection: TLS if on, the upgrade, then the protocol.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permit: Permit) {
     match shard.tls.clone() {
         None => upgrade_and_serve(shard, stream, peer).await,
         Some(tls) => {
@@ -51,6 +51,25 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permi
             }
         }
     }
+}
+
+/// Answers a refused connection's upgrade request before reading it, with 429
+/// (its address holds too many) or 503 (the node does); best effort, never
+/// waiting. Under TLS it is just closed.
+pub fn refuse(shard: &Shard, stream: &TcpStream, refused: Refused) {
+    if shard.tls.is_some() {
+        return;
+    }
+    let status = match refused {
+        Refused::AddressFull => "429 Too Many Requests",
+        Refused::NodeFull => "503 Service Unavailable",
+    };
+    let reason = refused.reason();
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reason}",
+        reason.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
 }
 
 async fn upgrade_and_serve<S>(shard: Rc<Shard>, stream: S, peer: SocketAddr)
@@ -105,13 +124,13 @@ fn check_upgrade(
 ) -> Result<Response, ErrorResponse> {
     let settings = &shard.config.websocket;
     if request.uri().path() != settings.path {
-        return Err(refuse(StatusCode::NOT_FOUND, "no WebSocket endpoint here"));
+        return Err(upgrade_refusal(StatusCode::NOT_FOUND, "no WebSocket endpoint here"));
     }
     if !settings.allowed_origins.is_empty() {
         let origin = request.headers().get("origin").and_then(|value| value.to_str().ok());
         if !origin.is_some_and(|origin| settings.allowed_origins.iter().any(|allowed| allowed == origin)) {
             tracing::info!(origin = ?origin, "WebSocket upgrade from an origin not allowed");
-            return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
+            return Err(upgrade_refusal(StatusCode::FORBIDDEN, "origin not allowed"));
         }
     }
     let token = request
@@ -123,14 +142,14 @@ fn check_upgrade(
     if let Some(token) = token {
         if let Err(err) = shard.accounts.check_token(token) {
             tracing::info!(error = %err, "WebSocket upgrade with a bad token");
-            return Err(refuse(StatusCode::UNAUTHORIZED, "invalid or expired token"));
+            return Err(upgrade_refusal(StatusCode::UNAUTHORIZED, "invalid or expired token"));
         }
         *upgrade_token = Some(token.to_owned());
     }
     Ok(response)
 }
 
-fn refuse(status: StatusCode, reason: &str) -> ErrorResponse {
+fn upgrade_refusal(status: StatusCode, reason: &str) -> ErrorResponse {
     let mut response = ErrorResponse::new(Some(reason.to_owned()));
     *response.status_mut() = status;
     response

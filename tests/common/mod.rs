@@ -129,6 +129,72 @@ impl TestServer {
     }
 }
 
+/// The `confab` binary serving on 127.0.0.1:0 with a data dir, killed when dropped.
+pub struct BinaryNode {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub websocket: SocketAddr,
+}
+
+impl BinaryNode {
+    /// Starts the binary with the test settings plus `env`; with `open_files`,
+    /// under that open-files limit.
+    pub fn start(data_dir: &Path, env: &[(&str, &str)], open_files: Option<u64>) -> Self {
+        use std::io::{BufRead as _, BufReader};
+        let binary = env!("CARGO_BIN_EXE_confab");
+        let mut command = match open_files {
+            None => std::process::Command::new(binary),
+            Some(limit) => {
+                let mut shell = std::process::Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(binary);
+                shell
+            }
+        };
+        command
+            .arg("serve")
+            .env("CONFAB_SERVER__LISTEN", "127.0.0.1:0")
+            .env("CONFAB_WEBSOCKET__LISTEN", "127.0.0.1:0")
+            .env("CONFAB_QUIC__LISTEN", "127.0.0.1:0")
+            .env("CONFAB_SERVER__SHARDS", "2")
+            .env("CONFAB_SERVER__PIN_THREADS", "false")
+            .env("CONFAB_SERVER__SHUTDOWN_GRACE", "1s")
+            .env("CONFAB_STORE__DATA_DIR", data_dir)
+            .env("CONFAB_AUTH__ARGON2_MEMORY_KIB", "1024")
+            .env("CONFAB_AUTH__ARGON2_ITERATIONS", "1")
+            .env("CONFAB_LOG__LEVEL", "warn")
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = |prefix: &str| -> SocketAddr {
+            let line = lines.next().unwrap().unwrap();
+            line.strip_prefix(prefix).unwrap().parse().unwrap()
+        };
+        let tcp = addr("listening on ");
+        let websocket = addr("websocket on ");
+        Self {
+            child,
+            addr: tcp,
+            websocket,
+        }
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for BinaryNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A name no other test (or earlier run) uses.
 pub fn unique_name(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -204,10 +270,34 @@ pub struct RawConnection {
 
 impl RawConnection {
     pub async fn connect(addr: SocketAddr) -> Self {
+        Self::from_stream(tokio::net::TcpStream::connect(addr).await.unwrap())
+    }
+
+    pub fn from_stream(stream: tokio::net::TcpStream) -> Self {
         Self {
-            stream: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            stream,
             buf: bytes::BytesMut::new(),
             decoder: confab_proto::FrameDecoder::new(64 * 1024 * 1024),
+        }
+    }
+
+    /// Sends Hello; the reply, or `None` if the server closed the connection.
+    pub async fn try_hello(&mut self) -> Option<confab_client::proto::ServerFrame> {
+        use confab_client::proto::{Hello, ProtocolVersion, client_frame::Kind};
+        let hello = Kind::Hello(Hello {
+            protocol_version: ProtocolVersion::V1 as i32,
+            client_name: "raw".into(),
+            client_version: "0".into(),
+        });
+        let frame = confab_client::proto::ClientFrame {
+            request_id: 1,
+            kind: Some(hello),
+        };
+        use tokio::io::AsyncWriteExt as _;
+        self.stream.write_all(&confab_proto::encode_frame(&frame)).await.ok()?;
+        match self.recv().await? {
+            frame if matches!(frame.kind, Some(confab_client::proto::server_frame::Kind::Error(_))) => None,
+            frame => Some(frame),
         }
     }
 
