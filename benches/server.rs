@@ -107,6 +107,7 @@ fn store_append(c: &mut Criterion) {
             data_dir: dir.path().to_owned(),
             durability,
             max_batch: 4096,
+            min_free_mib: 0,
         };
         let Ok(store) = EmbeddedStore::open(&config) else {
             return;

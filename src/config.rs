@@ -156,6 +156,7 @@ pub struct StoreConfig {
     pub data_dir: PathBuf,
     pub durability: Durability,
     pub max_batch: usize,
+    pub min_free_mib: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

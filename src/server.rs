@@ -265,7 +265,7 @@ fn connection_limit(config: &Config) -> usize {
     };
     let limit = Admission::node_limit(configured, open_files, reserved);
     if limit < configured {
-        tracing::warn!(
+        tracing::info!(
             open_files,
             reserved,
             limit,

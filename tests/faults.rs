@@ -70,3 +70,193 @@ async fn a_flood_of_idle_connections_cannot_starve_the_store() {
     .await;
     common::server_still_serves(addr).await;
 }
+
+/// A small file system of the test's own (tmpfs), unmounted when dropped. `None`
+/// where the test may not mount one (not root).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mib: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(Self { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk to the last byte with a file, then frees `leave_mib` of it.
+    fn fill(&self, leave_mib: u64) {
+        use std::io::Write as _;
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(err) if err.raw_os_error() == Some(28) => break,
+                Err(err) => panic!("filling the disk: {err}"),
+            }
+        }
+        drop(file);
+        let size = std::fs::metadata(&path).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(size.saturating_sub(leave_mib * 1024 * 1024)).unwrap();
+    }
+
+    fn free_all(&self) {
+        std::fs::remove_file(self.path().join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Sends `id` until the store takes it (polling with a deadline); returns its seq.
+async fn send_until_taken(client: &confab_client::Client, to: u64, id: &str) -> u64 {
+    within(Duration::from_secs(30), async {
+        loop {
+            match client.send_direct(to, id, "after the disk was freed").await {
+                Ok(ack) => return ack.seq,
+                Err(err) => assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+/// Every message of the conversation is one of `acked`'s seqs or a later one,
+/// with no gap, and every acknowledged one is there with its id.
+async fn assert_history_holds(client: &confab_client::Client, conversation: &str, acked: &[(u64, String)]) {
+    let history = client.full_history(conversation).await.unwrap();
+    let seqs: Vec<u64> = history.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=history.len() as u64).collect::<Vec<_>>(), "gap-free");
+    for (seq, id) in acked {
+        assert_eq!(
+            &history[(*seq - 1) as usize].client_msg_id,
+            id,
+            "acknowledged seq {seq}"
+        );
+    }
+}
+
+/// SIGTERM; the node must exit 0.
+async fn stop_cleanly(mut node: BinaryNode) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = within(Duration::from_secs(20), async {
+        loop {
+            if let Some(status) = node.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(exit.success(), "a graceful stop exits 0, was {exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_disk_refuses_writes_as_unavailable_until_space_is_freed() {
+    let Some(disk) = SmallDisk::mount(64) else { return };
+    let node = BinaryNode::start(&disk.path().join("data"), &[("CONFAB_STORE__MIN_FREE_MIB", "16")], None);
+    let addr = confab_client::Endpoint::tcp(node.addr);
+    let (alice, _, _) = new_user(addr, "full").await;
+    let (bob, bob_login, _) = new_user(addr, "full").await;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let id = format!("before-{i}");
+        acked.push((
+            alice.send_direct(bob_login.user_id, &id, "before").await.unwrap().seq,
+            id,
+        ));
+    }
+    let conversation = alice.send_direct(bob_login.user_id, "before-20", "x").await.unwrap();
+    acked.push((conversation.seq, "before-20".into()));
+
+    disk.fill(4);
+    let refused = alice
+        .send_direct(bob_login.user_id, "during", "refused")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Unavailable), "{refused}");
+    assert!(refused.to_string().contains("storage is full"), "{refused}");
+    let sign_up = confab_client::Client::connect(addr).await.unwrap();
+    let refused = sign_up
+        .sign_up(&common::unique_name("full"), common::PASSWORD)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Unavailable), "{refused}");
+    // Reads go on.
+    assert_history_holds(&bob, &conversation.conversation_id, &acked).await;
+
+    disk.free_all();
+    let seq = send_until_taken(&alice, bob_login.user_id, "during").await;
+    acked.push((seq, "during".into()));
+    assert_history_holds(&bob, &conversation.conversation_id, &acked).await;
+    stop_cleanly(node).await;
+}
+
+/// With the free-space check off, the disk fills under fjall itself: its journal
+/// write fails and it refuses every later write. That used to last until a
+/// restart; now the store reopens itself once space is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_on_a_full_disk_passes_without_a_restart() {
+    let Some(disk) = SmallDisk::mount(64) else { return };
+    let node = BinaryNode::start(&disk.path().join("data"), &[("CONFAB_STORE__MIN_FREE_MIB", "0")], None);
+    let addr = confab_client::Endpoint::tcp(node.addr);
+    let (alice, _, _) = new_user(addr, "enospc").await;
+    let (bob, bob_login, _) = new_user(addr, "enospc").await;
+    let first = alice.send_direct(bob_login.user_id, "before", "before").await.unwrap();
+    let mut acked = vec![(first.seq, "before".to_owned())];
+
+    disk.fill(0);
+    // Sends are refused, retryably, never acknowledged unstored. (A few small
+    // batches may still fit in a block the journal already had.)
+    let mut refused = None;
+    for i in 0..200 {
+        let id = format!("full-{i}");
+        match alice.send_direct(bob_login.user_id, &id, &"x".repeat(4000)).await {
+            Ok(ack) => acked.push((ack.seq, id)),
+            Err(err) => {
+                assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+                refused = Some(id);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a full disk refuses writes");
+
+    disk.free_all();
+    // The retry of the refused send is stored once (or found stored, if its
+    // batch reached the journal before the failure).
+    let seq = send_until_taken(&alice, bob_login.user_id, &refused).await;
+    acked.push((seq, refused));
+    let next = alice.send_direct(bob_login.user_id, "after", "after").await.unwrap();
+    acked.push((next.seq, "after".into()));
+    assert_history_holds(&bob, &first.conversation_id, &acked).await;
+    let (_carol, _, _) = new_user(addr, "enospc").await;
+    stop_cleanly(node).await;
+}

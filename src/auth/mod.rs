@@ -232,7 +232,8 @@ impl ErrorKind for AuthError {
             }
             Self::UnknownUser => ErrorCode::NotFound,
             Self::Hash(HashError::Busy) => ErrorCode::Unavailable,
-            Self::Store(_) | Self::Hash(_) => ErrorCode::Internal,
+            Self::Store(err) => err.code(),
+            Self::Hash(_) => ErrorCode::Internal,
         }
     }
 }

@@ -24,6 +24,7 @@ mod outbound;
 mod owner;
 mod presence;
 mod sessions;
+mod store_watch;
 
 pub use connection::{Closed, FrameSource, Inbound, ReadError, run as run_connection};
 pub use mesh::Mesh;
@@ -199,6 +200,7 @@ async fn run(
     core.spawn_local(presence::run_timer(shard.clone()));
     if id == ShardId(0) {
         core.spawn_local(owner::sweep_sends(shard.clone()));
+        core.spawn_local(store_watch::run(shard.clone()));
     }
 
     let Listeners { tcp, websocket, quic } = listeners;

@@ -179,6 +179,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         limit: usize,
     ) -> Result<HistoryPage, StoreError>;
 
+    /// Whether writes are taken now. A backend that refuses writes after a fault
+    /// (a full disk, a failed commit) uses the probe to recover without waiting
+    /// for a write; the error says why writes are refused.
+    async fn probe_writes(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Makes every acknowledged write durable regardless of the durability setting,
     /// and stops accepting writes. Called once at shutdown.
     async fn close(&self) -> Result<(), StoreError>;

@@ -32,9 +32,21 @@
 //! `max_batch` jobs), commits it as one atomic fjall batch, then persists once:
 //! fsync with `durability = "sync"`, a hand-off to the OS with `"buffered"`. Only then
 //! are the callers answered. Being the only writer also makes "is this username free"
-//! and "create it" one atomic step. If a commit or fsync fails the store is poisoned:
-//! it refuses every later write, because after a failed fsync the on-disk state is
-//! unknown and acknowledging later writes could hide a lost one.
+//! and "create it" one atomic step.
+//!
+//! Reads see only what is durable: they read a snapshot the writer publishes after
+//! each batch is persisted, never a batch whose fsync is still running (or failed).
+//! So nothing a reader saw can be lost with a failed commit, and no seq shown to
+//! one client can later be taken by another message.
+//!
+//! Faults pass (see [`writer`]): below `store.min_free_mib` of free space the
+//! writer refuses writes (`UNAVAILABLE`, "storage is full") before fjall sees an
+//! ENOSPC; if a commit, fsync or background flush fails anyway (disk full after
+//! all, EMFILE), fjall refuses every later write, so the writer closes the
+//! database and reopens it from disk (journal recovery), retrying with backoff
+//! until it succeeds. Nothing acknowledged is lost: every acknowledged batch was
+//! durable, and a batch that failed was never acknowledged (its senders retry and
+//! get the original ack if it did reach the disk).
 //!
 //! Reads run on the blocking pool, never on a shard thread.
 
@@ -49,14 +61,14 @@ use super::{
 use crate::config::StoreConfig;
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use async_trait::async_trait;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable as _};
 use keys::*;
 use prost::Message as _;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use tokio::sync::{mpsc, oneshot};
-use writer::{Reply, WriteJob, Writer};
+use writer::{Condition, Reply, WriteJob, Writer};
 
 /// Segment files fjall keeps open at most: well inside the descriptors the node
 /// keeps from connections (`limits.reserved_file_descriptors`).
@@ -67,9 +79,94 @@ const WRITE_QUEUE: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub struct EmbeddedStore {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     writer: mpsc::Sender<WriteJob>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What the writer publishes for readers.
+#[derive(Debug)]
+struct Shared {
+    /// The open database as of its last durable batch; `None` while the writer
+    /// reopens it after a failure.
+    view: RwLock<Option<View>>,
+    /// Whether writes are taken, and if not, why.
+    condition: RwLock<Condition>,
+}
+
+impl Shared {
+    fn view(&self) -> Result<View, StoreError> {
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("the store is reopening after a failure".into()))
+    }
+
+    fn condition(&self) -> Condition {
+        self.condition.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Refuses reads that decide what is written next (sequencing, idempotency)
+    /// while a failed batch may yet reappear when the database is reopened.
+    fn before_sequencing(&self) -> Result<(), StoreError> {
+        match self.condition() {
+            Condition::Failed(reason) => Err(StoreError::Unavailable(reason)),
+            Condition::Healthy | Condition::Full(_) => Ok(()),
+        }
+    }
+}
+
+/// The database's handles and a snapshot to read them at.
+#[derive(Clone)]
+struct View {
+    inner: Arc<Inner>,
+    snapshot: fjall::Snapshot,
+}
+
+impl std::fmt::Debug for View {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View")
+            .field("seqno", &self.snapshot.seqno())
+            .finish_non_exhaustive()
+    }
+}
+
+impl View {
+    /// The database as last committed: for the first view, and the writer's own
+    /// reads (it commits one batch at a time, so that is also what is durable).
+    fn latest(inner: Arc<Inner>) -> Self {
+        let snapshot = inner.db.snapshot();
+        Self { inner, snapshot }
+    }
+
+    fn get(&self, keyspace: &Keyspace, key: impl AsRef<[u8]>) -> fjall::Result<Option<fjall::Slice>> {
+        self.snapshot.get(keyspace, key)
+    }
+
+    fn contains_key(&self, keyspace: &Keyspace, key: impl AsRef<[u8]>) -> fjall::Result<bool> {
+        self.snapshot.contains_key(keyspace, key)
+    }
+
+    fn prefix(&self, keyspace: &Keyspace, prefix: impl AsRef<[u8]>) -> fjall::Iter {
+        self.snapshot.prefix(keyspace, prefix)
+    }
+
+    fn range<K: AsRef<[u8]>>(&self, keyspace: &Keyspace, range: impl std::ops::RangeBounds<K>) -> fjall::Iter {
+        self.snapshot.range(keyspace, range)
+    }
+
+    fn iter(&self, keyspace: &Keyspace) -> fjall::Iter {
+        self.snapshot.iter(keyspace)
+    }
+}
+
+impl std::ops::Deref for View {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
 }
 
 struct Inner {
@@ -86,23 +183,15 @@ struct Inner {
     marks: Keyspace,
 }
 
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inner").finish_non_exhaustive()
-    }
-}
-
-impl EmbeddedStore {
-    /// Opens (or creates) the database under `config.data_dir` and starts its writer.
-    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
-        let path = config.data_dir.join("embedded");
-        std::fs::create_dir_all(&path).map_err(|err| io_error(&path, err))?;
-        let db = Database::builder(&path)
+impl Inner {
+    /// Opens (or creates) the database at `path`, recovering from its journal.
+    fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::builder(path)
             .max_cached_files(Some(MAX_CACHED_FILES))
             .open()
             .map_err(fjall_error)?;
         let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(fjall_error);
-        let inner = Arc::new(Inner {
+        Ok(Self {
             users: keyspace("users")?,
             usernames: keyspace("usernames")?,
             devices: keyspace("devices")?,
@@ -114,15 +203,34 @@ impl EmbeddedStore {
             user_convs: keyspace("user_convs")?,
             marks: keyspace("marks")?,
             db,
+        })
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner").finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database under `config.data_dir` and starts its writer.
+    pub fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        let path = config.data_dir.join("embedded");
+        std::fs::create_dir_all(&path).map_err(|err| io_error(&path, err))?;
+        let inner = Arc::new(Inner::open(&path)?);
+        let shared = Arc::new(Shared {
+            view: RwLock::new(Some(View::latest(inner.clone()))),
+            condition: RwLock::new(Condition::Healthy),
         });
         let (writer, jobs) = mpsc::channel(WRITE_QUEUE);
-        let writer_state = Writer::new(inner.clone(), config);
+        let writer_state = Writer::new(shared.clone(), inner, path.clone(), config);
         let writer_thread = std::thread::Builder::new()
             .name("confab-store-writer".into())
             .spawn(move || writer_state.run(jobs))
             .map_err(|err| io_error(&path, err))?;
         Ok(Self {
-            inner,
+            shared,
             writer,
             writer_thread: Mutex::new(Some(writer_thread)),
         })
@@ -134,12 +242,13 @@ impl EmbeddedStore {
         result.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Runs `read` on the blocking pool against the last durable state.
     async fn read<T: Send + 'static>(
         &self,
-        read: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+        read: impl FnOnce(&View) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || read(&inner))
+        let view = self.shared.view()?;
+        tokio::task::spawn_blocking(move || read(&view))
             .await
             .map_err(|err| StoreError::Io(format!("read task failed: {err}")))?
     }
@@ -153,24 +262,27 @@ impl Store for EmbeddedStore {
 
     async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
         let username = username.to_owned();
-        self.read(move |inner| {
-            let Some(id) = inner.usernames.get(username.as_bytes()).map_err(fjall_error)? else {
+        self.read(move |view| {
+            let Some(id) = view.get(&view.usernames, username.as_bytes()).map_err(fjall_error)? else {
                 return Ok(None);
             };
-            inner.user(decode_user_id(&id)?)
+            view.user(decode_user_id(&id)?)
         })
         .await
     }
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-        self.read(move |inner| inner.user(id)).await
+        self.read(move |view| view.user(id)).await
     }
 
     async fn missing_users(&self, ids: Vec<UserId>) -> Result<Vec<UserId>, StoreError> {
-        self.read(move |inner| {
+        self.read(move |view| {
             let mut missing = Vec::new();
             for id in ids {
-                if !inner.users.contains_key(id.get().to_be_bytes()).map_err(fjall_error)? {
+                if !view
+                    .contains_key(&view.users, id.get().to_be_bytes())
+                    .map_err(fjall_error)?
+                {
                     missing.push(id);
                 }
             }
@@ -184,7 +296,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        self.read(move |inner| inner.device(user, device)).await
+        self.read(move |view| view.device(user, device)).await
     }
 
     async fn device_and_user(
@@ -192,11 +304,11 @@ impl Store for EmbeddedStore {
         user: UserId,
         device: DeviceId,
     ) -> Result<Option<(DeviceRecord, UserRecord)>, StoreError> {
-        self.read(move |inner| {
-            let Some(device) = inner.device(user, device)? else {
+        self.read(move |view| {
+            let Some(device) = view.device(user, device)? else {
                 return Ok(None);
             };
-            Ok(inner.user(user)?.map(|user| (device, user)))
+            Ok(view.user(user)?.map(|user| (device, user)))
         })
         .await
     }
@@ -219,13 +331,13 @@ impl Store for EmbeddedStore {
         // keys looked up are almost always new, which fjall answers from the
         // memtable or the segments' bloom filters without touching the disk. The
         // hop to a blocking thread and back cost more than the lookup itself.
-        let inner = &self.inner;
+        self.shared.before_sequencing()?;
+        let view = self.shared.view()?;
         {
             let mut found = HashMap::new();
             for key in keys {
-                let Some(value) = inner
-                    .sends
-                    .get(send_key(conversation, key.0, &key.1))
+                let Some(value) = view
+                    .get(&view.sends, send_key(conversation, key.0, &key.1))
                     .map_err(fjall_error)?
                 else {
                     continue;
@@ -241,9 +353,9 @@ impl Store for EmbeddedStore {
 
     async fn purge_sends(&self, before_ms: u64) -> Result<usize, StoreError> {
         let expired = self
-            .read(move |inner| {
+            .read(move |view| {
                 let mut expired = Vec::new();
-                for guard in inner.sends.iter() {
+                for guard in view.iter(&view.sends) {
                     let (key, value) = guard.into_inner().map_err(fjall_error)?;
                     if decode_send(&value)?.server_time_ms < before_ms {
                         expired.push(key);
@@ -259,13 +371,13 @@ impl Store for EmbeddedStore {
     }
 
     async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
-        self.read(move |inner| {
-            let Some(title) = inner.groups.get(group.get().to_be_bytes()).map_err(fjall_error)? else {
+        self.read(move |view| {
+            let Some(title) = view.get(&view.groups, group.get().to_be_bytes()).map_err(fjall_error)? else {
                 return Ok(None);
             };
             let title = String::from_utf8(title.to_vec()).map_err(|_| StoreError::Corrupt("group title".into()))?;
             let mut members = Vec::new();
-            for guard in inner.members.prefix(group.get().to_be_bytes()) {
+            for guard in view.prefix(&view.members, group.get().to_be_bytes()) {
                 let (key, value) = guard.into_inner().map_err(fjall_error)?;
                 let member = decode_member(&value)?;
                 if member.left_seq.is_none() {
@@ -278,10 +390,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn member(&self, group: GroupId, user: UserId) -> Result<Option<MemberRecord>, StoreError> {
-        self.read(move |inner| {
-            inner
-                .members
-                .get(member_key(group, user))
+        self.read(move |view| {
+            view.get(&view.members, member_key(group, user))
                 .map_err(fjall_error)?
                 .map(|value| decode_member(&value))
                 .transpose()
@@ -295,7 +405,7 @@ impl Store for EmbeddedStore {
         after: Option<UserId>,
         limit: usize,
     ) -> Result<(Vec<(UserId, Role)>, bool), StoreError> {
-        self.read(move |inner| {
+        self.read(move |view| {
             let first = after.map_or(1, |user| user.get().saturating_add(1));
             let mut from = [0u8; 16];
             from[..8].copy_from_slice(&group.get().to_be_bytes());
@@ -303,7 +413,7 @@ impl Store for EmbeddedStore {
             let mut to = [0xffu8; 16];
             to[..8].copy_from_slice(&group.get().to_be_bytes());
             let mut members = Vec::new();
-            for guard in inner.members.range(from..=to) {
+            for guard in view.range(&view.members, from..=to) {
                 let (key, value) = guard.into_inner().map_err(fjall_error)?;
                 let member = decode_member(&value)?;
                 if member.left_seq.is_none() {
@@ -319,21 +429,20 @@ impl Store for EmbeddedStore {
     }
 
     async fn conversations(&self, user: UserId) -> Result<Vec<ConversationHead>, StoreError> {
-        self.read(move |inner| {
+        self.read(move |view| {
             let mut heads = Vec::new();
-            for guard in inner.user_convs.prefix(user.get().to_be_bytes()) {
+            for guard in view.prefix(&view.user_convs, user.get().to_be_bytes()) {
                 let (key, value) = guard.into_inner().map_err(fjall_error)?;
                 let conversation = conversation_of_key(key.get(8..).unwrap_or_default())?;
-                let Some(head) = inner.heads.get(conversation.to_key()).map_err(fjall_error)? else {
+                let Some(head) = view.get(&view.heads, conversation.to_key()).map_err(fjall_error)? else {
                     continue;
                 };
                 let (last_seq, last_time_ms) = decode_pair(&head)?;
                 let (left_seq, left_time_ms) = decode_user_conversation(&value)?;
-                let read_seq = inner.user_marks(conversation, user)?.read_seq;
+                let read_seq = view.user_marks(conversation, user)?.read_seq;
                 let title = match conversation {
-                    ConversationId::Group(group) => inner
-                        .groups
-                        .get(group.get().to_be_bytes())
+                    ConversationId::Group(group) => view
+                        .get(&view.groups, group.get().to_be_bytes())
                         .map_err(fjall_error)?
                         .map(|title| String::from_utf8_lossy(&title).into_owned()),
                     ConversationId::Direct { .. } => None,
@@ -368,12 +477,11 @@ impl Store for EmbeddedStore {
         conversation: ConversationId,
         seqs: Vec<Seq>,
     ) -> Result<HashMap<Seq, MessageRecord>, StoreError> {
-        self.read(move |inner| {
+        self.read(move |view| {
             let mut found = HashMap::new();
             for seq in seqs {
-                if let Some(value) = inner
-                    .messages
-                    .get(message_key(conversation, seq))
+                if let Some(value) = view
+                    .get(&view.messages, message_key(conversation, seq))
                     .map_err(fjall_error)?
                 {
                     let stored = StoredMessage::decode(&*value).map_err(corrupt)?;
@@ -386,8 +494,9 @@ impl Store for EmbeddedStore {
     }
 
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
+        self.shared.before_sequencing()?;
         self.read(
-            move |inner| match inner.messages.prefix(conversation.to_key()).next_back() {
+            move |view| match view.prefix(&view.messages, conversation.to_key()).next_back() {
                 None => Ok(0),
                 Some(guard) => seq_of_key(&guard.key().map_err(fjall_error)?),
             },
@@ -401,7 +510,11 @@ impl Store for EmbeddedStore {
         range: HistoryRange,
         limit: usize,
     ) -> Result<HistoryPage, StoreError> {
-        self.read(move |inner| inner.history(conversation, range, limit)).await
+        self.read(move |view| view.history(conversation, range, limit)).await
+    }
+
+    async fn probe_writes(&self) -> Result<(), StoreError> {
+        self.write(WriteJob::Probe).await
     }
 
     async fn close(&self) -> Result<(), StoreError> {
@@ -415,13 +528,13 @@ impl Store for EmbeddedStore {
     }
 }
 
-impl Inner {
+impl View {
     /// A user's receipt watermarks across its devices.
     fn user_marks(&self, conversation: ConversationId, user: UserId) -> Result<Marks, StoreError> {
         let mut prefix = conversation.to_key().as_ref().to_vec();
         prefix.extend_from_slice(&user.get().to_be_bytes());
         let mut marks = Marks::default();
-        for guard in self.marks.prefix(prefix) {
+        for guard in self.prefix(&self.marks, prefix) {
             let (delivered_seq, read_seq) = decode_pair(&guard.value().map_err(fjall_error)?)?;
             marks.delivered_seq = marks.delivered_seq.max(delivered_seq);
             marks.read_seq = marks.read_seq.max(read_seq);
@@ -430,7 +543,7 @@ impl Inner {
     }
 
     fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        let Some(bytes) = self.devices.get(device_key(user, device)).map_err(fjall_error)? else {
+        let Some(bytes) = self.get(&self.devices, device_key(user, device)).map_err(fjall_error)? else {
             return Ok(None);
         };
         let stored = StoredDevice::decode(&*bytes).map_err(corrupt)?;
@@ -449,7 +562,7 @@ impl Inner {
     }
 
     fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-        let Some(bytes) = self.users.get(id.get().to_be_bytes()).map_err(fjall_error)? else {
+        let Some(bytes) = self.get(&self.users, id.get().to_be_bytes()).map_err(fjall_error)? else {
             return Ok(None);
         };
         let stored = StoredUser::decode(&*bytes).map_err(corrupt)?;
@@ -469,10 +582,13 @@ impl Inner {
     ) -> Result<HistoryPage, StoreError> {
         let key = |seq: Seq| message_key(conversation, seq);
         let (iter, newest_first): (Box<dyn Iterator<Item = fjall::Guard>>, bool) = match range {
-            HistoryRange::Latest => (Box::new(self.messages.prefix(conversation.to_key()).rev()), true),
-            HistoryRange::Before(bound) => (Box::new(self.messages.range(key(0)..key(bound)).rev()), true),
+            HistoryRange::Latest => (Box::new(self.prefix(&self.messages, conversation.to_key()).rev()), true),
+            HistoryRange::Before(bound) => (Box::new(self.range(&self.messages, key(0)..key(bound)).rev()), true),
             HistoryRange::After(Seq::MAX) => return Ok(HistoryPage::default()),
-            HistoryRange::After(bound) => (Box::new(self.messages.range(key(bound + 1)..=key(Seq::MAX))), false),
+            HistoryRange::After(bound) => (
+                Box::new(self.range(&self.messages, key(bound + 1)..=key(Seq::MAX))),
+                false,
+            ),
         };
         let mut messages = Vec::with_capacity(limit.min(256) + 1);
         for guard in iter.take(limit + 1) {
@@ -516,6 +632,7 @@ mod tests {
             data_dir: dir.to_owned(),
             durability,
             max_batch: 64,
+            min_free_mib: 0,
         })
         .unwrap()
     }

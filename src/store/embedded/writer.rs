@@ -1,9 +1,21 @@
 //! The embedded store's single writer thread: batching, staging every kind of
-//! write into one atomic fjall batch, committing and persisting it, and
-//! answering the callers with the batch's fate.
+//! write into one atomic fjall batch, committing and persisting it, answering the
+//! callers with the batch's fate, and publishing what readers may see.
+//!
+//! Faults pass instead of ending the store:
+//! - Before each batch the writer checks the free space under the data dir; below
+//!   `store.min_free_mib` it refuses writes with `UNAVAILABLE` ("storage is full")
+//!   without touching fjall, and takes them again as soon as space is back.
+//! - A commit, fsync or background flush that fails anyway (ENOSPC after all,
+//!   EMFILE, EIO) leaves fjall refusing every later write. The writer then refuses
+//!   writes too (`UNAVAILABLE`, with the cause), and on the next write or probe
+//!   after its backoff (100 ms, doubling to 10 s) closes the database and reopens
+//!   it from disk. A batch that failed was never acknowledged; if its bytes did
+//!   reach the journal, the reopened database has it, and its senders' retries
+//!   find their original acks.
 
 use super::keys::*;
-use super::{Inner, corrupt, fjall_error};
+use super::{Inner, Shared, View, corrupt, fjall_error, io_error};
 use crate::config::{Durability, StoreConfig};
 use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
 use crate::store::encoding::StoredMessage;
@@ -11,8 +23,16 @@ use crate::store::{Amendment, DeviceRecord, GroupEvent, Marks, MessageRecord, Ne
 use fjall::PersistMode;
 use prost::Message as _;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError, Weak};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+
+/// First wait before reopening a failed database; it doubles up to the maximum.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(10);
+/// How long a reopen waits for readers to let go of the old database.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -23,26 +43,45 @@ pub(super) enum WriteJob {
     Append(Vec<MessageRecord>, Reply<()>),
     Purge(Vec<fjall::UserKey>, Reply<usize>),
     Mark(ConversationId, UserId, DeviceId, Marks, Reply<(Marks, bool)>),
+    /// Answers whether writes are taken now (recovering first if it is time).
+    Probe(Reply<()>),
     Close(Reply<()>),
 }
 
-/// The single writer: owns batching, commit, persistence and poisoning.
+/// Whether the writer takes writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Condition {
+    Healthy,
+    /// Free space is below the minimum; fjall itself is fine.
+    Full(String),
+    /// A commit or flush failed; the database is reopened before the next write.
+    Failed(String),
+}
+
+/// The single writer: owns batching, commit, persistence and recovery.
 pub(super) struct Writer {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+    /// The open database; `None` once a reopen has let go of it.
+    inner: Option<Arc<Inner>>,
+    /// A database let go of for a reopen, until its last reader is done.
+    closing: Option<Weak<Inner>>,
+    path: PathBuf,
     durability: Durability,
     max_batch: usize,
-    poisoned: bool,
+    min_free_bytes: u64,
+    /// When to try reopening a failed database, and the wait after that.
+    retry: (Instant, Duration),
     closed: bool,
 }
 
 /// Answers one job once the batch's fate is known: `Ok` when it is durable.
-type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Answer = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 /// Answers `reply` with `value` if the batch commits.
 fn on_commit<T: Send + 'static>(reply: Reply<T>, value: T) -> Answer {
     Box::new(move |outcome| {
         // A caller that went away no longer needs its answer.
-        let _ = reply.send(outcome.map(|()| value).map_err(StoreError::Io));
+        let _ = reply.send(outcome.map(|()| value));
     })
 }
 
@@ -54,12 +93,16 @@ fn refuse<T: Send + 'static>(reply: Reply<T>, err: StoreError) -> Answer {
 }
 
 impl Writer {
-    pub(super) fn new(inner: Arc<Inner>, config: &StoreConfig) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, inner: Arc<Inner>, path: PathBuf, config: &StoreConfig) -> Self {
         Self {
-            inner,
+            shared,
+            inner: Some(inner),
+            closing: None,
+            path,
             durability: config.durability,
             max_batch: config.max_batch,
-            poisoned: false,
+            min_free_bytes: config.min_free_mib.saturating_mul(1024 * 1024),
+            retry: (Instant::now(), FIRST_RETRY),
             closed: false,
         }
     }
@@ -83,161 +126,336 @@ impl Writer {
     }
 
     fn commit(&mut self, jobs: &mut Vec<WriteJob>) {
+        let writable = self.writable();
         // Edits and deletes rewrite earlier rows, maybe staged in this very batch:
         // only then are staged messages kept at hand.
         let amends = jobs.iter().any(|job| {
             matches!(job, WriteJob::Append(messages, _) if messages.iter().any(|message| message.amends.is_some()))
         });
-        let mut batch = self.inner.db.batch();
+        let mut staging = writable.as_ref().ok().map(|inner| Staging::new(inner.clone(), amends));
         let mut answers: Vec<Answer> = Vec::new();
         let mut closers: Vec<Reply<()>> = Vec::new();
-        let mut new_names = HashSet::new();
-        let mut new_ids = HashSet::new();
-        let mut marks_in_batch = HashMap::new();
-        let mut messages_in_batch: HashMap<Vec<u8>, StoredMessage> = HashMap::new();
         for job in jobs.drain(..) {
             if self.closed || !closers.is_empty() {
                 answers.push(refuse_job(job, StoreError::Closed));
                 continue;
             }
-            if self.poisoned && !matches!(job, WriteJob::Close(_)) {
-                answers.push(refuse_job(job, StoreError::Poisoned));
-                continue;
+            match (job, &mut staging, &writable) {
+                (WriteJob::Close(reply), ..) => closers.push(reply),
+                (WriteJob::Probe(reply), _, Ok(_)) => answers.push(on_commit(reply, ())),
+                (job, Some(staging), _) => answers.push(staging.stage(job)),
+                (job, _, Err(err)) => answers.push(refuse_job(job, err.clone())),
+                (job, None, Ok(_)) => answers.push(refuse_job(job, StoreError::Closed)),
             }
-            answers.push(match job {
-                WriteJob::Close(reply) => {
-                    closers.push(reply);
-                    continue;
-                }
-                WriteJob::CreateUser(user, reply) => {
-                    match self.stage_user(&mut batch, user, &mut new_names, &mut new_ids) {
-                        Ok(record) => on_commit(reply, record),
-                        Err(err) => refuse(reply, err),
-                    }
-                }
-                WriteJob::PutDevice(device, reply) => {
-                    let stored = StoredDevice {
-                        name: device.name,
-                        refresh_hash: device.refresh_hash.to_vec(),
-                        refresh_expires_at_ms: device.refresh_expires_at_ms,
-                        created_at_ms: device.created_at_ms,
-                    };
-                    batch.insert(
-                        &self.inner.devices,
-                        device_key(device.user, device.id),
-                        stored.encode_to_vec(),
-                    );
-                    on_commit(reply, ())
-                }
-                WriteJob::DeleteDevice(user, device, reply) => {
-                    let key = device_key(user, device);
-                    match self.inner.devices.contains_key(key).map_err(fjall_error) {
-                        Ok(existed) => {
-                            batch.remove(&self.inner.devices, key);
-                            on_commit(reply, existed)
-                        }
-                        Err(err) => refuse(reply, err),
-                    }
-                }
-                WriteJob::Append(messages, reply) => {
-                    // One head and one index entry per conversation per job: messages
-                    // arrive in seq order, so the last one of each conversation wins.
-                    let mut heads: HashMap<ConversationId, &MessageRecord> = HashMap::new();
-                    for message in &messages {
-                        heads.insert(message.conversation, message);
-                    }
-                    for (conversation, message) in heads {
-                        let head = encode_pair(message.seq, message.server_time_ms);
-                        batch.insert(&self.inner.heads, conversation.to_key().as_ref(), head);
-                        for member in conversation.direct_members() {
-                            batch.insert(
-                                &self.inner.user_convs,
-                                user_conv_key(member, conversation),
-                                encode_pair(0, 0),
-                            );
-                        }
-                    }
-                    for message in messages {
-                        let key = message_key(message.conversation, message.seq);
-                        if let (ConversationId::Group(group), Some(event)) = (message.conversation, &message.event) {
-                            self.stage_group_event(&mut batch, group, &message, event);
-                        }
-                        let stored = StoredMessage::of(&message);
-                        if let Some(amendment) = message.amends {
-                            if let Err(err) =
-                                self.stage_amendment(&mut batch, &mut messages_in_batch, &message, amendment)
-                            {
-                                tracing::error!(error = %err, "amending a message failed; the amendment is kept");
-                            }
-                        }
-                        batch.insert(&self.inner.messages, key.clone(), stored.encode_to_vec());
-                        if amends {
-                            messages_in_batch.insert(key, stored.clone());
-                        }
-                        let send = send_key(message.conversation, message.sender_device, &stored.client_msg_id);
-                        batch.insert(
-                            &self.inner.sends,
-                            send,
-                            encode_pair(message.seq, message.server_time_ms),
-                        );
-                    }
-                    on_commit(reply, ())
-                }
-                WriteJob::Mark(conversation, user, device, raised, reply) => {
-                    match self.stage_mark(&mut batch, &mut marks_in_batch, conversation, user, device, raised) {
-                        Ok(outcome) => on_commit(reply, outcome),
-                        Err(err) => refuse(reply, err),
-                    }
-                }
-                WriteJob::Purge(keys, reply) => {
-                    let count = keys.len();
-                    for key in keys {
-                        batch.remove(&self.inner.sends, key);
-                    }
-                    on_commit(reply, count)
-                }
-            });
         }
-
-        let outcome = if batch.is_empty() { Ok(()) } else { self.persist(batch) };
+        let outcome = match staging {
+            Some(staging) if !staging.batch.is_empty() => self.persist(staging),
+            _ => Ok(()),
+        };
         for answer in answers {
             answer(outcome.clone());
         }
         if !closers.is_empty() {
             self.closed = true;
-            let closed = self.inner.db.persist(PersistMode::SyncAll).map_err(|err| {
-                tracing::error!(error = %err, "final store sync failed");
-                err.to_string()
-            });
+            let closed = self.close();
             for reply in closers {
                 on_commit(reply, ())(closed.clone());
             }
         }
     }
 
-    fn stage_user(
-        &self,
-        batch: &mut fjall::OwnedWriteBatch,
-        user: NewUser,
-        new_names: &mut HashSet<String>,
-        new_ids: &mut HashSet<UserId>,
-    ) -> Result<UserRecord, StoreError> {
-        let taken = new_names.contains(&user.username)
+    /// The database, if writes may go to it now: a failed one is reopened once
+    /// its retry time has come, and free space is checked.
+    fn writable(&mut self) -> Result<Arc<Inner>, StoreError> {
+        if let Condition::Failed(reason) = self.shared.condition() {
+            if Instant::now() < self.retry.0 {
+                return Err(StoreError::Unavailable(reason));
+            }
+            if let Err(err) = self.reopen() {
+                let wait = self.retry.1;
+                self.retry = (Instant::now() + wait, (wait * 2).min(MAX_RETRY));
+                tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "reopening the store failed");
+                return Err(StoreError::Unavailable(reason));
+            }
+            tracing::info!("store reopened after a failure; writes are taken again");
+        }
+        let Some(inner) = self.inner.clone() else {
+            return Err(StoreError::Closed);
+        };
+        match free_bytes(&self.path) {
+            Ok(free) if free < self.min_free_bytes => {
+                let reason = "storage is full; writes resume once space is freed".to_owned();
+                if !matches!(self.shared.condition(), Condition::Full(_)) {
+                    tracing::error!(
+                        free_mib = free / (1024 * 1024),
+                        min_free_mib = self.min_free_bytes / (1024 * 1024),
+                        path = %self.path.display(),
+                        "free space below store.min_free_mib: refusing writes"
+                    );
+                }
+                self.set_condition(Condition::Full(reason.clone()));
+                return Err(StoreError::Unavailable(reason));
+            }
+            Ok(_) => {}
+            Err(err) => tracing::debug!(error = %err, "cannot read the free space of the data dir"),
+        }
+        if matches!(self.shared.condition(), Condition::Full(_)) {
+            tracing::info!("free space is back above store.min_free_mib; writes are taken again");
+        }
+        self.set_condition(Condition::Healthy);
+        Ok(inner)
+    }
+
+    /// Commits the batch, then makes it as durable as configured, then lets
+    /// readers see it. A failure fails the store until it is reopened.
+    fn persist(&mut self, staging: Staging) -> Result<(), StoreError> {
+        let Staging { inner, batch, .. } = staging;
+        let result = batch.commit().and_then(|()| match self.durability {
+            Durability::Sync => inner.db.persist(PersistMode::SyncData),
+            Durability::Buffered => Ok(()),
+        });
+        match result {
+            Ok(()) => {
+                self.publish(View::latest(inner));
+                Ok(())
+            }
+            Err(err) => {
+                let reason = describe(&err);
+                tracing::error!(error = %err, "store commit failed; refusing writes until the store is reopened");
+                self.set_condition(Condition::Failed(reason.clone()));
+                self.retry = (Instant::now() + FIRST_RETRY, FIRST_RETRY * 2);
+                Err(StoreError::Unavailable(reason))
+            }
+        }
+    }
+
+    /// Closes the database and opens it again from disk.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        // Readers are told the store is reopening until it is open again.
+        *self.shared.view.write().unwrap_or_else(PoisonError::into_inner) = None;
+        if let Some(inner) = self.inner.take() {
+            self.closing = Some(Arc::downgrade(&inner));
+        }
+        if let Some(closing) = &self.closing {
+            let deadline = Instant::now() + CLOSE_WAIT;
+            while closing.strong_count() > 0 {
+                if Instant::now() >= deadline {
+                    return Err(StoreError::Unavailable("readers still hold the failed database".into()));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        self.closing = None;
+        let inner = Arc::new(Inner::open(&self.path)?);
+        self.publish(View::latest(inner.clone()));
+        self.inner = Some(inner);
+        self.set_condition(Condition::Healthy);
+        self.retry.1 = FIRST_RETRY;
+        Ok(())
+    }
+
+    /// At shutdown: makes everything acknowledged durable. A store that failed
+    /// acknowledged nothing it could not make durable, so it closes quietly.
+    fn close(&mut self) -> Result<(), StoreError> {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        match (inner.db.persist(PersistMode::SyncAll), self.shared.condition()) {
+            (Ok(()), _) => Ok(()),
+            (Err(err), Condition::Failed(reason)) => {
+                tracing::warn!(error = %err, %reason, "closing a failed store; every acknowledged write was durable");
+                Ok(())
+            }
+            (Err(err), _) => {
+                tracing::error!(error = %err, "final store sync failed");
+                Err(StoreError::Io(err.to_string()))
+            }
+        }
+    }
+
+    fn publish(&self, view: View) {
+        *self.shared.view.write().unwrap_or_else(PoisonError::into_inner) = Some(view);
+    }
+
+    fn set_condition(&self, condition: Condition) {
+        let mut current = self.shared.condition.write().unwrap_or_else(PoisonError::into_inner);
+        if *current != condition {
+            *current = condition;
+        }
+    }
+}
+
+/// Bytes free for unprivileged writes on the file system holding `path`.
+fn free_bytes(path: &std::path::Path) -> Result<u64, StoreError> {
+    let stats = rustix::fs::statvfs(path).map_err(|err| io_error(path, err.into()))?;
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
+/// What clients are told about a failed commit: the cause when it is one they
+/// can understand (it will pass), not the server's paths.
+fn describe(err: &fjall::Error) -> String {
+    let io = match err {
+        fjall::Error::Io(io) | fjall::Error::Storage(fjall::LsmError::Io(io)) => Some(io),
+        _ => None,
+    };
+    match io {
+        Some(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) =>
+        {
+            "storage is full; writes resume once space is freed".into()
+        }
+        Some(io) if matches!(io.raw_os_error(), Some(23 | 24)) => {
+            "the server ran out of file descriptors; writes resume shortly".into()
+        }
+        Some(_) => "a storage write failed; writes resume once the store is reopened".into(),
+        None if matches!(err, fjall::Error::Poisoned) => {
+            "a background storage task failed; writes resume once the store is reopened".into()
+        }
+        None => "the store failed; writes resume once it is reopened".into(),
+    }
+}
+
+/// One batch being staged: the writes, and what earlier jobs of it changed
+/// that reads of the database do not see yet.
+struct Staging {
+    inner: Arc<Inner>,
+    /// The database as last committed, for the checks staging makes.
+    latest: View,
+    batch: fjall::OwnedWriteBatch,
+    new_names: HashSet<String>,
+    new_ids: HashSet<UserId>,
+    marks: HashMap<Vec<u8>, Marks>,
+    /// Messages staged so far, kept only when the batch amends some.
+    messages: Option<HashMap<Vec<u8>, StoredMessage>>,
+}
+
+impl Staging {
+    fn new(inner: Arc<Inner>, amends: bool) -> Self {
+        Self {
+            latest: View::latest(inner.clone()),
+            batch: inner.db.batch(),
+            inner,
+            new_names: HashSet::new(),
+            new_ids: HashSet::new(),
+            marks: HashMap::new(),
+            messages: amends.then(HashMap::new),
+        }
+    }
+
+    fn stage(&mut self, job: WriteJob) -> Answer {
+        match job {
+            WriteJob::CreateUser(user, reply) => match self.stage_user(user) {
+                Ok(record) => on_commit(reply, record),
+                Err(err) => refuse(reply, err),
+            },
+            WriteJob::PutDevice(device, reply) => {
+                let stored = StoredDevice {
+                    name: device.name,
+                    refresh_hash: device.refresh_hash.to_vec(),
+                    refresh_expires_at_ms: device.refresh_expires_at_ms,
+                    created_at_ms: device.created_at_ms,
+                };
+                self.batch.insert(
+                    &self.inner.devices,
+                    device_key(device.user, device.id),
+                    stored.encode_to_vec(),
+                );
+                on_commit(reply, ())
+            }
+            WriteJob::DeleteDevice(user, device, reply) => {
+                let key = device_key(user, device);
+                match self.latest.contains_key(&self.inner.devices, key).map_err(fjall_error) {
+                    Ok(existed) => {
+                        self.batch.remove(&self.inner.devices, key);
+                        on_commit(reply, existed)
+                    }
+                    Err(err) => refuse(reply, err),
+                }
+            }
+            WriteJob::Append(messages, reply) => {
+                self.stage_messages(messages);
+                on_commit(reply, ())
+            }
+            WriteJob::Mark(conversation, user, device, raised, reply) => {
+                match self.stage_mark(conversation, user, device, raised) {
+                    Ok(outcome) => on_commit(reply, outcome),
+                    Err(err) => refuse(reply, err),
+                }
+            }
+            WriteJob::Purge(keys, reply) => {
+                let count = keys.len();
+                for key in keys {
+                    self.batch.remove(&self.inner.sends, key);
+                }
+                on_commit(reply, count)
+            }
+            WriteJob::Probe(reply) => on_commit(reply, ()),
+            WriteJob::Close(reply) => refuse(reply, StoreError::Closed),
+        }
+    }
+
+    fn stage_messages(&mut self, messages: Vec<MessageRecord>) {
+        // One head and one index entry per conversation per job: messages
+        // arrive in seq order, so the last one of each conversation wins.
+        let mut heads: HashMap<ConversationId, &MessageRecord> = HashMap::new();
+        for message in &messages {
+            heads.insert(message.conversation, message);
+        }
+        for (conversation, message) in heads {
+            let head = encode_pair(message.seq, message.server_time_ms);
+            self.batch
+                .insert(&self.inner.heads, conversation.to_key().as_ref(), head);
+            for member in conversation.direct_members() {
+                self.batch.insert(
+                    &self.inner.user_convs,
+                    user_conv_key(member, conversation),
+                    encode_pair(0, 0),
+                );
+            }
+        }
+        for message in messages {
+            let key = message_key(message.conversation, message.seq);
+            if let (ConversationId::Group(group), Some(event)) = (message.conversation, &message.event) {
+                self.stage_group_event(group, &message, event);
+            }
+            let stored = StoredMessage::of(&message);
+            if let Some(amendment) = message.amends {
+                if let Err(err) = self.stage_amendment(&message, amendment) {
+                    tracing::error!(error = %err, "amending a message failed; the amendment is kept");
+                }
+            }
+            self.batch
+                .insert(&self.inner.messages, key.clone(), stored.encode_to_vec());
+            let send = send_key(message.conversation, message.sender_device, &stored.client_msg_id);
+            self.batch.insert(
+                &self.inner.sends,
+                send,
+                encode_pair(message.seq, message.server_time_ms),
+            );
+            if let Some(staged) = &mut self.messages {
+                staged.insert(key, stored);
+            }
+        }
+    }
+
+    fn stage_user(&mut self, user: NewUser) -> Result<UserRecord, StoreError> {
+        let taken = self.new_names.contains(&user.username)
             || self
-                .inner
-                .usernames
-                .contains_key(user.username.as_bytes())
+                .latest
+                .contains_key(&self.inner.usernames, user.username.as_bytes())
                 .map_err(fjall_error)?;
         if taken {
             return Err(StoreError::UsernameTaken);
         }
         let id = loop {
             let id = UserId::random();
-            let exists = new_ids.contains(&id)
+            let exists = self.new_ids.contains(&id)
                 || self
-                    .inner
-                    .users
-                    .contains_key(id.get().to_be_bytes())
+                    .latest
+                    .contains_key(&self.inner.users, id.get().to_be_bytes())
                     .map_err(fjall_error)?;
             if !exists {
                 break id;
@@ -248,10 +466,12 @@ impl Writer {
             password_hash: user.password_hash.clone(),
             created_at_ms: user.created_at_ms,
         };
-        batch.insert(&self.inner.users, id.get().to_be_bytes(), stored.encode_to_vec());
-        batch.insert(&self.inner.usernames, user.username.as_bytes(), id.get().to_be_bytes());
-        new_names.insert(user.username.clone());
-        new_ids.insert(id);
+        self.batch
+            .insert(&self.inner.users, id.get().to_be_bytes(), stored.encode_to_vec());
+        self.batch
+            .insert(&self.inner.usernames, user.username.as_bytes(), id.get().to_be_bytes());
+        self.new_names.insert(user.username.clone());
+        self.new_ids.insert(id);
         Ok(UserRecord {
             id,
             username: user.username,
@@ -261,35 +481,30 @@ impl Writer {
     }
 
     /// Applies an edit or delete to its target's row, so history shows the current
-    /// state. `pending` holds messages staged earlier in this batch.
-    fn stage_amendment(
-        &self,
-        batch: &mut fjall::OwnedWriteBatch,
-        pending: &mut HashMap<Vec<u8>, StoredMessage>,
-        amendment_message: &MessageRecord,
-        amendment: Amendment,
-    ) -> Result<(), StoreError> {
+    /// state, reading the target from this batch if it was staged here.
+    fn stage_amendment(&mut self, amendment_message: &MessageRecord, amendment: Amendment) -> Result<(), StoreError> {
         let (Amendment::Edit(target) | Amendment::Delete(target)) = amendment;
         let key = message_key(amendment_message.conversation, target);
-        let mut stored = match pending.get(&key) {
+        let staged = self.messages.as_ref().and_then(|staged| staged.get(&key));
+        let mut stored = match staged {
             Some(stored) => stored.clone(),
-            None => match self.inner.messages.get(&key).map_err(fjall_error)? {
+            None => match self.latest.get(&self.inner.messages, &key).map_err(fjall_error)? {
                 Some(value) => StoredMessage::decode(&*value).map_err(corrupt)?,
                 None => return Err(StoreError::Corrupt(format!("amended message {target} is missing"))),
             },
         };
         stored.amend(amendment_message, amendment);
-        batch.insert(&self.inner.messages, key.clone(), stored.encode_to_vec());
-        pending.insert(key, stored);
+        self.batch
+            .insert(&self.inner.messages, key.clone(), stored.encode_to_vec());
+        if let Some(staged) = &mut self.messages {
+            staged.insert(key, stored);
+        }
         Ok(())
     }
 
-    /// Raises one device's watermarks; `pending` holds marks staged earlier in this
-    /// batch, which reads of the database do not see yet.
+    /// Raises one device's watermarks, counting marks staged earlier in this batch.
     fn stage_mark(
-        &self,
-        batch: &mut fjall::OwnedWriteBatch,
-        pending: &mut HashMap<Vec<u8>, Marks>,
+        &mut self,
         conversation: ConversationId,
         user: UserId,
         device: DeviceId,
@@ -297,15 +512,16 @@ impl Writer {
     ) -> Result<(Marks, bool), StoreError> {
         let mut key = conversation.to_key().as_ref().to_vec();
         key.extend_from_slice(&user.get().to_be_bytes());
-        let before_user = self.inner.user_marks(conversation, user)?;
-        let before_user = pending
+        let before_user = self.latest.user_marks(conversation, user)?;
+        let before_user = self
+            .marks
             .iter()
             .filter(|(other, _)| other.starts_with(&key))
             .fold(before_user, |acc, (_, marks)| max_marks(acc, *marks));
         key.extend_from_slice(&device.get().to_be_bytes());
-        let stored = match pending.get(&key) {
+        let stored = match self.marks.get(&key) {
             Some(marks) => *marks,
-            None => match self.inner.marks.get(&key).map_err(fjall_error)? {
+            None => match self.latest.get(&self.inner.marks, &key).map_err(fjall_error)? {
                 Some(value) => {
                     let (delivered_seq, read_seq) = decode_pair(&value)?;
                     Marks {
@@ -318,56 +534,44 @@ impl Writer {
         };
         let updated = max_marks(stored, raised);
         if updated != stored {
-            let mut value = [0u8; 16];
-            value[..8].copy_from_slice(&updated.delivered_seq.to_be_bytes());
-            value[8..].copy_from_slice(&updated.read_seq.to_be_bytes());
-            batch.insert(&self.inner.marks, key.clone(), value);
-            pending.insert(key, updated);
+            self.batch.insert(
+                &self.inner.marks,
+                key.clone(),
+                encode_pair(updated.delivered_seq, updated.read_seq),
+            );
+            self.marks.insert(key, updated);
         }
         let after_user = max_marks(before_user, updated);
         Ok((after_user, after_user != before_user))
     }
 
     /// Updates the group projections for `event`, carried by `message`.
-    fn stage_group_event(
-        &self,
-        batch: &mut fjall::OwnedWriteBatch,
-        group: GroupId,
-        message: &MessageRecord,
-        event: &GroupEvent,
-    ) {
+    fn stage_group_event(&mut self, group: GroupId, message: &MessageRecord, event: &GroupEvent) {
         let conversation = ConversationId::Group(group);
         for (user, member) in event.member_updates(message.sender, message.seq) {
-            batch.insert(&self.inner.members, member_key(group, user), encode_member(member));
+            self.batch
+                .insert(&self.inner.members, member_key(group, user), encode_member(member));
             let left = match member.left_seq {
                 Some(seq) => encode_pair(seq, message.server_time_ms),
                 None => encode_pair(0, 0),
             };
-            batch.insert(&self.inner.user_convs, user_conv_key(user, conversation), left);
+            self.batch
+                .insert(&self.inner.user_convs, user_conv_key(user, conversation), left);
         }
         if let Some(title) = event.title() {
-            batch.insert(&self.inner.groups, group.get().to_be_bytes(), title.as_bytes());
+            self.batch
+                .insert(&self.inner.groups, group.get().to_be_bytes(), title.as_bytes());
         }
-    }
-
-    /// Commits the batch, then makes it as durable as configured. Any failure poisons.
-    fn persist(&mut self, batch: fjall::OwnedWriteBatch) -> Result<(), String> {
-        let result = batch.commit().and_then(|()| match self.durability {
-            Durability::Sync => self.inner.db.persist(PersistMode::SyncData),
-            Durability::Buffered => Ok(()),
-        });
-        result.map_err(|err| {
-            tracing::error!(error = %err, "store commit failed; refusing further writes");
-            self.poisoned = true;
-            err.to_string()
-        })
     }
 }
 
 fn refuse_job(job: WriteJob, err: StoreError) -> Answer {
     match job {
         WriteJob::CreateUser(_, reply) => refuse(reply, err),
-        WriteJob::PutDevice(_, reply) | WriteJob::Append(_, reply) | WriteJob::Close(reply) => refuse(reply, err),
+        WriteJob::PutDevice(_, reply)
+        | WriteJob::Append(_, reply)
+        | WriteJob::Probe(reply)
+        | WriteJob::Close(reply) => refuse(reply, err),
         WriteJob::DeleteDevice(_, _, reply) => refuse(reply, err),
         WriteJob::Purge(_, reply) => refuse(reply, err),
         WriteJob::Mark(.., reply) => refuse(reply, err),
