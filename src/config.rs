@@ -220,13 +220,24 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table = parse_toml(DEFAULTS, Path::new("<built-in defaults>"))?;
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = match file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_owned(),
                 source,
-            })?;
-            merge(&mut table, parse_toml(&text, path)?);
+            })?),
+            None => None,
+        };
+        Self::build(text.as_deref().zip(file), env)
+    }
+
+    /// The defaults < `file` (its text and where it came from) < `env`.
+    fn build(
+        file: Option<(&str, &Path)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = parse_toml(DEFAULTS, Path::new("<built-in defaults>"))?;
+        if let Some((text, path)) = file {
+            merge(&mut table, parse_toml(text, path)?);
         }
         for (name, value) in env {
             if let Some(key) = name.strip_prefix(ENV_PREFIX) {
@@ -240,6 +251,11 @@ impl Config {
             })?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The defaults with `text` (a config file's contents) over them.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::build(Some((text, Path::new("<text>"))), std::iter::empty())
     }
 
     /// The defaults alone, with no file and no environment.

@@ -72,6 +72,46 @@ async fn history_ranges_page_in_both_directions_and_stay_in_their_conversation()
     store.close().await.unwrap();
 }
 
+/// A security review's finding: `History{before_seq: u64::MAX}` walked the
+/// Cassandra store down one empty bucket per query from bucket 2^54, ~10^16
+/// queries in a task that outlived the connection. Bounds past the end read from
+/// the end, in a few queries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_bounds_past_the_end_read_from_the_end_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (me, you) = (UserId::random(), UserId::random());
+    let ours = ConversationId::direct(me, you);
+    store
+        .append_messages((1..=1005).map(|seq| message(ours, me, seq)).collect())
+        .await
+        .unwrap();
+    let empty = ConversationId::direct(me, UserId::random());
+    for bound in [Seq::MAX, Seq::MAX - 1, i64::MAX as Seq + 1, i64::MAX as Seq, 1 << 40] {
+        let page = common::within(
+            std::time::Duration::from_secs(5),
+            store.history(ours, HistoryRange::Before(bound), 10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (seqs(&page), page.has_more),
+            ((996..=1005).collect(), true),
+            "before {bound}"
+        );
+        let nothing = common::within(
+            std::time::Duration::from_secs(5),
+            store.history(empty, HistoryRange::Before(bound), 10),
+        )
+        .await
+        .unwrap();
+        assert!(nothing.messages.is_empty());
+        let after = store.history(ours, HistoryRange::After(bound), 10).await.unwrap();
+        assert!(after.messages.is_empty(), "after {bound}");
+    }
+    store.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sign_ups_of_one_name_create_one_user() {
     let dir = tempfile::tempdir().unwrap();

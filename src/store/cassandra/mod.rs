@@ -78,6 +78,9 @@ use std::time::Duration;
 
 /// Seqs per `messages` partition.
 pub const BUCKET_SIZE: u64 = 1000;
+/// A history read stops after this many empty buckets in a row: below the head
+/// every bucket holds messages, so more would mean reading past the end.
+const MAX_EMPTY_BUCKETS: usize = 4;
 const SCHEMA: &str = include_str!("schema.cql");
 /// Threads of the driver's runtime.
 const DRIVER_THREADS: usize = 2;
@@ -241,7 +244,9 @@ impl CassandraStore {
         })
     }
 
-    /// Runs a driver future on the driver's runtime.
+    /// Runs a write on the driver's runtime. It runs to its end even if the
+    /// caller goes away: a write stopped between its statements would leave a
+    /// half-made record.
     async fn on_driver<T, F>(&self, work: impl FnOnce(Arc<Inner>) -> F) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, StoreError>> + Send + 'static,
@@ -251,6 +256,35 @@ impl CassandraStore {
             .spawn(work(self.inner.clone()))
             .await
             .map_err(|err| StoreError::Io(format!("driver task failed: {err}")))?
+    }
+
+    /// Runs a read on the driver's runtime. A caller that goes away (its
+    /// connection closed) takes the read with it: no read outlives its request.
+    async fn read_on_driver<T, F>(&self, work: impl FnOnce(Arc<Inner>) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        AbortOnDrop(self.handle.spawn(work(self.inner.clone())))
+            .await
+            .map_err(|err| StoreError::Io(format!("driver task failed: {err}")))?
+    }
+}
+
+/// A driver task, aborted when its caller drops it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -824,8 +858,7 @@ impl Inner {
     /// its message).
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
         let key = conversation.to_string();
-        let head: Vec<(i64, i64)> = self.rows(&self.statements.head, (key.clone(),)).await?;
-        let start = head.first().map_or(0, |(seq, _)| bucket(from_cql(*seq)));
+        let start = bucket(self.head_seq(&key).await?);
         let mut highest = None;
         let mut current = start;
         while let Some(seq) = self.latest_in_bucket(&key, current).await? {
@@ -841,6 +874,13 @@ impl Inner {
             }
         }
         Ok(0)
+    }
+
+    /// The seq the conversation's head row names (0 without one). It may run
+    /// ahead of the stored messages after a failed flush, never far behind them.
+    async fn head_seq(&self, key: &str) -> Result<Seq, StoreError> {
+        let head: Vec<(i64, i64)> = self.rows(&self.statements.head, (key.to_owned(),)).await?;
+        Ok(head.first().map_or(0, |(seq, _)| from_cql(*seq)))
     }
 
     async fn latest_in_bucket(&self, key: &str, bucket: i64) -> Result<Option<Seq>, StoreError> {
@@ -859,28 +899,43 @@ impl Inner {
         let key = conversation.to_string();
         let wanted = limit + 1;
         let mut found: Vec<(Seq, Vec<u8>)> = Vec::with_capacity(wanted.min(256));
+        // Seqs are gap-free from 1, so a page spans at most this many buckets; a
+        // few more allow for a head a failed flush left ahead of the messages.
+        let mut budget = wanted.div_ceil(BUCKET_SIZE as usize) + MAX_EMPTY_BUCKETS + 1;
+        let mut empty_in_a_row = 0;
+        let mut read_bucket = |rows: Vec<(i64, Vec<u8>)>, found: &mut Vec<(Seq, Vec<u8>)>| {
+            budget = budget.saturating_sub(1);
+            empty_in_a_row = if rows.is_empty() { empty_in_a_row + 1 } else { 0 };
+            found.extend(rows.into_iter().map(|(seq, data)| (from_cql(seq), data)));
+            budget > 0 && empty_in_a_row < MAX_EMPTY_BUCKETS
+        };
         match range {
             HistoryRange::After(bound) => {
-                if bound == Seq::MAX {
+                let last = self.last_seq(conversation).await?;
+                if bound >= last {
                     return Ok(HistoryPage::default());
                 }
-                let last = self.last_seq(conversation).await?;
                 let mut current = bucket(bound + 1);
                 while found.len() < wanted && current <= bucket(last) {
                     let left = i32::try_from(wanted - found.len()).unwrap_or(i32::MAX);
-                    let rows: Vec<(i64, Vec<u8>)> = self
+                    let rows = self
                         .rows(
                             &self.statements.after_in_bucket,
                             (key.clone(), current, to_cql(bound), left),
                         )
                         .await?;
-                    found.extend(rows.into_iter().map(|(seq, data)| (from_cql(seq), data)));
+                    if !read_bucket(rows, &mut found) {
+                        break;
+                    }
                     current += 1;
                 }
             }
             HistoryRange::Latest | HistoryRange::Before(_) => {
+                // A bound past the end (up to u64::MAX, from a client) starts at
+                // the end: nothing is stored above it.
                 let below = match range {
-                    HistoryRange::Before(bound) => bound,
+                    HistoryRange::Before(bound) if bound <= self.head_seq(&key).await?.saturating_add(1) => bound,
+                    HistoryRange::Before(bound) => bound.min(self.last_seq(conversation).await?.saturating_add(1)),
                     _ => self.last_seq(conversation).await?.saturating_add(1),
                 };
                 if below <= 1 {
@@ -889,13 +944,15 @@ impl Inner {
                 let mut current = bucket(below - 1);
                 while found.len() < wanted && current >= 0 {
                     let left = i32::try_from(wanted - found.len()).unwrap_or(i32::MAX);
-                    let rows: Vec<(i64, Vec<u8>)> = self
+                    let rows = self
                         .rows(
                             &self.statements.before_in_bucket,
                             (key.clone(), current, to_cql(below), left),
                         )
                         .await?;
-                    found.extend(rows.into_iter().map(|(seq, data)| (from_cql(seq), data)));
+                    if !read_bucket(rows, &mut found) {
+                        break;
+                    }
                     current -= 1;
                 }
                 found.reverse();
@@ -979,7 +1036,7 @@ impl Store for CassandraStore {
 
     async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
         let username = username.to_owned();
-        self.on_driver(move |inner| async move {
+        self.read_on_driver(move |inner| async move {
             let rows: Vec<(i64,)> = inner.rows(&inner.statements.id_by_username, (username,)).await?;
             match rows.first() {
                 Some((id,)) => inner.user(user_id(*id)?).await,
@@ -990,11 +1047,12 @@ impl Store for CassandraStore {
     }
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-        self.on_driver(move |inner| async move { inner.user(id).await }).await
+        self.read_on_driver(move |inner| async move { inner.user(id).await })
+            .await
     }
 
     async fn missing_users(&self, ids: Vec<UserId>) -> Result<Vec<UserId>, StoreError> {
-        self.on_driver(move |inner| async move {
+        self.read_on_driver(move |inner| async move {
             let found = try_join_all(ids.iter().map(|id| inner.user(*id))).await?;
             Ok(ids
                 .into_iter()
@@ -1025,7 +1083,7 @@ impl Store for CassandraStore {
     }
 
     async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        self.on_driver(move |inner| async move { inner.device(user, device).await })
+        self.read_on_driver(move |inner| async move { inner.device(user, device).await })
             .await
     }
 
@@ -1034,7 +1092,7 @@ impl Store for CassandraStore {
         user: UserId,
         device: DeviceId,
     ) -> Result<Option<(DeviceRecord, UserRecord)>, StoreError> {
-        self.on_driver(move |inner| async move {
+        self.read_on_driver(move |inner| async move {
             let (device, user) = futures::try_join!(inner.device(user, device), inner.user(user))?;
             Ok(device.zip(user))
         })
@@ -1070,7 +1128,7 @@ impl Store for CassandraStore {
         if self.inner.none_sent(conversation, &keys) {
             return Ok(HashMap::new());
         }
-        self.on_driver(move |inner| async move {
+        self.read_on_driver(move |inner| async move {
             let mut records: Vec<((DeviceId, String), StoredSend)> = Vec::new();
             let mut uncached: Vec<(DeviceId, String)> = Vec::new();
             for (device, ids) in by_device(&keys) {
@@ -1114,7 +1172,7 @@ impl Store for CassandraStore {
     }
 
     async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
-        self.on_driver(move |inner| async move {
+        self.read_on_driver(move |inner| async move {
             let titles: Vec<(Option<String>,)> = inner.rows(&inner.statements.title, (to_cql(group.get()),)).await?;
             let Some((title,)) = titles.into_iter().next() else {
                 return Ok(None);
@@ -1128,7 +1186,7 @@ impl Store for CassandraStore {
     }
 
     async fn member(&self, group: GroupId, user: UserId) -> Result<Option<MemberRecord>, StoreError> {
-        self.on_driver(move |inner| async move {
+        self.read_on_driver(move |inner| async move {
             let rows: Vec<(i8, Option<i64>)> = inner
                 .rows(&inner.statements.member, (to_cql(group.get()), to_cql(user.get())))
                 .await?;
@@ -1166,7 +1224,7 @@ impl Store for CassandraStore {
     }
 
     async fn conversations(&self, user: UserId) -> Result<Vec<ConversationHead>, StoreError> {
-        self.on_driver(move |inner| async move {
+        self.read_on_driver(move |inner| async move {
             let rows: Vec<(String, Option<i64>, Option<i64>)> = inner
                 .rows(&inner.statements.user_conversations, (to_cql(user.get()),))
                 .await?;
@@ -1193,7 +1251,7 @@ impl Store for CassandraStore {
         after: Option<(u64, ConversationId)>,
         limit: usize,
     ) -> Result<(Vec<ConversationHead>, bool), StoreError> {
-        self.on_driver(move |inner| async move {
+        self.read_on_driver(move |inner| async move {
             // Rows sort by (day, conversation) descending: read below this bound.
             let first_day = after.map_or(i64::MAX, |(time_ms, _)| day(time_ms).saturating_add(1));
             let mut bound = (first_day, String::new());
@@ -1254,7 +1312,7 @@ impl Store for CassandraStore {
         conversation: ConversationId,
         seqs: Vec<Seq>,
     ) -> Result<HashMap<Seq, MessageRecord>, StoreError> {
-        self.on_driver(move |inner| async move {
+        self.read_on_driver(move |inner| async move {
             let found = try_join_all(seqs.iter().map(|seq| inner.message(conversation, *seq))).await?;
             seqs.into_iter()
                 .zip(found)
@@ -1267,7 +1325,7 @@ impl Store for CassandraStore {
     }
 
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
-        self.on_driver(move |inner| async move { inner.last_seq(conversation).await })
+        self.read_on_driver(move |inner| async move { inner.last_seq(conversation).await })
             .await
     }
 
@@ -1277,7 +1335,7 @@ impl Store for CassandraStore {
         range: HistoryRange,
         limit: usize,
     ) -> Result<HistoryPage, StoreError> {
-        self.on_driver(move |inner| async move { inner.history(conversation, range, limit).await })
+        self.read_on_driver(move |inner| async move { inner.history(conversation, range, limit).await })
             .await
     }
 
