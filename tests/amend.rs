@@ -91,3 +91,55 @@ async fn authors_edit_and_delete_and_history_shows_the_current_state() {
     assert_eq!(code(edited), ErrorCode::NotFound);
     node.shutdown().await;
 }
+
+/// A security review's finding: a delete cleared only its target's row, so the
+/// text of the message's edits stayed in History, Sync and previews, also for
+/// members who joined later. Every edit's text goes with the message now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_message_takes_the_text_of_its_edits_with_it() {
+    let mut node = TestServer::start(2).await;
+    let (alice, _, _) = new_user(node.addr, "redact").await;
+    let (bob, bob_login, _) = new_user(node.addr, "redact").await;
+    let (carol, carol_login, _) = new_user(node.addr, "redact").await;
+    let group = alice
+        .create_group("g", "secrets", &[bob_login.user_id])
+        .await
+        .unwrap()
+        .conversation_id;
+    let target = confab_client::proto::conversation_ref::Target::ConversationId(group.clone());
+    let original = alice.send(target.clone(), "m1", "first draft").await.unwrap();
+    let kept = alice.send(target.clone(), "m2", "stays").await.unwrap();
+    for (i, text) in ["second draft", "third draft"].iter().enumerate() {
+        alice
+            .edit_message(&group, &format!("e{i}"), original.seq, text)
+            .await
+            .unwrap();
+    }
+    alice
+        .edit_message(&group, "e-kept", kept.seq, "stays, edited")
+        .await
+        .unwrap();
+    alice.delete_message(&group, "d1", original.seq).await.unwrap();
+    // The last thing in the conversation is the delete; an edit of the deleted
+    // message must not be what a preview shows either.
+    alice
+        .add_members(&group, "add-carol", &[carol_login.user_id])
+        .await
+        .unwrap();
+
+    let draft = |body: &str| body.contains("draft");
+    for reader in [&bob, &carol] {
+        let history = reader.full_history(&group).await.unwrap();
+        assert!(!history.iter().any(|m| draft(&m.body)), "{history:?}");
+        let edits_of_original: Vec<_> = history.iter().filter(|m| m.edits_seq == original.seq).collect();
+        assert_eq!(edits_of_original.len(), 2);
+        assert!(edits_of_original.iter().all(|m| m.deleted && m.body.is_empty()));
+        assert!(history.iter().any(|m| m.body == "stays, edited"), "other edits stay");
+        let sync = reader.sync("", &[], 0).await.unwrap();
+        for state in &sync.conversations {
+            assert!(!state.messages.iter().any(|m| draft(&m.body)));
+            assert!(!state.last_message.as_ref().is_some_and(|m| draft(&m.body)));
+        }
+    }
+    node.shutdown().await;
+}

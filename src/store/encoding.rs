@@ -28,6 +28,10 @@ pub(crate) struct StoredMessage {
     pub(crate) deleted: bool,
     #[prost(uint64, tag = "10")]
     pub(crate) edited_by: u64,
+    /// For an edit: the edit of the same message before it (0: the first), so a
+    /// delete finds every edit's text to remove.
+    #[prost(uint64, tag = "11")]
+    pub(crate) previous_edit: u64,
 }
 
 impl StoredMessage {
@@ -48,6 +52,7 @@ impl StoredMessage {
             deletes,
             deleted: message.deleted,
             edited_by: message.edited_by.unwrap_or(0),
+            previous_edit: 0,
         }
     }
 
@@ -78,10 +83,18 @@ impl StoredMessage {
     }
 }
 
+/// Edits of one message a delete follows back at most (a message is edited once
+/// per request, so a longer chain would be a corrupt record, not a real history).
+pub(crate) const MAX_EDIT_CHAIN: usize = 100_000;
+
 impl StoredMessage {
-    /// Applies an edit or delete sent as `amendment_message`, so history shows the
-    /// current state.
-    pub(crate) fn amend(&mut self, amendment_message: &MessageRecord, amendment: Amendment) {
+    /// Applies an edit or delete sent as `amendment_message` to this, its target,
+    /// so history shows the current state. Returns the target's latest edit
+    /// before it (0: none): an edit records it as its `previous_edit`; a delete
+    /// must [`redact`](Self::redact) it and every edit before it, since an edit
+    /// carries the text too.
+    pub(crate) fn amend(&mut self, amendment_message: &MessageRecord, amendment: Amendment) -> Seq {
+        let previous_edit = self.edited_by;
         match amendment {
             Amendment::Edit(_) => {
                 self.body.clone_from(&amendment_message.body);
@@ -92,5 +105,14 @@ impl StoredMessage {
                 self.deleted = true;
             }
         }
+        previous_edit
+    }
+
+    /// Removes an edit's text, its target having been deleted; returns the edit
+    /// before it (0: none).
+    pub(crate) fn redact(&mut self) -> Seq {
+        self.body.clear();
+        self.deleted = true;
+        self.previous_edit
     }
 }

@@ -28,7 +28,7 @@
 use super::{Inner, bucket, day, max_marks, to_cql, unavailable};
 use crate::config::CassandraConfig;
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
-use crate::store::encoding::StoredMessage;
+use crate::store::encoding::{MAX_EDIT_CHAIN, StoredMessage};
 use crate::store::{Amendment, GroupEvent, Marks, MessageRecord, StoreError};
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, try_join_all};
@@ -461,6 +461,61 @@ impl ActivityRows {
     }
 }
 
+/// Applies an edit or delete to its target's row (read into `messages`, which
+/// the flush writes back), so history shows the current state; a delete removes
+/// the text of every edit of the target too. Returns, for an edit, the edit it
+/// follows (0: none).
+async fn amend(
+    inner: &Inner,
+    messages: &mut BTreeMap<(String, Seq), StoredMessage>,
+    message: &MessageRecord,
+    amendment: Amendment,
+) -> Result<Seq, StoreError> {
+    let (Amendment::Edit(target) | Amendment::Delete(target)) = amendment;
+    let Some(stored) = staged_message(inner, messages, message.conversation, target).await? else {
+        tracing::error!(target, "amended message is missing; the amendment is kept");
+        return Ok(0);
+    };
+    let previous_edit = stored.amend(message, amendment);
+    if let Amendment::Edit(_) = amendment {
+        return Ok(previous_edit);
+    }
+    let mut next = previous_edit;
+    for _ in 0..MAX_EDIT_CHAIN {
+        let Some(edit) = staged_message(inner, messages, message.conversation, next).await? else {
+            break;
+        };
+        let before = edit.redact();
+        // The chain only goes back; anything else is a corrupt record.
+        if before >= next {
+            break;
+        }
+        next = before;
+    }
+    Ok(0)
+}
+
+/// The message at `seq` as this flush leaves it: staged already, or read and
+/// staged now (to be written back).
+async fn staged_message<'a>(
+    inner: &Inner,
+    messages: &'a mut BTreeMap<(String, Seq), StoredMessage>,
+    conversation: ConversationId,
+    seq: Seq,
+) -> Result<Option<&'a mut StoredMessage>, StoreError> {
+    let key = (conversation.to_string(), seq);
+    if !messages.contains_key(&key) {
+        if seq == 0 {
+            return Ok(None);
+        }
+        let Some(stored) = inner.message(conversation, seq).await? else {
+            return Ok(None);
+        };
+        messages.insert(key.clone(), stored);
+    }
+    Ok(messages.get_mut(&key))
+}
+
 /// Writes `messages` and their rows; activity rows (and direct conversations'
 /// index rows) only for the conversations in `needs_index`.
 async fn flush(
@@ -473,20 +528,9 @@ async fn flush(
     for message in messages {
         let key = message.conversation.to_string();
         let seq = to_cql(message.seq);
+        let mut previous_edit = 0;
         if let Some(amendment) = message.amends {
-            let (Amendment::Edit(target) | Amendment::Delete(target)) = amendment;
-            let target_key = (key.clone(), target);
-            let stored = match rows.messages.get_mut(&target_key) {
-                Some(stored) => Some(stored),
-                None => match inner.message(message.conversation, target).await? {
-                    Some(stored) => Some(rows.messages.entry(target_key).or_insert(stored)),
-                    None => None,
-                },
-            };
-            match stored {
-                Some(stored) => stored.amend(message, amendment),
-                None => tracing::error!(target, "amended message is missing; the amendment is kept"),
-            }
+            previous_edit = amend(inner, &mut rows.messages, message, amendment).await?;
         }
         if let (ConversationId::Group(group), Some(event)) = (message.conversation, &message.event) {
             stage_group_event(&mut rows.group, group, message, event);
@@ -502,7 +546,9 @@ async fn flush(
         // Messages arrive in seq order per conversation: the last one is the head.
         rows.heads
             .insert(key.clone(), (key.clone(), seq, to_cql(message.server_time_ms), seq));
-        rows.messages.insert((key, message.seq), StoredMessage::of(message));
+        let mut stored = StoredMessage::of(message);
+        stored.previous_edit = previous_edit;
+        rows.messages.insert((key, message.seq), stored);
     }
     for (conversation, activity) in needs_index {
         let key = conversation.to_string();

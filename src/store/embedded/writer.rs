@@ -18,7 +18,7 @@ use super::keys::*;
 use super::{Inner, Shared, View, corrupt, fjall_error, io_error};
 use crate::config::{Durability, StoreConfig};
 use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
-use crate::store::encoding::StoredMessage;
+use crate::store::encoding::{MAX_EDIT_CHAIN, StoredMessage};
 use crate::store::{Amendment, DeviceRecord, GroupEvent, Marks, MessageRecord, NewUser, StoreError, UserRecord};
 use fjall::PersistMode;
 use prost::Message as _;
@@ -421,10 +421,11 @@ impl Staging {
             if let (ConversationId::Group(group), Some(event)) = (message.conversation, &message.event) {
                 self.stage_group_event(group, &message, event);
             }
-            let stored = StoredMessage::of(&message);
+            let mut stored = StoredMessage::of(&message);
             if let Some(amendment) = message.amends {
-                if let Err(err) = self.stage_amendment(&message, amendment) {
-                    tracing::error!(error = %err, "amending a message failed; the amendment is kept");
+                match self.stage_amendment(&message, amendment) {
+                    Ok(previous_edit) => stored.previous_edit = previous_edit,
+                    Err(err) => tracing::error!(error = %err, "amending a message failed; the amendment is kept"),
                 }
             }
             self.batch
@@ -481,25 +482,54 @@ impl Staging {
     }
 
     /// Applies an edit or delete to its target's row, so history shows the current
-    /// state, reading the target from this batch if it was staged here.
-    fn stage_amendment(&mut self, amendment_message: &MessageRecord, amendment: Amendment) -> Result<(), StoreError> {
+    /// state; a delete removes the text of every edit of the target too. Returns,
+    /// for an edit, the edit it follows (0: none).
+    fn stage_amendment(&mut self, amendment_message: &MessageRecord, amendment: Amendment) -> Result<u64, StoreError> {
+        let conversation = amendment_message.conversation;
         let (Amendment::Edit(target) | Amendment::Delete(target)) = amendment;
-        let key = message_key(amendment_message.conversation, target);
-        let staged = self.messages.as_ref().and_then(|staged| staged.get(&key));
-        let mut stored = match staged {
-            Some(stored) => stored.clone(),
-            None => match self.latest.get(&self.inner.messages, &key).map_err(fjall_error)? {
-                Some(value) => StoredMessage::decode(&*value).map_err(corrupt)?,
-                None => return Err(StoreError::Corrupt(format!("amended message {target} is missing"))),
-            },
-        };
-        stored.amend(amendment_message, amendment);
+        let mut stored = self
+            .message(conversation, target)?
+            .ok_or_else(|| StoreError::Corrupt(format!("amended message {target} is missing")))?;
+        let previous_edit = stored.amend(amendment_message, amendment);
+        self.stage_message(conversation, target, stored);
+        if let Amendment::Edit(_) = amendment {
+            return Ok(previous_edit);
+        }
+        let mut next = previous_edit;
+        for _ in 0..MAX_EDIT_CHAIN {
+            let Some(mut edit) = self.message(conversation, next)? else {
+                break;
+            };
+            let before = edit.redact();
+            self.stage_message(conversation, next, edit);
+            // The chain only goes back; anything else is a corrupt record.
+            if before >= next {
+                break;
+            }
+            next = before;
+        }
+        Ok(0)
+    }
+
+    /// A message as this batch leaves it: staged here, or as last committed.
+    fn message(&self, conversation: ConversationId, seq: u64) -> Result<Option<StoredMessage>, StoreError> {
+        let key = message_key(conversation, seq);
+        if let Some(stored) = self.messages.as_ref().and_then(|staged| staged.get(&key)) {
+            return Ok(Some(stored.clone()));
+        }
+        match self.latest.get(&self.inner.messages, &key).map_err(fjall_error)? {
+            Some(value) => Ok(Some(StoredMessage::decode(&*value).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn stage_message(&mut self, conversation: ConversationId, seq: u64, stored: StoredMessage) {
+        let key = message_key(conversation, seq);
         self.batch
             .insert(&self.inner.messages, key.clone(), stored.encode_to_vec());
         if let Some(staged) = &mut self.messages {
             staged.insert(key, stored);
         }
-        Ok(())
     }
 
     /// Raises one device's watermarks, counting marks staged earlier in this batch.
