@@ -2,6 +2,9 @@
 //! numbers. Network input is parsed into these at the edge; code past the edge never
 //! handles raw integers or strings for ids.
 
+use hmac::digest::KeyInit;
+use hmac::{Hmac, Mac as _};
+use sha2::Sha256;
 use std::fmt;
 
 /// A registered user. Never 0.
@@ -50,17 +53,37 @@ nonzero_id!(UserId);
 nonzero_id!(DeviceId);
 nonzero_id!(GroupId);
 
-impl GroupId {
-    /// The id of the group a device creates with `client_msg_id`: derived, so a
-    /// retried `CreateGroup` names the same group and is deduplicated like a send.
-    pub fn derive(creator: UserId, device: DeviceId, client_msg_id: &str) -> Self {
-        let mut x = mix(creator.get() ^ mix(device.get()));
-        for chunk in client_msg_id.as_bytes().chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            x = mix(x ^ u64::from_le_bytes(word));
-        }
-        Self::new(mix(x ^ client_msg_id.len() as u64)).unwrap_or(Self(1))
+/// Names the group a device creates: derived from (creator, device,
+/// client_msg_id), so a retried `CreateGroup` names the same group and is
+/// deduplicated like a send, but under a server secret (HMAC-SHA256), so nobody
+/// can compute, and create first, the id another user's `CreateGroup` will get.
+#[derive(Clone)]
+pub struct GroupIds(Hmac<Sha256>);
+
+impl fmt::Debug for GroupIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GroupIds(<key redacted>)")
+    }
+}
+
+impl GroupIds {
+    /// Derivation under `secret`.
+    pub fn new(secret: &[u8; 32]) -> Self {
+        // HMAC pads a key shorter than its block with zeros: this is that key.
+        let mut block = [0u8; 64];
+        block[..32].copy_from_slice(secret);
+        Self(<Hmac<Sha256> as KeyInit>::new(&block.into()))
+    }
+
+    pub fn derive(&self, creator: UserId, device: DeviceId, client_msg_id: &str) -> GroupId {
+        let mut mac = self.0.clone();
+        mac.update(&creator.get().to_be_bytes());
+        mac.update(&device.get().to_be_bytes());
+        mac.update(client_msg_id.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(&digest[..8]);
+        GroupId::new(u64::from_be_bytes(raw)).unwrap_or(GroupId(1))
     }
 }
 
@@ -204,10 +227,20 @@ mod tests {
     }
 
     #[test]
-    fn group_ids_round_trip_and_derive_stably() {
-        let group = GroupId::derive(user(1), DeviceId::new(2).unwrap(), "create-1");
-        assert_eq!(group, GroupId::derive(user(1), DeviceId::new(2).unwrap(), "create-1"));
-        assert_ne!(group, GroupId::derive(user(1), DeviceId::new(2).unwrap(), "create-2"));
+    fn group_ids_round_trip_and_derive_stably_under_their_key_only() {
+        let ids = GroupIds::new(&[7; 32]);
+        let device = DeviceId::new(2).unwrap();
+        let group = ids.derive(user(1), device, "create-1");
+        assert_eq!(group, ids.derive(user(1), device, "create-1"));
+        assert_ne!(group, ids.derive(user(1), device, "create-2"));
+        // Another server secret, another id: without it nobody can tell which
+        // group a user's CreateGroup will name, so nobody can take it first.
+        assert_ne!(group, GroupIds::new(&[8; 32]).derive(user(1), device, "create-1"));
+        // Fields do not run into each other.
+        assert_ne!(
+            ids.derive(user(1), device, "2"),
+            ids.derive(user(1), DeviceId::new(22).unwrap(), "")
+        );
         let id = ConversationId::Group(group);
         assert_eq!(ConversationId::parse(&id.to_string()), Ok(id));
         assert_eq!(id.direct_members().count(), 0);

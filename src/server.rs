@@ -4,6 +4,7 @@
 
 use crate::auth::{Accounts, HashError, KeyError, PasswordHasher, TokenSigner};
 use crate::config::Config;
+use crate::ids::GroupIds;
 use crate::shard::{self, Listeners, Mesh, NodeContext, ShardId, ShardStart};
 use crate::store::{Store, StoreError};
 use crate::transport::admission::Admission;
@@ -71,6 +72,7 @@ impl Server {
             n => n,
         };
         let hasher = PasswordHasher::new(config.auth.argon2_memory_kib, config.auth.argon2_iterations, max_hashes)?;
+        let group_ids = GroupIds::new(&signer.derive_secret("group ids"));
         let accounts = Accounts::new(&config.auth, store.clone(), hasher, signer);
         let (mesh, mailboxes) = Mesh::new(shards, config.server.mesh_channel_capacity);
 
@@ -120,6 +122,7 @@ impl Server {
             accounts,
             mesh,
             admission: Admission::new(max_connections, &config.limits),
+            group_ids,
             config: Arc::new(config),
             tls,
             drain: CancellationToken::new(),

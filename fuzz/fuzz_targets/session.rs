@@ -4,7 +4,7 @@
 #![no_main]
 
 use confab::auth::Identity;
-use confab::ids::{DeviceId, UserId};
+use confab::ids::{DeviceId, GroupIds, UserId};
 use confab::protocol::{Session, SessionLimits, Step};
 use confab_proto::v1::ClientFrame;
 use libfuzzer_sys::fuzz_target;
@@ -21,7 +21,7 @@ fuzz_target!(|input: &[u8]| {
     let limits = limits();
     let start = Instant::now();
     let mut now = start;
-    let mut session = Session::new(7, limits.clone(), now);
+    let mut session = Session::new(7, limits.clone(), GroupIds::new(&[9; 32]), now);
     let mut input = input;
     // Each step: one byte of clock (in 100 ms), one byte of action, then for a
     // frame a two-byte length and that many bytes of protobuf.

@@ -143,6 +143,12 @@ impl TokenSigner {
         Ok(claims)
     }
 
+    /// A secret for another use (`label` names it), derived from the signing key,
+    /// so one configured key is all a node needs.
+    pub fn derive_secret(&self, label: &str) -> [u8; 32] {
+        self.mac(format!("confab derived secret: {label}").as_bytes())
+    }
+
     fn mac(&self, payload: &[u8]) -> [u8; 32] {
         let mut mac = self.keyed.clone();
         mac.update(payload);

@@ -10,7 +10,7 @@ use super::command::{Command, Request};
 use super::reply::error_frame;
 use crate::auth::{Identity, Password, Username, device_name};
 use crate::chat::{Append, Content, Cursors, GroupCommand};
-use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
+use crate::ids::{ConversationId, DeviceId, GroupId, GroupIds, UserId};
 use crate::store::{HistoryRange, Marks, Role};
 use confab_proto::FrameError;
 use confab_proto::v1::{
@@ -90,6 +90,7 @@ pub struct Session {
     opened_at: Instant,
     last_heard: Instant,
     auth_failures: u32,
+    group_ids: GroupIds,
     /// When this device last sent typing to each conversation, and what.
     typing_sent: HashMap<ConversationId, (Instant, bool)>,
 }
@@ -102,7 +103,7 @@ fn reject<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, Rejection
 }
 
 impl Session {
-    pub fn new(id: u64, limits: SessionLimits, now: Instant) -> Self {
+    pub fn new(id: u64, limits: SessionLimits, group_ids: GroupIds, now: Instant) -> Self {
         Self {
             id,
             state: State::AwaitingHello,
@@ -111,6 +112,7 @@ impl Session {
             opened_at: now,
             last_heard: now,
             auth_failures: 0,
+            group_ids,
             typing_sent: HashMap::new(),
         }
     }
@@ -347,7 +349,7 @@ impl Session {
             K::CreateGroup(create) => {
                 let (creator, device) = self.require_identity()?;
                 self.check_client_msg_id(&create.client_msg_id)?;
-                let group = GroupId::derive(creator, device, &create.client_msg_id);
+                let group = self.group_ids.derive(creator, device, &create.client_msg_id);
                 let command = GroupCommand::Create {
                     title: self.title(&create.title)?,
                     members: self.users(create.members)?,
@@ -737,7 +739,7 @@ mod tests {
     }
 
     fn open_session(now: Instant) -> Session {
-        let mut session = Session::new(1, limits(), now);
+        let mut session = Session::new(1, limits(), GroupIds::new(&[1; 32]), now);
         assert!(matches!(
             session.on_frame(frame(1, hello(ProtocolVersion::V1)), now),
             Step::Reply(_)
@@ -768,7 +770,7 @@ mod tests {
     #[test]
     fn first_frame_must_be_hello() {
         let now = Instant::now();
-        let mut session = Session::new(1, limits(), now);
+        let mut session = Session::new(1, limits(), GroupIds::new(&[1; 32]), now);
         let step = session.on_frame(frame(1, K::Ping(v1::Ping { nonce: 1 })), now);
         assert!(matches!(step, Step::Close(_)));
         assert_eq!(error_code(&step), Some(ErrorCode::BadRequest));
@@ -777,7 +779,7 @@ mod tests {
     #[test]
     fn wrong_version_closes_with_unsupported_version() {
         let now = Instant::now();
-        let mut session = Session::new(1, limits(), now);
+        let mut session = Session::new(1, limits(), GroupIds::new(&[1; 32]), now);
         let step = session.on_frame(frame(1, hello(ProtocolVersion::Unspecified)), now);
         assert!(matches!(step, Step::Close(_)));
         assert_eq!(error_code(&step), Some(ErrorCode::UnsupportedVersion));
@@ -786,7 +788,7 @@ mod tests {
     #[test]
     fn hello_is_answered_with_limits_and_session_id() {
         let now = Instant::now();
-        let mut session = Session::new(0xabc, limits(), now);
+        let mut session = Session::new(0xabc, limits(), GroupIds::new(&[1; 32]), now);
         let Step::Reply(reply) = session.on_frame(frame(7, hello(ProtocolVersion::V1)), now) else {
             panic!("expected a reply");
         };
@@ -904,7 +906,7 @@ mod tests {
     #[test]
     fn deadlines_close_silent_and_unauthenticated_connections() {
         let start = Instant::now();
-        let session = Session::new(1, limits(), start);
+        let session = Session::new(1, limits(), GroupIds::new(&[1; 32]), start);
         assert_eq!(session.deadline(), start + Duration::from_secs(5));
         assert!(session.on_deadline(start + Duration::from_secs(4)).is_none());
         assert!(session.on_deadline(start + Duration::from_secs(5)).is_some());

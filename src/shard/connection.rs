@@ -117,7 +117,12 @@ impl Closed {
 /// Runs a connection until it ends. `outbound` feeds the transport's writer.
 pub async fn run(shard: Rc<Shard>, source: impl FrameSource, outbound: Outbound, peer: SocketAddr) -> Closed {
     let session_id = rand::random();
-    let session = Session::new(session_id, shard.limits.clone(), Instant::now());
+    let session = Session::new(
+        session_id,
+        shard.limits.clone(),
+        shard.group_ids.clone(),
+        Instant::now(),
+    );
     let mut connection = Connection {
         shard,
         session,

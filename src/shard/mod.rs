@@ -34,7 +34,7 @@ pub use outbound::Outbound;
 use crate::auth::Accounts;
 use crate::chat::{Assigned, PresenceTracker, ReceiptCoalescer, Sequencer, SequencerLimits};
 use crate::config::Config;
-use crate::ids::UserId;
+use crate::ids::{GroupIds, UserId};
 use crate::protocol::SessionLimits;
 use crate::store::Store;
 use crate::transport;
@@ -66,6 +66,8 @@ pub struct NodeContext {
     pub mesh: Mesh,
     /// Connection slots, node-wide and per source address.
     pub admission: Admission,
+    /// Names the groups clients create.
+    pub group_ids: GroupIds,
     /// TLS for the TCP and WebSocket listeners, when `[tls]` is on.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Phase one of shutdown: stop accepting, close connections.
@@ -95,6 +97,7 @@ pub struct Shard {
     pub drain: CancellationToken,
     pub stop: CancellationToken,
     pub admission: Admission,
+    pub group_ids: GroupIds,
     sessions: RefCell<LocalSessions>,
     directory: RefCell<Directory>,
     sequencer: RefCell<Sequencer<AppendReply>>,
@@ -183,6 +186,7 @@ async fn run(
         drain: context.drain,
         stop: context.stop,
         admission: context.admission,
+        group_ids: context.group_ids,
         sessions: RefCell::default(),
         directory: RefCell::default(),
         commit_queue: RefCell::default(),
