@@ -94,3 +94,56 @@ async fn log_out_closes_the_devices_other_connections() {
     }
     node.shutdown().await;
 }
+
+/// Until now an access token's expiry ended nothing: a connection authenticated
+/// with it stayed logged in for as long as it lived. Now the connection is
+/// closed (UNAUTHENTICATED) when its token expires, unless the device refreshes
+/// and authenticates again on it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_with_its_access_token_unless_it_authenticates_again() {
+    let mut node = TestServer::start_with(1, &[("CONFAB_AUTH__ACCESS_TOKEN_TTL", "3s")]).await;
+    let (lapsing, _, name) = new_user(node.addr, "expiry").await;
+    let (renewing, login) = common::second_device(node.addr, &name).await;
+    let tokens = login.tokens.unwrap();
+    // Tokens carry their expiry in ms: let the refreshed one expire later.
+    common::eventually(std::time::Duration::from_secs(5), || {
+        confab::clock::unix_ms() > tokens.access_expires_at_ms - 2000
+    })
+    .await;
+
+    // Before the first token expires, the second connection re-authenticates
+    // in-band with a refreshed one.
+    let refreshed = renewing.refresh(&tokens.refresh_token).await.unwrap().tokens.unwrap();
+    assert!(refreshed.access_expires_at_ms > tokens.access_expires_at_ms);
+    let again = renewing.authenticate(&refreshed.access_token).await.unwrap();
+    assert_eq!((again.user_id, again.device_id), (login.user_id, login.device_id));
+
+    // The first connection is closed when its token expires.
+    match common::within(std::time::Duration::from_secs(10), async {
+        loop {
+            match lapsing.next_event().await {
+                Some(confab_client::Event::Closed(reason)) => return reason,
+                None => return None,
+                Some(_) => {}
+            }
+        }
+    })
+    .await
+    {
+        Some(error) => assert_eq!(error.code, ErrorCode::Unauthenticated as i32, "{error:?}"),
+        None => panic!("closed without a reason"),
+    }
+    // The renewed one outlives the first token.
+    common::eventually(std::time::Duration::from_secs(10), || {
+        confab::clock::unix_ms() > tokens.access_expires_at_ms + 100
+    })
+    .await;
+    assert_eq!(renewing.ping(7).await.unwrap(), 7);
+    // Authenticating as another device on it is refused.
+    let (_, other, _) = new_user(node.addr, "expiry").await;
+    assert_eq!(
+        code(renewing.authenticate(&other.tokens.unwrap().access_token).await),
+        ErrorCode::BadRequest
+    );
+    node.shutdown().await;
+}

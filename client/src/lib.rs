@@ -117,7 +117,9 @@ impl Default for ClientOptions {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
+/// Requests waiting for their reply; `None` once the connection has ended, so a
+/// request made after that fails at once instead of waiting forever.
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<ServerFrame>>>>>;
 
 /// One connection to a confab server.
 #[derive(Debug)]
@@ -172,7 +174,7 @@ impl Client {
         let limits = welcome.limits.unwrap_or_default();
         let decoder = FrameDecoder::new(limits.max_frame_bytes as usize);
 
-        let pending: Pending = Arc::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let (outbound, queued) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
         let mut tasks = vec![
@@ -227,6 +229,8 @@ impl Client {
         self.pending
             .lock()
             .map_err(|_| ClientError::Closed)?
+            .as_mut()
+            .ok_or(ClientError::Closed)?
             .insert(request_id, reply_tx);
         let frame = ClientFrame {
             request_id,
@@ -701,7 +705,7 @@ async fn read_frames(
             let waiter = pending
                 .lock()
                 .ok()
-                .and_then(|mut pending| pending.remove(&frame.request_id));
+                .and_then(|mut pending| pending.as_mut()?.remove(&frame.request_id));
             if let Some(waiter) = waiter {
                 let _ = waiter.send(frame);
             }
@@ -721,9 +725,10 @@ async fn read_frames(
         };
         let _ = events.send(event);
     }
-    // Waiters of unanswered requests see their channel close.
+    // Waiters of unanswered requests see their channel close, and later ones
+    // are refused.
     if let Ok(mut pending) = pending.lock() {
-        pending.clear();
+        *pending = None;
     }
     let _ = events.send(Event::Closed(close_reason));
 }

@@ -60,6 +60,8 @@ pub struct Identity {
     pub user: UserId,
     pub device: DeviceId,
     pub username: String,
+    /// When the access token that proved it expires (Unix ms).
+    pub expires_at_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -160,6 +162,7 @@ impl Accounts {
             user: claims.user,
             device: claims.device,
             username: user.username,
+            expires_at_ms: claims.expires_at_ms,
         })
     }
 

@@ -86,6 +86,8 @@ pub struct Session {
     id: u64,
     state: State,
     identity: Option<Identity>,
+    /// When the access token the session authenticated with expires.
+    access_expires_at: Option<Instant>,
     limits: SessionLimits,
     opened_at: Instant,
     last_heard: Instant,
@@ -108,6 +110,7 @@ impl Session {
             id,
             state: State::AwaitingHello,
             identity: None,
+            access_expires_at: None,
             limits,
             opened_at: now,
             last_heard: now,
@@ -172,7 +175,7 @@ impl Session {
         let setup = match (self.state, &self.identity) {
             (State::AwaitingHello, _) => Some(self.opened_at + self.limits.handshake_timeout),
             (State::Open, None) => Some(self.opened_at + self.limits.auth_timeout),
-            (State::Open, Some(_)) => None,
+            (State::Open, Some(_)) => self.access_expires_at,
         };
         setup.map_or(silence, |setup| setup.min(silence))
     }
@@ -182,22 +185,35 @@ impl Session {
         if now < self.deadline() {
             return None;
         }
-        let message = match (self.state, &self.identity) {
-            (State::AwaitingHello, _) if now >= self.opened_at + self.limits.handshake_timeout => "no Hello in time",
-            (State::Open, None) if now >= self.opened_at + self.limits.auth_timeout => "not authenticated in time",
-            _ => "connection silent for three heartbeat intervals",
+        let expired = self.identity.is_some() && self.access_expires_at.is_some_and(|expiry| now >= expiry);
+        let (code, message) = match (self.state, &self.identity) {
+            (State::AwaitingHello, _) if now >= self.opened_at + self.limits.handshake_timeout => {
+                (ErrorCode::Timeout, "no Hello in time")
+            }
+            (State::Open, None) if now >= self.opened_at + self.limits.auth_timeout => {
+                (ErrorCode::Timeout, "not authenticated in time")
+            }
+            (State::Open, Some(_)) if expired => (
+                ErrorCode::Unauthenticated,
+                "the access token expired: refresh it and authenticate again",
+            ),
+            _ => (ErrorCode::Timeout, "connection silent for three heartbeat intervals"),
         };
-        Some(error_frame(0, ErrorCode::Timeout, message))
+        Some(error_frame(0, code, message))
     }
 
-    /// Records a successful `Authenticate`.
-    pub fn authenticated(&mut self, identity: Identity) {
+    /// Records a successful `Authenticate` with a token that expires at
+    /// `expires_at`; the connection is closed then unless it authenticates again
+    /// (with a refreshed token for the same device) before.
+    pub fn authenticated(&mut self, identity: Identity, expires_at: Instant) {
         self.identity = Some(identity);
+        self.access_expires_at = Some(expires_at);
     }
 
     /// Records a `LogOut`: the connection is unauthenticated again.
     pub fn logged_out(&mut self) {
         self.identity = None;
+        self.access_expires_at = None;
         // The auth deadline counts from now, not from the connection's start.
         self.opened_at = self.last_heard;
     }
@@ -267,8 +283,13 @@ impl Session {
                 })
             }
             K::Authenticate(authenticate) => {
-                if self.identity.is_some() {
-                    return reject(ErrorCode::BadRequest, "already authenticated; log out first");
+                // Authenticating again (with a refreshed token, before the old
+                // one expires) keeps the connection; resuming only opens one.
+                if self.identity.is_some() && authenticate.resume.is_some() {
+                    return reject(
+                        ErrorCode::BadRequest,
+                        "already authenticated: resume applies to a new connection",
+                    );
                 }
                 let resume = match authenticate.resume {
                     Some(resume) => Some(cursors(&resume.sync_token, resume.cursors)?),
@@ -747,14 +768,62 @@ mod tests {
         session
     }
 
-    fn authenticated_session(now: Instant, me: u64) -> Session {
-        let mut session = open_session(now);
-        session.authenticated(Identity {
+    fn identity(me: u64) -> Identity {
+        Identity {
             user: user(me),
             device: DeviceId::new(1).unwrap(),
             username: "me".into(),
-        });
+            expires_at_ms: 0,
+        }
+    }
+
+    fn authenticated_session(now: Instant, me: u64) -> Session {
+        let mut session = open_session(now);
+        session.authenticated(identity(me), now + Duration::from_secs(3600));
         session
+    }
+
+    #[test]
+    fn an_expired_access_token_closes_the_connection_unless_it_authenticates_again() {
+        let start = Instant::now();
+        let mut session = open_session(start);
+        let expiry = start + Duration::from_secs(20);
+        session.authenticated(identity(1), expiry);
+        assert_eq!(session.deadline(), expiry.min(session.deadline()));
+        assert!(session.on_deadline(expiry - Duration::from_millis(1)).is_none());
+        // Authenticating again on the connection (a refreshed token) moves it.
+        let again = session.on_frame(
+            frame(
+                5,
+                K::Authenticate(v1::Authenticate {
+                    access_token: "refreshed".into(),
+                    resume: None,
+                }),
+            ),
+            start + Duration::from_secs(10),
+        );
+        assert!(matches!(again, Step::Run(_)), "{again:?}");
+        session.authenticated(identity(1), start + Duration::from_secs(40));
+        assert!(session.on_deadline(expiry).is_none());
+        let later = start + Duration::from_secs(40);
+        session.on_keepalive(later);
+        let close = session.on_deadline(later).unwrap();
+        assert!(
+            matches!(close.kind, Some(server_frame::Kind::Error(ref e)) if e.code == ErrorCode::Unauthenticated as i32),
+            "{close:?}"
+        );
+        // Resuming is for new connections only.
+        let resume = session.on_frame(
+            frame(
+                6,
+                K::Authenticate(v1::Authenticate {
+                    access_token: "x".into(),
+                    resume: Some(v1::Resume::default()),
+                }),
+            ),
+            later,
+        );
+        assert_eq!(error_code(&resume), Some(ErrorCode::BadRequest));
     }
 
     fn send(conversation: conversation_ref::Target, client_msg_id: &str, body: &str) -> K {

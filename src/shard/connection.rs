@@ -387,6 +387,7 @@ impl Connection {
                 })
             }),
             Command::Authenticate { access_token, resume } => match accounts.authenticate(&access_token).await {
+                Ok(identity) if self.session.identity().is_some() => return self.reauthenticate(id, identity).await,
                 Ok(identity) => {
                     // A resuming session holds live pushes until its replay is out;
                     // it may hold as many as its queue takes.
@@ -402,7 +403,8 @@ impl Connection {
                         username: identity.username.clone(),
                         ..v1::Authenticated::default()
                     };
-                    self.session.authenticated(identity);
+                    let expires_at = instant_of(identity.expires_at_ms);
+                    self.session.authenticated(identity, expires_at);
                     return match resume.zip(replay) {
                         Some((cursors, replay)) => self.resume(id, reply, user, cursors, &replay).await,
                         None => self.send(&reply_frame(id, Kind::Authenticated(reply))).await,
@@ -449,6 +451,32 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// `Authenticate` on an authenticated connection: with a (refreshed) token of
+    /// the same device, the connection lives on until that token expires.
+    async fn reauthenticate(&mut self, id: u64, identity: crate::auth::Identity) -> Flow {
+        let same = self
+            .session
+            .identity()
+            .is_some_and(|current| (current.user, current.device) == (identity.user, identity.device));
+        if !same {
+            let reply = error_frame(
+                id,
+                ErrorCode::BadRequest,
+                "authenticated as another device; log out first",
+            );
+            return self.send(&reply).await;
+        }
+        let reply = v1::Authenticated {
+            user_id: identity.user.get(),
+            device_id: identity.device.get(),
+            username: identity.username.clone(),
+            ..v1::Authenticated::default()
+        };
+        let expires_at = instant_of(identity.expires_at_ms);
+        self.session.authenticated(identity, expires_at);
+        self.send(&reply_frame(id, Kind::Authenticated(reply))).await
     }
 
     /// Makes this connection reachable for pushes, on every shard's directory,
@@ -588,6 +616,15 @@ impl Drop for Connection {
     fn drop(&mut self) {
         self.unregister();
     }
+}
+
+/// The instant a Unix time in ms (an access token's expiry) falls at, on this
+/// process's monotonic clock; a time decades away counts as a year from now.
+fn instant_of(unix_ms: u64) -> Instant {
+    let left = std::time::Duration::from_millis(unix_ms.saturating_sub(crate::clock::unix_ms()));
+    let now = Instant::now();
+    now.checked_add(left.min(std::time::Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 fn reply_frame(request_id: u64, kind: Kind) -> ServerFrame {

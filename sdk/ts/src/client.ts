@@ -138,6 +138,7 @@ export class ConfabClient {
   private readonly backoff: Backoff;
   private reconnectTimer?: ReturnType<typeof setTimeout>;
   private heartbeatTimer?: ReturnType<typeof setInterval>;
+  private renewTimer?: ReturnType<typeof setTimeout>;
   private goingAwayDelayMs?: number;
   private readonly listeners = {
     message: new Set<(message: ChatMessage) => void>(),
@@ -367,6 +368,7 @@ export class ConfabClient {
     this.socket = undefined;
     this.connecting = undefined;
     clearInterval(this.heartbeatTimer);
+    clearTimeout(this.renewTimer);
     for (const [id, pending] of this.pending) {
       clearTimeout(pending.timer);
       this.pending.delete(id);
@@ -442,7 +444,36 @@ export class ConfabClient {
     }
     this.me = { userId: authenticated.userId, deviceId: authenticated.deviceId, username: authenticated.username };
     if (authenticated.syncToken) this.syncToken = authenticated.syncToken;
+    this.scheduleRenewal();
     return authenticated;
+  }
+
+  /**
+   * The server closes a connection when its access token expires, unless the
+   * connection authenticates again with a refreshed one: do that a minute (or a
+   * tenth of the token's life) before. A failure leaves it to the reconnect path.
+   */
+  private scheduleRenewal(): void {
+    clearTimeout(this.renewTimer);
+    const expiresAt = Number(this.tokens?.accessExpiresAtMs ?? 0n);
+    if (!expiresAt || !this.tokens?.refreshToken) return;
+    const left = expiresAt - Date.now();
+    const delay = Math.max(0, left - Math.min(60_000, left / 10));
+    this.renewTimer = setTimeout(() => {
+      this.renew().catch(() => {});
+    }, delay);
+  }
+
+  private async renew(): Promise<void> {
+    const refreshToken = this.tokens?.refreshToken;
+    if (!refreshToken || !this.socket) return;
+    const refreshed = await this.call("loggedIn", { case: "refreshToken", value: { refreshToken } });
+    this.tokens = refreshed.tokens;
+    await this.call("authenticated", {
+      case: "authenticate",
+      value: { accessToken: refreshed.tokens?.accessToken ?? "" },
+    });
+    this.scheduleRenewal();
   }
 
   /** A new device starts at each conversation's head: history is fetched on demand. */

@@ -16,6 +16,15 @@ class Server {
   sendAttempts = [];
   /** Messages the next resume replays. */
   replay = [];
+  refreshes = [];
+  authentications = [];
+  /** How long the access tokens it hands out last (0: no expiry given). */
+  accessTtlMs = 0;
+
+  tokens(accessToken) {
+    const accessExpiresAtMs = this.accessTtlMs ? BigInt(Date.now() + this.accessTtlMs) : 0n;
+    return { accessToken, accessExpiresAtMs, refreshToken: `refresh-${this.refreshes.length}` };
+  }
 
   factory = (url) => {
     const socket = new Socket(this, url);
@@ -38,9 +47,16 @@ class Server {
       case "logIn":
         return this.reply(socket, requestId, {
           case: "loggedIn",
-          value: { userId: 1n, deviceId: 7n, tokens: { accessToken: "access", refreshToken: "refresh" } },
+          value: { userId: 1n, deviceId: 7n, tokens: this.tokens("access") },
+        });
+      case "refreshToken":
+        this.refreshes.push(kind.value.refreshToken);
+        return this.reply(socket, requestId, {
+          case: "loggedIn",
+          value: { userId: 1n, deviceId: 7n, tokens: this.tokens(`access-${this.refreshes.length}`) },
         });
       case "authenticate": {
+        this.authentications.push({ socket, accessToken: kind.value.accessToken });
         if (kind.value.resume) this.resumes.push(kind.value.resume);
         for (const message of kind.value.resume ? this.replay : []) {
           this.reply(socket, 0n, { case: "message", value: message });
@@ -199,5 +215,20 @@ test("a send whose ack was lost is retried with the same client_msg_id", async (
   assert.equal(server.sendAttempts[0], server.sendAttempts[1], "same client_msg_id");
   assert.equal(ack.seq, 1n, "the original seq: stored once");
   assert.ok(statuses.includes("reconnecting"), statuses.join(","));
+  chat.close();
+});
+
+test("before its access token expires, the connection authenticates again with a refreshed one", async () => {
+  const server = new Server();
+  server.accessTtlMs = 300;
+  const chat = client(server);
+  await chat.logIn("me", "pw");
+  await until(() => server.authentications.length >= 3, "two renewals");
+  assert.equal(server.sockets.length, 1, "on the same connection, not a reconnect");
+  assert.deepEqual(server.refreshes.slice(0, 2), ["refresh-0", "refresh-1"], "each renewal uses the newest refresh token");
+  assert.deepEqual(
+    server.authentications.slice(1, 3).map((a) => a.accessToken),
+    ["access-1", "access-2"],
+  );
   chat.close();
 });
