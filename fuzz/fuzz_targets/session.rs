@@ -47,11 +47,18 @@ fuzz_target!(|input: &[u8]| {
                 }
             }
             1 => session.on_keepalive(now),
-            2 if session.identity().is_none() => session.authenticated(Identity {
-                user: UserId::new(1).expect("non-zero"),
-                device: DeviceId::new(2).expect("non-zero"),
-                username: "fuzz".into(),
-            }),
+            // Authenticated (or authenticated again), with a token that lasts
+            // as many seconds as the next byte says.
+            2 => {
+                let lasts = Duration::from_secs(u64::from(input.first().copied().unwrap_or(0)));
+                let identity = Identity {
+                    user: UserId::new(1).expect("non-zero"),
+                    device: DeviceId::new(2).expect("non-zero"),
+                    username: "fuzz".into(),
+                    expires_at_ms: 0,
+                };
+                session.authenticated(identity, now + lasts);
+            }
             3 if session.identity().is_some() => session.logged_out(),
             4 => {
                 let _ = session.auth_failed();
