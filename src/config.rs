@@ -64,6 +64,11 @@ pub struct LimitsConfig {
     pub reserved_file_descriptors: usize,
     pub max_connections_per_ip: usize,
     pub exempt_loopback: bool,
+    pub send_rate_per_device: f64,
+    pub send_burst_per_device: f64,
+    pub send_rate_per_user: f64,
+    pub send_burst_per_user: f64,
+    pub send_mib_per_user_per_day: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -320,6 +325,31 @@ impl Config {
         if let Some((key, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return invalid(key, "must be at least 1");
         }
+        // Rates and bursts: positive numbers, bursts of at least one.
+        let rates = [
+            ("limits.send_rate_per_device", self.limits.send_rate_per_device, 0.0),
+            ("limits.send_burst_per_device", self.limits.send_burst_per_device, 1.0),
+            ("limits.send_rate_per_user", self.limits.send_rate_per_user, 0.0),
+            ("limits.send_burst_per_user", self.limits.send_burst_per_user, 1.0),
+            (
+                "limits.send_mib_per_user_per_day",
+                self.limits.send_mib_per_user_per_day,
+                0.0,
+            ),
+        ];
+        if let Some((key, _, least)) = rates
+            .iter()
+            .find(|(_, value, least)| !(value.is_finite() && *value > 0.0 && value >= least))
+        {
+            return invalid(
+                key,
+                if *least > 0.0 {
+                    "must be at least 1"
+                } else {
+                    "must be a positive number"
+                },
+            );
+        }
         if self.server.shards > crate::shard::MAX_SHARDS {
             return invalid("server.shards", "at most 64 shards are supported");
         }
@@ -477,6 +507,14 @@ mod tests {
                 text.contains(&key.to_ascii_lowercase().replace("__", ".")),
                 "{key}: {text}"
             );
+        }
+    }
+
+    #[test]
+    fn the_shipped_config_files_load() {
+        for file in ["config/cluster.toml", "config/bench.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            Config::load_from(Some(&path), env(&[])).unwrap_or_else(|err| panic!("{file}: {err}"));
         }
     }
 

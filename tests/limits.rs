@@ -153,3 +153,52 @@ async fn one_address_cannot_take_every_connection() {
     common::server_still_serves(confab_client::Endpoint::tcp(node.tcp)).await;
     node.shutdown().await;
 }
+
+/// One account used to pipeline 2.1 M messages in a minute. Now a device and a
+/// user each have a send rate; beyond it a send is answered RATE_LIMITED (with
+/// when to retry) and the connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_beyond_a_devices_or_users_rate_are_refused_and_the_connection_stays() {
+    let mut node = TestServer::start_with(
+        1,
+        &[
+            ("CONFAB_LIMITS__SEND_RATE_PER_DEVICE", "0.5"),
+            ("CONFAB_LIMITS__SEND_BURST_PER_DEVICE", "20"),
+            ("CONFAB_LIMITS__SEND_RATE_PER_USER", "0.5"),
+            ("CONFAB_LIMITS__SEND_BURST_PER_USER", "30"),
+        ],
+    )
+    .await;
+    let (laptop, _, name) = new_user(node.addr, "rate").await;
+    let (phone, _) = second_device(node.addr, &name).await;
+    let (_, bob_login, _) = new_user(node.addr, "rate").await;
+    let to = bob_login.user_id;
+    // The laptop's burst of 20, then its rate.
+    assert_eq!(send_burst(&laptop, to, "l", 25).await, 20);
+    // The phone has a burst of its own, but the user's (30) has 10 left.
+    assert_eq!(send_burst(&phone, to, "p", 25).await, 10);
+    // Refused, not closed: the connection answers, and sends again once its
+    // bucket has refilled.
+    assert_eq!(laptop.ping(3).await.unwrap(), 3);
+    within(Duration::from_secs(10), async {
+        while laptop.send_direct(to, "later", "later").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    node.shutdown().await;
+}
+
+/// Sends `count` messages at once; returns how many were taken. The others must
+/// be RATE_LIMITED, saying when to retry.
+async fn send_burst(client: &confab_client::Client, to: u64, prefix: &str, count: usize) -> usize {
+    let ids: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
+    let sends = ids.iter().map(|id| client.send_direct(to, id, "flood"));
+    let results = futures::future::join_all(sends).await;
+    let refused: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    for err in &refused {
+        assert_eq!(err.code(), Some(ErrorCode::RateLimited), "{err}");
+        assert!(err.to_string().contains("retry in"), "{err}");
+    }
+    count - refused.len()
+}

@@ -9,6 +9,8 @@ pub mod check;
 pub mod connect;
 /// The raw loopback echo baseline.
 pub mod echo;
+/// One account sending as fast as the server lets it.
+pub mod flood;
 /// What a loadgen message body carries.
 pub mod payload;
 /// Who talks to whom: direct and group scenarios.

@@ -77,6 +77,19 @@ enum Scenario {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// One account sending as fast as the server allows (run beside `direct` to
+    /// see what one flooding user costs the others).
+    Flood {
+        #[command(flatten)]
+        target: Target,
+        /// Sends outstanding at once.
+        #[arg(long, default_value_t = 256)]
+        in_flight: usize,
+        #[arg(long, default_value_t = 100)]
+        body_bytes: usize,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        duration: Duration,
+    },
     /// Only the raw loopback echo baseline.
     EchoBaseline {
         #[arg(long, default_value_t = 100)]
@@ -191,6 +204,19 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
         } => {
             let rate = echo::baseline(connections, body_bytes + scenario::FRAME_OVERHEAD_BYTES, duration).await?;
             println!("echo baseline: {rate:.0} frames/s over {connections} connections");
+            return Ok(true);
+        }
+        Scenario::Flood {
+            target,
+            in_flight,
+            body_bytes,
+            duration,
+        } => {
+            if duration > Duration::from_secs(600) {
+                bail!("--duration must be at most 10 minutes");
+            }
+            let flood = confab_loadgen::flood::run(target.endpoint()?, in_flight, body_bytes, duration).await?;
+            println!("{}", flood.print());
             return Ok(true);
         }
         Scenario::Connect {

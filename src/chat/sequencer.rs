@@ -59,6 +59,14 @@ pub enum Content {
 }
 
 impl Content {
+    /// Bytes of text it stores (what per-user storage limits count).
+    pub fn text_bytes(&self) -> usize {
+        match self {
+            Self::Text(body) | Self::Edit { body, .. } => body.len(),
+            Self::Group(_) | Self::Delete { .. } => 0,
+        }
+    }
+
     /// The earlier message this content changes.
     fn target(&self) -> Option<Seq> {
         match self {

@@ -4,10 +4,12 @@
 //! Transports feed it frames; the shard's connection driver executes its commands.
 
 mod command;
+mod rate;
 mod reply;
 mod session;
 
 pub use command::{Command, Request};
+pub use rate::{Rate, TokenBucket};
 pub use reply::{ErrorKind, error_frame, push_frame};
 pub use session::{Session, SessionLimits, Step, encode_page_token};
 

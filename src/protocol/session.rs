@@ -7,6 +7,7 @@
 //! frame every three heartbeat intervals.
 
 use super::command::{Command, Request};
+use super::rate::{Rate, TokenBucket};
 use super::reply::error_frame;
 use crate::auth::{Identity, Password, Username, device_name};
 use crate::chat::{Append, Content, Cursors, GroupCommand};
@@ -43,6 +44,8 @@ pub struct SessionLimits {
     pub max_group_title_chars: usize,
     pub typing_min_interval: Duration,
     pub max_presence_subscriptions: usize,
+    /// Messages (sends, edits, deletes, group changes) one connection may send.
+    pub send_rate: Rate,
 }
 
 impl SessionLimits {
@@ -60,6 +63,10 @@ impl SessionLimits {
             max_group_title_chars: config.chat.max_group_title_chars,
             typing_min_interval: config.chat.typing_min_interval,
             max_presence_subscriptions: config.chat.max_presence_subscriptions,
+            send_rate: Rate {
+                per_second: config.limits.send_rate_per_device,
+                burst: config.limits.send_burst_per_device,
+            },
         }
     }
 }
@@ -93,6 +100,8 @@ pub struct Session {
     last_heard: Instant,
     auth_failures: u32,
     group_ids: GroupIds,
+    /// This connection's share of messages.
+    sends: TokenBucket,
     /// When this device last sent typing to each conversation, and what.
     typing_sent: HashMap<ConversationId, (Instant, bool)>,
 }
@@ -111,6 +120,7 @@ impl Session {
             state: State::AwaitingHello,
             identity: None,
             access_expires_at: None,
+            sends: TokenBucket::new(limits.send_rate, now),
             limits,
             opened_at: now,
             last_heard: now,
@@ -318,7 +328,7 @@ impl Session {
                 let (sender, _) = self.require_identity()?;
                 let conversation = self.conversation(send.conversation, sender)?;
                 self.check_body(&send.body)?;
-                self.append(conversation, send.client_msg_id, Content::Text(send.body))?
+                self.append(conversation, send.client_msg_id, Content::Text(send.body), now)?
             }
             K::EditMessage(edit) => {
                 let (sender, _) = self.require_identity()?;
@@ -328,7 +338,7 @@ impl Session {
                     target: edit.seq,
                     body: edit.body,
                 };
-                self.append(conversation, edit.client_msg_id, content)?
+                self.append(conversation, edit.client_msg_id, content, now)?
             }
             K::DeleteMessage(delete) => {
                 let (sender, _) = self.require_identity()?;
@@ -337,6 +347,7 @@ impl Session {
                     conversation,
                     delete.client_msg_id,
                     Content::Delete { target: delete.seq },
+                    now,
                 )?
             }
             K::Typing(typing) => {
@@ -379,22 +390,23 @@ impl Session {
                     ConversationId::Group(group),
                     create.client_msg_id,
                     Content::Group(command),
+                    now,
                 )?
             }
             K::AddMembers(add) => {
                 let command = GroupCommand::Add(self.users(add.user_ids)?);
-                self.group_change(&add.conversation_id, add.client_msg_id, command)?
+                self.group_change(&add.conversation_id, add.client_msg_id, command, now)?
             }
             K::RemoveMember(remove) => {
                 let command = GroupCommand::Remove(user_id(remove.user_id)?);
-                self.group_change(&remove.conversation_id, remove.client_msg_id, command)?
+                self.group_change(&remove.conversation_id, remove.client_msg_id, command, now)?
             }
             K::LeaveGroup(leave) => {
-                self.group_change(&leave.conversation_id, leave.client_msg_id, GroupCommand::Leave)?
+                self.group_change(&leave.conversation_id, leave.client_msg_id, GroupCommand::Leave, now)?
             }
             K::RenameGroup(rename) => {
                 let command = GroupCommand::Rename(self.title(&rename.title)?);
-                self.group_change(&rename.conversation_id, rename.client_msg_id, command)?
+                self.group_change(&rename.conversation_id, rename.client_msg_id, command, now)?
             }
             K::SetRole(set_role) => {
                 let role = match Role::from_proto(set_role.role) {
@@ -404,7 +416,7 @@ impl Session {
                     }
                 };
                 let command = GroupCommand::SetRole(user_id(set_role.user_id)?, role);
-                self.group_change(&set_role.conversation_id, set_role.client_msg_id, command)?
+                self.group_change(&set_role.conversation_id, set_role.client_msg_id, command, now)?
             }
             K::Sync(sync) => {
                 let (user, _) = self.require_identity()?;
@@ -480,15 +492,26 @@ impl Session {
         })
     }
 
-    /// A message or group change by the authenticated device.
+    /// A message or group change by the authenticated device, within the
+    /// connection's send rate.
     fn append(
-        &self,
+        &mut self,
         conversation: ConversationId,
         client_msg_id: String,
         content: Content,
+        now: Instant,
     ) -> Result<Parsed, Rejection> {
         let (sender, sender_device) = self.require_identity()?;
         self.check_client_msg_id(&client_msg_id)?;
+        if let Err(wait) = self.sends.take(1.0, now) {
+            return reject(
+                ErrorCode::RateLimited,
+                format!(
+                    "sending too fast on this connection; retry in {} ms",
+                    wait.as_millis().max(1)
+                ),
+            );
+        }
         Ok(Parsed::Run(Command::Append(Append {
             conversation,
             sender,
@@ -530,14 +553,20 @@ impl Session {
     }
 
     fn group_change(
-        &self,
+        &mut self,
         conversation_id: &str,
         client_msg_id: String,
         command: GroupCommand,
+        now: Instant,
     ) -> Result<Parsed, Rejection> {
         self.require_identity()?;
         let group = group_id(conversation_id)?;
-        self.append(ConversationId::Group(group), client_msg_id, Content::Group(command))
+        self.append(
+            ConversationId::Group(group),
+            client_msg_id,
+            Content::Group(command),
+            now,
+        )
     }
 
     /// A group title: trimmed, not empty, not too long.
@@ -726,6 +755,10 @@ mod tests {
             max_group_title_chars: 16,
             typing_min_interval: Duration::from_secs(1),
             max_presence_subscriptions: 4,
+            send_rate: Rate {
+                per_second: 1.0,
+                burst: 3.0,
+            },
         }
     }
 
@@ -834,6 +867,25 @@ mod tests {
             client_msg_id: client_msg_id.into(),
             body: body.into(),
         })
+    }
+
+    #[test]
+    fn a_connection_sends_its_burst_then_is_rate_limited_and_stays_open() {
+        let now = Instant::now();
+        let mut session = authenticated_session(now, 1);
+        let to = conversation_ref::Target::DirectUserId(2);
+        for i in 0..3 {
+            let step = session.on_frame(frame(i, send(to.clone(), &format!("m{i}"), "hi")), now);
+            assert!(matches!(step, Step::Run(_)), "{step:?}");
+        }
+        let refused = session.on_frame(frame(9, send(to.clone(), "m9", "hi")), now);
+        assert!(matches!(refused, Step::Reply(_)), "not a close: {refused:?}");
+        assert_eq!(error_code(&refused), Some(ErrorCode::RateLimited));
+        let later = now + Duration::from_secs(1);
+        assert!(matches!(
+            session.on_frame(frame(10, send(to, "m10", "hi")), later),
+            Step::Run(_)
+        ));
     }
 
     #[test]

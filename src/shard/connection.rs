@@ -241,6 +241,17 @@ impl Connection {
         let shard = self.shard.clone();
         match command {
             Command::Append(append) => {
+                let shards = shard.directory.borrow().shards_of(append.sender).count_ones();
+                let charged = shard.quotas.borrow_mut().charge(
+                    append.sender,
+                    append.content.text_bytes(),
+                    shards,
+                    Instant::now(),
+                );
+                if let Err(over) = charged {
+                    let message = format!("{}; retry in {} ms", over.what, over.retry_in.as_millis().max(1));
+                    return Box::pin(std::future::ready(error_frame(id, ErrorCode::RateLimited, message)));
+                }
                 if let Content::Group(GroupCommand::Create { members: users, .. } | GroupCommand::Add(users)) =
                     &append.content
                 {

@@ -23,6 +23,7 @@ mod mesh;
 mod outbound;
 mod owner;
 mod presence;
+mod quotas;
 mod sessions;
 mod store_watch;
 
@@ -104,6 +105,8 @@ pub struct Shard {
     commit_queue: RefCell<VecDeque<Assigned<AppendReply>>>,
     commit_ready: Notify,
     receipts: RefCell<ReceiptCoalescer>,
+    /// What each user may still send through this shard.
+    quotas: RefCell<quotas::SendQuotas>,
     /// Presence of the users whose home this shard is.
     presence: RefCell<PresenceTracker<presence::Subscriber>>,
     presence_changed: Notify,
@@ -192,6 +195,7 @@ async fn run(
         commit_queue: RefCell::default(),
         commit_ready: Notify::new(),
         receipts: RefCell::default(),
+        quotas: RefCell::new(quotas::SendQuotas::new(&context.config.limits)),
         presence: RefCell::new(presence_tracker),
         presence_changed: Notify::new(),
         announcer,

@@ -30,6 +30,11 @@ pub fn config(data_dir: &Path, shards: usize, overrides: &[(&str, &str)]) -> Con
         ("CONFAB_AUTH__ARGON2_MEMORY_KIB".to_owned(), "1024".to_owned()),
         ("CONFAB_AUTH__ARGON2_ITERATIONS".to_owned(), "1".to_owned()),
     ];
+    env.extend(
+        UNLIMITED_SENDS
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned())),
+    );
     if std::env::var("TEST_STORE").as_deref() == Ok("cassandra") {
         let contact = std::env::var("TEST_CASSANDRA").expect("TEST_CASSANDRA=<host:port> with TEST_STORE=cassandra");
         env.push(("CONFAB_STORE__BACKEND".to_owned(), "cassandra".to_owned()));
@@ -46,6 +51,16 @@ pub fn config(data_dir: &Path, shards: usize, overrides: &[(&str, &str)]) -> Con
     env.extend(overrides.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     Config::load_from(None, env).unwrap()
 }
+
+/// Send limits far above what tests send, which pipeline thousands of messages
+/// from one device; the limits have tests of their own (tests/limits.rs).
+pub const UNLIMITED_SENDS: [(&str, &str); 5] = [
+    ("CONFAB_LIMITS__SEND_RATE_PER_DEVICE", "1000000"),
+    ("CONFAB_LIMITS__SEND_BURST_PER_DEVICE", "1000000"),
+    ("CONFAB_LIMITS__SEND_RATE_PER_USER", "1000000"),
+    ("CONFAB_LIMITS__SEND_BURST_PER_USER", "1000000"),
+    ("CONFAB_LIMITS__SEND_MIB_PER_USER_PER_DAY", "1000000"),
+];
 
 /// The transport this test run uses.
 pub fn transport() -> Transport {
@@ -165,6 +180,7 @@ impl BinaryNode {
             .env("CONFAB_AUTH__ARGON2_MEMORY_KIB", "1024")
             .env("CONFAB_AUTH__ARGON2_ITERATIONS", "1")
             .env("CONFAB_LOG__LEVEL", "warn")
+            .envs(UNLIMITED_SENDS)
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped());
         let mut child = command.spawn().unwrap();
