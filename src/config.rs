@@ -69,6 +69,12 @@ pub struct LimitsConfig {
     pub send_rate_per_user: f64,
     pub send_burst_per_user: f64,
     pub send_mib_per_user_per_day: f64,
+    pub login_failures_per_account: u32,
+    pub login_failures_per_ip: u32,
+    pub login_failures_before_lockout: u32,
+    #[serde(with = "humantime_serde")]
+    pub login_lockout: Duration,
+    pub signups_per_ip_per_hour: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -303,6 +309,15 @@ impl Config {
                 self.protocol.max_replay_messages as u128,
             ),
             ("auth.argon2_iterations", u128::from(self.auth.argon2_iterations)),
+            (
+                "limits.login_failures_before_lockout",
+                u128::from(self.limits.login_failures_before_lockout),
+            ),
+            ("limits.login_lockout", self.limits.login_lockout.as_millis()),
+            (
+                "limits.signups_per_ip_per_hour",
+                u128::from(self.limits.signups_per_ip_per_hour),
+            ),
             ("auth.access_token_ttl", self.auth.access_token_ttl.as_millis()),
             ("auth.refresh_token_ttl", self.auth.refresh_token_ttl.as_millis()),
             ("chat.max_body_chars", self.chat.max_body_chars as u128),

@@ -95,6 +95,24 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// Where a client connects from, as per-address limits count it: an IPv4
+/// address whole, an IPv6 one by its /64 (one subscriber usually holds a whole
+/// /64), an IPv4-mapped IPv6 address as its IPv4 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SourceAddress(u128);
+
+impl SourceAddress {
+    pub fn of(ip: std::net::IpAddr) -> Self {
+        match ip {
+            std::net::IpAddr::V4(v4) => Self(u128::from(v4.to_bits())),
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(u128::from(v4.to_bits())),
+                None => Self(v6.to_bits() & !u128::from(u64::MAX) | 1 << 127),
+            },
+        }
+    }
+}
+
 /// Position of a message in its conversation: 1, 2, 3... with no gaps.
 pub type Seq = u64;
 

@@ -2,7 +2,7 @@
 //! Also the node's lifecycle: [`Server::start`] and the two-phase
 //! [`Server::shutdown`].
 
-use crate::auth::{Accounts, HashError, KeyError, PasswordHasher, TokenSigner};
+use crate::auth::{Accounts, HashError, KeyError, PasswordHasher, Throttle, TokenSigner};
 use crate::config::Config;
 use crate::ids::GroupIds;
 use crate::shard::{self, Listeners, Mesh, NodeContext, ShardId, ShardStart};
@@ -72,8 +72,9 @@ impl Server {
             n => n,
         };
         let hasher = PasswordHasher::new(config.auth.argon2_memory_kib, config.auth.argon2_iterations, max_hashes)?;
+        let throttle = Throttle::new(&config.limits, max_hashes);
         let group_ids = GroupIds::new(&signer.derive_secret("group ids"));
-        let accounts = Accounts::new(&config.auth, store.clone(), hasher, signer);
+        let accounts = Accounts::new(&config.auth, store.clone(), hasher, throttle, signer);
         let (mesh, mailboxes) = Mesh::new(shards, config.server.mesh_channel_capacity);
 
         let tcp = bind_each_shard(config.server.listen, shards)?;

@@ -147,3 +147,109 @@ async fn a_connection_ends_with_its_access_token_unless_it_authenticates_again()
     );
     node.shutdown().await;
 }
+
+/// A client connecting from `ip` (any 127.0.0.0/8 address).
+async fn client_from(node: &TestServer, ip: [u8; 4]) -> Client {
+    let options = confab_client::ClientOptions {
+        local_ip: Some(ip.into()),
+        ..confab_client::ClientOptions::default()
+    };
+    Client::connect_with(confab_client::Endpoint::tcp(node.tcp), options)
+        .await
+        .unwrap()
+}
+
+/// Wrong-password log-ins were limited only per connection: reconnecting reset
+/// the count, and every attempt took a hash from the one shared pool. Now an
+/// account and an address back off, then lock, without locking out the
+/// account's devices; sign-ups per address are limited too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_passwords_backs_off_per_account_and_per_address() {
+    let mut node = TestServer::start_with(
+        1,
+        &[
+            ("CONFAB_LIMITS__EXEMPT_LOOPBACK", "false"),
+            ("CONFAB_LIMITS__LOGIN_FAILURES_PER_ACCOUNT", "3"),
+            ("CONFAB_LIMITS__LOGIN_FAILURES_BEFORE_LOCKOUT", "4"),
+            ("CONFAB_LIMITS__LOGIN_FAILURES_PER_IP", "6"),
+            ("CONFAB_LIMITS__SIGNUPS_PER_IP_PER_HOUR", "3"),
+        ],
+    )
+    .await;
+    let victim_name = common::unique_name("victim");
+    let victim = client_from(&node, [127, 0, 0, 2]).await;
+    let victim_login = victim
+        .register_and_authenticate(&victim_name, PASSWORD, "phone")
+        .await
+        .unwrap();
+
+    // Guesses from one address, a fresh connection each (so the per-connection
+    // limit never closes one): the account backs off, then locks.
+    let mut refused = None;
+    for attempt in 0..6 {
+        let attacker = client_from(&node, [127, 0, 0, 3]).await;
+        match attacker.log_in(&victim_name, "wrong password", "x").await {
+            Err(err) if err.code() == Some(ErrorCode::Unauthenticated) => {}
+            Err(err) if err.code() == Some(ErrorCode::RateLimited) => {
+                assert!(attempt >= 3, "refused after {attempt} failures: {err}");
+                assert!(err.to_string().contains("retry in"), "{err}");
+                // Refused, not closed.
+                assert_eq!(attacker.ping(1).await.unwrap(), 1);
+                refused = Some(err);
+                break;
+            }
+            other => panic!("attempt {attempt}: {other:?}"),
+        }
+    }
+    assert!(refused.is_some(), "the account never backed off");
+    // Even the right password waits now, from anywhere...
+    let owner = client_from(&node, [127, 0, 0, 4]).await;
+    assert_eq!(
+        code(owner.log_in(&victim_name, PASSWORD, "laptop").await),
+        ErrorCode::RateLimited
+    );
+    // ...but the owner's device refreshes its tokens and stays in.
+    let refreshed = owner
+        .refresh(&victim_login.tokens.unwrap().refresh_token)
+        .await
+        .unwrap();
+    owner
+        .authenticate(&refreshed.tokens.unwrap().access_token)
+        .await
+        .unwrap();
+
+    // One address guessing many accounts backs off as a whole.
+    let mut address_refused = false;
+    for attempt in 0..10 {
+        let attacker = client_from(&node, [127, 0, 0, 5]).await;
+        let name = common::unique_name("nobody");
+        match attacker.log_in(&name, "wrong password", "x").await {
+            Err(err) if err.code() == Some(ErrorCode::Unauthenticated) => assert!(attempt < 6),
+            Err(err) if err.code() == Some(ErrorCode::RateLimited) => {
+                assert!(err.to_string().contains("your address"), "{err}");
+                address_refused = true;
+                break;
+            }
+            other => panic!("attempt {attempt}: {other:?}"),
+        }
+    }
+    assert!(address_refused, "the address never backed off");
+    // Others log in as usual.
+    let (_, _, other_name) = new_user(node.addr, "bystander").await;
+    client_from(&node, [127, 0, 0, 6])
+        .await
+        .log_in(&other_name, PASSWORD, "phone")
+        .await
+        .unwrap();
+
+    // Sign-ups: three an hour from one address.
+    let signer = client_from(&node, [127, 0, 0, 7]).await;
+    for _ in 0..3 {
+        signer.sign_up(&common::unique_name("many"), PASSWORD).await.unwrap();
+    }
+    assert_eq!(
+        code(signer.sign_up(&common::unique_name("many"), PASSWORD).await),
+        ErrorCode::RateLimited
+    );
+    node.shutdown().await;
+}

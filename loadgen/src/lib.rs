@@ -11,6 +11,8 @@ pub mod connect;
 pub mod echo;
 /// One account sending as fast as the server lets it.
 pub mod flood;
+/// Real log-ins during a password-guessing attack.
+pub mod logins;
 /// What a loadgen message body carries.
 pub mod payload;
 /// Who talks to whom: direct and group scenarios.

@@ -90,6 +90,21 @@ enum Scenario {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
         duration: Duration,
     },
+    /// Real users log in at --rate from 127.0.0.2 while --attackers tasks guess
+    /// passwords from 127.0.0.3; reports the real log-ins' latency and refusals.
+    Logins {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 20)]
+        users: usize,
+        /// Real log-ins per second.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 300)]
+        attackers: usize,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+        duration: Duration,
+    },
     /// Only the raw loopback echo baseline.
     EchoBaseline {
         #[arg(long, default_value_t = 100)]
@@ -217,6 +232,20 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
             }
             let flood = confab_loadgen::flood::run(target.endpoint()?, in_flight, body_bytes, duration).await?;
             println!("{}", flood.print());
+            return Ok(true);
+        }
+        Scenario::Logins {
+            target,
+            users,
+            rate,
+            attackers,
+            duration,
+        } => {
+            if duration > Duration::from_secs(600) || attackers > 5000 {
+                bail!("--duration must be at most 10 minutes and --attackers at most 5000");
+            }
+            let report = confab_loadgen::logins::run(target.endpoint()?, users, rate, attackers, duration).await?;
+            println!("{}", report.print());
             return Ok(true);
         }
         Scenario::Connect {

@@ -8,13 +8,15 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
-const PASSWORD: &str = "loadgen-password";
+/// Every loadgen account's password.
+pub const PASSWORD: &str = "loadgen-password";
 /// Accounts set up at once.
 const SETUP_CONCURRENCY: usize = 32;
 
 /// One authenticated connection of its own user.
 #[derive(Debug, Clone)]
 pub struct Member {
+    pub name: String,
     pub device: Device,
     pub user_id: u64,
     pub access_token: String,
@@ -37,6 +39,7 @@ pub async fn members(connector: &Connector, count: usize) -> anyhow::Result<Vec<
                 .await
                 .with_context(|| format!("setting up user {name}"))?;
             anyhow::Ok(Member {
+                name,
                 device: Device::try_from(index).context("too many devices")?,
                 user_id: login.user_id,
                 access_token: login.tokens.map(|tokens| tokens.access_token).unwrap_or_default(),

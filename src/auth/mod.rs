@@ -7,10 +7,12 @@
 
 mod credentials;
 mod password;
+mod throttle;
 mod token;
 
 pub use credentials::{InvalidPassword, InvalidUsername, Password, Username, device_name};
 pub use password::{HashError, PasswordHasher};
+pub use throttle::{Throttle, Throttled};
 pub use token::{Claims, KeyError, TokenError, TokenSigner};
 
 use crate::clock::unix_ms;
@@ -18,7 +20,9 @@ use crate::config::AuthConfig;
 use crate::ids::{DeviceId, UserId};
 use crate::protocol::{ErrorCode, ErrorKind};
 use crate::store::{DeviceRecord, NewUser, Store, StoreError};
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 use token::{PresentedRefresh, RefreshSecret};
 
 /// Why an account operation failed. Messages are safe to show to the client.
@@ -41,6 +45,8 @@ pub enum AuthError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Hash(#[from] HashError),
+    #[error(transparent)]
+    Throttled(#[from] Throttled),
 }
 
 /// Tokens handed to a device.
@@ -68,24 +74,40 @@ pub struct Identity {
 pub struct Accounts {
     store: Arc<dyn Store>,
     hasher: PasswordHasher,
+    throttle: Throttle,
     signer: TokenSigner,
     access_ttl_ms: u64,
     refresh_ttl_ms: u64,
 }
 
 impl Accounts {
-    pub fn new(config: &AuthConfig, store: Arc<dyn Store>, hasher: PasswordHasher, signer: TokenSigner) -> Self {
+    pub fn new(
+        config: &AuthConfig,
+        store: Arc<dyn Store>,
+        hasher: PasswordHasher,
+        throttle: Throttle,
+        signer: TokenSigner,
+    ) -> Self {
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Self {
             store,
             hasher,
+            throttle,
             signer,
             access_ttl_ms: ms(config.access_token_ttl),
             refresh_ttl_ms: ms(config.refresh_token_ttl),
         }
     }
 
-    pub async fn sign_up(&self, username: Username, password: Password) -> Result<UserId, AuthError> {
+    /// Creates an account, for a client at `from` (its address counts against
+    /// the sign-up limits).
+    pub async fn sign_up(
+        &self,
+        username: Username,
+        password: Password,
+        from: Option<IpAddr>,
+    ) -> Result<UserId, AuthError> {
+        let _slot = self.throttle.before_sign_up(from, Instant::now())?;
         // Cheap check first so a taken name does not cost a hash.
         if self.store.user_by_name(username.as_str()).await?.is_some() {
             return Err(AuthError::UsernameTaken);
@@ -107,19 +129,29 @@ impl Accounts {
         Ok(user.id)
     }
 
+    /// Logs a new device in with a password, for a client at `from`; failures
+    /// count against the account and the address (see [`Throttle`]).
     pub async fn log_in(
         &self,
         username: Username,
         password: Password,
         device_name: String,
+        from: Option<IpAddr>,
     ) -> Result<Grant, AuthError> {
-        let user = self.store.user_by_name(username.as_str()).await?;
+        let account = username.as_str();
+        let slot = self.throttle.before_log_in(account, from, Instant::now())?;
+        let user = self.store.user_by_name(account).await?;
         let stored_hash = user.as_ref().map(|user| user.password_hash.clone());
         let verified = self.hasher.verify(password, stored_hash).await?;
+        drop(slot);
         let user = match user {
             Some(user) if verified => user,
-            _ => return Err(AuthError::InvalidCredentials),
+            _ => {
+                self.throttle.failed(account, from, Instant::now());
+                return Err(AuthError::InvalidCredentials);
+            }
         };
+        self.throttle.succeeded(account);
         let device = DeviceId::random();
         let now = unix_ms();
         let refresh = RefreshSecret::generate(user.id, device);
@@ -235,6 +267,7 @@ impl ErrorKind for AuthError {
             }
             Self::UnknownUser => ErrorCode::NotFound,
             Self::Hash(HashError::Busy) => ErrorCode::Unavailable,
+            Self::Throttled(_) => ErrorCode::RateLimited,
             Self::Store(err) => err.code(),
             Self::Hash(_) => ErrorCode::Internal,
         }

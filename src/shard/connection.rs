@@ -376,20 +376,23 @@ impl Connection {
         let accounts = self.shard.accounts.clone();
         let result = match command {
             Command::SignUp { username, password } => accounts
-                .sign_up(username, password)
+                .sign_up(username, password, Some(self.peer.ip()))
                 .await
                 .map(|user| Kind::SignedUp(v1::SignedUp { user_id: user.get() })),
             Command::LogIn {
                 username,
                 password,
                 device_name,
-            } => accounts.log_in(username, password, device_name).await.map(|grant| {
-                Kind::LoggedIn(v1::LoggedIn {
-                    user_id: grant.user.get(),
-                    device_id: grant.device.get(),
-                    tokens: Some(tokens(grant)),
-                })
-            }),
+            } => accounts
+                .log_in(username, password, device_name, Some(self.peer.ip()))
+                .await
+                .map(|grant| {
+                    Kind::LoggedIn(v1::LoggedIn {
+                        user_id: grant.user.get(),
+                        device_id: grant.device.get(),
+                        tokens: Some(tokens(grant)),
+                    })
+                }),
             Command::RefreshToken { refresh_token } => accounts.refresh(&refresh_token).await.map(|grant| {
                 Kind::LoggedIn(v1::LoggedIn {
                     user_id: grant.user.get(),

@@ -15,6 +15,7 @@
 //! the message path.
 
 use crate::config::LimitsConfig;
+use crate::ids::SourceAddress;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -52,30 +53,14 @@ struct Slots {
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
-    by_address: HashMap<AddressKey, usize>,
-}
-
-/// An address as limits see it: IPv4 whole, IPv6 by its /64.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct AddressKey(u128);
-
-impl AddressKey {
-    fn of(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(v4) => Self(u128::from(v4.to_bits())),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Self(u128::from(v4.to_bits())),
-                None => Self(v6.to_bits() & !u128::from(u64::MAX) | 1 << 127),
-            },
-        }
-    }
+    by_address: HashMap<SourceAddress, usize>,
 }
 
 /// A connection slot, given back when dropped.
 #[derive(Debug)]
 pub struct Permit {
     slots: Arc<Slots>,
-    address: Option<AddressKey>,
+    address: Option<SourceAddress>,
 }
 
 impl Admission {
@@ -103,7 +88,7 @@ impl Admission {
     /// Takes a slot for a connection from `ip`, if one is free.
     pub fn admit(&self, ip: IpAddr) -> Result<Permit, Refused> {
         let slots = &self.0;
-        let address = (!(slots.exempt_loopback && ip.is_loopback())).then(|| AddressKey::of(ip));
+        let address = (!(slots.exempt_loopback && ip.is_loopback())).then(|| SourceAddress::of(ip));
         let mut counts = slots.counts.lock().unwrap_or_else(PoisonError::into_inner);
         if counts.total >= slots.max_total {
             return Err(Refused::NodeFull);

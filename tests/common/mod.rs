@@ -31,7 +31,7 @@ pub fn config(data_dir: &Path, shards: usize, overrides: &[(&str, &str)]) -> Con
         ("CONFAB_AUTH__ARGON2_ITERATIONS".to_owned(), "1".to_owned()),
     ];
     env.extend(
-        UNLIMITED_SENDS
+        TEST_LIMITS
             .iter()
             .map(|(key, value)| ((*key).to_owned(), (*value).to_owned())),
     );
@@ -52,9 +52,11 @@ pub fn config(data_dir: &Path, shards: usize, overrides: &[(&str, &str)]) -> Con
     Config::load_from(None, env).unwrap()
 }
 
-/// Send limits far above what tests send, which pipeline thousands of messages
-/// from one device; the limits have tests of their own (tests/limits.rs).
-pub const UNLIMITED_SENDS: [(&str, &str); 5] = [
+/// Abuse limits out of the way of tests, which sign up hundreds of users from
+/// loopback and pipeline thousands of messages from one device; the limits have
+/// tests of their own (tests/limits.rs, tests/accounts.rs).
+pub const TEST_LIMITS: [(&str, &str); 6] = [
+    ("CONFAB_LIMITS__EXEMPT_LOOPBACK", "true"),
     ("CONFAB_LIMITS__SEND_RATE_PER_DEVICE", "1000000"),
     ("CONFAB_LIMITS__SEND_BURST_PER_DEVICE", "1000000"),
     ("CONFAB_LIMITS__SEND_RATE_PER_USER", "1000000"),
@@ -180,7 +182,7 @@ impl BinaryNode {
             .env("CONFAB_AUTH__ARGON2_MEMORY_KIB", "1024")
             .env("CONFAB_AUTH__ARGON2_ITERATIONS", "1")
             .env("CONFAB_LOG__LEVEL", "warn")
-            .envs(UNLIMITED_SENDS)
+            .envs(TEST_LIMITS)
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped());
         let mut child = command.spawn().unwrap();
