@@ -102,8 +102,13 @@ impl<S: Clone + Eq + Hash> PresenceTracker<S> {
     }
 
     pub fn unsubscribe(&mut self, user: UserId, subscriber: &S) {
+        self.unsubscribe_where(user, |candidate| candidate == subscriber);
+    }
+
+    /// Removes every subscriber of `user` that `matches`.
+    pub fn unsubscribe_where(&mut self, user: UserId, matches: impl Fn(&S) -> bool) {
         if let Some(entry) = self.users.get_mut(&user) {
-            entry.subscribers.remove(subscriber);
+            entry.subscribers.retain(|subscriber| !matches(subscriber));
         }
         self.forget_if_idle(user);
     }

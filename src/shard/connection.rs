@@ -129,6 +129,7 @@ pub async fn run(shard: Rc<Shard>, source: impl FrameSource, outbound: Outbound,
         outbound,
         kick: Rc::new(Kick::default()),
         registered: None,
+        visibility: Rc::default(),
         peer,
     };
     let closed = match connection.serve(source).await {
@@ -146,6 +147,8 @@ struct Connection {
     kick: Rc<Kick>,
     /// The user this connection is registered for in the shard's sessions.
     registered: Option<crate::ids::UserId>,
+    /// Whom its user may see presence of, as lately worked out.
+    visibility: Rc<RefCell<presence::Visibility>>,
     peer: SocketAddr,
 }
 
@@ -330,12 +333,15 @@ impl Connection {
                     Err(err) => failure(id, &err),
                 }
             }),
-            Command::SubscribePresence { subscriber, users } => Box::pin(async move {
-                match presence::subscribe_users(&shard, subscriber, users).await {
-                    Ok(list) => reply_frame(id, Kind::PresenceList(list)),
-                    Err(err) => failure(id, &err),
-                }
-            }),
+            Command::SubscribePresence { subscriber, users } => {
+                let visibility = self.visibility.clone();
+                Box::pin(async move {
+                    match presence::subscribe_users(&shard, subscriber, users, &visibility).await {
+                        Ok(list) => reply_frame(id, Kind::PresenceList(list)),
+                        Err(err) => failure(id, &err),
+                    }
+                })
+            }
             Command::UnsubscribePresence { subscriber, users } => Box::pin(async move {
                 presence::unsubscribe_users(&shard, subscriber, users).await;
                 reply_frame(id, Kind::Done(v1::Done {}))

@@ -41,6 +41,9 @@ pub enum ShardMsg {
         user: UserId,
         subscriber: (ShardId, UserId),
     },
+    /// To `user`'s presence home: `subscriber` (on any shard) no longer shares
+    /// a conversation with it.
+    Forget { user: UserId, subscriber: UserId },
     /// To a conversation's owner: an ephemeral signal from `user` for the members.
     Signal {
         conversation: ConversationId,

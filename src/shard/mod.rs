@@ -303,6 +303,7 @@ async fn mailbox_loop(shard: Rc<Shard>, mut mailbox: mpsc::Receiver<ShardMsg>) {
                 reply,
             } => presence::subscribe(&shard, user, subscriber, reply),
             ShardMsg::Unsubscribe { user, subscriber } => presence::unsubscribe(&shard, user, subscriber),
+            ShardMsg::Forget { user, subscriber } => presence::forget(&shard, user, subscriber),
             ShardMsg::Signal {
                 conversation,
                 user,

@@ -16,6 +16,7 @@ use crate::clock::unix_ms;
 use crate::ids::UserId;
 use crate::ids::{ConversationId, DeviceId};
 use crate::protocol::push_frame;
+use crate::store::GroupEvent;
 use bytes::Bytes;
 use confab_proto::v1::{self, server_frame::Kind};
 use futures::StreamExt as _;
@@ -214,11 +215,17 @@ fn prepare_commit(
     } in batch
     {
         conversations.insert(record.conversation);
+        let left_group = match &record.event {
+            Some(GroupEvent::MemberRemoved(user)) => Some(*user),
+            Some(GroupEvent::MemberLeft { .. }) => Some(record.sender),
+            _ => None,
+        };
         committing.push(Committing {
             frame: message_frame(&record),
             ack: SendAck::of(&record),
             sender: (record.sender, record.sender_device),
             recipients,
+            left_group,
             reply,
         });
         records.push(record);
@@ -268,6 +275,8 @@ struct Committing {
     /// The sending (user, device): it gets the ack, not the push.
     sender: (UserId, DeviceId),
     recipients: Arc<[UserId]>,
+    /// The user this message takes out of its group, if any.
+    left_group: Option<UserId>,
     reply: AppendReply,
 }
 
@@ -275,6 +284,10 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
     let shards = shard.mesh.shard_count();
     let mut per_shard: Vec<Vec<Delivery>> = vec![Vec::new(); shards];
     for message in committed {
+        if let Some(left) = message.left_group {
+            let others = message.recipients.to_vec();
+            shard.spawn_core(super::presence::membership_ended(shard.clone(), left, others));
+        }
         let users = split_by_shard(shard, &message.recipients);
         for (deliveries, users) in per_shard.iter_mut().zip(users) {
             if !users.is_empty() {

@@ -7,12 +7,13 @@ use super::mesh::{Delivery, ShardMsg};
 use super::{Shard, ShardId};
 use crate::chat::{ChatError, Presence, Update};
 use crate::clock::unix_ms;
-use crate::ids::{ConversationId, UserId};
+use crate::ids::{ConversationId, GroupId, UserId};
 use crate::protocol::push_frame;
 use confab_proto::v1::{self, server_frame::Kind};
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// A subscriber: a user, on the shard that holds its sessions.
@@ -109,24 +110,67 @@ pub(super) fn presence_proto(user: UserId, presence: Presence) -> v1::PresenceUp
     }
 }
 
+/// Point reads one SubscribePresence may make to decide who its subscriber may
+/// see; a user still undecided past it is listed as hidden.
+const MAX_VISIBILITY_READS: usize = 4096;
+/// How long a connection remembers that its user may not see someone.
+const HIDDEN_TTL: Duration = Duration::from_secs(10);
+
+/// Whom a connection's user was lately found not to share a conversation with
+/// (the costly answer: every group checked), so subscribing to them again costs
+/// no reads. A visible user is checked each time (the first shared group or
+/// direct conversation ends the check), so a membership that ended shows at once.
+#[derive(Debug, Default)]
+pub(super) struct Visibility {
+    hidden: HashMap<UserId, Instant>,
+}
+
+impl Visibility {
+    fn is_hidden(&self, user: UserId, now: Instant) -> bool {
+        self.hidden
+            .get(&user)
+            .is_some_and(|at| now.duration_since(*at) < HIDDEN_TTL)
+    }
+
+    fn hide(&mut self, user: UserId, now: Instant, max: usize) {
+        if self.hidden.len() >= max {
+            self.hidden.retain(|_, at| now.duration_since(*at) < HIDDEN_TTL);
+        }
+        if self.hidden.len() < max {
+            self.hidden.insert(user, now);
+        }
+    }
+}
+
 /// Subscribes `subscriber` to the presence of `users` it may see (those sharing a
-/// conversation with it); the others are listed as hidden.
+/// conversation with it); the others are listed as hidden. Decided from the
+/// subscriber's side only — its own conversations, and point reads of its
+/// groups' membership — so the cost follows the subscriber's data, never the
+/// targets'.
 pub(super) async fn subscribe_users(
     shard: &Shard,
     subscriber: UserId,
     users: Vec<UserId>,
+    visibility: &RefCell<Visibility>,
 ) -> Result<v1::PresenceList, ChatError> {
-    let contacts = contacts(shard, subscriber).await?;
+    let now = Instant::now();
+    let max_cached = shard.limits.max_presence_subscriptions * 4;
+    let mut contacts = None;
+    let mut budget = MAX_VISIBILITY_READS;
     let mut list = v1::PresenceList::default();
     for user in users {
-        let visible = user == subscriber
-            || contacts.direct.contains(&user)
-            || shard
-                .store
-                .conversations(user)
-                .await?
-                .iter()
-                .any(|head| head.left_seq.is_none() && contacts.groups.contains(&head.conversation));
+        let mut visible = false;
+        if !visibility.borrow().is_hidden(user, now) {
+            if contacts.is_none() {
+                contacts = Some(Contacts::of(shard, subscriber).await?);
+            }
+            if let Some(contacts) = &contacts {
+                visible = contacts.see(shard, subscriber, user, &mut budget).await?;
+            }
+            if !visible {
+                visibility.borrow_mut().hide(user, now, max_cached);
+            }
+        }
         if !visible {
             list.hidden.push(user.get());
             continue;
@@ -159,29 +203,88 @@ pub(super) async fn unsubscribe_users(shard: &Shard, subscriber: UserId, users: 
     }
 }
 
-/// Who shares a conversation with a user.
-struct Contacts {
-    direct: HashSet<UserId>,
-    groups: HashSet<ConversationId>,
-}
-
-async fn contacts(shard: &Shard, user: UserId) -> Result<Contacts, ChatError> {
-    let mut contacts = Contacts {
-        direct: HashSet::new(),
-        groups: HashSet::new(),
+/// `left` is no longer in a group with `others`: where they now share no
+/// conversation at all, their presence subscriptions to each other end (on
+/// every shard, both ways).
+pub(super) async fn membership_ended(shard: Rc<Shard>, left: UserId, others: Vec<UserId>) {
+    let contacts = match Contacts::of(&shard, left).await {
+        Ok(contacts) => contacts,
+        Err(err) => return tracing::warn!(user = %left, error = %err, "presence subscriptions not rechecked"),
     };
-    for head in shard.store.conversations(user).await? {
-        match head.conversation {
-            ConversationId::Direct { .. } => {
-                contacts
-                    .direct
-                    .extend(head.conversation.direct_members().filter(|member| *member != user));
+    let mut budget = usize::MAX;
+    for other in others.into_iter().filter(|other| *other != left) {
+        match contacts.see(&shard, left, other, &mut budget).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(user = %left, error = %err, "presence subscriptions not rechecked");
+                continue;
             }
-            ConversationId::Group(_) if head.left_seq.is_none() => {
-                contacts.groups.insert(head.conversation);
-            }
-            ConversationId::Group(_) => {}
+        }
+        for (user, subscriber) in [(other, left), (left, other)] {
+            let forget = ShardMsg::Forget { user, subscriber };
+            // A stopped home shard has no subscriptions left.
+            let _ = shard.mesh.send(shard.mesh.home_of(user), forget).await;
         }
     }
-    Ok(contacts)
+}
+
+/// Ends every subscription of `subscriber` (from any shard) to `user`.
+pub(super) fn forget(shard: &Shard, user: UserId, subscriber: UserId) {
+    shard
+        .presence
+        .borrow_mut()
+        .unsubscribe_where(user, |(_, candidate)| *candidate == subscriber);
+}
+
+/// Whom a user shares conversations with: its direct peers, and its current groups.
+struct Contacts {
+    direct: HashSet<UserId>,
+    groups: Vec<GroupId>,
+}
+
+impl Contacts {
+    /// From the user's own conversation index.
+    async fn of(shard: &Shard, user: UserId) -> Result<Self, ChatError> {
+        let mut contacts = Self {
+            direct: HashSet::new(),
+            groups: Vec::new(),
+        };
+        for head in shard.store.conversations(user).await? {
+            match head.conversation {
+                ConversationId::Direct { .. } => {
+                    contacts
+                        .direct
+                        .extend(head.conversation.direct_members().filter(|member| *member != user));
+                }
+                ConversationId::Group(group) if head.left_seq.is_none() => contacts.groups.push(group),
+                ConversationId::Group(_) => {}
+            }
+        }
+        Ok(contacts)
+    }
+
+    /// Whether `me` may see `other`: itself, a direct peer, or a current member
+    /// of one of `me`'s groups (point reads, at most `budget` of them; past it,
+    /// no).
+    async fn see(&self, shard: &Shard, me: UserId, other: UserId, budget: &mut usize) -> Result<bool, ChatError> {
+        if other == me || self.direct.contains(&other) {
+            return Ok(true);
+        }
+        for group in &self.groups {
+            if *budget == 0 {
+                return Ok(false);
+            }
+            *budget -= 1;
+            if shard
+                .store
+                .member(*group, other)
+                .await?
+                .is_some_and(|member| member.left_seq.is_none())
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
