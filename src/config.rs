@@ -130,6 +130,9 @@ pub struct AuthConfig {
     pub access_token_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub refresh_token_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub session_lifetime: Duration,
+    pub max_devices_per_user: usize,
     pub argon2_memory_kib: u32,
     pub argon2_iterations: u32,
     pub max_concurrent_hashes: usize,
@@ -320,6 +323,8 @@ impl Config {
             ),
             ("auth.access_token_ttl", self.auth.access_token_ttl.as_millis()),
             ("auth.refresh_token_ttl", self.auth.refresh_token_ttl.as_millis()),
+            ("auth.session_lifetime", self.auth.session_lifetime.as_millis()),
+            ("auth.max_devices_per_user", self.auth.max_devices_per_user as u128),
             ("chat.max_body_chars", self.chat.max_body_chars as u128),
             ("chat.max_history_limit", u128::from(self.chat.max_history_limit)),
             ("chat.max_group_title_chars", self.chat.max_group_title_chars as u128),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{PASSWORD, TestServer, code, new_user};
+use common::{PASSWORD, TestServer, code, new_user, within};
 use confab_client::Client;
 use confab_client::proto::ErrorCode;
 
@@ -17,11 +17,14 @@ async fn refresh_rotates_and_the_old_refresh_token_dies() {
     let new = renewed.tokens.unwrap();
     assert_eq!((renewed.user_id, renewed.device_id), (login.user_id, login.device_id));
     assert_ne!(new.refresh_token, old.refresh_token);
+    client.authenticate(&new.access_token).await.unwrap();
+    // The old one no longer refreshes; presenting it at all logs the device out
+    // (see the reuse test below).
+    let other = Client::connect(node.addr).await.unwrap();
     assert_eq!(
-        code(client.refresh(&old.refresh_token).await),
+        code(other.refresh(&old.refresh_token).await),
         ErrorCode::Unauthenticated
     );
-    client.authenticate(&new.access_token).await.unwrap();
     node.shutdown().await;
 }
 
@@ -250,6 +253,168 @@ async fn guessing_passwords_backs_off_per_account_and_per_address() {
     assert_eq!(
         code(signer.sign_up(&common::unique_name("many"), PASSWORD).await),
         ErrorCode::RateLimited
+    );
+    node.shutdown().await;
+}
+
+/// A refresh token presented again after it was replaced was stolen (or the
+/// owner is using one a thief already replaced): the device is logged out. Of
+/// two refreshes with one token only one wins, and a refresh racing LogOut does
+/// not bring the device back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_tokens_rotate_as_compare_and_set_and_a_reused_one_logs_the_device_out() {
+    let mut node = TestServer::start(2).await;
+    let (phone, login, _) = new_user(node.addr, "family").await;
+    let first = login.tokens.unwrap();
+    let client = Client::connect(node.addr).await.unwrap();
+    let second = client.refresh(&first.refresh_token).await.unwrap().tokens.unwrap();
+
+    // The replaced token again: the device is logged out, everywhere.
+    assert_eq!(
+        code(client.refresh(&first.refresh_token).await),
+        ErrorCode::Unauthenticated
+    );
+    assert_eq!(
+        code(client.refresh(&second.refresh_token).await),
+        ErrorCode::Unauthenticated
+    );
+    match within(std::time::Duration::from_secs(10), phone.next_event()).await {
+        Some(confab_client::Event::Closed(Some(error))) => {
+            assert_eq!(error.code, ErrorCode::Unauthenticated as i32)
+        }
+        other => panic!("the device's connection should be closed: {other:?}"),
+    }
+    let fresh = Client::connect(node.addr).await.unwrap();
+    assert_eq!(
+        code(fresh.authenticate(&second.access_token).await),
+        ErrorCode::Unauthenticated
+    );
+
+    // Two refreshes with one token at once: exactly one succeeds.
+    let (_, login, name) = new_user(node.addr, "race").await;
+    let token = login.tokens.unwrap().refresh_token;
+    let (a, b) = (
+        Client::connect(node.addr).await.unwrap(),
+        Client::connect(node.addr).await.unwrap(),
+    );
+    let (first, second) = tokio::join!(a.refresh(&token), b.refresh(&token));
+    assert_eq!(
+        [first.is_ok(), second.is_ok()].iter().filter(|ok| **ok).count(),
+        1,
+        "{first:?} {second:?}"
+    );
+
+    // A refresh racing LogOut cannot re-create the device.
+    let (laptop, login) = common::second_device(node.addr, &name).await;
+    let token = login.tokens.unwrap().refresh_token;
+    let other = Client::connect(node.addr).await.unwrap();
+    let (logged_out, refreshed) = tokio::join!(laptop.log_out(), other.refresh(&token));
+    logged_out.unwrap();
+    if let Ok(refreshed) = refreshed {
+        // The refresh went first: its new tokens die with the device.
+        let tokens = refreshed.tokens.unwrap();
+        assert_eq!(
+            code(other.refresh(&tokens.refresh_token).await),
+            ErrorCode::Unauthenticated
+        );
+    }
+    assert_eq!(code(other.refresh(&token).await), ErrorCode::Unauthenticated);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_listed_revoked_capped_and_a_password_change_logs_the_others_out() {
+    let mut node = TestServer::start_with(1, &[("CONFAB_AUTH__MAX_DEVICES_PER_USER", "3")]).await;
+    let (phone, phone_login, name) = new_user(node.addr, "devices").await;
+    let (laptop, laptop_login) = common::second_device(node.addr, &name).await;
+    let (tablet, tablet_login) = common::second_device(node.addr, &name).await;
+
+    let devices = phone.list_devices().await.unwrap();
+    assert_eq!(devices.len(), 3);
+    assert!(
+        devices
+            .iter()
+            .any(|d| d.device_id == phone_login.device_id && d.current)
+    );
+    assert!(
+        devices
+            .iter()
+            .all(|d| d.current == (d.device_id == phone_login.device_id))
+    );
+    // A fourth device is refused until one goes.
+    let extra = Client::connect(node.addr).await.unwrap();
+    assert_eq!(code(extra.log_in(&name, PASSWORD, "fourth").await), ErrorCode::TooLarge);
+
+    // Revoking the tablet closes its connection and frees a place.
+    phone.revoke_device(tablet_login.device_id).await.unwrap();
+    match within(std::time::Duration::from_secs(10), tablet.next_event()).await {
+        Some(confab_client::Event::Closed(Some(error))) => {
+            assert_eq!(error.code, ErrorCode::Unauthenticated as i32)
+        }
+        other => panic!("the tablet's connection should be closed: {other:?}"),
+    }
+    assert_eq!(
+        code(phone.revoke_device(tablet_login.device_id).await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        code(phone.revoke_device(phone_login.device_id).await),
+        ErrorCode::BadRequest
+    );
+    let fourth = extra.log_in(&name, PASSWORD, "fourth").await.unwrap();
+
+    // A password change needs the current password and logs every other device out.
+    assert_eq!(
+        code(phone.change_password("not my password", "new password 1").await),
+        ErrorCode::Unauthenticated
+    );
+    phone.change_password(PASSWORD, "new password 1").await.unwrap();
+    match within(std::time::Duration::from_secs(10), laptop.next_event()).await {
+        Some(confab_client::Event::Closed(Some(_))) => {}
+        other => panic!("the laptop's connection should be closed: {other:?}"),
+    }
+    let remaining: Vec<u64> = phone
+        .list_devices()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.device_id)
+        .collect();
+    assert_eq!(remaining, vec![phone_login.device_id]);
+    assert_eq!(
+        code(extra.refresh(&laptop_login.tokens.unwrap().refresh_token).await),
+        ErrorCode::Unauthenticated
+    );
+    assert_eq!(
+        code(extra.refresh(&fourth.tokens.unwrap().refresh_token).await),
+        ErrorCode::Unauthenticated
+    );
+    let again = Client::connect(node.addr).await.unwrap();
+    assert_eq!(
+        code(again.log_in(&name, PASSWORD, "old").await),
+        ErrorCode::Unauthenticated
+    );
+    again.log_in(&name, "new password 1", "new").await.unwrap();
+    node.shutdown().await;
+}
+
+/// Refreshing slides a device's expiry forward, but never past
+/// `auth.session_lifetime` after it logged in with its password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshing_does_not_outlive_the_session_lifetime() {
+    let mut node = TestServer::start_with(1, &[("CONFAB_AUTH__SESSION_LIFETIME", "2s")]).await;
+    let (_, login, _) = new_user(node.addr, "lifetime").await;
+    let tokens = login.tokens.unwrap();
+    let client = Client::connect(node.addr).await.unwrap();
+    let renewed = client.refresh(&tokens.refresh_token).await.unwrap().tokens.unwrap();
+    assert!(renewed.refresh_expires_at_ms <= tokens.refresh_expires_at_ms + 2000);
+    common::eventually(std::time::Duration::from_secs(10), || {
+        confab::clock::unix_ms() > renewed.refresh_expires_at_ms
+    })
+    .await;
+    assert_eq!(
+        code(client.refresh(&renewed.refresh_token).await),
+        ErrorCode::Unauthenticated
     );
     node.shutdown().await;
 }

@@ -191,16 +191,54 @@ async fn devices_round_trip_and_delete() {
         id: DeviceId::new(2).unwrap(),
         name: "phone".into(),
         refresh_hash: [7; 32],
+        previous_refresh_hash: [0; 32],
         refresh_expires_at_ms: 99,
         created_at_ms: 1,
+        refreshed_at_ms: 1,
     };
     store.put_device(device.clone()).await.unwrap();
     assert_eq!(
         store.device(device.user, device.id).await.unwrap(),
         Some(device.clone())
     );
+    let other = DeviceRecord {
+        id: DeviceId::new(3).unwrap(),
+        ..device.clone()
+    };
+    store.put_device(other.clone()).await.unwrap();
+    assert_eq!(store.devices(device.user).await.unwrap(), vec![device.clone(), other]);
+
+    // A rotation happens only from the expected secret, and keeps the one it replaced.
+    let rotation = |expected: [u8; 32], next: [u8; 32]| confab::store::Rotation {
+        user: device.user,
+        device: device.id,
+        expected,
+        refresh_hash: next,
+        refresh_expires_at_ms: 200,
+        refreshed_at_ms: 50,
+    };
+    assert!(!store.rotate_refresh(rotation([1; 32], [8; 32])).await.unwrap());
+    assert!(store.rotate_refresh(rotation([7; 32], [8; 32])).await.unwrap());
+    assert!(
+        !store.rotate_refresh(rotation([7; 32], [9; 32])).await.unwrap(),
+        "the same secret twice"
+    );
+    let rotated = store.device(device.user, device.id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            rotated.refresh_hash,
+            rotated.previous_refresh_hash,
+            rotated.refresh_expires_at_ms,
+            rotated.refreshed_at_ms
+        ),
+        ([8; 32], [7; 32], 200, 50)
+    );
     assert!(store.delete_device(device.user, device.id).await.unwrap());
     assert!(!store.delete_device(device.user, device.id).await.unwrap());
+    assert!(
+        !store.rotate_refresh(rotation([8; 32], [9; 32])).await.unwrap(),
+        "a deleted device is not brought back"
+    );
     assert_eq!(store.device(device.user, device.id).await.unwrap(), None);
     store.close().await.unwrap();
 }

@@ -449,6 +449,40 @@ impl Client {
         }
     }
 
+    /// The user's logged-in devices.
+    pub async fn list_devices(&self) -> Result<Vec<v1::Device>, ClientError> {
+        match self
+            .request(client_frame::Kind::ListDevices(v1::ListDevices {}))
+            .await?
+        {
+            server_frame::Kind::DeviceList(list) => Ok(list.devices),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Logs another of the user's devices out.
+    pub async fn revoke_device(&self, device_id: u64) -> Result<(), ClientError> {
+        match self
+            .request(client_frame::Kind::RevokeDevice(v1::RevokeDevice { device_id }))
+            .await?
+        {
+            server_frame::Kind::Done(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets a new password; the user's other devices are logged out.
+    pub async fn change_password(&self, current_password: &str, new_password: &str) -> Result<(), ClientError> {
+        let request = client_frame::Kind::ChangePassword(v1::ChangePassword {
+            current_password: current_password.into(),
+            new_password: new_password.into(),
+        });
+        match self.request(request).await? {
+            server_frame::Kind::Done(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Looks a user up by username.
     pub async fn user(&self, username: &str) -> Result<v1::User, ClientError> {
         let request = client_frame::Kind::GetUser(v1::GetUser {

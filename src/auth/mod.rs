@@ -19,7 +19,7 @@ use crate::clock::unix_ms;
 use crate::config::AuthConfig;
 use crate::ids::{DeviceId, UserId};
 use crate::protocol::{ErrorCode, ErrorKind};
-use crate::store::{DeviceRecord, NewUser, Store, StoreError};
+use crate::store::{DeviceRecord, NewUser, Rotation, Store, StoreError, UserRecord};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,6 +41,12 @@ pub enum AuthError {
     DeviceRevoked,
     #[error("no such user")]
     UnknownUser,
+    #[error("no such device")]
+    UnknownDevice,
+    #[error("a replaced refresh token was used: the device was logged out; log in again")]
+    RefreshReused { user: UserId, device: DeviceId },
+    #[error("too many devices ({0}): log one out first (ListDevices, RevokeDevice)")]
+    TooManyDevices(usize),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -78,6 +84,8 @@ pub struct Accounts {
     signer: TokenSigner,
     access_ttl_ms: u64,
     refresh_ttl_ms: u64,
+    session_lifetime_ms: u64,
+    max_devices: usize,
 }
 
 impl Accounts {
@@ -96,6 +104,8 @@ impl Accounts {
             signer,
             access_ttl_ms: ms(config.access_token_ttl),
             refresh_ttl_ms: ms(config.refresh_token_ttl),
+            session_lifetime_ms: ms(config.session_lifetime),
+            max_devices: config.max_devices_per_user,
         }
     }
 
@@ -130,7 +140,9 @@ impl Accounts {
     }
 
     /// Logs a new device in with a password, for a client at `from`; failures
-    /// count against the account and the address (see [`Throttle`]).
+    /// count against the account and the address (see [`Throttle`]). Devices
+    /// whose refresh tokens expired are cleaned up first; at
+    /// `auth.max_devices_per_user` live devices it is refused.
     pub async fn log_in(
         &self,
         username: Username,
@@ -138,36 +150,61 @@ impl Accounts {
         device_name: String,
         from: Option<IpAddr>,
     ) -> Result<Grant, AuthError> {
-        let account = username.as_str();
-        let slot = self.throttle.before_log_in(account, from, Instant::now())?;
-        let user = self.store.user_by_name(account).await?;
-        let stored_hash = user.as_ref().map(|user| user.password_hash.clone());
-        let verified = self.hasher.verify(password, stored_hash).await?;
-        drop(slot);
-        let user = match user {
-            Some(user) if verified => user,
-            _ => {
-                self.throttle.failed(account, from, Instant::now());
-                return Err(AuthError::InvalidCredentials);
-            }
-        };
-        self.throttle.succeeded(account);
-        let device = DeviceId::random();
+        let user = self.verify_password(username.as_str(), password, from).await?;
         let now = unix_ms();
+        let mut live = 0;
+        for device in self.store.devices(user.id).await? {
+            if device.refresh_expires_at_ms <= now {
+                self.store.delete_device(user.id, device.id).await?;
+            } else {
+                live += 1;
+            }
+        }
+        if live >= self.max_devices {
+            return Err(AuthError::TooManyDevices(self.max_devices));
+        }
+        let device = DeviceId::random();
         let refresh = RefreshSecret::generate(user.id, device);
-        let refresh_expires_at_ms = now.saturating_add(self.refresh_ttl_ms);
+        let refresh_expires_at_ms = now.saturating_add(self.refresh_ttl_ms.min(self.session_lifetime_ms));
         self.store
             .put_device(DeviceRecord {
                 user: user.id,
                 id: device,
                 name: device_name,
                 refresh_hash: refresh.hash,
+                previous_refresh_hash: [0; 32],
                 refresh_expires_at_ms,
                 created_at_ms: now,
+                refreshed_at_ms: now,
             })
             .await?;
         tracing::info!(user = %user.id, device = %device, "device logged in");
         Ok(self.grant(user.id, device, refresh, refresh_expires_at_ms, now))
+    }
+
+    /// The user named `account`, if `password` is its password; throttled like a
+    /// log-in (see [`Throttle`]).
+    async fn verify_password(
+        &self,
+        account: &str,
+        password: Password,
+        from: Option<IpAddr>,
+    ) -> Result<UserRecord, AuthError> {
+        let slot = self.throttle.before_log_in(account, from, Instant::now())?;
+        let user = self.store.user_by_name(account).await?;
+        let stored_hash = user.as_ref().map(|user| user.password_hash.clone());
+        let verified = self.hasher.verify(password, stored_hash).await?;
+        drop(slot);
+        match user {
+            Some(user) if verified => {
+                self.throttle.succeeded(account);
+                Ok(user)
+            }
+            _ => {
+                self.throttle.failed(account, from, Instant::now());
+                Err(AuthError::InvalidCredentials)
+            }
+        }
     }
 
     /// Checks an access token's signature and expiry only (no store access), for
@@ -198,24 +235,88 @@ impl Accounts {
         })
     }
 
-    /// Trades a refresh token for new tokens and rotates the refresh secret.
+    /// Trades a refresh token for new tokens and rotates the refresh secret, as
+    /// a compare-and-set: of two refreshes with one token one wins, and a device
+    /// logged out meanwhile stays out. Presenting the token the last rotation
+    /// replaced means it was copied (the thief or the owner is now using an old
+    /// one): the device is logged out ([`AuthError::RefreshReused`]). A device
+    /// cannot refresh past `auth.session_lifetime` after it logged in.
     pub async fn refresh(&self, refresh_token: &str) -> Result<Grant, AuthError> {
         let presented = PresentedRefresh::parse(refresh_token).map_err(|_| AuthError::InvalidRefreshToken)?;
         let now = unix_ms();
-        let mut device = self
+        let device = self
             .store
             .device(presented.user, presented.device)
             .await?
             .ok_or(AuthError::InvalidRefreshToken)?;
-        if !presented.matches(&device.refresh_hash) || device.refresh_expires_at_ms <= now {
+        if device.previous_refresh_hash != [0; 32] && presented.matches(&device.previous_refresh_hash) {
+            self.store.delete_device(device.user, device.id).await?;
+            tracing::warn!(user = %device.user, device = %device.id, "a replaced refresh token was presented: device logged out");
+            return Err(AuthError::RefreshReused {
+                user: device.user,
+                device: device.id,
+            });
+        }
+        let session_ends = device.created_at_ms.saturating_add(self.session_lifetime_ms);
+        if !presented.matches(&device.refresh_hash) || device.refresh_expires_at_ms <= now || session_ends <= now {
             return Err(AuthError::InvalidRefreshToken);
         }
         let refresh = RefreshSecret::generate(device.user, device.id);
-        device.refresh_hash = refresh.hash;
-        device.refresh_expires_at_ms = now.saturating_add(self.refresh_ttl_ms);
-        let (user, id, expires) = (device.user, device.id, device.refresh_expires_at_ms);
-        self.store.put_device(device).await?;
-        Ok(self.grant(user, id, refresh, expires, now))
+        let refresh_expires_at_ms = now.saturating_add(self.refresh_ttl_ms).min(session_ends);
+        let rotated = self
+            .store
+            .rotate_refresh(Rotation {
+                user: device.user,
+                device: device.id,
+                expected: device.refresh_hash,
+                refresh_hash: refresh.hash,
+                refresh_expires_at_ms,
+                refreshed_at_ms: now,
+            })
+            .await?;
+        if !rotated {
+            return Err(AuthError::InvalidRefreshToken);
+        }
+        Ok(self.grant(device.user, device.id, refresh, refresh_expires_at_ms, now))
+    }
+
+    /// The user's devices.
+    pub async fn devices(&self, user: UserId) -> Result<Vec<DeviceRecord>, AuthError> {
+        Ok(self.store.devices(user).await?)
+    }
+
+    /// Logs one of the user's devices out.
+    pub async fn revoke_device(&self, user: UserId, device: DeviceId) -> Result<(), AuthError> {
+        if !self.store.delete_device(user, device).await? {
+            return Err(AuthError::UnknownDevice);
+        }
+        tracing::info!(user = %user, device = %device, "device logged out by another");
+        Ok(())
+    }
+
+    /// Sets a new password, given the current one, and logs every device but
+    /// `keep` out; returns the devices logged out.
+    pub async fn change_password(
+        &self,
+        identity: &Identity,
+        current: Password,
+        new: Password,
+        from: Option<IpAddr>,
+    ) -> Result<Vec<DeviceId>, AuthError> {
+        let user = self.verify_password(&identity.username, current, from).await?;
+        if user.id != identity.user {
+            return Err(AuthError::InvalidCredentials);
+        }
+        let password_hash = self.hasher.hash(new).await?;
+        self.store.set_password(user.id, password_hash).await?;
+        let mut revoked = Vec::new();
+        for device in self.store.devices(user.id).await? {
+            if device.id != identity.device && self.store.delete_device(user.id, device.id).await? {
+                revoked.push(device.id);
+            }
+        }
+        tracing::info!(user = %user.id, devices_logged_out = revoked.len(), "password changed");
+        Ok(revoked)
     }
 
     /// Revokes every token of the device.
@@ -262,10 +363,13 @@ impl ErrorKind for AuthError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::UsernameTaken => ErrorCode::AlreadyExists,
-            Self::InvalidCredentials | Self::InvalidToken(_) | Self::InvalidRefreshToken | Self::DeviceRevoked => {
-                ErrorCode::Unauthenticated
-            }
-            Self::UnknownUser => ErrorCode::NotFound,
+            Self::InvalidCredentials
+            | Self::InvalidToken(_)
+            | Self::InvalidRefreshToken
+            | Self::DeviceRevoked
+            | Self::RefreshReused { .. } => ErrorCode::Unauthenticated,
+            Self::UnknownUser | Self::UnknownDevice => ErrorCode::NotFound,
+            Self::TooManyDevices(_) => ErrorCode::TooLarge,
             Self::Hash(HashError::Busy) => ErrorCode::Unavailable,
             Self::Throttled(_) => ErrorCode::RateLimited,
             Self::Store(err) => err.code(),

@@ -36,6 +36,20 @@ pub enum Command {
         user: UserId,
         device: DeviceId,
     },
+    ListDevices {
+        user: UserId,
+        device: DeviceId,
+    },
+    /// Log out another device of the user.
+    RevokeDevice {
+        user: UserId,
+        device: DeviceId,
+    },
+    /// New password for the session's user; every other device is logged out.
+    ChangePassword {
+        current: Password,
+        new: Password,
+    },
     GetUser {
         username: Username,
     },

@@ -317,6 +317,28 @@ impl Session {
                 let (user, device) = self.require_identity()?;
                 Parsed::Run(Command::LogOut { user, device })
             }
+            K::ListDevices(_) => {
+                let (user, device) = self.require_identity()?;
+                Parsed::Run(Command::ListDevices { user, device })
+            }
+            K::RevokeDevice(revoke) => {
+                let (user, current) = self.require_identity()?;
+                let device = DeviceId::new(revoke.device_id)
+                    .ok_or_else(|| Rejection(ErrorCode::BadRequest, "device_id is required".into()))?;
+                if device == current {
+                    return reject(ErrorCode::BadRequest, "this is the current device: use LogOut");
+                }
+                Parsed::Run(Command::RevokeDevice { user, device })
+            }
+            K::ChangePassword(change) => {
+                self.require_identity()?;
+                // A malformed current password cannot match: same answer as a wrong one.
+                let current = Password::parse(change.current_password)
+                    .map_err(|_| Rejection(ErrorCode::Unauthenticated, "invalid username or password".into()))?;
+                let new = Password::parse(change.new_password)
+                    .or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?;
+                Parsed::Run(Command::ChangePassword { current, new })
+            }
             K::GetUser(get_user) => {
                 self.require_identity()?;
                 Parsed::Run(Command::GetUser {

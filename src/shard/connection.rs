@@ -399,13 +399,55 @@ impl Connection {
                         tokens: Some(tokens(grant)),
                     })
                 }),
-            Command::RefreshToken { refresh_token } => accounts.refresh(&refresh_token).await.map(|grant| {
-                Kind::LoggedIn(v1::LoggedIn {
+            Command::RefreshToken { refresh_token } => match accounts.refresh(&refresh_token).await {
+                Ok(grant) => Ok(Kind::LoggedIn(v1::LoggedIn {
                     user_id: grant.user.get(),
                     device_id: grant.device.get(),
                     tokens: Some(tokens(grant)),
+                })),
+                Err(AuthError::RefreshReused { user, device }) => {
+                    // Whoever holds the device's connections may be the thief.
+                    self.shard.revoke(user, device).await;
+                    Err(AuthError::RefreshReused { user, device })
+                }
+                Err(err) => Err(err),
+            },
+            Command::ListDevices { user, device } => accounts.devices(user).await.map(|devices| {
+                Kind::DeviceList(v1::DeviceList {
+                    devices: devices
+                        .into_iter()
+                        .map(|record| v1::Device {
+                            device_id: record.id.get(),
+                            current: record.id == device,
+                            name: record.name,
+                            created_at_ms: record.created_at_ms,
+                            refreshed_at_ms: record.refreshed_at_ms,
+                        })
+                        .collect(),
                 })
             }),
+            Command::RevokeDevice { user, device } => match accounts.revoke_device(user, device).await {
+                Ok(()) => {
+                    self.shard.revoke(user, device).await;
+                    Ok(Kind::Done(v1::Done {}))
+                }
+                Err(err) => Err(err),
+            },
+            Command::ChangePassword { current, new } => match self.session.identity().cloned() {
+                None => Err(AuthError::InvalidCredentials),
+                Some(identity) => match accounts
+                    .change_password(&identity, current, new, Some(self.peer.ip()))
+                    .await
+                {
+                    Ok(revoked) => {
+                        for device in revoked {
+                            self.shard.revoke(identity.user, device).await;
+                        }
+                        Ok(Kind::Done(v1::Done {}))
+                    }
+                    Err(err) => Err(err),
+                },
+            },
             Command::Authenticate { access_token, resume } => match accounts.authenticate(&access_token).await {
                 Ok(identity) if self.session.identity().is_some() => return self.reauthenticate(id, identity).await,
                 Ok(identity) => {

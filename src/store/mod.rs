@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 pub use records::{
     Amendment, ConversationHead, DeviceRecord, GroupEvent, GroupRecord, Marks, MemberRecord, MessageRecord, NewUser,
-    Role, StoredSend, UserRecord,
+    Role, Rotation, StoredSend, UserRecord,
 };
 
 /// Opens the backend `config` names.
@@ -97,6 +97,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Removes a device; returns whether it existed.
     async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError>;
+
+    /// Every device of `user`.
+    async fn devices(&self, user: UserId) -> Result<Vec<DeviceRecord>, StoreError>;
+
+    /// Rotates a device's refresh secret if it is still the expected one;
+    /// returns whether it was (false also when the device is gone).
+    async fn rotate_refresh(&self, rotation: Rotation) -> Result<bool, StoreError>;
+
+    /// Replaces a user's password hash.
+    async fn set_password(&self, user: UserId, password_hash: String) -> Result<(), StoreError>;
 
     /// Appends messages. They arrive in seq order per conversation, with no gaps
     /// after the stored maximum, and a conversation's next append only once the

@@ -28,8 +28,26 @@ pub struct DeviceRecord {
     pub name: String,
     /// SHA-256 of the current refresh secret.
     pub refresh_hash: [u8; 32],
+    /// SHA-256 of the refresh secret it replaced (zeros: none): presenting that
+    /// one again means the token was copied, and the device is logged out.
+    pub previous_refresh_hash: [u8; 32],
     pub refresh_expires_at_ms: u64,
     pub created_at_ms: u64,
+    /// When it last logged in or refreshed.
+    pub refreshed_at_ms: u64,
+}
+
+/// A refresh-token rotation: it happens only if the device's current refresh
+/// hash is still `expected` (so of two refreshes with one token, one wins, and a
+/// device logged out meanwhile stays out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub expected: [u8; 32],
+    pub refresh_hash: [u8; 32],
+    pub refresh_expires_at_ms: u64,
+    pub refreshed_at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -59,7 +59,7 @@ mod writer;
 use super::encoding::StoredMessage;
 use super::{
     ConversationHead, DeviceRecord, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord, MessageRecord,
-    NewUser, Role, Store, StoreError, StoredSend, UserRecord, follows, page_by_activity,
+    NewUser, Role, Rotation, Store, StoreError, StoredSend, UserRecord, follows, page_by_activity,
 };
 use crate::config::{CassandraConfig, Consistency};
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
@@ -149,7 +149,10 @@ struct Statements {
     id_by_username: PreparedStatement,
     insert_device: PreparedStatement,
     device: PreparedStatement,
+    devices: PreparedStatement,
     delete_device: PreparedStatement,
+    rotate_refresh: PreparedStatement,
+    set_password: PreparedStatement,
     insert_message: PreparedStatement,
     message_at: PreparedStatement,
     latest_in_bucket: PreparedStatement,
@@ -372,8 +375,10 @@ impl Statements {
             ))
             .await?,
             claim_username: {
-                let mut statement =
-                    prepare(format!("INSERT INTO {k}.usernames (username, id) VALUES (?, ?) IF NOT EXISTS")).await?;
+                let mut statement = prepare(format!(
+                    "INSERT INTO {k}.usernames (username, id) VALUES (?, ?) IF NOT EXISTS"
+                ))
+                .await?;
                 // A lightweight transaction: Paxos among the replicas.
                 statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
                 statement
@@ -384,15 +389,26 @@ impl Statements {
             .await?,
             id_by_username: prepare(format!("SELECT id FROM {k}.usernames WHERE username = ?")).await?,
             insert_device: prepare(format!(
-                "INSERT INTO {k}.devices (user_id, device_id, name, refresh_hash, refresh_expires_at_ms, created_at_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?)"
+                "INSERT INTO {k}.devices (user_id, device_id, name, refresh_hash, previous_refresh_hash, \
+                 refresh_expires_at_ms, created_at_ms, refreshed_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             ))
             .await?,
             device: prepare(format!(
-                "SELECT name, refresh_hash, refresh_expires_at_ms, created_at_ms FROM {k}.devices \
-                 WHERE user_id = ? AND device_id = ?"
+                "SELECT {DEVICE_COLUMNS} FROM {k}.devices WHERE user_id = ? AND device_id = ?"
             ))
             .await?,
+            devices: prepare(format!("SELECT {DEVICE_COLUMNS} FROM {k}.devices WHERE user_id = ?")).await?,
+            rotate_refresh: {
+                let mut statement = prepare(format!(
+                    "UPDATE {k}.devices SET refresh_hash = ?, previous_refresh_hash = ?, refresh_expires_at_ms = ?, \
+                     refreshed_at_ms = ? WHERE user_id = ? AND device_id = ? IF refresh_hash = ?"
+                ))
+                .await?;
+                // Compare-and-set: a lightweight transaction.
+                statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
+                statement
+            },
+            set_password: prepare(format!("UPDATE {k}.users SET password_hash = ? WHERE id = ?")).await?,
             delete_device: prepare(format!("DELETE FROM {k}.devices WHERE user_id = ? AND device_id = ?")).await?,
             insert_message: prepare(format!(
                 "INSERT INTO {k}.messages (conversation, bucket, seq, data) VALUES (?, ?, ?, ?)"
@@ -688,6 +704,31 @@ impl Inner {
         Ok(())
     }
 
+    /// Runs a lightweight transaction; returns whether it applied.
+    async fn applied(
+        &self,
+        statement: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<bool, StoreError> {
+        let reply = self
+            .session
+            .execute_unpaged(statement, values)
+            .await
+            .map_err(unavailable)?
+            .into_rows_result()
+            .map_err(corrupt)?;
+        // The first column of a lightweight transaction's reply is `[applied]`.
+        Ok(reply
+            .rows::<scylla::value::Row>()
+            .map_err(corrupt)?
+            .next()
+            .transpose()
+            .map_err(corrupt)?
+            .and_then(|row| row.columns.into_iter().next().flatten())
+            .and_then(|value| value.as_boolean())
+            .unwrap_or(false))
+    }
+
     async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
         let rows: Vec<(String, String, i64)> = self.rows(&self.statements.user_by_id, (to_cql(id.get()),)).await?;
         Ok(rows
@@ -702,22 +743,10 @@ impl Inner {
     }
 
     async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        let rows: Vec<(String, Vec<u8>, i64, i64)> = self
+        let rows: Vec<DeviceRow> = self
             .rows(&self.statements.device, (to_cql(user.get()), to_cql(device.get())))
             .await?;
-        let Some((name, refresh_hash, refresh_expires_at_ms, created_at_ms)) = rows.into_iter().next() else {
-            return Ok(None);
-        };
-        Ok(Some(DeviceRecord {
-            user,
-            id: device,
-            name,
-            refresh_hash: refresh_hash
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("refresh hash is not 32 bytes".into()))?,
-            refresh_expires_at_ms: from_cql(refresh_expires_at_ms),
-            created_at_ms: from_cql(created_at_ms),
-        }))
+        rows.into_iter().next().map(|row| device_record(user, row)).transpose()
     }
 
     async fn message(&self, conversation: ConversationId, seq: Seq) -> Result<Option<StoredMessage>, StoreError> {
@@ -978,6 +1007,30 @@ impl Inner {
     }
 }
 
+/// The columns a device is read with, in [`DeviceRow`]'s order.
+const DEVICE_COLUMNS: &str =
+    "device_id, name, refresh_hash, previous_refresh_hash, refresh_expires_at_ms, created_at_ms, refreshed_at_ms";
+type DeviceRow = (i64, String, Vec<u8>, Option<Vec<u8>>, i64, i64, Option<i64>);
+
+fn device_record(user: UserId, row: DeviceRow) -> Result<DeviceRecord, StoreError> {
+    let (id, name, refresh_hash, previous_refresh_hash, refresh_expires_at_ms, created_at_ms, refreshed_at_ms) = row;
+    let hash = |bytes: Vec<u8>| -> Result<[u8; 32], StoreError> {
+        bytes
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("refresh hash is not 32 bytes".into()))
+    };
+    Ok(DeviceRecord {
+        user,
+        id: DeviceId::new(from_cql(id)).ok_or_else(|| StoreError::Corrupt("device id 0".into()))?,
+        name,
+        refresh_hash: hash(refresh_hash)?,
+        previous_refresh_hash: previous_refresh_hash.map(hash).transpose()?.unwrap_or([0; 32]),
+        refresh_expires_at_ms: from_cql(refresh_expires_at_ms),
+        created_at_ms: from_cql(created_at_ms),
+        refreshed_at_ms: refreshed_at_ms.map_or(0, from_cql),
+    })
+}
+
 fn max_marks(a: Marks, b: Marks) -> Marks {
     Marks {
         delivered_seq: a.delivered_seq.max(b.delivered_seq),
@@ -990,26 +1043,12 @@ impl Store for CassandraStore {
     async fn create_user(&self, user: NewUser) -> Result<UserRecord, StoreError> {
         self.on_driver(move |inner| async move {
             let id = UserId::random();
-            let claimed = inner
-                .session
-                .execute_unpaged(
+            let applied = inner
+                .applied(
                     &inner.statements.claim_username,
                     (user.username.clone(), to_cql(id.get())),
                 )
-                .await
-                .map_err(unavailable)?
-                .into_rows_result()
-                .map_err(corrupt)?;
-            // The first column of a lightweight transaction's reply is `[applied]`.
-            let applied = claimed
-                .rows::<scylla::value::Row>()
-                .map_err(corrupt)?
-                .next()
-                .transpose()
-                .map_err(corrupt)?
-                .and_then(|row| row.columns.into_iter().next().flatten())
-                .and_then(|value| value.as_boolean())
-                .unwrap_or(false);
+                .await?;
             if !applied {
                 return Err(StoreError::UsernameTaken);
             }
@@ -1073,8 +1112,10 @@ impl Store for CassandraStore {
                         to_cql(device.id.get()),
                         device.name,
                         device.refresh_hash.to_vec(),
+                        device.previous_refresh_hash.to_vec(),
                         to_cql(device.refresh_expires_at_ms),
                         to_cql(device.created_at_ms),
+                        to_cql(device.refreshed_at_ms),
                     ),
                 )
                 .await
@@ -1109,6 +1150,39 @@ impl Store for CassandraStore {
                 )
                 .await?;
             Ok(existed)
+        })
+        .await
+    }
+
+    async fn devices(&self, user: UserId) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.read_on_driver(move |inner| async move {
+            let rows: Vec<DeviceRow> = inner.rows(&inner.statements.devices, (to_cql(user.get()),)).await?;
+            rows.into_iter().map(|row| device_record(user, row)).collect()
+        })
+        .await
+    }
+
+    async fn rotate_refresh(&self, rotation: Rotation) -> Result<bool, StoreError> {
+        self.on_driver(move |inner| async move {
+            let values = (
+                rotation.refresh_hash.to_vec(),
+                rotation.expected.to_vec(),
+                to_cql(rotation.refresh_expires_at_ms),
+                to_cql(rotation.refreshed_at_ms),
+                to_cql(rotation.user.get()),
+                to_cql(rotation.device.get()),
+                rotation.expected.to_vec(),
+            );
+            inner.applied(&inner.statements.rotate_refresh, values).await
+        })
+        .await
+    }
+
+    async fn set_password(&self, user: UserId, password_hash: String) -> Result<(), StoreError> {
+        self.on_driver(move |inner| async move {
+            inner
+                .execute(&inner.statements.set_password, (password_hash, to_cql(user.get())))
+                .await
         })
         .await
     }

@@ -3,7 +3,7 @@
 //! the module doc of [`super`].
 
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
-use crate::store::{Marks, MemberRecord, Role, StoreError, StoredSend};
+use crate::store::{DeviceRecord, Marks, MemberRecord, Role, StoreError, StoredSend};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub(super) struct StoredUser {
@@ -25,6 +25,53 @@ pub(super) struct StoredDevice {
     pub(super) refresh_expires_at_ms: u64,
     #[prost(uint64, tag = "4")]
     pub(super) created_at_ms: u64,
+    #[prost(bytes = "vec", tag = "5")]
+    pub(super) previous_refresh_hash: Vec<u8>,
+    #[prost(uint64, tag = "6")]
+    pub(super) refreshed_at_ms: u64,
+}
+
+impl StoredDevice {
+    pub(super) fn of(device: &DeviceRecord) -> Self {
+        Self {
+            name: device.name.clone(),
+            refresh_hash: device.refresh_hash.to_vec(),
+            refresh_expires_at_ms: device.refresh_expires_at_ms,
+            created_at_ms: device.created_at_ms,
+            previous_refresh_hash: device.previous_refresh_hash.to_vec(),
+            refreshed_at_ms: device.refreshed_at_ms,
+        }
+    }
+
+    pub(super) fn into_record(self, user: UserId, id: DeviceId) -> Result<DeviceRecord, StoreError> {
+        let hash = |bytes: Vec<u8>| -> Result<[u8; 32], StoreError> {
+            match bytes.len() {
+                // Devices stored before rotations were kept have no previous hash.
+                0 => Ok([0; 32]),
+                _ => bytes
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("device refresh hash is not 32 bytes".into())),
+            }
+        };
+        Ok(DeviceRecord {
+            user,
+            id,
+            name: self.name,
+            refresh_hash: hash(self.refresh_hash)?,
+            previous_refresh_hash: hash(self.previous_refresh_hash)?,
+            refresh_expires_at_ms: self.refresh_expires_at_ms,
+            created_at_ms: self.created_at_ms,
+            refreshed_at_ms: self.refreshed_at_ms,
+        })
+    }
+}
+
+pub(super) fn device_of_key(key: &[u8]) -> Result<(UserId, DeviceId), StoreError> {
+    let id = |range: std::ops::Range<usize>| key.get(range).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+    id(0..8)
+        .and_then(UserId::new)
+        .zip(id(8..16).and_then(DeviceId::new))
+        .ok_or_else(|| StoreError::Corrupt("device key".into()))
 }
 
 pub(super) fn device_key(user: UserId, device: DeviceId) -> [u8; 16] {

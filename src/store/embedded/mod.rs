@@ -56,7 +56,7 @@ mod writer;
 use super::encoding::StoredMessage;
 use super::{
     ConversationHead, DeviceRecord, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord, MessageRecord,
-    NewUser, Role, Store, StoreError, StoredSend, UserRecord,
+    NewUser, Role, Rotation, Store, StoreError, StoredSend, UserRecord,
 };
 use crate::config::StoreConfig;
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
@@ -317,6 +317,32 @@ impl Store for EmbeddedStore {
         self.write(|reply| WriteJob::DeleteDevice(user, device, reply)).await
     }
 
+    async fn devices(&self, user: UserId) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.read(move |view| {
+            let mut devices = Vec::new();
+            for guard in view.prefix(&view.devices, user.get().to_be_bytes()) {
+                let (key, value) = guard.into_inner().map_err(fjall_error)?;
+                let (user, device) = device_of_key(&key)?;
+                devices.push(
+                    StoredDevice::decode(&*value)
+                        .map_err(corrupt)?
+                        .into_record(user, device)?,
+                );
+            }
+            Ok(devices)
+        })
+        .await
+    }
+
+    async fn rotate_refresh(&self, rotation: Rotation) -> Result<bool, StoreError> {
+        self.write(|reply| WriteJob::RotateRefresh(rotation, reply)).await
+    }
+
+    async fn set_password(&self, user: UserId, password_hash: String) -> Result<(), StoreError> {
+        self.write(|reply| WriteJob::SetPassword(user, password_hash, reply))
+            .await
+    }
+
     async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
         self.write(|reply| WriteJob::Append(messages, reply)).await
     }
@@ -547,18 +573,7 @@ impl View {
             return Ok(None);
         };
         let stored = StoredDevice::decode(&*bytes).map_err(corrupt)?;
-        let refresh_hash = stored
-            .refresh_hash
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("device refresh hash is not 32 bytes".into()))?;
-        Ok(Some(DeviceRecord {
-            user,
-            id: device,
-            name: stored.name,
-            refresh_hash,
-            refresh_expires_at_ms: stored.refresh_expires_at_ms,
-            created_at_ms: stored.created_at_ms,
-        }))
+        Ok(Some(stored.into_record(user, device)?))
     }
 
     fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {

@@ -19,7 +19,9 @@ use super::{Inner, Shared, View, corrupt, fjall_error, io_error};
 use crate::config::{Durability, StoreConfig};
 use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
 use crate::store::encoding::{MAX_EDIT_CHAIN, StoredMessage};
-use crate::store::{Amendment, DeviceRecord, GroupEvent, Marks, MessageRecord, NewUser, StoreError, UserRecord};
+use crate::store::{
+    Amendment, DeviceRecord, GroupEvent, Marks, MessageRecord, NewUser, Rotation, StoreError, UserRecord,
+};
 use fjall::PersistMode;
 use prost::Message as _;
 use std::collections::{HashMap, HashSet};
@@ -43,6 +45,8 @@ pub(super) enum WriteJob {
     Append(Vec<MessageRecord>, Reply<()>),
     Purge(Vec<fjall::UserKey>, Reply<usize>),
     Mark(ConversationId, UserId, DeviceId, Marks, Reply<(Marks, bool)>),
+    RotateRefresh(Rotation, Reply<bool>),
+    SetPassword(UserId, String, Reply<()>),
     /// Answers whether writes are taken now (recovering first if it is time).
     Probe(Reply<()>),
     Close(Reply<()>),
@@ -328,6 +332,8 @@ struct Staging {
     new_names: HashSet<String>,
     new_ids: HashSet<UserId>,
     marks: HashMap<Vec<u8>, Marks>,
+    /// Devices written (`None`: deleted) earlier in this batch.
+    devices: HashMap<[u8; 16], Option<StoredDevice>>,
     /// Messages staged so far, kept only when the batch amends some.
     messages: Option<HashMap<Vec<u8>, StoredMessage>>,
 }
@@ -341,6 +347,7 @@ impl Staging {
             new_names: HashSet::new(),
             new_ids: HashSet::new(),
             marks: HashMap::new(),
+            devices: HashMap::new(),
             messages: amends.then(HashMap::new),
         }
     }
@@ -352,29 +359,27 @@ impl Staging {
                 Err(err) => refuse(reply, err),
             },
             WriteJob::PutDevice(device, reply) => {
-                let stored = StoredDevice {
-                    name: device.name,
-                    refresh_hash: device.refresh_hash.to_vec(),
-                    refresh_expires_at_ms: device.refresh_expires_at_ms,
-                    created_at_ms: device.created_at_ms,
-                };
-                self.batch.insert(
-                    &self.inner.devices,
-                    device_key(device.user, device.id),
-                    stored.encode_to_vec(),
-                );
+                self.stage_device(device_key(device.user, device.id), Some(StoredDevice::of(&device)));
                 on_commit(reply, ())
             }
             WriteJob::DeleteDevice(user, device, reply) => {
                 let key = device_key(user, device);
-                match self.latest.contains_key(&self.inner.devices, key).map_err(fjall_error) {
+                match self.device(key) {
                     Ok(existed) => {
-                        self.batch.remove(&self.inner.devices, key);
-                        on_commit(reply, existed)
+                        self.stage_device(key, None);
+                        on_commit(reply, existed.is_some())
                     }
                     Err(err) => refuse(reply, err),
                 }
             }
+            WriteJob::RotateRefresh(rotation, reply) => match self.stage_rotation(&rotation) {
+                Ok(rotated) => on_commit(reply, rotated),
+                Err(err) => refuse(reply, err),
+            },
+            WriteJob::SetPassword(user, password_hash, reply) => match self.stage_password(user, password_hash) {
+                Ok(()) => on_commit(reply, ()),
+                Err(err) => refuse(reply, err),
+            },
             WriteJob::Append(messages, reply) => {
                 self.stage_messages(messages);
                 on_commit(reply, ())
@@ -395,6 +400,52 @@ impl Staging {
             WriteJob::Probe(reply) => on_commit(reply, ()),
             WriteJob::Close(reply) => refuse(reply, StoreError::Closed),
         }
+    }
+
+    /// A device as this batch leaves it.
+    fn device(&self, key: [u8; 16]) -> Result<Option<StoredDevice>, StoreError> {
+        if let Some(staged) = self.devices.get(&key) {
+            return Ok(staged.clone());
+        }
+        match self.latest.get(&self.inner.devices, key).map_err(fjall_error)? {
+            Some(value) => Ok(Some(StoredDevice::decode(&*value).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn stage_device(&mut self, key: [u8; 16], device: Option<StoredDevice>) {
+        match &device {
+            Some(stored) => self.batch.insert(&self.inner.devices, key, stored.encode_to_vec()),
+            None => self.batch.remove(&self.inner.devices, key),
+        }
+        self.devices.insert(key, device);
+    }
+
+    /// Rotates a refresh secret if the device still has the expected one.
+    fn stage_rotation(&mut self, rotation: &Rotation) -> Result<bool, StoreError> {
+        let key = device_key(rotation.user, rotation.device);
+        let Some(mut stored) = self.device(key)? else {
+            return Ok(false);
+        };
+        if stored.refresh_hash != rotation.expected {
+            return Ok(false);
+        }
+        stored.previous_refresh_hash = std::mem::replace(&mut stored.refresh_hash, rotation.refresh_hash.to_vec());
+        stored.refresh_expires_at_ms = rotation.refresh_expires_at_ms;
+        stored.refreshed_at_ms = rotation.refreshed_at_ms;
+        self.stage_device(key, Some(stored));
+        Ok(true)
+    }
+
+    fn stage_password(&mut self, user: UserId, password_hash: String) -> Result<(), StoreError> {
+        let key = user.get().to_be_bytes();
+        let Some(value) = self.latest.get(&self.inner.users, key).map_err(fjall_error)? else {
+            return Err(StoreError::Corrupt(format!("user {user} is missing")));
+        };
+        let mut stored = StoredUser::decode(&*value).map_err(corrupt)?;
+        stored.password_hash = password_hash;
+        self.batch.insert(&self.inner.users, key, stored.encode_to_vec());
+        Ok(())
     }
 
     fn stage_messages(&mut self, messages: Vec<MessageRecord>) {
@@ -605,5 +656,7 @@ fn refuse_job(job: WriteJob, err: StoreError) -> Answer {
         WriteJob::DeleteDevice(_, _, reply) => refuse(reply, err),
         WriteJob::Purge(_, reply) => refuse(reply, err),
         WriteJob::Mark(.., reply) => refuse(reply, err),
+        WriteJob::RotateRefresh(_, reply) => refuse(reply, err),
+        WriteJob::SetPassword(_, _, reply) => refuse(reply, err),
     }
 }
