@@ -12,6 +12,8 @@ pub mod chat;
 pub mod clock;
 /// Typed configuration, layered from defaults, a file and the environment.
 pub mod config;
+/// The data dir's private files (0700 dir, 0600 secrets).
+pub mod files;
 /// Typed identifiers: users, devices, conversations, sequence numbers.
 pub mod ids;
 /// The sans-IO protocol core: session state machine, commands, reply frames.

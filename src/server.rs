@@ -61,10 +61,11 @@ impl Server {
     /// Opens the store, binds every shard's listener and starts the shards.
     pub fn start(config: Config) -> Result<Self, StartError> {
         let shards = config.shard_count();
-        let store = crate::store::open(&config)?;
-        // The key file lives there whatever the backend.
-        std::fs::create_dir_all(&config.store.data_dir)
+        warn_about_risky_settings(&config);
+        // Whatever the backend, it holds the token key and certificate.
+        crate::files::create_private_dir(&config.store.data_dir)
             .map_err(io_error(format!("creating {}", config.store.data_dir.display())))?;
+        let store = crate::store::open(&config)?;
         let signer =
             TokenSigner::from_config_or_file(&config.auth.token_key, &config.store.data_dir.join("token.key"))?;
         let max_hashes = match config.auth.max_concurrent_hashes {
@@ -91,14 +92,14 @@ impl Server {
             ),
             None => None,
         };
-        let identity = Identity::from_config(&config.tls)?;
+        let identity = Identity::from_config(&config.tls, &config.store.data_dir)?;
         let tls = identity.as_ref().map(Identity::stream_config).transpose()?;
         let tls_fingerprint = identity.as_ref().map(|identity| identity.fingerprint().to_owned());
         let quic = match config.quic.enabled {
             true => {
                 let identity = match identity {
                     Some(identity) => identity,
-                    None => Identity::self_signed()?,
+                    None => Identity::self_signed_in(&config.store.data_dir)?,
                 };
                 let idle = config.protocol.heartbeat_interval * 4;
                 let listener = QuicListener::bind(config.quic.listen, &identity, idle, shards)
@@ -254,6 +255,35 @@ impl Drop for Server {
         self.stop.cancel();
     }
 }
+
+/// Settings that are fine on a laptop and dangerous on a network.
+fn warn_about_risky_settings(config: &Config) {
+    let exposed = |addr: SocketAddr| !addr.ip().is_loopback();
+    if config.tls.mode == crate::config::TlsMode::Off {
+        if exposed(config.server.listen) {
+            tracing::warn!(listen = %config.server.listen, "plaintext TCP on a non-loopback address: passwords and tokens cross the network unencrypted; set [tls]");
+        }
+        if config.websocket.enabled && exposed(config.websocket.listen) {
+            tracing::warn!(listen = %config.websocket.listen, "plaintext WebSocket on a non-loopback address: set [tls] (or terminate TLS in front)");
+        }
+    }
+    if config.websocket.enabled && exposed(config.websocket.listen) && config.websocket.allowed_origins.is_empty() {
+        tracing::warn!("websocket.allowed_origins is empty: pages from any origin may open WebSockets to this server");
+    }
+    if config.auth.argon2_memory_kib < OWASP_ARGON2_MEMORY_KIB
+        || config.auth.argon2_iterations < OWASP_ARGON2_ITERATIONS
+    {
+        tracing::warn!(
+            memory_kib = config.auth.argon2_memory_kib,
+            iterations = config.auth.argon2_iterations,
+            "argon2 below the OWASP minimum (19 MiB, 2 iterations): stolen password hashes are cheaper to crack"
+        );
+    }
+}
+
+/// The OWASP minimum for argon2id.
+const OWASP_ARGON2_MEMORY_KIB: u32 = 19 * 1024;
+const OWASP_ARGON2_ITERATIONS: u32 = 2;
 
 /// The node-wide connection limit: `server.max_connections`, lowered to keep
 /// `limits.reserved_file_descriptors` of the open-files limit for the rest.

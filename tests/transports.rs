@@ -325,3 +325,31 @@ async fn quic_refuses_a_wrong_alpn_and_closes_on_garbage() {
     common::server_still_serves(node.addr).await;
     node.shutdown().await;
 }
+
+/// Self-signed certificates used to change on every start, so a client's pin
+/// broke with each restart. They are kept in the data dir (0700, key 0600).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_signed_certificate_survives_a_restart() {
+    let mut node = TestServer::start_with(1, &[("CONFAB_TLS__MODE", "self-signed")]).await;
+    let server = node.server.take().unwrap();
+    let (tls, quic) = (
+        server.tls_fingerprint().unwrap().to_owned(),
+        server.quic_fingerprint().unwrap().to_owned(),
+    );
+    server.shutdown().await.unwrap();
+    let again = common::start_server(common::config(
+        node.dir.path(),
+        1,
+        &[("CONFAB_TLS__MODE", "self-signed")],
+    ));
+    assert_eq!(again.tls_fingerprint(), Some(tls.as_str()));
+    assert_eq!(again.quic_fingerprint(), Some(quic.as_str()));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&node.dir.path().join("self-signed.key")), 0o600);
+        assert_eq!(mode(&node.dir.path().join("token.key")), 0o600);
+    }
+    again.shutdown().await.unwrap();
+}

@@ -91,6 +91,7 @@ impl TokenSigner {
         };
         match std::fs::read_to_string(key_file) {
             Ok(text) => {
+                crate::files::warn_if_readable(key_file, "the token signing key");
                 let key = base64::engine::general_purpose::STANDARD
                     .decode(text.trim())
                     .map_err(|err| KeyError::Base64(format!("{}: {err}", key_file.display())))?;
@@ -98,7 +99,8 @@ impl TokenSigner {
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 let key: [u8; 32] = rand::random();
-                write_private(key_file, &base64::engine::general_purpose::STANDARD.encode(key)).map_err(file_error)?;
+                let encoded = base64::engine::general_purpose::STANDARD.encode(key);
+                crate::files::write_private(key_file, encoded.as_bytes()).map_err(file_error)?;
                 tracing::info!(path = %key_file.display(), "generated a new token signing key");
                 Self::new(key.to_vec())
             }
@@ -211,17 +213,6 @@ fn decode_exact<const N: usize>(text: &str) -> Result<[u8; N], TokenError> {
         .ok()
         .and_then(|bytes| bytes.try_into().ok())
         .ok_or(TokenError::Malformed)
-}
-
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()
 }
 
 #[cfg(test)]

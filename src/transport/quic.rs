@@ -252,7 +252,11 @@ async fn serve(shard: Rc<Shard>, handoff: Handoff) {
     let peer = connection.remote_address();
     let source = QuicFrames {
         frames: StreamFrames::new(recv, shard.limits.max_frame_bytes),
-        handshake_done,
+        early: match handshake_done {
+            Some(done) => Early::Until(done),
+            None => Early::Over,
+        },
+        connection: connection.clone(),
     };
     let closed = run_connection(shard, source, peer, |queued: Outbound| async move {
         if write_frames(&mut send, &queued).await.is_ok() && send.finish().is_ok() {
@@ -267,17 +271,44 @@ async fn serve(shard: Rc<Shard>, handoff: Handoff) {
 /// Frames from the session stream, screening 0-RTT frames.
 struct QuicFrames {
     frames: StreamFrames<RecvStream>,
-    /// Until this resolves, frames may be 0-RTT data.
-    handshake_done: Option<ZeroRttAccepted>,
+    early: Early,
+    connection: quinn::Connection,
+}
+
+/// Whether a frame read now may be 0-RTT data, which an attacker can replay.
+enum Early {
+    /// Until the handshake completes.
+    Until(ZeroRttAccepted),
+    /// The handshake completed: the peer holds the keys, so what it sent, early
+    /// or not, is its own and not a replay (a replay never completes one).
+    Over,
+    /// The connection ended before its handshake completed (as a replay's
+    /// does): everything still buffered stays early.
+    ForGood,
+}
+
+impl Early {
+    /// Once the handshake future has resolved, on a connection that has (not)
+    /// ended.
+    fn settled(connection_ended: bool) -> Self {
+        match connection_ended {
+            true => Self::ForGood,
+            false => Self::Over,
+        }
+    }
 }
 
 impl FrameSource for QuicFrames {
     async fn next(&mut self) -> Result<Option<Inbound>, ReadError> {
         let inbound = self.frames.next().await?;
-        if let Some(handshake_done) = &mut self.handshake_done {
+        if let Early::Until(handshake_done) = &mut self.early {
+            // It also resolves when the connection is lost before the handshake.
             if handshake_done.now_or_never().is_some() {
-                self.handshake_done = None;
-            } else if let Some(Inbound::Frame(payload)) = &inbound {
+                self.early = Early::settled(self.connection.close_reason().is_some());
+            }
+        }
+        if !matches!(self.early, Early::Over) {
+            if let Some(Inbound::Frame(payload)) = &inbound {
                 let kind = ClientFrame::decode(payload.clone()).ok().and_then(|frame| frame.kind);
                 if !kind.as_ref().is_some_and(allowed_in_0rtt) {
                     return Err(ReadError::Unsupported(
@@ -323,6 +354,14 @@ pub fn close_code(closed: Closed) -> VarInt {
 mod tests {
     use super::*;
     use confab_proto::v1;
+
+    /// A connection that ended before its handshake completed (a replay of
+    /// someone's 0-RTT data does) keeps screening what it still has buffered.
+    #[test]
+    fn early_data_of_a_connection_that_never_completed_stays_early() {
+        assert!(matches!(Early::settled(true), Early::ForGood));
+        assert!(matches!(Early::settled(false), Early::Over));
+    }
 
     /// Early data can be replayed: anything with an effect beyond binding this
     /// connection must wait for the handshake.

@@ -18,6 +18,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+/// Where a self-signed identity is kept, in the data dir.
+const SELF_SIGNED_CERT: &str = "self-signed.crt";
+const SELF_SIGNED_KEY: &str = "self-signed.key";
+
 /// ALPN of protocol v1 over QUIC.
 pub const QUIC_ALPN: &[u8] = b"confab/1";
 /// QUIC sessions remembered for 0-RTT resumption (a few hundred bytes each).
@@ -56,19 +60,41 @@ impl Clone for Identity {
 }
 
 impl Identity {
-    /// The identity `[tls]` asks for; `None` when TLS is off.
-    pub fn from_config(config: &TlsConfig) -> Result<Option<Self>, TlsError> {
+    /// The identity `[tls]` asks for; `None` when TLS is off. A self-signed one
+    /// is kept in `data_dir`.
+    pub fn from_config(config: &TlsConfig, data_dir: &Path) -> Result<Option<Self>, TlsError> {
         match config.mode {
             TlsMode::Off => Ok(None),
-            TlsMode::SelfSigned => Self::self_signed().map(Some),
+            TlsMode::SelfSigned => Self::self_signed_in(data_dir).map(Some),
             TlsMode::Files => Self::from_files(&config.cert_file, &config.key_file).map(Some),
         }
     }
 
-    /// A fresh certificate for `localhost` and the loopback addresses.
-    pub fn self_signed() -> Result<Self, TlsError> {
+    /// A self-signed certificate for `localhost` and the loopback addresses,
+    /// made on first start and kept in `data_dir` (key 0600), so clients' pins
+    /// survive restarts.
+    pub fn self_signed_in(data_dir: &Path) -> Result<Self, TlsError> {
+        let (cert_file, key_file) = (data_dir.join(SELF_SIGNED_CERT), data_dir.join(SELF_SIGNED_KEY));
+        if cert_file.exists() && key_file.exists() {
+            crate::files::warn_if_readable(&key_file, "the self-signed certificate's key");
+            return Self::from_files(&cert_file, &key_file);
+        }
+        // One of the two alone is what a start that died between them left.
+        for orphan in [&cert_file, &key_file] {
+            let _ = std::fs::remove_file(orphan);
+        }
         let names = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
         let generated = rcgen::generate_simple_self_signed(names)?;
+        let write_error = |path: &Path| {
+            let path = path.display().to_string();
+            move |err: std::io::Error| TlsError::Pem {
+                path,
+                message: err.to_string(),
+            }
+        };
+        crate::files::write_private(&key_file, generated.signing_key.serialize_pem().as_bytes())
+            .map_err(write_error(&key_file))?;
+        crate::files::write_private(&cert_file, generated.cert.pem().as_bytes()).map_err(write_error(&cert_file))?;
         let key = PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into());
         Ok(Self::new(vec![generated.cert.der().clone()], key))
     }
