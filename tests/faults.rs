@@ -56,14 +56,13 @@ async fn a_flood_of_idle_connections_cannot_starve_the_store() {
     within(Duration::from_secs(20), async {
         loop {
             let client = confab_client::Client::connect(addr).await;
-            if let Ok(client) = client {
-                if client
+            if let Ok(client) = client
+                && client
                     .sign_up(&common::unique_name("after"), common::PASSWORD)
                     .await
                     .is_ok()
-                {
-                    return;
-                }
+            {
+                return;
             }
         }
     })

@@ -126,11 +126,11 @@ impl<S: Clone + Eq + Hash> PresenceTracker<S> {
             .collect();
         let mut updates = Vec::new();
         for user in due {
-            if let Some(entry) = self.users.get_mut(&user) {
-                if entry.offline_at.is_some_and(|at| at <= now) {
-                    entry.offline_at = None;
-                    entry.presence.online = false;
-                }
+            if let Some(entry) = self.users.get_mut(&user)
+                && entry.offline_at.is_some_and(|at| at <= now)
+            {
+                entry.offline_at = None;
+                entry.presence.online = false;
             }
             updates.extend(self.announce(user, now));
             self.forget_if_idle(user);

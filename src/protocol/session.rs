@@ -547,10 +547,11 @@ impl Session {
     /// (stopping) always goes through.
     fn throttle_typing(&mut self, conversation: ConversationId, typing: bool, now: Instant) -> Result<(), Rejection> {
         let interval = self.limits.typing_min_interval;
-        if let Some((sent, state)) = self.typing_sent.get(&conversation) {
-            if *state == typing && now.duration_since(*sent) < interval {
-                return reject(ErrorCode::RateLimited, "typing is sent at most once per interval");
-            }
+        if let Some((sent, state)) = self.typing_sent.get(&conversation)
+            && *state == typing
+            && now.duration_since(*sent) < interval
+        {
+            return reject(ErrorCode::RateLimited, "typing is sent at most once per interval");
         }
         if self.typing_sent.len() >= MAX_TYPING_CONVERSATIONS {
             self.typing_sent

@@ -141,10 +141,10 @@ pub fn spawn(start: ShardStart) -> std::io::Result<std::thread::JoinHandle<()>> 
     std::thread::Builder::new()
         .name(format!("confab-shard-{}", start.id.0))
         .spawn(move || {
-            if let Some(core) = start.core {
-                if !core_affinity::set_for_current(core) {
-                    tracing::warn!(shard = start.id.0, "could not pin shard thread to its core");
-                }
+            if let Some(core) = start.core
+                && !core_affinity::set_for_current(core)
+            {
+                tracing::warn!(shard = start.id.0, "could not pin shard thread to its core");
             }
             let ShardStart {
                 id,

@@ -99,13 +99,13 @@ impl Replay {
     /// Takes a live push for the session behind `outbound`.
     pub fn offer(&mut self, conversation: ConversationId, seq: Seq, frame: &Bytes, outbound: &Outbound) -> Offered {
         // Ephemeral pushes (seq 0) are not in any replay: never duplicates.
-        if seq != 0 {
-            if let Some(&floor) = self.floor.get(&conversation) {
-                if seq <= floor {
-                    return Offered::Taken;
-                }
-                self.floor.remove(&conversation);
+        if seq != 0
+            && let Some(&floor) = self.floor.get(&conversation)
+        {
+            if seq <= floor {
+                return Offered::Taken;
             }
+            self.floor.remove(&conversation);
         }
         let room = self.held.len() < self.max_held;
         match self.phase {

@@ -112,12 +112,12 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let mut counts = self.slots.counts.lock().unwrap_or_else(PoisonError::into_inner);
         counts.total -= 1;
-        if let Some(address) = self.address {
-            if let Some(count) = counts.by_address.get_mut(&address) {
-                *count -= 1;
-                if *count == 0 {
-                    counts.by_address.remove(&address);
-                }
+        if let Some(address) = self.address
+            && let Some(count) = counts.by_address.get_mut(&address)
+        {
+            *count -= 1;
+            if *count == 0 {
+                counts.by_address.remove(&address);
             }
         }
     }

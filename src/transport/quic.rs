@@ -149,13 +149,13 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     {
         tracing::warn!(error = %err, "could not enlarge the QUIC socket buffers");
     }
-    if let Ok(size) = socket.recv_buffer_size() {
-        if size < UDP_BUFFER_BYTES {
-            tracing::info!(
-                bytes = size,
-                "QUIC receive buffer capped by the kernel; raise net.core.rmem_max for large bursts"
-            );
-        }
+    if let Ok(size) = socket.recv_buffer_size()
+        && size < UDP_BUFFER_BYTES
+    {
+        tracing::info!(
+            bytes = size,
+            "QUIC receive buffer capped by the kernel; raise net.core.rmem_max for large bursts"
+        );
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
@@ -307,14 +307,14 @@ impl FrameSource for QuicFrames {
                 self.early = Early::settled(self.connection.close_reason().is_some());
             }
         }
-        if !matches!(self.early, Early::Over) {
-            if let Some(Inbound::Frame(payload)) = &inbound {
-                let kind = ClientFrame::decode(payload.clone()).ok().and_then(|frame| frame.kind);
-                if !kind.as_ref().is_some_and(allowed_in_0rtt) {
-                    return Err(ReadError::Unsupported(
-                        "only idempotent frames (Hello, Ping, Authenticate, reads) are allowed in 0-RTT",
-                    ));
-                }
+        if !matches!(self.early, Early::Over)
+            && let Some(Inbound::Frame(payload)) = &inbound
+        {
+            let kind = ClientFrame::decode(payload.clone()).ok().and_then(|frame| frame.kind);
+            if !kind.as_ref().is_some_and(allowed_in_0rtt) {
+                return Err(ReadError::Unsupported(
+                    "only idempotent frames (Hello, Ping, Authenticate, reads) are allowed in 0-RTT",
+                ));
             }
         }
         Ok(inbound)

@@ -169,10 +169,10 @@ where
 {
     /// Cancel-safe: the WebSocket stream keeps partial messages itself.
     async fn next(&mut self) -> Result<Option<Inbound>, ReadError> {
-        if self.hello_seen {
-            if let Some(access_token) = self.upgrade_token.take() {
-                return Ok(Some(Inbound::Frame(authenticate_frame(access_token))));
-            }
+        if self.hello_seen
+            && let Some(access_token) = self.upgrade_token.take()
+        {
+            return Ok(Some(Inbound::Frame(authenticate_frame(access_token))));
         }
         loop {
             let message = match self.read.next().await {

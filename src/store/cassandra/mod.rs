@@ -1226,10 +1226,10 @@ impl Store for CassandraStore {
                 })
                 .map(|(record, _)| record)
                 .collect();
-            if let Some(from) = inner.suspect_from(conversation) {
-                if keys.iter().any(|key| !sends.contains_key(key)) {
-                    sends.extend(inner.scan_sends(conversation, from).await?);
-                }
+            if let Some(from) = inner.suspect_from(conversation)
+                && keys.iter().any(|key| !sends.contains_key(key))
+            {
+                sends.extend(inner.scan_sends(conversation, from).await?);
             }
             sends.retain(|_, send| send.server_time_ms >= since_ms);
             Ok(keys
