@@ -2,7 +2,9 @@
 //!
 //! Layers, later wins: the built-in `config/default.toml` (embedded in the binary),
 //! an optional file, then `CONFAB_<SECTION>__<KEY>` environment variables. Unknown
-//! keys and bad values are errors naming the key and where it came from.
+//! keys in a file and bad values are errors naming the key and where it came
+//! from; an environment variable with the prefix that names no key (another
+//! tool's, or a typo) is set aside in [`Config::ignored_env`] for a warning.
 
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -20,8 +22,6 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: PathBuf, message: String },
-    #[error("environment variable {name} is not a config key (expected CONFAB_<SECTION>__<KEY>)")]
-    EnvName { name: String },
     #[error("invalid config key `{key}`: {message}")]
     Invalid { key: String, message: String },
 }
@@ -40,6 +40,10 @@ pub struct Config {
     pub store: StoreConfig,
     pub cassandra: CassandraConfig,
     pub log: LogConfig,
+    /// `CONFAB_*` environment variables that name no config key: not applied,
+    /// to be warned about once logging is up.
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -253,17 +257,21 @@ impl Config {
         if let Some((text, path)) = file {
             merge(&mut table, parse_toml(text, path)?);
         }
+        let mut ignored_env = Vec::new();
         for (name, value) in env {
             if let Some(key) = name.strip_prefix(ENV_PREFIX) {
-                apply_env(&mut table, &name, key, &value)?;
+                if !apply_env(&mut table, key, &value) {
+                    ignored_env.push(name);
+                }
             }
         }
-        let config: Config =
+        let mut config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| ConfigError::Invalid {
                 key: err.path().to_string(),
                 message: err.inner().message().to_owned(),
             })?;
         config.validate()?;
+        config.ignored_env = ignored_env;
         Ok(config)
     }
 
@@ -441,30 +449,27 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
     }
 }
 
-/// Applies `CONFAB_SECTION__KEY=value`. The value is read as a TOML value when it
-/// parses as one (numbers, booleans), otherwise as a string.
-fn apply_env(table: &mut toml::Table, name: &str, key: &str, value: &str) -> Result<(), ConfigError> {
+/// Applies `CONFAB_SECTION__KEY=value` if it names a key of the defaults (every
+/// key has a default); returns whether it did. The value is read as a TOML value
+/// when it parses as one (numbers, booleans, lists), otherwise as a string.
+fn apply_env(table: &mut toml::Table, key: &str, value: &str) -> bool {
     let Some((section, field)) = key.split_once("__") else {
-        return Err(ConfigError::EnvName { name: name.to_owned() });
+        return false;
     };
-    if section.is_empty() || field.is_empty() {
-        return Err(ConfigError::EnvName { name: name.to_owned() });
+    let (section, field) = (section.to_ascii_lowercase(), field.to_ascii_lowercase());
+    let Some(toml::Value::Table(section_table)) = table.get_mut(&section) else {
+        return false;
+    };
+    if !section_table.contains_key(&field) {
+        return false;
     }
     let parsed = format!("v = {value}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_owned()));
-    let section_table = table
-        .entry(section.to_ascii_lowercase())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    match section_table {
-        toml::Value::Table(section_table) => {
-            section_table.insert(field.to_ascii_lowercase(), parsed);
-            Ok(())
-        }
-        _ => Err(ConfigError::EnvName { name: name.to_owned() }),
-    }
+    section_table.insert(field, parsed);
+    true
 }
 
 #[cfg(test)]
@@ -503,6 +508,25 @@ mod tests {
         assert_eq!(config.store.durability, Durability::Buffered);
         assert_eq!(config.log.level, "debug");
         assert_eq!(config.server.listen.port(), 7300, "untouched keys keep defaults");
+    }
+
+    #[test]
+    fn another_tools_confab_variables_are_set_aside_not_fatal() {
+        let config = Config::load_from(
+            None,
+            env(&[
+                ("CONFAB_HOME", "/opt/other"),
+                ("CONFAB_NOSECTION__KEY", "1"),
+                ("CONFAB_SERVER__SHARDZ", "3"),
+                ("CONFAB_SERVER__SHARDS", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server.shards, 3);
+        assert_eq!(
+            config.ignored_env,
+            ["CONFAB_HOME", "CONFAB_NOSECTION__KEY", "CONFAB_SERVER__SHARDZ"]
+        );
     }
 
     #[test]

@@ -45,6 +45,9 @@ fn main() -> ExitCode {
 fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config_file.as_deref())?;
     init_tracing(&config.log.level)?;
+    for name in &config.ignored_env {
+        tracing::warn!(variable = %name, "ignoring an environment variable that names no config key");
+    }
     raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
