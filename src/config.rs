@@ -259,10 +259,10 @@ impl Config {
         }
         let mut ignored_env = Vec::new();
         for (name, value) in env {
-            if let Some(key) = name.strip_prefix(ENV_PREFIX) {
-                if !apply_env(&mut table, key, &value) {
-                    ignored_env.push(name);
-                }
+            if let Some(key) = name.strip_prefix(ENV_PREFIX)
+                && !apply_env(&mut table, key, &value)
+            {
+                ignored_env.push(name);
             }
         }
         let mut config: Config =
