@@ -34,10 +34,15 @@ pub async fn members(connector: &Connector, count: usize) -> anyhow::Result<Vec<
             let _permit = permits.acquire().await.context("setup semaphore")?;
             let client = connector.connect(None).await.context("connecting")?;
             let name = format!("lg{run:08x}x{index}");
-            let login = client
-                .register_and_authenticate(&name, PASSWORD, "loadgen")
+            let context = || format!("setting up user {name}");
+            until_not_rate_limited(|| client.sign_up(&name, PASSWORD))
                 .await
-                .with_context(|| format!("setting up user {name}"))?;
+                .with_context(context)?;
+            let login = until_not_rate_limited(|| client.log_in(&name, PASSWORD, "loadgen"))
+                .await
+                .with_context(context)?;
+            let token = login.tokens.as_ref().map(|tokens| tokens.access_token.as_str()).unwrap_or_default();
+            client.authenticate(token).await.with_context(context)?;
             anyhow::Ok(Member {
                 name,
                 device: Device::try_from(index).context("too many devices")?,
@@ -48,6 +53,25 @@ pub async fn members(connector: &Connector, count: usize) -> anyhow::Result<Vec<
         }
     });
     futures::future::try_join_all(setups).await
+}
+
+/// Runs `request` again while the server answers RATE_LIMITED (a server with its
+/// default limits lets one address hash one password at a time per two cores).
+async fn until_not_rate_limited<T, F>(mut request: impl FnMut() -> F) -> Result<T, confab_client::ClientError>
+where
+    F: std::future::Future<Output = Result<T, confab_client::ClientError>>,
+{
+    let mut wait = std::time::Duration::from_millis(5);
+    for _ in 0..100 {
+        match request().await {
+            Err(err) if err.code() == Some(confab_client::proto::ErrorCode::RateLimited) => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_millis(200));
+            }
+            result => return result,
+        }
+    }
+    request().await
 }
 
 fn rand_suffix() -> u32 {

@@ -9,9 +9,10 @@
 //! - An address does the same after `login_failures_per_ip` failures, whichever
 //!   accounts it tries, so reconnecting (which resets the per-connection count)
 //!   gains nothing.
-//! - An address may have at most half the hashing pool (at least one hash)
+//! - An address may have at most half the hashing pool (at least two hashes)
 //!   running or queued at once; more log-ins or sign-ups from it are refused at
-//!   once instead of queueing in front of everyone else's.
+//!   once instead of queueing in front of everyone else's. (The pool's queue is
+//!   first come, first served: another address waits behind at most that many.)
 //! - Sign-ups: `signups_per_ip_per_hour` per address (a burst of as many).
 //!
 //! A refused attempt costs no hash and is not counted as a failure. Failures
@@ -136,7 +137,7 @@ impl Throttle {
                 address_free_failures: limits.login_failures_per_ip,
                 lockout_after: limits.login_failures_before_lockout,
                 lockout: limits.login_lockout,
-                hashes_per_address: (hashing_pool / 2).max(1),
+                hashes_per_address: (hashing_pool / 2).max(2),
                 signups: Rate {
                     per_second: hourly / 3600.0,
                     burst: hourly,
@@ -174,6 +175,11 @@ impl Throttle {
     pub fn before_sign_up(&self, from: Option<IpAddr>, now: Instant) -> Result<HashSlot, Throttled> {
         let address = self.tracked(from);
         let mut state = self.lock();
+        // A sign-up refused for want of a hashing slot uses none of the budget.
+        let busy = address.and_then(|address| state.hashing.get(&address).copied());
+        if busy.is_some_and(|running| running >= self.0.policy.hashes_per_address) {
+            return Err(Throttled::Hashing);
+        }
         if let Some(address) = address {
             let rate = self.0.policy.signups;
             if !state.signups.contains_key(&address) && state.signups.len() >= MAX_TRACKED {
@@ -335,8 +341,15 @@ mod tests {
 
     #[test]
     fn sign_ups_per_address_follow_their_hourly_rate() {
-        let throttle = throttle(8);
+        let throttle = throttle(2);
         let now = Instant::now();
+        let hashing = [
+            throttle.before_log_in("a", ip(1), now).unwrap(),
+            throttle.before_log_in("b", ip(1), now).unwrap(),
+        ];
+        // Refused while the address's share of hashing is in use: no budget spent.
+        assert_eq!(throttle.before_sign_up(ip(1), now).unwrap_err(), Throttled::Hashing);
+        drop(hashing);
         drop(throttle.before_sign_up(ip(1), now).unwrap());
         drop(throttle.before_sign_up(ip(1), now).unwrap());
         assert!(matches!(
