@@ -50,6 +50,45 @@ async fn oversized_frame_is_refused_before_reading_it() {
     node.shutdown().await;
 }
 
+/// A frame that trickles in, a few bytes at a time, never counts as activity:
+/// the connection is closed when the heartbeat deadline passes, however long
+/// its frame claims to be and however steadily its bytes come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_never_completes_runs_into_the_heartbeat_deadline() {
+    let mut node = TestServer::start_with(1, &[("CONFAB_PROTOCOL__HEARTBEAT_INTERVAL", "200ms")]).await;
+    let mut raw = RawConnection::connect(node.tcp).await;
+    raw.hello(ProtocolVersion::V1 as i32).await;
+    let stream = raw.into_stream();
+    let (mut read, mut write) = stream.into_split();
+    let trickle = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
+        write.write_all(&100_000u32.to_be_bytes()).await.unwrap();
+        // Ten bytes every 50 ms: about 200 bytes a second, for as long as it may.
+        while write.write_all(&[0x0a; 10]).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut bytes = Vec::new();
+    within(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut read, &mut bytes),
+    )
+    .await
+    .ok();
+    let mut buf = bytes::BytesMut::from(&bytes[..]);
+    let reply: proto::ServerFrame = confab_proto::FrameDecoder::new(1 << 20)
+        .decode(&mut buf)
+        .unwrap()
+        .expect("an error frame before the close");
+    assert!(
+        matches!(reply.kind, Some(proto::server_frame::Kind::Error(ref e)) if e.code == ErrorCode::Timeout as i32),
+        "{reply:?}"
+    );
+    trickle.abort();
+    server_still_serves(node.addr).await;
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_bytes_are_a_bad_request_not_a_crash() {
     let mut node = TestServer::start(2).await;

@@ -41,7 +41,11 @@ pub async fn members(connector: &Connector, count: usize) -> anyhow::Result<Vec<
             let login = until_not_rate_limited(|| client.log_in(&name, PASSWORD, "loadgen"))
                 .await
                 .with_context(context)?;
-            let token = login.tokens.as_ref().map(|tokens| tokens.access_token.as_str()).unwrap_or_default();
+            let token = login
+                .tokens
+                .as_ref()
+                .map(|tokens| tokens.access_token.as_str())
+                .unwrap_or_default();
             client.authenticate(token).await.with_context(context)?;
             anyhow::Ok(Member {
                 name,

@@ -291,6 +291,11 @@ impl RawConnection {
         Self::from_stream(tokio::net::TcpStream::connect(addr).await.unwrap())
     }
 
+    /// The socket, for tests that read and write it on their own.
+    pub fn into_stream(self) -> tokio::net::TcpStream {
+        self.stream
+    }
+
     pub fn from_stream(stream: tokio::net::TcpStream) -> Self {
         Self {
             stream,
