@@ -710,20 +710,11 @@ impl Inner {
         statement: &PreparedStatement,
         values: impl scylla::serialize::row::SerializeRow,
     ) -> Result<bool, StoreError> {
-        let reply = self
-            .session
-            .execute_unpaged(statement, values)
-            .await
-            .map_err(unavailable)?
-            .into_rows_result()
-            .map_err(corrupt)?;
+        let reply: Vec<scylla::value::Row> = self.rows(statement, values).await?;
         // The first column of a lightweight transaction's reply is `[applied]`.
         Ok(reply
-            .rows::<scylla::value::Row>()
-            .map_err(corrupt)?
+            .into_iter()
             .next()
-            .transpose()
-            .map_err(corrupt)?
             .and_then(|row| row.columns.into_iter().next().flatten())
             .and_then(|value| value.as_boolean())
             .unwrap_or(false))
