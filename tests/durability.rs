@@ -119,3 +119,34 @@ async fn sigterm_sends_going_away_flushes_and_exits_zero() {
     assert_eq!(history[0].body, "before shutdown");
     node.kill();
 }
+
+/// With buffered durability an acknowledged write must be in the OS's hands,
+/// not in a buffer of the process (the journal writer buffers 8 KiB): a lone
+/// small message survives SIGKILL too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_acknowledged_message_survives_sigkill_with_buffered_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = BinaryNode::start(dir.path(), &[("CONFAB_STORE__DURABILITY", "buffered")], None);
+    let alice = Client::connect(node.addr).await.unwrap();
+    let alice_login = alice
+        .register_and_authenticate(&unique_name("lone"), PASSWORD, "phone")
+        .await
+        .unwrap();
+    let bob = Client::connect(node.addr).await.unwrap();
+    let bob_login = bob
+        .register_and_authenticate(&unique_name("lone"), PASSWORD, "phone")
+        .await
+        .unwrap();
+    let ack = alice.send_direct(bob_login.user_id, "lone", "only me").await.unwrap();
+    node.kill();
+
+    let node = BinaryNode::start(dir.path(), &[("CONFAB_STORE__DURABILITY", "buffered")], None);
+    let alice = Client::connect(node.addr).await.unwrap();
+    alice
+        .authenticate(&alice_login.tokens.unwrap().access_token)
+        .await
+        .unwrap();
+    let history = alice.full_history(&ack.conversation_id).await.unwrap();
+    assert_eq!(history.len(), 1, "the acknowledged message was lost");
+    node.kill();
+}
