@@ -39,6 +39,7 @@ pub struct Config {
     pub chat: ChatConfig,
     pub store: StoreConfig,
     pub cassandra: CassandraConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
     /// `CONFAB_*` environment variables that name no config key: not applied,
     /// to be warned about once logging is up.
@@ -219,6 +220,23 @@ pub enum Durability {
     Sync,
     /// Written to the OS before the acknowledgement: survives a process crash.
     Buffered,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `None` when empty: off.
+    #[serde(deserialize_with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// An address, or nothing for "".
+fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    match text.trim() {
+        "" => Ok(None),
+        addr => addr.parse().map(Some).map_err(serde::de::Error::custom),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

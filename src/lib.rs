@@ -16,6 +16,8 @@ pub mod config;
 pub mod files;
 /// Typed identifiers: users, devices, conversations, sequence numbers.
 pub mod ids;
+/// Stage timings, queue depths and store health, served for Prometheus.
+pub mod metrics;
 /// The sans-IO protocol core: session state machine, commands, reply frames.
 pub mod protocol;
 /// Node assembly and lifecycle.

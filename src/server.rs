@@ -47,6 +47,7 @@ pub struct Server {
     local_addr: SocketAddr,
     websocket_addr: Option<SocketAddr>,
     quic_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     /// SHA-256 of the TCP/WebSocket certificate, when TLS is on.
     tls_fingerprint: Option<String>,
     quic_fingerprint: Option<String>,
@@ -114,6 +115,17 @@ impl Server {
         };
 
         let max_connections = connection_limit(&config);
+        // Installed before the shards start, so their handles record.
+        let metrics = match config.metrics.listen {
+            Some(addr) => Some((
+                addr,
+                crate::metrics::install().map_err(|err| StartError::Io {
+                    what: "installing the metrics recorder".into(),
+                    source: std::io::Error::other(err),
+                })?,
+            )),
+            None => None,
+        };
         let cores = if config.server.pin_threads {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
@@ -135,6 +147,7 @@ impl Server {
             local_addr,
             websocket_addr,
             quic_addr,
+            metrics_addr: None,
             tls_fingerprint,
             quic_fingerprint: quic.as_ref().map(|(_, fingerprint)| fingerprint.clone()),
             drain: context.drain.clone(),
@@ -197,6 +210,12 @@ impl Server {
         if let Some(addr) = websocket_addr {
             tracing::info!(%addr, path = %context.config.websocket.path, "WebSocket listening");
         }
+        if let Some((addr, handle)) = metrics {
+            let endpoint = crate::metrics::Endpoint::start(addr, handle, context.stop.clone())
+                .map_err(io_error(format!("binding the metrics endpoint to {addr}")))?;
+            server.metrics_addr = Some(endpoint.addr);
+            server.threads.push(endpoint.thread);
+        }
         if let Some(fingerprint) = &server.tls_fingerprint {
             tracing::info!(certificate_sha256 = %fingerprint, "TLS on for TCP and WebSocket");
         }
@@ -215,6 +234,11 @@ impl Server {
 
     pub fn quic_addr(&self) -> Option<SocketAddr> {
         self.quic_addr
+    }
+
+    /// The metrics endpoint's address, when `metrics.listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// SHA-256 (hex) of the TCP/WebSocket certificate, when TLS is on.

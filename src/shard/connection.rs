@@ -15,7 +15,7 @@
 //! than three heartbeat intervals.
 
 use super::Shard;
-use super::mesh::ShardMsg;
+use super::mesh::{AppendReply, ShardMsg};
 use super::outbound::Outbound;
 use super::sessions::{Kick, Replay, SessionHandle};
 use super::{catch_up, presence};
@@ -35,7 +35,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
-use tokio::sync::oneshot;
 
 /// Room kept in a History page for everything but the messages.
 const PAGE_OVERHEAD_BYTES: usize = 1024;
@@ -268,14 +267,17 @@ impl Connection {
                         }
                     }
                 }
-                let (reply, ack) = oneshot::channel();
+                let (reply, ack) = AppendReply::new();
                 let owner = shard.mesh.owner_of(append.conversation);
                 // Handing over in frame order keeps one device's messages in order.
                 if shard.mesh.send(owner, ShardMsg::Append(append, reply)).await.is_err() {
                     return Box::pin(std::future::ready(failure(id, &ChatError::ShuttingDown)));
                 }
+                let decoded_at = Instant::now();
                 Box::pin(async move {
-                    match ack.await {
+                    let answer = ack.await;
+                    crate::metrics::record_since(&shard.stages.acked, decoded_at);
+                    match answer {
                         Ok(Ok(ack)) => reply_frame(id, Kind::SendAck(ack.into_proto())),
                         Ok(Err(err)) => failure(id, &err),
                         Err(_) => failure(id, &ChatError::ShuttingDown),

@@ -9,10 +9,41 @@ use crate::chat::{Append, ChatError, Presence, SendAck, Signal};
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use bytes::Bytes;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
-/// The owner's answer to an append.
-pub type AppendReply = oneshot::Sender<Result<SendAck, ChatError>>;
+/// The owner's answer to an append, and when the append passed each stage so
+/// far (for the stage timings of [`crate::metrics`]).
+#[derive(Debug)]
+pub struct AppendReply {
+    answer: oneshot::Sender<Result<SendAck, ChatError>>,
+    /// When it was handed to the mesh, then taken by the owner, then given a seq.
+    pub stage_at: Instant,
+}
+
+impl AppendReply {
+    /// A reply for an append handed to the mesh now, and where its answer arrives.
+    pub fn new() -> (Self, oneshot::Receiver<Result<SendAck, ChatError>>) {
+        let (answer, answered) = oneshot::channel();
+        let reply = Self {
+            answer,
+            stage_at: Instant::now(),
+        };
+        (reply, answered)
+    }
+
+    /// Records the time since the last stage in `stage`, and starts the next.
+    pub fn stage(&mut self, stage: &metrics::Histogram) {
+        let now = Instant::now();
+        stage.record(now.duration_since(self.stage_at).as_secs_f64());
+        self.stage_at = now;
+    }
+
+    /// Answers; fails only if the asker went away.
+    pub fn send(self, result: Result<SendAck, ChatError>) -> Result<(), Result<SendAck, ChatError>> {
+        self.answer.send(result)
+    }
+}
 
 #[derive(Debug)]
 pub enum ShardMsg {
@@ -58,6 +89,9 @@ pub struct Delivery {
     pub conversation: ConversationId,
     pub seq: Seq,
     pub frame: Bytes,
+    /// When its message was committed (for the `delivered` stage timing);
+    /// `None` for ephemeral pushes.
+    pub committed_at: Option<Instant>,
     pub users: Arc<[UserId]>,
     /// The device that sent it: it gets a SendAck instead.
     pub skip_device: Option<(UserId, DeviceId)>,
@@ -89,6 +123,12 @@ impl Mesh {
     pub fn home_of(&self, user: UserId) -> ShardId {
         let hash = ConversationId::direct(user, user).hash64();
         ShardId((hash % self.shards.len() as u64) as usize)
+    }
+
+    /// Messages waiting in `shard`'s mailbox.
+    pub fn queued(&self, shard: ShardId) -> usize {
+        let sender = &self.shards[shard.0];
+        sender.max_capacity() - sender.capacity()
     }
 
     /// Sends, waiting for room. Fails only once the receiving shard has stopped.

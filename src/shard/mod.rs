@@ -19,6 +19,7 @@
 mod catch_up;
 mod connection;
 mod directory;
+mod gauges;
 mod mesh;
 mod outbound;
 mod owner;
@@ -107,6 +108,8 @@ pub struct Shard {
     receipts: RefCell<ReceiptCoalescer>,
     /// What each user may still send through this shard.
     quotas: RefCell<quotas::SendQuotas>,
+    /// Timings of the stages of a send (no-ops unless metrics are on).
+    stages: crate::metrics::SendStages,
     /// Presence of the users whose home this shard is.
     presence: RefCell<PresenceTracker<presence::Subscriber>>,
     presence_changed: Notify,
@@ -196,6 +199,7 @@ async fn run(
         commit_ready: Notify::new(),
         receipts: RefCell::default(),
         quotas: RefCell::new(quotas::SendQuotas::new(&context.config.limits)),
+        stages: crate::metrics::SendStages::new(),
         presence: RefCell::new(presence_tracker),
         presence_changed: Notify::new(),
         announcer,
@@ -206,6 +210,9 @@ async fn run(
     core.spawn_local(owner::run_committer(shard.clone()));
     core.spawn_local(announce_directory(shard.clone(), directory_updates));
     core.spawn_local(presence::run_timer(shard.clone()));
+    if shard.config.metrics.listen.is_some() {
+        core.spawn_local(gauges::run(shard.clone()));
+    }
     if id == ShardId(0) {
         core.spawn_local(owner::sweep_sends(shard.clone()));
         core.spawn_local(store_watch::run(shard.clone()));
@@ -249,7 +256,8 @@ impl Shard {
         tokio::task::spawn_local(task);
     }
 
-    fn enqueue_commit(&self, assigned: Assigned<AppendReply>) {
+    fn enqueue_commit(&self, mut assigned: Assigned<AppendReply>) {
+        assigned.reply.stage(&self.stages.sequenced);
         self.commit_queue.borrow_mut().push_back(assigned);
         self.commit_ready.notify_one();
     }
@@ -294,6 +302,9 @@ async fn mailbox_loop(shard: Rc<Shard>, mut mailbox: mpsc::Receiver<ShardMsg>) {
                 let sessions = shard.sessions.borrow();
                 for delivery in &deliveries {
                     sessions.deliver(delivery);
+                    if let Some(committed_at) = delivery.committed_at {
+                        crate::metrics::record_since(&shard.stages.delivered, committed_at);
+                    }
                 }
             }
             ShardMsg::Revoke { user, device } => shard.sessions.borrow().revoke(user, device),

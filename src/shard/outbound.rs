@@ -76,6 +76,11 @@ impl Outbound {
         }
     }
 
+    /// Frames queued now.
+    pub fn queued(&self) -> usize {
+        self.0.frames.borrow().len()
+    }
+
     /// The next frame; `None` once the queue is closed and empty.
     pub async fn recv(&self) -> Option<Bytes> {
         loop {

@@ -24,9 +24,11 @@ use futures::stream::FuturesUnordered;
 use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Takes an append from the mesh. Never waits.
-pub(super) fn submit(shard: &Rc<Shard>, append: Append, reply: AppendReply) {
+pub(super) fn submit(shard: &Rc<Shard>, append: Append, mut reply: AppendReply) {
+    reply.stage(&shard.stages.to_owner);
     let admission = shard.sequencer.borrow_mut().submit(append, reply);
     match admission {
         Admission::Queued => {}
@@ -144,8 +146,12 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
             let (conversations, committing, records) = prepare_commit(batch);
             busy.extend(conversations.iter().copied());
             let store = shard.store.clone();
+            let stages = shard.stages.clone();
             in_flight.push(async move {
+                stages.store_commit_messages.record(records.len() as f64);
+                let started = Instant::now();
                 let result = store.append_messages(records).await;
+                crate::metrics::record_since(&stages.store_commit, started);
                 (conversations, committing, result)
             });
         }
@@ -281,6 +287,7 @@ struct Committing {
 }
 
 async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
+    let committed_at = Instant::now();
     let shards = shard.mesh.shard_count();
     let mut per_shard: Vec<Vec<Delivery>> = vec![Vec::new(); shards];
     for message in committed {
@@ -295,6 +302,7 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
                     conversation: message.ack.conversation,
                     seq: message.ack.seq,
                     frame: message.frame.clone(),
+                    committed_at: Some(committed_at),
                     users: users.into(),
                     skip_device: Some(message.sender),
                 });
@@ -305,7 +313,9 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
         for reply in joined {
             let _ = reply.send(Ok(message.ack.clone()));
         }
-        let _ = message.reply.send(Ok(message.ack));
+        let mut reply = message.reply;
+        reply.stage(&shard.stages.committed);
+        let _ = reply.send(Ok(message.ack));
     }
     for (index, deliveries) in per_shard.into_iter().enumerate() {
         if !deliveries.is_empty()
@@ -367,6 +377,7 @@ async fn push_to(shard: &Shard, conversation: ConversationId, recipients: &[User
             // Seq 0: a resuming session drops it rather than replay it.
             seq: 0,
             frame: frame.clone(),
+            committed_at: None,
             users: users.into(),
             skip_device: None,
         };

@@ -92,6 +92,7 @@ async fn push(shard: Rc<Shard>, updates: Vec<Update<Subscriber>>) {
                 conversation: ConversationId::direct(update.user, update.user),
                 seq: 0,
                 frame: frame.clone(),
+                committed_at: None,
                 users: users.into(),
                 skip_device: None,
             };

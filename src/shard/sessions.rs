@@ -162,6 +162,14 @@ pub struct SessionHandle {
     pub replay: Option<Rc<RefCell<Replay>>>,
 }
 
+/// How full a shard's outbound queues are, for the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QueueDepths {
+    pub sessions: usize,
+    pub frames: usize,
+    pub longest: usize,
+}
+
 #[derive(Debug, Default)]
 pub struct LocalSessions {
     by_user: HashMap<UserId, Vec<SessionHandle>>,
@@ -195,6 +203,18 @@ impl LocalSessions {
                     .kick(error_frame(0, ErrorCode::Unauthenticated, "the device was logged out"));
             }
         }
+    }
+
+    /// Sessions here, frames queued for them all, and the longest queue.
+    pub fn depths(&self) -> QueueDepths {
+        let mut depths = QueueDepths::default();
+        for handle in self.by_user.values().flatten() {
+            let queued = handle.outbound.queued();
+            depths.sessions += 1;
+            depths.frames += queued;
+            depths.longest = depths.longest.max(queued);
+        }
+        depths
     }
 
     pub fn deliver(&self, delivery: &Delivery) {
@@ -326,6 +346,7 @@ mod tests {
             conversation: conversation(),
             seq: 2,
             frame: push(2),
+            committed_at: None,
             users: std::sync::Arc::new([user]),
             skip_device: None,
         });

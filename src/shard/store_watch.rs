@@ -17,12 +17,15 @@ pub(super) async fn run(shard: Rc<Shard>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // When writes were first refused, and when that was last reported.
     let mut refusing: Option<(Instant, Instant)> = None;
+    let writable = metrics::gauge!("confab_store_writable");
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             () = shard.stop.cancelled() => return,
         }
-        match (shard.store.probe_writes().await, &mut refusing) {
+        let probe = shard.store.probe_writes().await;
+        writable.set(if probe.is_ok() { 1.0 } else { 0.0 });
+        match (probe, &mut refusing) {
             (Ok(()), Some((since, _))) => {
                 tracing::info!(after_s = since.elapsed().as_secs(), "the store takes writes again");
                 refusing = None;

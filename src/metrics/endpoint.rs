@@ -1,0 +1,88 @@
+//! The scrape endpoint: answers every HTTP request with the metrics in the
+//! Prometheus text format, on a thread and runtime of its own (never a shard's).
+//! Deliberately tiny: one request per connection, a bounded read of the request
+//! head, a deadline, and a limit on connections at once.
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Scrapes answered at once; more wait for a slot.
+const MAX_SCRAPES: usize = 16;
+/// Longest request head read.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// A scrape must be done within this.
+const SCRAPE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A running scrape endpoint.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+impl Endpoint {
+    /// Binds `addr` and serves `handle` until `stop` is cancelled.
+    pub fn start(addr: SocketAddr, handle: PrometheusHandle, stop: CancellationToken) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let listener = {
+            let _entered = runtime.enter();
+            let listener = std::net::TcpListener::bind(addr)?;
+            listener.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        let addr = listener.local_addr()?;
+        let thread = std::thread::Builder::new()
+            .name("confab-metrics".into())
+            .spawn(move || runtime.block_on(serve(listener, handle, stop)))?;
+        tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        Ok(Self { addr, thread })
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(SCRAPE_DEADLINE, answer(stream, &handle)).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Reads the request head (whatever it asks), answers with the metrics.
+async fn answer(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|window| window == b"\r\n\r\n") && head.len() < MAX_REQUEST_BYTES {
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            break;
+        }
+        head.extend_from_slice(&chunk[..read]);
+    }
+    let body = handle.render();
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

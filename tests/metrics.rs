@@ -1,0 +1,90 @@
+//! The Prometheus endpoint (`metrics.listen`): off by default; when on, a
+//! scrape after a send finds every stage of it timed, and the queue and store
+//! gauges sampled.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{TestServer, new_user, within};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn scrape(addr: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: confab\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// The value of the sample named exactly `series` (name and labels).
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_after_a_send_finds_every_stage_and_the_gauges() {
+    let mut node = TestServer::start_with(2, &[("CONFAB_METRICS__LISTEN", "127.0.0.1:0")]).await;
+    let metrics = node.server.as_ref().unwrap().metrics_addr().unwrap();
+    let (alice, _, _) = new_user(node.addr, "alice").await;
+    let (bob, bob_login, _) = new_user(node.addr, "bob").await;
+    alice.send_direct(bob_login.user_id, "m1", "hello").await.unwrap();
+    within(WAIT, bob.next_message()).await.unwrap();
+
+    for stage in ["to_owner", "sequenced", "committed", "delivered", "acked"] {
+        let series = format!("confab_send_stage_seconds_count{{stage=\"{stage}\"}}");
+        let body = scrape(metrics).await;
+        let count = sample(&body, &series).unwrap_or_else(|| panic!("no {series} in:\n{body}"));
+        assert!(count >= 1.0, "{series} = {count}");
+        let p99 = format!("confab_send_stage_seconds{{stage=\"{stage}\",quantile=\"0.99\"}}");
+        assert!(sample(&body, &p99).is_some(), "no {p99}");
+    }
+    let body = scrape(metrics).await;
+    assert!(sample(&body, "confab_store_commit_seconds_count").unwrap() >= 1.0);
+    assert!(sample(&body, "confab_store_commit_messages_sum").unwrap() >= 1.0);
+
+    // Gauges are sampled once a second: both users' sessions show up.
+    let mut body = String::new();
+    let mut sessions = 0.0;
+    for _ in 0..100 {
+        body = scrape(metrics).await;
+        sessions = ["0", "1"]
+            .iter()
+            .filter_map(|shard| sample(&body, &format!("confab_connections{{shard=\"{shard}\"}}")))
+            .sum();
+        if sessions >= 2.0 && sample(&body, "confab_store_writable").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sessions, 2.0, "{body}");
+    assert_eq!(sample(&body, "confab_store_writable"), Some(1.0));
+    for gauge in [
+        "confab_mesh_queue",
+        "confab_commit_queue",
+        "confab_outbound_frames",
+        "confab_outbound_frames_max",
+    ] {
+        assert!(
+            sample(&body, &format!("{gauge}{{shard=\"0\"}}")).is_some(),
+            "no {gauge}"
+        );
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_off_by_default() {
+    let mut node = TestServer::start(1).await;
+    assert_eq!(node.server.as_ref().unwrap().metrics_addr(), None);
+    node.shutdown().await;
+}
