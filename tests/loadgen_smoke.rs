@@ -6,7 +6,7 @@
 mod common;
 
 use common::TestServer;
-use confab_loadgen::scenario::{self, GroupShape, Mode};
+use confab_loadgen::scenario::{self, GroupShape, Measure, Mode};
 use confab_loadgen::traffic::Load;
 use std::time::Duration;
 
@@ -21,9 +21,16 @@ fn load() -> Load {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn direct_scenario_runs_clean() {
-    let mut node = TestServer::start(2).await;
-    let report = scenario::direct(node.addr, 4, load(), Mode::Once, true, serde_json::json!({}))
+async fn direct_scenario_runs_clean_with_every_measure() {
+    let mut node = TestServer::start_with(2, &[("CONFAB_METRICS__LISTEN", "127.0.0.1:0")]).await;
+    let measure = Measure {
+        echo_baseline: true,
+        relay_pairs: Some(4),
+        // The node runs in this process.
+        server_pid: Some(std::process::id()),
+        metrics: node.server.as_ref().unwrap().metrics_addr(),
+    };
+    let report = scenario::direct(node.addr, 4, load(), Mode::Once, measure, serde_json::json!({}))
         .await
         .unwrap();
     assert_eq!(report.violations, Vec::<String>::new());
@@ -32,6 +39,11 @@ async fn direct_scenario_runs_clean() {
     assert_eq!(report.deliveries, 200);
     assert!(report.echo_baseline_per_second.unwrap() > 0.0);
     assert!(report.delivery_latency.count == 200);
+    let relay = report.relay_baseline.unwrap();
+    assert_eq!((relay.delivery_latency.count, relay.ack_latency.count), (200, 200));
+    assert!(report.server_cpu_us_per_delivery.unwrap() > 0.0);
+    let metrics = report.server_metrics.unwrap();
+    assert!(metrics["confab_send_stage_seconds_count{stage=\"acked\"}"] >= 200.0);
     node.shutdown().await;
 }
 
@@ -43,9 +55,16 @@ async fn group_scenario_runs_clean() {
         members: 5,
         senders: 2,
     };
-    let report = scenario::group(node.addr, shape, load(), Mode::Once, false, serde_json::json!({}))
-        .await
-        .unwrap();
+    let report = scenario::group(
+        node.addr,
+        shape,
+        load(),
+        Mode::Once,
+        Measure::default(),
+        serde_json::json!({}),
+    )
+    .await
+    .unwrap();
     assert_eq!(report.violations, Vec::<String>::new());
     assert_eq!(report.acked, 200);
     assert_eq!(
@@ -98,7 +117,7 @@ async fn ramp_finds_a_rate_that_holds() {
         duration: Duration::from_millis(300),
         ..load()
     };
-    let report = scenario::direct(node.addr, 2, quick, mode, false, serde_json::json!({}))
+    let report = scenario::direct(node.addr, 2, quick, mode, Measure::default(), serde_json::json!({}))
         .await
         .unwrap();
     assert_eq!(report.violations, Vec::<String>::new());

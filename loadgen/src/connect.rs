@@ -1,6 +1,7 @@
 //! The connect scenario: a storm of authenticated connections at a given rate,
 //! held idle, with handshake latency and the server's memory per connection.
 
+use crate::server::rss_bytes;
 use crate::setup;
 use crate::stats::{Latency, Percentiles};
 use anyhow::Context as _;
@@ -162,28 +163,10 @@ fn source_address(server: SocketAddr, index: usize) -> Option<IpAddr> {
     }
 }
 
-/// Resident memory of a process, from /proc/<pid>/status.
-fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-        .context("no VmRSS line")?;
-    Ok(kib * 1024)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_this_process_resident_memory() {
-        assert!(rss_bytes(std::process::id()).unwrap() > 1024 * 1024);
-    }
 
     #[test]
     fn source_addresses_rotate_by_block_on_ipv4() {

@@ -15,8 +15,12 @@ pub mod flood;
 pub mod logins;
 /// What a loadgen message body carries.
 pub mod payload;
+/// The relay baseline: the 1:1 pattern with no storage.
+pub mod relay;
 /// Who talks to whom: direct and group scenarios.
 pub mod scenario;
+/// The server's CPU, memory and metrics, read during a run.
+pub mod server;
 /// Users and connections for a run.
 pub mod setup;
 /// Latency histograms and reports.

@@ -34,6 +34,10 @@ enum Scenario {
         /// Pairs of users.
         #[arg(long, default_value_t = 50)]
         pairs: usize,
+        /// Also run the relay baseline (a storage-free forwarder) with the same
+        /// pairs, frame size and schedule; with --ramp, ramp it too.
+        #[arg(long)]
+        relay_baseline: bool,
     },
     /// G groups of M members, S senders per group, at a target total rate.
     Group {
@@ -178,6 +182,13 @@ struct Common {
     /// Write every figure and the parameters as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// The server's pid (same machine): report its CPU time per delivery.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// The server's metrics endpoint (`metrics.listen`, loopback): keep a scrape
+    /// taken at the end of the run and print its stage timings.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Find the highest rate (starting at --rate) whose send→deliver p99 stays
     /// within --p99-bound; each step lasts --duration.
     #[arg(long)]
@@ -288,7 +299,11 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
             let parameters = serde_json::json!({ "devices": devices, "backlog": backlog });
             (scenario::sync(server, devices, backlog, parameters).await?, json)
         }
-        Scenario::Direct { common, pairs } => {
+        Scenario::Direct {
+            common,
+            pairs,
+            relay_baseline,
+        } => {
             let server = check_common(&common)?;
             let parameters = serde_json::json!({ "pairs": pairs, "rate": common.rate, "duration_s": common.duration.as_secs_f64(), "body_bytes": common.body_bytes });
             let report = scenario::direct(
@@ -296,7 +311,10 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
                 pairs,
                 load(&common),
                 mode(&common),
-                common.echo_baseline,
+                scenario::Measure {
+                    relay_pairs: relay_baseline.then_some(pairs),
+                    ..measure(&common)
+                },
                 parameters,
             )
             .await?;
@@ -323,7 +341,7 @@ async fn run(scenario: Scenario) -> anyhow::Result<bool> {
                 shape,
                 load(&common),
                 mode(&common),
-                common.echo_baseline,
+                measure(&common),
                 parameters,
             )
             .await?;
@@ -348,6 +366,15 @@ fn load(common: &Common) -> traffic::Load {
     }
 }
 
+fn measure(common: &Common) -> scenario::Measure {
+    scenario::Measure {
+        echo_baseline: common.echo_baseline,
+        relay_pairs: None,
+        server_pid: common.server_pid,
+        metrics: common.metrics,
+    }
+}
+
 fn mode(common: &Common) -> scenario::Mode {
     match common.ramp {
         true => scenario::Mode::Ramp {
@@ -359,6 +386,11 @@ fn mode(common: &Common) -> scenario::Mode {
 
 fn check_common(common: &Common) -> anyhow::Result<Endpoint> {
     let server = common.target.endpoint()?;
+    if let Some(metrics) = common.metrics
+        && !metrics.ip().is_loopback()
+    {
+        bail!("--metrics must be a loopback address; got {metrics}");
+    }
     let messages = common.rate * common.duration.as_secs_f64();
     if !(1.0..=MAX_MESSAGES).contains(&messages) {
         bail!("--rate × --duration must be between 1 and {MAX_MESSAGES} messages");

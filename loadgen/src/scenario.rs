@@ -4,12 +4,15 @@
 use crate::check::{Device, MessageId};
 use crate::echo;
 use crate::payload;
+use crate::relay;
+use crate::server;
 use crate::setup::{self, Member};
-use crate::stats::{self, Report};
+use crate::stats::{self, RelayReport, Report};
 use crate::traffic::{self, Flow, Load, Outcome};
 use anyhow::Context as _;
 use confab_client::Endpoint;
 use confab_client::proto::conversation_ref::Target;
+use std::net::SocketAddr;
 
 /// Bytes a Send frame adds to its body (prefix, ids, field tags), for the echo
 /// baseline's frame size.
@@ -21,7 +24,7 @@ pub async fn direct(
     pairs: usize,
     load: Load,
     mode: Mode,
-    echo_baseline: bool,
+    measure: Measure,
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
     let connector = setup::Connector::new(server)?;
@@ -36,7 +39,7 @@ pub async fn direct(
             })
         })
         .collect();
-    drive("direct", &members, flows, load, mode, echo_baseline, parameters).await
+    drive("direct", &members, flows, load, mode, measure, parameters).await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +55,7 @@ pub async fn group(
     shape: GroupShape,
     load: Load,
     mode: Mode,
-    echo_baseline: bool,
+    measure: Measure,
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
     let connector = setup::Connector::new(server)?;
@@ -73,7 +76,7 @@ pub async fn group(
             });
         }
     }
-    drive("group", &members, flows, load, mode, echo_baseline, parameters).await
+    drive("group", &members, flows, load, mode, measure, parameters).await
 }
 
 /// Run once at the given rate, or ramp to find the highest rate that holds.
@@ -90,19 +93,35 @@ pub enum Mode {
 /// Most ramp steps; the search also stops once it has narrowed to 10 %.
 const MAX_RAMP_STEPS: u32 = 8;
 
+/// What else a run measures besides its own traffic.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Measure {
+    /// The raw echo baseline, with the run's connections and frame size.
+    pub echo_baseline: bool,
+    /// The relay baseline with this many pairs (the 1:1 pattern only).
+    pub relay_pairs: Option<usize>,
+    /// The server's pid: its CPU time per delivery, from /proc.
+    pub server_pid: Option<u32>,
+    /// The server's metrics endpoint: a scrape at the end of the run.
+    pub metrics: Option<SocketAddr>,
+}
+
 async fn drive(
     scenario: &str,
     members: &[Member],
     flows: Vec<Flow>,
     load: Load,
     mode: Mode,
-    echo_baseline: bool,
+    measure: Measure,
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
-    let echo = baseline(echo_baseline, members.len(), load).await?;
+    let echo = baseline(measure.echo_baseline, members.len(), load).await?;
     let Mode::Ramp { p99_bound } = mode else {
-        let outcome = traffic::run(members, flows, load).await;
-        return finish(scenario, parameters, outcome, echo, "send → deliver");
+        let mut report = measured_run(scenario, members, flows, load, measure, echo, parameters).await?;
+        if let Some(pairs) = measure.relay_pairs {
+            report.relay_baseline = Some(relay_at(pairs, load).await?);
+        }
+        return Ok(report);
     };
     let bound_ms = p99_bound.as_secs_f64() * 1000.0;
     let (mut good, mut bad): (Option<(f64, Report)>, Option<f64>) = (None, None);
@@ -110,8 +129,16 @@ async fn drive(
     let mut rate = load.rate;
     for round in 0..MAX_RAMP_STEPS {
         let step = Load { rate, round, ..load };
-        let outcome = traffic::run(members, flows.clone(), step).await;
-        let report = finish(scenario, parameters.clone(), outcome, echo, "send → deliver")?;
+        let report = measured_run(
+            scenario,
+            members,
+            flows.clone(),
+            step,
+            measure,
+            echo,
+            parameters.clone(),
+        )
+        .await?;
         if !report.violations.is_empty() {
             return Ok(report);
         }
@@ -129,18 +156,93 @@ async fn drive(
         } else {
             bad = Some(rate);
         }
-        rate = match (&good, bad) {
-            (_, None) => rate * 2.0,
-            (Some((low, _)), Some(high)) if (high - low) / high < 0.1 => break,
-            (Some((low, _)), Some(high)) => (low + high) / 2.0,
-            (None, Some(high)) => high / 2.0,
-        };
+        match next_rate(good.as_ref().map(|(rate, _)| *rate), bad, rate) {
+            Some(next) => rate = next,
+            None => break,
+        }
     }
     let Some((_, mut best)) = good else {
         anyhow::bail!("no rate held a p99 within {bound_ms} ms (lowest tried: {rate:.0}/s)");
     };
     best.parameters["ramp_p99_bound_ms"] = bound_ms.into();
     best.parameters["ramp_steps"] = steps.into();
+    if let Some(pairs) = measure.relay_pairs {
+        best.relay_baseline = Some(relay_ramp(pairs, load, bound_ms).await?);
+    }
+    Ok(best)
+}
+
+/// The next rate of a ramp that held at `good` and not at `bad` so far; `None`
+/// once the two are within 10 % of each other.
+fn next_rate(good: Option<f64>, bad: Option<f64>, rate: f64) -> Option<f64> {
+    match (good, bad) {
+        (_, None) => Some(rate * 2.0),
+        (Some(low), Some(high)) if (high - low) / high < 0.1 => None,
+        (Some(low), Some(high)) => Some((low + high) / 2.0),
+        (None, Some(high)) => Some(high / 2.0),
+    }
+}
+
+/// One traffic run, with the server's CPU and metrics around it when asked.
+async fn measured_run(
+    scenario: &str,
+    members: &[Member],
+    flows: Vec<Flow>,
+    load: Load,
+    measure: Measure,
+    echo: Option<f64>,
+    parameters: serde_json::Value,
+) -> anyhow::Result<Report> {
+    let cpu_before = measure.server_pid.map(server::cpu_seconds).transpose()?;
+    let outcome = traffic::run(members, flows, load).await;
+    let cpu_after = measure.server_pid.map(server::cpu_seconds).transpose()?;
+    let mut report = finish(scenario, parameters, outcome, echo, "send → deliver")?;
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+        report.server_cpu_us_per_delivery = Some((after - before) * 1e6 / report.deliveries.max(1) as f64);
+    }
+    if let Some(addr) = measure.metrics {
+        report.server_metrics = Some(server::scrape(addr).await?);
+    }
+    Ok(report)
+}
+
+async fn relay_at(pairs: usize, load: Load) -> anyhow::Result<RelayReport> {
+    let outcome = relay::run(pairs, load.body_bytes + FRAME_OVERHEAD_BYTES, load).await?;
+    Ok(RelayReport {
+        rate: load.rate,
+        deliveries_per_second: outcome.delivered as f64 / outcome.elapsed.as_secs_f64(),
+        ack_latency: outcome.ack_latency.summary(),
+        delivery_latency: outcome.delivery_latency.summary(),
+        highest_rate_within_bound: None,
+    })
+}
+
+/// The relay's own ramp, from the run's starting rate: the best rate that held.
+async fn relay_ramp(pairs: usize, load: Load, bound_ms: f64) -> anyhow::Result<RelayReport> {
+    let (mut good, mut bad): (Option<(f64, RelayReport)>, Option<f64>) = (None, None);
+    let mut rate = load.rate;
+    for _ in 0..MAX_RAMP_STEPS {
+        let report = relay_at(pairs, Load { rate, ..load }).await?;
+        let held = report.delivery_latency.p99_ms <= bound_ms && report.deliveries_per_second >= 0.95 * rate;
+        eprintln!(
+            "relay ramp: {rate:.0}/s, p99 {:.3} ms: {}",
+            report.delivery_latency.p99_ms,
+            if held { "holds" } else { "does not hold" }
+        );
+        if held {
+            good = Some((rate, report));
+        } else {
+            bad = Some(rate);
+        }
+        match next_rate(good.as_ref().map(|(rate, _)| *rate), bad, rate) {
+            Some(next) => rate = next,
+            None => break,
+        }
+    }
+    let Some((highest, mut best)) = good else {
+        anyhow::bail!("the relay held no rate within {bound_ms} ms");
+    };
+    best.highest_rate_within_bound = Some(highest);
     Ok(best)
 }
 
@@ -183,6 +285,9 @@ fn finish(
         delivery_latency: outcome.delivery_latency.summary(),
         delivery_label: delivery_label.to_owned(),
         echo_baseline_per_second: echo,
+        relay_baseline: None,
+        server_cpu_us_per_delivery: None,
+        server_metrics: None,
         violations: stats::describe(&outcome.checker.finish()),
     })
 }

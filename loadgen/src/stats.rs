@@ -3,6 +3,7 @@
 use crate::check::Violation;
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Latencies in microseconds, from 1 µs to 60 s at 3 significant digits.
@@ -68,8 +69,28 @@ pub struct Report {
     pub delivery_label: String,
     /// The same-run raw echo baseline, when measured.
     pub echo_baseline_per_second: Option<f64>,
+    /// The same-run relay baseline (`direct --relay-baseline`), when measured.
+    pub relay_baseline: Option<RelayReport>,
+    /// Server CPU time (all threads) over the run per delivery (`--server-pid`).
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// The server's metrics at the end of the run (`--metrics`), by series.
+    pub server_metrics: Option<BTreeMap<String, f64>>,
     pub violations: Vec<String>,
 }
+
+/// The relay baseline at the run's rate (or, ramping, at the highest rate that held).
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayReport {
+    pub rate: f64,
+    pub deliveries_per_second: f64,
+    pub ack_latency: Percentiles,
+    pub delivery_latency: Percentiles,
+    /// Ramping: the highest rate whose p99 stayed within the bound.
+    pub highest_rate_within_bound: Option<f64>,
+}
+
+/// Stages of the server's send path, as its metrics name them.
+const STAGES: [&str; 5] = ["to_owner", "sequenced", "committed", "delivered", "acked"];
 
 impl Report {
     /// The human summary.
@@ -100,6 +121,29 @@ impl Report {
                 "  echo baseline {echo:.0} msgs/s; deliveries are {:.1}% of it\n",
                 100.0 * self.deliveries_per_second / echo
             );
+        }
+        if let Some(relay) = &self.relay_baseline {
+            text += &line(&format!("relay at {:.0}/s", relay.rate), &relay.delivery_latency);
+            if let Some(highest) = relay.highest_rate_within_bound {
+                text += &format!(
+                    "  relay holds the bound up to {highest:.0}/s; this run's best is {:.1}% of it\n",
+                    100.0 * self.acked_per_second / highest
+                );
+            }
+        }
+        if let Some(cpu) = self.server_cpu_us_per_delivery {
+            text += &format!("  server CPU {cpu:.1} µs per delivery\n");
+        }
+        if let Some(metrics) = &self.server_metrics {
+            text += "  server stages, last minute (ms):";
+            for stage in STAGES {
+                let quantile = |q: &str| {
+                    let series = format!("confab_send_stage_seconds{{stage=\"{stage}\",quantile=\"{q}\"}}");
+                    metrics.get(&series).map_or(f64::NAN, |seconds| seconds * 1000.0)
+                };
+                text += &format!("  {stage} p50 {:.3} p99 {:.3}", quantile("0.5"), quantile("0.99"));
+            }
+            text += "\n";
         }
         match self.violations.len() {
             0 => text += "  correctness: no loss, no duplicates, in order, no gaps\n",

@@ -1,0 +1,96 @@
+//! What the server tells about itself while a run measures it: its resident
+//! memory and CPU time from /proc (same machine), and a scrape of its metrics
+//! endpoint (`metrics.listen`).
+
+use anyhow::Context as _;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// Clock ticks per second in /proc/<pid>/stat: 100 on every Linux this runs on
+/// (`getconf CLK_TCK`).
+const TICKS_PER_SECOND: f64 = 100.0;
+/// Longest wait for a scrape.
+const SCRAPE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Resident memory of a process, from /proc/<pid>/status.
+pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .context("no VmRSS line")?;
+    Ok(kib * 1024)
+}
+
+/// CPU time (user + system, all threads) a process has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; fields after it are plain.
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).context("no ')' in stat")?;
+    let mut fields = after_name.split_whitespace();
+    // utime and stime are fields 14 and 15; field 3 is the first after the name.
+    let utime: f64 = fields.nth(11).and_then(|v| v.parse().ok()).context("no utime")?;
+    let stime: f64 = fields.next().and_then(|v| v.parse().ok()).context("no stime")?;
+    Ok((utime + stime) / TICKS_PER_SECOND)
+}
+
+/// Every sample of a Prometheus text scrape, by series (name and labels).
+pub async fn scrape(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
+    let text = tokio::time::timeout(SCRAPE_DEADLINE, fetch(addr))
+        .await
+        .with_context(|| format!("scraping {addr} timed out"))??;
+    Ok(parse(&text))
+}
+
+async fn fetch(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the metrics endpoint {addr}"))?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: confab\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no HTTP head")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "metrics endpoint answered {head:?}");
+    Ok(body.to_owned())
+}
+
+fn parse(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process_resident_memory_and_cpu() {
+        assert!(rss_bytes(std::process::id()).unwrap() > 1024 * 1024);
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(30) {}
+        assert!(cpu_seconds(std::process::id()).unwrap() > 0.0);
+    }
+
+    #[test]
+    fn parses_samples_with_labels_and_skips_comments() {
+        let samples =
+            parse("# TYPE x summary\nx{stage=\"a b\",quantile=\"0.99\"} 0.004\nx_count{stage=\"a b\"} 12\nbroken\n");
+        assert_eq!(samples["x{stage=\"a b\",quantile=\"0.99\"}"], 0.004);
+        assert_eq!(samples["x_count{stage=\"a b\"}"], 12.0);
+        assert_eq!(samples.len(), 2);
+    }
+}
