@@ -73,6 +73,13 @@ use writer::{Condition, Reply, WriteJob, Writer};
 /// Segment files fjall keeps open at most: well inside the descriptors the node
 /// keeps from connections (`limits.reserved_file_descriptors`).
 const MAX_CACHED_FILES: usize = 256;
+/// Journal kept on disk before the memtables holding its oldest writes are
+/// flushed so that it can go (fjall's default is 512 MiB). Rarely written
+/// keyspaces (users, devices, groups) keep old journals alive until this forces
+/// their memtables out, so it bounds the journals' share of the data dir; and as
+/// every unflushed write is in a live journal, it bounds the memtables' memory
+/// too.
+const MAX_JOURNALING_BYTES: u64 = 128 * 1024 * 1024;
 
 /// Jobs queued for the writer before `append_messages` and friends wait.
 const WRITE_QUEUE: usize = 16 * 1024;
@@ -188,6 +195,7 @@ impl Inner {
     fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::builder(path)
             .max_cached_files(Some(MAX_CACHED_FILES))
+            .max_journaling_size(MAX_JOURNALING_BYTES)
             .open()
             .map_err(fjall_error)?;
         let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(fjall_error);
