@@ -9,7 +9,7 @@
 //! confab keeps.
 
 use crate::stats::Latency;
-use crate::traffic::Load;
+use crate::traffic::{Load, Schedule};
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use confab_proto::FrameDecoder;
 use std::time::{Duration, Instant};
@@ -131,15 +131,6 @@ async fn relay_connection(
     }
 }
 
-/// When one flow sends.
-#[derive(Debug, Clone, Copy)]
-struct Schedule {
-    start: Instant,
-    first: Instant,
-    per_second: f64,
-    count: u64,
-}
-
 /// Sends on schedule and times the acks and the partner's frames, until it has
 /// them all or the deadline passes.
 async fn client(
@@ -153,9 +144,7 @@ async fn client(
         let padding = frame_bytes.saturating_sub(4 + HEADER_BYTES);
         let mut frame = BytesMut::with_capacity(4 + HEADER_BYTES + padding);
         for counter in 0..schedule.count {
-            let intended = schedule.first + Duration::from_secs_f64(counter as f64 / schedule.per_second);
-            tokio::time::sleep_until(intended.into()).await;
-            let intended_ns = u64::try_from((intended - schedule.start).as_nanos()).unwrap_or(u64::MAX);
+            let (_, intended_ns) = schedule.wait_for(counter).await;
             frame.put_u32((HEADER_BYTES + padding) as u32);
             frame.put_u8(MESSAGE);
             frame.put_u64(intended_ns);

@@ -124,10 +124,10 @@ async fn drive(
         return Ok(report);
     };
     let bound_ms = p99_bound.as_secs_f64() * 1000.0;
-    let (mut good, mut bad): (Option<(f64, Report)>, Option<f64>) = (None, None);
+    let mut search = RampSearch::new(load.rate);
     let mut steps = Vec::new();
-    let mut rate = load.rate;
     for round in 0..MAX_RAMP_STEPS {
+        let rate = search.rate;
         let step = Load { rate, round, ..load };
         let report = measured_run(
             scenario,
@@ -151,18 +151,15 @@ async fn drive(
             if held { "holds" } else { "does not hold" }
         );
         steps.push(serde_json::json!({ "rate": rate, "deliveries_per_second": report.deliveries_per_second, "p99_ms": report.delivery_latency.p99_ms, "holds": held }));
-        if held {
-            good = Some((rate, report));
-        } else {
-            bad = Some(rate);
-        }
-        match next_rate(good.as_ref().map(|(rate, _)| *rate), bad, rate) {
-            Some(next) => rate = next,
-            None => break,
+        if !search.record(held, report) {
+            break;
         }
     }
-    let Some((_, mut best)) = good else {
-        anyhow::bail!("no rate held a p99 within {bound_ms} ms (lowest tried: {rate:.0}/s)");
+    let Some((_, mut best)) = search.best else {
+        anyhow::bail!(
+            "no rate held a p99 within {bound_ms} ms (lowest tried: {:.0}/s)",
+            search.rate
+        );
     };
     best.parameters["ramp_p99_bound_ms"] = bound_ms.into();
     best.parameters["ramp_steps"] = steps.into();
@@ -172,14 +169,41 @@ async fn drive(
     Ok(best)
 }
 
-/// The next rate of a ramp that held at `good` and not at `bad` so far; `None`
-/// once the two are within 10 % of each other.
-fn next_rate(good: Option<f64>, bad: Option<f64>, rate: f64) -> Option<f64> {
-    match (good, bad) {
-        (_, None) => Some(rate * 2.0),
-        (Some(low), Some(high)) if (high - low) / high < 0.1 => None,
-        (Some(low), Some(high)) => Some((low + high) / 2.0),
-        (None, Some(high)) => Some(high / 2.0),
+/// A ramp's search for the highest rate that holds: doubling until a rate does
+/// not, then halving the interval until it is within 10 %.
+struct RampSearch<T> {
+    /// The rate to try next.
+    rate: f64,
+    /// The highest rate that held, and what it gave.
+    best: Option<(f64, T)>,
+    /// The lowest rate that did not hold.
+    failed: Option<f64>,
+}
+
+impl<T> RampSearch<T> {
+    fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            best: None,
+            failed: None,
+        }
+    }
+
+    /// Records whether the current rate held; false once the search is done.
+    fn record(&mut self, held: bool, outcome: T) -> bool {
+        if held {
+            self.best = Some((self.rate, outcome));
+        } else {
+            self.failed = Some(self.rate);
+        }
+        let next = match (self.best.as_ref().map(|(rate, _)| *rate), self.failed) {
+            (_, None) => self.rate * 2.0,
+            (Some(low), Some(high)) if (high - low) / high < 0.1 => return false,
+            (Some(low), Some(high)) => (low + high) / 2.0,
+            (None, Some(high)) => high / 2.0,
+        };
+        self.rate = next;
+        true
     }
 }
 
@@ -219,9 +243,9 @@ async fn relay_at(pairs: usize, load: Load) -> anyhow::Result<RelayReport> {
 
 /// The relay's own ramp, from the run's starting rate: the best rate that held.
 async fn relay_ramp(pairs: usize, load: Load, bound_ms: f64) -> anyhow::Result<RelayReport> {
-    let (mut good, mut bad): (Option<(f64, RelayReport)>, Option<f64>) = (None, None);
-    let mut rate = load.rate;
+    let mut search = RampSearch::new(load.rate);
     for _ in 0..MAX_RAMP_STEPS {
+        let rate = search.rate;
         let report = relay_at(pairs, Load { rate, ..load }).await?;
         let held = report.delivery_latency.p99_ms <= bound_ms && report.deliveries_per_second >= 0.95 * rate;
         eprintln!(
@@ -229,17 +253,11 @@ async fn relay_ramp(pairs: usize, load: Load, bound_ms: f64) -> anyhow::Result<R
             report.delivery_latency.p99_ms,
             if held { "holds" } else { "does not hold" }
         );
-        if held {
-            good = Some((rate, report));
-        } else {
-            bad = Some(rate);
-        }
-        match next_rate(good.as_ref().map(|(rate, _)| *rate), bad, rate) {
-            Some(next) => rate = next,
-            None => break,
+        if !search.record(held, report) {
+            break;
         }
     }
-    let Some((highest, mut best)) = good else {
+    let Some((highest, mut best)) = search.best else {
         anyhow::bail!("the relay held no rate within {bound_ms} ms");
     };
     best.highest_rate_within_bound = Some(highest);
@@ -388,4 +406,28 @@ pub async fn sync(
     }
     outcome.elapsed = started.elapsed();
     finish("sync", parameters, outcome, None, "catch-up per device")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ramp_search_doubles_then_narrows_to_within_ten_percent() {
+        // Rates up to 5 000/s hold.
+        let mut search = RampSearch::new(1000.0);
+        let mut tried = Vec::new();
+        loop {
+            tried.push(search.rate);
+            let rate = search.rate;
+            if !search.record(rate <= 5000.0, rate) {
+                break;
+            }
+        }
+        assert_eq!(&tried[..4], &[1000.0, 2000.0, 4000.0, 8000.0]);
+        let (best, outcome) = search.best.unwrap_or_default();
+        assert_eq!(best, outcome);
+        assert!((4500.0..=5000.0).contains(&best), "{best}");
+        assert!(tried.len() <= MAX_RAMP_STEPS as usize, "{tried:?}");
+    }
 }

@@ -127,38 +127,42 @@ pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
 
 /// When one flow sends.
 #[derive(Debug, Clone, Copy)]
-struct Schedule {
+pub(crate) struct Schedule {
     /// The run's start: intended times travel in the payload relative to it.
-    start: Instant,
+    pub(crate) start: Instant,
     /// This flow's first intended send.
-    first: Instant,
-    per_second: f64,
-    count: u64,
+    pub(crate) first: Instant,
+    pub(crate) per_second: f64,
+    pub(crate) count: u64,
+}
+
+impl Schedule {
+    /// Waits for the intended time of send number `counter`; returns it, and
+    /// it in nanoseconds since the run's start (what a payload carries).
+    pub(crate) async fn wait_for(&self, counter: u64) -> (Instant, u64) {
+        let intended = self.first + Duration::from_secs_f64(counter as f64 / self.per_second);
+        tokio::time::sleep_until(intended.into()).await;
+        let since_start = u64::try_from((intended - self.start).as_nanos()).unwrap_or(u64::MAX);
+        (intended, since_start)
+    }
 }
 
 /// Sends a flow's messages on schedule; returns the tasks still awaiting acks.
 async fn send(
     member: Member,
     flow: Flow,
-    Schedule {
-        start,
-        first,
-        per_second,
-        count,
-    }: Schedule,
+    schedule: Schedule,
     load: Load,
     shared: Shared,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut pending = Vec::with_capacity(count as usize);
+    let mut pending = Vec::with_capacity(schedule.count as usize);
     let recipients: Arc<[Device]> = flow.recipients.into();
-    for counter in 0..count {
-        let intended = first + Duration::from_secs_f64(counter as f64 / per_second);
-        tokio::time::sleep_until(intended.into()).await;
+    for counter in 0..schedule.count {
+        let (intended, intended_ns) = schedule.wait_for(counter).await;
         let id = MessageId {
             sender: member.device,
             counter,
         };
-        let intended_ns = u64::try_from((intended - start).as_nanos()).unwrap_or(u64::MAX);
         let body = payload::encode(id, intended_ns, load.body_bytes);
         let client = member.client.clone();
         let target = flow.target.clone();
