@@ -35,6 +35,9 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(10);
 /// How long a reopen waits for readers to let go of the old database.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Direct conversations remembered as already in both members' conversation
+/// index; past this many the memory starts over (each is written once more).
+const MAX_INDEXED_DIRECTS: usize = 64 * 1024;
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -76,6 +79,9 @@ pub(super) struct Writer {
     /// When to try reopening a failed database, and the wait after that.
     retry: (Instant, Duration),
     closed: bool,
+    /// Direct conversations whose `user_convs` rows a committed batch wrote:
+    /// those rows never change, so later batches leave them alone.
+    indexed_directs: HashSet<ConversationId>,
 }
 
 /// Answers one job once the batch's fate is known: `Ok` when it is durable.
@@ -108,6 +114,7 @@ impl Writer {
             min_free_bytes: config.min_free_mib.saturating_mul(1024 * 1024),
             retry: (Instant::now(), FIRST_RETRY),
             closed: false,
+            indexed_directs: HashSet::new(),
         }
     }
 
@@ -136,7 +143,14 @@ impl Writer {
         let amends = jobs.iter().any(|job| {
             matches!(job, WriteJob::Append(messages, _) if messages.iter().any(|message| message.amends.is_some()))
         });
-        let mut staging = writable.as_ref().ok().map(|inner| Staging::new(inner.clone(), amends));
+        if self.indexed_directs.len() > MAX_INDEXED_DIRECTS {
+            self.indexed_directs.clear();
+        }
+        let indexed = std::mem::take(&mut self.indexed_directs);
+        let mut staging = writable
+            .as_ref()
+            .ok()
+            .map(|inner| Staging::new(inner.clone(), amends, indexed));
         let mut answers: Vec<Answer> = Vec::new();
         let mut closers: Vec<Reply<()>> = Vec::new();
         for job in jobs.drain(..) {
@@ -154,7 +168,11 @@ impl Writer {
         }
         let outcome = match staging {
             Some(staging) if !staging.batch.is_empty() => self.persist(staging),
-            _ => Ok(()),
+            Some(staging) => {
+                self.indexed_directs = staging.indexed_directs;
+                Ok(())
+            }
+            None => Ok(()),
         };
         for answer in answers {
             answer(outcome.clone());
@@ -213,7 +231,12 @@ impl Writer {
     /// Commits the batch, then makes it as durable as configured, then lets
     /// readers see it. A failure fails the store until it is reopened.
     fn persist(&mut self, staging: Staging) -> Result<(), StoreError> {
-        let Staging { inner, batch, .. } = staging;
+        let Staging {
+            inner,
+            batch,
+            indexed_directs,
+            ..
+        } = staging;
         let result = batch.commit().and_then(|()| match self.durability {
             Durability::Sync => inner.db.persist(PersistMode::SyncData),
             Durability::Buffered => Ok(()),
@@ -221,6 +244,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.publish(View::latest(inner));
+                self.indexed_directs = indexed_directs;
                 Ok(())
             }
             Err(err) => {
@@ -250,6 +274,7 @@ impl Writer {
             }
         }
         self.closing = None;
+        self.indexed_directs.clear();
         let inner = Arc::new(Inner::open(&self.path)?);
         self.publish(View::latest(inner.clone()));
         self.inner = Some(inner);
@@ -336,10 +361,13 @@ struct Staging {
     devices: HashMap<[u8; 16], Option<StoredDevice>>,
     /// Messages staged so far, kept only when the batch amends some.
     messages: Option<HashMap<Vec<u8>, StoredMessage>>,
+    /// Direct conversations already in their members' index (the writer's,
+    /// plus those this batch adds; kept only if it commits).
+    indexed_directs: HashSet<ConversationId>,
 }
 
 impl Staging {
-    fn new(inner: Arc<Inner>, amends: bool) -> Self {
+    fn new(inner: Arc<Inner>, amends: bool, indexed_directs: HashSet<ConversationId>) -> Self {
         Self {
             latest: View::latest(inner.clone()),
             batch: inner.db.batch(),
@@ -349,6 +377,7 @@ impl Staging {
             marks: HashMap::new(),
             devices: HashMap::new(),
             messages: amends.then(HashMap::new),
+            indexed_directs,
         }
     }
 
@@ -459,6 +488,10 @@ impl Staging {
             let head = encode_pair(message.seq, message.server_time_ms);
             self.batch
                 .insert(&self.inner.heads, conversation.to_key().as_ref(), head);
+            let direct = matches!(conversation, ConversationId::Direct { .. });
+            if !direct || !self.indexed_directs.insert(conversation) {
+                continue;
+            }
             for member in conversation.direct_members() {
                 self.batch.insert(
                     &self.inner.user_convs,

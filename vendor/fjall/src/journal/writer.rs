@@ -276,10 +276,13 @@ impl Writer {
     /// rotated away from and not yet synced, with the number of the last of
     /// them (confab patch: see `Journal::persist`).
     pub(crate) fn flush_for_sync(&mut self) -> std::io::Result<(Vec<File>, Option<u64>)> {
-        let mut files = vec![self.flush_current()?];
+        // Oldest first: a crash amid the syncs never keeps later writes
+        // without the earlier ones.
+        let mut files = Vec::with_capacity(self.sealed.len() + 1);
         for (_, sealed) in &self.sealed {
             files.push(sealed.try_clone()?);
         }
+        files.push(self.flush_current()?);
         Ok((files, self.sealed.last().map(|(number, _)| *number)))
     }
 
