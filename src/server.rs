@@ -66,6 +66,17 @@ impl Server {
         // Whatever the backend, it holds the token key and certificate.
         crate::files::create_private_dir(&config.store.data_dir)
             .map_err(io_error(format!("creating {}", config.store.data_dir.display())))?;
+        // Installed before the store opens and the shards start, so their handles record.
+        let metrics = match config.metrics.listen {
+            Some(addr) => Some((
+                addr,
+                crate::metrics::install().map_err(|err| StartError::Io {
+                    what: "installing the metrics recorder".into(),
+                    source: std::io::Error::other(err),
+                })?,
+            )),
+            None => None,
+        };
         let store = crate::store::open(&config)?;
         let signer =
             TokenSigner::from_config_or_file(&config.auth.token_key, &config.store.data_dir.join("token.key"))?;
@@ -115,17 +126,6 @@ impl Server {
         };
 
         let max_connections = connection_limit(&config);
-        // Installed before the shards start, so their handles record.
-        let metrics = match config.metrics.listen {
-            Some(addr) => Some((
-                addr,
-                crate::metrics::install().map_err(|err| StartError::Io {
-                    what: "installing the metrics recorder".into(),
-                    source: std::io::Error::other(err),
-                })?,
-            )),
-            None => None,
-        };
         let cores = if config.server.pin_threads {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {

@@ -51,6 +51,7 @@ async fn a_scrape_after_a_send_finds_every_stage_and_the_gauges() {
     let body = scrape(metrics).await;
     assert!(sample(&body, "confab_store_commit_seconds_count").unwrap() >= 1.0);
     assert!(sample(&body, "confab_store_commit_messages_sum").unwrap() >= 1.0);
+    assert!(sample(&body, "confab_store_check_seconds_count").unwrap() >= 1.0);
 
     // Gauges are sampled once a second: both users' sessions show up.
     let mut body = String::new();
@@ -78,6 +79,15 @@ async fn a_scrape_after_a_send_finds_every_stage_and_the_gauges() {
             sample(&body, &format!("{gauge}{{shard=\"0\"}}")).is_some(),
             "no {gauge}"
         );
+    }
+    // The embedded store's LSM gauges, set after the send's batch.
+    if std::env::var("TEST_STORE").as_deref() != Ok("cassandra") {
+        for gauge in ["confab_store_l0_tables", "confab_store_sealed_memtables"] {
+            for keyspace in ["messages", "sends"] {
+                let series = format!("{gauge}{{keyspace=\"{keyspace}\"}}");
+                assert!(sample(&body, &series).is_some(), "no {series} in:\n{body}");
+            }
+        }
     }
     node.shutdown().await;
 }

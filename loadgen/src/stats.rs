@@ -143,6 +143,17 @@ impl Report {
                 };
                 text += &format!("  {stage} p50 {:.3} p99 {:.3}", quantile("0.5"), quantile("0.99"));
             }
+            text += "\n  server store, last minute (ms):";
+            for (name, summary) in [
+                ("commit", "confab_store_commit_seconds"),
+                ("check", "confab_store_check_seconds"),
+            ] {
+                let quantile = |q: &str| {
+                    let series = format!("{summary}{{quantile=\"{q}\"}}");
+                    metrics.get(&series).map_or(f64::NAN, |seconds| seconds * 1000.0)
+                };
+                text += &format!("  {name} p99 {:.3} max {:.3}", quantile("0.99"), quantile("1"));
+            }
             text += "\n";
         }
         match self.violations.len() {

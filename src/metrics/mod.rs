@@ -57,6 +57,10 @@ pub struct SendStages {
     pub acked: Histogram,
     pub store_commit: Histogram,
     pub store_commit_messages: Histogram,
+    /// The owner's look-up before sequencing: earlier sends with the same ids
+    /// (and, on first use, where the conversation's seqs continue). It runs on
+    /// the shard thread, so a slow one holds up everything else on the shard.
+    pub store_check: Histogram,
 }
 
 impl SendStages {
@@ -70,6 +74,7 @@ impl SendStages {
             acked: stage("acked"),
             store_commit: histogram!("confab_store_commit_seconds"),
             store_commit_messages: histogram!("confab_store_commit_messages"),
+            store_check: histogram!("confab_store_check_seconds"),
         }
     }
 }

@@ -46,7 +46,9 @@ async fn run_check(shard: Rc<Shard>, check: Check) {
     let mut check = Some(check);
     while let Some(current) = check.take() {
         let conversation = current.conversation;
+        let started = Instant::now();
         let result = lookup(&shard, current).await;
+        crate::metrics::record_since(&shard.stages.store_check, started);
         let mut sequencer = shard.sequencer.borrow_mut();
         match result {
             Ok(result) => {

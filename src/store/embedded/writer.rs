@@ -35,6 +35,9 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 const MAX_RETRY: Duration = Duration::from_secs(10);
 /// How long a reopen waits for readers to let go of the old database.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// A batch whose commit (journal write and memtable inserts) or fsync takes
+/// longer than this is logged with the LSM trees' state at that moment.
+const SLOW_COMMIT: Duration = Duration::from_millis(50);
 /// Direct conversations remembered as already in both members' conversation
 /// index; past this many the memory starts over (each is written once more).
 const MAX_INDEXED_DIRECTS: usize = 64 * 1024;
@@ -82,6 +85,44 @@ pub(super) struct Writer {
     /// Direct conversations whose `user_convs` rows a committed batch wrote:
     /// those rows never change, so later batches leave them alone.
     indexed_directs: HashSet<ConversationId>,
+    /// The LSM state of the two keyspaces every message writes to, as gauges.
+    lsm: LsmGauges,
+}
+
+/// Tables waiting in level 0 and sealed memtables waiting for a flush, for the
+/// keyspaces every message writes to: fjall slows writes down once level 0
+/// holds 20 runs, halts them at 30, and halts them (100 ms at a time) while a
+/// keyspace has 4 sealed memtables, so these say how close the store is to that.
+struct LsmGauges {
+    messages: (metrics::Gauge, metrics::Gauge),
+    sends: (metrics::Gauge, metrics::Gauge),
+}
+
+impl LsmGauges {
+    fn new() -> Self {
+        let pair = |keyspace: &'static str| {
+            (
+                metrics::gauge!("confab_store_l0_tables", "keyspace" => keyspace),
+                metrics::gauge!("confab_store_sealed_memtables", "keyspace" => keyspace),
+            )
+        };
+        Self {
+            messages: pair("messages"),
+            sends: pair("sends"),
+        }
+    }
+
+    /// Sets the gauges from `inner`; returns (l0 tables, sealed memtables) of
+    /// messages, then of sends.
+    fn sample(&self, inner: &Inner) -> [(usize, usize); 2] {
+        let state = |keyspace: &fjall::Keyspace, (l0, sealed): &(metrics::Gauge, metrics::Gauge)| {
+            let now = (keyspace.l0_table_count(), keyspace.sealed_memtable_count());
+            l0.set(now.0 as f64);
+            sealed.set(now.1 as f64);
+            now
+        };
+        [state(&inner.messages, &self.messages), state(&inner.sends, &self.sends)]
+    }
 }
 
 /// Answers one job once the batch's fate is known: `Ok` when it is durable.
@@ -115,6 +156,7 @@ impl Writer {
             retry: (Instant::now(), FIRST_RETRY),
             closed: false,
             indexed_directs: HashSet::new(),
+            lsm: LsmGauges::new(),
         }
     }
 
@@ -237,9 +279,26 @@ impl Writer {
             indexed_directs,
             ..
         } = staging;
-        let result = batch.commit().and_then(|()| match self.durability {
-            Durability::Sync => inner.db.persist(PersistMode::SyncData),
-            Durability::Buffered => Ok(()),
+        let started = Instant::now();
+        let result = batch.commit().and_then(|()| {
+            let committed = started.elapsed();
+            let synced = match self.durability {
+                Durability::Sync => inner.db.persist(PersistMode::SyncData),
+                Durability::Buffered => Ok(()),
+            };
+            let [messages, sends] = self.lsm.sample(&inner);
+            if started.elapsed() >= SLOW_COMMIT {
+                tracing::warn!(
+                    commit_ms = committed.as_millis() as u64,
+                    sync_ms = (started.elapsed() - committed).as_millis() as u64,
+                    messages_l0_tables = messages.0,
+                    messages_sealed_memtables = messages.1,
+                    sends_l0_tables = sends.0,
+                    sends_sealed_memtables = sends.1,
+                    "slow store batch"
+                );
+            }
+            synced
         });
         match result {
             Ok(()) => {
