@@ -218,9 +218,16 @@ async fn measured_run(
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
     let cpu_before = measure.server_pid.map(server::cpu_seconds).transpose()?;
+    let machine_before = server::MachineTicks::now().ok();
     let outcome = traffic::run(members, flows, load).await;
+    let machine_after = server::MachineTicks::now().ok();
     let cpu_after = measure.server_pid.map(server::cpu_seconds).transpose()?;
     let mut report = finish(scenario, parameters, outcome, echo, "send → deliver")?;
+    if let (Some(before), Some(after)) = (machine_before, machine_after) {
+        let (busy, steal) = before.shares_until(after);
+        report.machine_busy_percent = Some(busy);
+        report.machine_steal_percent = Some(steal);
+    }
     if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
         report.server_cpu_us_per_delivery = Some((after - before) * 1e6 / report.deliveries.max(1) as f64);
     }
@@ -305,6 +312,8 @@ fn finish(
         echo_baseline_per_second: echo,
         relay_baseline: None,
         server_cpu_us_per_delivery: None,
+        machine_busy_percent: None,
+        machine_steal_percent: None,
         server_metrics: None,
         violations: stats::describe(&outcome.checker.finish()),
     })

@@ -1,6 +1,7 @@
 //! What the server tells about itself while a run measures it: its resident
 //! memory and CPU time from /proc (same machine), and a scrape of its metrics
-//! endpoint (`metrics.listen`).
+//! endpoint (`metrics.listen`); and how busy the whole machine was, including
+//! the CPU time its host took away (steal), which no process on it can see.
 
 use anyhow::Context as _;
 use std::collections::BTreeMap;
@@ -38,6 +39,47 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let utime: f64 = fields.nth(11).and_then(|v| v.parse().ok()).context("no utime")?;
     let stime: f64 = fields.next().and_then(|v| v.parse().ok()).context("no stime")?;
     Ok((utime + stime) / TICKS_PER_SECOND)
+}
+
+/// The machine's CPU time so far, in clock ticks summed over its CPUs, from the
+/// first line of /proc/stat.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MachineTicks {
+    /// user, nice, system, irq and softirq.
+    pub busy: u64,
+    /// idle and iowait.
+    pub idle: u64,
+    /// Taken by the hypervisor for other guests while this one wanted to run.
+    pub steal: u64,
+}
+
+impl MachineTicks {
+    pub fn now() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        Self::parse(stat.lines().next().unwrap_or_default()).context("no cpu line in /proc/stat")
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let mut fields = line.strip_prefix("cpu ")?.split_whitespace().map(str::parse::<u64>);
+        let mut next = || fields.next()?.ok();
+        let (user, nice, system, idle, iowait, irq, softirq, steal) =
+            (next()?, next()?, next()?, next()?, next()?, next()?, next()?, next()?);
+        Some(Self {
+            busy: user + nice + system + irq + softirq,
+            idle: idle + iowait,
+            steal,
+        })
+    }
+
+    /// Percent of the CPU time between `self` and `later` that was busy, and
+    /// percent that the host took.
+    pub fn shares_until(self, later: Self) -> (f64, f64) {
+        let busy = later.busy.saturating_sub(self.busy) as f64;
+        let idle = later.idle.saturating_sub(self.idle) as f64;
+        let steal = later.steal.saturating_sub(self.steal) as f64;
+        let total = (busy + idle + steal).max(1.0);
+        (100.0 * busy / total, 100.0 * steal / total)
+    }
 }
 
 /// Every sample of a Prometheus text scrape, by series (name and labels).
@@ -83,6 +125,15 @@ mod tests {
         let spin = std::time::Instant::now();
         while spin.elapsed() < Duration::from_millis(30) {}
         assert!(cpu_seconds(std::process::id()).unwrap() > 0.0);
+    }
+
+    #[test]
+    fn machine_shares_come_from_the_cpu_line() {
+        let before = MachineTicks::parse("cpu  100 0 50 800 10 0 40 0 0 0").unwrap();
+        let after = MachineTicks::parse("cpu  130 0 60 830 10 0 50 20 0 0").unwrap();
+        assert_eq!(before.shares_until(after), (50.0, 20.0));
+        assert_eq!(MachineTicks::parse("cpu0 1 2 3"), None);
+        assert!(MachineTicks::now().is_ok());
     }
 
     #[test]

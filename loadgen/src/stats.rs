@@ -73,6 +73,10 @@ pub struct Report {
     pub relay_baseline: Option<RelayReport>,
     /// Server CPU time (all threads) over the run per delivery (`--server-pid`).
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// Percent of the machine's CPU time that was busy over the run (every
+    /// process: server, loadgen, anything else), and percent its host took.
+    pub machine_busy_percent: Option<f64>,
+    pub machine_steal_percent: Option<f64>,
     /// The server's metrics at the end of the run (`--metrics`), by series.
     pub server_metrics: Option<BTreeMap<String, f64>>,
     pub violations: Vec<String>,
@@ -133,6 +137,9 @@ impl Report {
         }
         if let Some(cpu) = self.server_cpu_us_per_delivery {
             text += &format!("  server CPU {cpu:.1} µs per delivery\n");
+        }
+        if let (Some(busy), Some(steal)) = (self.machine_busy_percent, self.machine_steal_percent) {
+            text += &format!("  machine CPU {busy:.0}% busy, {steal:.1}% taken by the host (steal)\n");
         }
         if let Some(metrics) = &self.server_metrics {
             text += "  server stages, last minute (ms):";
