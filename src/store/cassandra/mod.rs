@@ -409,7 +409,19 @@ impl Statements {
                 statement
             },
             set_password: prepare(format!("UPDATE {k}.users SET password_hash = ? WHERE id = ?")).await?,
-            delete_device: prepare(format!("DELETE FROM {k}.devices WHERE user_id = ? AND device_id = ?")).await?,
+            delete_device: {
+                // A lightweight transaction like the rotation: a plain DELETE
+                // carries the client's timestamp, a rotation its Paxos ballot's,
+                // so a rotation racing a log-out could outlive the delete and
+                // leave a row of the rotated columns alone (a device with no
+                // name, read back as an error). Paxos orders the two instead.
+                let mut statement = prepare(format!(
+                    "DELETE FROM {k}.devices WHERE user_id = ? AND device_id = ? IF EXISTS"
+                ))
+                .await?;
+                statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
+                statement
+            },
             insert_message: prepare(format!(
                 "INSERT INTO {k}.messages (conversation, bucket, seq, data) VALUES (?, ?, ?, ?)"
             ))
@@ -1133,14 +1145,12 @@ impl Store for CassandraStore {
 
     async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError> {
         self.on_driver(move |inner| async move {
-            let existed = inner.device(user, device).await?.is_some();
             inner
-                .execute(
+                .applied(
                     &inner.statements.delete_device,
                     (to_cql(user.get()), to_cql(device.get())),
                 )
-                .await?;
-            Ok(existed)
+                .await
         })
         .await
     }
