@@ -12,7 +12,7 @@
 //! |---|---|---|---|
 //! | `users` | `id` | | a user by id (auth, `GetUser` replies) |
 //! | `usernames` | `username` | | sign-up uniqueness (lightweight transaction), login by name |
-//! | `devices` | `user_id` | `device_id` | authenticate a device; refresh tokens |
+//! | `devices` | `user_id` | `device_id` | authenticate a device; refresh tokens (rotated and deleted by lightweight transactions) |
 //! | `messages` | `(conversation, bucket)` | `seq` DESC | history pages, sync, `messages_at`, the stored maximum seq |
 //! | `sends` | `conversation` | `device_id, client_msg_id` | idempotent send lookups; rows expire after the dedup window (TTL) |
 //! | `heads` | `conversation` | | a conversation's last seq and time, for conversation lists |
