@@ -368,21 +368,22 @@ impl Statements {
             statement.set_request_timeout(Some(timeout));
             Ok::<_, StoreError>(statement)
         };
+        // A lightweight transaction (a conditional write): Paxos among the replicas.
+        let prepare_lwt = |cql: String| async move {
+            let mut statement = prepare(cql).await?;
+            statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
+            Ok::<_, StoreError>(statement)
+        };
         let k = keyspace;
         Ok(Self {
             insert_user: prepare(format!(
                 "INSERT INTO {k}.users (id, username, password_hash, created_at_ms) VALUES (?, ?, ?, ?)"
             ))
             .await?,
-            claim_username: {
-                let mut statement = prepare(format!(
-                    "INSERT INTO {k}.usernames (username, id) VALUES (?, ?) IF NOT EXISTS"
-                ))
-                .await?;
-                // A lightweight transaction: Paxos among the replicas.
-                statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
-                statement
-            },
+            claim_username: prepare_lwt(format!(
+                "INSERT INTO {k}.usernames (username, id) VALUES (?, ?) IF NOT EXISTS"
+            ))
+            .await?,
             user_by_id: prepare(format!(
                 "SELECT username, password_hash, created_at_ms FROM {k}.users WHERE id = ?"
             ))
@@ -398,30 +399,22 @@ impl Statements {
             ))
             .await?,
             devices: prepare(format!("SELECT {DEVICE_COLUMNS} FROM {k}.devices WHERE user_id = ?")).await?,
-            rotate_refresh: {
-                let mut statement = prepare(format!(
-                    "UPDATE {k}.devices SET refresh_hash = ?, previous_refresh_hash = ?, refresh_expires_at_ms = ?, \
-                     refreshed_at_ms = ? WHERE user_id = ? AND device_id = ? IF refresh_hash = ?"
-                ))
-                .await?;
-                // Compare-and-set: a lightweight transaction.
-                statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
-                statement
-            },
+            // Compare-and-set.
+            rotate_refresh: prepare_lwt(format!(
+                "UPDATE {k}.devices SET refresh_hash = ?, previous_refresh_hash = ?, refresh_expires_at_ms = ?, \
+                 refreshed_at_ms = ? WHERE user_id = ? AND device_id = ? IF refresh_hash = ?"
+            ))
+            .await?,
             set_password: prepare(format!("UPDATE {k}.users SET password_hash = ? WHERE id = ?")).await?,
-            delete_device: {
-                // A lightweight transaction like the rotation: a plain DELETE
-                // carries the client's timestamp, a rotation its Paxos ballot's,
-                // so a rotation racing a log-out could outlive the delete and
-                // leave a row of the rotated columns alone (a device with no
-                // name, read back as an error). Paxos orders the two instead.
-                let mut statement = prepare(format!(
-                    "DELETE FROM {k}.devices WHERE user_id = ? AND device_id = ? IF EXISTS"
-                ))
-                .await?;
-                statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
-                statement
-            },
+            // A lightweight transaction like the rotation: a plain DELETE
+            // carries the client's timestamp, a rotation its Paxos ballot's, so
+            // a rotation racing a log-out could outlive the delete and leave a
+            // row of the rotated columns alone (a device with no name, read back
+            // as an error). Paxos orders the two instead.
+            delete_device: prepare_lwt(format!(
+                "DELETE FROM {k}.devices WHERE user_id = ? AND device_id = ? IF EXISTS"
+            ))
+            .await?,
             insert_message: prepare(format!(
                 "INSERT INTO {k}.messages (conversation, bucket, seq, data) VALUES (?, ?, ?, ?)"
             ))
