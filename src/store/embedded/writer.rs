@@ -38,6 +38,8 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// A batch whose commit (journal write and memtable inserts) or fsync takes
 /// longer than this is logged with the LSM trees' state at that moment.
 const SLOW_COMMIT: Duration = Duration::from_millis(50);
+/// How often the LSM gauges are sampled (each sample takes the trees' locks).
+const LSM_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// Direct conversations remembered as already in both members' conversation
 /// index; past this many the memory starts over (each is written once more).
 const MAX_INDEXED_DIRECTS: usize = 64 * 1024;
@@ -96,6 +98,8 @@ pub(super) struct Writer {
 struct LsmGauges {
     messages: (metrics::Gauge, metrics::Gauge),
     sends: (metrics::Gauge, metrics::Gauge),
+    /// When the gauges were last sampled.
+    sampled_at: Option<Instant>,
 }
 
 impl LsmGauges {
@@ -109,12 +113,14 @@ impl LsmGauges {
         Self {
             messages: pair("messages"),
             sends: pair("sends"),
+            sampled_at: None,
         }
     }
 
     /// Sets the gauges from `inner`; returns (l0 tables, sealed memtables) of
     /// messages, then of sends.
-    fn sample(&self, inner: &Inner) -> [(usize, usize); 2] {
+    fn sample(&mut self, inner: &Inner) -> [(usize, usize); 2] {
+        self.sampled_at = Some(Instant::now());
         let state = |keyspace: &fjall::Keyspace, (l0, sealed): &(metrics::Gauge, metrics::Gauge)| {
             let now = (keyspace.l0_table_count(), keyspace.sealed_memtable_count());
             l0.set(now.0 as f64);
@@ -286,11 +292,17 @@ impl Writer {
                 Durability::Sync => inner.db.persist(PersistMode::SyncData),
                 Durability::Buffered => Ok(()),
             };
+            let took = started.elapsed();
+            let slow = took >= SLOW_COMMIT;
+            // Off the hot path: sampled at most once a second, and for a slow batch.
+            if !slow && self.lsm.sampled_at.is_some_and(|at| at.elapsed() < LSM_SAMPLE_INTERVAL) {
+                return synced;
+            }
             let [messages, sends] = self.lsm.sample(&inner);
-            if started.elapsed() >= SLOW_COMMIT {
+            if slow {
                 tracing::warn!(
                     commit_ms = committed.as_millis() as u64,
-                    sync_ms = (started.elapsed() - committed).as_millis() as u64,
+                    sync_ms = (took - committed).as_millis() as u64,
                     messages_l0_tables = messages.0,
                     messages_sealed_memtables = messages.1,
                     sends_l0_tables = sends.0,
