@@ -26,9 +26,10 @@
 //! Application close codes are listed in [`close_code`] and PROTOCOL.md.
 
 use super::admission::{Admission, Permit};
-use super::stream::{StreamFrames, run_connection, write_frames};
+use super::stream::{ByteSource, StreamFrames, run_connection, write_frames};
 use super::tls::Identity;
 use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
+use bytes::BytesMut;
 use confab_proto::ProstMessage as _;
 use confab_proto::v1::{ClientFrame, client_frame::Kind};
 use futures::FutureExt as _;
@@ -251,7 +252,7 @@ async fn serve(shard: Rc<Shard>, handoff: Handoff) {
     } = handoff;
     let peer = connection.remote_address();
     let source = QuicFrames {
-        frames: StreamFrames::new(recv, shard.limits.max_frame_bytes),
+        frames: StreamFrames::new(Chunks(recv), shard.limits.max_frame_bytes),
         early: match handshake_done {
             Some(done) => Early::Until(done),
             None => Early::Over,
@@ -270,9 +271,29 @@ async fn serve(shard: Rc<Shard>, handoff: Handoff) {
 
 /// Frames from the session stream, screening 0-RTT frames.
 struct QuicFrames {
-    frames: StreamFrames<RecvStream>,
+    frames: StreamFrames<Chunks>,
     early: Early,
     connection: quinn::Connection,
+}
+
+/// The session stream, read in the chunks quinn already holds: an idle
+/// connection waits with no read buffer of ours (through `AsyncRead` it would
+/// hold a 4 KiB one).
+struct Chunks(RecvStream);
+
+impl ByteSource for Chunks {
+    async fn read_into(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        loop {
+            match self.0.read_chunk(usize::MAX, true).await? {
+                None => return Ok(0),
+                Some(chunk) if chunk.bytes.is_empty() => continue,
+                Some(chunk) => {
+                    buf.extend_from_slice(&chunk.bytes);
+                    return Ok(chunk.bytes.len());
+                }
+            }
+        }
+    }
 }
 
 /// Whether a frame read now may be 0-RTT data, which an attacker can replay.

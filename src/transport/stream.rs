@@ -1,6 +1,11 @@
 //! What every transport shares around the connection driver: length-prefixed
 //! framing on a byte stream (TLS, QUIC; plain TCP has a leaner reader of its own),
 //! a coalescing frame writer, and running a connection with its writer task.
+//!
+//! A stream the reader waits on through `AsyncRead` (TLS) must be given room
+//! before bytes arrive, so it holds a read chunk while idle; one that hands out
+//! its own buffers (a QUIC stream's chunks) implements [`ByteSource`] and holds
+//! none.
 
 use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
 use bytes::BytesMut;
@@ -44,6 +49,22 @@ where
     closed
 }
 
+/// Where [`StreamFrames`] reads bytes from.
+pub trait ByteSource {
+    /// Appends the next bytes that arrive to `buf`; `Ok(0)` once the stream has
+    /// ended. Must be cancel-safe: dropping the future loses no bytes.
+    fn read_into(&mut self, buf: &mut BytesMut) -> impl Future<Output = std::io::Result<usize>>;
+}
+
+impl<R: AsyncRead + Unpin> ByteSource for R {
+    async fn read_into(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        if buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
+            buf.reserve(READ_CHUNK_BYTES);
+        }
+        self.read_buf(buf).await
+    }
+}
+
 /// Splits length-prefixed frames off any byte stream.
 #[derive(Debug)]
 pub struct StreamFrames<R> {
@@ -62,9 +83,9 @@ impl<R> StreamFrames<R> {
     }
 }
 
-impl<R: AsyncRead + Unpin> FrameSource for StreamFrames<R> {
+impl<R: ByteSource> FrameSource for StreamFrames<R> {
     /// Cancel-safe: bytes read stay in `buf`. The buffer is released whenever it
-    /// empties, so an idle stream holds none of its own.
+    /// empties, so between frames only the source may hold one.
     async fn next(&mut self) -> Result<Option<Inbound>, ReadError> {
         loop {
             if let Some(payload) = self.decoder.split_payload(&mut self.buf)? {
@@ -73,10 +94,7 @@ impl<R: AsyncRead + Unpin> FrameSource for StreamFrames<R> {
                 }
                 return Ok(Some(Inbound::Frame(payload)));
             }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK_BYTES / 4 {
-                self.buf.reserve(READ_CHUNK_BYTES);
-            }
-            match self.read.read_buf(&mut self.buf).await? {
+            match self.read.read_into(&mut self.buf).await? {
                 0 if self.buf.is_empty() => return Ok(None),
                 0 => return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
                 _ => {}
