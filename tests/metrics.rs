@@ -88,6 +88,8 @@ async fn a_scrape_after_a_send_finds_every_stage_and_the_gauges() {
                 assert!(sample(&body, &series).is_some(), "no {series} in:\n{body}");
             }
         }
+        let write_buffer = sample(&body, "confab_store_write_buffer_bytes");
+        assert!(write_buffer.is_some_and(|bytes| bytes > 0.0), "{body}");
     }
     node.shutdown().await;
 }

@@ -98,6 +98,9 @@ pub(super) struct Writer {
 struct LsmGauges {
     messages: (metrics::Gauge, metrics::Gauge),
     sends: (metrics::Gauge, metrics::Gauge),
+    /// Bytes in every keyspace's active and sealed memtables: the store's
+    /// largest share of the process's memory.
+    write_buffer: metrics::Gauge,
     /// When the gauges were last sampled.
     sampled_at: Option<Instant>,
 }
@@ -113,6 +116,7 @@ impl LsmGauges {
         Self {
             messages: pair("messages"),
             sends: pair("sends"),
+            write_buffer: metrics::gauge!("confab_store_write_buffer_bytes"),
             sampled_at: None,
         }
     }
@@ -121,6 +125,7 @@ impl LsmGauges {
     /// messages, then of sends.
     fn sample(&mut self, inner: &Inner) -> [(usize, usize); 2] {
         self.sampled_at = Some(Instant::now());
+        self.write_buffer.set(inner.db.write_buffer_size() as f64);
         let state = |keyspace: &fjall::Keyspace, (l0, sealed): &(metrics::Gauge, metrics::Gauge)| {
             let now = (keyspace.l0_table_count(), keyspace.sealed_memtable_count());
             l0.set(now.0 as f64);
