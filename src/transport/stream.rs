@@ -2,9 +2,10 @@
 //! framing on a byte stream (TLS, QUIC; plain TCP has a leaner reader of its own),
 //! a coalescing frame writer, and running a connection with its writer task.
 //!
-//! A stream the reader waits on through `AsyncRead` (TLS) must be given room
-//! before bytes arrive, so it holds a read chunk while idle; one that hands out
-//! its own buffers (a QUIC stream's chunks) implements [`ByteSource`] and holds
+//! A stream read through `AsyncRead` (TLS) must be given room before bytes
+//! arrive: while idle it waits with a small array inside the reading future, and
+//! gets a heap chunk only once a frame is under way. One that hands out its own
+//! buffers (a QUIC stream's chunks) implements [`ByteSource`] itself and holds
 //! none.
 
 use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
@@ -56,8 +57,18 @@ pub trait ByteSource {
     fn read_into(&mut self, buf: &mut BytesMut) -> impl Future<Output = std::io::Result<usize>>;
 }
 
+/// Room an `AsyncRead` stream waits for a frame's first bytes with: an array in
+/// the reading future, not a heap chunk held for as long as the peer is quiet.
+const FIRST_READ_BYTES: usize = 256;
+
 impl<R: AsyncRead + Unpin> ByteSource for R {
     async fn read_into(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            let mut first = [0u8; FIRST_READ_BYTES];
+            let read = self.read(&mut first).await?;
+            buf.extend_from_slice(&first[..read]);
+            return Ok(read);
+        }
         if buf.capacity() - buf.len() < READ_CHUNK_BYTES / 4 {
             buf.reserve(READ_CHUNK_BYTES);
         }
