@@ -277,8 +277,8 @@ struct QuicFrames {
 }
 
 /// The session stream, read in the chunks quinn already holds: an idle
-/// connection waits with no read buffer of ours (through `AsyncRead` it would
-/// hold a 4 KiB one).
+/// connection waits with no read buffer of ours, and a chunk is copied once,
+/// straight into the frame buffer.
 struct Chunks(RecvStream);
 
 impl ByteSource for Chunks {
