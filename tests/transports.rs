@@ -59,6 +59,41 @@ async fn tcp_websocket_and_quic_users_share_a_group_in_order() {
     node.shutdown().await;
 }
 
+/// `Authenticate` written together with `Hello` (one round trip) binds the
+/// connection on every transport: it is answered after the `Welcome`, and pushes
+/// follow; a bad token is refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticate_sent_with_hello_binds_the_connection_on_every_transport() {
+    let mut node = TestServer::start(2).await;
+    let server = node.server.as_ref().unwrap();
+    let (sender, _, _) = new_user(endpoint(server, Transport::Tcp), "sender").await;
+    for transport in [Transport::Tcp, Transport::WebSocket, Transport::Quic] {
+        let (first, login, _) = new_user(endpoint(server, transport), "opening").await;
+        drop(first);
+        let token = &login.tokens.as_ref().unwrap().access_token;
+        let (client, authenticated) =
+            Client::connect_authenticated(endpoint(server, transport), Default::default(), token)
+                .await
+                .unwrap();
+        assert_eq!(authenticated.user_id, login.user_id, "{transport:?}");
+        assert_eq!(authenticated.device_id, login.device_id, "{transport:?}");
+        let ack = sender
+            .send_direct(login.user_id, &format!("opening-{transport:?}"), "hi")
+            .await
+            .unwrap();
+        let pushed = within(WAIT, client.next_message()).await.unwrap();
+        assert_eq!((pushed.seq, pushed.body.as_str()), (ack.seq, "hi"), "{transport:?}");
+        // Requests after the opening pair get their own ids and replies.
+        assert_eq!(client.ping(7).await.unwrap(), 7);
+
+        let refused = Client::connect_authenticated(endpoint(server, transport), Default::default(), "v1.bad.token")
+            .await
+            .map(|(_, authenticated)| authenticated);
+        assert_eq!(common::code(refused), ErrorCode::Unauthenticated, "{transport:?}");
+    }
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_client_that_changes_address_keeps_its_session() {
     let mut node = TestServer::start(2).await;

@@ -44,6 +44,8 @@ pub use quinn;
 
 /// Largest frame the client accepts before the server told it its limit.
 const HANDSHAKE_MAX_FRAME: usize = 1024 * 1024;
+/// The request id of an `Authenticate` sent with the `Hello` (which is request 1).
+const OPENING_AUTHENTICATE_ID: u64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -141,12 +143,50 @@ impl Client {
 
     /// Connects and completes the `Hello` handshake.
     pub async fn connect_with(endpoint: impl Into<Endpoint>, options: ClientOptions) -> Result<Self, ClientError> {
+        Ok(Self::open(endpoint.into(), options, None).await?.0)
+    }
+
+    /// Connects and authenticates with `access_token` in one round trip:
+    /// `Authenticate` goes out in the same write as `Hello` (the server processes
+    /// the two in order), instead of after the `Welcome` as with
+    /// [`Client::connect_with`] then [`Client::authenticate`].
+    pub async fn connect_authenticated(
+        endpoint: impl Into<Endpoint>,
+        options: ClientOptions,
+        access_token: &str,
+    ) -> Result<(Self, v1::Authenticated), ClientError> {
+        let authenticate = ClientFrame {
+            request_id: OPENING_AUTHENTICATE_ID,
+            kind: Some(client_frame::Kind::Authenticate(v1::Authenticate {
+                access_token: access_token.into(),
+                resume: None,
+            })),
+        };
+        let (client, reply) = Self::open(endpoint.into(), options, Some(encode_frame(&authenticate))).await?;
+        let reply = reply
+            .ok_or(ClientError::Closed)?
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        match reply.kind {
+            Some(server_frame::Kind::Authenticated(authenticated)) => Ok((client, authenticated)),
+            other => Err(unexpected_or_error(other)),
+        }
+    }
+
+    /// Connects and says `Hello`, followed in the same write by `authenticate`
+    /// (request [`OPENING_AUTHENTICATE_ID`]) when given, whose reply is returned
+    /// as a receiver.
+    async fn open(
+        endpoint: Endpoint,
+        options: ClientOptions,
+        authenticate: Option<Bytes>,
+    ) -> Result<(Self, Option<oneshot::Receiver<ServerFrame>>), ClientError> {
         let transport::Connected {
             mut reader,
             mut writer,
             quic,
             zero_rtt,
-        } = transport::connect(&endpoint.into(), &options).await?;
+        } = transport::connect(&endpoint, &options).await?;
         let hello = ClientFrame {
             request_id: 1,
             kind: Some(client_frame::Kind::Hello(v1::Hello {
@@ -155,17 +195,17 @@ impl Client {
                 client_version: env!("CARGO_PKG_VERSION").into(),
             })),
         };
-        let hello = encode_frame(&hello);
+        let opening: Vec<Bytes> = std::iter::once(encode_frame(&hello)).chain(authenticate).collect();
         let (welcome, zero_rtt_accepted) = match zero_rtt {
-            None => (handshake(&mut reader, &mut writer, hello).await?, None),
-            Some(accepted) => match handshake(&mut reader, &mut writer, hello.clone()).await {
+            None => (handshake(&mut reader, &mut writer, &opening).await?, None),
+            Some(accepted) => match handshake(&mut reader, &mut writer, &opening).await {
                 Ok(welcome) => (welcome, Some(accepted.await)),
                 // The server refused the early data (e.g. it forgot the ticket):
                 // the stream is gone, so say Hello again on a fresh one.
                 Err(first) => match (accepted.await, &quic) {
                     (false, Some(quic)) => {
                         (reader, writer) = transport::reopen_quic_stream(quic).await?;
-                        (handshake(&mut reader, &mut writer, hello).await?, Some(false))
+                        (handshake(&mut reader, &mut writer, &opening).await?, Some(false))
                     }
                     _ => return Err(first),
                 },
@@ -174,7 +214,13 @@ impl Client {
         let limits = welcome.limits.unwrap_or_default();
         let decoder = FrameDecoder::new(limits.max_frame_bytes as usize);
 
-        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let mut waiting = HashMap::new();
+        let authenticated = (opening.len() > 1).then(|| {
+            let (reply_tx, reply) = oneshot::channel();
+            waiting.insert(OPENING_AUTHENTICATE_ID, reply_tx);
+            reply
+        });
+        let pending: Pending = Arc::new(Mutex::new(Some(waiting)));
         let (outbound, queued) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
         let mut tasks = vec![
@@ -185,16 +231,17 @@ impl Client {
             let interval = Duration::from_millis(u64::from(limits.heartbeat_interval_ms));
             tasks.push(tokio::spawn(heartbeat(outbound.clone(), interval)));
         }
-        Ok(Self {
+        let client = Self {
             outbound,
             pending,
-            next_request_id: AtomicU64::new(2),
+            next_request_id: AtomicU64::new(OPENING_AUTHENTICATE_ID + 1),
             events: tokio::sync::Mutex::new(events),
             welcome,
             tasks,
             quic,
             zero_rtt_accepted,
-        })
+        };
+        Ok((client, authenticated))
     }
 
     /// QUIC only: whether the handshake went out as 0-RTT and the server accepted
@@ -711,12 +758,13 @@ impl Drop for Client {
 }
 
 /// Sends the encoded `Hello` and reads the `Welcome`.
+/// Writes the opening frames (`Hello`, maybe `Authenticate`) and reads the `Welcome`.
 async fn handshake(
     reader: &mut FrameReader,
     writer: &mut FrameWriter,
-    hello: Bytes,
+    opening: &[Bytes],
 ) -> Result<v1::Welcome, ClientError> {
-    writer.write(hello).await?;
+    writer.write_all(opening).await?;
     let reply = reader
         .next(&FrameDecoder::new(HANDSHAKE_MAX_FRAME))
         .await?

@@ -468,14 +468,28 @@ impl FrameReader {
 impl FrameWriter {
     /// Writes one encoded frame (with its length prefix).
     pub async fn write(&mut self, frame: Bytes) -> Result<(), ClientError> {
+        self.write_all(std::slice::from_ref(&frame)).await
+    }
+
+    /// Writes several encoded frames at once: one write on a byte stream, one
+    /// flush after the last message on WebSocket.
+    pub async fn write_all(&mut self, frames: &[Bytes]) -> Result<(), ClientError> {
         match self {
             Self::Stream(write) => {
-                write.write_all(&frame).await?;
+                match frames {
+                    [frame] => write.write_all(frame).await?,
+                    _ => write.write_all(&frames.concat()).await?,
+                }
                 write.flush().await?;
             }
             Self::WebSocket(sink) => {
-                let payload = frame.slice(LENGTH_PREFIX_BYTES.min(frame.len())..);
-                sink.send(Message::Binary(payload))
+                for frame in frames {
+                    let payload = frame.slice(LENGTH_PREFIX_BYTES.min(frame.len())..);
+                    sink.feed(Message::Binary(payload))
+                        .await
+                        .map_err(|err| ClientError::Transport(format!("WebSocket: {err}")))?;
+                }
+                sink.flush()
                     .await
                     .map_err(|err| ClientError::Transport(format!("WebSocket: {err}")))?;
             }

@@ -1,7 +1,7 @@
 //! The connect scenario: a storm of authenticated connections at a given rate,
 //! held idle, with handshake latency and the server's memory per connection.
 
-use crate::server::rss_bytes;
+use crate::server::{MachineTicks, cpu_seconds, rss_bytes};
 use crate::setup;
 use crate::stats::{Latency, Percentiles};
 use anyhow::Context as _;
@@ -40,6 +40,13 @@ pub struct ConnectReport {
     pub server_rss_before: Option<u64>,
     pub server_rss_holding: Option<u64>,
     pub server_bytes_per_connection: Option<f64>,
+    /// CPU time per connection over the measured three quarters of the storm:
+    /// the server's (when its pid is known) and the load generator's own (which
+    /// is also charged the kernel's work for both ends of each TCP handshake).
+    pub server_cpu_us_per_connect: Option<f64>,
+    pub loadgen_cpu_us_per_connect: f64,
+    pub machine_busy_percent: Option<f64>,
+    pub machine_steal_percent: Option<f64>,
     pub first_error: Option<String>,
 }
 
@@ -61,6 +68,15 @@ impl ConnectReport {
         );
         if let Some(per) = self.server_bytes_per_connection {
             text += &format!("  server memory: {per:.0} bytes per idle authenticated connection\n");
+        }
+        if let Some(server) = self.server_cpu_us_per_connect {
+            text += &format!(
+                "  CPU per connect: server {server:.0} µs, load generator {:.0} µs\n",
+                self.loadgen_cpu_us_per_connect
+            );
+        }
+        if let (Some(busy), Some(steal)) = (self.machine_busy_percent, self.machine_steal_percent) {
+            text += &format!("  machine CPU {busy:.0}% busy, {steal:.1}% taken by the host (steal)\n");
         }
         if let Some(error) = &self.first_error {
             text += &format!("  first error: {error}\n");
@@ -88,10 +104,14 @@ pub async fn run(
     // connection is measured over the other three quarters.
     let warm_up = storm.connections / 4;
     let mut rss_before = None;
+    let mut cpu_before = None;
     for (from, to) in [(0, warm_up), (warm_up, storm.connections)] {
         if from > 0 && server_pid.is_some() {
             tokio::time::sleep(SETTLE).await;
             rss_before = server_pid.map(rss_bytes).transpose()?;
+        }
+        if from > 0 {
+            cpu_before = Some(CpuMark::now(server_pid)?);
         }
         let batch_start = Instant::now();
         let tasks: Vec<_> = (from..to)
@@ -107,8 +127,7 @@ pub async fn run(
                 tokio::spawn(async move {
                     tokio::time::sleep_until(intended.into()).await;
                     let began = Instant::now();
-                    let client = connector.connect(local_ip).await?;
-                    client.authenticate(&token).await?;
+                    let client = connector.connect_authenticated(local_ip, &token).await?;
                     anyhow::Ok((client, began.elapsed()))
                 })
             })
@@ -126,6 +145,10 @@ pub async fn run(
             }
         }
     }
+    let cpu = match cpu_before {
+        Some(before) => Some(before.until(CpuMark::now(server_pid)?, storm.connections - warm_up)),
+        None => None,
+    };
     let settle = if server_pid.is_some() { SETTLE } else { Duration::ZERO };
     let seconds = start.elapsed().as_secs_f64() - settle.as_secs_f64();
     tokio::time::sleep(storm.hold.max(settle)).await;
@@ -145,8 +168,50 @@ pub async fn run(
         server_rss_before: rss_before,
         server_rss_holding: rss_holding,
         server_bytes_per_connection: per_connection,
+        server_cpu_us_per_connect: cpu.and_then(|cpu| cpu.server_us),
+        loadgen_cpu_us_per_connect: cpu.map_or(0.0, |cpu| cpu.loadgen_us),
+        machine_busy_percent: cpu.and_then(|cpu| cpu.machine.map(|(busy, _)| busy)),
+        machine_steal_percent: cpu.and_then(|cpu| cpu.machine.map(|(_, steal)| steal)),
         first_error,
     })
+}
+
+/// CPU time used so far by the server and by this process, and the machine's.
+#[derive(Debug, Clone, Copy)]
+struct CpuMark {
+    server: Option<f64>,
+    loadgen: f64,
+    machine: Option<MachineTicks>,
+}
+
+/// CPU between two [`CpuMark`]s, per connection, and the machine's shares.
+#[derive(Debug, Clone, Copy)]
+struct CpuSpent {
+    server_us: Option<f64>,
+    loadgen_us: f64,
+    machine: Option<(f64, f64)>,
+}
+
+impl CpuMark {
+    fn now(server_pid: Option<u32>) -> anyhow::Result<Self> {
+        Ok(Self {
+            server: server_pid.map(cpu_seconds).transpose()?,
+            loadgen: cpu_seconds(std::process::id())?,
+            machine: MachineTicks::now().ok(),
+        })
+    }
+
+    fn until(self, later: Self, connections: usize) -> CpuSpent {
+        let per = |before: f64, after: f64| (after - before) * 1e6 / connections.max(1) as f64;
+        CpuSpent {
+            server_us: self.server.zip(later.server).map(|(before, after)| per(before, after)),
+            loadgen_us: per(self.loadgen, later.loadgen),
+            machine: self
+                .machine
+                .zip(later.machine)
+                .map(|(before, after)| before.shares_until(after)),
+        }
+    }
 }
 
 /// The OS's choice for the first PER_SOURCE_ADDRESS connections (it picks ports

@@ -115,11 +115,25 @@ impl Connector {
 
     /// A connected client, from `local_ip` when given (TCP-based transports).
     pub async fn connect(&self, local_ip: Option<IpAddr>) -> Result<Client, confab_client::ClientError> {
-        let options = ClientOptions {
+        Client::connect_with(self.server, self.options(local_ip)).await
+    }
+
+    /// A client connected and authenticated with `access_token` in one round
+    /// trip (`Authenticate` pipelined after `Hello`, as an app would reconnect).
+    pub async fn connect_authenticated(
+        &self,
+        local_ip: Option<IpAddr>,
+        access_token: &str,
+    ) -> Result<Client, confab_client::ClientError> {
+        let (client, _) = Client::connect_authenticated(self.server, self.options(local_ip), access_token).await?;
+        Ok(client)
+    }
+
+    fn options(&self, local_ip: Option<IpAddr>) -> ClientOptions {
+        ClientOptions {
             local_ip,
             quic_endpoint: self.quic.clone(),
             ..ClientOptions::default()
-        };
-        Client::connect_with(self.server, options).await
+        }
     }
 }
