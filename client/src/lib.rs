@@ -304,6 +304,14 @@ impl Client {
         self.events.lock().await.recv().await
     }
 
+    /// Moves the pushed events that are waiting, up to `limit`, into `events`,
+    /// waiting for at least one; returns how many (0 once the connection is gone
+    /// and all events were read). Cancel-safe. For readers of many pushes: one
+    /// call per batch instead of one per event.
+    pub async fn next_events(&self, events: &mut Vec<Event>, limit: usize) -> usize {
+        self.events.lock().await.recv_many(events, limit).await
+    }
+
     /// The next pushed message, skipping other events; `Err` if the connection ends first.
     pub async fn next_message(&self) -> Result<v1::Message, ClientError> {
         loop {
