@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 
 /// A loadgen-local device (one connection).
 pub type Device = u32;
@@ -67,7 +68,7 @@ impl fmt::Display for Violation {
 #[derive(Debug, Default)]
 pub struct Checker {
     /// Who must receive each acknowledged message.
-    expected: HashMap<MessageId, Vec<Device>>,
+    expected: HashMap<MessageId, Arc<[Device]>>,
     /// Acknowledged seqs per conversation.
     seqs: HashMap<String, Vec<u64>>,
     delivered: HashSet<(Device, MessageId)>,
@@ -77,10 +78,22 @@ pub struct Checker {
 }
 
 impl Checker {
-    /// `id` was acknowledged with `seq` in `conversation`; `recipients` must get it.
-    pub fn acked(&mut self, id: MessageId, conversation: &str, seq: u64, recipients: Vec<Device>) {
+    /// Room for `messages` acknowledged messages, so that no growth (a rehash of
+    /// everything so far, under the lock every ack takes) lands mid-run.
+    pub fn reserve(&mut self, messages: usize) {
+        self.expected.reserve(messages);
+    }
+
+    /// `id` was acknowledged with `seq` in `conversation`; `recipients` must get
+    /// it (shared by every message of a flow: nothing is allocated per ack).
+    pub fn acked(&mut self, id: MessageId, conversation: &str, seq: u64, recipients: Arc<[Device]>) {
         self.expected.insert(id, recipients);
-        self.seqs.entry(conversation.to_owned()).or_default().push(seq);
+        match self.seqs.get_mut(conversation) {
+            Some(seqs) => seqs.push(seq),
+            None => {
+                self.seqs.insert(conversation.to_owned(), vec![seq]);
+            }
+        }
     }
 
     /// `device` received `seq` of `conversation`, carrying `id`.
@@ -150,7 +163,7 @@ mod tests {
     fn run(deliveries: &[(Device, u64)]) -> Vec<Violation> {
         let mut checker = Checker::default();
         for counter in 1..=3 {
-            checker.acked(id(0, counter), "d:1:2", counter, vec![1, 2]);
+            checker.acked(id(0, counter), "d:1:2", counter, [1, 2].into());
         }
         for (device, seq) in deliveries {
             checker.delivered(*device, "d:1:2", *seq, id(0, *seq));
@@ -204,8 +217,8 @@ mod tests {
     #[test]
     fn a_gap_in_acknowledged_seqs_is_flagged() {
         let mut checker = Checker::default();
-        checker.acked(id(0, 1), "g:9", 1, vec![]);
-        checker.acked(id(0, 2), "g:9", 3, vec![]);
+        checker.acked(id(0, 1), "g:9", 1, [].into());
+        checker.acked(id(0, 2), "g:9", 3, [].into());
         assert_eq!(
             checker.finish(),
             vec![Violation::Gap {

@@ -371,7 +371,7 @@ pub async fn sync(
                         outcome.acked += 1;
                         outcome
                             .checker
-                            .acked(id, &ack.conversation_id, ack.seq, vec![*receiver]);
+                            .acked(id, &ack.conversation_id, ack.seq, [*receiver].into());
                     }
                     Err(_) => outcome.errors += 1,
                 }

@@ -129,6 +129,9 @@ pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
     let progress = progress_line(shared.clone(), delivered.clone(), start, load.duration);
     let per_flow = load.rate / flows.len().max(1) as f64;
     let count = (per_flow * load.duration.as_secs_f64()).round() as u64;
+    if let Ok(mut outcome) = shared.lock() {
+        outcome.checker.reserve(count as usize * flows.len());
+    }
     let stagger = 1.0 / (per_flow * flows.len().max(1) as f64);
     let senders: Vec<_> = flows
         .into_iter()
@@ -145,9 +148,7 @@ pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
         })
         .collect();
     for sender in senders {
-        if let Ok(pending) = sender.await {
-            futures::future::join_all(pending).await;
-        }
+        let _ = sender.await;
     }
 
     progress.finish_and_clear();
@@ -195,18 +196,15 @@ impl Schedule {
     }
 }
 
-/// Sends a flow's messages on schedule; returns the tasks still awaiting acks.
-async fn send(
-    member: Member,
-    flow: Flow,
-    schedule: Schedule,
-    load: Load,
-    shared: Shared,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut pending = Vec::with_capacity(schedule.count as usize);
+/// Sends a flow's messages on schedule, then waits for the last acks.
+async fn send(member: Member, flow: Flow, schedule: Schedule, load: Load, shared: Shared) {
+    // Sends in flight, each its own task; finished ones are reaped as the flow
+    // goes, so their memory is reused instead of piling up until the end.
+    let mut pending = tokio::task::JoinSet::new();
     let recipients: Arc<[Device]> = flow.recipients.into();
     for counter in 0..schedule.count {
         let (intended, intended_ns) = schedule.wait_for(counter).await;
+        while pending.try_join_next().is_some() {}
         let id = MessageId {
             sender: member.device,
             counter,
@@ -216,7 +214,7 @@ async fn send(
         let target = flow.target.clone();
         let shared = shared.clone();
         let recipients = recipients.clone();
-        pending.push(tokio::spawn(async move {
+        pending.spawn(async move {
             let client_msg_id = format!("{}-{}-{counter}", load.round, id.sender);
             let result = client.send(target, &client_msg_id, &body).await;
             let latency = intended.elapsed();
@@ -227,15 +225,13 @@ async fn send(
                     outcome.acked += 1;
                     outcome.expected_deliveries += recipients.len() as u64;
                     outcome.ack_latency.record(latency);
-                    outcome
-                        .checker
-                        .acked(id, &ack.conversation_id, ack.seq, recipients.to_vec());
+                    outcome.checker.acked(id, &ack.conversation_id, ack.seq, recipients);
                 }
                 Err(_) => outcome.errors += 1,
             }
-        }));
+        });
     }
-    pending
+    while pending.join_next().await.is_some() {}
 }
 
 /// Records every loadgen message a member receives until stopped.
