@@ -267,7 +267,7 @@ impl Connection {
                         }
                     }
                 }
-                let (reply, ack) = AppendReply::new();
+                let (reply, ack) = AppendReply::new(shard.id);
                 let owner = shard.mesh.owner_of(append.conversation);
                 // Handing over in frame order keeps one device's messages in order.
                 if shard.mesh.send(owner, ShardMsg::Append(append, reply)).await.is_err() {

@@ -17,16 +17,21 @@ use tokio::sync::{mpsc, oneshot};
 #[derive(Debug)]
 pub struct AppendReply {
     answer: oneshot::Sender<Result<SendAck, ChatError>>,
+    /// The shard whose session made the append: a committed append's answer
+    /// goes back there with that shard's deliveries ([`ShardMsg::Deliver`]).
+    pub origin: ShardId,
     /// When it was handed to the mesh, then taken by the owner, then given a seq.
     pub stage_at: Instant,
 }
 
 impl AppendReply {
-    /// A reply for an append handed to the mesh now, and where its answer arrives.
-    pub fn new() -> (Self, oneshot::Receiver<Result<SendAck, ChatError>>) {
+    /// A reply for an append made on shard `origin` and handed to the mesh
+    /// now, and where its answer arrives.
+    pub fn new(origin: ShardId) -> (Self, oneshot::Receiver<Result<SendAck, ChatError>>) {
         let (answer, answered) = oneshot::channel();
         let reply = Self {
             answer,
+            origin,
             stage_at: Instant::now(),
         };
         (reply, answered)
@@ -49,8 +54,9 @@ impl AppendReply {
 pub enum ShardMsg {
     /// To a conversation's owner: sequence, store and fan out this message.
     Append(Append, AppendReply),
-    /// Frames for sessions on the receiving shard.
-    Deliver(Vec<Delivery>),
+    /// Frames for sessions on the receiving shard, and the answers to appends
+    /// its sessions made that were committed with them.
+    Deliver(Arrivals),
     /// `user` gained (`online`) or lost its last session on shard `from`. An ack,
     /// when present, is answered once the update is applied.
     Directory {
@@ -81,6 +87,31 @@ pub enum ShardMsg {
         user: UserId,
         signal: Signal,
     },
+}
+
+/// What one commit (or one ephemeral push) brings to one shard. A committed
+/// append's answer travels with the deliveries rather than on its own, so the
+/// shard that made it is woken once per commit, not once per append, and its
+/// acks and pushes to one connection go out in one write.
+#[derive(Debug, Default)]
+pub struct Arrivals {
+    /// Answered first: a sender's ack before the pushes of the same commit.
+    pub answers: Vec<(AppendReply, SendAck)>,
+    pub deliveries: Vec<Delivery>,
+}
+
+impl Arrivals {
+    /// One frame for some users, with no answers.
+    pub fn push(delivery: Delivery) -> Self {
+        Self {
+            answers: Vec::new(),
+            deliveries: vec![delivery],
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty() && self.deliveries.is_empty()
+    }
 }
 
 /// One encoded frame for the sessions of some users on one shard.

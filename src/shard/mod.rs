@@ -42,7 +42,7 @@ use crate::store::Store;
 use crate::transport;
 use crate::transport::admission::Admission;
 use directory::Directory;
-use mesh::AppendReply;
+use mesh::{AppendReply, Arrivals};
 use sessions::LocalSessions;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -298,7 +298,10 @@ async fn mailbox_loop(shard: Rc<Shard>, mut mailbox: mpsc::Receiver<ShardMsg>) {
         };
         match msg {
             ShardMsg::Append(append, reply) => owner::submit(&shard, append, reply),
-            ShardMsg::Deliver(deliveries) => {
+            ShardMsg::Deliver(Arrivals { answers, deliveries }) => {
+                for (reply, ack) in answers {
+                    let _ = reply.send(Ok(ack));
+                }
                 let sessions = shard.sessions.borrow();
                 for delivery in &deliveries {
                     sessions.deliver(delivery);

@@ -7,7 +7,7 @@
 //! store confirms does it fan out and acknowledge. Fan-out encodes each message
 //! once and sends it once per destination shard.
 
-use super::mesh::{AppendReply, Delivery, ShardMsg};
+use super::mesh::{AppendReply, Arrivals, Delivery, ShardMsg};
 use super::{Shard, ShardId};
 use crate::chat::{
     Admission, Append, Assigned, ChatError, Check, CheckResult, Outcome, SendAck, Signal, message_frame,
@@ -291,16 +291,16 @@ struct Committing {
 async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
     let committed_at = Instant::now();
     let shards = shard.mesh.shard_count();
-    let mut per_shard: Vec<Vec<Delivery>> = vec![Vec::new(); shards];
+    let mut per_shard: Vec<Arrivals> = (0..shards).map(|_| Arrivals::default()).collect();
     for message in committed {
         if let Some(left) = message.left_group {
             let others = message.recipients.to_vec();
             shard.spawn_core(super::presence::membership_ended(shard.clone(), left, others));
         }
         let users = split_by_shard(shard, &message.recipients);
-        for (deliveries, users) in per_shard.iter_mut().zip(users) {
+        for (arrivals, users) in per_shard.iter_mut().zip(users) {
             if !users.is_empty() {
-                deliveries.push(Delivery {
+                arrivals.deliveries.push(Delivery {
                     conversation: message.ack.conversation,
                     seq: message.ack.seq,
                     frame: message.frame.clone(),
@@ -317,13 +317,18 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
         }
         let mut reply = message.reply;
         reply.stage(&shard.stages.committed);
-        let _ = reply.send(Ok(message.ack));
+        match per_shard.get_mut(reply.origin.0) {
+            Some(arrivals) if reply.origin != shard.id => arrivals.answers.push((reply, message.ack)),
+            _ => {
+                let _ = reply.send(Ok(message.ack));
+            }
+        }
     }
-    for (index, deliveries) in per_shard.into_iter().enumerate() {
-        if !deliveries.is_empty()
+    for (index, arrivals) in per_shard.into_iter().enumerate() {
+        if !arrivals.is_empty()
             && shard
                 .mesh
-                .send(ShardId(index), ShardMsg::Deliver(deliveries))
+                .send(ShardId(index), ShardMsg::Deliver(arrivals))
                 .await
                 .is_err()
         {
@@ -385,7 +390,7 @@ async fn push_to(shard: &Shard, conversation: ConversationId, recipients: &[User
         };
         if shard
             .mesh
-            .send(ShardId(index), ShardMsg::Deliver(vec![delivery]))
+            .send(ShardId(index), ShardMsg::Deliver(Arrivals::push(delivery)))
             .await
             .is_err()
         {

@@ -3,7 +3,7 @@
 //! into presence, with the grace period and rate limit of
 //! [`crate::chat::PresenceTracker`], and pushes updates to subscribers' shards.
 
-use super::mesh::{Delivery, ShardMsg};
+use super::mesh::{Arrivals, Delivery, ShardMsg};
 use super::{Shard, ShardId};
 use crate::chat::{ChatError, Presence, Update};
 use crate::clock::unix_ms;
@@ -96,7 +96,12 @@ async fn push(shard: Rc<Shard>, updates: Vec<Update<Subscriber>>) {
                 users: users.into(),
                 skip_device: None,
             };
-            if shard.mesh.send(to, ShardMsg::Deliver(vec![delivery])).await.is_err() {
+            if shard
+                .mesh
+                .send(to, ShardMsg::Deliver(Arrivals::push(delivery)))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
