@@ -184,22 +184,25 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
 
 /// Takes up to `max` items from the front of `queue`, skipping the `busy` ones;
 /// the rest stay queued in order. So for every key, what is taken is a prefix of
-/// its items and what stays keeps its order.
+/// its items and what stays keeps its order. The queue keeps its allocation
+/// (rebuilding it grew a fresh one, page by page, for every batch).
 fn take_batch<T>(queue: &mut VecDeque<T>, max: usize, busy: impl Fn(&T) -> bool) -> Vec<T> {
-    let mut batch = Vec::new();
-    let mut kept = VecDeque::new();
-    while let Some(item) = queue.pop_front() {
-        if batch.len() >= max {
-            queue.push_front(item);
+    let mut batch = Vec::with_capacity(queue.len().min(max));
+    let mut skipped = 0;
+    for _ in 0..queue.len() {
+        // With nothing moved behind, what is left is already in order.
+        if batch.len() >= max && skipped == 0 {
             break;
         }
-        match busy(&item) {
-            true => kept.push_back(item),
-            false => batch.push(item),
+        let Some(item) = queue.pop_front() else { break };
+        if batch.len() < max && !busy(&item) {
+            batch.push(item);
+        } else {
+            // Rotated to the back; every item after it follows, in order.
+            skipped += 1;
+            queue.push_back(item);
         }
     }
-    kept.append(queue);
-    *queue = kept;
     batch
 }
 
@@ -487,5 +490,17 @@ mod tests {
         assert_eq!(taken(&mut queue, 10), vec![(3, 2)]);
         assert_eq!(queue, VecDeque::from([(1, 1), (1, 2)]));
         assert_eq!(taken(&mut queue, 10), vec![]);
+    }
+
+    #[test]
+    fn a_full_batch_leaves_the_rest_in_order_and_the_queue_its_allocation() {
+        let mut queue: VecDeque<(u8, u8)> = (0..100).map(|seq| (2, seq)).collect();
+        let capacity = queue.capacity();
+        assert_eq!(taken(&mut queue, 10), (0..10).map(|seq| (2, seq)).collect::<Vec<_>>());
+        assert_eq!(queue, (10..100).map(|seq| (2, seq)).collect::<VecDeque<_>>());
+        assert_eq!(queue.capacity(), capacity);
+        let mut queue = VecDeque::from([(1, 1), (2, 1), (2, 2), (3, 1)]);
+        assert_eq!(taken(&mut queue, 1), vec![(2, 1)]);
+        assert_eq!(queue, VecDeque::from([(1, 1), (2, 2), (3, 1)]));
     }
 }
