@@ -388,3 +388,47 @@ async fn the_self_signed_certificate_survives_a_restart() {
     }
     again.shutdown().await.unwrap();
 }
+
+/// The plain TCP reader forgets a socket's readiness after a read that did not
+/// fill its buffer, instead of reading again to hear `WouldBlock`. Bytes that
+/// come later must still be read: a Hello trickled a byte at a time, then
+/// frames back to back in one write, then one frame split across two writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_frames_are_read_however_their_bytes_arrive() {
+    use confab_client::proto::{self, Hello, ProtocolVersion, client_frame::Kind};
+    let mut node = TestServer::start(1).await;
+    let mut raw = common::RawConnection::connect(node.tcp).await;
+    let frame = |request_id, kind| {
+        confab_proto::encode_frame(&proto::ClientFrame {
+            request_id,
+            kind: Some(kind),
+        })
+    };
+    let hello = frame(
+        1,
+        Kind::Hello(Hello {
+            protocol_version: ProtocolVersion::V1 as i32,
+            client_name: "trickle".into(),
+            client_version: "0".into(),
+        }),
+    );
+    for byte in hello.iter() {
+        raw.send_bytes(&[*byte]).await;
+        // Shapes the input (one read per byte on the server), not a wait.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(matches!(
+        raw.recv().await.unwrap().kind,
+        Some(server_frame::Kind::Welcome(_))
+    ));
+    let ping = |request_id| frame(request_id, Kind::Ping(proto::Ping { nonce: request_id }));
+    raw.send_bytes(&[ping(2), ping(3), ping(4)].concat()).await;
+    let split = ping(5);
+    raw.send_bytes(&split[..3]).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    raw.send_bytes(&split[3..]).await;
+    for request_id in 2..=5 {
+        assert_eq!(raw.recv().await.unwrap().request_id, request_id);
+    }
+    node.shutdown().await;
+}

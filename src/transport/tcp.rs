@@ -13,6 +13,7 @@ use bytes::BytesMut;
 use confab_proto::FrameDecoder;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
@@ -62,6 +63,19 @@ struct TcpFrames {
     decoder: FrameDecoder,
 }
 
+impl TcpFrames {
+    /// A read that did not fill the buffer emptied the socket: forget its
+    /// readiness now (as tokio's own `poll_read` does on epoll) instead of
+    /// learning it from one more read that only says `WouldBlock` — which was
+    /// every other `recvfrom` of a busy connection. Bytes arriving after that
+    /// read raise a new edge-triggered event.
+    fn drained(&self) {
+        let _ = self.read.as_ref().try_io(Interest::READABLE, || {
+            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        });
+    }
+}
+
 impl FrameSource for TcpFrames {
     /// An idle connection holds no read buffer: it waits for readiness, and a
     /// buffer exists only while bytes of a frame are pending. Cancel-safe: bytes
@@ -80,9 +94,11 @@ impl FrameSource for TcpFrames {
             if self.buf.capacity() - self.buf.len() < READ_CHUNK_BYTES / 4 {
                 self.buf.reserve(READ_CHUNK_BYTES);
             }
+            let spare = self.buf.capacity() - self.buf.len();
             match self.read.try_read_buf(&mut self.buf) {
                 Ok(0) if self.buf.is_empty() => return Ok(None),
                 Ok(0) => return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+                Ok(read) if read < spare => self.drained(),
                 Ok(_) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
                     if self.buf.is_empty() {
