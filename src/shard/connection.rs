@@ -270,7 +270,10 @@ impl Connection {
                 let (reply, ack) = AppendReply::new(shard.id);
                 let owner = shard.mesh.owner_of(append.conversation);
                 // Handing over in frame order keeps one device's messages in order.
-                if shard.mesh.send(owner, ShardMsg::Append(append, reply)).await.is_err() {
+                // An append this shard owns skips the mailbox: no queue, no wake.
+                if owner == shard.id {
+                    super::owner::submit(&shard, append, reply);
+                } else if shard.mesh.send(owner, ShardMsg::Append(append, reply)).await.is_err() {
                     return Box::pin(std::future::ready(failure(id, &ChatError::ShuttingDown)));
                 }
                 let decoded_at = Instant::now();
