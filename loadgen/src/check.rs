@@ -67,8 +67,12 @@ impl fmt::Display for Violation {
 
 #[derive(Debug, Default)]
 pub struct Checker {
-    /// Who must receive each acknowledged message.
-    expected: HashMap<MessageId, Arc<[Device]>>,
+    /// Who must receive each acknowledged message, per sender by counter.
+    /// Counters run 0, 1, 2... per sender, so each sender's list is written
+    /// front to back and touches its memory a page at a time; one map of every
+    /// message was written all over at once, and faulting in its hundreds of
+    /// megabytes (a 300 s run) held the ack lock for most of a second.
+    expected: HashMap<Device, Vec<Option<Arc<[Device]>>>>,
     /// Acknowledged seqs per conversation.
     seqs: HashMap<String, Vec<u64>>,
     delivered: HashSet<(Device, MessageId)>,
@@ -78,16 +82,22 @@ pub struct Checker {
 }
 
 impl Checker {
-    /// Room for `messages` acknowledged messages, so that no growth (a rehash of
-    /// everything so far, under the lock every ack takes) lands mid-run.
-    pub fn reserve(&mut self, messages: usize) {
-        self.expected.reserve(messages);
+    /// Room for `messages` acknowledged messages from `sender`, so that no
+    /// growth (a copy of its list so far, under the lock every ack takes, and
+    /// for every sender at about the same moment) lands mid-run.
+    pub fn reserve(&mut self, sender: Device, messages: usize) {
+        self.expected.entry(sender).or_default().reserve(messages);
     }
 
     /// `id` was acknowledged with `seq` in `conversation`; `recipients` must get
     /// it (shared by every message of a flow: nothing is allocated per ack).
     pub fn acked(&mut self, id: MessageId, conversation: &str, seq: u64, recipients: Arc<[Device]>) {
-        self.expected.insert(id, recipients);
+        let acked = self.expected.entry(id.sender).or_default();
+        let index = usize::try_from(id.counter).unwrap_or(usize::MAX);
+        if acked.len() <= index {
+            acked.resize(index.saturating_add(1), None);
+        }
+        acked[index] = Some(recipients);
         match self.seqs.get_mut(conversation) {
             Some(seqs) => seqs.push(seq),
             None => {
@@ -124,7 +134,16 @@ impl Checker {
         let mut lost: Vec<Violation> = self
             .expected
             .iter()
-            .flat_map(|(id, recipients)| recipients.iter().map(move |device| (*id, *device)))
+            .flat_map(|(sender, acked)| {
+                acked.iter().enumerate().filter_map(move |(counter, recipients)| {
+                    let id = MessageId {
+                        sender: *sender,
+                        counter: counter as u64,
+                    };
+                    recipients.as_ref().map(|recipients| (id, recipients))
+                })
+            })
+            .flat_map(|(id, recipients)| recipients.iter().map(move |device| (id, *device)))
             .filter(|(id, device)| !self.delivered.contains(&(*device, *id)))
             .map(|(id, device)| Violation::Lost { id, device })
             .collect();

@@ -130,7 +130,9 @@ pub async fn run(members: &[Member], flows: Vec<Flow>, load: Load) -> Outcome {
     let per_flow = load.rate / flows.len().max(1) as f64;
     let count = (per_flow * load.duration.as_secs_f64()).round() as u64;
     if let Ok(mut outcome) = shared.lock() {
-        outcome.checker.reserve(count as usize * flows.len());
+        for flow in &flows {
+            outcome.checker.reserve(members[flow.sender].device, count as usize);
+        }
     }
     let stagger = 1.0 / (per_flow * flows.len().max(1) as f64);
     let senders: Vec<_> = flows
