@@ -16,7 +16,7 @@
 
 use super::Shard;
 use super::mesh::{AppendReply, ShardMsg};
-use super::outbound::Outbound;
+use super::outbound::{Outbound, Refused};
 use super::sessions::{Kick, Replay, SessionHandle};
 use super::{catch_up, presence};
 use crate::auth::{AuthError, Grant};
@@ -599,14 +599,25 @@ impl Connection {
                 cursors
             }
         };
+        // The replay stays open until the reply has room: live pushes that
+        // overflow the hold meanwhile only make the reply say recovered =
+        // false, where after the replay closes they would close the session
+        // as a slow consumer before it had its answer.
+        let flow = self.wait_for_room().await;
+        if !matches!(flow, Flow::Continue) {
+            return flow;
+        }
         if !replay.borrow_mut().replayed(&cursors) {
             tracing::info!(peer = %self.peer, "live pushes overflowed the hold while resuming; the device must sync");
             reply.recovered = false;
         }
         reply.sync_token = cursors.to_token();
-        let flow = self.send(&reply_frame(id, Kind::Authenticated(reply))).await;
-        if !matches!(flow, Flow::Continue) {
-            return flow;
+        if self
+            .outbound
+            .try_send(encode_frame(&reply_frame(id, Kind::Authenticated(reply))))
+            .is_err()
+        {
+            return Flow::Close(Closed::TransportError);
         }
         loop {
             let next = replay.borrow_mut().next_held();
@@ -637,8 +648,17 @@ impl Connection {
     }
 
     async fn send_encoded(&self, frame: Bytes) -> Flow {
+        self.patiently(self.outbound.send(frame)).await
+    }
+
+    /// Waits until the outbound queue takes a frame, with the same patience.
+    async fn wait_for_room(&self) -> Flow {
+        self.patiently(self.outbound.room()).await
+    }
+
+    async fn patiently(&self, queued: impl Future<Output = Result<(), Refused>>) -> Flow {
         let patience = self.shard.limits.heartbeat_interval * 3;
-        match tokio::time::timeout(patience, self.outbound.send(frame)).await {
+        match tokio::time::timeout(patience, queued).await {
             Ok(Ok(())) => Flow::Continue,
             Ok(Err(_)) => Flow::Close(Closed::TransportError),
             Err(_) => {

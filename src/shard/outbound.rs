@@ -76,6 +76,22 @@ impl Outbound {
         }
     }
 
+    /// Waits until a frame fits (or the queue closes). On the shard's single
+    /// thread, nothing else queues until the waiter's next `await`, so a
+    /// `try_send` right after it succeeds.
+    pub async fn room(&self) -> Result<(), Refused> {
+        loop {
+            let drained = self.0.drained.notified();
+            if self.0.closed.get() {
+                return Err(Refused::Closed);
+            }
+            if self.0.frames.borrow().len() < self.0.capacity {
+                return Ok(());
+            }
+            drained.await;
+        }
+    }
+
     /// Frames queued now.
     pub fn queued(&self) -> usize {
         self.0.frames.borrow().len()
@@ -160,6 +176,29 @@ mod tests {
                 assert_eq!(queue.recv().await.unwrap(), Bytes::from_static(b"a"));
                 waiting.await.unwrap().unwrap();
                 assert_eq!(queue.recv().await.unwrap(), Bytes::from_static(b"b"));
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn room_waits_for_the_writer_and_a_try_send_after_it_fits() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let queue = Outbound::new(1);
+                queue.room().await.unwrap();
+                queue.try_send(Bytes::from_static(b"a")).unwrap();
+                let waiter = queue.clone();
+                let waiting = tokio::task::spawn_local(async move {
+                    waiter.room().await?;
+                    waiter.try_send(Bytes::from_static(b"b"))
+                });
+                tokio::task::yield_now().await;
+                assert!(!waiting.is_finished());
+                assert_eq!(queue.recv().await.unwrap(), Bytes::from_static(b"a"));
+                waiting.await.unwrap().unwrap();
+                queue.close();
+                assert_eq!(queue.room().await, Err(Refused::Closed));
             })
             .await;
     }
