@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{TestServer, new_user, second_device, within};
+use common::{RawConnection, TestServer, new_user, second_device, within};
 use confab_client::proto::{Message, conversation_ref::Target};
 use confab_client::{Client, Event};
 use std::collections::{BTreeMap, HashMap};
@@ -416,6 +416,70 @@ async fn resuming_under_live_traffic_never_repeats_or_skips_a_message() {
     for sender in senders {
         sender.await.unwrap();
     }
+    node.shutdown().await;
+}
+
+/// A phone that resumes and then does not read for a moment while its peer
+/// keeps sending: the replay leaves its queue nearly full, and the pushes that
+/// arrive before the phone reads again must wait behind the replay, not close
+/// the session that has just caught up as a slow consumer (seen under load: the
+/// session went live with 1 000 of its 1 024 frames queued and was closed by
+/// the next commit's pushes before its writer had run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_device_that_reads_late_keeps_its_session() {
+    use confab_client::proto::{Authenticate, ProtocolVersion, Resume, client_frame, server_frame};
+    // A replay nearly as long as the queue, of frames too large for the socket
+    // buffers to take more than a few of while the phone does not read.
+    let mut node = TestServer::start_with(
+        1,
+        &[
+            ("CONFAB_STORE__DURABILITY", "buffered"),
+            ("CONFAB_PROTOCOL__OUTBOUND_QUEUE_FRAMES", "20"),
+            ("CONFAB_PROTOCOL__MAX_IN_FLIGHT_REQUESTS", "4"),
+            ("CONFAB_PROTOCOL__MAX_REPLAY_MESSAGES", "16"),
+            ("CONFAB_PROTOCOL__MAX_FRAME_BYTES", "2097152"),
+            ("CONFAB_CHAT__MAX_BODY_CHARS", "1000000"),
+        ],
+    )
+    .await;
+    let (_, alice_login, alice_name) = new_user(node.addr, "late").await;
+    let (bob, _, _) = new_user(node.addr, "late").await;
+    let (phone, phone_login) = second_device(node.addr, &alice_name).await;
+    drop(phone);
+    let large = "x".repeat(1_000_000);
+    for i in 0..16 {
+        bob.send_direct(alice_login.user_id, &format!("large-{i}"), &large)
+            .await
+            .unwrap();
+    }
+
+    let mut phone = RawConnection::connect(node.tcp).await;
+    phone.hello(ProtocolVersion::V1 as i32).await;
+    let resume = Authenticate {
+        access_token: phone_login.tokens.unwrap().access_token,
+        resume: Some(Resume::default()),
+    };
+    phone.send(2, client_frame::Kind::Authenticate(resume)).await;
+    // The replay is queued once its first bytes arrive; the phone reads none
+    // of it while twelve more messages are committed.
+    phone.readable().await;
+    for i in 0..12 {
+        bob.send_direct(alice_login.user_id, &format!("live-{i}"), "live")
+            .await
+            .unwrap();
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 28 {
+        let frame = phone.recv().await.expect("the session must stay open");
+        match frame.kind {
+            Some(server_frame::Kind::Message(message)) => seqs.push(message.seq),
+            Some(server_frame::Kind::Authenticated(reply)) => {
+                assert_eq!((reply.replayed, reply.recovered, seqs.len()), (16, true, 16));
+            }
+            other => panic!("after {} messages: {other:?}", seqs.len()),
+        }
+    }
+    assert_eq!(seqs, (1..=28).collect::<Vec<_>>());
     node.shutdown().await;
 }
 

@@ -619,12 +619,24 @@ impl Connection {
         {
             return Flow::Close(Closed::TransportError);
         }
+        // The held pushes go out in order, new ones queue behind them, and the
+        // session goes live only with headroom in its queue: the replay leaves
+        // it nearly full, and live pushes that arrive before the writer has run
+        // would otherwise close the session that has just caught up as a slow
+        // consumer.
+        let headroom = self.outbound.capacity() / 2;
         loop {
             let next = replay.borrow_mut().next_held();
-            let Some(frame) = next else {
-                return Flow::Continue;
+            let flow = match next {
+                Some(frame) => self.send_encoded(frame).await,
+                None => {
+                    let flow = self.patiently(self.outbound.drained_to(headroom)).await;
+                    if matches!(flow, Flow::Continue) && replay.borrow_mut().go_live() {
+                        return Flow::Continue;
+                    }
+                    flow
+                }
             };
-            let flow = self.send_encoded(frame).await;
             if !matches!(flow, Flow::Continue) {
                 return flow;
             }

@@ -80,16 +80,26 @@ impl Outbound {
     /// thread, nothing else queues until the waiter's next `await`, so a
     /// `try_send` right after it succeeds.
     pub async fn room(&self) -> Result<(), Refused> {
+        self.drained_to(self.0.capacity.saturating_sub(1)).await
+    }
+
+    /// Waits until at most `frames` are queued (or the queue closes).
+    pub async fn drained_to(&self, frames: usize) -> Result<(), Refused> {
         loop {
             let drained = self.0.drained.notified();
             if self.0.closed.get() {
                 return Err(Refused::Closed);
             }
-            if self.0.frames.borrow().len() < self.0.capacity {
+            if self.0.frames.borrow().len() <= frames {
                 return Ok(());
             }
             drained.await;
         }
+    }
+
+    /// How many frames the queue takes.
+    pub fn capacity(&self) -> usize {
+        self.0.capacity
     }
 
     /// Frames queued now.
@@ -199,6 +209,27 @@ mod tests {
                 waiting.await.unwrap().unwrap();
                 queue.close();
                 assert_eq!(queue.room().await, Err(Refused::Closed));
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn drained_to_waits_until_the_writer_took_enough() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let queue = Outbound::new(4);
+                for frame in [b"a", b"b", b"c"] {
+                    queue.try_send(Bytes::from_static(frame)).unwrap();
+                }
+                let waiter = queue.clone();
+                let waiting = tokio::task::spawn_local(async move { waiter.drained_to(1).await });
+                tokio::task::yield_now().await;
+                assert_eq!(queue.recv().await.unwrap(), Bytes::from_static(b"a"));
+                tokio::task::yield_now().await;
+                assert!(!waiting.is_finished(), "two frames are still queued");
+                assert_eq!(queue.recv().await.unwrap(), Bytes::from_static(b"b"));
+                waiting.await.unwrap().unwrap();
             })
             .await;
     }

@@ -24,13 +24,20 @@ use tokio::sync::Notify;
 #[derive(Debug, Default)]
 pub struct Kick {
     reason: RefCell<Option<ServerFrame>>,
+    kicked: std::cell::Cell<bool>,
     notify: Notify,
 }
 
 impl Kick {
-    pub fn kick(&self, reason: ServerFrame) {
-        self.reason.borrow_mut().get_or_insert(reason);
+    /// Tells the connection to close; returns false if it was told before (the
+    /// first reason stands).
+    pub fn kick(&self, reason: ServerFrame) -> bool {
+        if self.kicked.replace(true) {
+            return false;
+        }
+        *self.reason.borrow_mut() = Some(reason);
         self.notify.notify_one();
+        true
     }
 
     /// Waits for a kick and returns its reason.
@@ -136,8 +143,8 @@ impl Replay {
         !self.overflowed
     }
 
-    /// The next held push the device does not have yet; `None` once the hold is
-    /// empty, and from then on pushes go straight to the queue.
+    /// The next held push the device does not have yet; `None` while the hold
+    /// is empty (pushes still arrive into it until [`Replay::go_live`]).
     pub fn next_held(&mut self) -> Option<Bytes> {
         while let Some((conversation, seq, frame)) = self.held.pop_front() {
             let floor = self.floor.get(&conversation).copied().unwrap_or(0);
@@ -146,9 +153,18 @@ impl Replay {
                 return Some(frame);
             }
         }
+        None
+    }
+
+    /// Once the hold is empty, pushes go straight to the queue from now on;
+    /// returns false (and stays draining) while pushes are held.
+    pub fn go_live(&mut self) -> bool {
+        if !self.held.is_empty() {
+            return false;
+        }
         self.held = VecDeque::new();
         self.phase = Phase::Live;
-        None
+        true
     }
 }
 
@@ -235,13 +251,14 @@ impl LocalSessions {
                     }
                     None => handle.outbound.try_send(delivery.frame.clone()).is_ok(),
                 };
-                if !queued {
-                    tracing::warn!(user = %user, session = handle.session_id, "slow consumer: closing session");
-                    handle.kick.kick(error_frame(
+                let kicked = !queued
+                    && handle.kick.kick(error_frame(
                         0,
                         ErrorCode::SlowConsumer,
                         "outbound queue full: reconnect and fetch history",
                     ));
+                if kicked {
+                    tracing::warn!(user = %user, session = handle.session_id, "slow consumer: closing session");
                 }
             }
         }
@@ -279,6 +296,7 @@ mod tests {
         assert_eq!(replay.offer(conversation(), 105, &push(105), &outbound), Offered::Taken);
         assert!(replay.replayed(&cursors_at(120)));
         assert_eq!(replay.next_held(), None);
+        assert!(replay.go_live());
         // 106..=120 were committed before the replay read them, but their
         // deliveries sat in a busy mesh channel until the hold was over.
         for seq in 106..=120 {
@@ -306,8 +324,13 @@ mod tests {
         assert!(drained(&outbound).is_empty());
         assert_eq!(replay.next_held(), Some(push(12)));
         assert_eq!(replay.next_held(), None);
+        // Still draining (the queue had no headroom yet): one more arrives.
         replay.offer(conversation(), 13, &push(13), &outbound);
-        assert_eq!(drained(&outbound), vec![push(13)]);
+        assert!(!replay.go_live(), "a held push must go out first");
+        assert_eq!(replay.next_held(), Some(push(13)));
+        assert!(replay.go_live());
+        replay.offer(conversation(), 14, &push(14), &outbound);
+        assert_eq!(drained(&outbound), vec![push(14)]);
     }
 
     #[test]
@@ -319,6 +342,7 @@ mod tests {
         }
         assert!(!replay.replayed(&cursors_at(10)), "the device must be told to sync");
         assert_eq!(replay.next_held(), None, "what overflowed is left to the sync");
+        assert!(replay.go_live());
         replay.offer(conversation(), 21, &push(21), &outbound);
         assert_eq!(drained(&outbound), vec![push(21)]);
     }

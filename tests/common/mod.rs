@@ -324,6 +324,11 @@ impl RawConnection {
         }
     }
 
+    /// Waits (bounded) until the server has sent something, without reading it.
+    pub async fn readable(&self) {
+        within(Duration::from_secs(10), self.stream.readable()).await.unwrap();
+    }
+
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
         use tokio::io::AsyncWriteExt as _;
         self.stream.write_all(bytes).await.unwrap();
