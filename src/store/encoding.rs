@@ -34,6 +34,14 @@ pub(crate) struct StoredMessage {
     pub(crate) previous_edit: u64,
 }
 
+/// Only the time of a [`StoredMessage`]: decoding it skips the other fields
+/// without copying them (for a conversation's head, where the body is not needed).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct StoredTime {
+    #[prost(uint64, tag = "5")]
+    pub(crate) server_time_ms: u64,
+}
+
 impl StoredMessage {
     pub(crate) fn of(message: &MessageRecord) -> Self {
         let (edits, deletes) = match message.amends {

@@ -22,7 +22,6 @@
 //! - `members`:   group id ++ user id → role and, for a former member, the seq it
 //!   left at. Both are projections of the group events in `messages`, written in
 //!   the same batch as the event, so they never disagree with history.
-//! - `heads`:     conversation key → last seq ++ its server time
 //! - `user_convs`: user id ++ conversation key → the seq the user left at ++ that
 //!   message's time (0 ++ 0 while in it): the index Sync and ListConversations
 //!   start from
@@ -53,7 +52,7 @@
 mod keys;
 mod writer;
 
-use super::encoding::StoredMessage;
+use super::encoding::{StoredMessage, StoredTime};
 use super::{
     ConversationHead, DeviceRecord, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord, MessageRecord,
     NewUser, Role, Rotation, Store, StoreError, StoredSend, UserRecord,
@@ -185,10 +184,12 @@ struct Inner {
     sends: Keyspace,
     groups: Keyspace,
     members: Keyspace,
-    heads: Keyspace,
     user_convs: Keyspace,
     marks: Keyspace,
 }
+
+/// The keyspace older data dirs kept conversation heads in.
+const RETIRED_HEADS: &str = "heads";
 
 impl Inner {
     /// Opens (or creates) the database at `path`, recovering from its journal.
@@ -199,6 +200,12 @@ impl Inner {
             .open()
             .map_err(fjall_error)?;
         let keyspace = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(fjall_error);
+        // Data dirs from before 2026-12-04 kept each conversation's last seq in
+        // a keyspace of its own, rewritten with every batch; it is read from
+        // the conversation's last message now.
+        if db.keyspace_exists(RETIRED_HEADS) {
+            db.delete_keyspace(keyspace(RETIRED_HEADS)?).map_err(fjall_error)?;
+        }
         Ok(Self {
             users: keyspace("users")?,
             usernames: keyspace("usernames")?,
@@ -207,7 +214,6 @@ impl Inner {
             sends: keyspace("sends")?,
             groups: keyspace("groups")?,
             members: keyspace("members")?,
-            heads: keyspace("heads")?,
             user_convs: keyspace("user_convs")?,
             marks: keyspace("marks")?,
             db,
@@ -468,10 +474,9 @@ impl Store for EmbeddedStore {
             for guard in view.prefix(&view.user_convs, user.get().to_be_bytes()) {
                 let (key, value) = guard.into_inner().map_err(fjall_error)?;
                 let conversation = conversation_of_key(key.get(8..).unwrap_or_default())?;
-                let Some(head) = view.get(&view.heads, conversation.to_key()).map_err(fjall_error)? else {
+                let Some((last_seq, last_time_ms)) = view.head(conversation)? else {
                     continue;
                 };
-                let (last_seq, last_time_ms) = decode_pair(&head)?;
                 let (left_seq, left_time_ms) = decode_user_conversation(&value)?;
                 let read_seq = view.user_marks(conversation, user)?.read_seq;
                 let title = match conversation {
@@ -563,6 +568,17 @@ impl Store for EmbeddedStore {
 }
 
 impl View {
+    /// A conversation's last seq and that message's time; `None` while it has
+    /// no message.
+    fn head(&self, conversation: ConversationId) -> Result<Option<(Seq, u64)>, StoreError> {
+        let Some(guard) = self.prefix(&self.messages, conversation.to_key()).next_back() else {
+            return Ok(None);
+        };
+        let (key, value) = guard.into_inner().map_err(fjall_error)?;
+        let stored = StoredTime::decode(&*value).map_err(corrupt)?;
+        Ok(Some((seq_of_key(&key)?, stored.server_time_ms)))
+    }
+
     /// A user's receipt watermarks across its devices.
     fn user_marks(&self, conversation: ConversationId, user: UserId) -> Result<Marks, StoreError> {
         let mut prefix = conversation.to_key().as_ref().to_vec();
@@ -719,5 +735,40 @@ mod tests {
             3,
             "messages stay"
         );
+    }
+
+    /// A data dir from before heads were read from the last message: its
+    /// `heads` keyspace goes, and the conversation list still shows each
+    /// conversation's last seq and time.
+    #[tokio::test]
+    async fn an_old_data_dir_loses_its_heads_keyspace_and_keeps_its_heads() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = ConversationId::direct(user(1), user(2));
+        let store = open(dir.path(), Durability::Sync);
+        store
+            .append_messages((1..=3).map(|seq| message(ours, seq)).collect())
+            .await
+            .unwrap();
+        store.close().await.unwrap();
+        drop(store);
+        {
+            let db = Database::builder(dir.path().join("embedded")).open().unwrap();
+            let heads = db.keyspace(RETIRED_HEADS, KeyspaceCreateOptions::default).unwrap();
+            heads.insert(ours.to_key().as_ref(), encode_pair(99, 99)).unwrap();
+            db.persist(fjall::PersistMode::SyncAll).unwrap();
+        }
+        let store = open(dir.path(), Durability::Sync);
+        let heads = store.conversations(user(2)).await.unwrap();
+        assert_eq!(
+            heads
+                .iter()
+                .map(|head| (head.conversation, head.last_seq, head.last_time_ms))
+                .collect::<Vec<_>>(),
+            vec![(ours, 3, 3)]
+        );
+        store.close().await.unwrap();
+        drop(store);
+        let db = Database::builder(dir.path().join("embedded")).open().unwrap();
+        assert!(!db.keyspace_exists(RETIRED_HEADS));
     }
 }

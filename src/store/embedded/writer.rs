@@ -554,18 +554,11 @@ impl Staging {
     }
 
     fn stage_messages(&mut self, messages: Vec<MessageRecord>) {
-        // One head and one index entry per conversation per job: messages
-        // arrive in seq order, so the last one of each conversation wins.
-        let mut heads: HashMap<ConversationId, &MessageRecord> = HashMap::new();
+        // A direct conversation's two index rows, with the first batch that
+        // holds one of its messages.
         for message in &messages {
-            heads.insert(message.conversation, message);
-        }
-        for (conversation, message) in heads {
-            let head = encode_pair(message.seq, message.server_time_ms);
-            self.batch
-                .insert(&self.inner.heads, conversation.to_key().as_ref(), head);
-            let direct = matches!(conversation, ConversationId::Direct { .. });
-            if !direct || !self.indexed_directs.insert(conversation) {
+            let conversation = message.conversation;
+            if !matches!(conversation, ConversationId::Direct { .. }) || !self.indexed_directs.insert(conversation) {
                 continue;
             }
             for member in conversation.direct_members() {
