@@ -22,7 +22,6 @@
 
 use super::ChatError;
 use super::group::{GroupCommand, GroupState};
-use crate::clock::unix_ms;
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use crate::store::{Amendment, GroupEvent, GroupRecord, MessageRecord, StoredSend};
 use std::collections::{HashMap, HashSet};
@@ -326,8 +325,14 @@ impl<R> Sequencer<R> {
     }
 
     /// A check finished: resolves the appends it covered, in order, and returns the
-    /// next check to run if more queued meanwhile.
-    pub fn checked(&mut self, id: ConversationId, result: CheckResult) -> (Vec<Outcome<R>>, Option<Check>) {
+    /// next check to run if more queued meanwhile. Messages assigned now get
+    /// `now_ms` as their server time.
+    pub fn checked(
+        &mut self,
+        id: ConversationId,
+        result: CheckResult,
+        now_ms: u64,
+    ) -> (Vec<Outcome<R>>, Option<Check>) {
         let Some(conversation) = self.conversations.get_mut(&id) else {
             return (Vec::new(), None);
         };
@@ -362,7 +367,9 @@ impl<R> Sequencer<R> {
                     Ok((event, recipients)) => {
                         let next_seq = conversation.next_seq.get_or_insert(1);
                         conversation.in_flight.insert(key, Vec::new());
-                        outcomes.push(Outcome::Assigned(assign(next_seq, append, event, recipients, reply)));
+                        outcomes.push(Outcome::Assigned(assign(
+                            next_seq, now_ms, append, event, recipients, reply,
+                        )));
                     }
                     Err(error) => {
                         self.pending -= 1;
@@ -449,6 +456,7 @@ impl<R> Sequencer<R> {
 
 fn assign<R>(
     next_seq: &mut Seq,
+    now_ms: u64,
     append: Append,
     event: Option<GroupEvent>,
     recipients: Arc<[UserId]>,
@@ -470,7 +478,7 @@ fn assign<R>(
             sender_device: append.sender_device,
             client_msg_id: append.client_msg_id,
             body,
-            server_time_ms: unix_ms(),
+            server_time_ms: now_ms,
             event,
             amends,
             deleted: false,
@@ -485,6 +493,9 @@ fn assign<R>(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The clock the tests pass in.
+    const NOW_MS: u64 = 1_700_000_000_000;
 
     fn user(raw: u64) -> UserId {
         UserId::new(raw).unwrap()
@@ -523,15 +534,17 @@ mod tests {
         }
     }
 
+    /// The assigned outcomes.
+    fn assignments(outcomes: &[Outcome<u32>]) -> impl Iterator<Item = &Assigned<u32>> {
+        outcomes.iter().filter_map(|outcome| match outcome {
+            Outcome::Assigned(a) => Some(a),
+            Outcome::Duplicate { .. } | Outcome::Refused { .. } => None,
+        })
+    }
+
     /// Seqs and replies of the assigned outcomes.
     fn assigned(outcomes: &[Outcome<u32>]) -> Vec<(Seq, u32)> {
-        outcomes
-            .iter()
-            .filter_map(|outcome| match outcome {
-                Outcome::Assigned(a) => Some((a.record.seq, a.reply)),
-                Outcome::Duplicate { .. } | Outcome::Refused { .. } => None,
-            })
-            .collect()
+        assignments(outcomes).map(|a| (a.record.seq, a.reply)).collect()
     }
 
     #[test]
@@ -542,16 +555,25 @@ mod tests {
         };
         assert!(check.first_use);
         assert!(matches!(seq.submit(append(2, "b"), 2), Admission::Queued));
-        let (outcomes, next) = seq.checked(conversation(2), loaded(41));
+        let (outcomes, next) = seq.checked(conversation(2), loaded(41), NOW_MS);
         assert_eq!(assigned(&outcomes), vec![(42, 1)]);
         // "b" queued during the first check gets a check of its own.
         let next = next.unwrap();
         assert!(!next.first_use);
         assert_eq!(next.keys, vec![(device(), "b".to_owned())]);
-        let (outcomes, next) = seq.checked(conversation(2), CheckResult::default());
+        let (outcomes, next) = seq.checked(conversation(2), CheckResult::default(), NOW_MS);
         assert_eq!(assigned(&outcomes), vec![(43, 2)]);
         assert!(next.is_none());
         assert_eq!(seq.pending, 2);
+    }
+
+    #[test]
+    fn an_assigned_message_carries_the_clock_passed_in() {
+        let mut seq = sequencer(100, 100);
+        seq.submit(append(2, "a"), 1);
+        let (outcomes, _) = seq.checked(conversation(2), loaded(0), NOW_MS);
+        let times: Vec<u64> = assignments(&outcomes).map(|a| a.record.server_time_ms).collect();
+        assert_eq!(times, vec![NOW_MS]);
     }
 
     #[test]
@@ -559,8 +581,14 @@ mod tests {
         let mut seq = sequencer(100, 100);
         seq.submit(append(2, "a"), 1);
         seq.submit(append(3, "a"), 2);
-        assert_eq!(assigned(&seq.checked(conversation(2), loaded(0)).0), vec![(1, 1)]);
-        assert_eq!(assigned(&seq.checked(conversation(3), loaded(7)).0), vec![(8, 2)]);
+        assert_eq!(
+            assigned(&seq.checked(conversation(2), loaded(0), NOW_MS).0),
+            vec![(1, 1)]
+        );
+        assert_eq!(
+            assigned(&seq.checked(conversation(3), loaded(7), NOW_MS).0),
+            vec![(8, 2)]
+        );
     }
 
     #[test]
@@ -573,7 +601,7 @@ mod tests {
             server_time_ms: 123,
         };
         result.stored.insert((device(), "a".to_owned()), original);
-        let (outcomes, _) = seq.checked(conversation(2), result);
+        let (outcomes, _) = seq.checked(conversation(2), result, NOW_MS);
         let [Outcome::Duplicate { stored, reply: 1, .. }] = outcomes.as_slice() else {
             panic!("expected a duplicate, got {outcomes:?}");
         };
@@ -582,7 +610,7 @@ mod tests {
         // The next new message still continues from the stored maximum.
         seq.submit(append(2, "b"), 2);
         assert_eq!(
-            assigned(&seq.checked(conversation(2), CheckResult::default()).0),
+            assigned(&seq.checked(conversation(2), CheckResult::default(), NOW_MS).0),
             vec![(11, 2)]
         );
     }
@@ -591,7 +619,7 @@ mod tests {
     fn a_retry_of_an_append_in_flight_joins_it() {
         let mut seq = sequencer(100, 100);
         seq.submit(append(2, "a"), 1);
-        seq.checked(conversation(2), loaded(0));
+        seq.checked(conversation(2), loaded(0), NOW_MS);
         // In flight: the retry needs no check and gets no seq of its own.
         assert!(matches!(seq.submit(append(2, "a"), 2), Admission::Queued));
         let key = (device(), "a".to_owned());
@@ -606,9 +634,9 @@ mod tests {
         // Two copies of "c" queue behind the first check, so one check covers both.
         seq.submit(append(2, "c"), 2);
         seq.submit(append(2, "c"), 3);
-        let (_, next) = seq.checked(conversation(2), loaded(0));
+        let (_, next) = seq.checked(conversation(2), loaded(0), NOW_MS);
         assert_eq!(next.unwrap().keys.len(), 2);
-        let (outcomes, _) = seq.checked(conversation(2), CheckResult::default());
+        let (outcomes, _) = seq.checked(conversation(2), CheckResult::default(), NOW_MS);
         assert_eq!(assigned(&outcomes), vec![(2, 2)]);
         assert_eq!(seq.committed(conversation(2), &(device(), "c".to_owned())), vec![3]);
     }
@@ -628,7 +656,7 @@ mod tests {
     fn failed_commit_forgets_the_conversation_so_it_reloads() {
         let mut seq = sequencer(100, 100);
         seq.submit(append(2, "a"), 1);
-        seq.checked(conversation(2), loaded(0));
+        seq.checked(conversation(2), loaded(0), NOW_MS);
         seq.commit_failed(conversation(2), &(device(), "a".to_owned()));
         let Admission::Check(check) = seq.submit(append(2, "b"), 2) else {
             panic!("expected a check");
@@ -640,28 +668,31 @@ mod tests {
     fn a_check_overtaken_by_a_failed_commit_is_redone_as_a_first_use() {
         let mut seq = sequencer(100, 100);
         seq.submit(append(2, "a"), 1);
-        seq.checked(conversation(2), loaded(41));
+        seq.checked(conversation(2), loaded(41), NOW_MS);
         let Admission::Check(check) = seq.submit(append(2, "b"), 2) else {
             panic!("expected a check");
         };
         assert!(!check.first_use);
         // "a" fails to commit while the check of "b" is under way.
         seq.commit_failed(conversation(2), &(device(), "a".to_owned()));
-        let (outcomes, next) = seq.checked(conversation(2), CheckResult::default());
+        let (outcomes, next) = seq.checked(conversation(2), CheckResult::default(), NOW_MS);
         assert!(outcomes.is_empty(), "no seq without knowing the stored maximum");
         let next = next.unwrap();
         assert!(next.first_use);
         assert_eq!(next.keys, vec![(device(), "b".to_owned())]);
-        assert_eq!(assigned(&seq.checked(conversation(2), loaded(41)).0), vec![(42, 2)]);
+        assert_eq!(
+            assigned(&seq.checked(conversation(2), loaded(41), NOW_MS).0),
+            vec![(42, 2)]
+        );
     }
 
     #[test]
     fn only_idle_conversations_are_evicted() {
         let mut seq = sequencer(100, 1);
         seq.submit(append(2, "a"), 1);
-        seq.checked(conversation(2), loaded(0));
+        seq.checked(conversation(2), loaded(0), NOW_MS);
         seq.submit(append(3, "a"), 2);
-        seq.checked(conversation(3), loaded(0));
+        seq.checked(conversation(3), loaded(0), NOW_MS);
         // Both in flight: nothing may be evicted, whatever the cap says.
         assert_eq!(seq.conversations.len(), 2);
         seq.committed(conversation(2), &(device(), "a".to_owned()));

@@ -52,7 +52,7 @@ async fn run_check(shard: Rc<Shard>, check: Check) {
         let mut sequencer = shard.sequencer.borrow_mut();
         match result {
             Ok(result) => {
-                let (outcomes, next) = sequencer.checked(conversation, result);
+                let (outcomes, next) = sequencer.checked(conversation, result, unix_ms());
                 drop(sequencer);
                 for outcome in outcomes {
                     match outcome {
