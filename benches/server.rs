@@ -80,7 +80,7 @@ fn sequencing(c: &mut Criterion) {
                     last_seq: Some(0),
                     ..CheckResult::default()
                 };
-                let (outcomes, _) = sequencer.checked(conversation, result);
+                let (outcomes, _) = sequencer.checked(conversation, result, counter);
                 for outcome in outcomes {
                     if let Outcome::Assigned(assigned) = outcome {
                         black_box(assigned.record.seq);
