@@ -30,8 +30,7 @@ impl ReceiptCoalescer {
     pub fn record(&mut self, conversation: ConversationId, user: UserId, marks: Marks) -> bool {
         let first = self.pending.is_empty();
         let pending = self.pending.entry((conversation, user)).or_default();
-        pending.delivered_seq = pending.delivered_seq.max(marks.delivered_seq);
-        pending.read_seq = pending.read_seq.max(marks.read_seq);
+        *pending = pending.merged(marks);
         first
     }
 

@@ -259,3 +259,36 @@ pub struct Marks {
     pub delivered_seq: Seq,
     pub read_seq: Seq,
 }
+
+impl Marks {
+    /// Each watermark the higher of the two (watermarks only rise).
+    pub fn merged(self, other: Marks) -> Marks {
+        Marks {
+            delivered_seq: self.delivered_seq.max(other.delivered_seq),
+            read_seq: self.read_seq.max(other.read_seq),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_marks_keep_the_higher_of_each_watermark() {
+        let delivered_far = Marks {
+            delivered_seq: 9,
+            read_seq: 2,
+        };
+        let read_far = Marks {
+            delivered_seq: 5,
+            read_seq: 5,
+        };
+        let both = Marks {
+            delivered_seq: 9,
+            read_seq: 5,
+        };
+        assert_eq!(delivered_far.merged(read_far), both);
+        assert_eq!(read_far.merged(delivered_far), both);
+    }
+}

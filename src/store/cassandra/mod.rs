@@ -331,7 +331,7 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
         suspects: Mutex::default(),
         send_cache: sends::SendCache::default(),
         known_heads: Highest::new(std::cmp::max),
-        known_marks: Highest::new(max_marks),
+        known_marks: Highest::new(Marks::merged),
         dedup_window,
     })
 }
@@ -871,7 +871,7 @@ impl Inner {
                 delivered_seq: from_cql(delivered_seq),
                 read_seq: from_cql(read_seq),
             };
-            all = max_marks(all, marks);
+            all = all.merged(marks);
             devices.insert(from_cql(device), marks);
         }
         Ok((all, devices))
@@ -1025,13 +1025,6 @@ fn device_record(user: UserId, row: DeviceRow) -> Result<DeviceRecord, StoreErro
         created_at_ms: from_cql(created_at_ms),
         refreshed_at_ms: refreshed_at_ms.map_or(0, from_cql),
     })
-}
-
-fn max_marks(a: Marks, b: Marks) -> Marks {
-    Marks {
-        delivered_seq: a.delivered_seq.max(b.delivered_seq),
-        read_seq: a.read_seq.max(b.read_seq),
-    }
 }
 
 #[async_trait]

@@ -25,7 +25,7 @@
 //!
 //! Receipt marks are read-modify-write, so they go through the same task, in order.
 
-use super::{Inner, bucket, day, max_marks, to_cql, unavailable};
+use super::{Inner, bucket, day, to_cql, unavailable};
 use crate::config::CassandraConfig;
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use crate::store::encoding::{MAX_EDIT_CHAIN, StoredMessage};
@@ -361,7 +361,7 @@ async fn mark(
 ) -> Result<(Marks, bool), StoreError> {
     let (before_user, devices) = inner.user_marks(conversation, user).await?;
     let stored = devices.get(&device.get()).copied().unwrap_or_default();
-    let updated = max_marks(stored, raised);
+    let updated = stored.merged(raised);
     if updated != stored {
         inner
             .execute(
@@ -376,7 +376,7 @@ async fn mark(
             )
             .await?;
     }
-    let after_user = max_marks(before_user, updated);
+    let after_user = before_user.merged(updated);
     inner.known_marks.raise((conversation, user), after_user);
     Ok((after_user, after_user != before_user))
 }

@@ -3,7 +3,7 @@
 //! the module doc of [`super`].
 
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
-use crate::store::{DeviceRecord, Marks, MemberRecord, Role, StoreError, StoredSend};
+use crate::store::{DeviceRecord, MemberRecord, Role, StoreError, StoredSend};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub(super) struct StoredUser {
@@ -87,13 +87,6 @@ pub(super) fn message_key(conversation: ConversationId, seq: Seq) -> Vec<u8> {
     key.extend_from_slice(prefix.as_ref());
     key.extend_from_slice(&seq.to_be_bytes());
     key
-}
-
-pub(super) fn max_marks(a: Marks, b: Marks) -> Marks {
-    Marks {
-        delivered_seq: a.delivered_seq.max(b.delivered_seq),
-        read_seq: a.read_seq.max(b.read_seq),
-    }
 }
 
 pub(super) fn user_conv_key(user: UserId, conversation: ConversationId) -> Vec<u8> {

@@ -586,8 +586,10 @@ impl View {
         let mut marks = Marks::default();
         for guard in self.prefix(&self.marks, prefix) {
             let (delivered_seq, read_seq) = decode_pair(&guard.value().map_err(fjall_error)?)?;
-            marks.delivered_seq = marks.delivered_seq.max(delivered_seq);
-            marks.read_seq = marks.read_seq.max(read_seq);
+            marks = marks.merged(Marks {
+                delivered_seq,
+                read_seq,
+            });
         }
         Ok(marks)
     }

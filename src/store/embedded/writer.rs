@@ -700,7 +700,7 @@ impl Staging {
             .marks
             .iter()
             .filter(|(other, _)| other.starts_with(&key))
-            .fold(before_user, |acc, (_, marks)| max_marks(acc, *marks));
+            .fold(before_user, |acc, (_, marks)| acc.merged(*marks));
         key.extend_from_slice(&device.get().to_be_bytes());
         let stored = match self.marks.get(&key) {
             Some(marks) => *marks,
@@ -715,7 +715,7 @@ impl Staging {
                 None => Marks::default(),
             },
         };
-        let updated = max_marks(stored, raised);
+        let updated = stored.merged(raised);
         if updated != stored {
             self.batch.insert(
                 &self.inner.marks,
@@ -724,7 +724,7 @@ impl Staging {
             );
             self.marks.insert(key, updated);
         }
-        let after_user = max_marks(before_user, updated);
+        let after_user = before_user.merged(updated);
         Ok((after_user, after_user != before_user))
     }
 
