@@ -15,7 +15,7 @@ use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use crate::protocol::{ErrorCode, error_frame};
 use bytes::Bytes;
 use confab_proto::v1::ServerFrame;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use tokio::sync::Notify;
@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 #[derive(Debug, Default)]
 pub struct Kick {
     reason: RefCell<Option<ServerFrame>>,
-    kicked: std::cell::Cell<bool>,
+    kicked: Cell<bool>,
     notify: Notify,
 }
 
