@@ -218,10 +218,12 @@ async fn measured_run(
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
     let cpu_before = measure.server_pid.map(server::cpu_seconds).transpose()?;
+    let threads_before = measure.server_pid.map(server::cpu_seconds_by_thread).transpose()?;
     let machine_before = server::MachineTicks::now().ok();
     let outcome = traffic::run(members, flows, load).await;
     let machine_after = server::MachineTicks::now().ok();
     let cpu_after = measure.server_pid.map(server::cpu_seconds).transpose()?;
+    let threads_after = measure.server_pid.map(server::cpu_seconds_by_thread).transpose()?;
     let mut report = finish(scenario, parameters, outcome, echo, "send → deliver")?;
     if let (Some(before), Some(after)) = (machine_before, machine_after) {
         let (busy, steal) = before.shares_until(after);
@@ -230,6 +232,18 @@ async fn measured_run(
     }
     if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
         report.server_cpu_us_per_delivery = Some((after - before) * 1e6 / report.deliveries.max(1) as f64);
+    }
+    if let (Some(before), Some(after)) = (threads_before, threads_after) {
+        let deliveries = report.deliveries.max(1) as f64;
+        let per_thread = after
+            .into_iter()
+            .map(|(name, seconds)| {
+                let used = seconds - before.get(&name).copied().unwrap_or(0.0);
+                (name, used * 1e6 / deliveries)
+            })
+            .filter(|(_, us)| *us > 0.0)
+            .collect();
+        report.server_cpu_us_per_delivery_by_thread = Some(per_thread);
     }
     if let Some(addr) = measure.metrics {
         // The stage timings are extra figures: a scrape that fails (a busy
@@ -317,6 +331,7 @@ fn finish(
         echo_baseline_per_second: echo,
         relay_baseline: None,
         server_cpu_us_per_delivery: None,
+        server_cpu_us_per_delivery_by_thread: None,
         machine_busy_percent: None,
         machine_steal_percent: None,
         server_metrics: None,

@@ -30,8 +30,32 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 
 /// CPU time (user + system, all threads) a process has used, in seconds.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time each thread of a process has used so far, in seconds, summed by
+/// thread name (a pool's threads share one). A thread that exits before the
+/// second reading takes its time with it: compare against [`cpu_seconds`].
+pub fn cpu_seconds_by_thread(pid: u32) -> anyhow::Result<BTreeMap<String, f64>> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut by_name = BTreeMap::new();
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("listing {tasks}"))? {
+        let path = task?.path();
+        // A thread may end between the listing and the reads: skip it.
+        let (Ok(name), Ok(seconds)) = (
+            std::fs::read_to_string(path.join("comm")),
+            stat_cpu_seconds(&path.join("stat").to_string_lossy()),
+        ) else {
+            continue;
+        };
+        *by_name.entry(name.trim_end().to_owned()).or_default() += seconds;
+    }
+    Ok(by_name)
+}
+
+/// utime + stime of a /proc stat file, in seconds.
+fn stat_cpu_seconds(path: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     // The command name (field 2) may hold spaces; fields after it are plain.
     let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).context("no ')' in stat")?;
     let mut fields = after_name.split_whitespace();
@@ -125,6 +149,8 @@ mod tests {
         let spin = std::time::Instant::now();
         while spin.elapsed() < Duration::from_millis(30) {}
         assert!(cpu_seconds(std::process::id()).unwrap() > 0.0);
+        let by_thread = cpu_seconds_by_thread(std::process::id()).unwrap();
+        assert!(by_thread.values().sum::<f64>() > 0.0, "{by_thread:?}");
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct Report {
     pub relay_baseline: Option<RelayReport>,
     /// Server CPU time (all threads) over the run per delivery (`--server-pid`).
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// The same by server thread name (a pool's threads summed under one).
+    pub server_cpu_us_per_delivery_by_thread: Option<BTreeMap<String, f64>>,
     /// Percent of the machine's CPU time that was busy over the run (every
     /// process: server, loadgen, anything else), and percent its host took.
     pub machine_busy_percent: Option<f64>,
@@ -137,6 +139,13 @@ impl Report {
         }
         if let Some(cpu) = self.server_cpu_us_per_delivery {
             text += &format!("  server CPU {cpu:.1} µs per delivery\n");
+        }
+        if let Some(threads) = &self.server_cpu_us_per_delivery_by_thread {
+            text += "  by thread (µs per delivery):";
+            for (name, us) in threads {
+                text += &format!("  {name} {us:.1}");
+            }
+            text += "\n";
         }
         if let (Some(busy), Some(steal)) = (self.machine_busy_percent, self.machine_steal_percent) {
             text += &format!("  machine CPU {busy:.0}% busy, {steal:.1}% taken by the host (steal)\n");
