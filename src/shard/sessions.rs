@@ -112,7 +112,12 @@ impl Replay {
             if seq <= floor {
                 return Offered::Taken;
             }
-            self.floor.remove(&conversation);
+            // While pushes are held, some of this conversation's may still be
+            // at or below the floor, behind another conversation's: the floor
+            // goes only once nothing is held.
+            if self.phase == Phase::Live {
+                self.floor.remove(&conversation);
+            }
         }
         let room = self.held.len() < self.max_held;
         match self.phase {
@@ -333,6 +338,27 @@ mod tests {
         assert_eq!(drained(&outbound), vec![push(14)]);
     }
 
+    /// Held: A1 (replayed), B5 (new), A2 (replayed). While B5 is being sent,
+    /// A3 arrives: it must not lift A's floor while A2 is still held.
+    #[test]
+    fn a_live_push_during_the_drain_keeps_the_floor_for_held_duplicates() {
+        let a = conversation();
+        let b = ConversationId::direct(UserId::new(1).unwrap(), UserId::new(3).unwrap());
+        let outbound = Outbound::new(16);
+        let mut replay = Replay::new(16);
+        replay.offer(a, 1, &push(1), &outbound);
+        replay.offer(b, 5, &push(5), &outbound);
+        replay.offer(a, 2, &push(2), &outbound);
+        let mut cursors = cursors_at(2);
+        cursors.advance(b, 4);
+        assert!(replay.replayed(&cursors));
+        assert_eq!(replay.next_held(), Some(push(5)));
+        replay.offer(a, 3, &push(3), &outbound);
+        assert_eq!(replay.next_held(), Some(push(3)), "A2 was replayed: not again");
+        assert_eq!(replay.next_held(), None);
+        assert!(replay.go_live());
+    }
+
     #[test]
     fn a_full_hold_during_the_replay_means_not_recovered_instead_of_a_close() {
         let outbound = Outbound::new(16);
@@ -379,5 +405,113 @@ mod tests {
         assert!(
             matches!(reason.kind, Some(confab_proto::v1::server_frame::Kind::Error(e)) if e.code == ErrorCode::SlowConsumer as i32)
         );
+    }
+
+    /// The seam under every interleaving: the messages of two or three
+    /// conversations are committed in order and their pushes offered in order,
+    /// interleaved, before, during and after a replay that reads each
+    /// conversation at its own moment (cut at the replay limit or not) and a
+    /// drain that tries to go live at random moments. Per conversation, what the
+    /// device receives (the replay, then its queue) never repeats or goes back;
+    /// when the reply says recovered, it is every message, with no gap.
+    #[test]
+    fn replay_and_live_pushes_never_repeat_and_recover_every_message() {
+        use rand::{Rng as _, SeedableRng as _};
+        struct Conversation {
+            id: ConversationId,
+            total: Seq,
+            limit: Seq,
+            offered: Seq,
+            /// Where the replay read it, and how far it replayed.
+            read: Option<(Seq, Seq)>,
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        for round in 0..5_000 {
+            let mut conversations: Vec<Conversation> = (0..rng.random_range(2..=3u64))
+                .map(|other| Conversation {
+                    id: ConversationId::direct(UserId::new(1).unwrap(), UserId::new(other + 2).unwrap()),
+                    total: rng.random_range(1..30),
+                    limit: rng.random_range(1..40),
+                    offered: 0,
+                    read: None,
+                })
+                .collect();
+            let frame = |index: usize, seq: Seq| Bytes::from(format!("{index} {seq}"));
+            let outbound = Outbound::new(1_000);
+            let mut replay = Replay::new(rng.random_range(1..8));
+            // Offers the next push of a random conversation that has one left;
+            // false once the session would be closed.
+            let offer_one = |replay: &mut Replay, conversations: &mut [Conversation], rng: &mut rand::rngs::StdRng| {
+                let open: Vec<usize> = (0..conversations.len())
+                    .filter(|&index| conversations[index].offered < conversations[index].total)
+                    .collect();
+                let Some(&index) = open.get(rng.random_range(0..open.len().max(1))) else {
+                    return true;
+                };
+                let conversation = &mut conversations[index];
+                conversation.offered += 1;
+                let seq = conversation.offered;
+                replay.offer(conversation.id, seq, &frame(index, seq), &outbound) != Offered::Full
+            };
+            // The replay: reads each conversation at its own moment, pushes
+            // arriving in between.
+            let mut received: Vec<(usize, Seq)> = Vec::new();
+            while let Some(index) = (0..conversations.len()).find(|&index| conversations[index].read.is_none()) {
+                if rng.random_bool(0.5) {
+                    assert!(offer_one(&mut replay, &mut conversations, &mut rng));
+                    continue;
+                }
+                let conversation = &mut conversations[index];
+                let read = rng.random_range(conversation.offered..=conversation.total);
+                let upto = read.min(conversation.limit);
+                conversation.read = Some((read, upto));
+                received.extend((1..=upto).map(|seq| (index, seq)));
+            }
+            let mut cursors = Cursors::default();
+            let mut cut = false;
+            for conversation in &conversations {
+                let (read, upto) = conversation.read.unwrap();
+                cursors.advance(conversation.id, upto);
+                cut |= upto < read;
+            }
+            let recovered = replay.replayed(&cursors) && !cut;
+            let seq_of = |frame: &Bytes| -> (usize, Seq) {
+                let text = std::str::from_utf8(frame).unwrap();
+                let (index, seq) = text.split_once(' ').unwrap();
+                (index.parse().unwrap(), seq.parse().unwrap())
+            };
+            // The drain, then live.
+            let mut closed = false;
+            let mut live = false;
+            while !live && !closed {
+                match rng.random_range(0..3) {
+                    0 => received.extend(replay.next_held().as_ref().map(seq_of)),
+                    1 => closed = !offer_one(&mut replay, &mut conversations, &mut rng),
+                    _ => live = replay.go_live(),
+                }
+            }
+            while !closed && conversations.iter().any(|c| c.offered < c.total) {
+                closed = !offer_one(&mut replay, &mut conversations, &mut rng);
+            }
+            received.extend(drained(&outbound).iter().map(seq_of));
+            for (index, conversation) in conversations.iter().enumerate() {
+                let seqs: Vec<Seq> = received
+                    .iter()
+                    .filter(|(i, _)| *i == index)
+                    .map(|(_, seq)| *seq)
+                    .collect();
+                assert!(
+                    seqs.windows(2).all(|pair| pair[0] < pair[1]),
+                    "round {round}, conversation {index}: repeated or out of order: {seqs:?}"
+                );
+                if recovered && !closed {
+                    assert_eq!(
+                        seqs,
+                        (1..=conversation.total).collect::<Vec<_>>(),
+                        "round {round}: a gap"
+                    );
+                }
+            }
+        }
     }
 }
