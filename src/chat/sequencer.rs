@@ -703,4 +703,169 @@ mod tests {
         };
         assert!(check.first_use);
     }
+
+    /// Gap-free and idempotent under every interleaving: two conversations (one
+    /// cached at a time), two devices retrying from a small pool of ids, checks
+    /// that read a model store when they run, and commits of a prefix of each
+    /// conversation's assigned messages that succeed, or fail and may or may
+    /// not have been stored (and then refuse what was assigned after them, as
+    /// the owner does). Every append is answered once; an acknowledged seq is
+    /// the one stored for its id; no id is stored twice; stored seqs have no gap.
+    #[test]
+    fn sequencing_stays_gap_free_and_idempotent_through_failed_commits() {
+        use rand::{Rng as _, SeedableRng as _};
+        use std::collections::{BTreeMap, VecDeque};
+        #[derive(Default)]
+        struct Stored {
+            by_seq: BTreeMap<Seq, SendKey>,
+            by_key: HashMap<SendKey, Seq>,
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for round in 0..2_000 {
+            let mut seq = sequencer(rng.random_range(4..64), 1);
+            let mut store: HashMap<ConversationId, Stored> = HashMap::new();
+            let mut checks: Vec<Check> = Vec::new();
+            let mut assigned: HashMap<ConversationId, VecDeque<(Seq, SendKey, u32)>> = HashMap::new();
+            let mut asked: HashMap<u32, (ConversationId, SendKey)> = HashMap::new();
+            let mut answers: HashMap<u32, Option<Seq>> = HashMap::new();
+            let answer = |answers: &mut HashMap<u32, Option<Seq>>, reply: u32, result: Option<Seq>| {
+                assert!(
+                    answers.insert(reply, result).is_none(),
+                    "round {round}: {reply} answered twice"
+                );
+            };
+            let run_check = |seq: &mut Sequencer<u32>,
+                             store: &HashMap<ConversationId, Stored>,
+                             check: Check,
+                             checks: &mut Vec<Check>,
+                             assigned: &mut HashMap<ConversationId, VecDeque<(Seq, SendKey, u32)>>,
+                             answers: &mut HashMap<u32, Option<Seq>>| {
+                let stored = store.get(&check.conversation);
+                let result = CheckResult {
+                    last_seq: check
+                        .first_use
+                        .then(|| stored.and_then(|s| s.by_seq.keys().next_back().copied()).unwrap_or(0)),
+                    stored: check
+                        .keys
+                        .iter()
+                        .filter_map(|key| {
+                            let seq = *stored?.by_key.get(key)?;
+                            Some((key.clone(), StoredSend { seq, server_time_ms: 0 }))
+                        })
+                        .collect(),
+                    ..CheckResult::default()
+                };
+                let (outcomes, next) = seq.checked(check.conversation, result, NOW_MS);
+                for outcome in outcomes {
+                    match outcome {
+                        Outcome::Assigned(a) => assigned.entry(check.conversation).or_default().push_back((
+                            a.record.seq,
+                            (a.record.sender_device, a.record.client_msg_id),
+                            a.reply,
+                        )),
+                        Outcome::Duplicate { stored, reply, .. } => answer(answers, reply, Some(stored.seq)),
+                        Outcome::Refused { reply, .. } => answer(answers, reply, None),
+                    }
+                }
+                checks.extend(next);
+            };
+            for step in 0..rng.random_range(1..120) {
+                match rng.random_range(0..3) {
+                    0 => {
+                        let reply = step;
+                        let mut sent = append(rng.random_range(2..4), &format!("m{}", rng.random_range(0..6)));
+                        sent.sender_device = DeviceId::new(rng.random_range(1..3)).unwrap();
+                        asked.insert(reply, (sent.conversation, sent.key()));
+                        match seq.submit(sent, reply) {
+                            Admission::Check(check) => checks.push(check),
+                            Admission::Queued => {}
+                            Admission::Overloaded(_, reply) => answer(&mut answers, reply, None),
+                        }
+                    }
+                    1 if !checks.is_empty() => {
+                        let check = checks.swap_remove(rng.random_range(0..checks.len()));
+                        run_check(&mut seq, &store, check, &mut checks, &mut assigned, &mut answers);
+                    }
+                    _ => {
+                        let Some((&id, queue)) = assigned.iter_mut().find(|(_, queue)| !queue.is_empty()) else {
+                            continue;
+                        };
+                        let batch: Vec<_> = queue.drain(..rng.random_range(1..=queue.len())).collect();
+                        let succeeded = rng.random_bool(0.7);
+                        let stored = succeeded || rng.random_bool(0.5);
+                        if stored {
+                            let conversation = store.entry(id).or_default();
+                            for (at, key, _) in &batch {
+                                assert!(
+                                    conversation.by_seq.insert(*at, key.clone()).is_none(),
+                                    "round {round}: seq {at} reused"
+                                );
+                                assert!(
+                                    conversation.by_key.insert(key.clone(), *at).is_none(),
+                                    "round {round}: {key:?} stored twice"
+                                );
+                            }
+                        }
+                        let later: Vec<_> = if succeeded {
+                            Vec::new()
+                        } else {
+                            queue.drain(..).collect()
+                        };
+                        for (at, key, reply) in batch.into_iter().chain(later) {
+                            let (joined, result) = match succeeded {
+                                true => (seq.committed(id, &key), Some(at)),
+                                false => (seq.commit_failed(id, &key), None),
+                            };
+                            for reply in std::iter::once(reply).chain(joined) {
+                                answer(&mut answers, reply, result);
+                            }
+                        }
+                    }
+                }
+            }
+            // Quiesce: every check runs and every commit succeeds.
+            while !checks.is_empty() || assigned.values().any(|queue| !queue.is_empty()) {
+                if let Some(check) = checks.pop() {
+                    run_check(&mut seq, &store, check, &mut checks, &mut assigned, &mut answers);
+                    continue;
+                }
+                for (&id, queue) in assigned.iter_mut() {
+                    for (at, key, reply) in queue.drain(..) {
+                        let conversation = store.entry(id).or_default();
+                        assert!(
+                            conversation.by_seq.insert(at, key.clone()).is_none(),
+                            "round {round}: seq {at} reused"
+                        );
+                        assert!(
+                            conversation.by_key.insert(key.clone(), at).is_none(),
+                            "round {round}: {key:?} stored twice"
+                        );
+                        for reply in std::iter::once(reply).chain(seq.committed(id, &key)) {
+                            answer(&mut answers, reply, Some(at));
+                        }
+                    }
+                }
+            }
+            assert_eq!(
+                answers.len(),
+                asked.len(),
+                "round {round}: an append was never answered"
+            );
+            for (reply, result) in &answers {
+                let (id, key) = &asked[reply];
+                if let Some(acked) = result {
+                    let stored = store.get(id).and_then(|conversation| conversation.by_key.get(key));
+                    assert_eq!(stored, Some(acked), "round {round}: {key:?} acked as {acked}");
+                }
+            }
+            for (id, conversation) in &store {
+                let seqs: Vec<Seq> = conversation.by_seq.keys().copied().collect();
+                assert_eq!(
+                    seqs,
+                    (1..=seqs.len() as Seq).collect::<Vec<_>>(),
+                    "round {round}: a gap in {id}"
+                );
+            }
+        }
+    }
 }
