@@ -720,6 +720,18 @@ mod tests {
             by_seq: BTreeMap<Seq, SendKey>,
             by_key: HashMap<SendKey, Seq>,
         }
+        impl Stored {
+            fn insert(&mut self, at: Seq, key: &SendKey, round: u32) {
+                assert!(
+                    self.by_seq.insert(at, key.clone()).is_none(),
+                    "round {round}: seq {at} reused"
+                );
+                assert!(
+                    self.by_key.insert(key.clone(), at).is_none(),
+                    "round {round}: {key:?} stored twice"
+                );
+            }
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for round in 0..2_000 {
             let mut seq = sequencer(rng.random_range(4..64), 1);
@@ -796,14 +808,7 @@ mod tests {
                         if stored {
                             let conversation = store.entry(id).or_default();
                             for (at, key, _) in &batch {
-                                assert!(
-                                    conversation.by_seq.insert(*at, key.clone()).is_none(),
-                                    "round {round}: seq {at} reused"
-                                );
-                                assert!(
-                                    conversation.by_key.insert(key.clone(), *at).is_none(),
-                                    "round {round}: {key:?} stored twice"
-                                );
+                                conversation.insert(*at, key, round);
                             }
                         }
                         let later: Vec<_> = if succeeded {
@@ -831,15 +836,7 @@ mod tests {
                 }
                 for (&id, queue) in assigned.iter_mut() {
                     for (at, key, reply) in queue.drain(..) {
-                        let conversation = store.entry(id).or_default();
-                        assert!(
-                            conversation.by_seq.insert(at, key.clone()).is_none(),
-                            "round {round}: seq {at} reused"
-                        );
-                        assert!(
-                            conversation.by_key.insert(key.clone(), at).is_none(),
-                            "round {round}: {key:?} stored twice"
-                        );
+                        store.entry(id).or_default().insert(at, &key, round);
                         for reply in std::iter::once(reply).chain(seq.committed(id, &key)) {
                             answer(&mut answers, reply, Some(at));
                         }
