@@ -122,6 +122,7 @@ pub struct ProtocolConfig {
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     pub outbound_queue_frames: usize,
+    pub outbound_queue_bytes: usize,
     pub max_in_flight_requests: usize,
     pub max_auth_failures: u32,
     pub max_replay_messages: usize,
@@ -410,6 +411,12 @@ impl Config {
             return invalid(
                 "protocol.outbound_queue_frames",
                 "must be larger than protocol.max_in_flight_requests, so replies cannot crowd out pushes",
+            );
+        }
+        if self.protocol.outbound_queue_bytes < 2 * self.protocol.max_frame_bytes {
+            return invalid(
+                "protocol.outbound_queue_bytes",
+                "must be at least twice protocol.max_frame_bytes, so a reply of a full frame fits beside pushes",
             );
         }
         if self.tls.mode == TlsMode::Files

@@ -202,3 +202,141 @@ async fn send_burst(client: &confab_client::Client, to: u64, prefix: &str, count
     }
     count - refused.len()
 }
+
+/// Pages read ahead of a peer that reads nothing used to pile up: one connection
+/// that pipelined History requests for 240 KB pages, or resumed from the start,
+/// held ~300 MB (its queue's 1 024 frames, plus a page per request in flight, plus
+/// the whole replay). Now a connection's queue holds at most
+/// `protocol.outbound_queue_bytes` (plus a frame), a page is read only once room
+/// for it is reserved, and a replay is read in chunks that fit the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
+    use confab_client::proto::{ClientFrame, ConversationRef, History, Resume, conversation_ref::Target};
+    use tokio::io::AsyncWriteExt as _;
+    const QUEUE_BYTES: f64 = 1024.0 * 1024.0;
+    const FRAME_BYTES: f64 = 256.0 * 1024.0;
+    const MESSAGES: usize = 100;
+    const HOARDERS: usize = 8;
+    let mut node = TestServer::start_with(
+        1,
+        &[
+            ("CONFAB_METRICS__LISTEN", "127.0.0.1:0"),
+            ("CONFAB_STORE__DURABILITY", "buffered"),
+        ],
+    )
+    .await;
+    let metrics = node.server.as_ref().unwrap().metrics_addr().unwrap();
+    let tcp = confab_client::Endpoint::tcp(node.tcp);
+    let (alice, login, _) = new_user(tcp, "hoard").await;
+    // 6 MB in one conversation: a History page holds four of these.
+    let body = "y".repeat(60_000);
+    let ids: Vec<String> = (0..MESSAGES).map(|i| format!("h{i}")).collect();
+    let sends = ids.iter().map(|id| alice.send_direct(login.user_id, id, &body));
+    for ack in futures::future::join_all(sends).await {
+        ack.unwrap();
+    }
+    let token = login.tokens.unwrap().access_token;
+    let rss_before = resident_bytes();
+
+    let mut hoarders = Vec::new();
+    for i in 0..HOARDERS {
+        let mut raw = RawConnection::connect(node.tcp).await;
+        raw.hello(ProtocolVersion::V1 as i32).await;
+        // Half resume from the start and never read the replay.
+        let resume = (i % 2 == 1).then(Resume::default);
+        let resumes = resume.is_some();
+        raw.send(
+            2,
+            Kind::Authenticate(Authenticate {
+                access_token: token.clone(),
+                resume,
+            }),
+        )
+        .await;
+        if resumes {
+            hoarders.push(raw.into_stream());
+            continue;
+        }
+        let reply = raw.recv().await.unwrap();
+        assert!(
+            matches!(reply.kind, Some(server_frame::Kind::Authenticated(_))),
+            "{reply:?}"
+        );
+        // The others ask for page after page until the server stops reading.
+        let history = ClientFrame {
+            request_id: 3,
+            kind: Some(Kind::History(History {
+                conversation: Some(ConversationRef {
+                    target: Some(Target::DirectUserId(login.user_id)),
+                }),
+                before_seq: None,
+                after_seq: None,
+                limit: 200,
+            })),
+        };
+        let bytes = confab_proto::encode_frame(&history);
+        let mut stream = raw.into_stream();
+        for _ in 0..1500 {
+            if tokio::time::timeout(Duration::from_millis(100), stream.write_all(&bytes))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        hoarders.push(stream);
+    }
+
+    // The queues fill, then stay as they are (gauges are sampled once a second).
+    let (total, fullest) = within(Duration::from_secs(30), async {
+        let mut last = 0.0;
+        loop {
+            let body = common::scrape(metrics).await;
+            let total = common::sample(&body, "confab_outbound_bytes{shard=\"0\"}").unwrap_or(0.0);
+            let fullest = common::sample(&body, "confab_outbound_bytes_max{shard=\"0\"}").unwrap_or(0.0);
+            if total >= HOARDERS as f64 * FRAME_BYTES && total == last {
+                return (total, fullest);
+            }
+            last = total;
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    })
+    .await;
+    assert!(
+        fullest <= QUEUE_BYTES + FRAME_BYTES,
+        "a queue holds {fullest} bytes (all {HOARDERS}: {total})"
+    );
+    let grown = resident_bytes().saturating_sub(rss_before);
+    assert!(grown < 200 << 20, "the node grew by {} MB", grown >> 20);
+
+    // A resumed hoarder that starts reading gets every message, then the reply.
+    let mut late = RawConnection::from_stream(hoarders.swap_remove(1));
+    for seq in 1..=MESSAGES as u64 {
+        let frame = late.recv().await.unwrap();
+        match frame.kind {
+            Some(server_frame::Kind::Message(message)) => assert_eq!(message.seq, seq),
+            other => panic!("expected message {seq}, got {other:?}"),
+        }
+    }
+    match late.recv().await.unwrap().kind {
+        Some(server_frame::Kind::Authenticated(reply)) => {
+            assert!(reply.recovered);
+            assert_eq!(reply.replayed, MESSAGES as u32);
+        }
+        other => panic!("expected Authenticated, got {other:?}"),
+    }
+    common::server_still_serves(tcp).await;
+    drop(hoarders);
+    node.shutdown().await;
+}
+
+/// This process's resident memory.
+fn resident_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .unwrap();
+    kib * 1024
+}

@@ -435,6 +435,7 @@ async fn a_resumed_device_that_reads_late_keeps_its_session() {
         &[
             ("CONFAB_STORE__DURABILITY", "buffered"),
             ("CONFAB_PROTOCOL__OUTBOUND_QUEUE_FRAMES", "20"),
+            ("CONFAB_PROTOCOL__OUTBOUND_QUEUE_BYTES", "67108864"),
             ("CONFAB_PROTOCOL__MAX_IN_FLIGHT_REQUESTS", "4"),
             ("CONFAB_PROTOCOL__MAX_REPLAY_MESSAGES", "16"),
             ("CONFAB_PROTOCOL__MAX_FRAME_BYTES", "2097152"),

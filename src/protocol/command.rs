@@ -119,4 +119,13 @@ impl Command {
                 | Self::UnsubscribePresence { .. }
         )
     }
+
+    /// Commands answered with a page read from the store, as large as a frame:
+    /// what a connection may have in flight of them is bounded by bytes.
+    pub fn is_paged(&self) -> bool {
+        matches!(
+            self,
+            Self::History { .. } | Self::Sync { .. } | Self::ListConversations { .. } | Self::ListMembers { .. }
+        )
+    }
 }

@@ -16,7 +16,7 @@
 
 use super::Shard;
 use super::mesh::{AppendReply, ShardMsg};
-use super::outbound::{Outbound, Refused};
+use super::outbound::{Outbound, Refused, Reservation};
 use super::sessions::{Kick, Replay, SessionHandle};
 use super::{catch_up, presence};
 use crate::auth::{AuthError, Grant};
@@ -151,7 +151,14 @@ struct Connection {
     peer: SocketAddr,
 }
 
-type Reply = LocalBoxFuture<'static, ServerFrame>;
+/// A pipelined request's reply, when it resolves.
+type Reply = LocalBoxFuture<'static, Answer>;
+
+/// A reply frame and the queue room it was promised, given back once it is queued.
+struct Answer {
+    frame: ServerFrame,
+    _room: Option<Reservation>,
+}
 
 /// Whether the connection goes on after a step.
 enum Flow {
@@ -176,7 +183,7 @@ impl Connection {
                     self.send_best_effort(reason);
                     Flow::Close(if slow { Closed::SlowConsumer } else { Closed::Kicked })
                 }
-                Some(reply) = in_flight.next(), if !in_flight.is_empty() => self.send(&reply).await,
+                Some(answer) = in_flight.next(), if !in_flight.is_empty() => self.send(&answer.frame).await,
                 inbound = source.next(), if in_flight.len() < max_in_flight => match inbound {
                     Ok(Some(Inbound::Frame(payload))) => Box::pin(self.on_payload(payload, &mut in_flight)).await,
                     Ok(Some(Inbound::Alive)) => {
@@ -238,8 +245,35 @@ impl Connection {
         }
     }
 
-    /// Starts a pipelined command; its reply resolves later.
-    async fn start(&self, Request { id, command }: Request) -> Reply {
+    /// Starts a pipelined command; its reply resolves later. A command that
+    /// answers with a page of unknown size (up to a frame) reads the store only
+    /// once the outbound queue has room reserved for it, so a peer that pipelines
+    /// page requests and does not read holds no more than its queue's worth.
+    async fn start(&self, request: Request) -> Reply {
+        let paged = request.command.is_paged();
+        let reply = self.execute(request).await;
+        if !paged {
+            return Box::pin(async move {
+                Answer {
+                    frame: reply.await,
+                    _room: None,
+                }
+            });
+        }
+        let outbound = self.outbound.clone();
+        let bytes = self.shard.limits.max_frame_bytes;
+        Box::pin(async move {
+            let room = outbound.reserve(bytes).await;
+            Answer {
+                frame: reply.await,
+                _room: Some(room),
+            }
+        })
+    }
+
+    /// What a pipelined command does; nothing runs until the future is polled,
+    /// except handing a message over to its owner (in frame order).
+    async fn execute(&self, Request { id, command }: Request) -> LocalBoxFuture<'static, ServerFrame> {
         let shard = self.shard.clone();
         match command {
             Command::Append(append) => {
@@ -489,7 +523,7 @@ impl Connection {
                 Err(err) => Err(err),
             },
             pipelined => {
-                let reply = self.start(Request { id, command: pipelined }).await.await;
+                let reply = self.execute(Request { id, command: pipelined }).await.await;
                 return self.send(&reply).await;
             }
         };
@@ -580,25 +614,10 @@ impl Connection {
         cursors: Cursors,
         replay: &RefCell<Replay>,
     ) -> Flow {
-        let limit = self.shard.config.protocol.max_replay_messages;
-        let cursors = match catch_up::catch_up(&self.shard, user, cursors.clone(), limit, usize::MAX).await {
-            Ok(replayed) => {
-                let messages = replayed.conversations.into_iter().flat_map(|state| state.messages);
-                for message in messages {
-                    let flow = self.send(&push_frame(Kind::Message(message))).await;
-                    if !matches!(flow, Flow::Continue) {
-                        return flow;
-                    }
-                    reply.replayed += 1;
-                }
-                reply.recovered = !replayed.has_more;
-                replayed.cursors
-            }
-            Err(err) => {
-                tracing::error!(peer = %self.peer, error = %err, "replay failed; the device must sync");
-                cursors
-            }
-        };
+        let (cursors, flow) = self.replay(&mut reply, user, cursors).await;
+        if !matches!(flow, Flow::Continue) {
+            return flow;
+        }
         // The replay stays open until the reply has room: live pushes that
         // overflow the hold meanwhile only make the reply say recovered =
         // false, where after the replay closes they would close the session
@@ -624,13 +643,12 @@ impl Connection {
         // it nearly full, and live pushes that arrive before the writer has run
         // would otherwise close the session that has just caught up as a slow
         // consumer.
-        let headroom = self.outbound.capacity() / 2;
         loop {
             let next = replay.borrow_mut().next_held();
             let flow = match next {
                 Some(frame) => self.send_encoded(frame).await,
                 None => {
-                    let flow = self.patiently(self.outbound.drained_to(headroom)).await;
+                    let flow = self.patiently(self.outbound.half_empty()).await;
                     if matches!(flow, Flow::Continue) && replay.borrow_mut().go_live() {
                         return Flow::Continue;
                     }
@@ -639,6 +657,43 @@ impl Connection {
             };
             if !matches!(flow, Flow::Continue) {
                 return flow;
+            }
+        }
+    }
+
+    /// Sends what the device at `cursors` missed, up to `max_replay_messages`,
+    /// read in chunks of at most the replies' share of the outbound queue, so a
+    /// resuming peer that does not read holds no more than that. Returns the
+    /// cursors the device has reached; `reply` counts the messages and says
+    /// whether they were all there was.
+    async fn replay(&self, reply: &mut v1::Authenticated, user: UserId, mut cursors: Cursors) -> (Cursors, Flow) {
+        let limit = self.shard.config.protocol.max_replay_messages;
+        let chunk_bytes = self.outbound.reply_bytes();
+        loop {
+            let remaining = limit.saturating_sub(reply.replayed as usize);
+            let chunk = match catch_up::catch_up(&self.shard, user, cursors.clone(), remaining, chunk_bytes).await {
+                Ok(chunk) => chunk,
+                Err(err) => {
+                    tracing::error!(peer = %self.peer, error = %err, "replay failed; the device must sync");
+                    reply.recovered = false;
+                    return (cursors, Flow::Continue);
+                }
+            };
+            let mut sent: u32 = 0;
+            for message in chunk.conversations.into_iter().flat_map(|state| state.messages) {
+                let flow = self.send(&push_frame(Kind::Message(message))).await;
+                if !matches!(flow, Flow::Continue) {
+                    return (cursors, flow);
+                }
+                sent += 1;
+            }
+            reply.replayed += sent;
+            cursors = chunk.cursors;
+            // More remains either past this chunk's bytes (go on) or past the
+            // limit (the device syncs for the rest).
+            if !chunk.has_more || sent == 0 || reply.replayed as usize >= limit {
+                reply.recovered = !chunk.has_more;
+                return (cursors, Flow::Continue);
             }
         }
     }
@@ -690,8 +745,8 @@ impl Connection {
     async fn going_away(&mut self, mut in_flight: FuturesUnordered<Reply>) -> Flow {
         let grace = self.shard.config.server.shutdown_grace;
         let finish = async {
-            while let Some(reply) = in_flight.next().await {
-                if !matches!(self.send(&reply).await, Flow::Continue) {
+            while let Some(answer) = in_flight.next().await {
+                if !matches!(self.send(&answer.frame).await, Flow::Continue) {
                     break;
                 }
             }

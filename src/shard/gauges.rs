@@ -14,6 +14,8 @@ pub(super) async fn run(shard: Rc<Shard>) {
     let commits = gauge!("confab_commit_queue", "shard" => label.clone());
     let frames = gauge!("confab_outbound_frames", "shard" => label.clone());
     let longest = gauge!("confab_outbound_frames_max", "shard" => label.clone());
+    let bytes = gauge!("confab_outbound_bytes", "shard" => label.clone());
+    let fullest = gauge!("confab_outbound_bytes_max", "shard" => label.clone());
     let connections = gauge!("confab_connections", "shard" => label);
     let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -27,6 +29,8 @@ pub(super) async fn run(shard: Rc<Shard>) {
         let depths = shard.sessions.borrow().depths();
         frames.set(depths.frames as f64);
         longest.set(depths.longest as f64);
+        bytes.set(depths.bytes as f64);
+        fullest.set(depths.fullest as f64);
         connections.set(depths.sessions as f64);
     }
 }

@@ -5,6 +5,15 @@
 //! bounded, and holding no allocation while empty, so an idle connection costs
 //! only the handle. A tokio `mpsc` channel would allocate a block of slots up front
 //! for every connection.
+//!
+//! Bounded twice: in frames and in bytes, so a peer that stops reading holds at
+//! most `max_bytes` (plus one frame) whatever the frames' sizes. Pushes may fill
+//! the whole queue; beyond it the session is a slow consumer. Replies (and a
+//! resume's replay) wait while it holds more than half, so a peer that pipelines
+//! requests and reads slowly gets back-pressure, not a disconnect, and cannot
+//! crowd out pushes. A reply whose size is not known before it is read from the
+//! store (a page) first reserves room within that half: a connection reads at
+//! most half a queue of pages ahead of its peer.
 
 use super::Closed;
 use bytes::Bytes;
@@ -30,20 +39,57 @@ pub struct Outbound(Rc<Queue>);
 struct Queue {
     frames: RefCell<VecDeque<Bytes>>,
     capacity: usize,
+    /// Bytes of the frames queued now.
+    bytes: Cell<usize>,
+    max_bytes: usize,
+    /// Bytes promised to replies still being read (see [`Outbound::reserve`]).
+    reserved: Cell<usize>,
     closed: Cell<bool>,
     /// Why the connection ended, once it has: transports turn it into a close code.
     ended: Cell<Option<Closed>>,
     /// Wakes the writer when a frame arrives or the queue closes.
     filled: Notify,
-    /// Wakes a sender waiting for room.
+    /// Wakes everyone waiting for room (senders, reservations).
     drained: Notify,
 }
 
+/// Room promised to a reply being prepared; given back when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    queue: Rc<Queue>,
+    bytes: usize,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.queue.reserved.set(self.queue.reserved.get() - self.bytes);
+        self.queue.drained.notify_waiters();
+    }
+}
+
+impl Queue {
+    /// Whether a frame of `len` bytes fits while at most `share` bytes may be
+    /// queued. An empty queue takes any frame, so every frame can pass.
+    fn fits(&self, len: usize, share: usize) -> bool {
+        let bytes = self.bytes.get();
+        self.frames.borrow().len() < self.capacity && (bytes == 0 || bytes + len <= share)
+    }
+
+    /// The share of the bytes replies may fill.
+    fn reply_share(&self) -> usize {
+        self.max_bytes / 2
+    }
+}
+
 impl Outbound {
-    pub fn new(capacity: usize) -> Self {
+    /// A queue of at most `capacity` frames and `max_bytes` bytes.
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
         Self(Rc::new(Queue {
             frames: RefCell::new(VecDeque::new()),
             capacity,
+            bytes: Cell::new(0),
+            max_bytes,
+            reserved: Cell::new(0),
             closed: Cell::new(false),
             ended: Cell::new(None),
             filled: Notify::new(),
@@ -51,60 +97,94 @@ impl Outbound {
         }))
     }
 
-    /// Queues a frame if there is room.
+    /// Queues a push if there is room.
     pub fn try_send(&self, frame: Bytes) -> Result<(), Refused> {
         if self.0.closed.get() {
             return Err(Refused::Closed);
         }
-        let mut frames = self.0.frames.borrow_mut();
-        if frames.len() >= self.0.capacity {
+        if !self.0.fits(frame.len(), self.0.max_bytes) {
             return Err(Refused::Full);
         }
-        frames.push_back(frame);
-        self.0.filled.notify_one();
+        self.push(frame);
         Ok(())
     }
 
-    /// Queues a frame, waiting for room.
+    fn push(&self, frame: Bytes) {
+        self.0.bytes.set(self.0.bytes.get() + frame.len());
+        self.0.frames.borrow_mut().push_back(frame);
+        self.0.filled.notify_one();
+    }
+
+    /// Queues a reply, waiting until the queue is at most half full.
     pub async fn send(&self, frame: Bytes) -> Result<(), Refused> {
-        loop {
-            let drained = self.0.drained.notified();
-            match self.try_send(frame.clone()) {
-                Err(Refused::Full) => drained.await,
-                done => return done,
-            }
+        let share = self.0.reply_share();
+        self.wait_until(|queue| queue.fits(frame.len(), share)).await?;
+        self.push(frame);
+        Ok(())
+    }
+
+    /// Waits until the queue is at most half full (or closes). On the shard's
+    /// single thread, nothing else queues until the waiter's next `await`, so a
+    /// `try_send` right after it succeeds.
+    pub async fn room(&self) -> Result<(), Refused> {
+        let share = self.0.reply_share();
+        self.wait_until(|queue| queue.fits(0, share)).await
+    }
+
+    /// Waits until the queue holds at most half its frames and half its bytes
+    /// (or closes).
+    pub async fn half_empty(&self) -> Result<(), Refused> {
+        self.wait_until(|queue| {
+            queue.frames.borrow().len() <= queue.capacity / 2 && queue.bytes.get() <= queue.reply_share()
+        })
+        .await
+    }
+
+    /// Waits until `bytes` more fit in the replies' half beside what is queued
+    /// and reserved (any amount fits when nothing is reserved), and reserves
+    /// them. A closed queue reserves nothing at once: the reply is not sent.
+    pub async fn reserve(&self, bytes: usize) -> Reservation {
+        let share = self.0.reply_share();
+        let waited = self
+            .wait_until(|queue| {
+                let reserved = queue.reserved.get();
+                reserved == 0 || queue.bytes.get() + reserved + bytes <= share
+            })
+            .await;
+        let bytes = if waited.is_ok() { bytes } else { 0 };
+        self.0.reserved.set(self.0.reserved.get() + bytes);
+        Reservation {
+            queue: self.0.clone(),
+            bytes,
         }
     }
 
-    /// Waits until a frame fits (or the queue closes). On the shard's single
-    /// thread, nothing else queues until the waiter's next `await`, so a
-    /// `try_send` right after it succeeds.
-    pub async fn room(&self) -> Result<(), Refused> {
-        self.drained_to(self.0.capacity.saturating_sub(1)).await
-    }
-
-    /// Waits until at most `frames` are queued (or the queue closes).
-    pub async fn drained_to(&self, frames: usize) -> Result<(), Refused> {
+    async fn wait_until(&self, ready: impl Fn(&Queue) -> bool) -> Result<(), Refused> {
         loop {
             let drained = self.0.drained.notified();
             if self.0.closed.get() {
                 return Err(Refused::Closed);
             }
-            if self.0.frames.borrow().len() <= frames {
+            if ready(&self.0) {
                 return Ok(());
             }
             drained.await;
         }
     }
 
-    /// How many frames the queue takes.
-    pub fn capacity(&self) -> usize {
-        self.0.capacity
-    }
-
     /// Frames queued now.
     pub fn queued(&self) -> usize {
         self.0.frames.borrow().len()
+    }
+
+    /// Bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        self.0.bytes.get()
+    }
+
+    /// The most bytes a reply (or a replay's chunk) should take: the replies' half.
+    pub fn reply_bytes(&self) -> usize {
+        self.0.reply_share()
     }
 
     /// The next frame; `None` once the queue is closed and empty.
@@ -129,7 +209,9 @@ impl Outbound {
             // Idle connections hold no buffer.
             *frames = VecDeque::new();
         }
-        self.0.drained.notify_one();
+        drop(frames);
+        self.0.bytes.set(self.0.bytes.get() - frame.len());
+        self.0.drained.notify_waiters();
         Some(frame)
     }
 
@@ -159,7 +241,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_flow_in_order_within_capacity_and_close_drains() {
-        let queue = Outbound::new(2);
+        let queue = Outbound::new(2, usize::MAX);
         queue.try_send(Bytes::from_static(b"a")).unwrap();
         queue.try_send(Bytes::from_static(b"b")).unwrap();
         assert_eq!(queue.try_send(Bytes::from_static(b"c")), Err(Refused::Full));
@@ -177,7 +259,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let queue = Outbound::new(1);
+                let queue = Outbound::new(1, usize::MAX);
                 queue.try_send(Bytes::from_static(b"a")).unwrap();
                 let sender = queue.clone();
                 let waiting = tokio::task::spawn_local(async move { sender.send(Bytes::from_static(b"b")).await });
@@ -195,7 +277,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let queue = Outbound::new(1);
+                let queue = Outbound::new(1, usize::MAX);
                 queue.room().await.unwrap();
                 queue.try_send(Bytes::from_static(b"a")).unwrap();
                 let waiter = queue.clone();
@@ -214,22 +296,81 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn drained_to_waits_until_the_writer_took_enough() {
+    async fn half_empty_waits_until_the_writer_took_enough() {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let queue = Outbound::new(4);
+                let queue = Outbound::new(4, usize::MAX);
                 for frame in [b"a", b"b", b"c"] {
                     queue.try_send(Bytes::from_static(frame)).unwrap();
                 }
                 let waiter = queue.clone();
-                let waiting = tokio::task::spawn_local(async move { waiter.drained_to(1).await });
+                let waiting = tokio::task::spawn_local(async move { waiter.half_empty().await });
                 tokio::task::yield_now().await;
+                assert!(!waiting.is_finished(), "three of four frames are queued");
                 assert_eq!(queue.recv().await.unwrap(), Bytes::from_static(b"a"));
-                tokio::task::yield_now().await;
-                assert!(!waiting.is_finished(), "two frames are still queued");
-                assert_eq!(queue.recv().await.unwrap(), Bytes::from_static(b"b"));
                 waiting.await.unwrap().unwrap();
+            })
+            .await;
+    }
+
+    fn frame(len: usize) -> Bytes {
+        Bytes::from(vec![0u8; len])
+    }
+
+    #[test]
+    fn pushes_fill_the_bytes_and_one_frame_always_fits_an_empty_queue() {
+        let queue = Outbound::new(100, 1000);
+        queue.try_send(frame(600)).unwrap();
+        queue.try_send(frame(400)).unwrap();
+        assert_eq!(queue.try_send(frame(1)), Err(Refused::Full));
+        assert_eq!(queue.queued_bytes(), 1000);
+        queue.try_recv().unwrap();
+        queue.try_recv().unwrap();
+        assert_eq!(queue.queued_bytes(), 0);
+        queue.try_send(frame(5000)).unwrap();
+        assert_eq!(queue.try_send(frame(1)), Err(Refused::Full));
+    }
+
+    #[tokio::test]
+    async fn replies_wait_while_the_queue_holds_more_than_half_its_bytes() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let queue = Outbound::new(100, 1000);
+                queue.send(frame(300)).await.unwrap();
+                queue.try_send(frame(300)).unwrap();
+                let sender = queue.clone();
+                let waiting = tokio::task::spawn_local(async move { sender.send(frame(200)).await });
+                tokio::task::yield_now().await;
+                assert!(!waiting.is_finished(), "600 bytes queued: over the replies' half");
+                queue.try_recv().unwrap();
+                waiting.await.unwrap().unwrap();
+                assert_eq!(queue.queued_bytes(), 500);
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn reservations_share_the_replies_half_and_give_it_back_when_dropped() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let queue = Outbound::new(100, 1000);
+                let first = queue.reserve(300).await;
+                let second = queue.reserve(200).await;
+                let reserver = queue.clone();
+                let waiting = tokio::task::spawn_local(async move { reserver.reserve(300).await.bytes });
+                tokio::task::yield_now().await;
+                assert!(!waiting.is_finished(), "500 of the 500 bytes are reserved");
+                drop(first);
+                assert_eq!(waiting.await.unwrap(), 300);
+                drop(second);
+                // Nothing reserved: a reservation larger than the half still goes.
+                let large = queue.reserve(5000).await;
+                assert_eq!(large.bytes, 5000);
+                queue.close();
+                assert_eq!(queue.reserve(10).await.bytes, 0, "a closed queue reserves nothing");
             })
             .await;
     }

@@ -36,7 +36,8 @@ pub async fn run_connection<W>(
 where
     W: Future<Output = ()> + 'static,
 {
-    let outbound = Outbound::new(shard.config.protocol.outbound_queue_frames);
+    let protocol = &shard.config.protocol;
+    let outbound = Outbound::new(protocol.outbound_queue_frames, protocol.outbound_queue_bytes);
     let writer = tokio::task::spawn_local(writer(outbound.clone()));
     let closed = crate::shard::run_connection(shard, source, outbound.clone(), peer).await;
     outbound.end(closed);

@@ -429,3 +429,24 @@ pub async fn server_still_serves(addr: confab_client::Endpoint) {
     let message = within(Duration::from_secs(10), bob.next_message()).await.unwrap();
     assert_eq!((message.seq, message.body.as_str()), (ack.seq, "still up"));
 }
+
+/// The body of a scrape of the Prometheus endpoint at `addr`.
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: confab\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// The value of the sample named exactly `series` (name and labels).
+pub fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
