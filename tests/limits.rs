@@ -203,6 +203,51 @@ async fn send_burst(client: &confab_client::Client, to: u64, prefix: &str, count
     count - refused.len()
 }
 
+/// Reads cost the node store reads for a few bytes of request; a device and a
+/// user each have a read rate, and beyond it a read is answered RATE_LIMITED and
+/// the connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_beyond_a_devices_or_users_rate_are_refused_and_the_connection_stays() {
+    let mut node = TestServer::start_with(
+        1,
+        &[
+            ("CONFAB_LIMITS__READ_RATE_PER_DEVICE", "0.5"),
+            ("CONFAB_LIMITS__READ_BURST_PER_DEVICE", "20"),
+            ("CONFAB_LIMITS__READ_RATE_PER_USER", "0.5"),
+            ("CONFAB_LIMITS__READ_BURST_PER_USER", "30"),
+        ],
+    )
+    .await;
+    let (laptop, _, name) = new_user(node.addr, "reads").await;
+    let (phone, _) = second_device(node.addr, &name).await;
+    // The laptop's burst of 20, then its rate; the phone has a burst of its
+    // own, but the user's (30) has 10 left.
+    assert_eq!(read_burst(&laptop, &name, 25).await, 20);
+    assert_eq!(read_burst(&phone, &name, 25).await, 10);
+    // Sends are not reads.
+    let (_, bob_login, _) = new_user(node.addr, "reads").await;
+    laptop.send_direct(bob_login.user_id, "m1", "hi").await.unwrap();
+    within(Duration::from_secs(10), async {
+        while laptop.user(&name).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    node.shutdown().await;
+}
+
+/// Looks `name` up `count` times at once; returns how many were answered. The
+/// others must be RATE_LIMITED, saying when to retry.
+async fn read_burst(client: &confab_client::Client, name: &str, count: usize) -> usize {
+    let results = futures::future::join_all((0..count).map(|_| client.user(name))).await;
+    let refused: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    for err in &refused {
+        assert_eq!(err.code(), Some(ErrorCode::RateLimited), "{err}");
+        assert!(err.to_string().contains("retry in"), "{err}");
+    }
+    count - refused.len()
+}
+
 /// Pages read ahead of a peer that reads nothing used to pile up: one connection
 /// that pipelined History requests for 240 KB pages, or resumed from the start,
 /// held ~300 MB (its queue's 1 024 frames, plus a page per request in flight, plus

@@ -120,6 +120,12 @@ impl Command {
         )
     }
 
+    /// Commands that only read: limited by the read rates, since each costs
+    /// store reads (up to a page of them) for a few bytes of request.
+    pub fn is_read(&self) -> bool {
+        self.is_paged() || matches!(self, Self::GetUser { .. } | Self::SubscribePresence { .. })
+    }
+
     /// Commands answered with a page read from the store, as large as a frame:
     /// what a connection may have in flight of them is bounded by bytes.
     pub fn is_paged(&self) -> bool {

@@ -46,6 +46,8 @@ pub struct SessionLimits {
     pub max_presence_subscriptions: usize,
     /// Messages (sends, edits, deletes, group changes) one connection may send.
     pub send_rate: Rate,
+    /// Reads ([`Command::is_read`]) one connection may make.
+    pub read_rate: Rate,
 }
 
 impl SessionLimits {
@@ -66,6 +68,10 @@ impl SessionLimits {
             send_rate: Rate {
                 per_second: config.limits.send_rate_per_device,
                 burst: config.limits.send_burst_per_device,
+            },
+            read_rate: Rate {
+                per_second: config.limits.read_rate_per_device,
+                burst: config.limits.read_burst_per_device,
             },
         }
     }
@@ -102,6 +108,8 @@ pub struct Session {
     group_ids: GroupIds,
     /// This connection's share of messages.
     sends: TokenBucket,
+    /// This connection's share of reads.
+    reads: TokenBucket,
     /// When this device last sent typing to each conversation, and what.
     typing_sent: HashMap<ConversationId, (Instant, bool)>,
 }
@@ -121,6 +129,7 @@ impl Session {
             identity: None,
             access_expires_at: None,
             sends: TokenBucket::new(limits.send_rate, now),
+            reads: TokenBucket::new(limits.read_rate, now),
             limits,
             opened_at: now,
             last_heard: now,
@@ -157,10 +166,13 @@ impl Session {
                 request_id,
                 kind: Some(kind),
             }),
-            Ok(Parsed::Run(command)) => Step::Run(Request {
-                id: request_id,
-                command,
-            }),
+            Ok(Parsed::Run(command)) => match self.charge_read(&command, now) {
+                Ok(()) => Step::Run(Request {
+                    id: request_id,
+                    command,
+                }),
+                Err(Rejection(code, message)) => Step::Reply(error_frame(request_id, code, message)),
+            },
             Err(Rejection(code, message)) => Step::Reply(error_frame(request_id, code, message)),
         }
     }
@@ -514,6 +526,22 @@ impl Session {
         })
     }
 
+    /// Takes a read from the connection's read rate, if `command` is one.
+    fn charge_read(&mut self, command: &Command, now: Instant) -> Result<(), Rejection> {
+        if !command.is_read() {
+            return Ok(());
+        }
+        self.reads.take(1.0, now).or_else(|wait| {
+            reject(
+                ErrorCode::RateLimited,
+                format!(
+                    "reading too fast on this connection; retry in {} ms",
+                    wait.as_millis().max(1)
+                ),
+            )
+        })
+    }
+
     /// A message or group change by the authenticated device, within the
     /// connection's send rate.
     fn append(
@@ -782,6 +810,10 @@ mod tests {
                 per_second: 1.0,
                 burst: 3.0,
             },
+            read_rate: Rate {
+                per_second: 2.0,
+                burst: 2.0,
+            },
         }
     }
 
@@ -909,6 +941,39 @@ mod tests {
             session.on_frame(frame(10, send(to, "m10", "hi")), later),
             Step::Run(_)
         ));
+    }
+
+    #[test]
+    fn reads_have_a_rate_of_their_own_and_other_requests_do_not_count() {
+        let now = Instant::now();
+        let mut session = authenticated_session(now, 1);
+        let history = || {
+            K::History(v1::History {
+                conversation: Some(v1::ConversationRef {
+                    target: Some(conversation_ref::Target::DirectUserId(2)),
+                }),
+                before_seq: None,
+                after_seq: None,
+                limit: 10,
+            })
+        };
+        let get_user = K::GetUser(v1::GetUser { username: "bob".into() });
+        assert!(matches!(session.on_frame(frame(1, history()), now), Step::Run(_)));
+        assert!(matches!(session.on_frame(frame(2, get_user), now), Step::Run(_)));
+        let refused = session.on_frame(frame(3, history()), now);
+        assert_eq!(error_code(&refused), Some(ErrorCode::RateLimited), "{refused:?}");
+        // Sends, pings and marks are not reads.
+        let to = conversation_ref::Target::DirectUserId(2);
+        assert!(matches!(
+            session.on_frame(frame(4, send(to, "m1", "hi")), now),
+            Step::Run(_)
+        ));
+        assert!(matches!(
+            session.on_frame(frame(5, K::Ping(v1::Ping { nonce: 1 })), now),
+            Step::Reply(_)
+        ));
+        let later = now + Duration::from_millis(500);
+        assert!(matches!(session.on_frame(frame(6, history()), later), Step::Run(_)));
     }
 
     #[test]

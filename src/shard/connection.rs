@@ -17,6 +17,7 @@
 use super::Shard;
 use super::mesh::{AppendReply, ShardMsg};
 use super::outbound::{Outbound, Refused, Reservation};
+use super::quotas::OverQuota;
 use super::sessions::{Kick, Replay, SessionHandle};
 use super::{catch_up, presence};
 use crate::auth::{AuthError, Grant};
@@ -250,6 +251,20 @@ impl Connection {
     /// once the outbound queue has room reserved for it, so a peer that pipelines
     /// page requests and does not read holds no more than its queue's worth.
     async fn start(&self, request: Request) -> Reply {
+        if request.command.is_read()
+            && let Some(identity) = self.session.identity()
+        {
+            let shards = self.shard.directory.borrow().shards_of(identity.user).count_ones();
+            let charged = self
+                .shard
+                .quotas
+                .borrow_mut()
+                .charge_read(identity.user, shards, Instant::now());
+            if let Err(over) = charged {
+                let frame = over_quota(request.id, over);
+                return Box::pin(std::future::ready(Answer { frame, _room: None }));
+            }
+        }
         let paged = request.command.is_paged();
         let reply = self.execute(request).await;
         if !paged {
@@ -285,8 +300,7 @@ impl Connection {
                     Instant::now(),
                 );
                 if let Err(over) = charged {
-                    let message = format!("{}; retry in {} ms", over.what, over.retry_in.as_millis().max(1));
-                    return Box::pin(std::future::ready(error_frame(id, ErrorCode::RateLimited, message)));
+                    return Box::pin(std::future::ready(over_quota(id, over)));
                 }
                 if let Content::Group(GroupCommand::Create { members: users, .. } | GroupCommand::Add(users)) =
                     &append.content
@@ -803,6 +817,12 @@ fn tokens(grant: Grant) -> v1::Tokens {
 
 /// The page of `conversation` that `reader` may see: a group's history is for its
 /// members, and a former member reads only up to the message that removed it.
+/// The reply to a request beyond its user's quota.
+fn over_quota(id: u64, over: OverQuota) -> ServerFrame {
+    let message = format!("{}; retry in {} ms", over.what, over.retry_in.as_millis().max(1));
+    error_frame(id, ErrorCode::RateLimited, message)
+}
+
 async fn readable_history(
     shard: &Shard,
     conversation: ConversationId,

@@ -107,7 +107,7 @@ pub struct Shard {
     commit_ready: Notify,
     receipts: RefCell<ReceiptCoalescer>,
     /// What each user may still send through this shard.
-    quotas: RefCell<quotas::SendQuotas>,
+    quotas: RefCell<quotas::UserQuotas>,
     /// Timings of the stages of a send (no-ops unless metrics are on).
     stages: crate::metrics::SendStages,
     /// Presence of the users whose home this shard is.
@@ -198,7 +198,7 @@ async fn run(
         commit_queue: RefCell::default(),
         commit_ready: Notify::new(),
         receipts: RefCell::default(),
-        quotas: RefCell::new(quotas::SendQuotas::new(&context.config.limits)),
+        quotas: RefCell::new(quotas::UserQuotas::new(&context.config.limits)),
         stages: crate::metrics::SendStages::new(),
         presence: RefCell::new(presence_tracker),
         presence_changed: Notify::new(),

@@ -1,10 +1,11 @@
-//! What one user may send, node-wide, without a lock or a hop per message.
+//! What one user may send and read, node-wide, without a lock or a hop per
+//! request.
 //!
-//! Each shard keeps token buckets (messages, and bytes of text) for the users
-//! who send through it. A user whose sessions sit on several shards is charged
-//! that many tokens per message on each of them (the directory says how many),
-//! so together they allow about the user's configured rate. A bucket that has
-//! refilled holds nothing worth keeping and is forgotten.
+//! Each shard keeps token buckets (messages, bytes of text, reads) for the users
+//! who send or read through it. A user whose sessions sit on several shards is
+//! charged that many tokens per request on each of them (the directory says how
+//! many), so together they allow about the user's configured rate. A bucket that
+//! has refilled holds nothing worth keeping and is forgotten.
 //!
 //! The per-connection limit is the session's (see `protocol::Session`).
 
@@ -25,9 +26,10 @@ pub(super) struct OverQuota {
 }
 
 #[derive(Debug)]
-pub(super) struct SendQuotas {
+pub(super) struct UserQuotas {
     messages: Rate,
     bytes: Rate,
+    reads: Rate,
     users: HashMap<UserId, UserQuota>,
 }
 
@@ -35,9 +37,10 @@ pub(super) struct SendQuotas {
 struct UserQuota {
     messages: TokenBucket,
     bytes: TokenBucket,
+    reads: TokenBucket,
 }
 
-impl SendQuotas {
+impl UserQuotas {
     pub(super) fn new(limits: &LimitsConfig) -> Self {
         let bytes_a_day = limits.send_mib_per_user_per_day * 1024.0 * 1024.0;
         Self {
@@ -49,6 +52,10 @@ impl SendQuotas {
                 per_second: bytes_a_day / 86_400.0,
                 burst: bytes_a_day,
             },
+            reads: Rate {
+                per_second: limits.read_rate_per_user,
+                burst: limits.read_burst_per_user,
+            },
             users: HashMap::new(),
         }
     }
@@ -56,16 +63,8 @@ impl SendQuotas {
     /// Charges one message with `bytes` of text to `user`, whose sessions are
     /// on `shards` shards.
     pub(super) fn charge(&mut self, user: UserId, bytes: usize, shards: u32, now: Instant) -> Result<(), OverQuota> {
-        if self.users.len() > PRUNE_ABOVE {
-            self.users
-                .retain(|_, quota| !(quota.messages.is_full(now) && quota.bytes.is_full(now)));
-        }
-        let (messages, byte_rate) = (self.messages, self.bytes);
-        let quota = self.users.entry(user).or_insert_with(|| UserQuota {
-            messages: TokenBucket::new(messages, now),
-            bytes: TokenBucket::new(byte_rate, now),
-        });
         let share = f64::from(shards.max(1));
+        let quota = self.quota(user, now);
         quota.messages.take(share, now).map_err(|retry_in| OverQuota {
             what: "sending too fast for one user",
             retry_in,
@@ -78,6 +77,32 @@ impl SendQuotas {
                 retry_in,
             })
     }
+
+    /// Charges one read to `user`, whose sessions are on `shards` shards.
+    pub(super) fn charge_read(&mut self, user: UserId, shards: u32, now: Instant) -> Result<(), OverQuota> {
+        let share = f64::from(shards.max(1));
+        self.quota(user, now)
+            .reads
+            .take(share, now)
+            .map_err(|retry_in| OverQuota {
+                what: "reading too fast for one user",
+                retry_in,
+            })
+    }
+
+    fn quota(&mut self, user: UserId, now: Instant) -> &mut UserQuota {
+        if self.users.len() > PRUNE_ABOVE {
+            self.users.retain(|_, quota| {
+                !(quota.messages.is_full(now) && quota.bytes.is_full(now) && quota.reads.is_full(now))
+            });
+        }
+        let (messages, bytes, reads) = (self.messages, self.bytes, self.reads);
+        self.users.entry(user).or_insert_with(|| UserQuota {
+            messages: TokenBucket::new(messages, now),
+            bytes: TokenBucket::new(bytes, now),
+            reads: TokenBucket::new(reads, now),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -85,12 +110,27 @@ impl SendQuotas {
 mod tests {
     use super::*;
 
-    fn quotas() -> SendQuotas {
+    fn quotas() -> UserQuotas {
         let mut limits = crate::Config::defaults().unwrap().limits;
         limits.send_rate_per_user = 10.0;
         limits.send_burst_per_user = 4.0;
         limits.send_mib_per_user_per_day = 1.0;
-        SendQuotas::new(&limits)
+        limits.read_rate_per_user = 10.0;
+        limits.read_burst_per_user = 2.0;
+        UserQuotas::new(&limits)
+    }
+
+    #[test]
+    fn reads_have_a_bucket_of_their_own() {
+        let now = Instant::now();
+        let mut quotas = quotas();
+        let user = UserId::new(1).unwrap();
+        quotas.charge_read(user, 1, now).unwrap();
+        quotas.charge_read(user, 1, now).unwrap();
+        let refused = quotas.charge_read(user, 1, now).unwrap_err();
+        assert_eq!(refused.retry_in, Duration::from_millis(100));
+        quotas.charge(user, 10, 1, now).unwrap();
+        quotas.charge_read(user, 1, now + Duration::from_millis(100)).unwrap();
     }
 
     #[test]

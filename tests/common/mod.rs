@@ -55,13 +55,17 @@ pub fn config(data_dir: &Path, shards: usize, overrides: &[(&str, &str)]) -> Con
 /// Abuse limits out of the way of tests, which sign up hundreds of users from
 /// loopback and pipeline thousands of messages from one device; the limits have
 /// tests of their own (tests/limits.rs, tests/accounts.rs).
-pub const TEST_LIMITS: [(&str, &str); 6] = [
+pub const TEST_LIMITS: [(&str, &str); 10] = [
     ("CONFAB_LIMITS__EXEMPT_LOOPBACK", "true"),
     ("CONFAB_LIMITS__SEND_RATE_PER_DEVICE", "1000000"),
     ("CONFAB_LIMITS__SEND_BURST_PER_DEVICE", "1000000"),
     ("CONFAB_LIMITS__SEND_RATE_PER_USER", "1000000"),
     ("CONFAB_LIMITS__SEND_BURST_PER_USER", "1000000"),
     ("CONFAB_LIMITS__SEND_MIB_PER_USER_PER_DAY", "1000000"),
+    ("CONFAB_LIMITS__READ_RATE_PER_DEVICE", "1000000"),
+    ("CONFAB_LIMITS__READ_BURST_PER_DEVICE", "1000000"),
+    ("CONFAB_LIMITS__READ_RATE_PER_USER", "1000000"),
+    ("CONFAB_LIMITS__READ_BURST_PER_USER", "1000000"),
 ];
 
 /// The transport this test run uses.
