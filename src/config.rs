@@ -127,6 +127,7 @@ pub struct ProtocolConfig {
     pub heartbeat_interval: Duration,
     pub outbound_queue_frames: usize,
     pub outbound_queue_bytes: usize,
+    pub outbound_reply_bytes: usize,
     pub max_in_flight_requests: usize,
     pub max_auth_failures: u32,
     pub max_replay_messages: usize,
@@ -421,10 +422,16 @@ impl Config {
                 "must be larger than protocol.max_in_flight_requests, so replies cannot crowd out pushes",
             );
         }
-        if self.protocol.outbound_queue_bytes < 2 * self.protocol.max_frame_bytes {
+        if self.protocol.outbound_reply_bytes < self.protocol.max_frame_bytes {
+            return invalid(
+                "protocol.outbound_reply_bytes",
+                "must be at least protocol.max_frame_bytes, so a reply of a full frame fits",
+            );
+        }
+        if self.protocol.outbound_queue_bytes < 2 * self.protocol.outbound_reply_bytes {
             return invalid(
                 "protocol.outbound_queue_bytes",
-                "must be at least twice protocol.max_frame_bytes, so a reply of a full frame fits beside pushes",
+                "must be at least twice protocol.outbound_reply_bytes, so replies cannot crowd out pushes",
             );
         }
         if self.tls.mode == TlsMode::Files

@@ -252,13 +252,13 @@ async fn read_burst(client: &confab_client::Client, name: &str, count: usize) ->
 /// that pipelined History requests for 240 KB pages, or resumed from the start,
 /// held ~300 MB (its queue's 1 024 frames, plus a page per request in flight, plus
 /// the whole replay). Now a connection's queue holds at most
-/// `protocol.outbound_queue_bytes` (plus a frame), a page is read only once room
-/// for it is reserved, and a replay is read in chunks that fit the queue.
+/// `protocol.outbound_reply_bytes` of replies (plus a frame), a page is read only
+/// once room for it is reserved, and a replay is read in chunks of that size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
     use confab_client::proto::{ClientFrame, ConversationRef, History, Resume, conversation_ref::Target};
     use tokio::io::AsyncWriteExt as _;
-    const QUEUE_BYTES: f64 = 1024.0 * 1024.0;
+    const REPLY_BYTES: f64 = 1024.0 * 1024.0;
     const FRAME_BYTES: f64 = 256.0 * 1024.0;
     const MESSAGES: usize = 100;
     const HOARDERS: usize = 8;
@@ -348,7 +348,7 @@ async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
     })
     .await;
     assert!(
-        fullest <= QUEUE_BYTES + FRAME_BYTES,
+        fullest <= REPLY_BYTES + FRAME_BYTES,
         "a queue holds {fullest} bytes (all {HOARDERS}: {total})"
     );
     let grown = resident_bytes().saturating_sub(rss_before);

@@ -435,7 +435,8 @@ async fn a_resumed_device_that_reads_late_keeps_its_session() {
         &[
             ("CONFAB_STORE__DURABILITY", "buffered"),
             ("CONFAB_PROTOCOL__OUTBOUND_QUEUE_FRAMES", "20"),
-            ("CONFAB_PROTOCOL__OUTBOUND_QUEUE_BYTES", "67108864"),
+            ("CONFAB_PROTOCOL__OUTBOUND_QUEUE_BYTES", "134217728"),
+            ("CONFAB_PROTOCOL__OUTBOUND_REPLY_BYTES", "67108864"),
             ("CONFAB_PROTOCOL__MAX_IN_FLIGHT_REQUESTS", "4"),
             ("CONFAB_PROTOCOL__MAX_REPLAY_MESSAGES", "16"),
             ("CONFAB_PROTOCOL__MAX_FRAME_BYTES", "2097152"),
@@ -551,5 +552,48 @@ async fn a_resume_past_the_replay_limit_under_live_traffic_is_answered() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     sender.await.unwrap();
+    node.shutdown().await;
+}
+
+/// A resume waits for the device to read its replay. A device logged out
+/// meanwhile used to get the rest of the replay and `Authenticated` anyway (the
+/// resume did not look for kicks until it was done); now it is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_logged_out_while_it_resumes_gets_no_more_of_its_replay() {
+    use confab_client::proto::{Authenticate, ProtocolVersion, Resume, client_frame, server_frame};
+    const MESSAGES: usize = 300;
+    let mut node = TestServer::start_with(1, &[("CONFAB_STORE__DURABILITY", "buffered")]).await;
+    let tcp = confab_client::Endpoint::tcp(node.tcp);
+    let (laptop, alice_login, alice_name) = new_user(tcp, "cut").await;
+    let (bob, _, _) = new_user(tcp, "cut").await;
+    let (phone, phone_login) = second_device(tcp, &alice_name).await;
+    drop(phone);
+    // 18 MB: more than socket buffers and the outbound queue hold.
+    let body = "x".repeat(60_000);
+    let ids: Vec<String> = (0..MESSAGES).map(|i| format!("c{i}")).collect();
+    let sends = ids.iter().map(|id| bob.send_direct(alice_login.user_id, id, &body));
+    for ack in futures::future::join_all(sends).await {
+        ack.unwrap();
+    }
+
+    let mut phone = RawConnection::connect(node.tcp).await;
+    phone.hello(ProtocolVersion::V1 as i32).await;
+    let resume = Authenticate {
+        access_token: phone_login.tokens.unwrap().access_token,
+        resume: Some(Resume::default()),
+    };
+    phone.send(2, client_frame::Kind::Authenticate(resume)).await;
+    phone.readable().await;
+    laptop.revoke_device(phone_login.device_id).await.unwrap();
+
+    let mut replayed = 0;
+    while let Some(frame) = phone.recv().await {
+        match frame.kind {
+            Some(server_frame::Kind::Message(_)) => replayed += 1,
+            Some(server_frame::Kind::Error(_)) => {}
+            other => panic!("after {replayed} messages: {other:?}"),
+        }
+    }
+    assert!(replayed < MESSAGES, "the logged-out device got its whole replay");
     node.shutdown().await;
 }

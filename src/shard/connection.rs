@@ -179,11 +179,7 @@ impl Connection {
                 biased;
                 // Rare paths are boxed so an idle connection's task stays small.
                 () = shard.drain.cancelled() => return Box::pin(self.going_away(in_flight)).await,
-                reason = kick.kicked() => {
-                    let slow = matches!(&reason.kind, Some(Kind::Error(error)) if error.code == ErrorCode::SlowConsumer as i32);
-                    self.send_best_effort(reason);
-                    Flow::Close(if slow { Closed::SlowConsumer } else { Closed::Kicked })
-                }
+                reason = kick.kicked() => self.on_kick(reason),
                 Some(answer) = in_flight.next(), if !in_flight.is_empty() => self.send(&answer.frame).await,
                 inbound = source.next(), if in_flight.len() < max_in_flight => match inbound {
                     Ok(Some(Inbound::Frame(payload))) => Box::pin(self.on_payload(payload, &mut in_flight)).await,
@@ -520,9 +516,22 @@ impl Connection {
                     };
                     let expires_at = instant_of(identity.expires_at_ms);
                     self.session.authenticated(identity, expires_at);
-                    return match resume.zip(replay) {
-                        Some((cursors, replay)) => self.resume(id, reply, user, cursors, &replay).await,
-                        None => self.send(&reply_frame(id, Kind::Authenticated(reply))).await,
+                    let Some((cursors, replay)) = resume.zip(replay) else {
+                        return self.send(&reply_frame(id, Kind::Authenticated(reply))).await;
+                    };
+                    // A resume waits for the peer to read; a kick (the device
+                    // logged out, a slow consumer) or a shutdown cuts it short.
+                    let (kick, drain) = (self.kick.clone(), self.shard.drain.clone());
+                    let interrupted = tokio::select! {
+                        biased;
+                        // The serve loop says GoingAway next.
+                        () = drain.cancelled() => None,
+                        reason = kick.kicked() => Some(reason),
+                        flow = self.resume(id, reply, user, cursors, &replay) => return flow,
+                    };
+                    return match interrupted {
+                        Some(reason) => self.on_kick(reason),
+                        None => Flow::Continue,
                     };
                 }
                 Err(err) => Err(err),
@@ -747,6 +756,13 @@ impl Connection {
                 Flow::Close(Closed::SlowConsumer)
             }
         }
+    }
+
+    /// Closes for a kick, telling the peer why.
+    fn on_kick(&self, reason: ServerFrame) -> Flow {
+        let slow = matches!(&reason.kind, Some(Kind::Error(error)) if error.code == ErrorCode::SlowConsumer as i32);
+        self.send_best_effort(reason);
+        Flow::Close(if slow { Closed::SlowConsumer } else { Closed::Kicked })
     }
 
     /// Queues a frame if there is room; used for the last frame before closing.

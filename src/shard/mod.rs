@@ -31,7 +31,7 @@ mod store_watch;
 pub use connection::{Closed, FrameSource, Inbound, ReadError, run as run_connection};
 pub use mesh::Mesh;
 pub(crate) use mesh::ShardMsg;
-pub use outbound::Outbound;
+pub use outbound::{Bounds, Outbound};
 
 use crate::auth::Accounts;
 use crate::chat::{Assigned, PresenceTracker, ReceiptCoalescer, Sequencer, SequencerLimits};

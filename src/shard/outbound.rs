@@ -6,14 +6,16 @@
 //! only the handle. A tokio `mpsc` channel would allocate a block of slots up front
 //! for every connection.
 //!
-//! Bounded twice: in frames and in bytes, so a peer that stops reading holds at
-//! most `max_bytes` (plus one frame) whatever the frames' sizes. Pushes may fill
-//! the whole queue; beyond it the session is a slow consumer. Replies (and a
-//! resume's replay) wait while it holds more than half, so a peer that pipelines
-//! requests and reads slowly gets back-pressure, not a disconnect, and cannot
-//! crowd out pushes. A reply whose size is not known before it is read from the
-//! store (a page) first reserves room within that half: a connection reads at
-//! most half a queue of pages ahead of its peer.
+//! Bounded in frames and in bytes. Pushes (the same encoded frame shared by
+//! every recipient) may fill it all; beyond, the session is a slow consumer.
+//! Replies (and a resume's replay), encoded for this connection alone, have a
+//! budget of their own, much smaller: they wait while it is spent, or while the
+//! queue is more than half full, so a peer that pipelines requests and reads
+//! slowly gets back-pressure, not a disconnect, cannot crowd out pushes, and
+//! holds at most its reply budget of memory no one else shares. A reply whose
+//! size is not known before it is read from the store (a page) first reserves
+//! room in that budget: a connection reads at most a budget of pages ahead of
+//! its peer.
 
 use super::Closed;
 use bytes::Bytes;
@@ -31,17 +33,40 @@ pub enum Refused {
     Closed,
 }
 
+/// How much one queue holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub frames: usize,
+    /// Bytes of all frames queued.
+    pub bytes: usize,
+    /// Bytes of replies queued, and again of replies reserved.
+    pub reply_bytes: usize,
+}
+
+impl Bounds {
+    /// Bounds that only count frames.
+    #[cfg(test)]
+    pub fn frames(frames: usize) -> Self {
+        Self {
+            frames,
+            bytes: usize::MAX,
+            reply_bytes: usize::MAX,
+        }
+    }
+}
+
 /// A handle on one connection's queue; clones share it.
 #[derive(Debug, Clone)]
 pub struct Outbound(Rc<Queue>);
 
 #[derive(Debug)]
 struct Queue {
-    frames: RefCell<VecDeque<Bytes>>,
-    capacity: usize,
-    /// Bytes of the frames queued now.
+    /// Frames, and whether each is a reply.
+    frames: RefCell<VecDeque<(Bytes, bool)>>,
+    bounds: Bounds,
+    /// Bytes of the frames queued now, and of the replies among them.
     bytes: Cell<usize>,
-    max_bytes: usize,
+    reply_bytes: Cell<usize>,
     /// Bytes promised to replies still being read (see [`Outbound::reserve`]).
     reserved: Cell<usize>,
     closed: Cell<bool>,
@@ -67,28 +92,38 @@ impl Drop for Reservation {
     }
 }
 
+/// `used + len` is within `max`; an empty budget takes anything, so every
+/// frame can pass.
+fn within(used: usize, len: usize, max: usize) -> bool {
+    used == 0 || used.saturating_add(len) <= max
+}
+
 impl Queue {
-    /// Whether a frame of `len` bytes fits while at most `share` bytes may be
-    /// queued. An empty queue takes any frame, so every frame can pass.
-    fn fits(&self, len: usize, share: usize) -> bool {
-        let bytes = self.bytes.get();
-        self.frames.borrow().len() < self.capacity && (bytes == 0 || bytes + len <= share)
+    fn has_frame_room(&self) -> bool {
+        self.frames.borrow().len() < self.bounds.frames
     }
 
-    /// The share of the bytes replies may fill.
-    fn reply_share(&self) -> usize {
-        self.max_bytes / 2
+    /// Whether a push of `len` bytes fits.
+    fn fits_push(&self, len: usize) -> bool {
+        self.has_frame_room() && within(self.bytes.get(), len, self.bounds.bytes)
+    }
+
+    /// Whether a reply of `len` bytes fits: in the reply budget, and in half
+    /// the queue.
+    fn fits_reply(&self, len: usize) -> bool {
+        self.has_frame_room()
+            && within(self.bytes.get(), len, self.bounds.bytes / 2)
+            && within(self.reply_bytes.get(), len, self.bounds.reply_bytes)
     }
 }
 
 impl Outbound {
-    /// A queue of at most `capacity` frames and `max_bytes` bytes.
-    pub fn new(capacity: usize, max_bytes: usize) -> Self {
+    pub fn new(bounds: Bounds) -> Self {
         Self(Rc::new(Queue {
             frames: RefCell::new(VecDeque::new()),
-            capacity,
+            bounds,
             bytes: Cell::new(0),
-            max_bytes,
+            reply_bytes: Cell::new(0),
             reserved: Cell::new(0),
             closed: Cell::new(false),
             ended: Cell::new(None),
@@ -102,53 +137,55 @@ impl Outbound {
         if self.0.closed.get() {
             return Err(Refused::Closed);
         }
-        if !self.0.fits(frame.len(), self.0.max_bytes) {
+        if !self.0.fits_push(frame.len()) {
             return Err(Refused::Full);
         }
-        self.push(frame);
+        self.push(frame, false);
         Ok(())
     }
 
-    fn push(&self, frame: Bytes) {
+    fn push(&self, frame: Bytes, reply: bool) {
         self.0.bytes.set(self.0.bytes.get() + frame.len());
-        self.0.frames.borrow_mut().push_back(frame);
+        if reply {
+            self.0.reply_bytes.set(self.0.reply_bytes.get() + frame.len());
+        }
+        self.0.frames.borrow_mut().push_back((frame, reply));
         self.0.filled.notify_one();
     }
 
-    /// Queues a reply, waiting until the queue is at most half full.
+    /// Queues a reply (or a replayed message), waiting for room.
     pub async fn send(&self, frame: Bytes) -> Result<(), Refused> {
-        let share = self.0.reply_share();
-        self.wait_until(|queue| queue.fits(frame.len(), share)).await?;
-        self.push(frame);
+        self.wait_until(|queue| queue.fits_reply(frame.len())).await?;
+        self.push(frame, true);
         Ok(())
     }
 
-    /// Waits until the queue is at most half full (or closes). On the shard's
+    /// Waits until a small reply fits (or the queue closes). On the shard's
     /// single thread, nothing else queues until the waiter's next `await`, so a
     /// `try_send` right after it succeeds.
     pub async fn room(&self) -> Result<(), Refused> {
-        let share = self.0.reply_share();
-        self.wait_until(|queue| queue.fits(0, share)).await
+        self.wait_until(|queue| queue.fits_reply(0)).await
     }
 
     /// Waits until the queue holds at most half its frames and half its bytes
     /// (or closes).
     pub async fn half_empty(&self) -> Result<(), Refused> {
         self.wait_until(|queue| {
-            queue.frames.borrow().len() <= queue.capacity / 2 && queue.bytes.get() <= queue.reply_share()
+            queue.frames.borrow().len() <= queue.bounds.frames / 2 && queue.bytes.get() <= queue.bounds.bytes / 2
         })
         .await
     }
 
-    /// Waits until `bytes` more fit in the replies' half beside what is queued
-    /// and reserved (any amount fits when nothing is reserved), and reserves
-    /// them. A closed queue reserves nothing at once: the reply is not sent.
+    /// Waits until `bytes` more fit in the reply budget beside the replies
+    /// queued and reserved (any amount fits when nothing is reserved), and
+    /// reserves them. Reservations do not hold back [`Outbound::send`]: a
+    /// reply goes out while others are still being read. A closed queue
+    /// reserves nothing at once: the reply is not sent.
     pub async fn reserve(&self, bytes: usize) -> Reservation {
-        let share = self.0.reply_share();
         let waited = self
             .wait_until(|queue| {
                 let reserved = queue.reserved.get();
-                reserved == 0 || queue.bytes.get() + reserved + bytes <= share
+                reserved == 0 || queue.reply_bytes.get() + reserved + bytes <= queue.bounds.reply_bytes
             })
             .await;
         let bytes = if waited.is_ok() { bytes } else { 0 };
@@ -182,9 +219,9 @@ impl Outbound {
         self.0.bytes.get()
     }
 
-    /// The most bytes a reply (or a replay's chunk) should take: the replies' half.
+    /// The reply budget: what a replay reads at a time.
     pub fn reply_bytes(&self) -> usize {
-        self.0.reply_share()
+        self.0.bounds.reply_bytes
     }
 
     /// The next frame; `None` once the queue is closed and empty.
@@ -204,13 +241,16 @@ impl Outbound {
     /// The next frame if one is queued.
     pub fn try_recv(&self) -> Option<Bytes> {
         let mut frames = self.0.frames.borrow_mut();
-        let frame = frames.pop_front()?;
+        let (frame, reply) = frames.pop_front()?;
         if frames.is_empty() {
             // Idle connections hold no buffer.
             *frames = VecDeque::new();
         }
         drop(frames);
         self.0.bytes.set(self.0.bytes.get() - frame.len());
+        if reply {
+            self.0.reply_bytes.set(self.0.reply_bytes.get() - frame.len());
+        }
         self.0.drained.notify_waiters();
         Some(frame)
     }
@@ -241,7 +281,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_flow_in_order_within_capacity_and_close_drains() {
-        let queue = Outbound::new(2, usize::MAX);
+        let queue = Outbound::new(Bounds::frames(2));
         queue.try_send(Bytes::from_static(b"a")).unwrap();
         queue.try_send(Bytes::from_static(b"b")).unwrap();
         assert_eq!(queue.try_send(Bytes::from_static(b"c")), Err(Refused::Full));
@@ -259,7 +299,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let queue = Outbound::new(1, usize::MAX);
+                let queue = Outbound::new(Bounds::frames(1));
                 queue.try_send(Bytes::from_static(b"a")).unwrap();
                 let sender = queue.clone();
                 let waiting = tokio::task::spawn_local(async move { sender.send(Bytes::from_static(b"b")).await });
@@ -277,7 +317,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let queue = Outbound::new(1, usize::MAX);
+                let queue = Outbound::new(Bounds::frames(1));
                 queue.room().await.unwrap();
                 queue.try_send(Bytes::from_static(b"a")).unwrap();
                 let waiter = queue.clone();
@@ -300,7 +340,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let queue = Outbound::new(4, usize::MAX);
+                let queue = Outbound::new(Bounds::frames(4));
                 for frame in [b"a", b"b", b"c"] {
                     queue.try_send(Bytes::from_static(frame)).unwrap();
                 }
@@ -318,9 +358,17 @@ mod tests {
         Bytes::from(vec![0u8; len])
     }
 
+    fn bounds(bytes: usize, reply_bytes: usize) -> Bounds {
+        Bounds {
+            frames: 100,
+            bytes,
+            reply_bytes,
+        }
+    }
+
     #[test]
     fn pushes_fill_the_bytes_and_one_frame_always_fits_an_empty_queue() {
-        let queue = Outbound::new(100, 1000);
+        let queue = Outbound::new(bounds(1000, 100));
         queue.try_send(frame(600)).unwrap();
         queue.try_send(frame(400)).unwrap();
         assert_eq!(queue.try_send(frame(1)), Err(Refused::Full));
@@ -337,13 +385,13 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let queue = Outbound::new(100, 1000);
+                let queue = Outbound::new(bounds(1000, 1000));
                 queue.send(frame(300)).await.unwrap();
                 queue.try_send(frame(300)).unwrap();
                 let sender = queue.clone();
                 let waiting = tokio::task::spawn_local(async move { sender.send(frame(200)).await });
                 tokio::task::yield_now().await;
-                assert!(!waiting.is_finished(), "600 bytes queued: over the replies' half");
+                assert!(!waiting.is_finished(), "600 bytes queued: over half the queue");
                 queue.try_recv().unwrap();
                 waiting.await.unwrap().unwrap();
                 assert_eq!(queue.queued_bytes(), 500);
@@ -352,21 +400,47 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reservations_share_the_replies_half_and_give_it_back_when_dropped() {
+    async fn replies_have_a_budget_of_their_own_that_pushes_do_not_spend() {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let queue = Outbound::new(100, 1000);
+                let queue = Outbound::new(bounds(100_000, 500));
+                queue.send(frame(300)).await.unwrap();
+                let sender = queue.clone();
+                let waiting = tokio::task::spawn_local(async move { sender.send(frame(300)).await });
+                tokio::task::yield_now().await;
+                assert!(!waiting.is_finished(), "300 of the 500 reply bytes are queued");
+                // Pushes still go in.
+                queue.try_send(frame(5000)).unwrap();
+                assert_eq!(queue.try_recv().unwrap().len(), 300);
+                waiting.await.unwrap().unwrap();
+                assert_eq!(queue.try_recv().unwrap().len(), 5000);
+                assert_eq!(queue.try_recv().unwrap().len(), 300);
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn reservations_share_the_reply_budget_and_give_it_back_when_dropped() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let queue = Outbound::new(bounds(100_000, 500));
                 let first = queue.reserve(300).await;
                 let second = queue.reserve(200).await;
                 let reserver = queue.clone();
                 let waiting = tokio::task::spawn_local(async move { reserver.reserve(300).await.bytes });
                 tokio::task::yield_now().await;
                 assert!(!waiting.is_finished(), "500 of the 500 bytes are reserved");
+                // A reply goes out whatever is reserved.
+                queue.send(frame(400)).await.unwrap();
                 drop(first);
+                tokio::task::yield_now().await;
+                assert!(!waiting.is_finished(), "400 queued and 200 reserved");
+                queue.try_recv().unwrap();
                 assert_eq!(waiting.await.unwrap(), 300);
                 drop(second);
-                // Nothing reserved: a reservation larger than the half still goes.
+                // Nothing reserved: a reservation larger than the budget still goes.
                 let large = queue.reserve(5000).await;
                 assert_eq!(large.bytes, 5000);
                 queue.close();

@@ -9,6 +9,8 @@
 //! dropped, however late it arrives.
 
 use super::mesh::Delivery;
+#[cfg(test)]
+use super::outbound::Bounds;
 use super::outbound::Outbound;
 use crate::chat::Cursors;
 use crate::ids::{ConversationId, DeviceId, Seq, UserId};
@@ -301,7 +303,7 @@ mod tests {
 
     #[test]
     fn a_push_the_replay_carried_is_dropped_even_when_it_arrives_after_the_hold() {
-        let outbound = Outbound::new(16, usize::MAX);
+        let outbound = Outbound::new(Bounds::frames(16));
         let mut replay = Replay::new(16);
         // Held during the replay: 105 (in the replay too).
         assert_eq!(replay.offer(conversation(), 105, &push(105), &outbound), Offered::Taken);
@@ -325,7 +327,7 @@ mod tests {
 
     #[test]
     fn pushes_during_the_drain_queue_behind_the_held_ones() {
-        let outbound = Outbound::new(16, usize::MAX);
+        let outbound = Outbound::new(Bounds::frames(16));
         let mut replay = Replay::new(16);
         replay.offer(conversation(), 11, &push(11), &outbound);
         assert!(replay.replayed(&cursors_at(10)));
@@ -350,7 +352,7 @@ mod tests {
     fn a_live_push_during_the_drain_keeps_the_floor_for_held_duplicates() {
         let a = conversation();
         let b = ConversationId::direct(UserId::new(1).unwrap(), UserId::new(3).unwrap());
-        let outbound = Outbound::new(16, usize::MAX);
+        let outbound = Outbound::new(Bounds::frames(16));
         let mut replay = Replay::new(16);
         replay.offer(a, 1, &push(1), &outbound);
         replay.offer(b, 5, &push(5), &outbound);
@@ -367,7 +369,7 @@ mod tests {
 
     #[test]
     fn a_full_hold_during_the_replay_means_not_recovered_instead_of_a_close() {
-        let outbound = Outbound::new(16, usize::MAX);
+        let outbound = Outbound::new(Bounds::frames(16));
         let mut replay = Replay::new(2);
         for seq in 11..=20 {
             assert_eq!(replay.offer(conversation(), seq, &push(seq), &outbound), Offered::Taken);
@@ -382,7 +384,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_hold_after_the_reply_closes_the_session_instead_of_skipping() {
         let user = UserId::new(1).unwrap();
-        let outbound = Outbound::new(16, usize::MAX);
+        let outbound = Outbound::new(Bounds::frames(16));
         let replay = Rc::new(RefCell::new(Replay::new(1)));
         replay.borrow_mut().offer(conversation(), 1, &push(1), &outbound);
         assert!(replay.borrow_mut().replayed(&Cursors::default()));
@@ -443,7 +445,7 @@ mod tests {
                 })
                 .collect();
             let frame = |index: usize, seq: Seq| Bytes::from(format!("{index} {seq}"));
-            let outbound = Outbound::new(1_000, usize::MAX);
+            let outbound = Outbound::new(Bounds::frames(1_000));
             let mut replay = Replay::new(rng.random_range(1..8));
             // Offers the next push of a random conversation that has one left;
             // false once the session would be closed.

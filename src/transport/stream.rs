@@ -8,7 +8,7 @@
 //! buffers (a QUIC stream's chunks) implements [`ByteSource`] itself and holds
 //! none.
 
-use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
+use crate::shard::{Bounds, Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
 use bytes::BytesMut;
 use confab_proto::FrameDecoder;
 use std::future::Future;
@@ -37,7 +37,11 @@ where
     W: Future<Output = ()> + 'static,
 {
     let protocol = &shard.config.protocol;
-    let outbound = Outbound::new(protocol.outbound_queue_frames, protocol.outbound_queue_bytes);
+    let outbound = Outbound::new(Bounds {
+        frames: protocol.outbound_queue_frames,
+        bytes: protocol.outbound_queue_bytes,
+        reply_bytes: protocol.outbound_reply_bytes,
+    });
     let writer = tokio::task::spawn_local(writer(outbound.clone()));
     let closed = crate::shard::run_connection(shard, source, outbound.clone(), peer).await;
     outbound.end(closed);
