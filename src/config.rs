@@ -68,6 +68,8 @@ pub struct ServerConfig {
 pub struct LimitsConfig {
     pub reserved_file_descriptors: usize,
     pub max_connections_per_ip: usize,
+    pub connect_rate_per_ip: f64,
+    pub connect_burst_per_ip: f64,
     pub exempt_loopback: bool,
     pub send_rate_per_device: f64,
     pub send_burst_per_device: f64,
@@ -383,6 +385,8 @@ impl Config {
             ("limits.send_burst_per_device", self.limits.send_burst_per_device, 1.0),
             ("limits.send_rate_per_user", self.limits.send_rate_per_user, 0.0),
             ("limits.send_burst_per_user", self.limits.send_burst_per_user, 1.0),
+            ("limits.connect_rate_per_ip", self.limits.connect_rate_per_ip, 0.0),
+            ("limits.connect_burst_per_ip", self.limits.connect_burst_per_ip, 1.0),
             ("limits.read_rate_per_device", self.limits.read_rate_per_device, 0.0),
             ("limits.read_burst_per_device", self.limits.read_burst_per_device, 1.0),
             ("limits.read_rate_per_user", self.limits.read_rate_per_user, 0.0),

@@ -154,6 +154,31 @@ async fn one_address_cannot_take_every_connection() {
     node.shutdown().await;
 }
 
+/// Connecting costs the node an accept and a handshake even when the peer drops
+/// the connection at once: an address gets a connect rate, and beyond it is
+/// refused with a reason, while other addresses connect as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_connect_faster_than_its_rate() {
+    let mut node = TestServer::start_with(
+        1,
+        &[
+            ("CONFAB_LIMITS__EXEMPT_LOOPBACK", "false"),
+            ("CONFAB_LIMITS__CONNECT_RATE_PER_IP", "0.1"),
+            ("CONFAB_LIMITS__CONNECT_BURST_PER_IP", "3"),
+        ],
+    )
+    .await;
+    for _ in 0..3 {
+        let mut connection = connect_from("127.0.0.4", node.tcp).await;
+        connection.hello(ProtocolVersion::V1 as i32).await;
+    }
+    let mut fourth = connect_from("127.0.0.4", node.tcp).await;
+    assert_refused(&mut fourth, ErrorCode::RateLimited).await;
+    let mut other = connect_from("127.0.0.5", node.tcp).await;
+    other.hello(ProtocolVersion::V1 as i32).await;
+    node.shutdown().await;
+}
+
 /// One account used to pipeline 2.1 M messages in a minute. Now a device and a
 /// user each have a send rate; beyond it a send is answered RATE_LIMITED (with
 /// when to retry) and the connection stays open.

@@ -9,16 +9,25 @@
 //!
 //! Per source address (an IPv6 client counts per /64, which one subscriber
 //! usually holds whole), at most `limits.max_connections_per_ip` at once, so
-//! one address cannot take every slot. Loopback can be exempted for load tests.
+//! one address cannot take every slot, and new connections at
+//! `limits.connect_rate_per_ip` a second after a burst of
+//! `connect_burst_per_ip`, so one address cannot keep the node busy accepting
+//! and handshaking (TLS, QUIC) connections it drops at once. Loopback can be
+//! exempted for load tests.
 //!
 //! Admission is decided once per connection, under one short lock: it is not on
 //! the message path.
 
 use crate::config::LimitsConfig;
 use crate::ids::SourceAddress;
+use crate::protocol::{Rate, TokenBucket};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+/// Addresses with connect buckets above which refilled ones are forgotten.
+const PRUNE_ABOVE: usize = 4096;
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +36,8 @@ pub enum Refused {
     NodeFull,
     /// The source address holds as many connections as it may.
     AddressFull,
+    /// The source address opens connections faster than it may.
+    AddressRate,
 }
 
 impl Refused {
@@ -34,7 +45,13 @@ impl Refused {
         match self {
             Self::NodeFull => "the server is at its connection limit; retry later",
             Self::AddressFull => "too many connections from your address",
+            Self::AddressRate => "connecting too often from your address; retry in a second",
         }
+    }
+
+    /// Whether the refusal is about the client's address (not the node).
+    pub fn is_address(self) -> bool {
+        matches!(self, Self::AddressFull | Self::AddressRate)
     }
 }
 
@@ -46,6 +63,7 @@ pub struct Admission(Arc<Slots>);
 struct Slots {
     max_total: usize,
     max_per_address: usize,
+    connect_rate: Rate,
     exempt_loopback: bool,
     counts: Mutex<Counts>,
 }
@@ -54,6 +72,7 @@ struct Slots {
 struct Counts {
     total: usize,
     by_address: HashMap<SourceAddress, usize>,
+    connects: HashMap<SourceAddress, TokenBucket>,
 }
 
 /// A connection slot, given back when dropped.
@@ -69,6 +88,10 @@ impl Admission {
         Self(Arc::new(Slots {
             max_total,
             max_per_address: limits.max_connections_per_ip,
+            connect_rate: Rate {
+                per_second: limits.connect_rate_per_ip,
+                burst: limits.connect_burst_per_ip,
+            },
             exempt_loopback: limits.exempt_loopback,
             counts: Mutex::default(),
         }))
@@ -85,8 +108,9 @@ impl Admission {
         self.0.max_total
     }
 
-    /// Takes a slot for a connection from `ip`, if one is free.
-    pub fn admit(&self, ip: IpAddr) -> Result<Permit, Refused> {
+    /// Takes a slot for a connection from `ip`, if one is free and the address
+    /// may connect again now.
+    pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<Permit, Refused> {
         let slots = &self.0;
         let address = (!(slots.exempt_loopback && ip.is_loopback())).then(|| SourceAddress::of(ip));
         let mut counts = slots.counts.lock().unwrap_or_else(PoisonError::into_inner);
@@ -94,11 +118,21 @@ impl Admission {
             return Err(Refused::NodeFull);
         }
         if let Some(address) = address {
-            let count = counts.by_address.entry(address).or_default();
-            if *count >= slots.max_per_address {
+            if counts.by_address.get(&address).copied().unwrap_or(0) >= slots.max_per_address {
                 return Err(Refused::AddressFull);
             }
-            *count += 1;
+            if counts.connects.len() > PRUNE_ABOVE {
+                counts.connects.retain(|_, bucket| !bucket.is_full(now));
+            }
+            let rate = slots.connect_rate;
+            let bucket = counts
+                .connects
+                .entry(address)
+                .or_insert_with(|| TokenBucket::new(rate, now));
+            if bucket.take(1.0, now).is_err() {
+                return Err(Refused::AddressRate);
+            }
+            *counts.by_address.entry(address).or_default() += 1;
         }
         counts.total += 1;
         Ok(Permit {
@@ -127,6 +161,7 @@ impl Drop for Permit {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn limits(per_ip: usize, exempt_loopback: bool) -> LimitsConfig {
         let mut limits = crate::Config::defaults().unwrap().limits;
@@ -140,33 +175,59 @@ mod tests {
     }
 
     #[test]
+    fn one_address_cannot_connect_faster_than_its_rate() {
+        let mut limits = limits(100, false);
+        limits.connect_rate_per_ip = 10.0;
+        limits.connect_burst_per_ip = 3.0;
+        let admission = Admission::new(100, &limits);
+        let now = Instant::now();
+        for _ in 0..3 {
+            drop(admission.admit(ip("10.0.0.1"), now).unwrap());
+        }
+        assert_eq!(admission.admit(ip("10.0.0.1"), now).unwrap_err(), Refused::AddressRate);
+        let _other = admission.admit(ip("10.0.0.2"), now).unwrap();
+        admission
+            .admit(ip("10.0.0.1"), now + Duration::from_millis(100))
+            .unwrap();
+    }
+
+    #[test]
     fn one_address_cannot_take_every_slot_and_slots_come_back() {
         let admission = Admission::new(10, &limits(2, false));
-        let first = admission.admit(ip("10.0.0.1")).unwrap();
-        let _second = admission.admit(ip("10.0.0.1")).unwrap();
-        assert_eq!(admission.admit(ip("10.0.0.1")).unwrap_err(), Refused::AddressFull);
-        let _other = admission.admit(ip("10.0.0.2")).unwrap();
+        let first = admission.admit(ip("10.0.0.1"), Instant::now()).unwrap();
+        let _second = admission.admit(ip("10.0.0.1"), Instant::now()).unwrap();
+        assert_eq!(
+            admission.admit(ip("10.0.0.1"), Instant::now()).unwrap_err(),
+            Refused::AddressFull
+        );
+        let _other = admission.admit(ip("10.0.0.2"), Instant::now()).unwrap();
         drop(first);
-        admission.admit(ip("10.0.0.1")).unwrap();
+        admission.admit(ip("10.0.0.1"), Instant::now()).unwrap();
     }
 
     #[test]
     fn the_node_limit_holds_across_addresses() {
         let admission = Admission::new(2, &limits(5, false));
-        let _a = admission.admit(ip("10.0.0.1")).unwrap();
-        let _b = admission.admit(ip("10.0.0.2")).unwrap();
-        assert_eq!(admission.admit(ip("10.0.0.3")).unwrap_err(), Refused::NodeFull);
+        let _a = admission.admit(ip("10.0.0.1"), Instant::now()).unwrap();
+        let _b = admission.admit(ip("10.0.0.2"), Instant::now()).unwrap();
+        assert_eq!(
+            admission.admit(ip("10.0.0.3"), Instant::now()).unwrap_err(),
+            Refused::NodeFull
+        );
     }
 
     #[test]
     fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
         let admission = Admission::new(10, &limits(1, false));
-        let _a = admission.admit(ip("2001:db8::1")).unwrap();
-        assert_eq!(admission.admit(ip("2001:db8::2")).unwrap_err(), Refused::AddressFull);
-        let _b = admission.admit(ip("2001:db8:0:1::1")).unwrap();
-        let _c = admission.admit(ip("10.0.0.1")).unwrap();
+        let _a = admission.admit(ip("2001:db8::1"), Instant::now()).unwrap();
         assert_eq!(
-            admission.admit(ip("::ffff:10.0.0.1")).unwrap_err(),
+            admission.admit(ip("2001:db8::2"), Instant::now()).unwrap_err(),
+            Refused::AddressFull
+        );
+        let _b = admission.admit(ip("2001:db8:0:1::1"), Instant::now()).unwrap();
+        let _c = admission.admit(ip("10.0.0.1"), Instant::now()).unwrap();
+        assert_eq!(
+            admission.admit(ip("::ffff:10.0.0.1"), Instant::now()).unwrap_err(),
             Refused::AddressFull
         );
     }
@@ -174,10 +235,15 @@ mod tests {
     #[test]
     fn loopback_is_exempt_only_when_configured() {
         let exempt = Admission::new(10, &limits(1, true));
-        let _held: Vec<Permit> = (0..5).map(|_| exempt.admit(ip("127.0.0.1")).unwrap()).collect();
+        let _held: Vec<Permit> = (0..5)
+            .map(|_| exempt.admit(ip("127.0.0.1"), Instant::now()).unwrap())
+            .collect();
         let strict = Admission::new(10, &limits(1, false));
-        let _one = strict.admit(ip("127.0.0.1")).unwrap();
-        assert_eq!(strict.admit(ip("127.0.0.1")).unwrap_err(), Refused::AddressFull);
+        let _one = strict.admit(ip("127.0.0.1"), Instant::now()).unwrap();
+        assert_eq!(
+            strict.admit(ip("127.0.0.1"), Instant::now()).unwrap_err(),
+            Refused::AddressFull
+        );
     }
 
     #[test]

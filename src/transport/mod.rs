@@ -67,7 +67,7 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                let permit = match shard.admission.admit(peer.ip()) {
+                let permit = match shard.admission.admit(peer.ip(), std::time::Instant::now()) {
                     Ok(permit) => permit,
                     Err(refused) => {
                         refuse(&shard, &stream, refused);

@@ -183,7 +183,7 @@ async fn accept(
 ) {
     let mut next_shard = 0;
     while let Some(incoming) = endpoint.accept().await {
-        let permit = match admission.admit(incoming.remote_address().ip()) {
+        let permit = match admission.admit(incoming.remote_address().ip(), std::time::Instant::now()) {
             Ok(permit) => permit,
             Err(refused) => {
                 tracing::debug!(peer = %incoming.remote_address(), reason = refused.reason(), "refusing a QUIC connection");

@@ -50,8 +50,8 @@ pub fn refuse(shard: &Shard, stream: &TcpStream, refused: Refused) {
 /// many, UNAVAILABLE when the node does.
 pub fn refusal_frame(refused: Refused) -> confab_proto::v1::ServerFrame {
     let code = match refused {
-        Refused::AddressFull => crate::protocol::ErrorCode::RateLimited,
-        Refused::NodeFull => crate::protocol::ErrorCode::Unavailable,
+        refused if refused.is_address() => crate::protocol::ErrorCode::RateLimited,
+        _ => crate::protocol::ErrorCode::Unavailable,
     };
     crate::protocol::error_frame(0, code, refused.reason())
 }

@@ -61,8 +61,8 @@ pub fn refuse(shard: &Shard, stream: &TcpStream, refused: Refused) {
         return;
     }
     let status = match refused {
-        Refused::AddressFull => "429 Too Many Requests",
-        Refused::NodeFull => "503 Service Unavailable",
+        refused if refused.is_address() => "429 Too Many Requests",
+        _ => "503 Service Unavailable",
     };
     let reason = refused.reason();
     let response = format!(
