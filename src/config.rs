@@ -69,6 +69,7 @@ pub struct LimitsConfig {
     pub reserved_file_descriptors: usize,
     pub max_connections_per_ip: usize,
     pub connect_rate_per_ip: f64,
+    pub max_connections_per_user: usize,
     pub connect_burst_per_ip: f64,
     pub exempt_loopback: bool,
     pub send_rate_per_device: f64,
@@ -332,6 +333,10 @@ impl Config {
             (
                 "limits.max_connections_per_ip",
                 self.limits.max_connections_per_ip as u128,
+            ),
+            (
+                "limits.max_connections_per_user",
+                self.limits.max_connections_per_user as u128,
             ),
             (
                 "server.mesh_channel_capacity",

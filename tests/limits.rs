@@ -179,6 +179,30 @@ async fn one_address_cannot_connect_faster_than_its_rate() {
     node.shutdown().await;
 }
 
+/// One account cannot hold every connection, whatever its addresses: beyond
+/// its share, Authenticate is refused and the connection stays open; a slot
+/// comes back when one of its connections closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_account_cannot_hold_more_than_its_share_of_connections() {
+    let mut node = TestServer::start_with(2, &[("CONFAB_LIMITS__MAX_CONNECTIONS_PER_USER", "2")]).await;
+    let (first, login, _) = new_user(node.addr, "share").await;
+    let token = login.tokens.unwrap().access_token;
+    let second = confab_client::Client::connect(node.addr).await.unwrap();
+    second.authenticate(&token).await.unwrap();
+    let third = confab_client::Client::connect(node.addr).await.unwrap();
+    assert_eq!(common::code(third.authenticate(&token).await), ErrorCode::RateLimited);
+    assert_eq!(third.ping(7).await.unwrap(), 7, "the refused connection stays open");
+    drop(first);
+    within(Duration::from_secs(10), async {
+        while third.authenticate(&token).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    drop(second);
+    node.shutdown().await;
+}
+
 /// One account used to pipeline 2.1 M messages in a minute. Now a device and a
 /// user each have a send rate; beyond it a send is answered RATE_LIMITED (with
 /// when to retry) and the connection stays open.

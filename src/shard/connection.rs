@@ -26,6 +26,7 @@ use crate::ids::{ConversationId, GroupId, UserId};
 use crate::protocol::{Command, ErrorCode, ErrorKind, Request, Session, Step, error_frame, push_frame};
 use crate::store::HistoryPage;
 use crate::store::HistoryRange;
+use crate::transport::admission::UserPermit;
 use bytes::Bytes;
 use confab_proto::v1::{self, ServerFrame, server_frame::Kind};
 use confab_proto::{FrameError, ProstMessage as _, encode_frame};
@@ -129,6 +130,7 @@ pub async fn run(shard: Rc<Shard>, source: impl FrameSource, outbound: Outbound,
         outbound,
         kick: Rc::new(Kick::default()),
         registered: None,
+        user_permit: None,
         visibility: Rc::default(),
         peer,
     };
@@ -147,6 +149,8 @@ struct Connection {
     kick: Rc<Kick>,
     /// The user this connection is registered for in the shard's sessions.
     registered: Option<crate::ids::UserId>,
+    /// Its place in that user's share of connections.
+    user_permit: Option<UserPermit>,
     /// Whom its user may see presence of, as lately worked out.
     visibility: Rc<RefCell<presence::Visibility>>,
     peer: SocketAddr,
@@ -500,6 +504,16 @@ impl Connection {
             Command::Authenticate { access_token, resume } => match accounts.authenticate(&access_token).await {
                 Ok(identity) if self.session.identity().is_some() => return self.reauthenticate(id, identity).await,
                 Ok(identity) => {
+                    let permit = match self.shard.admission.admit_user(identity.user) {
+                        Ok(permit) => permit,
+                        Err(refused) => {
+                            tracing::info!(peer = %self.peer, user = %identity.user, "{}", refused.reason());
+                            return self
+                                .send(&error_frame(id, ErrorCode::RateLimited, refused.reason()))
+                                .await;
+                        }
+                    };
+                    self.user_permit = Some(permit);
                     // A resuming session holds live pushes until its replay is out;
                     // it may hold as many as its queue takes.
                     let replay = resume.is_some().then(|| {
@@ -722,6 +736,7 @@ impl Connection {
     }
 
     fn unregister(&mut self) {
+        self.user_permit = None;
         if let Some(user) = self.registered.take() {
             let last = self.shard.sessions.borrow_mut().remove(user, self.session.id());
             if last {

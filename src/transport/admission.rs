@@ -15,11 +15,15 @@
 //! and handshaking (TLS, QUIC) connections it drops at once. Loopback can be
 //! exempted for load tests.
 //!
+//! Per account, at most `limits.max_connections_per_user` authenticated
+//! connections at once, node-wide, so one account (with many addresses) cannot
+//! take every slot either.
+//!
 //! Admission is decided once per connection, under one short lock: it is not on
 //! the message path.
 
 use crate::config::LimitsConfig;
-use crate::ids::SourceAddress;
+use crate::ids::{SourceAddress, UserId};
 use crate::protocol::{Rate, TokenBucket};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -38,6 +42,8 @@ pub enum Refused {
     AddressFull,
     /// The source address opens connections faster than it may.
     AddressRate,
+    /// The account holds as many connections as it may.
+    UserFull,
 }
 
 impl Refused {
@@ -46,6 +52,7 @@ impl Refused {
             Self::NodeFull => "the server is at its connection limit; retry later",
             Self::AddressFull => "too many connections from your address",
             Self::AddressRate => "connecting too often from your address; retry in a second",
+            Self::UserFull => "this account holds as many connections as it may; close one first",
         }
     }
 
@@ -63,6 +70,7 @@ pub struct Admission(Arc<Slots>);
 struct Slots {
     max_total: usize,
     max_per_address: usize,
+    max_per_user: usize,
     connect_rate: Rate,
     exempt_loopback: bool,
     counts: Mutex<Counts>,
@@ -73,6 +81,7 @@ struct Counts {
     total: usize,
     by_address: HashMap<SourceAddress, usize>,
     connects: HashMap<SourceAddress, TokenBucket>,
+    by_user: HashMap<UserId, usize>,
 }
 
 /// A connection slot, given back when dropped.
@@ -88,6 +97,7 @@ impl Admission {
         Self(Arc::new(Slots {
             max_total,
             max_per_address: limits.max_connections_per_ip,
+            max_per_user: limits.max_connections_per_user,
             connect_rate: Rate {
                 per_second: limits.connect_rate_per_ip,
                 burst: limits.connect_burst_per_ip,
@@ -142,6 +152,43 @@ impl Admission {
     }
 }
 
+/// An authenticated connection's place in its account's share, given back when
+/// dropped.
+#[derive(Debug)]
+pub struct UserPermit {
+    slots: Arc<Slots>,
+    user: UserId,
+}
+
+impl Admission {
+    /// Takes one of `user`'s connection slots, if it has one free.
+    pub fn admit_user(&self, user: UserId) -> Result<UserPermit, Refused> {
+        let slots = &self.0;
+        let mut counts = slots.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = counts.by_user.entry(user).or_default();
+        if *count >= slots.max_per_user {
+            return Err(Refused::UserFull);
+        }
+        *count += 1;
+        Ok(UserPermit {
+            slots: slots.clone(),
+            user,
+        })
+    }
+}
+
+impl Drop for UserPermit {
+    fn drop(&mut self) {
+        let mut counts = self.slots.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.by_user.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                counts.by_user.remove(&self.user);
+            }
+        }
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut counts = self.slots.counts.lock().unwrap_or_else(PoisonError::into_inner);
@@ -172,6 +219,20 @@ mod tests {
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn an_account_holds_its_share_of_connections_and_gets_them_back() {
+        let mut limits = limits(100, false);
+        limits.max_connections_per_user = 2;
+        let admission = Admission::new(100, &limits);
+        let (user, other) = (UserId::new(1).unwrap(), UserId::new(2).unwrap());
+        let first = admission.admit_user(user).unwrap();
+        let _second = admission.admit_user(user).unwrap();
+        assert_eq!(admission.admit_user(user).unwrap_err(), Refused::UserFull);
+        let _other = admission.admit_user(other).unwrap();
+        drop(first);
+        admission.admit_user(user).unwrap();
     }
 
     #[test]

@@ -55,8 +55,9 @@ pub fn config(data_dir: &Path, shards: usize, overrides: &[(&str, &str)]) -> Con
 /// Abuse limits out of the way of tests, which sign up hundreds of users from
 /// loopback and pipeline thousands of messages from one device; the limits have
 /// tests of their own (tests/limits.rs, tests/accounts.rs).
-pub const TEST_LIMITS: [(&str, &str); 10] = [
+pub const TEST_LIMITS: [(&str, &str); 11] = [
     ("CONFAB_LIMITS__EXEMPT_LOOPBACK", "true"),
+    ("CONFAB_LIMITS__MAX_CONNECTIONS_PER_USER", "1000000"),
     ("CONFAB_LIMITS__SEND_RATE_PER_DEVICE", "1000000"),
     ("CONFAB_LIMITS__SEND_BURST_PER_DEVICE", "1000000"),
     ("CONFAB_LIMITS__SEND_RATE_PER_USER", "1000000"),
