@@ -427,7 +427,7 @@ async fn resuming_under_live_traffic_never_repeats_or_skips_a_message() {
 /// the next commit's pushes before its writer had run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_device_that_reads_late_keeps_its_session() {
-    use confab_client::proto::{Authenticate, ProtocolVersion, Resume, client_frame, server_frame};
+    use confab_client::proto::server_frame;
     // A replay nearly as long as the queue, of frames too large for the socket
     // buffers to take more than a few of while the phone does not read.
     let mut node = TestServer::start_with(
@@ -455,13 +455,7 @@ async fn a_resumed_device_that_reads_late_keeps_its_session() {
             .unwrap();
     }
 
-    let mut phone = RawConnection::connect(node.tcp).await;
-    phone.hello(ProtocolVersion::V1 as i32).await;
-    let resume = Authenticate {
-        access_token: phone_login.tokens.unwrap().access_token,
-        resume: Some(Resume::default()),
-    };
-    phone.send(2, client_frame::Kind::Authenticate(resume)).await;
+    let mut phone = RawConnection::resuming(node.tcp, phone_login.tokens.unwrap().access_token).await;
     // The replay is queued once its first bytes arrive; the phone reads none
     // of it while twelve more messages are committed.
     phone.readable().await;
@@ -560,7 +554,7 @@ async fn a_resume_past_the_replay_limit_under_live_traffic_is_answered() {
 /// resume did not look for kicks until it was done); now it is closed at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_logged_out_while_it_resumes_gets_no_more_of_its_replay() {
-    use confab_client::proto::{Authenticate, ProtocolVersion, Resume, client_frame, server_frame};
+    use confab_client::proto::server_frame;
     const MESSAGES: usize = 300;
     let mut node = TestServer::start_with(1, &[("CONFAB_STORE__DURABILITY", "buffered")]).await;
     let tcp = confab_client::Endpoint::tcp(node.tcp);
@@ -576,13 +570,7 @@ async fn a_device_logged_out_while_it_resumes_gets_no_more_of_its_replay() {
         ack.unwrap();
     }
 
-    let mut phone = RawConnection::connect(node.tcp).await;
-    phone.hello(ProtocolVersion::V1 as i32).await;
-    let resume = Authenticate {
-        access_token: phone_login.tokens.unwrap().access_token,
-        resume: Some(Resume::default()),
-    };
-    phone.send(2, client_frame::Kind::Authenticate(resume)).await;
+    let mut phone = RawConnection::resuming(node.tcp, phone_login.tokens.unwrap().access_token).await;
     phone.readable().await;
     laptop.revoke_device(phone_login.device_id).await.unwrap();
 

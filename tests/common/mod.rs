@@ -309,6 +309,21 @@ impl RawConnection {
         }
     }
 
+    /// A connection that said Hello and sent Authenticate with `access_token`,
+    /// resuming from nothing (so the whole history is replayed first); nothing
+    /// of the reply is read.
+    pub async fn resuming(addr: SocketAddr, access_token: String) -> Self {
+        use confab_client::proto::{Authenticate, ProtocolVersion, Resume, client_frame::Kind};
+        let mut connection = Self::connect(addr).await;
+        connection.hello(ProtocolVersion::V1 as i32).await;
+        let resume = Authenticate {
+            access_token,
+            resume: Some(Resume::default()),
+        };
+        connection.send(2, Kind::Authenticate(resume)).await;
+        connection
+    }
+
     /// Sends Hello; the reply, or `None` if the server closed the connection.
     pub async fn try_hello(&mut self) -> Option<confab_client::proto::ServerFrame> {
         use confab_client::proto::{Hello, ProtocolVersion, client_frame::Kind};
