@@ -27,10 +27,13 @@
 //!   start from
 //! - `marks`:     conversation key ++ user id ++ device id → delivered ++ read seq
 //!
-//! All writes go through one writer thread, which drains whatever is queued (up to
-//! `max_batch` jobs), commits it as one atomic fjall batch, then persists once:
-//! fsync with `durability = "sync"`, a hand-off to the OS with `"buffered"`. Only then
-//! are the callers answered. Being the only writer also makes "is this username free"
+//! All writes go through one writer, one batch at a time: its thread drains
+//! whatever is queued (up to `max_batch` jobs), commits it as one atomic fjall
+//! batch, then persists once: fsync with `durability = "sync"`, a hand-off to the
+//! OS with `"buffered"`. Only then are the callers answered. With `"buffered"`, a
+//! shard appending messages while the writer is free commits them itself, on its
+//! own thread, instead of queueing them (no hand-off, no wake-ups; see
+//! `writer.rs`). Being the only writer at a time also makes "is this username free"
 //! and "create it" one atomic step.
 //!
 //! Reads see only what is durable: they read a snapshot the writer publishes after
@@ -57,7 +60,7 @@ use super::{
     ConversationHead, DeviceRecord, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord, MessageRecord,
     NewUser, Role, Rotation, Store, StoreError, StoredSend, UserRecord,
 };
-use crate::config::StoreConfig;
+use crate::config::{Durability, StoreConfig};
 use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable as _};
@@ -83,11 +86,24 @@ const MAX_JOURNALING_BYTES: u64 = 128 * 1024 * 1024;
 /// Jobs queued for the writer before `append_messages` and friends wait.
 const WRITE_QUEUE: usize = 16 * 1024;
 
-#[derive(Debug)]
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
-    writer: mpsc::Sender<WriteJob>,
+    /// The writer, for the thread and for appends committed in place.
+    writer: Arc<Mutex<Writer>>,
+    /// Jobs for the writer thread.
+    jobs: mpsc::Sender<WriteJob>,
+    /// Whether an append may be committed on the caller's thread (buffered
+    /// durability: no fsync to wait for).
+    appends_in_place: bool,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("appends_in_place", &self.appends_in_place)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the writer publishes for readers.
@@ -237,23 +253,44 @@ impl EmbeddedStore {
             view: RwLock::new(Some(View::latest(inner.clone()))),
             condition: RwLock::new(Condition::Healthy),
         });
-        let (writer, jobs) = mpsc::channel(WRITE_QUEUE);
-        let writer_state = Writer::new(shared.clone(), inner, path.clone(), config);
+        let (jobs, queued) = mpsc::channel(WRITE_QUEUE);
+        let writer = Arc::new(Mutex::new(Writer::new(shared.clone(), inner, path.clone(), config)));
+        let thread_writer = writer.clone();
         let writer_thread = std::thread::Builder::new()
             .name("confab-store-writer".into())
-            .spawn(move || writer_state.run(jobs))
+            .spawn(move || Writer::run(&thread_writer, queued))
             .map_err(|err| io_error(&path, err))?;
         Ok(Self {
             shared,
             writer,
+            jobs,
+            appends_in_place: config.durability == Durability::Buffered,
             writer_thread: Mutex::new(Some(writer_thread)),
         })
     }
 
     async fn write<T>(&self, job: impl FnOnce(Reply<T>) -> WriteJob) -> Result<T, StoreError> {
         let (reply, result) = oneshot::channel();
-        self.writer.send(job(reply)).await.map_err(|_| StoreError::Closed)?;
+        self.jobs.send(job(reply)).await.map_err(|_| StoreError::Closed)?;
         result.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// With buffered durability, commits `messages` on this thread if the
+    /// writer is free; hands them back if it is busy (or with sync durability),
+    /// to be queued instead.
+    fn append_in_place(
+        &self,
+        messages: Vec<MessageRecord>,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, Vec<MessageRecord>> {
+        if !self.appends_in_place {
+            return Err(messages);
+        }
+        let Ok(mut writer) = self.writer.try_lock() else {
+            return Err(messages);
+        };
+        let (reply, committed) = oneshot::channel();
+        writer.commit(&mut vec![WriteJob::Append(messages, reply)]);
+        Ok(committed)
     }
 
     /// Runs `read` on the blocking pool against the last durable state.
@@ -358,7 +395,10 @@ impl Store for EmbeddedStore {
     }
 
     async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
-        self.write(|reply| WriteJob::Append(messages, reply)).await
+        match self.append_in_place(messages) {
+            Ok(committed) => committed.await.map_err(|_| StoreError::Closed)?,
+            Err(messages) => self.write(|reply| WriteJob::Append(messages, reply)).await,
+        }
     }
 
     async fn find_sends(
@@ -709,6 +749,32 @@ mod tests {
             deleted: false,
             edited_by: None,
         }
+    }
+
+    /// Buffered appends are committed by the caller while the writer is free,
+    /// and queued for its thread while it is busy: both land, in either order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock, reason = "holding the writer busy is the point")]
+    async fn appends_commit_in_place_or_queue_behind_a_busy_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path(), Durability::Buffered));
+        let ours = ConversationId::direct(user(1), user(2));
+        store.append_messages(vec![message(ours, 1)]).await.unwrap();
+        assert_eq!(store.last_seq(ours).await.unwrap(), 1);
+
+        let busy = store.writer.lock().unwrap();
+        let queued = tokio::spawn({
+            let store = store.clone();
+            async move { store.append_messages(vec![message(ours, 2)]).await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // Queued: the writer thread answers it once it has the writer back.
+        assert!(!queued.is_finished(), "committed while the writer was busy");
+        drop(busy);
+        queued.await.unwrap().unwrap();
+        assert_eq!(store.last_seq(ours).await.unwrap(), 2);
     }
 
     /// The contract shared with the other backends is in tests/store.rs; purging

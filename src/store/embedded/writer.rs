@@ -1,6 +1,15 @@
-//! The embedded store's single writer thread: batching, staging every kind of
-//! write into one atomic fjall batch, committing and persisting it, answering the
-//! callers with the batch's fate, and publishing what readers may see.
+//! The embedded store's single writer: batching, staging every kind of write into
+//! one atomic fjall batch, committing and persisting it, answering the callers
+//! with the batch's fate, and publishing what readers may see.
+//!
+//! One [`Writer`] behind a mutex, so one batch at a time. Its thread drains the
+//! queue of jobs; with `durability = "buffered"`, a shard that appends messages
+//! while the writer is free commits them itself (see
+//! `EmbeddedStore::append_messages`): the batch is a journal write and memtable
+//! inserts, microseconds, and the hand-off to the writer thread and back (two
+//! wake-ups on a busy machine) was most of a send's time between sequenced and
+//! committed. With `"sync"`, every batch goes through the thread, whose fsync
+//! covers whatever queued meanwhile.
 //!
 //! Faults pass instead of ending the store:
 //! - Before each batch the writer checks the free space under the data dir; below
@@ -26,7 +35,7 @@ use fjall::PersistMode;
 use prost::Message as _;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -171,25 +180,30 @@ impl Writer {
         }
     }
 
-    pub(super) fn run(mut self, mut jobs: mpsc::Receiver<WriteJob>) {
-        let mut queue = Vec::with_capacity(self.max_batch);
+    /// The writer thread: commits what is queued, a batch at a time, until the
+    /// store is closed.
+    pub(super) fn run(writer: &Mutex<Self>, mut jobs: mpsc::Receiver<WriteJob>) {
+        let max_batch = writer.lock().unwrap_or_else(PoisonError::into_inner).max_batch;
+        let mut queue = Vec::with_capacity(max_batch);
         while let Some(job) = jobs.blocking_recv() {
             queue.push(job);
-            while queue.len() < self.max_batch {
+            while queue.len() < max_batch {
                 match jobs.try_recv() {
                     Ok(job) => queue.push(job),
                     Err(_) => break,
                 }
             }
-            self.commit(&mut queue);
-            if self.closed {
+            let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
+            writer.commit(&mut queue);
+            if writer.closed {
                 break;
             }
         }
         // Later senders see a closed channel and get `StoreError::Closed`.
     }
 
-    fn commit(&mut self, jobs: &mut Vec<WriteJob>) {
+    /// Stages `jobs` into one batch, commits and persists it, and answers them.
+    pub(super) fn commit(&mut self, jobs: &mut Vec<WriteJob>) {
         let writable = self.writable();
         // Edits and deletes rewrite earlier rows, maybe staged in this very batch:
         // only then are staged messages kept at hand.
