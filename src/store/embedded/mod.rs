@@ -276,13 +276,19 @@ impl EmbeddedStore {
     }
 
     /// With buffered durability, commits `messages` on this thread if the
-    /// writer is free; hands them back if it is busy (or with sync durability),
-    /// to be queued instead.
+    /// writer is free; hands them back if it is busy, failed, or the store is
+    /// synchronous, to be queued instead.
     fn append_in_place(
         &self,
         messages: Vec<MessageRecord>,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, Vec<MessageRecord>> {
-        if !self.appends_in_place {
+        // A failed database is reopened by the writer thread, which may wait
+        // seconds for readers to let go of it: never on a shard.
+        let failed = matches!(
+            *self.shared.condition.read().unwrap_or_else(PoisonError::into_inner),
+            Condition::Failed(_)
+        );
+        if !self.appends_in_place || failed {
             return Err(messages);
         }
         let Ok(mut writer) = self.writer.try_lock() else {
