@@ -70,6 +70,7 @@ pub struct LimitsConfig {
     pub max_connections_per_ip: usize,
     pub connect_rate_per_ip: f64,
     pub max_connections_per_user: usize,
+    pub reply_bytes_per_ip: usize,
     pub connect_burst_per_ip: f64,
     pub exempt_loopback: bool,
     pub send_rate_per_device: f64,
@@ -435,6 +436,12 @@ impl Config {
             return invalid(
                 "protocol.outbound_reply_bytes",
                 "must be at least protocol.max_frame_bytes, so a reply of a full frame fits",
+            );
+        }
+        if self.limits.reply_bytes_per_ip < self.protocol.outbound_reply_bytes {
+            return invalid(
+                "limits.reply_bytes_per_ip",
+                "must be at least protocol.outbound_reply_bytes, so one connection can use its own budget",
             );
         }
         if self.protocol.outbound_queue_bytes < 2 * self.protocol.outbound_reply_bytes {

@@ -15,15 +15,17 @@ async fn a_peer_that_stops_reading_is_cut_off_and_nobody_else_waits() {
     let mut node = TestServer::start_with(
         2,
         &[
-            ("CONFAB_PROTOCOL__OUTBOUND_QUEUE_FRAMES", "8"),
+            ("CONFAB_PROTOCOL__OUTBOUND_QUEUE_FRAMES", "32"),
             ("CONFAB_PROTOCOL__MAX_IN_FLIGHT_REQUESTS", "4"),
             ("CONFAB_STORE__DURABILITY", "buffered"),
         ],
     )
     .await;
-    // Over TCP whatever the run's transport: the 8-frame queue is sized for
-    // socket buffers, and a fresh QUIC connection's congestion window would make
-    // even a prompt reader look slow under this burst.
+    // Over TCP whatever the run's transport: the 32-frame queue (~2 MB) is sized
+    // for socket buffers, and a fresh QUIC connection's congestion window would
+    // make even a prompt reader look slow under this burst. (With 8 frames a
+    // prompt reader on a loaded machine was cut off now and then: a committed
+    // batch of the pipelined sends reaches it as one burst.)
     let tcp = confab_client::Endpoint::tcp(node.tcp);
     let (alice, _, _) = new_user(tcp, "flood").await;
     let (bob, bob_login, bob_name) = new_user(tcp, "stall").await;
@@ -47,7 +49,7 @@ async fn a_peer_that_stops_reading_is_cut_off_and_nobody_else_waits() {
         "{reply:?}"
     );
 
-    // ~24 MB of pushes: far more than socket buffers and the 8-frame queue hold.
+    // ~24 MB of pushes: far more than socket buffers and the 32-frame queue hold.
     let body = "x".repeat(60_000);
     let ids: Vec<String> = (0..MESSAGES).map(|i| format!("f{i}")).collect();
     let sends = ids.iter().map(|id| alice.send_direct(bob_login.user_id, id, &body));
@@ -305,8 +307,6 @@ async fn read_burst(client: &confab_client::Client, name: &str, count: usize) ->
 /// once room for it is reserved, and a replay is read in chunks of that size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
-    use confab_client::proto::{ClientFrame, ConversationRef, History, conversation_ref::Target};
-    use tokio::io::AsyncWriteExt as _;
     const REPLY_BYTES: f64 = 1024.0 * 1024.0;
     const FRAME_BYTES: f64 = 256.0 * 1024.0;
     const MESSAGES: usize = 100;
@@ -339,61 +339,12 @@ async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
             hoarders.push(RawConnection::resuming(node.tcp, token.clone()).await.into_stream());
             continue;
         }
-        let mut raw = RawConnection::connect(node.tcp).await;
-        raw.hello(ProtocolVersion::V1 as i32).await;
-        raw.send(
-            2,
-            Kind::Authenticate(Authenticate {
-                access_token: token.clone(),
-                resume: None,
-            }),
-        )
-        .await;
-        let reply = raw.recv().await.unwrap();
-        assert!(
-            matches!(reply.kind, Some(server_frame::Kind::Authenticated(_))),
-            "{reply:?}"
-        );
-        // The others ask for page after page until the server stops reading.
-        let history = ClientFrame {
-            request_id: 3,
-            kind: Some(Kind::History(History {
-                conversation: Some(ConversationRef {
-                    target: Some(Target::DirectUserId(login.user_id)),
-                }),
-                before_seq: None,
-                after_seq: None,
-                limit: 200,
-            })),
-        };
-        let bytes = confab_proto::encode_frame(&history);
-        let mut stream = raw.into_stream();
-        for _ in 0..1500 {
-            if tokio::time::timeout(Duration::from_millis(100), stream.write_all(&bytes))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
+        let raw = RawConnection::connect(node.tcp).await;
+        let stream = history_hoarder(raw, token.clone(), login.user_id).await;
         hoarders.push(stream);
     }
 
-    // The queues fill, then stay as they are (gauges are sampled once a second).
-    let (total, fullest) = within(Duration::from_secs(30), async {
-        let mut last = 0.0;
-        loop {
-            let body = common::scrape(metrics).await;
-            let total = common::sample(&body, "confab_outbound_bytes{shard=\"0\"}").unwrap_or(0.0);
-            let fullest = common::sample(&body, "confab_outbound_bytes_max{shard=\"0\"}").unwrap_or(0.0);
-            if total >= HOARDERS as f64 * FRAME_BYTES && total == last {
-                return (total, fullest);
-            }
-            last = total;
-            tokio::time::sleep(Duration::from_millis(1100)).await;
-        }
-    })
-    .await;
+    let (total, fullest) = settled_outbound_bytes(metrics, HOARDERS as f64 * FRAME_BYTES).await;
     assert!(
         fullest <= REPLY_BYTES + FRAME_BYTES,
         "a queue holds {fullest} bytes (all {HOARDERS}: {total})"
@@ -420,6 +371,107 @@ async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
     common::server_still_serves(tcp).await;
     drop(hoarders);
     node.shutdown().await;
+}
+
+/// Connections from one address share its reply bytes on a shard: eight that
+/// ask for pages and read nothing hold `limits.reply_bytes_per_ip` together,
+/// not eight times their own budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_from_one_address_share_its_reply_bytes() {
+    const SHARE: f64 = 2.0 * 1024.0 * 1024.0;
+    let mut node = TestServer::start_with(
+        1,
+        &[
+            ("CONFAB_METRICS__LISTEN", "127.0.0.1:0"),
+            ("CONFAB_STORE__DURABILITY", "buffered"),
+            ("CONFAB_LIMITS__EXEMPT_LOOPBACK", "false"),
+            ("CONFAB_LIMITS__REPLY_BYTES_PER_IP", "2097152"),
+        ],
+    )
+    .await;
+    let metrics = node.server.as_ref().unwrap().metrics_addr().unwrap();
+    let tcp = confab_client::Endpoint::tcp(node.tcp);
+    let (alice, login, _) = new_user(tcp, "crowd").await;
+    let body = "y".repeat(60_000);
+    let ids: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+    let sends = ids.iter().map(|id| alice.send_direct(login.user_id, id, &body));
+    for ack in futures::future::join_all(sends).await {
+        ack.unwrap();
+    }
+    let token = login.tokens.unwrap().access_token;
+    let mut hoarders = Vec::new();
+    for _ in 0..8 {
+        let raw = connect_from("127.0.0.7", node.tcp).await;
+        hoarders.push(history_hoarder(raw, token.clone(), login.user_id).await);
+    }
+    let (total, _) = settled_outbound_bytes(metrics, SHARE / 2.0).await;
+    assert!(total <= SHARE, "the address's connections hold {total} bytes");
+    drop(hoarders);
+    node.shutdown().await;
+}
+
+/// Authenticates `raw` with `access_token`, then asks for History pages of
+/// `user`'s conversation with itself until the server stops reading; reads
+/// nothing.
+async fn history_hoarder(mut raw: RawConnection, access_token: String, user: u64) -> tokio::net::TcpStream {
+    use confab_client::proto::{ClientFrame, ConversationRef, History, conversation_ref::Target};
+    use tokio::io::AsyncWriteExt as _;
+    raw.hello(ProtocolVersion::V1 as i32).await;
+    raw.send(
+        2,
+        Kind::Authenticate(Authenticate {
+            access_token,
+            resume: None,
+        }),
+    )
+    .await;
+    let reply = raw.recv().await.unwrap();
+    assert!(
+        matches!(reply.kind, Some(server_frame::Kind::Authenticated(_))),
+        "{reply:?}"
+    );
+    let history = ClientFrame {
+        request_id: 3,
+        kind: Some(Kind::History(History {
+            conversation: Some(ConversationRef {
+                target: Some(Target::DirectUserId(user)),
+            }),
+            before_seq: None,
+            after_seq: None,
+            limit: 200,
+        })),
+    };
+    let bytes = confab_proto::encode_frame(&history);
+    let mut stream = raw.into_stream();
+    for _ in 0..1500 {
+        if tokio::time::timeout(Duration::from_millis(100), stream.write_all(&bytes))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    stream
+}
+
+/// The bytes queued on shard 0's connections, all together and in the fullest
+/// queue, once at least `at_least` are and they stay the same between two
+/// samples (the gauges are sampled once a second).
+async fn settled_outbound_bytes(metrics: std::net::SocketAddr, at_least: f64) -> (f64, f64) {
+    within(Duration::from_secs(30), async {
+        let mut last = 0.0;
+        loop {
+            let body = common::scrape(metrics).await;
+            let total = common::sample(&body, "confab_outbound_bytes{shard=\"0\"}").unwrap_or(0.0);
+            let fullest = common::sample(&body, "confab_outbound_bytes_max{shard=\"0\"}").unwrap_or(0.0);
+            if total >= at_least && total == last {
+                return (total, fullest);
+            }
+            last = total;
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+    })
+    .await
 }
 
 /// This process's resident memory.

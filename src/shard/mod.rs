@@ -31,7 +31,7 @@ mod store_watch;
 pub use connection::{Closed, FrameSource, Inbound, ReadError, run as run_connection};
 pub use mesh::Mesh;
 pub(crate) use mesh::ShardMsg;
-pub use outbound::{Bounds, Outbound};
+pub use outbound::{AddressShare, Bounds, Outbound};
 
 use crate::auth::Accounts;
 use crate::chat::{Assigned, PresenceTracker, ReceiptCoalescer, Sequencer, SequencerLimits};
@@ -108,6 +108,8 @@ pub struct Shard {
     receipts: RefCell<ReceiptCoalescer>,
     /// What each user may still send through this shard.
     quotas: RefCell<quotas::UserQuotas>,
+    /// Reply bytes per source address, shared by its connections here.
+    address_shares: RefCell<outbound::AddressShares>,
     /// Timings of the stages of a send (no-ops unless metrics are on).
     stages: crate::metrics::SendStages,
     /// Presence of the users whose home this shard is.
@@ -199,6 +201,10 @@ async fn run(
         commit_ready: Notify::new(),
         receipts: RefCell::default(),
         quotas: RefCell::new(quotas::UserQuotas::new(&context.config.limits)),
+        address_shares: RefCell::new(outbound::AddressShares::new(
+            context.config.limits.reply_bytes_per_ip,
+            context.config.limits.exempt_loopback,
+        )),
         stages: crate::metrics::SendStages::new(),
         presence: RefCell::new(presence_tracker),
         presence_changed: Notify::new(),
@@ -246,6 +252,12 @@ async fn run(
 }
 
 impl Shard {
+    /// The reply share of connections from `ip` on this shard; `None` when
+    /// the address is exempt from per-address limits.
+    pub fn address_share(&self, ip: std::net::IpAddr) -> Option<Rc<AddressShare>> {
+        self.address_shares.borrow_mut().of(ip)
+    }
+
     /// Runs a connection task, tracked for shutdown.
     pub fn spawn_connection(&self, task: impl Future<Output = ()> + 'static) {
         self.connections.spawn_local(task);

@@ -15,14 +15,81 @@
 //! holds at most its reply budget of memory no one else shares. A reply whose
 //! size is not known before it is read from the store (a page) first reserves
 //! room in that budget: a connection reads at most a budget of pages ahead of
-//! its peer.
+//! its peer. The connections from one source address on a shard also share an
+//! [`AddressShare`] of reply bytes, so many connections from one address cannot
+//! multiply the per-connection budget.
 
 use super::Closed;
+use crate::ids::SourceAddress;
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
-use std::rc::Rc;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::rc::{Rc, Weak};
 use tokio::sync::Notify;
+
+/// Addresses remembered above which those with no connection left are forgotten.
+const PRUNE_ABOVE: usize = 4096;
+
+/// The reply bytes all connections from one source address on one shard hold:
+/// queued, and reserved for pages being read.
+#[derive(Debug)]
+pub struct AddressShare {
+    queued: Cell<usize>,
+    reserved: Cell<usize>,
+    max: usize,
+    /// Wakes the address's connections waiting for room.
+    freed: Notify,
+}
+
+impl AddressShare {
+    fn free(&self, queued: usize, reserved: usize) {
+        self.queued.set(self.queued.get() - queued);
+        self.reserved.set(self.reserved.get() - reserved);
+        self.freed.notify_waiters();
+    }
+}
+
+/// A shard's [`AddressShare`]s, one per source address with connections.
+#[derive(Debug)]
+pub struct AddressShares {
+    max: usize,
+    exempt_loopback: bool,
+    by_address: HashMap<SourceAddress, Weak<AddressShare>>,
+}
+
+impl AddressShares {
+    /// Shares of `max` bytes; none for loopback if it is exempt.
+    pub fn new(max: usize, exempt_loopback: bool) -> Self {
+        Self {
+            max,
+            exempt_loopback,
+            by_address: HashMap::new(),
+        }
+    }
+
+    /// The share of connections from `ip`; `None` if it is exempt.
+    pub fn of(&mut self, ip: IpAddr) -> Option<Rc<AddressShare>> {
+        if self.exempt_loopback && ip.is_loopback() {
+            return None;
+        }
+        if self.by_address.len() > PRUNE_ABOVE {
+            self.by_address.retain(|_, share| share.strong_count() > 0);
+        }
+        let slot = self.by_address.entry(SourceAddress::of(ip)).or_default();
+        if let Some(share) = slot.upgrade() {
+            return Some(share);
+        }
+        let share = Rc::new(AddressShare {
+            queued: Cell::new(0),
+            reserved: Cell::new(0),
+            max: self.max,
+            freed: Notify::new(),
+        });
+        *slot = Rc::downgrade(&share);
+        Some(share)
+    }
+}
 
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +136,8 @@ struct Queue {
     reply_bytes: Cell<usize>,
     /// Bytes promised to replies still being read (see [`Outbound::reserve`]).
     reserved: Cell<usize>,
+    /// The reply bytes this connection's address holds on this shard.
+    address: Option<Rc<AddressShare>>,
     closed: Cell<bool>,
     /// Why the connection ended, once it has: transports turn it into a close code.
     ended: Cell<Option<Closed>>,
@@ -88,7 +157,19 @@ pub struct Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.queue.reserved.set(self.queue.reserved.get() - self.bytes);
+        if let Some(address) = &self.queue.address {
+            address.free(0, self.bytes);
+        }
         self.queue.drained.notify_waiters();
+    }
+}
+
+impl Drop for Queue {
+    /// A connection's queued replies stop counting for its address when it ends.
+    fn drop(&mut self) {
+        if let Some(address) = &self.address {
+            address.free(self.reply_bytes.get(), 0);
+        }
     }
 }
 
@@ -114,17 +195,40 @@ impl Queue {
         self.has_frame_room()
             && within(self.bytes.get(), len, self.bounds.bytes / 2)
             && within(self.reply_bytes.get(), len, self.bounds.reply_bytes)
+            && self
+                .address
+                .as_ref()
+                .is_none_or(|address| within(address.queued.get(), len, address.max))
+    }
+
+    /// Whether `bytes` more may be reserved: within the connection's reply
+    /// budget (any amount when it has nothing reserved) and its address's.
+    fn fits_reservation(&self, bytes: usize) -> bool {
+        let reserved = self.reserved.get();
+        let own = reserved == 0 || self.reply_bytes.get() + reserved + bytes <= self.bounds.reply_bytes;
+        own && self
+            .address
+            .as_ref()
+            .is_none_or(|address| within(address.queued.get() + address.reserved.get(), bytes, address.max))
     }
 }
 
 impl Outbound {
+    /// A queue with no address share.
+    #[cfg(test)]
     pub fn new(bounds: Bounds) -> Self {
+        Self::sharing(bounds, None)
+    }
+
+    /// A queue whose replies also count in `address`'s share.
+    pub fn sharing(bounds: Bounds, address: Option<Rc<AddressShare>>) -> Self {
         Self(Rc::new(Queue {
             frames: RefCell::new(VecDeque::new()),
             bounds,
             bytes: Cell::new(0),
             reply_bytes: Cell::new(0),
             reserved: Cell::new(0),
+            address,
             closed: Cell::new(false),
             ended: Cell::new(None),
             filled: Notify::new(),
@@ -148,6 +252,9 @@ impl Outbound {
         self.0.bytes.set(self.0.bytes.get() + frame.len());
         if reply {
             self.0.reply_bytes.set(self.0.reply_bytes.get() + frame.len());
+            if let Some(address) = &self.0.address {
+                address.queued.set(address.queued.get() + frame.len());
+            }
         }
         self.0.frames.borrow_mut().push_back((frame, reply));
         self.0.filled.notify_one();
@@ -182,14 +289,12 @@ impl Outbound {
     /// reply goes out while others are still being read. A closed queue
     /// reserves nothing at once: the reply is not sent.
     pub async fn reserve(&self, bytes: usize) -> Reservation {
-        let waited = self
-            .wait_until(|queue| {
-                let reserved = queue.reserved.get();
-                reserved == 0 || queue.reply_bytes.get() + reserved + bytes <= queue.bounds.reply_bytes
-            })
-            .await;
+        let waited = self.wait_until(|queue| queue.fits_reservation(bytes)).await;
         let bytes = if waited.is_ok() { bytes } else { 0 };
         self.0.reserved.set(self.0.reserved.get() + bytes);
+        if let Some(address) = &self.0.address {
+            address.reserved.set(address.reserved.get() + bytes);
+        }
         Reservation {
             queue: self.0.clone(),
             bytes,
@@ -199,13 +304,22 @@ impl Outbound {
     async fn wait_until(&self, ready: impl Fn(&Queue) -> bool) -> Result<(), Refused> {
         loop {
             let drained = self.0.drained.notified();
+            let freed = self.0.address.as_ref().map(|address| address.freed.notified());
             if self.0.closed.get() {
                 return Err(Refused::Closed);
             }
             if ready(&self.0) {
                 return Ok(());
             }
-            drained.await;
+            match freed {
+                Some(freed) => {
+                    tokio::select! {
+                        () = drained => {}
+                        () = freed => {}
+                    }
+                }
+                None => drained.await,
+            }
         }
     }
 
@@ -250,6 +364,9 @@ impl Outbound {
         self.0.bytes.set(self.0.bytes.get() - frame.len());
         if reply {
             self.0.reply_bytes.set(self.0.reply_bytes.get() - frame.len());
+            if let Some(address) = &self.0.address {
+                address.free(frame.len(), 0);
+            }
         }
         self.0.drained.notify_waiters();
         Some(frame)
@@ -445,6 +562,46 @@ mod tests {
                 assert_eq!(large.bytes, 5000);
                 queue.close();
                 assert_eq!(queue.reserve(10).await.bytes, 0, "a closed queue reserves nothing");
+            })
+            .await;
+    }
+
+    #[tokio::test]
+    async fn connections_from_one_address_share_its_reply_bytes() {
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let mut shares = AddressShares::new(500, true);
+                assert!(shares.of("127.0.0.1".parse().unwrap()).is_none(), "loopback is exempt");
+                let address: IpAddr = "10.0.0.1".parse().unwrap();
+                let first = Outbound::sharing(bounds(100_000, 400), shares.of(address));
+                let second = Outbound::sharing(bounds(100_000, 400), shares.of(address));
+                let elsewhere = Outbound::sharing(bounds(100_000, 400), shares.of("10.0.0.2".parse().unwrap()));
+                first.send(frame(300)).await.unwrap();
+                // Within its own budget, but the address has 200 left.
+                let sender = second.clone();
+                let waiting = tokio::task::spawn_local(async move { sender.send(frame(300)).await });
+                tokio::task::yield_now().await;
+                assert!(!waiting.is_finished(), "the address's 500 bytes would be exceeded");
+                elsewhere.send(frame(300)).await.unwrap();
+                // A reservation waits for the address too.
+                let reserver = second.clone();
+                let reserving = tokio::task::spawn_local(async move { reserver.reserve(300).await.bytes });
+                tokio::task::yield_now().await;
+                assert!(!reserving.is_finished());
+                // The first connection's peer reads: room for one of them.
+                first.try_recv().unwrap();
+                waiting.await.unwrap().unwrap();
+                tokio::task::yield_now().await;
+                assert!(!reserving.is_finished(), "300 queued + 300 reserved > 500");
+                second.try_recv().unwrap();
+                assert_eq!(reserving.await.unwrap(), 300);
+                // A connection that ends gives back what it still had queued.
+                let third = Outbound::sharing(bounds(100_000, 400), shares.of(address));
+                third.send(frame(200)).await.unwrap();
+                assert!(!first.0.fits_reservation(400), "200 queued + 400 > 500");
+                drop(third);
+                assert!(first.0.fits_reservation(400));
             })
             .await;
     }

@@ -37,11 +37,12 @@ where
     W: Future<Output = ()> + 'static,
 {
     let protocol = &shard.config.protocol;
-    let outbound = Outbound::new(Bounds {
+    let bounds = Bounds {
         frames: protocol.outbound_queue_frames,
         bytes: protocol.outbound_queue_bytes,
         reply_bytes: protocol.outbound_reply_bytes,
-    });
+    };
+    let outbound = Outbound::sharing(bounds, shard.address_share(peer.ip()));
     let writer = tokio::task::spawn_local(writer(outbound.clone()));
     let closed = crate::shard::run_connection(shard, source, outbound.clone(), peer).await;
     outbound.end(closed);
