@@ -307,6 +307,7 @@ async fn read_burst(client: &confab_client::Client, name: &str, count: usize) ->
 /// once room for it is reserved, and a replay is read in chunks of that size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
+    let _gauges = GAUGES.lock().await;
     const REPLY_BYTES: f64 = 1024.0 * 1024.0;
     const FRAME_BYTES: f64 = 256.0 * 1024.0;
     const MESSAGES: usize = 100;
@@ -350,7 +351,8 @@ async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
         "a queue holds {fullest} bytes (all {HOARDERS}: {total})"
     );
     let grown = resident_bytes().saturating_sub(rss_before);
-    assert!(grown < 200 << 20, "the node grew by {} MB", grown >> 20);
+    // Without the reservation ~1.5 GB; other tests of this binary run beside it.
+    assert!(grown < 600 << 20, "the node grew by {} MB", grown >> 20);
 
     // A resumed hoarder that starts reading gets every message, then the reply.
     let mut late = RawConnection::from_stream(hoarders.swap_remove(1));
@@ -378,6 +380,7 @@ async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
 /// not eight times their own budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_from_one_address_share_its_reply_bytes() {
+    let _gauges = GAUGES.lock().await;
     const SHARE: f64 = 2.0 * 1024.0 * 1024.0;
     let mut node = TestServer::start_with(
         1,
@@ -409,6 +412,10 @@ async fn connections_from_one_address_share_its_reply_bytes() {
     drop(hoarders);
     node.shutdown().await;
 }
+
+/// The metrics are the process's: tests that read the outbound gauges (named
+/// by shard, like every node's) take turns.
+static GAUGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Authenticates `raw` with `access_token`, then asks for History pages of
 /// `user`'s conversation with itself until the server stops reading; reads
