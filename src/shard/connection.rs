@@ -248,8 +248,8 @@ impl Connection {
 
     /// Starts a pipelined command; its reply resolves later. A command that
     /// answers with a page of unknown size (up to a frame) reads the store only
-    /// once the outbound queue has room reserved for it, so a peer that pipelines
-    /// page requests and does not read holds no more than its queue's worth.
+    /// once room for it is reserved in the connection's reply budget, so a peer
+    /// that pipelines page requests and does not read holds no more than that.
     async fn start(&self, request: Request) -> Reply {
         if request.command.is_read()
             && let Some(identity) = self.session.identity()
@@ -699,8 +699,8 @@ impl Connection {
     }
 
     /// Sends what the device at `cursors` missed, up to `max_replay_messages`,
-    /// read in chunks of at most the replies' share of the outbound queue, so a
-    /// resuming peer that does not read holds no more than that. Returns the
+    /// read in chunks of at most the connection's reply budget, so a resuming
+    /// peer that does not read holds no more than that. Returns the
     /// cursors the device has reached; `reply` counts the messages and says
     /// whether they were all there was.
     async fn replay(&self, reply: &mut v1::Authenticated, user: UserId, mut cursors: Cursors) -> (Cursors, Flow) {
