@@ -4,10 +4,10 @@
 
 use bytes::BytesMut;
 use confab::chat::message_frame;
-use confab::ids::{ConversationId, DeviceId, UserId};
 use confab::store::MessageRecord;
 use confab_proto::v1::{ClientFrame, Send, client_frame};
 use confab_proto::{FrameDecoder, encode_frame};
+use confab_protocol::ids::{ConversationId, DeviceId, UserId};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 

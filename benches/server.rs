@@ -4,11 +4,12 @@
 //! `cargo bench --bench server`. Numbers go in BENCHMARKS.md with the machine.
 
 use confab::auth::{Claims, TokenSigner};
-use confab::chat::{Admission, Append, CheckResult, Content, Outcome, Sequencer, SequencerLimits};
+use confab::chat::{Admission, CheckResult, Outcome, Sequencer, SequencerLimits};
 use confab::config::{Durability, StoreBackend, StoreConfig};
-use confab::ids::{ConversationId, DeviceId, UserId};
 use confab::store::embedded::EmbeddedStore;
 use confab::store::{MessageRecord, Store as _};
+use confab_protocol::ids::{ConversationId, DeviceId, UserId};
+use confab_protocol::{Append, Content};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 

@@ -6,6 +6,7 @@
 //! from; an environment variable with the prefix that names no key (another
 //! tool's, or a typo) is set aside in [`Config::ignored_env`] for a warning.
 
+use confab_protocol::{Rate, SessionLimits};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -256,6 +257,32 @@ pub struct LogConfig {
 }
 
 impl Config {
+    /// The limits each connection's protocol session enforces.
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            max_frame_bytes: self.protocol.max_frame_bytes,
+            heartbeat_interval: self.protocol.heartbeat_interval,
+            handshake_timeout: self.server.handshake_timeout,
+            auth_timeout: self.server.auth_timeout,
+            max_body_chars: self.chat.max_body_chars,
+            max_client_msg_id_bytes: self.chat.max_client_msg_id_bytes,
+            max_history_limit: self.chat.max_history_limit,
+            max_auth_failures: self.protocol.max_auth_failures,
+            max_group_members: self.chat.max_group_members,
+            max_group_title_chars: self.chat.max_group_title_chars,
+            typing_min_interval: self.chat.typing_min_interval,
+            max_presence_subscriptions: self.chat.max_presence_subscriptions,
+            send_rate: Rate {
+                per_second: self.limits.send_rate_per_device,
+                burst: self.limits.send_burst_per_device,
+            },
+            read_rate: Rate {
+                per_second: self.limits.read_rate_per_device,
+                burst: self.limits.read_burst_per_device,
+            },
+        }
+    }
+
     /// Built-in defaults < `file` < `CONFAB_*` variables of the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         Self::load_from(file, std::env::vars())

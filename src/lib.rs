@@ -14,12 +14,8 @@ pub mod clock;
 pub mod config;
 /// The data dir's private files (0700 dir, 0600 secrets).
 pub mod files;
-/// Typed identifiers: users, devices, conversations, sequence numbers.
-pub mod ids;
 /// Stage timings, queue depths and store health, served for Prometheus.
 pub mod metrics;
-/// The sans-IO protocol core: session state machine, commands, reply frames.
-pub mod protocol;
 /// Node assembly and lifecycle.
 pub mod server;
 /// Pinned single-threaded runtimes, the cross-shard mesh, connection driving.

@@ -4,13 +4,13 @@
 
 use crate::auth::{Accounts, HashError, KeyError, PasswordHasher, Throttle, TokenSigner};
 use crate::config::Config;
-use crate::ids::GroupIds;
 use crate::shard::{self, Listeners, Mesh, NodeContext, ShardId, ShardStart};
 use crate::store::{Store, StoreError};
 use crate::transport::admission::Admission;
 use crate::transport::bind_reuseport;
 use crate::transport::quic::QuicListener;
 use crate::transport::tls::{Identity, TlsError};
+use confab_protocol::ids::GroupIds;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::oneshot;

@@ -6,10 +6,9 @@
 
 mod common;
 
-use confab::ids::{ConversationId, DeviceId, Seq, UserId};
-use confab::store::{
-    DeviceRecord, GroupEvent, HistoryPage, HistoryRange, MessageRecord, NewUser, Store, StoreError, StoredSend,
-};
+use confab::store::{DeviceRecord, GroupEvent, HistoryPage, MessageRecord, NewUser, Store, StoreError, StoredSend};
+use confab_protocol::HistoryRange;
+use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -337,7 +336,7 @@ async fn a_former_member_sees_a_group_where_it_left_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let (me, owner) = (UserId::random(), UserId::random());
-    let group = ConversationId::Group(confab::ids::GroupId::random());
+    let group = ConversationId::Group(confab_protocol::ids::GroupId::random());
     let direct = ConversationId::direct(me, owner);
     let created = MessageRecord {
         event: Some(GroupEvent::Created {

@@ -3,9 +3,9 @@
 //! reply it makes itself fits a frame, and its deadlines hold.
 #![no_main]
 
-use confab::auth::Identity;
-use confab::ids::{DeviceId, GroupIds, UserId};
-use confab::protocol::{Session, SessionLimits, Step};
+use confab_protocol::Identity;
+use confab_protocol::ids::{DeviceId, GroupIds, UserId};
+use confab_protocol::{Session, SessionLimits, Step};
 use confab_proto::v1::ClientFrame;
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 fn limits() -> &'static SessionLimits {
     static LIMITS: OnceLock<SessionLimits> = OnceLock::new();
-    LIMITS.get_or_init(|| SessionLimits::from_config(&confab::Config::defaults().expect("the defaults load")))
+    LIMITS.get_or_init(|| confab::Config::defaults().expect("the defaults load").session_limits())
 }
 
 fuzz_target!(|input: &[u8]| {

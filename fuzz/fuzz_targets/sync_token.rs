@@ -2,7 +2,7 @@
 //! panic, and a token that decodes encodes back to cursors that decode the same.
 #![no_main]
 
-use confab::chat::Cursors;
+use confab_protocol::Cursors;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|token: &str| {

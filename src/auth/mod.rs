@@ -5,21 +5,19 @@
 //! the user exists. Access tokens are stateless HMAC tokens bound to a device; a
 //! device removed by `LogOut` makes its tokens useless.
 
-mod credentials;
 mod password;
 mod throttle;
 mod token;
 
-pub use credentials::{InvalidPassword, InvalidUsername, Password, Username, device_name};
 pub use password::{HashError, PasswordHasher};
 pub use throttle::{Throttle, Throttled};
 pub use token::{Claims, KeyError, TokenError, TokenSigner};
 
 use crate::clock::unix_ms;
 use crate::config::AuthConfig;
-use crate::ids::{DeviceId, UserId};
-use crate::protocol::{ErrorCode, ErrorKind};
 use crate::store::{DeviceRecord, NewUser, Rotation, Store, StoreError, UserRecord};
+use confab_protocol::ids::{DeviceId, UserId};
+use confab_protocol::{ErrorCode, ErrorKind, Identity, Password, Username};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -64,16 +62,6 @@ pub struct Grant {
     pub access_expires_at_ms: u64,
     pub refresh_token: String,
     pub refresh_expires_at_ms: u64,
-}
-
-/// An authenticated (user, device) pair.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub user: UserId,
-    pub device: DeviceId,
-    pub username: String,
-    /// When the access token that proved it expires (Unix ms).
-    pub expires_at_ms: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -4,9 +4,9 @@
 //! pool, and a node-wide semaphore caps how many run at once: a login storm queues
 //! instead of starving every shard.
 
-use super::credentials::Password;
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
+use confab_protocol::Password;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 

@@ -22,8 +22,8 @@
 //! path, so one short lock is fine here.
 
 use crate::config::LimitsConfig;
-use crate::ids::SourceAddress;
-use crate::protocol::{Rate, TokenBucket};
+use confab_protocol::ids::SourceAddress;
+use confab_protocol::{Rate, TokenBucket};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};

@@ -8,9 +8,9 @@
 //! A refresh token is `r1.<user, device, 32 random bytes>`. Only the SHA-256 of the
 //! random part is stored, so a leaked database does not leak usable refresh tokens.
 
-use crate::ids::{DeviceId, UserId};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use confab_protocol::ids::{DeviceId, UserId};
 use hmac::{Hmac, Mac as _};
 use sha2::{Digest as _, Sha256};
 use std::path::Path;

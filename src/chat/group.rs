@@ -11,21 +11,11 @@
 //! (else the lowest-id member) becomes owner.
 
 use super::ChatError;
-use crate::ids::UserId;
-use crate::store::{GroupEvent, GroupRecord, Role};
+use crate::store::{GroupEvent, GroupRecord};
+use confab_protocol::ids::UserId;
+use confab_protocol::{GroupCommand, Role};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
-/// A change a member asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GroupCommand {
-    Create { title: String, members: Vec<UserId> },
-    Add(Vec<UserId>),
-    Remove(UserId),
-    Leave,
-    Rename(String),
-    SetRole(UserId, Role),
-}
 
 /// A loaded group: its title and current members.
 #[derive(Debug, Clone)]

@@ -11,18 +11,16 @@ mod sequencer;
 mod signals;
 mod sync;
 
-pub use group::{GroupCommand, GroupState};
+pub use group::GroupState;
 pub use presence::{Presence, PresenceTracker, Update};
-pub use sequencer::{
-    Admission, Append, Assigned, Check, CheckResult, Content, Outcome, SendKey, Sequencer, SequencerLimits,
-};
+pub use sequencer::{Admission, Assigned, Check, CheckResult, Outcome, Sequencer, SequencerLimits};
 pub use signals::{ReceiptCoalescer, Signal};
-pub use sync::{Cursors, MalformedToken, Plan, Planned, plan};
+pub use sync::{Plan, Planned, plan};
 
-use crate::protocol::{ErrorCode, ErrorKind, push_frame};
 use crate::store::{Amendment, MessageRecord, StoreError};
 use bytes::Bytes;
 use confab_proto::v1::{self, server_frame};
+use confab_protocol::{ErrorCode, ErrorKind, push_frame};
 
 /// Why a chat request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -75,8 +73,8 @@ impl ErrorKind for StoreError {
 /// What the sender hears back once its message is durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendAck {
-    pub conversation: crate::ids::ConversationId,
-    pub seq: crate::ids::Seq,
+    pub conversation: confab_protocol::ids::ConversationId,
+    pub seq: confab_protocol::ids::Seq,
     pub server_time_ms: u64,
     pub client_msg_id: String,
 }

@@ -10,7 +10,7 @@
 //! Sans-IO: the owner feeds connections, disconnections and clock ticks, and sends
 //! the [`Update`]s it gets back. Generic over the subscriber handle `S`.
 
-use crate::ids::UserId;
+use confab_protocol::ids::UserId;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::time::{Duration, Instant};

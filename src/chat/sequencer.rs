@@ -21,65 +21,12 @@
 //! Generic over the reply handle `R`, so it is tested without channels.
 
 use super::ChatError;
-use super::group::{GroupCommand, GroupState};
-use crate::ids::{ConversationId, DeviceId, Seq, UserId};
+use super::group::GroupState;
 use crate::store::{Amendment, GroupEvent, GroupRecord, MessageRecord, StoredSend};
+use confab_protocol::ids::{ConversationId, Seq, UserId};
+use confab_protocol::{Append, Content, GroupCommand, SendKey};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-
-/// Identifies one send of one device: what makes a retry a retry.
-pub type SendKey = (DeviceId, String);
-
-/// A message to append, as the sender's shard hands it to the owner.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Append {
-    pub conversation: ConversationId,
-    pub sender: UserId,
-    pub sender_device: DeviceId,
-    pub client_msg_id: String,
-    pub content: Content,
-}
-
-/// What an append adds to its conversation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Content {
-    Text(String),
-    /// A change to a group, sequenced as a system message.
-    Group(GroupCommand),
-    /// New body for an earlier message of the same sender.
-    Edit {
-        target: Seq,
-        body: String,
-    },
-    /// Deletes an earlier message of the same sender.
-    Delete {
-        target: Seq,
-    },
-}
-
-impl Content {
-    /// Bytes of text it stores (what per-user storage limits count).
-    pub fn text_bytes(&self) -> usize {
-        match self {
-            Self::Text(body) | Self::Edit { body, .. } => body.len(),
-            Self::Group(_) | Self::Delete { .. } => 0,
-        }
-    }
-
-    /// The earlier message this content changes.
-    fn target(&self) -> Option<Seq> {
-        match self {
-            Self::Edit { target, .. } | Self::Delete { target } => Some(*target),
-            Self::Text(_) | Self::Group(_) => None,
-        }
-    }
-}
-
-impl Append {
-    fn key(&self) -> SendKey {
-        (self.sender_device, self.client_msg_id.clone())
-    }
-}
 
 /// An append with its seq assigned, ready to commit.
 #[derive(Debug)]
@@ -493,6 +440,7 @@ fn assign<R>(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use confab_protocol::ids::DeviceId;
 
     /// The clock the tests pass in.
     const NOW_MS: u64 = 1_700_000_000_000;

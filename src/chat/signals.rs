@@ -5,8 +5,8 @@
 //! (conversation, user) and sends them once per flush interval, so a user reading
 //! 100 messages one by one causes one update, not 100.
 
-use crate::ids::{ConversationId, UserId};
-use crate::store::Marks;
+use confab_protocol::Marks;
+use confab_protocol::ids::{ConversationId, UserId};
 use std::collections::HashMap;
 
 /// A signal a member sends to the others.

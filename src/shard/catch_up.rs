@@ -6,12 +6,13 @@
 //! assembles replies within the frame limit.
 
 use super::{Shard, ShardMsg};
-use crate::chat::{ChatError, Cursors, Signal, message_proto, plan};
-use crate::ids::{ConversationId, DeviceId, Seq, UserId};
-use crate::protocol::encode_page_token;
-use crate::store::{ConversationHead, HistoryRange, Marks};
+use crate::chat::{ChatError, Signal, message_proto, plan};
+use crate::store::ConversationHead;
 use confab_proto::ProstMessage as _;
 use confab_proto::v1;
+use confab_protocol::encode_page_token;
+use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
+use confab_protocol::{Cursors, HistoryRange, Marks};
 
 /// Conversations reported by one Sync at most; more make `has_more`.
 const MAX_SYNC_CONVERSATIONS: usize = 500;

@@ -21,15 +21,15 @@ use super::quotas::OverQuota;
 use super::sessions::{Kick, Replay, SessionHandle};
 use super::{catch_up, presence};
 use crate::auth::{AuthError, Grant};
-use crate::chat::{ChatError, Content, Cursors, GroupCommand, message_proto};
-use crate::ids::{ConversationId, GroupId, UserId};
-use crate::protocol::{Command, ErrorCode, ErrorKind, Request, Session, Step, error_frame, push_frame};
+use crate::chat::{ChatError, message_proto};
 use crate::store::HistoryPage;
-use crate::store::HistoryRange;
 use crate::transport::admission::UserPermit;
 use bytes::Bytes;
 use confab_proto::v1::{self, ServerFrame, server_frame::Kind};
 use confab_proto::{FrameError, ProstMessage as _, encode_frame};
+use confab_protocol::ids::{ConversationId, GroupId, UserId};
+use confab_protocol::{Command, ErrorCode, ErrorKind, Request, Session, Step, error_frame, push_frame};
+use confab_protocol::{Content, Cursors, GroupCommand, HistoryRange};
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use std::cell::RefCell;
@@ -148,7 +148,7 @@ struct Connection {
     outbound: Outbound,
     kick: Rc<Kick>,
     /// The user this connection is registered for in the shard's sessions.
-    registered: Option<crate::ids::UserId>,
+    registered: Option<confab_protocol::ids::UserId>,
     /// Its place in that user's share of connections.
     user_permit: Option<UserPermit>,
     /// Whom its user may see presence of, as lately worked out.
@@ -593,7 +593,7 @@ impl Connection {
 
     /// `Authenticate` on an authenticated connection: with a (refreshed) token of
     /// the same device, the connection lives on until that token expires.
-    async fn reauthenticate(&mut self, id: u64, identity: crate::auth::Identity) -> Flow {
+    async fn reauthenticate(&mut self, id: u64, identity: confab_protocol::Identity) -> Flow {
         let same = self
             .session
             .identity()
@@ -619,7 +619,7 @@ impl Connection {
 
     /// Makes this connection reachable for pushes, on every shard's directory,
     /// before the client hears it is authenticated.
-    async fn register(&mut self, identity: &crate::auth::Identity, replay: Option<Rc<RefCell<Replay>>>) {
+    async fn register(&mut self, identity: &confab_protocol::Identity, replay: Option<Rc<RefCell<Replay>>>) {
         self.shard.sessions.borrow_mut().add(
             identity.user,
             SessionHandle {

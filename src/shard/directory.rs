@@ -7,7 +7,7 @@
 //! authentication misses the session. A stale bit costs one wasted delivery.
 
 use super::ShardId;
-use crate::ids::UserId;
+use confab_protocol::ids::UserId;
 use std::collections::HashMap;
 
 #[derive(Debug, Default)]

@@ -5,9 +5,10 @@
 //! sender, never a cycle of shards waiting on each other.
 
 use super::ShardId;
-use crate::chat::{Append, ChatError, Presence, SendAck, Signal};
-use crate::ids::{ConversationId, DeviceId, Seq, UserId};
+use crate::chat::{ChatError, Presence, SendAck, Signal};
 use bytes::Bytes;
+use confab_protocol::Append;
+use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};

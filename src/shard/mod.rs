@@ -36,11 +36,11 @@ pub use outbound::{AddressShare, Bounds, Outbound};
 use crate::auth::Accounts;
 use crate::chat::{Assigned, PresenceTracker, ReceiptCoalescer, Sequencer, SequencerLimits};
 use crate::config::Config;
-use crate::ids::{GroupIds, UserId};
-use crate::protocol::SessionLimits;
 use crate::store::Store;
 use crate::transport;
 use crate::transport::admission::Admission;
+use confab_protocol::SessionLimits;
+use confab_protocol::ids::{GroupIds, UserId};
 use directory::Directory;
 use mesh::{AppendReply, Arrivals};
 use sessions::LocalSessions;
@@ -180,7 +180,7 @@ async fn run(
     let config = context.config.clone();
     let shard = Rc::new(Shard {
         id,
-        limits: SessionLimits::from_config(&config),
+        limits: config.session_limits(),
         sequencer: RefCell::new(Sequencer::new(SequencerLimits {
             max_pending: config.chat.max_pending_appends,
             max_cached: config.chat.max_cached_conversations,
@@ -275,7 +275,7 @@ impl Shard {
     }
 
     /// Closes the sessions of a logged-out device on every shard that has the user.
-    async fn revoke(&self, user: UserId, device: crate::ids::DeviceId) {
+    async fn revoke(&self, user: UserId, device: confab_protocol::ids::DeviceId) {
         let shards = self.directory.borrow().shards_of(user);
         for index in (0..self.mesh.shard_count()).filter(|index| shards & (1 << index) != 0) {
             // A stopped shard has no sessions left to close.

@@ -20,8 +20,8 @@
 //! multiply the per-connection budget.
 
 use super::Closed;
-use crate::ids::SourceAddress;
 use bytes::Bytes;
+use confab_protocol::ids::SourceAddress;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;

@@ -9,16 +9,15 @@
 
 use super::mesh::{AppendReply, Arrivals, Delivery, ShardMsg};
 use super::{Shard, ShardId};
-use crate::chat::{
-    Admission, Append, Assigned, ChatError, Check, CheckResult, Outcome, SendAck, Signal, message_frame,
-};
+use crate::chat::{Admission, Assigned, ChatError, Check, CheckResult, Outcome, SendAck, Signal, message_frame};
 use crate::clock::unix_ms;
-use crate::ids::UserId;
-use crate::ids::{ConversationId, DeviceId};
-use crate::protocol::push_frame;
 use crate::store::GroupEvent;
 use bytes::Bytes;
 use confab_proto::v1::{self, server_frame::Kind};
+use confab_protocol::Append;
+use confab_protocol::ids::UserId;
+use confab_protocol::ids::{ConversationId, DeviceId};
+use confab_protocol::push_frame;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use std::collections::{HashSet, VecDeque};

@@ -10,8 +10,8 @@
 //! The per-connection limit is the session's (see `protocol::Session`).
 
 use crate::config::LimitsConfig;
-use crate::ids::UserId;
-use crate::protocol::{Rate, TokenBucket};
+use confab_protocol::ids::UserId;
+use confab_protocol::{Rate, TokenBucket};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

@@ -12,11 +12,11 @@ use super::mesh::Delivery;
 #[cfg(test)]
 use super::outbound::Bounds;
 use super::outbound::Outbound;
-use crate::chat::Cursors;
-use crate::ids::{ConversationId, DeviceId, Seq, UserId};
-use crate::protocol::{ErrorCode, error_frame};
 use bytes::Bytes;
 use confab_proto::v1::ServerFrame;
+use confab_protocol::Cursors;
+use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
+use confab_protocol::{ErrorCode, error_frame};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;

@@ -2,7 +2,7 @@
 //! record (prost) of everything but its conversation and seq, which are the key.
 
 use super::{Amendment, GroupEvent, MessageRecord, StoreError};
-use crate::ids::{ConversationId, DeviceId, Seq, UserId};
+use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct StoredMessage {

@@ -12,13 +12,14 @@ pub mod embedded;
 mod encoding;
 mod records;
 
-use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use async_trait::async_trait;
+use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
+use confab_protocol::{HistoryRange, Marks, Role};
 use std::collections::HashMap;
 
 pub use records::{
-    Amendment, ConversationHead, DeviceRecord, GroupEvent, GroupRecord, Marks, MemberRecord, MessageRecord, NewUser,
-    Role, Rotation, StoredSend, UserRecord,
+    Amendment, ConversationHead, DeviceRecord, GroupEvent, GroupRecord, MemberRecord, MessageRecord, NewUser, Rotation,
+    StoredSend, UserRecord,
 };
 
 /// Opens the backend `config` names.
@@ -50,17 +51,6 @@ pub enum StoreError {
     /// replicas); nothing acknowledged was lost, and a retry may succeed.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
-}
-
-/// Which slice of a conversation's history to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HistoryRange {
-    /// The newest messages.
-    Latest,
-    /// Messages with seq < the bound, the closest ones first.
-    Before(Seq),
-    /// Messages with seq > the bound, the closest ones first.
-    After(Seq),
 }
 
 /// A page of history, in ascending seq order.

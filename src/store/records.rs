@@ -1,7 +1,8 @@
 //! Records the store keeps, independent of how a backend lays them out.
 
-use crate::ids::{ConversationId, DeviceId, Seq, UserId};
 use confab_proto::v1;
+use confab_protocol::Role;
+use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
 
 /// A user to create: the store assigns the id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,14 +86,6 @@ pub struct StoredSend {
     pub server_time_ms: u64,
 }
 
-/// A member's role in a group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
-    Member,
-    Admin,
-    Owner,
-}
-
 /// A change to a group, made by the sender of the system message that carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupEvent {
@@ -160,27 +153,6 @@ pub struct MemberRecord {
 }
 
 // Events are persisted in their protocol form, which is versioned and append-only.
-
-impl From<Role> for v1::Role {
-    fn from(role: Role) -> Self {
-        match role {
-            Role::Member => Self::Member,
-            Role::Admin => Self::Admin,
-            Role::Owner => Self::Owner,
-        }
-    }
-}
-
-impl Role {
-    pub fn from_proto(role: i32) -> Option<Self> {
-        match v1::Role::try_from(role).ok()? {
-            v1::Role::Member => Some(Self::Member),
-            v1::Role::Admin => Some(Self::Admin),
-            v1::Role::Owner => Some(Self::Owner),
-            v1::Role::Unspecified => None,
-        }
-    }
-}
 
 impl From<&GroupEvent> for v1::GroupEvent {
     fn from(event: &GroupEvent) -> Self {
@@ -250,45 +222,5 @@ impl ConversationHead {
     /// Where it stands in a list by activity: `(last_time_ms, conversation)`.
     pub fn activity(&self) -> (u64, ConversationId) {
         (self.last_time_ms, self.conversation)
-    }
-}
-
-/// One device's receipt watermarks in one conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Marks {
-    pub delivered_seq: Seq,
-    pub read_seq: Seq,
-}
-
-impl Marks {
-    /// Each watermark the higher of the two (watermarks only rise).
-    pub fn merged(self, other: Marks) -> Marks {
-        Marks {
-            delivered_seq: self.delivered_seq.max(other.delivered_seq),
-            read_seq: self.read_seq.max(other.read_seq),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn merged_marks_keep_the_higher_of_each_watermark() {
-        let delivered_far = Marks {
-            delivered_seq: 9,
-            read_seq: 2,
-        };
-        let read_far = Marks {
-            delivered_seq: 5,
-            read_seq: 5,
-        };
-        let both = Marks {
-            delivered_seq: 9,
-            read_seq: 5,
-        };
-        assert_eq!(delivered_far.merged(read_far), both);
-        assert_eq!(read_far.merged(delivered_far), both);
     }
 }

@@ -23,8 +23,8 @@
 //! the message path.
 
 use crate::config::LimitsConfig;
-use crate::ids::{SourceAddress, UserId};
-use crate::protocol::{Rate, TokenBucket};
+use confab_protocol::ids::{SourceAddress, UserId};
+use confab_protocol::{Rate, TokenBucket};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};

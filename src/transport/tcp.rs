@@ -50,10 +50,10 @@ pub fn refuse(shard: &Shard, stream: &TcpStream, refused: Refused) {
 /// many, UNAVAILABLE when the node does.
 pub fn refusal_frame(refused: Refused) -> confab_proto::v1::ServerFrame {
     let code = match refused {
-        refused if refused.is_address() => crate::protocol::ErrorCode::RateLimited,
-        _ => crate::protocol::ErrorCode::Unavailable,
+        refused if refused.is_address() => confab_protocol::ErrorCode::RateLimited,
+        _ => confab_protocol::ErrorCode::Unavailable,
     };
-    crate::protocol::error_frame(0, code, refused.reason())
+    confab_protocol::error_frame(0, code, refused.reason())
 }
 
 /// Splits length-prefixed frames off a plain TCP read half.

@@ -58,12 +58,13 @@ mod writer;
 
 use super::encoding::StoredMessage;
 use super::{
-    ConversationHead, DeviceRecord, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord, MessageRecord,
-    NewUser, Role, Rotation, Store, StoreError, StoredSend, UserRecord, follows, page_by_activity,
+    ConversationHead, DeviceRecord, GroupRecord, HistoryPage, MemberRecord, MessageRecord, NewUser, Rotation, Store,
+    StoreError, StoredSend, UserRecord, follows, page_by_activity,
 };
 use crate::config::{CassandraConfig, Consistency};
-use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use async_trait::async_trait;
+use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
+use confab_protocol::{HistoryRange, Marks, Role};
 use futures::future::try_join_all;
 use futures::stream::{self, StreamExt as _, TryStreamExt as _};
 use highest::Highest;

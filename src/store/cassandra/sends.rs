@@ -17,8 +17,8 @@
 //! not cached (its checks read the store), and past [`MAX_ENTRIES`] records in all
 //! every set is dropped; forgetting only costs reloads.
 
-use crate::ids::{ConversationId, DeviceId, Seq};
 use crate::store::{MessageRecord, StoredSend};
+use confab_protocol::ids::{ConversationId, DeviceId, Seq};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -173,7 +173,7 @@ impl State {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::ids::UserId;
+    use confab_protocol::ids::UserId;
 
     fn conversation() -> ConversationId {
         ConversationId::direct(UserId::new(1).unwrap(), UserId::new(2).unwrap())

@@ -27,9 +27,10 @@
 
 use super::{Inner, bucket, day, to_cql, unavailable};
 use crate::config::CassandraConfig;
-use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use crate::store::encoding::{MAX_EDIT_CHAIN, StoredMessage};
-use crate::store::{Amendment, GroupEvent, Marks, MessageRecord, StoreError};
+use crate::store::{Amendment, GroupEvent, MessageRecord, StoreError};
+use confab_protocol::Marks;
+use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, try_join_all};
 use futures::stream::{self, FuturesUnordered, StreamExt as _};

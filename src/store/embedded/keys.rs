@@ -2,8 +2,9 @@
 //! sort numerically) and the encodings of values. The layout itself is listed in
 //! the module doc of [`super`].
 
-use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
-use crate::store::{DeviceRecord, MemberRecord, Role, StoreError, StoredSend};
+use crate::store::{DeviceRecord, MemberRecord, StoreError, StoredSend};
+use confab_protocol::Role;
+use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub(super) struct StoredUser {

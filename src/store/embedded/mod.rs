@@ -57,12 +57,13 @@ mod writer;
 
 use super::encoding::{StoredMessage, StoredTime};
 use super::{
-    ConversationHead, DeviceRecord, GroupRecord, HistoryPage, HistoryRange, Marks, MemberRecord, MessageRecord,
-    NewUser, Role, Rotation, Store, StoreError, StoredSend, UserRecord,
+    ConversationHead, DeviceRecord, GroupRecord, HistoryPage, MemberRecord, MessageRecord, NewUser, Rotation, Store,
+    StoreError, StoredSend, UserRecord,
 };
 use crate::config::{Durability, StoreConfig};
-use crate::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use async_trait::async_trait;
+use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
+use confab_protocol::{HistoryRange, Marks, Role};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable as _};
 use keys::*;
 use prost::Message as _;

@@ -26,11 +26,10 @@
 use super::keys::*;
 use super::{Inner, Shared, View, corrupt, fjall_error, io_error};
 use crate::config::{Durability, StoreConfig};
-use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
 use crate::store::encoding::{MAX_EDIT_CHAIN, StoredMessage};
-use crate::store::{
-    Amendment, DeviceRecord, GroupEvent, Marks, MessageRecord, NewUser, Rotation, StoreError, UserRecord,
-};
+use crate::store::{Amendment, DeviceRecord, GroupEvent, MessageRecord, NewUser, Rotation, StoreError, UserRecord};
+use confab_protocol::Marks;
+use confab_protocol::ids::{ConversationId, DeviceId, GroupId, UserId};
 use fjall::PersistMode;
 use prost::Message as _;
 use std::collections::{HashMap, HashSet};

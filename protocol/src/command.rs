@@ -1,10 +1,11 @@
 //! Commands: what a valid client request asks the server to do, with every field
 //! already parsed into domain types.
 
-use crate::auth::{Password, Username};
-use crate::chat::{Append, Cursors};
+use crate::content::Append;
+use crate::credentials::{Password, Username};
+use crate::cursors::Cursors;
+use crate::history::{HistoryRange, Marks};
 use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
-use crate::store::{HistoryRange, Marks};
 
 /// A command and the request id its reply must echo.
 #[derive(Debug)]

@@ -1,5 +1,7 @@
-//! Usernames and passwords parsed from the network: a value of these types is valid.
+//! Who a client says it is: usernames and passwords parsed from the network (a
+//! value of these types is valid), and the identity a connection proves.
 
+use crate::ids::{DeviceId, UserId};
 use std::fmt;
 
 pub const USERNAME_MIN_CHARS: usize = 3;
@@ -59,7 +61,8 @@ impl Password {
         }
     }
 
-    pub(crate) fn expose(&self) -> &[u8] {
+    /// The password itself, for hashing or verifying it.
+    pub fn expose(&self) -> &[u8] {
         self.0.as_bytes()
     }
 }
@@ -68,6 +71,16 @@ impl fmt::Debug for Password {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Password(<redacted>)")
     }
+}
+
+/// An authenticated (user, device) pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user: UserId,
+    pub device: DeviceId,
+    pub username: String,
+    /// When the access token that proved it expires (Unix ms).
+    pub expires_at_ms: u64,
 }
 
 /// A device's display name: trimmed, at most 64 characters, "unnamed" when empty.

@@ -6,13 +6,14 @@
 //! handshake timeout, authentication within the auth timeout, and at least one
 //! frame every three heartbeat intervals.
 
-use super::command::{Command, Request};
-use super::rate::{Rate, TokenBucket};
-use super::reply::error_frame;
-use crate::auth::{Identity, Password, Username, device_name};
-use crate::chat::{Append, Content, Cursors, GroupCommand};
+use crate::command::{Command, Request};
+use crate::content::{Append, Content, GroupCommand, Role};
+use crate::credentials::{Identity, Password, Username, device_name};
+use crate::cursors::Cursors;
+use crate::history::{HistoryRange, Marks};
 use crate::ids::{ConversationId, DeviceId, GroupId, GroupIds, UserId};
-use crate::store::{HistoryRange, Marks, Role};
+use crate::rate::{Rate, TokenBucket};
+use crate::reply::error_frame;
 use confab_proto::FrameError;
 use confab_proto::v1::{
     self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref, server_frame,
@@ -48,33 +49,6 @@ pub struct SessionLimits {
     pub send_rate: Rate,
     /// Reads ([`Command::is_read`]) one connection may make.
     pub read_rate: Rate,
-}
-
-impl SessionLimits {
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        Self {
-            max_frame_bytes: config.protocol.max_frame_bytes,
-            heartbeat_interval: config.protocol.heartbeat_interval,
-            handshake_timeout: config.server.handshake_timeout,
-            auth_timeout: config.server.auth_timeout,
-            max_body_chars: config.chat.max_body_chars,
-            max_client_msg_id_bytes: config.chat.max_client_msg_id_bytes,
-            max_history_limit: config.chat.max_history_limit,
-            max_auth_failures: config.protocol.max_auth_failures,
-            max_group_members: config.chat.max_group_members,
-            max_group_title_chars: config.chat.max_group_title_chars,
-            typing_min_interval: config.chat.typing_min_interval,
-            max_presence_subscriptions: config.chat.max_presence_subscriptions,
-            send_rate: Rate {
-                per_second: config.limits.send_rate_per_device,
-                burst: config.limits.send_burst_per_device,
-            },
-            read_rate: Rate {
-                per_second: config.limits.read_rate_per_device,
-                burst: config.limits.read_burst_per_device,
-            },
-        }
-    }
 }
 
 /// What the driver does with a frame.
