@@ -61,7 +61,7 @@ fuzz_target!(|input: &[u8]| {
             }
             3 if session.identity().is_some() => session.logged_out(),
             4 => {
-                let _ = session.auth_failed();
+                let _ = session.on_refused(confab_proto::v1::ErrorCode::Unauthenticated);
             }
             _ => {
                 let deadline = session.deadline();

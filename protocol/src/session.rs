@@ -86,6 +86,9 @@ pub struct Session {
     reads: TokenBucket,
     /// When this device last sent typing to each conversation, and what.
     typing_sent: HashMap<ConversationId, (Instant, bool)>,
+    /// A token the transport took before the protocol began (a WebSocket
+    /// `?token=`): authenticated with right after `Hello`.
+    upgrade_token: Option<String>,
 }
 
 /// A request rejected before it runs: the error to reply with.
@@ -110,7 +113,60 @@ impl Session {
             auth_failures: 0,
             group_ids,
             typing_sent: HashMap::new(),
+            upgrade_token: None,
         }
+    }
+
+    /// Authenticates with `access_token` as soon as `Hello` is answered, as if
+    /// the client had sent `Authenticate` next: for a token the transport took
+    /// before the protocol began (a WebSocket `?token=`). See
+    /// [`Session::poll_request`].
+    pub fn authenticate_after_hello(&mut self, access_token: String) {
+        self.upgrade_token = Some(access_token);
+    }
+
+    /// A request the session makes itself, to run (in order) before the next
+    /// frame is read: the `Authenticate` of [`Session::authenticate_after_hello`],
+    /// once `Hello` was answered. Its reply has request id 0.
+    pub fn poll_request(&mut self) -> Option<Request> {
+        if self.state == State::AwaitingHello {
+            return None;
+        }
+        self.upgrade_token.take().map(|access_token| Request {
+            id: 0,
+            command: Command::Authenticate {
+                access_token,
+                resume: None,
+            },
+        })
+    }
+
+    /// Screens a frame that arrived as early data (QUIC 0-RTT), which an
+    /// attacker can replay: only frames a replay cannot turn into a second effect
+    /// pass (the handshake, reads, and authentication, which only binds this
+    /// connection). Returns the close frame for any other.
+    pub fn screen_early(&self, frame: &ClientFrame) -> Option<ServerFrame> {
+        use client_frame::Kind as K;
+        let replay_safe = matches!(
+            frame.kind,
+            Some(
+                K::Hello(_)
+                    | K::Ping(_)
+                    | K::Authenticate(_)
+                    | K::GetUser(_)
+                    | K::History(_)
+                    | K::Sync(_)
+                    | K::ListConversations(_)
+                    | K::ListMembers(_)
+            )
+        );
+        (!replay_safe).then(|| {
+            error_frame(
+                frame.request_id,
+                ErrorCode::BadRequest,
+                "only idempotent frames (Hello, Ping, Authenticate, reads) are allowed in 0-RTT",
+            )
+        })
     }
 
     pub fn id(&self) -> u64 {
@@ -214,9 +270,15 @@ impl Session {
         self.opened_at = self.last_heard;
     }
 
-    /// Records a failed credential check; returns the close frame once the
-    /// connection has failed too often.
-    pub fn auth_failed(&mut self) -> Option<ServerFrame> {
+    /// Records that a command that touches authentication (one that is not
+    /// [pipelined](Command::is_pipelined)) was refused with `code`. A refusal as
+    /// UNAUTHENTICATED is a failed credential check (a wrong password, token or
+    /// refresh token, a revoked device); returns the close frame once the
+    /// connection has failed `max_auth_failures` times.
+    pub fn on_refused(&mut self, code: ErrorCode) -> Option<ServerFrame> {
+        if code != ErrorCode::Unauthenticated {
+            return None;
+        }
         self.auth_failures += 1;
         (self.auth_failures >= self.limits.max_auth_failures)
             .then(|| error_frame(0, ErrorCode::RateLimited, "too many failed authentication attempts"))
@@ -1132,8 +1194,76 @@ mod tests {
     fn repeated_auth_failures_close_the_connection() {
         let now = Instant::now();
         let mut session = open_session(now);
-        assert!(session.auth_failed().is_none());
-        assert!(session.auth_failed().is_none());
-        assert!(session.auth_failed().is_some());
+        assert!(session.on_refused(ErrorCode::Unauthenticated).is_none());
+        for other in [ErrorCode::NotFound, ErrorCode::RateLimited, ErrorCode::Unavailable] {
+            assert!(
+                session.on_refused(other).is_none(),
+                "{other:?} is no failed credential check"
+            );
+        }
+        assert!(session.on_refused(ErrorCode::Unauthenticated).is_none());
+        let close = session.on_refused(ErrorCode::Unauthenticated).map(Step::Close);
+        assert_eq!(close.as_ref().and_then(error_code), Some(ErrorCode::RateLimited));
+    }
+
+    /// Early data can be replayed: anything with an effect beyond binding this
+    /// connection must wait for the handshake.
+    #[test]
+    fn only_idempotent_frames_pass_as_early_data() {
+        let session = Session::new(1, limits(), GroupIds::new(&[1; 32]), Instant::now());
+        let safe = [
+            hello(ProtocolVersion::V1),
+            K::Authenticate(v1::Authenticate::default()),
+            K::History(v1::History::default()),
+            K::Sync(v1::Sync::default()),
+        ];
+        for kind in safe {
+            assert!(session.screen_early(&frame(1, kind.clone())).is_none(), "{kind:?}");
+        }
+        let effects = [
+            K::Send(v1::Send::default()),
+            K::SignUp(v1::SignUp::default()),
+            K::LogIn(v1::LogIn::default()),
+            K::RefreshToken(v1::RefreshToken::default()),
+            K::MarkRead(v1::MarkRead::default()),
+            K::CreateGroup(v1::CreateGroup::default()),
+        ];
+        for kind in effects {
+            let close = session.screen_early(&frame(4, kind.clone())).map(Step::Close);
+            assert_eq!(
+                close.as_ref().and_then(error_code),
+                Some(ErrorCode::BadRequest),
+                "{kind:?}"
+            );
+        }
+        let empty = ClientFrame {
+            request_id: 1,
+            kind: None,
+        };
+        assert!(
+            session.screen_early(&empty).is_some(),
+            "an unknown frame is no safe one"
+        );
+    }
+
+    /// A token taken at the WebSocket upgrade authenticates right after
+    /// `Hello`, once, as request 0.
+    #[test]
+    fn an_upgrade_token_authenticates_after_hello() {
+        let now = Instant::now();
+        let mut session = Session::new(1, limits(), GroupIds::new(&[1; 32]), now);
+        session.authenticate_after_hello("token".into());
+        assert!(session.poll_request().is_none(), "not before Hello");
+        assert!(matches!(
+            session.on_frame(frame(1, hello(ProtocolVersion::V1)), now),
+            Step::Reply(_)
+        ));
+        let request = session.poll_request().unwrap();
+        assert_eq!(request.id, 0);
+        assert!(matches!(
+            request.command,
+            Command::Authenticate { ref access_token, resume: None } if access_token == "token"
+        ));
+        assert!(session.poll_request().is_none(), "only once");
     }
 }

@@ -58,6 +58,9 @@ pub enum ReadError {
 pub enum Inbound {
     /// One frame's protobuf payload.
     Frame(Bytes),
+    /// One frame's payload that arrived as early data (QUIC 0-RTT), which an
+    /// attacker can replay: the session screens it.
+    Early(Bytes),
     /// A transport-level keepalive (a WebSocket ping): the peer is alive.
     Alive,
 }
@@ -67,6 +70,12 @@ pub trait FrameSource {
     /// The next frame or keepalive, or `None` when the peer closed cleanly. Must be
     /// cancel-safe: dropping the future loses no bytes.
     fn next(&mut self) -> impl Future<Output = Result<Option<Inbound>, ReadError>>;
+
+    /// An access token the transport took before the protocol began (a
+    /// WebSocket `?token=`), to authenticate with right after `Hello`.
+    fn upgrade_token(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// Why a connection ended; transports map it to their close codes.
@@ -116,14 +125,17 @@ impl Closed {
 }
 
 /// Runs a connection until it ends. `outbound` feeds the transport's writer.
-pub async fn run(shard: Rc<Shard>, source: impl FrameSource, outbound: Outbound, peer: SocketAddr) -> Closed {
+pub async fn run(shard: Rc<Shard>, mut source: impl FrameSource, outbound: Outbound, peer: SocketAddr) -> Closed {
     let session_id = rand::random();
-    let session = Session::new(
+    let mut session = Session::new(
         session_id,
         shard.limits.clone(),
         shard.group_ids.clone(),
         Instant::now(),
     );
+    if let Some(access_token) = source.upgrade_token() {
+        session.authenticate_after_hello(access_token);
+    }
     let mut connection = Connection {
         shard,
         session,
@@ -186,7 +198,12 @@ impl Connection {
                 reason = kick.kicked() => self.on_kick(reason),
                 Some(answer) = in_flight.next(), if !in_flight.is_empty() => self.send(&answer.frame).await,
                 inbound = source.next(), if in_flight.len() < max_in_flight => match inbound {
-                    Ok(Some(Inbound::Frame(payload))) => Box::pin(self.on_payload(payload, &mut in_flight)).await,
+                    Ok(Some(Inbound::Frame(payload))) => {
+                        Box::pin(self.on_payload(payload, false, &mut in_flight)).await
+                    }
+                    Ok(Some(Inbound::Early(payload))) => {
+                        Box::pin(self.on_payload(payload, true, &mut in_flight)).await
+                    }
                     Ok(Some(Inbound::Alive)) => {
                         self.session.on_keepalive(Instant::now());
                         Flow::Continue
@@ -222,7 +239,9 @@ impl Connection {
         }
     }
 
-    async fn on_payload(&mut self, payload: Bytes, in_flight: &mut FuturesUnordered<Reply>) -> Flow {
+    /// Handles one frame (`early`: it arrived as replayable early data), then
+    /// whatever the session asks to run before the next one.
+    async fn on_payload(&mut self, payload: Bytes, early: bool, in_flight: &mut FuturesUnordered<Reply>) -> Flow {
         let frame = match v1::ClientFrame::decode(payload) {
             Ok(frame) => frame,
             Err(err) => {
@@ -231,6 +250,21 @@ impl Connection {
                 return Flow::Close(Closed::Violation);
             }
         };
+        if early && let Some(close) = self.session.screen_early(&frame) {
+            tracing::info!(peer = %self.peer, "a frame with effects in 0-RTT; closing");
+            self.send_best_effort(close);
+            return Flow::Close(Closed::UnsupportedData);
+        }
+        let mut flow = self.on_frame(frame, in_flight).await;
+        while let Flow::Continue = flow
+            && let Some(request) = self.session.poll_request()
+        {
+            flow = self.run_in_order(request).await;
+        }
+        flow
+    }
+
+    async fn on_frame(&mut self, frame: v1::ClientFrame, in_flight: &mut FuturesUnordered<Reply>) -> Flow {
         match self.session.on_frame(frame, Instant::now()) {
             Step::Reply(reply) => self.send(&reply).await,
             Step::Close(reply) => {
@@ -573,14 +607,7 @@ impl Connection {
                     tracing::error!(peer = %self.peer, error = %err, "request failed");
                 }
                 let flow = self.send(&failure(id, &err)).await;
-                let counts_as_failure = matches!(
-                    err,
-                    AuthError::InvalidCredentials
-                        | AuthError::InvalidToken(_)
-                        | AuthError::InvalidRefreshToken
-                        | AuthError::DeviceRevoked
-                );
-                match (flow, counts_as_failure.then(|| self.session.auth_failed()).flatten()) {
+                match (flow, self.session.on_refused(err.code())) {
                     (Flow::Continue, Some(close)) => {
                         self.send_best_effort(close);
                         Flow::Close(Closed::Violation)

@@ -20,8 +20,9 @@
 //! session logic. The client may open no other stream.
 //!
 //! **0-RTT**: the server accepts early data (session tickets). Early frames may be
-//! replayed by an attacker, so until the handshake completes only idempotent frames
-//! are accepted ([`allowed_in_0rtt`]); anything else closes the connection.
+//! replayed by an attacker, so frames read before the handshake completes are
+//! marked [`Inbound::Early`], and the session accepts only idempotent ones
+//! (`confab_protocol::Session::screen_early`); anything else closes the connection.
 //!
 //! Application close codes are listed in [`close_code`] and PROTOCOL.md.
 
@@ -30,8 +31,6 @@ use super::stream::{ByteSource, StreamFrames, run_connection, write_frames};
 use super::tls::Identity;
 use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
 use bytes::BytesMut;
-use confab_proto::ProstMessage as _;
-use confab_proto::v1::{ClientFrame, client_frame::Kind};
 use futures::FutureExt as _;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream, VarInt, ZeroRttAccepted};
@@ -328,34 +327,11 @@ impl FrameSource for QuicFrames {
                 self.early = Early::settled(self.connection.close_reason().is_some());
             }
         }
-        if !matches!(self.early, Early::Over)
-            && let Some(Inbound::Frame(payload)) = &inbound
-        {
-            let kind = ClientFrame::decode(payload.clone()).ok().and_then(|frame| frame.kind);
-            if !kind.as_ref().is_some_and(allowed_in_0rtt) {
-                return Err(ReadError::Unsupported(
-                    "only idempotent frames (Hello, Ping, Authenticate, reads) are allowed in 0-RTT",
-                ));
-            }
-        }
-        Ok(inbound)
+        Ok(match inbound {
+            Some(Inbound::Frame(payload)) if !matches!(self.early, Early::Over) => Some(Inbound::Early(payload)),
+            inbound => inbound,
+        })
     }
-}
-
-/// Frames a replay cannot turn into a second effect: the handshake, reads, and
-/// authentication (which only binds this connection).
-pub fn allowed_in_0rtt(kind: &Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Hello(_)
-            | Kind::Ping(_)
-            | Kind::Authenticate(_)
-            | Kind::GetUser(_)
-            | Kind::History(_)
-            | Kind::Sync(_)
-            | Kind::ListConversations(_)
-            | Kind::ListMembers(_)
-    )
 }
 
 /// The QUIC application close code for why a session ended.
@@ -374,7 +350,6 @@ pub fn close_code(closed: Closed) -> VarInt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use confab_proto::v1;
 
     /// A connection that ended before its handshake completed (a replay of
     /// someone's 0-RTT data does) keeps screening what it still has buffered.
@@ -382,21 +357,5 @@ mod tests {
     fn early_data_of_a_connection_that_never_completed_stays_early() {
         assert!(matches!(Early::settled(true), Early::ForGood));
         assert!(matches!(Early::settled(false), Early::Over));
-    }
-
-    /// Early data can be replayed: anything with an effect beyond binding this
-    /// connection must wait for the handshake.
-    #[test]
-    fn only_idempotent_frames_are_allowed_in_0rtt() {
-        assert!(allowed_in_0rtt(&Kind::Hello(v1::Hello::default())));
-        assert!(allowed_in_0rtt(&Kind::Authenticate(v1::Authenticate::default())));
-        assert!(allowed_in_0rtt(&Kind::History(v1::History::default())));
-        assert!(allowed_in_0rtt(&Kind::Sync(v1::Sync::default())));
-        assert!(!allowed_in_0rtt(&Kind::Send(v1::Send::default())));
-        assert!(!allowed_in_0rtt(&Kind::SignUp(v1::SignUp::default())));
-        assert!(!allowed_in_0rtt(&Kind::LogIn(v1::LogIn::default())));
-        assert!(!allowed_in_0rtt(&Kind::RefreshToken(v1::RefreshToken::default())));
-        assert!(!allowed_in_0rtt(&Kind::MarkRead(v1::MarkRead::default())));
-        assert!(!allowed_in_0rtt(&Kind::CreateGroup(v1::CreateGroup::default())));
     }
 }

@@ -7,7 +7,8 @@
 //! - Upgrade checks: wrong path → 404, `Origin` not in `websocket.allowed_origins`
 //!   (when the list is non-empty) → 403, `?token=` that fails verification → 401.
 //!   A valid `?token=` authenticates the connection right after `Hello`, as if the
-//!   client had sent `Authenticate` (the `Authenticated` reply has request_id 0).
+//!   client had sent `Authenticate` (the `Authenticated` reply has request_id 0;
+//!   the session does it, see `Session::authenticate_after_hello`).
 //! - Text messages close with 1003; messages above `protocol.max_frame_bytes` are
 //!   refused by the WebSocket layer and close with 1009; WebSocket pings count as
 //!   heartbeats (tungstenite answers them). Other close codes: see [`close_code`].
@@ -21,8 +22,7 @@ use super::stream::run_connection;
 use super::ws_arrival::ArrivedFrames;
 use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
 use bytes::Bytes;
-use confab_proto::v1::{self, ClientFrame, client_frame};
-use confab_proto::{FrameError, ProstMessage as _};
+use confab_proto::FrameError;
 use futures::stream::{SplitSink, SplitStream, StreamExt as _};
 use futures::{SinkExt as _, Stream};
 use std::net::SocketAddr;
@@ -105,11 +105,7 @@ where
         }
     };
     let (sink, read) = socket.split();
-    let source = WsFrames {
-        read,
-        upgrade_token,
-        hello_seen: false,
-    };
+    let source = WsFrames { read, upgrade_token };
     run_connection(shard, source, peer, |queued| write_messages(sink, queued)).await;
 }
 
@@ -158,9 +154,8 @@ fn upgrade_refusal(status: StatusCode, reason: &str) -> ErrorResponse {
 /// Frames from binary WebSocket messages.
 struct WsFrames<S> {
     read: SplitStream<WebSocketStream<S>>,
-    /// A token given at upgrade, turned into an `Authenticate` after `Hello`.
+    /// A token given at upgrade, for the session to authenticate with after `Hello`.
     upgrade_token: Option<String>,
-    hello_seen: bool,
 }
 
 impl<S> FrameSource for WsFrames<S>
@@ -169,11 +164,6 @@ where
 {
     /// Cancel-safe: the WebSocket stream keeps partial messages itself.
     async fn next(&mut self) -> Result<Option<Inbound>, ReadError> {
-        if self.hello_seen
-            && let Some(access_token) = self.upgrade_token.take()
-        {
-            return Ok(Some(Inbound::Frame(authenticate_frame(access_token))));
-        }
         loop {
             let message = match self.read.next().await {
                 None => return Ok(None),
@@ -188,10 +178,7 @@ where
                 Some(Err(err)) => return Err(ReadError::Io(std::io::Error::other(err))),
             };
             return match message {
-                Message::Binary(payload) => {
-                    self.hello_seen = true;
-                    Ok(Some(Inbound::Frame(payload)))
-                }
+                Message::Binary(payload) => Ok(Some(Inbound::Frame(payload))),
                 Message::Text(_) => Err(ReadError::Unsupported(
                     "text WebSocket messages are not part of the protocol; send binary frames",
                 )),
@@ -201,17 +188,10 @@ where
             };
         }
     }
-}
 
-fn authenticate_frame(access_token: String) -> Bytes {
-    let frame = ClientFrame {
-        request_id: 0,
-        kind: Some(client_frame::Kind::Authenticate(v1::Authenticate {
-            access_token,
-            resume: None,
-        })),
-    };
-    frame.encode_to_vec().into()
+    fn upgrade_token(&mut self) -> Option<String> {
+        self.upgrade_token.take()
+    }
 }
 
 /// Sends queued frames as binary messages, flushing once per batch, then a Close
