@@ -16,7 +16,6 @@
 
 use super::Shard;
 use super::mesh::{AppendReply, ShardMsg};
-use super::outbound::{Outbound, Refused, Reservation};
 use super::quotas::OverQuota;
 use super::sessions::{Kick, Replay, SessionHandle};
 use super::{catch_up, presence};
@@ -24,6 +23,8 @@ use crate::auth::{AuthError, Grant};
 use crate::chat::{ChatError, message_proto};
 use crate::store::HistoryPage;
 use crate::transport::admission::UserPermit;
+use crate::transport::outbound::{Outbound, Refused, Reservation};
+use crate::transport::{Closed, FrameSource, Inbound, ReadError};
 use bytes::Bytes;
 use confab_proto::v1::{self, ServerFrame, server_frame::Kind};
 use confab_proto::{FrameError, ProstMessage as _, encode_frame};
@@ -40,89 +41,6 @@ use std::time::Instant;
 
 /// Room kept in a History page for everything but the messages.
 const PAGE_OVERHEAD_BYTES: usize = 1024;
-
-/// Why a transport could not produce the next frame.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    #[error("read failed: {0}")]
-    Io(#[from] std::io::Error),
-    /// Transport-level input the protocol has no meaning for (a WebSocket text message).
-    #[error("{0}")]
-    Unsupported(&'static str),
-}
-
-/// What a transport read.
-#[derive(Debug)]
-pub enum Inbound {
-    /// One frame's protobuf payload.
-    Frame(Bytes),
-    /// One frame's payload that arrived as early data (QUIC 0-RTT), which an
-    /// attacker can replay: the session screens it.
-    Early(Bytes),
-    /// A transport-level keepalive (a WebSocket ping): the peer is alive.
-    Alive,
-}
-
-/// Frames arriving on one connection, whatever the transport.
-pub trait FrameSource {
-    /// The next frame or keepalive, or `None` when the peer closed cleanly. Must be
-    /// cancel-safe: dropping the future loses no bytes.
-    fn next(&mut self) -> impl Future<Output = Result<Option<Inbound>, ReadError>>;
-
-    /// An access token the transport took before the protocol began (a
-    /// WebSocket `?token=`), to authenticate with right after `Hello`.
-    fn upgrade_token(&mut self) -> Option<String> {
-        None
-    }
-}
-
-/// Why a connection ended; transports map it to their close codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Closed {
-    /// The peer closed its side.
-    PeerClosed,
-    /// The peer broke the protocol (undecodable frame, wrong order, too many failed
-    /// logins); it was sent an `Error` first.
-    Violation,
-    /// The peer sent a frame above the size limit; it was sent an `Error` first.
-    TooLarge,
-    /// The peer sent transport-level data the protocol does not use (WebSocket text).
-    UnsupportedData,
-    /// Silent past the heartbeat or handshake deadline.
-    Timeout,
-    /// Replaced or revoked (e.g. the device logged out elsewhere).
-    Kicked,
-    /// The peer does not read what it is sent.
-    SlowConsumer,
-    /// The transport failed underneath.
-    TransportError,
-    /// The node is shutting down; the peer was told when to reconnect.
-    ShuttingDown,
-}
-
-impl Closed {
-    /// What to do with frames still queued: a slow consumer's are dropped, the
-    /// rest are written before closing.
-    pub fn flushes(self) -> bool {
-        self != Self::SlowConsumer
-    }
-
-    fn describe(self) -> &'static str {
-        match self {
-            Self::PeerClosed => "peer closed",
-            Self::Violation => "protocol violation",
-            Self::TooLarge => "frame too large",
-            Self::UnsupportedData => "unsupported data",
-            Self::Timeout => "timeout",
-            Self::Kicked => "kicked",
-            Self::SlowConsumer => "slow consumer",
-            Self::TransportError => "transport error",
-            Self::ShuttingDown => "server shutting down",
-        }
-    }
-}
 
 /// Runs a connection until it ends. `outbound` feeds the transport's writer.
 pub async fn run(shard: Rc<Shard>, mut source: impl FrameSource, outbound: Outbound, peer: SocketAddr) -> Closed {

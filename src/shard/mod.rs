@@ -21,17 +21,14 @@ mod connection;
 mod directory;
 mod gauges;
 mod mesh;
-mod outbound;
 mod owner;
 mod presence;
 mod quotas;
 mod sessions;
 mod store_watch;
 
-pub use connection::{Closed, FrameSource, Inbound, ReadError, run as run_connection};
 pub use mesh::Mesh;
 pub(crate) use mesh::ShardMsg;
-pub use outbound::{AddressShare, Bounds, Outbound};
 
 use crate::auth::Accounts;
 use crate::chat::{Assigned, PresenceTracker, ReceiptCoalescer, Sequencer, SequencerLimits};
@@ -95,7 +92,6 @@ pub struct Shard {
     pub store: Arc<dyn Store>,
     pub accounts: Accounts,
     pub mesh: Mesh,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub drain: CancellationToken,
     pub stop: CancellationToken,
     pub admission: Admission,
@@ -108,8 +104,6 @@ pub struct Shard {
     receipts: RefCell<ReceiptCoalescer>,
     /// What each user may still send through this shard.
     quotas: RefCell<quotas::UserQuotas>,
-    /// Reply bytes per source address, shared by its connections here.
-    address_shares: RefCell<outbound::AddressShares>,
     /// Timings of the stages of a send (no-ops unless metrics are on).
     stages: crate::metrics::SendStages,
     /// Presence of the users whose home this shard is.
@@ -188,12 +182,11 @@ async fn run(
         })),
         config,
         store: context.store,
-        accounts: context.accounts,
+        accounts: context.accounts.clone(),
         mesh: context.mesh,
-        tls: context.tls,
-        drain: context.drain,
+        drain: context.drain.clone(),
         stop: context.stop,
-        admission: context.admission,
+        admission: context.admission.clone(),
         group_ids: context.group_ids,
         sessions: RefCell::default(),
         directory: RefCell::default(),
@@ -201,10 +194,6 @@ async fn run(
         commit_ready: Notify::new(),
         receipts: RefCell::default(),
         quotas: RefCell::new(quotas::UserQuotas::new(&context.config.limits)),
-        address_shares: RefCell::new(outbound::AddressShares::new(
-            context.config.limits.reply_bytes_per_ip,
-            context.config.limits.exempt_loopback,
-        )),
         stages: crate::metrics::SendStages::new(),
         presence: RefCell::new(presence_tracker),
         presence_changed: Notify::new(),
@@ -224,19 +213,36 @@ async fn run(
         core.spawn_local(store_watch::run(shard.clone()));
     }
 
+    let transports = Rc::new(transport::Context::new(
+        shard.clone(),
+        &shard.config,
+        transport::Parts {
+            tls: context.tls,
+            admission: context.admission,
+            accounts: context.accounts,
+            drain: context.drain,
+            connections: shard.connections.clone(),
+        },
+    ));
     let Listeners { tcp, websocket, quic } = listeners;
     let websocket = async {
         if let Some(listener) = websocket {
-            transport::accept_loop(shard.clone(), listener, transport::ws::serve, transport::ws::refuse).await;
+            transport::accept_loop(
+                transports.clone(),
+                listener,
+                transport::ws::serve,
+                transport::ws::refuse,
+            )
+            .await;
         }
     };
     let quic = async {
         if let Some(handoffs) = quic {
-            transport::quic::serve_handoffs(shard.clone(), handoffs).await;
+            transport::quic::serve_handoffs(transports.clone(), handoffs).await;
         }
     };
     futures::join!(
-        transport::accept_loop(shard.clone(), tcp, transport::tcp::serve, transport::tcp::refuse),
+        transport::accept_loop(transports.clone(), tcp, transport::tcp::serve, transport::tcp::refuse),
         websocket,
         quic
     );
@@ -251,18 +257,19 @@ async fn run(
     core.wait().await;
 }
 
+/// Transports hand their connections to the connection driver.
+impl transport::Handler for Shard {
+    fn run(
+        self: Rc<Self>,
+        source: impl transport::FrameSource,
+        outbound: transport::Outbound,
+        peer: std::net::SocketAddr,
+    ) -> impl Future<Output = transport::Closed> {
+        connection::run(self, source, outbound, peer)
+    }
+}
+
 impl Shard {
-    /// The reply share of connections from `ip` on this shard; `None` when
-    /// the address is exempt from per-address limits.
-    pub fn address_share(&self, ip: std::net::IpAddr) -> Option<Rc<AddressShare>> {
-        self.address_shares.borrow_mut().of(ip)
-    }
-
-    /// Runs a connection task, tracked for shutdown.
-    pub fn spawn_connection(&self, task: impl Future<Output = ()> + 'static) {
-        self.connections.spawn_local(task);
-    }
-
     /// Runs a core (non-connection) task of this shard.
     fn spawn_core(&self, task: impl Future<Output = ()> + 'static) {
         tokio::task::spawn_local(task);

@@ -10,8 +10,8 @@
 
 use super::mesh::Delivery;
 #[cfg(test)]
-use super::outbound::Bounds;
-use super::outbound::Outbound;
+use crate::transport::outbound::Bounds;
+use crate::transport::outbound::Outbound;
 use bytes::Bytes;
 use confab_proto::v1::ServerFrame;
 use confab_protocol::Cursors;

@@ -1,7 +1,11 @@
-//! Transports: bytes in, frames out. Nothing here knows about chat; each transport
-//! adapts its sockets to [`crate::shard::FrameSource`] plus an outbound queue of
-//! encoded frames, and hands both to the shard's shared connection driver.
+//! Transports: bytes in, frames out. Nothing here knows about chat or imports the
+//! shard; each transport adapts its sockets to a [`FrameSource`] plus an
+//! [`Outbound`] queue of encoded frames, and hands both to its shard through
+//! [`Handler::run`] (see [`connection`]).
 //!
+//! - [`connection`]: the hand-off, the narrow [`Context`] a transport gets, why a
+//!   connection ended ([`Closed`]).
+//! - [`outbound`]: a connection's bounded queue of frames to write.
 //! - [`tcp`]: length-prefixed frames on TCP, optionally inside TLS.
 //! - [`ws`]: one frame per binary WebSocket message (browsers), optionally WSS;
 //!   [`ws_arrival`] holds its input back until each frame has arrived.
@@ -10,6 +14,8 @@
 //! - [`tls`]: certificates and rustls configs.
 
 pub mod admission;
+pub mod connection;
+pub mod outbound;
 pub mod quic;
 pub mod stream;
 pub mod tcp;
@@ -17,7 +23,9 @@ pub mod tls;
 pub mod ws;
 mod ws_arrival;
 
-use crate::shard::Shard;
+pub use connection::{Closed, Context, FrameSource, Handler, Inbound, Parts, ReadError};
+pub use outbound::{AddressShare, Bounds, Outbound};
+
 use admission::{Permit, Refused};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::future::Future;
@@ -45,16 +53,21 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How a transport tells a connection it was refused, without waiting: a
 /// best-effort write of a few bytes, or nothing.
-pub type Refuse = fn(&Shard, &TcpStream, Refused);
+pub type Refuse<H> = fn(&Context<H>, &TcpStream, Refused);
 
 /// Accepts until the shard drains, handing each connection to `serve` as a task of
 /// the shard. The loop only accepts: it accepts (with exponential backoff on
 /// errors), takes a connection slot or refuses the connection at once (see
 /// [`admission`]), and spawns; handshakes (TLS, WebSocket, protocol) happen in
 /// the connection's task under its deadlines.
-pub async fn accept_loop<F, Fut>(shard: Rc<Shard>, listener: tokio::net::TcpListener, serve: F, refuse: Refuse)
-where
-    F: Fn(Rc<Shard>, TcpStream, SocketAddr, Permit) -> Fut,
+pub async fn accept_loop<H, F, Fut>(
+    context: Rc<Context<H>>,
+    listener: tokio::net::TcpListener,
+    serve: F,
+    refuse: Refuse<H>,
+) where
+    H: Handler,
+    F: Fn(Rc<Context<H>>, TcpStream, SocketAddr, Permit) -> Fut,
     Fut: Future<Output = ()> + 'static,
 {
     let mut backoff = Duration::from_millis(5);
@@ -62,15 +75,15 @@ where
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = shard.drain.cancelled() => return,
+            () = context.drain.cancelled() => return,
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                let permit = match shard.admission.admit(peer.ip(), std::time::Instant::now()) {
+                let permit = match context.admission.admit(peer.ip(), std::time::Instant::now()) {
                     Ok(permit) => permit,
                     Err(refused) => {
-                        refuse(&shard, &stream, refused);
+                        refuse(&context, &stream, refused);
                         refusals.record(peer, refused);
                         continue;
                     }
@@ -78,7 +91,7 @@ where
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(%peer, error = %err, "could not set TCP_NODELAY");
                 }
-                shard.spawn_connection(serve(shard.clone(), stream, peer, permit));
+                context.spawn_connection(serve(context.clone(), stream, peer, permit));
             }
             Err(err) => {
                 // EMFILE/ENFILE despite the reserve (another part of the process

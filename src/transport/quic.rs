@@ -27,9 +27,10 @@
 //! Application close codes are listed in [`close_code`] and PROTOCOL.md.
 
 use super::admission::{Admission, Permit};
-use super::stream::{ByteSource, StreamFrames, run_connection, write_frames};
+use super::connection::{Closed, Context, FrameSource, Handler, Inbound, ReadError, run_connection};
+use super::outbound::Outbound;
+use super::stream::{ByteSource, StreamFrames, write_frames};
 use super::tls::Identity;
-use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
 use bytes::BytesMut;
 use futures::FutureExt as _;
 use quinn::crypto::rustls::QuicServerConfig;
@@ -228,20 +229,20 @@ async fn open_session(incoming: quinn::Incoming, permit: Permit) -> Result<Hando
 }
 
 /// Runs a shard's share of QUIC sessions until the shard drains.
-pub async fn serve_handoffs(shard: Rc<Shard>, mut handoffs: mpsc::Receiver<Handoff>) {
+pub async fn serve_handoffs<H: Handler>(context: Rc<Context<H>>, mut handoffs: mpsc::Receiver<Handoff>) {
     loop {
         let handoff = tokio::select! {
             handoff = handoffs.recv() => match handoff {
                 Some(handoff) => handoff,
                 None => return,
             },
-            () = shard.drain.cancelled() => return,
+            () = context.drain.cancelled() => return,
         };
-        shard.spawn_connection(serve(shard.clone(), handoff));
+        context.spawn_connection(serve(context.clone(), handoff));
     }
 }
 
-async fn serve(shard: Rc<Shard>, handoff: Handoff) {
+async fn serve<H: Handler>(context: Rc<Context<H>>, handoff: Handoff) {
     let Handoff {
         connection,
         mut send,
@@ -251,14 +252,14 @@ async fn serve(shard: Rc<Shard>, handoff: Handoff) {
     } = handoff;
     let peer = connection.remote_address();
     let source = QuicFrames {
-        frames: StreamFrames::new(Chunks(recv), shard.limits.max_frame_bytes),
+        frames: StreamFrames::new(Chunks(recv), context.max_frame_bytes),
         early: match handshake_done {
             Some(done) => Early::Until(done),
             None => Early::Over,
         },
         connection: connection.clone(),
     };
-    let closed = run_connection(shard, source, peer, |queued: Outbound| async move {
+    let closed = run_connection(context, source, peer, |queued: Outbound| async move {
         if write_frames(&mut send, &queued).await.is_ok() && send.finish().is_ok() {
             // Wait until the peer has everything before the connection closes.
             let _ = send.stopped().await;

@@ -1,6 +1,6 @@
-//! What every transport shares around the connection driver: length-prefixed
-//! framing on a byte stream (TLS, QUIC; plain TCP has a leaner reader of its own),
-//! a coalescing frame writer, and running a connection with its writer task.
+//! What the byte-stream transports share: length-prefixed framing on a byte
+//! stream (TLS, QUIC; plain TCP has a leaner reader of its own) and a coalescing
+//! frame writer.
 //!
 //! A stream read through `AsyncRead` (TLS) must be given room before bytes
 //! arrive: while idle it waits with a small array inside the reading future, and
@@ -8,53 +8,17 @@
 //! buffers (a QUIC stream's chunks) implements [`ByteSource`] itself and holds
 //! none.
 
-use crate::shard::{Bounds, Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
+use super::connection::{FrameSource, Inbound, ReadError};
+use super::outbound::Outbound;
 use bytes::BytesMut;
 use confab_proto::FrameDecoder;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::rc::Rc;
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// Bytes written to the socket in one call when frames are queued back to back.
 pub const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// Room a read buffer gets when bytes arrive.
 pub const READ_CHUNK_BYTES: usize = 4096;
-/// How long a closing connection may take to flush what it has queued.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Runs the shard's connection driver on `source` while the task made by `writer`
-/// drains the outbound queue. Afterwards the writer may flush what is queued
-/// (bounded by a timeout), unless the peer stopped reading.
-pub async fn run_connection<W>(
-    shard: Rc<Shard>,
-    source: impl FrameSource,
-    peer: SocketAddr,
-    writer: impl FnOnce(Outbound) -> W,
-) -> Closed
-where
-    W: Future<Output = ()> + 'static,
-{
-    let protocol = &shard.config.protocol;
-    let bounds = Bounds {
-        frames: protocol.outbound_queue_frames,
-        bytes: protocol.outbound_queue_bytes,
-        reply_bytes: protocol.outbound_reply_bytes,
-    };
-    let outbound = Outbound::sharing(bounds, shard.address_share(peer.ip()));
-    let writer = tokio::task::spawn_local(writer(outbound.clone()));
-    let closed = crate::shard::run_connection(shard, source, outbound.clone(), peer).await;
-    outbound.end(closed);
-    let abort = writer.abort_handle();
-    if !closed.flushes() {
-        abort.abort();
-    } else if tokio::time::timeout(FLUSH_TIMEOUT, writer).await.is_err() {
-        tracing::debug!(%peer, "peer did not read its last frames; dropping them");
-        abort.abort();
-    }
-    closed
-}
 
 /// Where [`StreamFrames`] reads bytes from.
 pub trait ByteSource {

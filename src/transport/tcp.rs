@@ -7,8 +7,8 @@
 //! rustls keeps its own buffers and the generic [`StreamFrames`] reader is used.
 
 use super::admission::{Permit, Refused};
-use super::stream::{READ_CHUNK_BYTES, StreamFrames, run_connection, write_then_shutdown};
-use crate::shard::{FrameSource, Inbound, ReadError, Shard};
+use super::connection::{Context, FrameSource, Handler, Inbound, ReadError, run_connection};
+use super::stream::{READ_CHUNK_BYTES, StreamFrames, write_then_shutdown};
 use bytes::BytesMut;
 use confab_proto::FrameDecoder;
 use std::net::SocketAddr;
@@ -18,30 +18,30 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 
 /// Serves one accepted TCP connection, after a TLS handshake if TLS is on.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permit: Permit) {
-    let max_frame_bytes = shard.limits.max_frame_bytes;
-    let Some(tls) = shard.tls.clone() else {
+pub async fn serve<H: Handler>(context: Rc<Context<H>>, stream: TcpStream, peer: SocketAddr, _permit: Permit) {
+    let max_frame_bytes = context.max_frame_bytes;
+    let Some(tls) = context.tls.clone() else {
         let (read, write) = stream.into_split();
         let source = TcpFrames {
             read,
             buf: BytesMut::new(),
             decoder: FrameDecoder::new(max_frame_bytes),
         };
-        run_connection(shard, source, peer, |queued| write_then_shutdown(write, queued)).await;
+        run_connection(context, source, peer, |queued| write_then_shutdown(write, queued)).await;
         return;
     };
-    let Some(stream) = super::tls::accept(&tls, stream, peer, shard.limits.handshake_timeout).await else {
+    let Some(stream) = super::tls::accept(&tls, stream, peer, context.handshake_timeout).await else {
         return;
     };
     let (read, write) = tokio::io::split(stream);
     let source = StreamFrames::new(read, max_frame_bytes);
-    run_connection(shard, source, peer, |queued| write_then_shutdown(write, queued)).await;
+    run_connection(context, source, peer, |queued| write_then_shutdown(write, queued)).await;
 }
 
 /// Tells a refused connection why in an `Error` frame (best effort, never
 /// waiting); under TLS there is no handshake yet to say it in, so it is just closed.
-pub fn refuse(shard: &Shard, stream: &TcpStream, refused: Refused) {
-    if shard.tls.is_none() {
+pub fn refuse<H>(context: &Context<H>, stream: &TcpStream, refused: Refused) {
+    if context.tls.is_none() {
         let _ = stream.try_write(&confab_proto::encode_frame(&refusal_frame(refused)));
     }
 }

@@ -18,9 +18,9 @@
 //!   through [`ArrivedFrames`], which releases a frame only once it has arrived.
 
 use super::admission::{Permit, Refused};
-use super::stream::run_connection;
+use super::connection::{Closed, Context, FrameSource, Handler, Inbound, ReadError, run_connection};
+use super::outbound::Outbound;
 use super::ws_arrival::ArrivedFrames;
-use crate::shard::{Closed, FrameSource, Inbound, Outbound, ReadError, Shard};
 use bytes::Bytes;
 use confab_proto::FrameError;
 use futures::stream::{SplitSink, SplitStream, StreamExt as _};
@@ -42,12 +42,12 @@ pub const READ_BUFFER_BYTES: usize = 1024;
 const WRITE_BUFFER_BYTES: usize = 4096;
 
 /// Serves one accepted connection: TLS if on, the upgrade, then the protocol.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permit: Permit) {
-    match shard.tls.clone() {
-        None => upgrade_and_serve(shard, stream, peer).await,
+pub async fn serve<H: Handler>(context: Rc<Context<H>>, stream: TcpStream, peer: SocketAddr, _permit: Permit) {
+    match context.tls.clone() {
+        None => upgrade_and_serve(context, stream, peer).await,
         Some(tls) => {
-            if let Some(stream) = super::tls::accept(&tls, stream, peer, shard.limits.handshake_timeout).await {
-                upgrade_and_serve(shard, stream, peer).await;
+            if let Some(stream) = super::tls::accept(&tls, stream, peer, context.handshake_timeout).await {
+                upgrade_and_serve(context, stream, peer).await;
             }
         }
     }
@@ -56,8 +56,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, _permi
 /// Answers a refused connection's upgrade request before reading it, with 429
 /// (its address holds too many) or 503 (the node does); best effort, never
 /// waiting. Under TLS it is just closed.
-pub fn refuse(shard: &Shard, stream: &TcpStream, refused: Refused) {
-    if shard.tls.is_some() {
+pub fn refuse<H>(context: &Context<H>, stream: &TcpStream, refused: Refused) {
+    if context.tls.is_some() {
         return;
     }
     let status = match refused {
@@ -72,11 +72,12 @@ pub fn refuse(shard: &Shard, stream: &TcpStream, refused: Refused) {
     let _ = stream.try_write(response.as_bytes());
 }
 
-async fn upgrade_and_serve<S>(shard: Rc<Shard>, stream: S, peer: SocketAddr)
+async fn upgrade_and_serve<H, S>(context: Rc<Context<H>>, stream: S, peer: SocketAddr)
 where
+    H: Handler,
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
-    let max_frame_bytes = shard.limits.max_frame_bytes;
+    let max_frame_bytes = context.max_frame_bytes;
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
@@ -85,7 +86,7 @@ where
         .max_frame_size(Some(max_frame_bytes));
     let mut upgrade_token = None;
     #[allow(clippy::result_large_err)]
-    let check = |request: &Request, response: Response| check_upgrade(&shard, request, response, &mut upgrade_token);
+    let check = |request: &Request, response: Response| check_upgrade(&context, request, response, &mut upgrade_token);
     // Boxed: the handshake's state is large and would otherwise size the whole
     // connection task for as long as the connection lives.
     let upgrade = Box::pin(tokio_tungstenite::accept_hdr_async_with_config(
@@ -93,7 +94,7 @@ where
         check,
         Some(config),
     ));
-    let socket = match tokio::time::timeout(shard.limits.handshake_timeout, upgrade).await {
+    let socket = match tokio::time::timeout(context.handshake_timeout, upgrade).await {
         Ok(Ok(socket)) => socket,
         Ok(Err(err)) => {
             tracing::info!(%peer, error = %err, "WebSocket upgrade refused or failed");
@@ -106,25 +107,24 @@ where
     };
     let (sink, read) = socket.split();
     let source = WsFrames { read, upgrade_token };
-    run_connection(shard, source, peer, |queued| write_messages(sink, queued)).await;
+    run_connection(context, source, peer, |queued| write_messages(sink, queued)).await;
 }
 
 /// Decides the HTTP upgrade: path, Origin, optional `?token=`. (The error type is
 /// tungstenite's callback signature.)
 #[allow(clippy::result_large_err)]
-fn check_upgrade(
-    shard: &Shard,
+fn check_upgrade<H>(
+    context: &Context<H>,
     request: &Request,
     response: Response,
     upgrade_token: &mut Option<String>,
 ) -> Result<Response, ErrorResponse> {
-    let settings = &shard.config.websocket;
-    if request.uri().path() != settings.path {
+    if request.uri().path() != context.websocket_path {
         return Err(upgrade_refusal(StatusCode::NOT_FOUND, "no WebSocket endpoint here"));
     }
-    if !settings.allowed_origins.is_empty() {
+    if !context.allowed_origins.is_empty() {
         let origin = request.headers().get("origin").and_then(|value| value.to_str().ok());
-        if !origin.is_some_and(|origin| settings.allowed_origins.iter().any(|allowed| allowed == origin)) {
+        if !origin.is_some_and(|origin| context.allowed_origins.iter().any(|allowed| allowed == origin)) {
             tracing::info!(origin = ?origin, "WebSocket upgrade from an origin not allowed");
             return Err(upgrade_refusal(StatusCode::FORBIDDEN, "origin not allowed"));
         }
@@ -136,7 +136,7 @@ fn check_upgrade(
         .flat_map(|query| query.split('&'))
         .find_map(|pair| pair.strip_prefix("token="));
     if let Some(token) = token {
-        if let Err(err) = shard.accounts.check_token(token) {
+        if let Err(err) = context.accounts.check_token(token) {
             tracing::info!(error = %err, "WebSocket upgrade with a bad token");
             return Err(upgrade_refusal(StatusCode::UNAUTHORIZED, "invalid or expired token"));
         }
