@@ -11,6 +11,7 @@
 //! (else the lowest-id member) becomes owner.
 
 use super::ChatError;
+use super::access::NOT_A_MEMBER;
 use crate::store::{GroupEvent, GroupRecord};
 use confab_protocol::ids::UserId;
 use confab_protocol::{GroupCommand, Role};
@@ -79,9 +80,7 @@ impl GroupState {
 
     /// The event `command` by `actor` amounts to, if allowed.
     pub fn authorize(&self, actor: UserId, command: GroupCommand, max_members: usize) -> Result<GroupEvent, ChatError> {
-        let actor_role = self
-            .role(actor)
-            .ok_or(ChatError::Forbidden("not a member of this conversation"))?;
+        let actor_role = self.role(actor).ok_or(NOT_A_MEMBER)?;
         let manages = actor_role >= Role::Admin;
         Ok(match command {
             GroupCommand::Create { .. } => return Err(ChatError::AlreadyExists),

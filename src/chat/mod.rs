@@ -5,14 +5,20 @@
 //! each committed message into one encoded frame with [`message_frame`], which is
 //! then fanned out as shared `Bytes`.
 
+mod access;
 mod group;
+mod lookup;
 mod presence;
+mod reading;
 mod sequencer;
 mod signals;
 mod sync;
 
+pub use access::{Access, NOT_A_MEMBER, access};
 pub use group::GroupState;
+pub use lookup::lookup;
 pub use presence::{Presence, PresenceTracker, Update};
+pub use reading::{CatchUp, catch_up, history, list_conversations, members, raise_marks, sync};
 pub use sequencer::{Admission, Assigned, Check, CheckResult, Outcome, Sequencer, SequencerLimits};
 pub use signals::{ReceiptCoalescer, Signal};
 pub use sync::{Plan, Planned, plan};

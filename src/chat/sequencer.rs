@@ -21,6 +21,7 @@
 //! Generic over the reply handle `R`, so it is tested without channels.
 
 use super::ChatError;
+use super::access::NOT_A_MEMBER;
 use super::group::GroupState;
 use crate::store::{Amendment, GroupEvent, GroupRecord, MessageRecord, StoredSend};
 use confab_protocol::ids::{ConversationId, Seq, UserId};
@@ -164,7 +165,7 @@ impl<R> Conversation<R> {
         max_members: usize,
     ) -> Result<(Option<GroupEvent>, Arc<[UserId]>), ChatError> {
         let sender = append.sender;
-        let not_member = ChatError::Forbidden("not a member of this conversation");
+        let not_member = NOT_A_MEMBER;
         let is_member = match (id, &self.group) {
             (ConversationId::Direct { .. }, _) => true,
             (ConversationId::Group(_), Some(group)) => group.role(sender).is_some(),

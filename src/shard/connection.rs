@@ -18,19 +18,18 @@ use super::Shard;
 use super::mesh::{AppendReply, ShardMsg};
 use super::quotas::OverQuota;
 use super::sessions::{Kick, Replay, SessionHandle};
-use super::{catch_up, presence};
+use super::{presence, signals};
 use crate::auth::{AuthError, Grant};
-use crate::chat::{ChatError, message_proto};
-use crate::store::HistoryPage;
+use crate::chat::{self, ChatError};
 use crate::transport::admission::UserPermit;
 use crate::transport::outbound::{Outbound, Refused, Reservation};
 use crate::transport::{Closed, FrameSource, Inbound, ReadError};
 use bytes::Bytes;
 use confab_proto::v1::{self, ServerFrame, server_frame::Kind};
 use confab_proto::{FrameError, ProstMessage as _, encode_frame};
-use confab_protocol::ids::{ConversationId, GroupId, UserId};
+use confab_protocol::ids::UserId;
 use confab_protocol::{Command, ErrorCode, ErrorKind, Request, Session, Step, error_frame, push_frame};
-use confab_protocol::{Content, Cursors, GroupCommand, HistoryRange};
+use confab_protocol::{Content, Cursors, GroupCommand};
 use futures::future::LocalBoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use std::cell::RefCell;
@@ -38,9 +37,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
-
-/// Room kept in a History page for everything but the messages.
-const PAGE_OVERHEAD_BYTES: usize = 1024;
 
 /// Runs a connection until it ends. `outbound` feeds the transport's writer.
 pub async fn run(shard: Rc<Shard>, mut source: impl FrameSource, outbound: Outbound, peer: SocketAddr) -> Closed {
@@ -293,28 +289,34 @@ impl Connection {
                 range,
                 limit,
             } => Box::pin(async move {
-                match readable_history(&shard, conversation, reader, range, limit).await {
-                    Ok(page) => {
-                        let max_bytes = shard.limits.max_frame_bytes.saturating_sub(PAGE_OVERHEAD_BYTES);
-                        reply_frame(
-                            id,
-                            Kind::HistoryPage(history_page(conversation, range, page, max_bytes)),
-                        )
-                    }
-                    Err(err) => failure(id, &err),
-                }
+                answer(
+                    id,
+                    chat::history(
+                        shard.store.as_ref(),
+                        conversation,
+                        reader,
+                        range,
+                        limit,
+                        shard.limits.max_frame_bytes,
+                    )
+                    .await,
+                    Kind::HistoryPage,
+                )
             }),
             Command::Sync { user, cursors, limit } => Box::pin(async move {
-                match catch_up::sync(&shard, user, cursors, limit).await {
-                    Ok(result) => reply_frame(id, Kind::SyncResult(result)),
-                    Err(err) => failure(id, &err),
-                }
+                answer(
+                    id,
+                    chat::sync(shard.store.as_ref(), user, cursors, limit, shard.limits.max_frame_bytes).await,
+                    Kind::SyncResult,
+                )
             }),
             Command::ListConversations { user, after, limit } => Box::pin(async move {
-                match catch_up::list_conversations(&shard, user, after, limit).await {
-                    Ok(list) => reply_frame(id, Kind::ConversationList(list)),
-                    Err(err) => failure(id, &err),
-                }
+                answer(
+                    id,
+                    chat::list_conversations(shard.store.as_ref(), user, after, limit, shard.limits.max_frame_bytes)
+                        .await,
+                    Kind::ConversationList,
+                )
             }),
             Command::Mark {
                 conversation,
@@ -322,10 +324,11 @@ impl Connection {
                 device,
                 marks,
             } => Box::pin(async move {
-                match catch_up::mark(&shard, conversation, user, device, marks).await {
-                    Ok(receipt) => reply_frame(id, Kind::Receipt(receipt)),
-                    Err(err) => failure(id, &err),
-                }
+                answer(
+                    id,
+                    signals::mark(&shard, conversation, user, device, marks).await,
+                    Kind::Receipt,
+                )
             }),
             Command::Typing {
                 conversation,
@@ -333,7 +336,7 @@ impl Connection {
                 typing,
                 ..
             } => Box::pin(async move {
-                match catch_up::typing(&shard, conversation, user, typing).await {
+                match signals::typing(&shard, conversation, user, typing).await {
                     Ok(()) => reply_frame(id, Kind::Done(v1::Done {})),
                     Err(err) => failure(id, &err),
                 }
@@ -341,10 +344,11 @@ impl Connection {
             Command::SubscribePresence { subscriber, users } => {
                 let visibility = self.visibility.clone();
                 Box::pin(async move {
-                    match presence::subscribe_users(&shard, subscriber, users, &visibility).await {
-                        Ok(list) => reply_frame(id, Kind::PresenceList(list)),
-                        Err(err) => failure(id, &err),
-                    }
+                    answer(
+                        id,
+                        presence::subscribe_users(&shard, subscriber, users, &visibility).await,
+                        Kind::PresenceList,
+                    )
                 })
             }
             Command::UnsubscribePresence { subscriber, users } => Box::pin(async move {
@@ -357,10 +361,11 @@ impl Connection {
                 after,
                 limit,
             } => Box::pin(async move {
-                match list_members(&shard, group, reader, after, limit).await {
-                    Ok(list) => reply_frame(id, Kind::MemberList(list)),
-                    Err(err) => failure(id, &err),
-                }
+                answer(
+                    id,
+                    chat::members(shard.store.as_ref(), group, reader, after, limit).await,
+                    Kind::MemberList,
+                )
             }),
             Command::GetUser { username } => Box::pin(async move {
                 match shard.accounts.user_by_name(&username).await {
@@ -653,14 +658,15 @@ impl Connection {
         let chunk_bytes = self.outbound.reply_bytes();
         loop {
             let remaining = limit.saturating_sub(reply.replayed as usize);
-            let chunk = match catch_up::catch_up(&self.shard, user, cursors.clone(), remaining, chunk_bytes).await {
-                Ok(chunk) => chunk,
-                Err(err) => {
-                    tracing::error!(peer = %self.peer, error = %err, "replay failed; the device must sync");
-                    reply.recovered = false;
-                    return (cursors, Flow::Continue);
-                }
-            };
+            let chunk =
+                match chat::catch_up(self.shard.store.as_ref(), user, cursors.clone(), remaining, chunk_bytes).await {
+                    Ok(chunk) => chunk,
+                    Err(err) => {
+                        tracing::error!(peer = %self.peer, error = %err, "replay failed; the device must sync");
+                        reply.recovered = false;
+                        return (cursors, Flow::Continue);
+                    }
+                };
             let mut sent: u32 = 0;
             for message in chunk.conversations.into_iter().flat_map(|state| state.messages) {
                 let flow = self.send(&push_frame(Kind::Message(message))).await;
@@ -778,6 +784,14 @@ fn reply_frame(request_id: u64, kind: Kind) -> ServerFrame {
     }
 }
 
+/// The reply to a request: its result as `kind`, or the error.
+fn answer<T, E: ErrorKind>(request_id: u64, result: Result<T, E>, kind: fn(T) -> Kind) -> ServerFrame {
+    match result {
+        Ok(value) => reply_frame(request_id, kind(value)),
+        Err(err) => failure(request_id, &err),
+    }
+}
+
 fn failure(request_id: u64, err: &impl ErrorKind) -> ServerFrame {
     error_frame(request_id, err.code(), err.client_message())
 }
@@ -791,111 +805,8 @@ fn tokens(grant: Grant) -> v1::Tokens {
     }
 }
 
-/// The page of `conversation` that `reader` may see: a group's history is for its
-/// members, and a former member reads only up to the message that removed it.
 /// The reply to a request beyond its user's quota.
 fn over_quota(id: u64, over: OverQuota) -> ServerFrame {
     let message = format!("{}; retry in {} ms", over.what, over.retry_in.as_millis().max(1));
     error_frame(id, ErrorCode::RateLimited, message)
-}
-
-async fn readable_history(
-    shard: &Shard,
-    conversation: ConversationId,
-    reader: UserId,
-    range: HistoryRange,
-    limit: usize,
-) -> Result<HistoryPage, ChatError> {
-    let mut upto = None;
-    if let ConversationId::Group(group) = conversation {
-        let member = shard.store.member(group, reader).await?;
-        upto = member
-            .ok_or(ChatError::Forbidden("not a member of this conversation"))?
-            .left_seq;
-    }
-    let Some(last) = upto else {
-        return Ok(shard.store.history(conversation, range, limit).await?);
-    };
-    let clamped = match range {
-        HistoryRange::Latest => HistoryRange::Before(last + 1),
-        HistoryRange::Before(bound) => HistoryRange::Before(bound.min(last + 1)),
-        HistoryRange::After(bound) => HistoryRange::After(bound),
-    };
-    let mut page = shard.store.history(conversation, clamped, limit).await?;
-    page.messages.retain(|message| message.seq <= last);
-    if matches!(range, HistoryRange::After(_)) && page.messages.last().is_none_or(|message| message.seq >= last) {
-        page.has_more = false;
-    }
-    Ok(page)
-}
-
-async fn list_members(
-    shard: &Shard,
-    group: GroupId,
-    reader: UserId,
-    after: Option<UserId>,
-    limit: usize,
-) -> Result<v1::MemberList, ChatError> {
-    let forbidden = ChatError::Forbidden("not a member of this conversation");
-    let member = shard.store.member(group, reader).await?;
-    if member.is_none_or(|member| member.left_seq.is_some()) {
-        return Err(forbidden);
-    }
-    let title = shard
-        .store
-        .group(group)
-        .await?
-        .map(|group| group.title)
-        .unwrap_or_default();
-    let (members, has_more) = shard.store.members_page(group, after, limit).await?;
-    Ok(v1::MemberList {
-        conversation_id: ConversationId::Group(group).to_string(),
-        title,
-        members: members
-            .into_iter()
-            .map(|(user, role)| v1::Member {
-                user_id: user.get(),
-                role: v1::Role::from(role) as i32,
-            })
-            .collect(),
-        has_more,
-    })
-}
-
-/// A History reply that fits in `max_bytes`: when the stored page is larger, the
-/// messages farthest from the requested bound are left out and `has_more` is set.
-fn history_page(
-    conversation: ConversationId,
-    range: HistoryRange,
-    page: HistoryPage,
-    max_bytes: usize,
-) -> v1::HistoryPage {
-    let mut messages: Vec<v1::Message> = page.messages.iter().map(message_proto).collect();
-    let mut has_more = page.has_more;
-    // Closest to the bound first: the newest for Latest/Before, the oldest for After.
-    let newest_first = !matches!(range, HistoryRange::After(_));
-    if newest_first {
-        messages.reverse();
-    }
-    let mut used = 0;
-    let keep = messages
-        .iter()
-        .take_while(|message| {
-            let len = message.encoded_len() + 8;
-            used += len;
-            used <= max_bytes
-        })
-        .count();
-    if keep < messages.len() {
-        messages.truncate(keep);
-        has_more = true;
-    }
-    if newest_first {
-        messages.reverse();
-    }
-    v1::HistoryPage {
-        conversation_id: conversation.to_string(),
-        messages,
-        has_more,
-    }
 }

@@ -16,7 +16,6 @@
 //! accept loops and ends every connection (after its in-flight requests finish);
 //! once every shard has drained, `stop` ends the mailbox loops and committers.
 
-mod catch_up;
 mod connection;
 mod directory;
 mod gauges;
@@ -25,6 +24,7 @@ mod owner;
 mod presence;
 mod quotas;
 mod sessions;
+mod signals;
 mod store_watch;
 
 pub use mesh::Mesh;

@@ -9,7 +9,7 @@
 
 use super::mesh::{AppendReply, Arrivals, Delivery, ShardMsg};
 use super::{Shard, ShardId};
-use crate::chat::{Admission, Assigned, ChatError, Check, CheckResult, Outcome, SendAck, Signal, message_frame};
+use crate::chat::{Admission, Assigned, ChatError, Check, Outcome, SendAck, Signal, lookup, message_frame};
 use crate::clock::unix_ms;
 use crate::store::GroupEvent;
 use bytes::Bytes;
@@ -46,7 +46,9 @@ async fn run_check(shard: Rc<Shard>, check: Check) {
     while let Some(current) = check.take() {
         let conversation = current.conversation;
         let started = Instant::now();
-        let result = lookup(&shard, current).await;
+        let window_ms = u64::try_from(shard.config.chat.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let since_ms = unix_ms().saturating_sub(window_ms);
+        let result = lookup(shard.store.as_ref(), current, since_ms).await;
         crate::metrics::record_since(&shard.stages.store_check, started);
         let mut sequencer = shard.sequencer.borrow_mut();
         match result {
@@ -89,37 +91,6 @@ async fn run_check(shard: Rc<Shard>, check: Check) {
             }
         }
     }
-}
-
-async fn lookup(shard: &Shard, check: Check) -> Result<CheckResult, ChatError> {
-    let mut last_seq = None;
-    let mut group = None;
-    if check.first_use {
-        match check.conversation {
-            ConversationId::Direct { .. } => {
-                for member in check.conversation.direct_members() {
-                    if shard.store.user_by_id(member).await?.is_none() {
-                        return Err(ChatError::UnknownUser);
-                    }
-                }
-            }
-            ConversationId::Group(id) => group = shard.store.group(id).await?,
-        }
-        last_seq = Some(shard.store.last_seq(check.conversation).await?);
-    }
-    let window_ms = u64::try_from(shard.config.chat.dedup_window.as_millis()).unwrap_or(u64::MAX);
-    let since_ms = unix_ms().saturating_sub(window_ms);
-    let stored = shard.store.find_sends(check.conversation, check.keys, since_ms).await?;
-    let targets = match check.targets.is_empty() {
-        true => Default::default(),
-        false => shard.store.messages_at(check.conversation, check.targets).await?,
-    };
-    Ok(CheckResult {
-        last_seq,
-        group,
-        stored,
-        targets,
-    })
 }
 
 /// Batches a shard's committer keeps in the store at once.
