@@ -70,7 +70,7 @@ impl ErrorKind for ChatError {
 impl ErrorKind for StoreError {
     fn code(&self) -> ErrorCode {
         match self {
-            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Unavailable { .. } => ErrorCode::Unavailable,
             _ => ErrorCode::Internal,
         }
     }

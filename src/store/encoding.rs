@@ -68,17 +68,17 @@ impl StoredMessage {
         Ok(MessageRecord {
             conversation,
             seq,
-            sender: UserId::new(self.sender).ok_or_else(|| StoreError::Corrupt("message sender is 0".into()))?,
+            sender: UserId::new(self.sender).ok_or_else(|| StoreError::corrupt("message sender is 0"))?,
             sender_device: DeviceId::new(self.sender_device)
-                .ok_or_else(|| StoreError::Corrupt("message sender device is 0".into()))?,
+                .ok_or_else(|| StoreError::corrupt("message sender device is 0"))?,
             client_msg_id: self.client_msg_id,
             body: self.body,
             server_time_ms: self.server_time_ms,
             event: match self.event {
                 None => None,
-                Some(event) => Some(
-                    GroupEvent::from_proto(event).ok_or_else(|| StoreError::Corrupt("invalid group event".into()))?,
-                ),
+                Some(event) => {
+                    Some(GroupEvent::from_proto(event).ok_or_else(|| StoreError::corrupt("invalid group event"))?)
+                }
             },
             amends: match (self.edits, self.deletes) {
                 (0, 0) => None,

@@ -39,18 +39,98 @@ pub fn open(config: &crate::Config) -> Result<std::sync::Arc<dyn Store>, StoreEr
 pub enum StoreError {
     #[error("username is already taken")]
     UsernameTaken,
-    #[error("stored record is corrupt: {0}")]
-    Corrupt(String),
-    #[error("storage I/O failed: {0}")]
-    Io(String),
+    #[error("stored record is corrupt: {what}{}", Because(.cause))]
+    Corrupt {
+        what: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+    #[error("storage I/O failed: {what}{}", Because(.cause))]
+    Io {
+        what: String,
+        #[source]
+        cause: Option<Cause>,
+    },
     #[error("the store stopped accepting writes after an earlier failure")]
     Poisoned,
     #[error("the store is shut down")]
     Closed,
     /// The database did not confirm the operation (unreachable, timed out, too few
     /// replicas); nothing acknowledged was lost, and a retry may succeed.
-    #[error("the database is unavailable: {0}")]
-    Unavailable(String),
+    #[error("the database is unavailable: {what}{}", Because(.cause))]
+    Unavailable {
+        what: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+}
+
+/// The error underneath a [`StoreError`]: the database driver's, the file
+/// system's, the decoder's. Shared, so a failed batch's error reaches every
+/// waiter.
+pub type Cause = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Shows a cause after the message, so a log line says what happened underneath
+/// without walking the source chain.
+struct Because<'a>(&'a Option<Cause>);
+
+impl std::fmt::Display for Because<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(cause) => write!(f, ": {cause}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl StoreError {
+    /// A record that does not decode or breaks an invariant.
+    pub fn corrupt(what: impl Into<String>) -> Self {
+        Self::Corrupt {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    /// A record the decoder refused.
+    pub fn corrupt_because(what: impl Into<String>, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Corrupt {
+            what: what.into(),
+            cause: Some(std::sync::Arc::new(cause)),
+        }
+    }
+
+    /// A failure of the machinery (a task, a runtime) rather than the data.
+    pub fn io(what: impl Into<String>) -> Self {
+        Self::Io {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    /// Storage I/O that failed underneath.
+    pub fn io_because(what: impl Into<String>, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Io {
+            what: what.into(),
+            cause: Some(std::sync::Arc::new(cause)),
+        }
+    }
+
+    /// The database cannot confirm writes now.
+    pub fn unavailable(what: impl Into<String>) -> Self {
+        Self::Unavailable {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    /// The database did not answer as asked.
+    pub fn unavailable_because(what: impl Into<String>, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Unavailable {
+            what: what.into(),
+            cause: Some(std::sync::Arc::new(cause)),
+        }
+    }
 }
 
 /// A page of history, in ascending seq order.

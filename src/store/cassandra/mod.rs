@@ -222,7 +222,7 @@ impl CassandraStore {
             .thread_name("confab-cassandra")
             .enable_all()
             .build()
-            .map_err(|err| StoreError::Io(format!("building the driver runtime: {err}")))?;
+            .map_err(|err| StoreError::io_because("building the driver runtime", err))?;
         let handle = runtime.handle().clone();
         let config = config.clone();
         // block_on must not run inside another runtime: use a plain thread.
@@ -230,7 +230,7 @@ impl CassandraStore {
             scope
                 .spawn(|| handle.block_on(connect(&config, dedup_window)))
                 .join()
-                .unwrap_or_else(|_| Err(StoreError::Io("connecting panicked".into())))
+                .unwrap_or_else(|_| Err(StoreError::io("connecting panicked")))
         });
         let inner = match connected {
             Ok(inner) => Arc::new(inner),
@@ -259,7 +259,7 @@ impl CassandraStore {
         self.handle
             .spawn(work(self.inner.clone()))
             .await
-            .map_err(|err| StoreError::Io(format!("driver task failed: {err}")))?
+            .map_err(|err| StoreError::io_because("driver task failed", err))?
     }
 
     /// Runs a read on the driver's runtime. A caller that goes away (its
@@ -271,7 +271,7 @@ impl CassandraStore {
     {
         AbortOnDrop(self.handle.spawn(work(self.inner.clone())))
             .await
-            .map_err(|err| StoreError::Io(format!("driver task failed: {err}")))?
+            .map_err(|err| StoreError::io_because("driver task failed", err))?
     }
 }
 
@@ -306,7 +306,9 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
         .connection_timeout(CONNECT_TIMEOUT)
         .build()
         .await
-        .map_err(|err| StoreError::Unavailable(format!("connecting to {}: {err}", config.contact_points.join(", "))))?;
+        .map_err(|err| {
+            StoreError::unavailable_because(format!("connecting to {}", config.contact_points.join(", ")), err)
+        })?;
     if config.create_schema {
         for statement in SCHEMA
             .replace("{keyspace}", &config.keyspace)
@@ -318,7 +320,7 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
             session
                 .query_unpaged(statement.clone(), ())
                 .await
-                .map_err(|err| StoreError::Io(format!("applying the schema ({statement}): {err}")))?;
+                .map_err(|err| StoreError::io_because(format!("applying the schema ({statement})"), err))?;
         }
     }
     let statements = Statements::prepare(&session, &config.keyspace, config).await?;
@@ -364,7 +366,7 @@ impl Statements {
             let mut statement = session
                 .prepare(cql.clone())
                 .await
-                .map_err(|err| StoreError::Io(format!("preparing {cql}: {err}")))?;
+                .map_err(|err| StoreError::io_because(format!("preparing {cql}"), err))?;
             statement.set_consistency(consistency);
             statement.set_request_timeout(Some(timeout));
             Ok::<_, StoreError>(statement)
@@ -518,12 +520,12 @@ impl Statements {
 }
 
 /// Maps a driver error: the database did not answer as asked.
-fn unavailable(err: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(err.to_string())
+fn unavailable(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::unavailable_because("the database did not answer as asked", err)
 }
 
-fn corrupt(err: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(err.to_string())
+fn corrupt(err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::corrupt_because("a row does not decode", err)
 }
 
 fn role_code(role: Role) -> i8 {
@@ -539,12 +541,12 @@ fn role_of(code: i8) -> Result<Role, StoreError> {
         0 => Ok(Role::Member),
         1 => Ok(Role::Admin),
         2 => Ok(Role::Owner),
-        other => Err(StoreError::Corrupt(format!("unknown role {other}"))),
+        other => Err(StoreError::corrupt(format!("unknown role {other}"))),
     }
 }
 
 fn user_id(raw: i64) -> Result<UserId, StoreError> {
-    UserId::new(from_cql(raw)).ok_or_else(|| StoreError::Corrupt("user id 0".into()))
+    UserId::new(from_cql(raw)).ok_or_else(|| StoreError::corrupt("user id 0"))
 }
 
 fn left(raw: Option<i64>) -> Option<Seq> {
@@ -1014,11 +1016,11 @@ fn device_record(user: UserId, row: DeviceRow) -> Result<DeviceRecord, StoreErro
     let hash = |bytes: Vec<u8>| -> Result<[u8; 32], StoreError> {
         bytes
             .try_into()
-            .map_err(|_| StoreError::Corrupt("refresh hash is not 32 bytes".into()))
+            .map_err(|_| StoreError::corrupt("refresh hash is not 32 bytes"))
     };
     Ok(DeviceRecord {
         user,
-        id: DeviceId::new(from_cql(id)).ok_or_else(|| StoreError::Corrupt("device id 0".into()))?,
+        id: DeviceId::new(from_cql(id)).ok_or_else(|| StoreError::corrupt("device id 0"))?,
         name,
         refresh_hash: hash(refresh_hash)?,
         previous_refresh_hash: previous_refresh_hash.map(hash).transpose()?.unwrap_or([0; 32]),

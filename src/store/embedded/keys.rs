@@ -51,7 +51,7 @@ impl StoredDevice {
                 0 => Ok([0; 32]),
                 _ => bytes
                     .try_into()
-                    .map_err(|_| StoreError::Corrupt("device refresh hash is not 32 bytes".into())),
+                    .map_err(|_| StoreError::corrupt("device refresh hash is not 32 bytes")),
             }
         };
         Ok(DeviceRecord {
@@ -72,7 +72,7 @@ pub(super) fn device_of_key(key: &[u8]) -> Result<(UserId, DeviceId), StoreError
     id(0..8)
         .and_then(UserId::new)
         .zip(id(8..16).and_then(DeviceId::new))
-        .ok_or_else(|| StoreError::Corrupt("device key".into()))
+        .ok_or_else(|| StoreError::corrupt("device key"))
 }
 
 pub(super) fn device_key(user: UserId, device: DeviceId) -> [u8; 16] {
@@ -107,7 +107,7 @@ pub(super) fn conversation_of_key(key: &[u8]) -> Result<ConversationId, StoreErr
         (Some(b'g'), 9) => id(1..9).and_then(GroupId::new).map(ConversationId::Group),
         _ => None,
     };
-    parsed.ok_or_else(|| StoreError::Corrupt("conversation key".into()))
+    parsed.ok_or_else(|| StoreError::corrupt("conversation key"))
 }
 
 /// A `user_convs` value: the seq the user left at and that message's time (for a
@@ -136,7 +136,7 @@ pub(super) fn decode_pair(value: &[u8]) -> Result<(u64, u64), StoreError> {
         |range: std::ops::Range<usize>| value.get(range).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
     field(0..8)
         .zip(field(8..16))
-        .ok_or_else(|| StoreError::Corrupt("pair of u64".into()))
+        .ok_or_else(|| StoreError::corrupt("pair of u64"))
 }
 
 pub(super) fn member_key(group: GroupId, user: UserId) -> [u8; 16] {
@@ -151,7 +151,7 @@ pub(super) fn member_of_key(key: &[u8]) -> Result<UserId, StoreError> {
         .and_then(|bytes| bytes.try_into().ok())
         .map(u64::from_be_bytes)
         .and_then(UserId::new)
-        .ok_or_else(|| StoreError::Corrupt("member key".into()))
+        .ok_or_else(|| StoreError::corrupt("member key"))
 }
 
 /// Role byte, then the seq the member left at (0 while a member).
@@ -167,7 +167,7 @@ pub(super) fn encode_member(member: MemberRecord) -> [u8; 9] {
 }
 
 pub(super) fn decode_member(value: &[u8]) -> Result<MemberRecord, StoreError> {
-    let corrupt = || StoreError::Corrupt("member record".into());
+    let corrupt = || StoreError::corrupt("member record");
     let role = match value.first() {
         Some(1) => Role::Member,
         Some(2) => Role::Admin,
@@ -198,7 +198,7 @@ pub(super) fn decode_send(value: &[u8]) -> Result<StoredSend, StoreError> {
         |range: std::ops::Range<usize>| value.get(range).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
     match (field(0..8), field(8..16)) {
         (Some(seq), Some(server_time_ms)) if value.len() == 16 => Ok(StoredSend { seq, server_time_ms }),
-        _ => Err(StoreError::Corrupt("send record is not 16 bytes".into())),
+        _ => Err(StoreError::corrupt("send record is not 16 bytes")),
     }
 }
 
@@ -207,7 +207,7 @@ pub(super) fn seq_of_key(key: &[u8]) -> Result<Seq, StoreError> {
         .checked_sub(8)
         .and_then(|start| key[start..].try_into().ok())
         .map(u64::from_be_bytes)
-        .ok_or_else(|| StoreError::Corrupt("message key too short".into()))
+        .ok_or_else(|| StoreError::corrupt("message key too short"))
 }
 
 pub(super) fn decode_user_id(bytes: &[u8]) -> Result<UserId, StoreError> {
@@ -216,5 +216,5 @@ pub(super) fn decode_user_id(bytes: &[u8]) -> Result<UserId, StoreError> {
         .ok()
         .map(u64::from_be_bytes)
         .and_then(UserId::new)
-        .ok_or_else(|| StoreError::Corrupt("username index holds an invalid user id".into()))
+        .ok_or_else(|| StoreError::corrupt("username index holds an invalid user id"))
 }

@@ -123,7 +123,7 @@ impl Shared {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .ok_or_else(|| StoreError::Unavailable("the store is reopening after a failure".into()))
+            .ok_or_else(|| StoreError::unavailable("the store is reopening after a failure"))
     }
 
     fn condition(&self) -> Condition {
@@ -134,7 +134,7 @@ impl Shared {
     /// while a failed batch may yet reappear when the database is reopened.
     fn before_sequencing(&self) -> Result<(), StoreError> {
         match self.condition() {
-            Condition::Failed(reason) => Err(StoreError::Unavailable(reason)),
+            Condition::Failed(reason) => Err(StoreError::unavailable(reason)),
             Condition::Healthy | Condition::Full(_) => Ok(()),
         }
     }
@@ -308,7 +308,7 @@ impl EmbeddedStore {
         let view = self.shared.view()?;
         tokio::task::spawn_blocking(move || read(&view))
             .await
-            .map_err(|err| StoreError::Io(format!("read task failed: {err}")))?
+            .map_err(|err| StoreError::io_because("read task failed", err))?
     }
 }
 
@@ -462,7 +462,7 @@ impl Store for EmbeddedStore {
             let Some(title) = view.get(&view.groups, group.get().to_be_bytes()).map_err(fjall_error)? else {
                 return Ok(None);
             };
-            let title = String::from_utf8(title.to_vec()).map_err(|_| StoreError::Corrupt("group title".into()))?;
+            let title = String::from_utf8(title.to_vec()).map_err(|_| StoreError::corrupt("group title"))?;
             let mut members = Vec::new();
             for guard in view.prefix(&view.members, group.get().to_be_bytes()) {
                 let (key, value) = guard.into_inner().map_err(fjall_error)?;
@@ -696,16 +696,16 @@ impl View {
 pub(super) fn fjall_error(err: fjall::Error) -> StoreError {
     match err {
         fjall::Error::Poisoned => StoreError::Poisoned,
-        other => StoreError::Io(other.to_string()),
+        other => StoreError::io_because("the embedded database", other),
     }
 }
 
 pub(super) fn corrupt(err: prost::DecodeError) -> StoreError {
-    StoreError::Corrupt(err.to_string())
+    StoreError::corrupt_because("a stored record does not decode", err)
 }
 
 fn io_error(path: &Path, err: std::io::Error) -> StoreError {
-    StoreError::Io(format!("{}: {err}", path.display()))
+    StoreError::io_because(path.display().to_string(), err)
 }
 
 #[cfg(test)]

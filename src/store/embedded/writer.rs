@@ -257,13 +257,13 @@ impl Writer {
     fn writable(&mut self) -> Result<Arc<Inner>, StoreError> {
         if let Condition::Failed(reason) = self.shared.condition() {
             if Instant::now() < self.retry.0 {
-                return Err(StoreError::Unavailable(reason));
+                return Err(StoreError::unavailable(reason));
             }
             if let Err(err) = self.reopen() {
                 let wait = self.retry.1;
                 self.retry = (Instant::now() + wait, (wait * 2).min(MAX_RETRY));
                 tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "reopening the store failed");
-                return Err(StoreError::Unavailable(reason));
+                return Err(StoreError::unavailable(reason));
             }
             tracing::info!("store reopened after a failure; writes are taken again");
         }
@@ -282,7 +282,7 @@ impl Writer {
                     );
                 }
                 self.set_condition(Condition::Full(reason.clone()));
-                return Err(StoreError::Unavailable(reason));
+                return Err(StoreError::unavailable(reason));
             }
             Ok(_) => {}
             Err(err) => tracing::debug!(error = %err, "cannot read the free space of the data dir"),
@@ -341,7 +341,7 @@ impl Writer {
                 tracing::error!(error = %err, "store commit failed; refusing writes until the store is reopened");
                 self.set_condition(Condition::Failed(reason.clone()));
                 self.retry = (Instant::now() + FIRST_RETRY, FIRST_RETRY * 2);
-                Err(StoreError::Unavailable(reason))
+                Err(StoreError::unavailable(reason))
             }
         }
     }
@@ -357,7 +357,7 @@ impl Writer {
             let deadline = Instant::now() + CLOSE_WAIT;
             while closing.strong_count() > 0 {
                 if Instant::now() >= deadline {
-                    return Err(StoreError::Unavailable("readers still hold the failed database".into()));
+                    return Err(StoreError::unavailable("readers still hold the failed database"));
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -386,7 +386,7 @@ impl Writer {
             }
             (Err(err), _) => {
                 tracing::error!(error = %err, "final store sync failed");
-                Err(StoreError::Io(err.to_string()))
+                Err(StoreError::io_because("the final sync", err))
             }
         }
     }
@@ -558,7 +558,7 @@ impl Staging {
     fn stage_password(&mut self, user: UserId, password_hash: String) -> Result<(), StoreError> {
         let key = user.get().to_be_bytes();
         let Some(value) = self.latest.get(&self.inner.users, key).map_err(fjall_error)? else {
-            return Err(StoreError::Corrupt(format!("user {user} is missing")));
+            return Err(StoreError::corrupt(format!("user {user} is missing")));
         };
         let mut stored = StoredUser::decode(&*value).map_err(corrupt)?;
         stored.password_hash = password_hash;
@@ -655,7 +655,7 @@ impl Staging {
         let (Amendment::Edit(target) | Amendment::Delete(target)) = amendment;
         let mut stored = self
             .message(conversation, target)?
-            .ok_or_else(|| StoreError::Corrupt(format!("amended message {target} is missing")))?;
+            .ok_or_else(|| StoreError::corrupt(format!("amended message {target} is missing")))?;
         let previous_edit = stored.amend(amendment_message, amendment);
         self.stage_message(conversation, target, stored);
         if let Amendment::Edit(_) = amendment {
