@@ -556,7 +556,6 @@ fn apply_env(table: &mut toml::Table, key: &str, value: &str) -> bool {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -44,7 +44,6 @@ pub fn warn_if_readable(path: &Path, what: &str) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

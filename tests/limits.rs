@@ -1,6 +1,6 @@
 //! Resource limits: a peer that stops reading is cut off without slowing anyone
 //! else; connections beyond the node's limit, or beyond one address's share, are
-//! refused with a reason (tests/faults.rs: a flood cannot starve the store).
+//! refused with a reason (tests/it/faults.rs: a flood cannot starve the store).
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -229,7 +229,6 @@ fn source_address(server: SocketAddr, index: usize) -> Option<IpAddr> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -25,7 +25,6 @@ pub fn decode(body: &str) -> Option<(MessageId, u64)> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -139,7 +139,6 @@ fn parse(text: &str) -> BTreeMap<String, f64> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -87,7 +87,6 @@ pub fn encode_frame_into<M: Message>(message: &M, buf: &mut BytesMut) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::v1::{ClientFrame, Ping, client_frame};

@@ -113,7 +113,6 @@ fn take_varint(input: &mut &[u8]) -> Result<u64, MalformedToken> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -227,7 +227,6 @@ impl fmt::Display for ConversationId {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -823,7 +823,6 @@ fn group_id(conversation_id: &str) -> Result<GroupId, Rejection> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use client_frame::Kind as K;

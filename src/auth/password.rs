@@ -91,7 +91,6 @@ fn hash_blocking(argon2: &Argon2<'_>, password: &[u8]) -> Result<String, HashErr
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -254,7 +254,6 @@ fn record_failure<K: std::hash::Hash + Eq>(failures: &mut HashMap<K, Failures>, 
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

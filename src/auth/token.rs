@@ -216,7 +216,6 @@ fn decode_exact<const N: usize>(text: &str) -> Result<[u8; N], TokenError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -200,7 +200,6 @@ impl<S: Clone + Eq + Hash> PresenceTracker<S> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

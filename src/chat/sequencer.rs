@@ -438,7 +438,6 @@ fn assign<R>(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use confab_protocol::ids::DeviceId;

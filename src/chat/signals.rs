@@ -44,7 +44,6 @@ impl ReceiptCoalescer {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

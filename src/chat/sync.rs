@@ -69,7 +69,6 @@ pub fn plan(
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use confab_protocol::ids::{ConversationId, GroupId, UserId};

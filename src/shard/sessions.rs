@@ -279,7 +279,6 @@ impl LocalSessions {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

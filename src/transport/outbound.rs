@@ -392,7 +392,6 @@ impl Outbound {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -200,7 +200,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ArrivedFrames<S> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

@@ -1414,7 +1414,6 @@ impl Store for CassandraStore {
 /// are ignored unless asked for: `TEST_CASSANDRA=<host:port> cargo test --lib
 /// store::cassandra -- --ignored` (scripts/test runs them).
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::store::MessageRecord;

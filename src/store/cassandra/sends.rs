@@ -170,7 +170,6 @@ impl State {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use confab_protocol::ids::UserId;

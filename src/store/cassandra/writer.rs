@@ -702,7 +702,6 @@ async fn write<V: SerializeRow>(inner: &Inner, statement: &PreparedStatement, ro
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::collections::HashSet;

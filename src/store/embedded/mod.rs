@@ -709,7 +709,6 @@ fn io_error(path: &Path, err: std::io::Error) -> StoreError {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::config::{Durability, StoreBackend};
@@ -784,7 +783,7 @@ mod tests {
         assert_eq!(store.last_seq(ours).await.unwrap(), 2);
     }
 
-    /// The contract shared with the other backends is in tests/store.rs; purging
+    /// The contract shared with the other backends is in tests/it/store.rs; purging
     /// is this backend's own (Cassandra's send records expire by TTL).
     #[tokio::test]
     async fn purging_forgets_older_sends_and_keeps_messages() {

@@ -2,10 +2,8 @@
 //! the embedded store by default, Cassandra with `TEST_STORE=cassandra` (the test
 //! command runs both). Ids are random, so tests sharing a Cassandra keyspace
 //! never meet.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
+use crate::common;
 use confab::store::{DeviceRecord, GroupEvent, HistoryPage, MessageRecord, NewUser, Store, StoreError, StoredSend};
 use confab_protocol::HistoryRange;
 use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};

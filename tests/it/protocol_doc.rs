@@ -1,6 +1,5 @@
 //! docs/PROTOCOL.md matches the protocol: every message of the .proto files is
 //! documented, and the worked example's bytes are what the codec produces.
-#![allow(clippy::unwrap_used)]
 
 use confab_client::proto::{
     self, ClientFrame, ProtocolVersion, ServerFrame, client_frame, conversation_ref, server_frame,

@@ -1,10 +1,7 @@
 //! Edits and deletes: sequenced events by the author, pushed like messages; history
 //! shows the current state.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{TestServer, code, new_user, within};
+use crate::common::{TestServer, code, new_user, within};
 use confab_client::proto::ErrorCode;
 use std::time::Duration;
 

@@ -1,11 +1,9 @@
 //! Idempotent send: a retried `Send` (same device, same client_msg_id) returns the
 //! original SendAck and stores nothing new: on the same connection, concurrently,
 //! after a reconnect, and after a restart.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{TestServer, new_user, within};
+use crate::common;
+use crate::common::{TestServer, new_user, within};
 use confab_client::Client;
 use std::time::Duration;
 

@@ -1,11 +1,8 @@
 //! Short smoke runs of every loadgen scenario against a real server: the traffic
 //! flows and the correctness checker passes. (The checker's own tests feed it
 //! doctored streams with losses, duplicates and reordering.)
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::TestServer;
+use crate::common::TestServer;
 use confab_loadgen::scenario::{self, GroupShape, Measure, Mode};
 use confab_loadgen::traffic::Load;
 use std::time::Duration;

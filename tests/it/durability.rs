@@ -1,11 +1,9 @@
 //! "Acknowledged means durable", tested on the real binary: SIGKILL it after acks,
 //! start it again on the same data dir, and every acknowledged message is there.
 //! Also the graceful path: SIGTERM sends GoingAway and exits 0.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{BinaryNode, PASSWORD, unique_name, within};
+use crate::common;
+use crate::common::{BinaryNode, PASSWORD, unique_name, within};
 use confab_client::{Client, Event};
 use std::process::Command;
 use std::time::Duration;

@@ -1,11 +1,9 @@
 //! Multi-device sync and recovery: Sync pages everything a device missed across its
 //! conversations; a device resuming with its sync token gets exactly what it missed,
 //! then live messages, with no gap and no duplicate; receipts and unread counts.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{RawConnection, TestServer, new_user, second_device, within};
+use crate::common;
+use crate::common::{RawConnection, TestServer, new_user, second_device, within};
 use confab_client::proto::{Message, conversation_ref::Target};
 use confab_client::{Client, Event};
 use std::collections::{BTreeMap, HashMap};

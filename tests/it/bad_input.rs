@@ -1,11 +1,8 @@
 //! Bad input: every case gets its documented error code (and a close where the
 //! protocol says so), and the server keeps serving the next client.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
+use crate::common::{PASSWORD, RawConnection, TestServer, code, new_user, server_still_serves, unique_name, within};
 use bytes::BufMut as _;
-use common::{PASSWORD, RawConnection, TestServer, code, new_user, server_still_serves, unique_name, within};
 use confab_client::proto::{self, ErrorCode, ProtocolVersion, client_frame::Kind, conversation_ref::Target};
 use confab_client::{Client, ClientOptions, Event};
 use std::time::Duration;

@@ -1,10 +1,8 @@
 //! Groups end to end: fan-out across shards and devices, membership changes as
 //! sequenced system messages, permissions, and what removed members can see.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{TestServer, code, new_user, second_device, within};
+use crate::common;
+use crate::common::{TestServer, code, new_user, second_device, within};
 use confab_client::proto::{ErrorCode, Message, Role, group_event::Kind as Event};
 use confab_client::{Client, ClientError};
 use futures::StreamExt as _;

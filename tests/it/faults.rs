@@ -3,11 +3,9 @@
 //! retryable error, never acknowledge it, and work again once the fault passes,
 //! without a restart. Each test runs the real binary (its own process limits,
 //! its own data dir).
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{BinaryNode, RawConnection, new_user, within};
+use crate::common;
+use crate::common::{BinaryNode, RawConnection, new_user, within};
 use confab_client::proto::{ErrorCode, server_frame};
 use std::time::Duration;
 

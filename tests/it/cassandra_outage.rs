@@ -4,11 +4,8 @@
 //!
 //! Kills and restarts the shared node of scripts/test, so it runs alone, last:
 //! `TEST_STORE=cassandra TEST_CASSANDRA=... cargo test --test cassandra_outage -- --ignored`.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{TestServer, new_user};
+use crate::common::{TestServer, new_user};
 use confab_client::proto::ErrorCode;
 use std::collections::HashMap;
 use std::process::Command;

@@ -2,11 +2,9 @@
 //! QUIC migration and 0-RTT; TLS with a pinned self-signed certificate; and bad
 //! input specific to each transport (text WebSocket messages, oversized messages,
 //! foreign origins, wrong ALPN, garbage on the QUIC stream).
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{TestServer, endpoint, new_user, within};
+use crate::common;
+use crate::common::{TestServer, endpoint, new_user, within};
 use confab_client::proto::{ErrorCode, conversation_ref::Target, server_frame};
 use confab_client::{Client, ClientError, Endpoint, Transport, parse_fingerprint};
 use confab_proto::ProstMessage as _;

@@ -1,10 +1,8 @@
 //! End-to-end chat over real TCP: accounts, direct messages, multi-device, history,
 //! and many concurrent clients across shards.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{TestServer, new_user, second_device, within};
+use crate::common;
+use crate::common::{TestServer, new_user, second_device, within};
 use confab_client::Client;
 use std::collections::HashMap;
 use std::sync::Arc;

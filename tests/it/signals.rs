@@ -1,9 +1,6 @@
 //! Ephemeral signals: coalesced receipt updates and typing, to members only.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{TestServer, code, new_user, second_device, within};
+use crate::common::{TestServer, code, new_user, second_device, within};
 use confab_client::proto::{ErrorCode, Receipt, TypingUpdate};
 use confab_client::{Client, Event};
 use std::time::Duration;

@@ -1,9 +1,7 @@
 //! Account lifecycle: refresh rotation, log-out revocation, keys that survive restarts.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{PASSWORD, TestServer, code, new_user, within};
+use crate::common;
+use crate::common::{PASSWORD, TestServer, code, new_user, within};
 use confab_client::Client;
 use confab_client::proto::ErrorCode;
 

@@ -1,11 +1,8 @@
 //! The Prometheus endpoint (`metrics.listen`): off by default; when on, a
 //! scrape after a send finds every stage of it timed, and the queue and store
 //! gauges sampled.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{TestServer, new_user, sample, scrape, within};
+use crate::common::{TestServer, new_user, sample, scrape, within};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);

@@ -1,10 +1,8 @@
 //! Presence: visible only to users who share a conversation, online while a device
 //! is connected, offline after a grace period, no flapping on quick reconnects.
-#![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::{TestServer, new_user, within};
+use crate::common;
+use crate::common::{TestServer, new_user, within};
 use confab_client::proto::PresenceUpdate;
 use confab_client::{Client, Event};
 use std::time::Duration;

@@ -1,0 +1,27 @@
+//! The end-to-end suites, one module each, linked into one test binary: each
+//! test starts real nodes on 127.0.0.1:0 with fresh data dirs (see
+//! [`common`]). `cargo test --test it <module>::` runs one suite. The limits
+//! suite is a binary of its own: it reads process-wide gauges and the
+//! process's memory, which the other suites' nodes would move.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod accounts;
+mod amend;
+mod bad_input;
+mod cassandra_outage;
+mod chat;
+mod durability;
+mod faults;
+mod groups;
+mod idempotency;
+mod loadgen_smoke;
+mod metrics;
+mod presence;
+mod protocol_doc;
+mod signals;
+mod store;
+mod sync;
+mod transports;
