@@ -10,26 +10,35 @@ pub type SendKey = (DeviceId, String);
 /// A message to append, as the sender's shard hands it to the owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Append {
+    /// Where it goes.
     pub conversation: ConversationId,
+    /// Who sends it: the session's user.
     pub sender: UserId,
+    /// From which of its devices.
     pub sender_device: DeviceId,
+    /// The sender's idempotency key: a retry with the same key gets the same ack.
     pub client_msg_id: String,
+    /// What it adds.
     pub content: Content,
 }
 
 /// What an append adds to its conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content {
+    /// A message with this body.
     Text(String),
     /// A change to a group, sequenced as a system message.
     Group(GroupCommand),
     /// New body for an earlier message of the same sender.
     Edit {
+        /// The message edited.
         target: Seq,
+        /// Its new body.
         body: String,
     },
     /// Deletes an earlier message of the same sender.
     Delete {
+        /// The message deleted.
         target: Seq,
     },
 }
@@ -62,19 +71,33 @@ impl Append {
 /// A change a member asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupCommand {
-    Create { title: String, members: Vec<UserId> },
+    /// A new group, owned by its creator.
+    Create {
+        /// Its title, trimmed.
+        title: String,
+        /// Its first members besides the creator.
+        members: Vec<UserId>,
+    },
+    /// Adds these users.
     Add(Vec<UserId>),
+    /// Removes this member.
     Remove(UserId),
+    /// The sender leaves.
     Leave,
+    /// A new title.
     Rename(String),
+    /// Makes a member an admin, or an admin a plain member again.
     SetRole(UserId, Role),
 }
 
 /// A member's role in a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
+    /// Sends, leaves, lists members.
     Member,
+    /// Also adds members, renames, removes plain members.
     Admin,
+    /// Also removes admins and sets roles; one per group.
     Owner,
 }
 
@@ -89,6 +112,7 @@ impl From<Role> for v1::Role {
 }
 
 impl Role {
+    /// The role a wire value names; `None` for unspecified or unknown values.
     pub fn from_proto(role: i32) -> Option<Self> {
         match v1::Role::try_from(role).ok()? {
             v1::Role::Member => Some(Self::Member),

@@ -4,11 +4,11 @@
 use crate::ids::{DeviceId, UserId};
 use std::fmt;
 
-pub const USERNAME_MIN_CHARS: usize = 3;
-pub const USERNAME_MAX_CHARS: usize = 32;
-pub const PASSWORD_MIN_CHARS: usize = 8;
-pub const PASSWORD_MAX_BYTES: usize = 1024;
-pub const DEVICE_NAME_MAX_CHARS: usize = 64;
+const USERNAME_MIN_CHARS: usize = 3;
+const USERNAME_MAX_CHARS: usize = 32;
+const PASSWORD_MIN_CHARS: usize = 8;
+const PASSWORD_MAX_BYTES: usize = 1024;
+const DEVICE_NAME_MAX_CHARS: usize = 64;
 
 /// A normalised username: 3–32 of `a-z 0-9 _ . -`, starting with a letter. Input is
 /// case-folded (ASCII), so `Alice` and `alice` are one account.
@@ -23,6 +23,7 @@ pub struct Username(String);
 pub struct InvalidUsername;
 
 impl Username {
+    /// Validates and normalises a username from the network.
     pub fn parse(raw: &str) -> Result<Self, InvalidUsername> {
         let name = raw.to_ascii_lowercase();
         let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-');
@@ -32,6 +33,7 @@ impl Username {
         if valid { Ok(Self(name)) } else { Err(InvalidUsername) }
     }
 
+    /// The normalised name.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -53,6 +55,7 @@ pub struct Password(String);
 pub struct InvalidPassword;
 
 impl Password {
+    /// Accepts a password of acceptable length.
     pub fn parse(raw: String) -> Result<Self, InvalidPassword> {
         if raw.chars().count() >= PASSWORD_MIN_CHARS && raw.len() <= PASSWORD_MAX_BYTES {
             Ok(Self(raw))
@@ -76,8 +79,11 @@ impl fmt::Debug for Password {
 /// An authenticated (user, device) pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// The user.
     pub user: UserId,
+    /// Which of its devices.
     pub device: DeviceId,
+    /// The user's name.
     pub username: String,
     /// When the access token that proved it expires (Unix ms).
     pub expires_at_ms: u64,

@@ -22,6 +22,7 @@ pub struct Cursors(BTreeMap<ConversationId, Seq>);
 pub struct MalformedToken;
 
 impl Cursors {
+    /// The last seq the device has of `conversation` (0: none).
     pub fn seq(&self, conversation: ConversationId) -> Seq {
         self.0.get(&conversation).copied().unwrap_or(0)
     }
@@ -93,10 +94,14 @@ impl Cursors {
 
 fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
-        out.push((value as u8) | 0x80);
+        out.push(low_seven_bits(value) | 0x80);
         value >>= 7;
     }
-    out.push(value as u8);
+    out.push(low_seven_bits(value));
+}
+
+fn low_seven_bits(value: u64) -> u8 {
+    u8::try_from(value & 0x7f).unwrap_or_default()
 }
 
 fn take_varint(input: &mut &[u8]) -> Result<u64, MalformedToken> {

@@ -17,7 +17,9 @@ pub enum HistoryRange {
 /// One device's receipt watermarks in one conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Marks {
+    /// Everything up to this seq reached the device.
     pub delivered_seq: Seq,
+    /// Everything up to this seq was shown to the user.
     pub read_seq: Seq,
 }
 

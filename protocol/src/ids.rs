@@ -36,6 +36,7 @@ macro_rules! nonzero_id {
                 }
             }
 
+            /// The raw id, as the wire carries it.
             pub fn get(self) -> u64 {
                 self.0
             }
@@ -75,6 +76,7 @@ impl GroupIds {
         Self(<Hmac<Sha256> as KeyInit>::new(&block.into()))
     }
 
+    /// The id of the group `creator`'s `device` creates with `client_msg_id`.
     pub fn derive(&self, creator: UserId, device: DeviceId, client_msg_id: &str) -> GroupId {
         let mut mac = self.0.clone();
         mac.update(&creator.get().to_be_bytes());
@@ -102,6 +104,7 @@ fn mix(mut x: u64) -> u64 {
 pub struct SourceAddress(u128);
 
 impl SourceAddress {
+    /// The source `ip` counts as.
     pub fn of(ip: std::net::IpAddr) -> Self {
         match ip {
             std::net::IpAddr::V4(v4) => Self(u128::from(v4.to_bits())),
@@ -123,9 +126,12 @@ pub type Seq = u64;
 pub enum ConversationId {
     /// Between two users, stored with the smaller id first.
     Direct {
+        /// The member with the smaller id.
         low: UserId,
+        /// The other member (the same one for a user's notes to itself).
         high: UserId,
     },
+    /// A group, named by its id.
     Group(GroupId),
 }
 

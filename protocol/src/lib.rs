@@ -8,6 +8,8 @@
 //! values commands carry (ids, usernames, appends, history ranges, marks,
 //! cursors) live here and are shared by the server, the store and the client.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod ids;
 
 mod command;

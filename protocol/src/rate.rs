@@ -6,10 +6,13 @@ use std::time::{Duration, Instant};
 /// How fast something may happen, on average and at once.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
+    /// Tokens added each second.
     pub per_second: f64,
+    /// Tokens held at most: what may happen at once.
     pub burst: f64,
 }
 
+/// Tokens taken as things happen and refilled at a [`Rate`].
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     rate: Rate,

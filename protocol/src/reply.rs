@@ -4,6 +4,7 @@ use confab_proto::v1::{self, ErrorCode, ServerFrame, server_frame::Kind};
 
 /// An error that has a protocol error code and a message safe to show the client.
 pub trait ErrorKind: std::fmt::Display {
+    /// The code the client sees.
     fn code(&self) -> ErrorCode;
 
     /// The text sent to the client; internal details stay in the logs.

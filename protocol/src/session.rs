@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Default History page when the request leaves `limit` at 0.
-pub const DEFAULT_HISTORY_LIMIT: usize = 50;
+const DEFAULT_HISTORY_LIMIT: usize = 50;
 /// Room kept in a frame for everything but the message body, so a message that was
 /// accepted always fits in the frame that pushes it, and in a History or Sync reply
 /// (with its sync token).
@@ -33,17 +33,29 @@ const SILENT_INTERVALS: u32 = 3;
 /// Limits a session enforces, from the config.
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
+    /// The largest frame either side may send.
     pub max_frame_bytes: usize,
+    /// How often the client pings; three intervals of silence close.
     pub heartbeat_interval: Duration,
+    /// `Hello` must arrive within this.
     pub handshake_timeout: Duration,
+    /// Authentication must succeed within this (from the start or a `LogOut`).
     pub auth_timeout: Duration,
+    /// The longest message body, in characters.
     pub max_body_chars: usize,
+    /// The longest idempotency key, in bytes.
     pub max_client_msg_id_bytes: usize,
+    /// The most messages one History page holds.
     pub max_history_limit: u32,
+    /// Failed credential checks after which the connection closes.
     pub max_auth_failures: u32,
+    /// The most members a group has.
     pub max_group_members: usize,
+    /// The longest group title, in characters.
     pub max_group_title_chars: usize,
+    /// Typing signals per conversation at most once per this.
     pub typing_min_interval: Duration,
+    /// The most users one presence request names.
     pub max_presence_subscriptions: usize,
     /// Messages (sends, edits, deletes, group changes) one connection may send.
     pub send_rate: Rate,
@@ -68,6 +80,8 @@ enum State {
     Open,
 }
 
+/// One connection's protocol state: where it is in the handshake, who it
+/// authenticated as, its rates, its deadlines.
 #[derive(Debug)]
 pub struct Session {
     id: u64,
@@ -99,6 +113,7 @@ fn reject<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, Rejection
 }
 
 impl Session {
+    /// A session opened at `now`, waiting for `Hello`.
     pub fn new(id: u64, limits: SessionLimits, group_ids: GroupIds, now: Instant) -> Self {
         Self {
             id,
@@ -169,10 +184,12 @@ impl Session {
         })
     }
 
+    /// The id the `Welcome` names it by.
     pub fn id(&self) -> u64 {
         self.id
     }
 
+    /// Who it authenticated as, if it has.
     pub fn identity(&self) -> Option<&Identity> {
         self.identity.as_ref()
     }
@@ -312,7 +329,8 @@ impl Session {
                 session_id: format!("{:016x}", self.id),
                 limits: Some(v1::Limits {
                     max_frame_bytes: clamp(self.limits.max_frame_bytes),
-                    heartbeat_interval_ms: clamp(self.limits.heartbeat_interval.as_millis() as usize),
+                    heartbeat_interval_ms: u32::try_from(self.limits.heartbeat_interval.as_millis())
+                        .unwrap_or(u32::MAX),
                     max_body_chars: clamp(self.limits.max_body_chars),
                     max_history_limit: self.limits.max_history_limit,
                 }),
@@ -528,7 +546,7 @@ impl Session {
                 let group = group_id(&list.conversation_id)?;
                 let limit = match list.limit {
                     0 => DEFAULT_MEMBER_LIMIT,
-                    limit => (limit as usize).min(MAX_MEMBER_LIMIT),
+                    limit => widen(limit).min(MAX_MEMBER_LIMIT),
                 };
                 Parsed::Run(Command::ListMembers {
                     group,
@@ -549,8 +567,8 @@ impl Session {
                     }
                 };
                 let limit = match history.limit {
-                    0 => DEFAULT_HISTORY_LIMIT.min(self.limits.max_history_limit as usize),
-                    limit => limit.min(self.limits.max_history_limit) as usize,
+                    0 => DEFAULT_HISTORY_LIMIT.min(widen(self.limits.max_history_limit)),
+                    limit => widen(limit.min(self.limits.max_history_limit)),
                 };
                 Parsed::Run(Command::History {
                     conversation,
@@ -778,7 +796,7 @@ const MAX_LIST_LIMIT: usize = 200;
 fn page_limit(requested: u32, default: usize, max: usize) -> usize {
     match requested {
         0 => default,
-        limit => (limit as usize).min(max),
+        limit => widen(limit).min(max),
     }
 }
 
@@ -820,6 +838,11 @@ fn group_id(conversation_id: &str) -> Result<GroupId, Rejection> {
         Ok(ConversationId::Direct { .. }) => reject(ErrorCode::BadRequest, "not a group conversation"),
         Err(err) => reject(ErrorCode::BadRequest, err.to_string()),
     }
+}
+
+/// A count from the wire as a `usize` (saturating where `usize` is narrower).
+fn widen(count: u32) -> usize {
+    usize::try_from(count).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]
