@@ -202,7 +202,7 @@ impl Connection {
         if request.command.is_read()
             && let Some(identity) = self.session.identity()
         {
-            let shards = self.shard.directory.borrow().shards_of(identity.user).count_ones();
+            let shards = self.shard.directory.shards_of(identity.user).count_ones();
             let charged = self
                 .shard
                 .quotas
@@ -240,7 +240,7 @@ impl Connection {
         let shard = self.shard.clone();
         match command {
             Command::Append(append) => {
-                let shards = shard.directory.borrow().shards_of(append.sender).count_ones();
+                let shards = shard.directory.shards_of(append.sender).count_ones();
                 let charged = shard.quotas.borrow_mut().charge(
                     append.sender,
                     append.content.text_bytes(),
@@ -581,7 +581,7 @@ impl Connection {
             },
         );
         self.registered = Some(identity.user);
-        if let Some(applied) = self.shard.announce(identity.user, true) {
+        if let Some(applied) = self.shard.directory.announce(identity.user, true) {
             // Fails only if a shard stopped, i.e. during shutdown.
             let _ = applied.await;
         }
@@ -691,7 +691,7 @@ impl Connection {
         if let Some(user) = self.registered.take() {
             let last = self.shard.sessions.borrow_mut().remove(user, self.session.id());
             if last {
-                self.shard.announce(user, false);
+                self.shard.directory.announce(user, false);
             }
         }
     }

@@ -25,7 +25,7 @@ pub(super) async fn run(shard: Rc<Shard>) {
             () = shard.stop.cancelled() => return,
         }
         mailbox.set(shard.mesh.queued(shard.id) as f64);
-        commits.set(shard.commit_queue.borrow().len() as f64);
+        commits.set(shard.owner.queued_commits() as f64);
         let depths = shard.sessions.borrow().depths();
         frames.set(depths.frames as f64);
         longest.set(depths.longest as f64);

@@ -31,22 +31,21 @@ pub use mesh::Mesh;
 pub(crate) use mesh::ShardMsg;
 
 use crate::auth::Accounts;
-use crate::chat::{Assigned, PresenceTracker, ReceiptCoalescer, Sequencer, SequencerLimits};
+use crate::chat::{PresenceTracker, SequencerLimits};
 use crate::config::Config;
 use crate::store::Store;
 use crate::transport;
 use crate::transport::admission::Admission;
 use confab_protocol::SessionLimits;
 use confab_protocol::ids::{GroupIds, UserId};
-use directory::Directory;
-use mesh::{AppendReply, Arrivals};
+use directory::SessionDirectory;
+use mesh::Arrivals;
 use sessions::LocalSessions;
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -75,41 +74,35 @@ pub struct NodeContext {
     pub stop: CancellationToken,
 }
 
-/// A directory change for the announcer to broadcast, in order.
-#[derive(Debug)]
-struct DirectoryUpdate {
-    user: UserId,
-    online: bool,
-    applied: Option<oneshot::Sender<()>>,
-}
-
-/// The state of one shard, shared by its tasks on its thread.
+/// The state of one shard, shared by its tasks on its thread: handles on the
+/// node (config, store, accounts, mesh, shutdown signals) and the shard's four
+/// roles, each a type of its own with private state: the local sessions
+/// ([`sessions`]), the session directory ([`directory`]), the conversation
+/// owner ([`owner`]) and the presence home ([`presence`]).
 #[derive(Debug)]
 pub struct Shard {
-    pub id: ShardId,
-    pub config: Arc<Config>,
-    pub limits: SessionLimits,
-    pub store: Arc<dyn Store>,
-    pub accounts: Accounts,
-    pub mesh: Mesh,
-    pub drain: CancellationToken,
-    pub stop: CancellationToken,
-    pub admission: Admission,
-    pub group_ids: GroupIds,
+    id: ShardId,
+    config: Arc<Config>,
+    limits: SessionLimits,
+    store: Arc<dyn Store>,
+    accounts: Accounts,
+    mesh: Mesh,
+    drain: CancellationToken,
+    stop: CancellationToken,
+    admission: Admission,
+    group_ids: GroupIds,
+    /// The sessions this shard holds.
     sessions: RefCell<LocalSessions>,
-    directory: RefCell<Directory>,
-    sequencer: RefCell<Sequencer<AppendReply>>,
-    commit_queue: RefCell<VecDeque<Assigned<AppendReply>>>,
-    commit_ready: Notify,
-    receipts: RefCell<ReceiptCoalescer>,
+    /// Which shards hold sessions of which users.
+    directory: SessionDirectory,
+    /// The conversations this shard owns.
+    owner: owner::Owner,
     /// What each user may still send through this shard.
     quotas: RefCell<quotas::UserQuotas>,
     /// Timings of the stages of a send (no-ops unless metrics are on).
     stages: crate::metrics::SendStages,
     /// Presence of the users whose home this shard is.
-    presence: RefCell<PresenceTracker<presence::Subscriber>>,
-    presence_changed: Notify,
-    announcer: mpsc::UnboundedSender<DirectoryUpdate>,
+    presence: presence::Home,
     connections: TaskTracker,
 }
 
@@ -166,7 +159,7 @@ async fn run(
     mailbox: mpsc::Receiver<ShardMsg>,
     drained: oneshot::Sender<()>,
 ) {
-    let (announcer, directory_updates) = mpsc::unbounded_channel();
+    let (directory, directory_updates) = SessionDirectory::new();
     let presence_tracker = PresenceTracker::new(
         context.config.chat.presence_grace,
         context.config.chat.presence_min_interval,
@@ -175,11 +168,11 @@ async fn run(
     let shard = Rc::new(Shard {
         id,
         limits: config.session_limits(),
-        sequencer: RefCell::new(Sequencer::new(SequencerLimits {
+        owner: owner::Owner::new(SequencerLimits {
             max_pending: config.chat.max_pending_appends,
             max_cached: config.chat.max_cached_conversations,
             max_group_members: config.chat.max_group_members,
-        })),
+        }),
         config,
         store: context.store,
         accounts: context.accounts.clone(),
@@ -189,21 +182,16 @@ async fn run(
         admission: context.admission.clone(),
         group_ids: context.group_ids,
         sessions: RefCell::default(),
-        directory: RefCell::default(),
-        commit_queue: RefCell::default(),
-        commit_ready: Notify::new(),
-        receipts: RefCell::default(),
+        directory,
         quotas: RefCell::new(quotas::UserQuotas::new(&context.config.limits)),
         stages: crate::metrics::SendStages::new(),
-        presence: RefCell::new(presence_tracker),
-        presence_changed: Notify::new(),
-        announcer,
+        presence: presence::Home::new(presence_tracker),
         connections: TaskTracker::new(),
     });
     let core = TaskTracker::new();
     core.spawn_local(mailbox_loop(shard.clone(), mailbox));
     core.spawn_local(owner::run_committer(shard.clone()));
-    core.spawn_local(announce_directory(shard.clone(), directory_updates));
+    core.spawn_local(directory::run_announcer(shard.clone(), directory_updates));
     core.spawn_local(presence::run_timer(shard.clone()));
     if shard.config.metrics.listen.is_some() {
         core.spawn_local(gauges::run(shard.clone()));
@@ -275,33 +263,13 @@ impl Shard {
         tokio::task::spawn_local(task);
     }
 
-    fn enqueue_commit(&self, mut assigned: Assigned<AppendReply>) {
-        assigned.reply.stage(&self.stages.sequenced);
-        self.commit_queue.borrow_mut().push_back(assigned);
-        self.commit_ready.notify_one();
-    }
-
     /// Closes the sessions of a logged-out device on every shard that has the user.
     async fn revoke(&self, user: UserId, device: confab_protocol::ids::DeviceId) {
-        let shards = self.directory.borrow().shards_of(user);
+        let shards = self.directory.shards_of(user);
         for index in (0..self.mesh.shard_count()).filter(|index| shards & (1 << index) != 0) {
             // A stopped shard has no sessions left to close.
             let _ = self.mesh.send(ShardId(index), ShardMsg::Revoke { user, device }).await;
         }
-    }
-
-    /// Broadcasts that `user` has (or no longer has) a session here. When going
-    /// online, returns a receiver that resolves once every shard applied it.
-    fn announce(&self, user: UserId, online: bool) -> Option<oneshot::Receiver<()>> {
-        let (applied, done) = if online {
-            let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        // The announcer lives as long as the shard; if it is gone we are stopping.
-        let _ = self.announcer.send(DirectoryUpdate { user, online, applied });
-        done
     }
 }
 
@@ -348,55 +316,15 @@ async fn mailbox_loop(shard: Rc<Shard>, mut mailbox: mpsc::Receiver<ShardMsg>) {
                 online,
                 ack,
             } => {
-                let was_anywhere = shard.directory.borrow().shards_of(user) != 0;
-                shard.directory.borrow_mut().update(user, from, online);
-                let is_anywhere = shard.directory.borrow().shards_of(user) != 0;
-                if was_anywhere != is_anywhere && shard.mesh.home_of(user) == shard.id {
+                if let Some(is_anywhere) = shard.directory.apply(user, from, online)
+                    && shard.mesh.home_of(user) == shard.id
+                {
                     presence::directory_changed(&shard, user, is_anywhere);
                 }
                 if let Some(ack) = ack {
                     let _ = ack.send(());
                 }
             }
-        }
-    }
-}
-
-/// Sends directory updates to every shard, one update at a time, so each shard sees
-/// one user's updates from this shard in the order they happened.
-async fn announce_directory(shard: Rc<Shard>, mut updates: mpsc::UnboundedReceiver<DirectoryUpdate>) {
-    loop {
-        let update = tokio::select! {
-            update = updates.recv() => match update {
-                Some(update) => update,
-                None => return,
-            },
-            () = shard.stop.cancelled() => return,
-        };
-        let mut acks = Vec::new();
-        for index in 0..shard.mesh.shard_count() {
-            let ack = update.applied.as_ref().map(|_| {
-                let (tx, rx) = oneshot::channel();
-                acks.push(rx);
-                tx
-            });
-            let msg = ShardMsg::Directory {
-                user: update.user,
-                from: shard.id,
-                online: update.online,
-                ack,
-            };
-            if shard.mesh.send(ShardId(index), msg).await.is_err() {
-                return;
-            }
-        }
-        if let Some(applied) = update.applied {
-            shard.spawn_core(async move {
-                for ack in acks {
-                    let _ = ack.await;
-                }
-                let _ = applied.send(());
-            });
         }
     }
 }

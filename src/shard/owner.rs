@@ -9,7 +9,10 @@
 
 use super::mesh::{AppendReply, Arrivals, Delivery, ShardMsg};
 use super::{Shard, ShardId};
-use crate::chat::{Admission, Assigned, ChatError, Check, Outcome, SendAck, Signal, lookup, message_frame};
+use crate::chat::{
+    Admission, Assigned, ChatError, Check, Outcome, ReceiptCoalescer, SendAck, Sequencer, SequencerLimits, Signal,
+    lookup, message_frame,
+};
 use crate::clock::unix_ms;
 use crate::store::GroupEvent;
 use bytes::Bytes;
@@ -20,15 +23,50 @@ use confab_protocol::ids::{ConversationId, DeviceId};
 use confab_protocol::push_frame;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
+use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
+use tokio::sync::Notify;
+
+/// A shard's conversation-owner role: the sequencer of the conversations it
+/// owns, the messages assigned and waiting for the committer, and the receipts
+/// it coalesces before telling members.
+#[derive(Debug)]
+pub(super) struct Owner {
+    sequencer: RefCell<Sequencer<AppendReply>>,
+    commit_queue: RefCell<VecDeque<Assigned<AppendReply>>>,
+    commit_ready: Notify,
+    receipts: RefCell<ReceiptCoalescer>,
+}
+
+impl Owner {
+    pub(super) fn new(limits: SequencerLimits) -> Self {
+        Self {
+            sequencer: RefCell::new(Sequencer::new(limits)),
+            commit_queue: RefCell::default(),
+            commit_ready: Notify::new(),
+            receipts: RefCell::default(),
+        }
+    }
+
+    /// Messages assigned and waiting for the committer.
+    pub(super) fn queued_commits(&self) -> usize {
+        self.commit_queue.borrow().len()
+    }
+
+    fn enqueue(&self, mut assigned: Assigned<AppendReply>, stages: &crate::metrics::SendStages) {
+        assigned.reply.stage(&stages.sequenced);
+        self.commit_queue.borrow_mut().push_back(assigned);
+        self.commit_ready.notify_one();
+    }
+}
 
 /// Takes an append from the mesh. Never waits.
 pub(super) fn submit(shard: &Rc<Shard>, append: Append, mut reply: AppendReply) {
     reply.stage(&shard.stages.to_owner);
-    let admission = shard.sequencer.borrow_mut().submit(append, reply);
+    let admission = shard.owner.sequencer.borrow_mut().submit(append, reply);
     match admission {
         Admission::Queued => {}
         Admission::Check(check) => shard.spawn_core(run_check(shard.clone(), check)),
@@ -50,14 +88,14 @@ async fn run_check(shard: Rc<Shard>, check: Check) {
         let since_ms = unix_ms().saturating_sub(window_ms);
         let result = lookup(shard.store.as_ref(), current, since_ms).await;
         crate::metrics::record_since(&shard.stages.store_check, started);
-        let mut sequencer = shard.sequencer.borrow_mut();
+        let mut sequencer = shard.owner.sequencer.borrow_mut();
         match result {
             Ok(result) => {
                 let (outcomes, next) = sequencer.checked(conversation, result, unix_ms());
                 drop(sequencer);
                 for outcome in outcomes {
                     match outcome {
-                        Outcome::Assigned(assigned) => shard.enqueue_commit(assigned),
+                        Outcome::Assigned(assigned) => shard.owner.enqueue(assigned, &shard.stages),
                         Outcome::Refused { error, reply } => {
                             let _ = reply.send(Err(error));
                         }
@@ -107,7 +145,7 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
     loop {
         while in_flight.len() < MAX_COMMITS_IN_FLIGHT {
             let batch = {
-                let mut queue = shard.commit_queue.borrow_mut();
+                let mut queue = shard.owner.commit_queue.borrow_mut();
                 take_batch(&mut queue, shard.config.store.max_batch, |assigned| {
                     busy.contains(&assigned.record.conversation)
                 })
@@ -146,7 +184,7 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
                     }
                 }
             }
-            () = shard.commit_ready.notified() => {}
+            () = shard.owner.commit_ready.notified() => {}
             () = shard.stop.cancelled(), if in_flight.is_empty() => return,
         }
     }
@@ -221,7 +259,7 @@ fn prepare_commit(
 fn fail_commits(shard: &Shard, failed: Vec<(ConversationId, DeviceId, String, AppendReply)>, error: &ChatError) {
     let conversations: HashSet<ConversationId> = failed.iter().map(|(conversation, ..)| *conversation).collect();
     let later: VecDeque<_> = {
-        let mut queue = shard.commit_queue.borrow_mut();
+        let mut queue = shard.owner.commit_queue.borrow_mut();
         let (later, kept) = queue
             .drain(..)
             .partition(|assigned| conversations.contains(&assigned.record.conversation));
@@ -240,7 +278,7 @@ fn fail_commits(shard: &Shard, failed: Vec<(ConversationId, DeviceId, String, Ap
             assigned.reply,
         )
     });
-    let mut sequencer = shard.sequencer.borrow_mut();
+    let mut sequencer = shard.owner.sequencer.borrow_mut();
     for (conversation, device, client_msg_id, reply) in failed.into_iter().chain(later) {
         let joined = sequencer.commit_failed(conversation, &(device, client_msg_id));
         for reply in std::iter::once(reply).chain(joined) {
@@ -284,7 +322,11 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
             }
         }
         let key = (message.sender.1, message.ack.client_msg_id.clone());
-        let joined = shard.sequencer.borrow_mut().committed(message.ack.conversation, &key);
+        let joined = shard
+            .owner
+            .sequencer
+            .borrow_mut()
+            .committed(message.ack.conversation, &key);
         for reply in joined {
             let _ = reply.send(Ok(message.ack.clone()));
         }
@@ -334,9 +376,8 @@ pub(super) async fn sweep_sends(shard: Rc<Shard>) {
 /// one encoded frame and only its own users.
 fn split_by_shard(shard: &Shard, recipients: &[UserId]) -> Vec<Vec<UserId>> {
     let mut users: Vec<Vec<UserId>> = vec![Vec::new(); shard.mesh.shard_count()];
-    let directory = shard.directory.borrow();
     for user in recipients {
-        let mask = directory.shards_of(*user);
+        let mask = shard.directory.shards_of(*user);
         for (index, users) in users.iter_mut().enumerate() {
             if mask & (1 << index) != 0 {
                 users.push(*user);
@@ -378,7 +419,7 @@ async fn members(shard: &Shard, conversation: ConversationId) -> Result<Arc<[Use
     if let ConversationId::Direct { .. } = conversation {
         return Ok(conversation.direct_members().collect());
     }
-    if let Some(recipients) = shard.sequencer.borrow().group_recipients(conversation) {
+    if let Some(recipients) = shard.owner.sequencer.borrow().group_recipients(conversation) {
         return Ok(recipients);
     }
     let ConversationId::Group(group) = conversation else {
@@ -395,7 +436,7 @@ async fn members(shard: &Shard, conversation: ConversationId) -> Result<Arc<[Use
 pub(super) fn signal(shard: &Rc<Shard>, conversation: ConversationId, user: UserId, signal: Signal) {
     match signal {
         Signal::Receipt(marks) => {
-            if shard.receipts.borrow_mut().record(conversation, user, marks) {
+            if shard.owner.receipts.borrow_mut().record(conversation, user, marks) {
                 shard.spawn_core(flush_receipts(shard.clone()));
             }
         }
@@ -424,7 +465,7 @@ pub(super) fn signal(shard: &Rc<Shard>, conversation: ConversationId, user: User
 /// After one flush interval, sends every coalesced receipt update to the members.
 async fn flush_receipts(shard: Rc<Shard>) {
     tokio::time::sleep(shard.config.chat.receipt_flush_interval).await;
-    let updates = shard.receipts.borrow_mut().drain();
+    let updates = shard.owner.receipts.borrow_mut().drain();
     for (conversation, user, marks) in updates {
         let members = match members(&shard, conversation).await {
             Ok(members) => members,

@@ -5,7 +5,7 @@
 
 use super::mesh::{Arrivals, Delivery, ShardMsg};
 use super::{Shard, ShardId};
-use crate::chat::{ChatError, Presence, Update};
+use crate::chat::{ChatError, Presence, PresenceTracker, Update};
 use crate::clock::unix_ms;
 use confab_proto::v1::{self, server_frame::Kind};
 use confab_protocol::ids::{ConversationId, GroupId, UserId};
@@ -14,15 +14,33 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 /// A subscriber: a user, on the shard that holds its sessions.
 pub(super) type Subscriber = (ShardId, UserId);
 
+/// A shard's presence-home role: the presence of the users whose home it is,
+/// and who subscribed to it.
+#[derive(Debug)]
+pub(super) struct Home {
+    tracker: RefCell<PresenceTracker<Subscriber>>,
+    /// Wakes the timer when a deadline may have moved.
+    changed: Notify,
+}
+
+impl Home {
+    pub(super) fn new(tracker: PresenceTracker<Subscriber>) -> Self {
+        Self {
+            tracker: RefCell::new(tracker),
+            changed: Notify::new(),
+        }
+    }
+}
+
 /// `user`'s sessions anywhere went from none to some (`online`) or back.
 pub(super) fn directory_changed(shard: &Rc<Shard>, user: UserId, online: bool) {
     let update = {
-        let mut tracker = shard.presence.borrow_mut();
+        let mut tracker = shard.presence.tracker.borrow_mut();
         if online {
             tracker.connected(user, Instant::now(), unix_ms())
         } else {
@@ -30,26 +48,26 @@ pub(super) fn directory_changed(shard: &Rc<Shard>, user: UserId, online: bool) {
             None
         }
     };
-    shard.presence_changed.notify_one();
+    shard.presence.changed.notify_one();
     if let Some(update) = update {
         shard.spawn_core(push(shard.clone(), vec![update]));
     }
 }
 
 pub(super) fn subscribe(shard: &Shard, user: UserId, subscriber: Subscriber, reply: oneshot::Sender<Presence>) {
-    let presence = shard.presence.borrow_mut().subscribe(user, subscriber);
-    shard.presence_changed.notify_one();
+    let presence = shard.presence.tracker.borrow_mut().subscribe(user, subscriber);
+    shard.presence.changed.notify_one();
     let _ = reply.send(presence);
 }
 
 pub(super) fn unsubscribe(shard: &Shard, user: UserId, subscriber: Subscriber) {
-    shard.presence.borrow_mut().unsubscribe(user, &subscriber);
+    shard.presence.tracker.borrow_mut().unsubscribe(user, &subscriber);
 }
 
 /// Ends grace periods and sends rate-limited updates when they fall due.
 pub(super) async fn run_timer(shard: Rc<Shard>) {
     loop {
-        let deadline = shard.presence.borrow().next_deadline();
+        let deadline = shard.presence.tracker.borrow().next_deadline();
         let wake = async {
             match deadline {
                 Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
@@ -58,12 +76,12 @@ pub(super) async fn run_timer(shard: Rc<Shard>) {
         };
         tokio::select! {
             () = wake => {
-                let updates = shard.presence.borrow_mut().tick(Instant::now());
+                let updates = shard.presence.tracker.borrow_mut().tick(Instant::now());
                 if !updates.is_empty() {
                     push(shard.clone(), updates).await;
                 }
             }
-            () = shard.presence_changed.notified() => {}
+            () = shard.presence.changed.notified() => {}
             () = shard.stop.cancelled() => return,
         }
     }
@@ -79,8 +97,12 @@ async fn push(shard: Rc<Shard>, updates: Vec<Update<Subscriber>>) {
         let mut by_shard: HashMap<ShardId, Vec<UserId>> = HashMap::new();
         for (to, subscriber) in update.subscribers {
             // A subscriber with no session left on its shard is dropped here.
-            if shard.directory.borrow().shards_of(subscriber) & (1 << to.0) == 0 {
-                shard.presence.borrow_mut().unsubscribe(update.user, &(to, subscriber));
+            if shard.directory.shards_of(subscriber) & (1 << to.0) == 0 {
+                shard
+                    .presence
+                    .tracker
+                    .borrow_mut()
+                    .unsubscribe(update.user, &(to, subscriber));
                 continue;
             }
             by_shard.entry(to).or_default().push(subscriber);
@@ -239,6 +261,7 @@ pub(super) async fn membership_ended(shard: Rc<Shard>, left: UserId, others: Vec
 pub(super) fn forget(shard: &Shard, user: UserId, subscriber: UserId) {
     shard
         .presence
+        .tracker
         .borrow_mut()
         .unsubscribe_where(user, |(_, candidate)| *candidate == subscriber);
 }
