@@ -2,27 +2,33 @@
 //!
 //! Thread-per-core shards own their connections; one protocol (length-prefixed
 //! protobuf frames) is shared by every transport; messages are durable before they
-//! are acknowledged. See `docs/PROTOCOL.md` for the wire contract.
+//! are acknowledged. See `docs/PROTOCOL.md` for the wire contract and
+//! `docs/ARCHITECTURE.md` for the parts and which may depend on which.
+//!
+//! The parts, from the wire inwards:
+//! - [`transport`]: TCP (optionally TLS), WebSocket and QUIC; bytes in, frames
+//!   out. Hands each framed connection to its shard; never imports it.
+//! - `confab-protocol` (a crate of its own): the sans-IO session state machine
+//!   that turns frames into typed commands, and the values they carry.
+//! - [`shard`]: pinned single-threaded runtimes, each driving its connections'
+//!   sessions and executing their commands; the cross-shard mesh; the roles a
+//!   shard plays (conversation owner, session directory, presence home).
+//! - [`chat`]: the chat rules (sequencing, membership, history, sync, groups,
+//!   presence) as types and functions over the store, clock passed in.
+//! - [`auth`]: accounts, passwords, tokens, devices.
+//! - [`store`]: durable state behind one trait, embedded (fjall) or Cassandra.
+//! - [`server`] assembles a node from [`config`]; [`metrics`] serves its stage
+//!   timings; [`clock`] and [`files`] are small helpers.
 
-/// Accounts: argon2id passwords, HMAC access tokens, refresh tokens, devices.
 pub mod auth;
-/// Conversations, gap-free sequencing and message frames: the chat domain.
 pub mod chat;
-/// Wall-clock helpers in protocol units.
 pub mod clock;
-/// Typed configuration, layered from defaults, a file and the environment.
 pub mod config;
-/// The data dir's private files (0700 dir, 0600 secrets).
 pub mod files;
-/// Stage timings, queue depths and store health, served for Prometheus.
 pub mod metrics;
-/// Node assembly and lifecycle.
 pub mod server;
-/// Pinned single-threaded runtimes, the cross-shard mesh, connection driving.
 pub mod shard;
-/// Durable storage: the `Store` trait and the embedded backend.
 pub mod store;
-/// Transports: TCP today; bytes in, frames out.
 pub mod transport;
 
 pub use config::Config;

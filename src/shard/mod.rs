@@ -77,8 +77,8 @@ pub struct NodeContext {
 /// The state of one shard, shared by its tasks on its thread: handles on the
 /// node (config, store, accounts, mesh, shutdown signals) and the shard's four
 /// roles, each a type of its own with private state: the local sessions
-/// ([`sessions`]), the session directory ([`directory`]), the conversation
-/// owner ([`owner`]) and the presence home ([`presence`]).
+/// (`sessions.rs`), the session directory (`directory.rs`), the conversation
+/// owner (`owner.rs`) and the presence home (`presence.rs`).
 #[derive(Debug)]
 pub struct Shard {
     id: ShardId,
