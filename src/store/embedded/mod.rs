@@ -53,9 +53,10 @@
 //! Reads run on the blocking pool, never on a shard thread.
 
 mod keys;
+mod view;
 mod writer;
 
-use super::encoding::{StoredMessage, StoredTime};
+use super::encoding::StoredMessage;
 use super::{
     ConversationHead, DeviceRecord, GroupRecord, HistoryPage, MemberRecord, MessageRecord, NewUser, Rotation, Store,
     StoreError, StoredSend, UserRecord,
@@ -64,13 +65,14 @@ use crate::config::{Durability, StoreConfig};
 use async_trait::async_trait;
 use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
 use confab_protocol::{HistoryRange, Marks, Role};
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable as _};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use keys::*;
 use prost::Message as _;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use tokio::sync::{mpsc, oneshot};
+use view::View;
 use writer::{Condition, Reply, WriteJob, Writer};
 
 /// Segment files fjall keeps open at most: well inside the descriptors the node
@@ -137,58 +139,6 @@ impl Shared {
             Condition::Failed(reason) => Err(StoreError::unavailable(reason)),
             Condition::Healthy | Condition::Full(_) => Ok(()),
         }
-    }
-}
-
-/// The database's handles and a snapshot to read them at.
-#[derive(Clone)]
-struct View {
-    inner: Arc<Inner>,
-    snapshot: fjall::Snapshot,
-}
-
-impl std::fmt::Debug for View {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("View")
-            .field("seqno", &self.snapshot.seqno())
-            .finish_non_exhaustive()
-    }
-}
-
-impl View {
-    /// The database as last committed: for the first view, and the writer's own
-    /// reads (it commits one batch at a time, so that is also what is durable).
-    fn latest(inner: Arc<Inner>) -> Self {
-        let snapshot = inner.db.snapshot();
-        Self { inner, snapshot }
-    }
-
-    fn get(&self, keyspace: &Keyspace, key: impl AsRef<[u8]>) -> fjall::Result<Option<fjall::Slice>> {
-        self.snapshot.get(keyspace, key)
-    }
-
-    fn contains_key(&self, keyspace: &Keyspace, key: impl AsRef<[u8]>) -> fjall::Result<bool> {
-        self.snapshot.contains_key(keyspace, key)
-    }
-
-    fn prefix(&self, keyspace: &Keyspace, prefix: impl AsRef<[u8]>) -> fjall::Iter {
-        self.snapshot.prefix(keyspace, prefix)
-    }
-
-    fn range<K: AsRef<[u8]>>(&self, keyspace: &Keyspace, range: impl std::ops::RangeBounds<K>) -> fjall::Iter {
-        self.snapshot.range(keyspace, range)
-    }
-
-    fn iter(&self, keyspace: &Keyspace) -> fjall::Iter {
-        self.snapshot.iter(keyspace)
-    }
-}
-
-impl std::ops::Deref for View {
-    type Target = Inner;
-
-    fn deref(&self) -> &Inner {
-        &self.inner
     }
 }
 
@@ -611,85 +561,6 @@ impl Store for EmbeddedStore {
             tokio::task::spawn_blocking(move || thread.join()).await.ok();
         }
         result
-    }
-}
-
-impl View {
-    /// A conversation's last seq and that message's time; `None` while it has
-    /// no message.
-    fn head(&self, conversation: ConversationId) -> Result<Option<(Seq, u64)>, StoreError> {
-        let Some(guard) = self.prefix(&self.messages, conversation.to_key()).next_back() else {
-            return Ok(None);
-        };
-        let (key, value) = guard.into_inner().map_err(fjall_error)?;
-        let stored = StoredTime::decode(&*value).map_err(corrupt)?;
-        Ok(Some((seq_of_key(&key)?, stored.server_time_ms)))
-    }
-
-    /// A user's receipt watermarks across its devices.
-    fn user_marks(&self, conversation: ConversationId, user: UserId) -> Result<Marks, StoreError> {
-        let mut prefix = conversation.to_key().as_ref().to_vec();
-        prefix.extend_from_slice(&user.get().to_be_bytes());
-        let mut marks = Marks::default();
-        for guard in self.prefix(&self.marks, prefix) {
-            let (delivered_seq, read_seq) = decode_pair(&guard.value().map_err(fjall_error)?)?;
-            marks = marks.merged(Marks {
-                delivered_seq,
-                read_seq,
-            });
-        }
-        Ok(marks)
-    }
-
-    fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        let Some(bytes) = self.get(&self.devices, device_key(user, device)).map_err(fjall_error)? else {
-            return Ok(None);
-        };
-        let stored = StoredDevice::decode(&*bytes).map_err(corrupt)?;
-        Ok(Some(stored.into_record(user, device)?))
-    }
-
-    fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-        let Some(bytes) = self.get(&self.users, id.get().to_be_bytes()).map_err(fjall_error)? else {
-            return Ok(None);
-        };
-        let stored = StoredUser::decode(&*bytes).map_err(corrupt)?;
-        Ok(Some(UserRecord {
-            id,
-            username: stored.username,
-            password_hash: stored.password_hash,
-            created_at_ms: stored.created_at_ms,
-        }))
-    }
-
-    fn history(
-        &self,
-        conversation: ConversationId,
-        range: HistoryRange,
-        limit: usize,
-    ) -> Result<HistoryPage, StoreError> {
-        let key = |seq: Seq| message_key(conversation, seq);
-        let (iter, newest_first): (Box<dyn Iterator<Item = fjall::Guard>>, bool) = match range {
-            HistoryRange::Latest => (Box::new(self.prefix(&self.messages, conversation.to_key()).rev()), true),
-            HistoryRange::Before(bound) => (Box::new(self.range(&self.messages, key(0)..key(bound)).rev()), true),
-            HistoryRange::After(Seq::MAX) => return Ok(HistoryPage::default()),
-            HistoryRange::After(bound) => (
-                Box::new(self.range(&self.messages, key(bound + 1)..=key(Seq::MAX))),
-                false,
-            ),
-        };
-        let mut messages = Vec::with_capacity(limit.min(256) + 1);
-        for guard in iter.take(limit + 1) {
-            let (key, value) = guard.into_inner().map_err(fjall_error)?;
-            let stored = StoredMessage::decode(&*value).map_err(corrupt)?;
-            messages.push(stored.into_record(conversation, seq_of_key(&key)?)?);
-        }
-        let has_more = messages.len() > limit;
-        messages.truncate(limit);
-        if newest_first {
-            messages.reverse();
-        }
-        Ok(HistoryPage { messages, has_more })
     }
 }
 

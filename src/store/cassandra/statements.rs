@@ -1,0 +1,249 @@
+//! The schema ([`schema.cql`](schema.cql)) and the statements prepared from it
+//! once at start, each with the configured consistency and timeout.
+
+use super::rows::DEVICE_COLUMNS;
+use crate::config::{CassandraConfig, Consistency};
+use crate::store::StoreError;
+use scylla::client::session::Session;
+use scylla::statement::prepared::PreparedStatement;
+
+const SCHEMA: &str = include_str!("schema.cql");
+
+/// Prepared once at start.
+#[derive(Debug)]
+pub(super) struct Statements {
+    pub(super) insert_user: PreparedStatement,
+    pub(super) claim_username: PreparedStatement,
+    pub(super) user_by_id: PreparedStatement,
+    pub(super) id_by_username: PreparedStatement,
+    pub(super) insert_device: PreparedStatement,
+    pub(super) device: PreparedStatement,
+    pub(super) devices: PreparedStatement,
+    pub(super) delete_device: PreparedStatement,
+    pub(super) rotate_refresh: PreparedStatement,
+    pub(super) set_password: PreparedStatement,
+    pub(super) insert_message: PreparedStatement,
+    pub(super) message_at: PreparedStatement,
+    pub(super) latest_in_bucket: PreparedStatement,
+    pub(super) before_in_bucket: PreparedStatement,
+    pub(super) after_in_bucket: PreparedStatement,
+    pub(super) insert_send: PreparedStatement,
+    pub(super) sends: PreparedStatement,
+    pub(super) device_sends: PreparedStatement,
+    pub(super) upsert_head: PreparedStatement,
+    pub(super) head: PreparedStatement,
+    pub(super) upsert_user_conversation: PreparedStatement,
+    pub(super) user_conversations: PreparedStatement,
+    pub(super) user_conversations_in: PreparedStatement,
+    pub(super) upsert_activity: PreparedStatement,
+    pub(super) delete_activity: PreparedStatement,
+    pub(super) activity: PreparedStatement,
+    pub(super) upsert_title: PreparedStatement,
+    pub(super) title: PreparedStatement,
+    pub(super) upsert_member: PreparedStatement,
+    pub(super) member: PreparedStatement,
+    pub(super) members: PreparedStatement,
+    pub(super) upsert_mark: PreparedStatement,
+    pub(super) marks: PreparedStatement,
+}
+
+/// Creates the keyspace and tables (idempotent: `IF NOT EXISTS`).
+pub(super) async fn apply_schema(session: &Session, config: &CassandraConfig) -> Result<(), StoreError> {
+    for statement in SCHEMA
+        .replace("{keyspace}", &config.keyspace)
+        .replace("{replication}", &config.replication)
+        .split(";\n")
+        .map(strip_comments)
+        .filter(|statement| !statement.is_empty())
+    {
+        session
+            .query_unpaged(statement.clone(), ())
+            .await
+            .map_err(|err| StoreError::io_because(format!("applying the schema ({statement})"), err))?;
+    }
+    Ok(())
+}
+
+pub(super) fn consistency(level: Consistency) -> scylla::statement::Consistency {
+    match level {
+        Consistency::One => scylla::statement::Consistency::One,
+        Consistency::Quorum => scylla::statement::Consistency::Quorum,
+        Consistency::LocalQuorum => scylla::statement::Consistency::LocalQuorum,
+        Consistency::All => scylla::statement::Consistency::All,
+    }
+}
+
+fn strip_comments(statement: &str) -> String {
+    statement
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim()
+        .to_owned()
+}
+
+impl Statements {
+    pub(super) async fn prepare(
+        session: &Session,
+        keyspace: &str,
+        config: &CassandraConfig,
+    ) -> Result<Self, StoreError> {
+        let consistency = consistency(config.consistency);
+        let timeout = config.request_timeout;
+        let prepare = |cql: String| async move {
+            let mut statement = session
+                .prepare(cql.clone())
+                .await
+                .map_err(|err| StoreError::io_because(format!("preparing {cql}"), err))?;
+            statement.set_consistency(consistency);
+            statement.set_request_timeout(Some(timeout));
+            Ok::<_, StoreError>(statement)
+        };
+        // A lightweight transaction (a conditional write): Paxos among the replicas.
+        let prepare_lwt = |cql: String| async move {
+            let mut statement = prepare(cql).await?;
+            statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
+            Ok::<_, StoreError>(statement)
+        };
+        let k = keyspace;
+        Ok(Self {
+            insert_user: prepare(format!(
+                "INSERT INTO {k}.users (id, username, password_hash, created_at_ms) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            claim_username: prepare_lwt(format!(
+                "INSERT INTO {k}.usernames (username, id) VALUES (?, ?) IF NOT EXISTS"
+            ))
+            .await?,
+            user_by_id: prepare(format!(
+                "SELECT username, password_hash, created_at_ms FROM {k}.users WHERE id = ?"
+            ))
+            .await?,
+            id_by_username: prepare(format!("SELECT id FROM {k}.usernames WHERE username = ?")).await?,
+            insert_device: prepare(format!(
+                "INSERT INTO {k}.devices (user_id, device_id, name, refresh_hash, previous_refresh_hash, \
+                 refresh_expires_at_ms, created_at_ms, refreshed_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            device: prepare(format!(
+                "SELECT {DEVICE_COLUMNS} FROM {k}.devices WHERE user_id = ? AND device_id = ?"
+            ))
+            .await?,
+            devices: prepare(format!("SELECT {DEVICE_COLUMNS} FROM {k}.devices WHERE user_id = ?")).await?,
+            // Compare-and-set.
+            rotate_refresh: prepare_lwt(format!(
+                "UPDATE {k}.devices SET refresh_hash = ?, previous_refresh_hash = ?, refresh_expires_at_ms = ?, \
+                 refreshed_at_ms = ? WHERE user_id = ? AND device_id = ? IF refresh_hash = ?"
+            ))
+            .await?,
+            set_password: prepare(format!("UPDATE {k}.users SET password_hash = ? WHERE id = ?")).await?,
+            // A lightweight transaction like the rotation: a plain DELETE
+            // carries the client's timestamp, a rotation its Paxos ballot's, so
+            // a rotation racing a log-out could outlive the delete and leave a
+            // row of the rotated columns alone (a device with no name, read back
+            // as an error). Paxos orders the two instead.
+            delete_device: prepare_lwt(format!(
+                "DELETE FROM {k}.devices WHERE user_id = ? AND device_id = ? IF EXISTS"
+            ))
+            .await?,
+            insert_message: prepare(format!(
+                "INSERT INTO {k}.messages (conversation, bucket, seq, data) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            message_at: prepare(format!(
+                "SELECT data FROM {k}.messages WHERE conversation = ? AND bucket = ? AND seq = ?"
+            ))
+            .await?,
+            latest_in_bucket: prepare(format!(
+                "SELECT seq, data FROM {k}.messages WHERE conversation = ? AND bucket = ? LIMIT ?"
+            ))
+            .await?,
+            before_in_bucket: prepare(format!(
+                "SELECT seq, data FROM {k}.messages WHERE conversation = ? AND bucket = ? AND seq < ? LIMIT ?"
+            ))
+            .await?,
+            after_in_bucket: prepare(format!(
+                "SELECT seq, data FROM {k}.messages WHERE conversation = ? AND bucket = ? AND seq > ? \
+                 ORDER BY seq ASC LIMIT ?"
+            ))
+            .await?,
+            insert_send: prepare(format!(
+                "INSERT INTO {k}.sends (conversation, device_id, client_msg_id, seq, server_time_ms) \
+                 VALUES (?, ?, ?, ?, ?) USING TTL ?"
+            ))
+            .await?,
+            sends: prepare(format!(
+                "SELECT device_id, client_msg_id, seq, server_time_ms FROM {k}.sends \
+                 WHERE conversation = ? AND (device_id, client_msg_id) IN ?"
+            ))
+            .await?,
+            device_sends: prepare(format!(
+                "SELECT client_msg_id, seq, server_time_ms FROM {k}.sends \
+                 WHERE conversation = ? AND device_id = ? LIMIT ?"
+            ))
+            .await?,
+            upsert_head: prepare(format!(
+                "INSERT INTO {k}.heads (conversation, last_seq, last_time_ms) VALUES (?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            head: prepare(format!(
+                "SELECT last_seq, last_time_ms FROM {k}.heads WHERE conversation = ?"
+            ))
+            .await?,
+            upsert_user_conversation: prepare(format!(
+                "INSERT INTO {k}.user_conversations (user_id, conversation, left_seq, left_time_ms) \
+                 VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            user_conversations: prepare(format!(
+                "SELECT conversation, left_seq, left_time_ms FROM {k}.user_conversations WHERE user_id = ?"
+            ))
+            .await?,
+            user_conversations_in: prepare(format!(
+                "SELECT conversation, left_seq, left_time_ms FROM {k}.user_conversations \
+                 WHERE user_id = ? AND conversation IN ?"
+            ))
+            .await?,
+            upsert_activity: prepare(format!(
+                "INSERT INTO {k}.user_activity (user_id, day, conversation) VALUES (?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            delete_activity: prepare(format!(
+                "DELETE FROM {k}.user_activity USING TIMESTAMP ? WHERE user_id = ? AND day = ? AND conversation = ?"
+            ))
+            .await?,
+            activity: prepare(format!(
+                "SELECT day, conversation FROM {k}.user_activity WHERE user_id = ? AND (day, conversation) < (?, ?) \
+                 LIMIT ?"
+            ))
+            .await?,
+            upsert_title: prepare(format!(
+                "INSERT INTO {k}.groups (group_id, title) VALUES (?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            title: prepare(format!("SELECT title FROM {k}.groups WHERE group_id = ?")).await?,
+            upsert_member: prepare(format!(
+                "INSERT INTO {k}.members (group_id, user_id, role, left_seq) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            member: prepare(format!(
+                "SELECT role, left_seq FROM {k}.members WHERE group_id = ? AND user_id = ?"
+            ))
+            .await?,
+            members: prepare(format!(
+                "SELECT user_id, role, left_seq FROM {k}.members WHERE group_id = ?"
+            ))
+            .await?,
+            upsert_mark: prepare(format!(
+                "INSERT INTO {k}.marks (conversation, user_id, device_id, delivered_seq, read_seq) \
+                 VALUES (?, ?, ?, ?, ?)"
+            ))
+            .await?,
+            marks: prepare(format!(
+                "SELECT device_id, delivered_seq, read_seq FROM {k}.marks WHERE conversation = ? AND user_id = ?"
+            ))
+            .await?,
+        })
+    }
+}
