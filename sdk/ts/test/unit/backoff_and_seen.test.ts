@@ -1,7 +1,7 @@
 // Unit tests of the pure parts: reconnect backoff and duplicate detection.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Backoff, Seen } from "../../dist/index.js";
+import { Backoff, Seen } from "../../src/index.js";
 
 test("backoff ceilings double up to the maximum, with full jitter, and reset", () => {
   const highest = new Backoff({ initialDelayMs: 100, maxDelayMs: 1000 }, () => 0.999999);

@@ -4,56 +4,66 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
-import { ConfabClient, proto } from "../../dist/index.js";
+import { ConfabClient, proto } from "../../src/index.js";
+import type { WebSocketLike } from "../../src/index.js";
+
+type ServerKind = proto.ServerFrame["kind"];
 
 /** A fake server: answers frames the way confab does, for one user. */
 class Server {
-  sockets = [];
-  stored = new Map(); // client_msg_id -> seq (the server's idempotency)
+  sockets: Socket[] = [];
+  stored = new Map<string, bigint>(); // client_msg_id -> seq (the server's idempotency)
   conversation = "d:1:2";
   nextSeq = 1n;
-  resumes = [];
-  sendAttempts = [];
+  resumes: proto.Resume[] = [];
+  sendAttempts: string[] = [];
   /** Messages the next resume replays. */
-  replay = [];
-  refreshes = [];
-  authentications = [];
+  replay: proto.Message[] = [];
+  refreshes: string[] = [];
+  authentications: { socket: Socket; accessToken: string }[] = [];
   /** How long the access tokens it hands out last (0: no expiry given). */
   accessTtlMs = 0;
 
-  tokens(accessToken) {
+  tokens(accessToken: string) {
     const accessExpiresAtMs = this.accessTtlMs ? BigInt(Date.now() + this.accessTtlMs) : 0n;
     return { accessToken, accessExpiresAtMs, refreshToken: `refresh-${this.refreshes.length}` };
   }
 
-  factory = (url) => {
+  factory = (url: string): WebSocketLike => {
     const socket = new Socket(this, url);
     this.sockets.push(socket);
     return socket;
   };
 
-  reply(socket, requestId, kind) {
+  reply(socket: Socket, requestId: bigint, kind: ServerKind): void {
     socket.push(create(proto.ServerFrameSchema, { requestId, kind }));
   }
 
-  handle(socket, frame) {
+  handle(socket: Socket, frame: proto.ClientFrame): void {
     const { requestId, kind } = frame;
     switch (kind.case) {
       case "hello":
         return this.reply(socket, requestId, {
           case: "welcome",
-          value: { protocolVersion: proto.ProtocolVersion.V1, limits: { heartbeatIntervalMs: 0 } },
+          value: create(proto.WelcomeSchema, {
+            protocolVersion: proto.ProtocolVersion.V1,
+            limits: { heartbeatIntervalMs: 0 },
+          }),
         });
       case "logIn":
         return this.reply(socket, requestId, {
           case: "loggedIn",
-          value: { userId: 1n, deviceId: 7n, tokens: this.tokens("access") },
+          value: create(proto.LoggedInSchema, { userId: 1n, deviceId: 7n, tokens: this.tokens("access") }),
         });
       case "refreshToken":
         this.refreshes.push(kind.value.refreshToken);
         return this.reply(socket, requestId, {
           case: "loggedIn",
-          value: { userId: 1n, deviceId: 7n, tokens: this.tokens(`access-${this.refreshes.length}`) },
+          value: create(proto.LoggedInSchema, {
+            userId: 1n,
+            deviceId: 7n,
+            tokens: this.tokens(`access-${this.refreshes.length}`),
+          }),
         });
       case "authenticate": {
         this.authentications.push({ socket, accessToken: kind.value.accessToken });
@@ -64,11 +74,20 @@ class Server {
         this.replay = [];
         return this.reply(socket, requestId, {
           case: "authenticated",
-          value: { userId: 1n, deviceId: 7n, username: "me", recovered: true, syncToken: "s1.token" },
+          value: create(proto.AuthenticatedSchema, {
+            userId: 1n,
+            deviceId: 7n,
+            username: "me",
+            recovered: true,
+            syncToken: "s1.token",
+          }),
         });
       }
       case "listConversations":
-        return this.reply(socket, requestId, { case: "conversationList", value: {} });
+        return this.reply(socket, requestId, {
+          case: "conversationList",
+          value: create(proto.ConversationListSchema, {}),
+        });
       case "send": {
         this.sendAttempts.push(kind.value.clientMsgId);
         if (socket.dropSends) return; // the connection dies before the ack
@@ -79,7 +98,11 @@ class Server {
         }
         return this.reply(socket, requestId, {
           case: "sendAck",
-          value: { conversationId: this.conversation, seq, clientMsgId: kind.value.clientMsgId },
+          value: create(proto.SendAckSchema, {
+            conversationId: this.conversation,
+            seq,
+            clientMsgId: kind.value.clientMsgId,
+          }),
         });
       }
       default:
@@ -88,7 +111,7 @@ class Server {
   }
 
   /** A message from user 2, sequenced now. */
-  incoming(body) {
+  incoming(body: string): proto.Message {
     return create(proto.MessageSchema, {
       conversationId: this.conversation,
       seq: this.nextSeq++,
@@ -97,44 +120,47 @@ class Server {
     });
   }
 
-  get current() {
-    return this.sockets.at(-1);
+  get current(): Socket {
+    const socket = this.sockets.at(-1);
+    assert.ok(socket, "no connection yet");
+    return socket;
   }
 }
 
-class Socket {
+class Socket implements WebSocketLike {
   binaryType = "blob";
-  onopen = null;
-  onmessage = null;
-  onclose = null;
-  onerror = null;
+  onopen: WebSocketLike["onopen"] = null;
+  onmessage: WebSocketLike["onmessage"] = null;
+  onclose: WebSocketLike["onclose"] = null;
+  onerror: WebSocketLike["onerror"] = null;
   closed = false;
   dropSends = false;
 
-  constructor(server, url) {
-    this.server = server;
-    this.url = url;
+  constructor(
+    readonly server: Server,
+    readonly url: string,
+  ) {
     setTimeout(() => this.onopen?.({}), 0);
   }
 
-  send(bytes) {
+  send(bytes: Uint8Array): void {
     assert.equal(this.closed, false, "sent on a closed socket");
     this.server.handle(this, fromBinary(proto.ClientFrameSchema, bytes));
   }
 
-  push(frame) {
+  push(frame: proto.ServerFrame): void {
     const bytes = toBinary(proto.ServerFrameSchema, frame);
     setTimeout(() => !this.closed && this.onmessage?.({ data: bytes.slice().buffer }), 0);
   }
 
-  close() {
+  close(): void {
     if (this.closed) return;
     this.closed = true;
     setTimeout(() => this.onclose?.({ code: 1000 }), 0);
   }
 }
 
-async function until(check, what) {
+async function until(check: () => boolean, what: string): Promise<void> {
   const deadline = Date.now() + 5000;
   while (!check()) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
@@ -142,7 +168,7 @@ async function until(check, what) {
   }
 }
 
-function client(server) {
+function client(server: Server): ConfabClient {
   return new ConfabClient({
     url: "ws://test/v1/ws",
     webSocket: server.factory,
@@ -153,7 +179,7 @@ function client(server) {
 test("logs in, sends, and receives pushes once", async () => {
   const server = new Server();
   const chat = client(server);
-  const received = [];
+  const received: string[] = [];
   chat.onMessage((message) => received.push(message.body));
   await chat.connect();
   assert.equal(server.sockets.length, 1);
@@ -175,7 +201,7 @@ test("logs in, sends, and receives pushes once", async () => {
 test("sends made offline go out after reconnecting, with resume cursors and no duplicates", async () => {
   const server = new Server();
   const chat = client(server);
-  const received = [];
+  const received: bigint[] = [];
   chat.onMessage((message) => received.push(message.seq));
   await chat.logIn("me", "pw");
   server.reply(server.current, 0n, { case: "message", value: server.incoming("one") });
@@ -194,21 +220,24 @@ test("sends made offline go out after reconnecting, with resume cursors and no d
     [3n, 4n],
   );
   assert.deepEqual(received, [1n, 2n], "the replay delivered 2 once and skipped 1");
-  assert.deepEqual(server.resumes.at(-1).cursors.map((c) => [c.conversationId, c.seq]), [["d:1:2", 1n]]);
+  assert.deepEqual(
+    server.resumes.at(-1)?.cursors.map((c) => [c.conversationId, c.seq]),
+    [["d:1:2", 1n]],
+  );
   chat.close();
 });
 
 test("a send whose ack was lost is retried with the same client_msg_id", async () => {
   const server = new Server();
   const chat = client(server);
-  const statuses = [];
+  const statuses: string[] = [];
   chat.onStatus((status) => statuses.push(status));
   await chat.logIn("me", "pw");
   server.current.dropSends = true;
   const sent = chat.send({ userId: 2n }, "once only");
   await until(() => server.sendAttempts.length === 1, "the first attempt");
   // The server stored it, but the connection dies before the ack.
-  server.stored.set(server.sendAttempts[0], server.nextSeq++);
+  server.stored.set(server.sendAttempts[0] ?? "", server.nextSeq++);
   server.current.close();
   const ack = await sent;
   assert.equal(server.sendAttempts.length, 2);
