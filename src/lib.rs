@@ -20,6 +20,8 @@
 //! - [`server`] assembles a node from [`config`]; [`metrics`] serves its stage
 //!   timings; [`clock`] and [`files`] are small helpers.
 
+#![warn(unreachable_pub)]
+
 pub mod auth;
 pub mod chat;
 pub mod clock;

@@ -20,7 +20,7 @@ const ACCESS_PREFIX: &str = "v1.";
 const REFRESH_PREFIX: &str = "r1.";
 const PAYLOAD_BYTES: usize = 24;
 const SECRET_BYTES: usize = 32;
-pub const MIN_KEY_BYTES: usize = 32;
+pub(super) const MIN_KEY_BYTES: usize = 32;
 /// Tokens are bounded so garbage is rejected before any decoding work.
 const MAX_TOKEN_CHARS: usize = 256;
 
@@ -160,13 +160,13 @@ impl TokenSigner {
 
 /// A freshly minted refresh token and what the store keeps of it.
 #[derive(Debug)]
-pub struct RefreshSecret {
+pub(super) struct RefreshSecret {
     pub token: String,
     pub hash: [u8; 32],
 }
 
 impl RefreshSecret {
-    pub fn generate(user: UserId, device: DeviceId) -> Self {
+    pub(super) fn generate(user: UserId, device: DeviceId) -> Self {
         let secret: [u8; SECRET_BYTES] = rand::random();
         let mut raw = Vec::with_capacity(16 + SECRET_BYTES);
         raw.extend_from_slice(&user.get().to_be_bytes());
@@ -181,14 +181,14 @@ impl RefreshSecret {
 
 /// A refresh token presented by a client, not yet checked against the store.
 #[derive(Debug)]
-pub struct PresentedRefresh {
+pub(super) struct PresentedRefresh {
     pub user: UserId,
     pub device: DeviceId,
     secret_hash: [u8; 32],
 }
 
 impl PresentedRefresh {
-    pub fn parse(token: &str) -> Result<Self, TokenError> {
+    pub(super) fn parse(token: &str) -> Result<Self, TokenError> {
         if token.len() > MAX_TOKEN_CHARS {
             return Err(TokenError::Malformed);
         }
@@ -203,7 +203,7 @@ impl PresentedRefresh {
     }
 
     /// Constant-time comparison with the stored hash.
-    pub fn matches(&self, stored_hash: &[u8; 32]) -> bool {
+    pub(super) fn matches(&self, stored_hash: &[u8; 32]) -> bool {
         self.secret_hash.ct_eq(stored_hash).into()
     }
 }

@@ -39,7 +39,12 @@ use std::rc::Rc;
 use std::time::Instant;
 
 /// Runs a connection until it ends. `outbound` feeds the transport's writer.
-pub async fn run(shard: Rc<Shard>, mut source: impl FrameSource, outbound: Outbound, peer: SocketAddr) -> Closed {
+pub(super) async fn run(
+    shard: Rc<Shard>,
+    mut source: impl FrameSource,
+    outbound: Outbound,
+    peer: SocketAddr,
+) -> Closed {
     let session_id = rand::random();
     let mut session = Session::new(
         session_id,

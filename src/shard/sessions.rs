@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 
 /// Tells a connection to close, with the frame to say why.
 #[derive(Debug, Default)]
-pub struct Kick {
+pub(super) struct Kick {
     reason: RefCell<Option<ServerFrame>>,
     kicked: Cell<bool>,
     notify: Notify,
@@ -33,7 +33,7 @@ pub struct Kick {
 impl Kick {
     /// Tells the connection to close; returns false if it was told before (the
     /// first reason stands).
-    pub fn kick(&self, reason: ServerFrame) -> bool {
+    pub(super) fn kick(&self, reason: ServerFrame) -> bool {
         if self.kicked.replace(true) {
             return false;
         }
@@ -43,7 +43,7 @@ impl Kick {
     }
 
     /// Waits for a kick and returns its reason.
-    pub async fn kicked(&self) -> ServerFrame {
+    pub(super) async fn kicked(&self) -> ServerFrame {
         loop {
             if let Some(reason) = self.reason.borrow_mut().take() {
                 return reason;
@@ -71,7 +71,7 @@ enum Phase {
 /// it, even after the held pushes were sent (its delivery sat in a busy mesh
 /// channel). Without a floor it would arrive twice: once replayed, once live.
 #[derive(Debug)]
-pub struct Replay {
+pub(super) struct Replay {
     phase: Phase,
     held: VecDeque<(ConversationId, Seq, Bytes)>,
     max_held: usize,
@@ -86,7 +86,7 @@ pub struct Replay {
 
 /// What happened to a push offered to a [`Replay`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Offered {
+pub(super) enum Offered {
     /// Queued, held, or dropped as already replayed.
     Taken,
     /// The session's queue (or hold, once `Authenticated` is out) is full.
@@ -95,7 +95,7 @@ pub enum Offered {
 
 impl Replay {
     /// A gate holding at most `max_held` live pushes during the replay.
-    pub fn new(max_held: usize) -> Self {
+    pub(super) fn new(max_held: usize) -> Self {
         Self {
             phase: Phase::Replaying,
             held: VecDeque::new(),
@@ -106,7 +106,13 @@ impl Replay {
     }
 
     /// Takes a live push for the session behind `outbound`.
-    pub fn offer(&mut self, conversation: ConversationId, seq: Seq, frame: &Bytes, outbound: &Outbound) -> Offered {
+    pub(super) fn offer(
+        &mut self,
+        conversation: ConversationId,
+        seq: Seq,
+        frame: &Bytes,
+        outbound: &Outbound,
+    ) -> Offered {
         // Ephemeral pushes (seq 0) are not in any replay: never duplicates.
         if seq != 0
             && let Some(&floor) = self.floor.get(&conversation)
@@ -144,7 +150,7 @@ impl Replay {
 
     /// The replay is out and the device is at `cursors`: returns whether every
     /// live push was held (else the device must sync), and starts sending them.
-    pub fn replayed(&mut self, cursors: &Cursors) -> bool {
+    pub(super) fn replayed(&mut self, cursors: &Cursors) -> bool {
         self.floor = cursors.iter().collect();
         self.phase = Phase::Draining;
         !self.overflowed
@@ -152,7 +158,7 @@ impl Replay {
 
     /// The next held push the device does not have yet; `None` while the hold
     /// is empty (pushes still arrive into it until [`Replay::go_live`]).
-    pub fn next_held(&mut self) -> Option<Bytes> {
+    pub(super) fn next_held(&mut self) -> Option<Bytes> {
         while let Some((conversation, seq, frame)) = self.held.pop_front() {
             let floor = self.floor.get(&conversation).copied().unwrap_or(0);
             if seq > floor {
@@ -165,7 +171,7 @@ impl Replay {
 
     /// Once the hold is empty, pushes go straight to the queue from now on;
     /// returns false (and stays draining) while pushes are held.
-    pub fn go_live(&mut self) -> bool {
+    pub(super) fn go_live(&mut self) -> bool {
         if !self.held.is_empty() {
             return false;
         }
@@ -176,7 +182,7 @@ impl Replay {
 }
 
 #[derive(Debug, Clone)]
-pub struct SessionHandle {
+pub(super) struct SessionHandle {
     pub session_id: u64,
     pub device: DeviceId,
     pub outbound: Outbound,
@@ -187,7 +193,7 @@ pub struct SessionHandle {
 
 /// How full a shard's outbound queues are, for the metrics.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct QueueDepths {
+pub(super) struct QueueDepths {
     pub sessions: usize,
     pub frames: usize,
     pub longest: usize,
@@ -197,17 +203,17 @@ pub struct QueueDepths {
 }
 
 #[derive(Debug, Default)]
-pub struct LocalSessions {
+pub(super) struct LocalSessions {
     by_user: HashMap<UserId, Vec<SessionHandle>>,
 }
 
 impl LocalSessions {
-    pub fn add(&mut self, user: UserId, handle: SessionHandle) {
+    pub(super) fn add(&mut self, user: UserId, handle: SessionHandle) {
         self.by_user.entry(user).or_default().push(handle);
     }
 
     /// Removes a session; returns true when it was the user's last one here.
-    pub fn remove(&mut self, user: UserId, session_id: u64) -> bool {
+    pub(super) fn remove(&mut self, user: UserId, session_id: u64) -> bool {
         let Some(handles) = self.by_user.get_mut(&user) else {
             return false;
         };
@@ -221,7 +227,7 @@ impl LocalSessions {
     }
 
     /// Closes every session of `device` (it logged out elsewhere).
-    pub fn revoke(&self, user: UserId, device: DeviceId) {
+    pub(super) fn revoke(&self, user: UserId, device: DeviceId) {
         for handle in self.by_user.get(&user).into_iter().flatten() {
             if handle.device == device {
                 handle
@@ -232,7 +238,7 @@ impl LocalSessions {
     }
 
     /// Sessions here, frames and bytes queued for them all, and the longest queue.
-    pub fn depths(&self) -> QueueDepths {
+    pub(super) fn depths(&self) -> QueueDepths {
         let mut depths = QueueDepths::default();
         for handle in self.by_user.values().flatten() {
             let queued = handle.outbound.queued();
@@ -246,7 +252,7 @@ impl LocalSessions {
         depths
     }
 
-    pub fn deliver(&self, delivery: &Delivery) {
+    pub(super) fn deliver(&self, delivery: &Delivery) {
         for user in delivery.users.iter() {
             for handle in self.by_user.get(user).into_iter().flatten() {
                 if delivery.skip_device == Some((*user, handle.device)) {

@@ -26,7 +26,7 @@ const END_OF_REQUEST: &[u8] = b"\r\n\r\n";
 
 /// A stream that releases WebSocket frames to its reader only once they arrived whole.
 #[derive(Debug)]
-pub struct ArrivedFrames<S> {
+pub(super) struct ArrivedFrames<S> {
     inner: S,
     /// Bytes read from `inner` and not yet handed on.
     pending: BytesMut,
@@ -47,7 +47,7 @@ enum State {
 }
 
 impl<S> ArrivedFrames<S> {
-    pub fn new(inner: S, max_frame_bytes: usize) -> Self {
+    pub(super) fn new(inner: S, max_frame_bytes: usize) -> Self {
         Self {
             inner,
             pending: BytesMut::new(),
