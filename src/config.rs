@@ -19,28 +19,59 @@ const ENV_PREFIX: &str = "CONFAB_";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
     #[error("config file {path} is not valid TOML: {message}")]
-    Syntax { path: PathBuf, message: String },
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's complaint.
+        message: String,
+    },
+    /// A key is unknown, or its value is not what the key takes.
     #[error("invalid config key `{key}`: {message}")]
-    Invalid { key: String, message: String },
+    Invalid {
+        /// The key, as a dotted path.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
+/// The node's whole configuration, one field per section of the file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[server]`.
     pub server: ServerConfig,
+    /// `[limits]`.
     pub limits: LimitsConfig,
+    /// `[tls]`.
     pub tls: TlsConfig,
+    /// `[websocket]`.
     pub websocket: WebSocketConfig,
+    /// `[quic]`.
     pub quic: QuicConfig,
+    /// `[protocol]`.
     pub protocol: ProtocolConfig,
+    /// `[auth]`.
     pub auth: AuthConfig,
+    /// `[chat]`.
     pub chat: ChatConfig,
+    /// `[store]`.
     pub store: StoreConfig,
+    /// `[cassandra]`.
     pub cassandra: CassandraConfig,
+    /// `[metrics]`.
     pub metrics: MetricsConfig,
+    /// `[log]`.
     pub log: LogConfig,
     /// `CONFAB_*` environment variables that name no config key: not applied,
     /// to be warned about once logging is up.
@@ -48,54 +79,136 @@ pub struct Config {
     pub ignored_env: Vec<String>,
 }
 
+/// The `[server]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
+    /// Address every shard listens on (SO_REUSEPORT: the kernel spreads connections).
     pub listen: SocketAddr,
+    /// Number of shards (pinned single-threaded runtimes). 0 = one per available core.
     pub shards: usize,
+    /// Pin each shard thread to a core where the OS allows it.
     pub pin_threads: bool,
+    /// Connections accepted at once across all shards; further connects wait in the backlog.
     pub max_connections: usize,
+    /// Time a new connection has to send Hello.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Time a new connection has to authenticate.
     #[serde(with = "humantime_serde")]
     pub auth_timeout: Duration,
+    /// On shutdown: longest wait for in-flight requests before connections are closed.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Capacity of each bounded channel between shards.
     pub mesh_channel_capacity: usize,
 }
 
+/// The `[limits]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
+    /// Descriptors kept for the store, listeners and everything else the process opens:
+    /// the connection limit is the lower of server.max_connections and the open-files
+    /// limit minus this, so a flood of connections cannot starve the store.
     pub reserved_file_descriptors: usize,
+    /// Connections one source address may hold at once (IPv6: per /64). Further ones
+    /// are refused (TCP: an Error frame RATE_LIMITED; WebSocket: HTTP 429).
     pub max_connections_per_ip: usize,
+    /// New connections one address may open: a sustained rate per second after a
+    /// burst. Each costs an accept and a handshake (TLS, QUIC: public-key crypto), so
+    /// an address that connects and drops at once could keep the node busy. Refused
+    /// like the limit above.
     pub connect_rate_per_ip: f64,
+    /// Authenticated connections one account may hold at once, node-wide (all its
+    /// devices together). Authenticate beyond it is answered RATE_LIMITED and the
+    /// connection stays open, unauthenticated.
     pub max_connections_per_user: usize,
+    /// Reply bytes (queued, and reserved for pages being read) that all connections
+    /// from one address may hold on each shard together: what a crowd of connections
+    /// that ask and never read can pin, beyond protocol.outbound_reply_bytes each.
+    /// Replies beyond it wait, like a connection's own.
     pub reply_bytes_per_ip: usize,
+    /// New connections one address may open: a sustained rate per second after a
+    /// burst. Each costs an accept and a handshake (TLS, QUIC: public-key crypto), so
+    /// an address that connects and drops at once could keep the node busy. Refused
+    /// like the limit above.
     pub connect_burst_per_ip: f64,
+    /// Loopback (127.0.0.0/8, ::1) is not limited per address: for load tests on one
+    /// machine. Off by default, since a local reverse proxy would make every client
+    /// one address.
     pub exempt_loopback: bool,
+    /// Messages (sends, edits, deletes, group changes) one connection may send: a
+    /// sustained rate per second and a burst. Beyond it the request is answered
+    /// RATE_LIMITED ("retry in N ms") and the connection stays open.
     pub send_rate_per_device: f64,
+    /// Messages (sends, edits, deletes, group changes) one connection may send: a
+    /// sustained rate per second and a burst. Beyond it the request is answered
+    /// RATE_LIMITED ("retry in N ms") and the connection stays open.
     pub send_burst_per_device: f64,
+    /// The same for all of one user's connections together.
     pub send_rate_per_user: f64,
+    /// The same for all of one user's connections together.
     pub send_burst_per_user: f64,
+    /// Message text (bodies) one user may store, in MiB a day: a bucket that holds a
+    /// day's worth and refills over the day. Bounds the disk one account can fill.
     pub send_mib_per_user_per_day: f64,
+    /// Reads (History, Sync, ListConversations, ListMembers, GetUser,
+    /// SubscribePresence): each costs the node store reads, up to a page of them, for
+    /// a few bytes of request. The same kind of limits as for messages, and the same
+    /// answer beyond them. Resuming (Authenticate with a sync token) is not counted.
     pub read_rate_per_device: f64,
+    /// Reads (History, Sync, ListConversations, ListMembers, GetUser,
+    /// SubscribePresence): each costs the node store reads, up to a page of them, for
+    /// a few bytes of request. The same kind of limits as for messages, and the same
+    /// answer beyond them. Resuming (Authenticate with a sync token) is not counted.
     pub read_burst_per_device: f64,
+    /// Reads (History, Sync, ListConversations, ListMembers, GetUser,
+    /// SubscribePresence): each costs the node store reads, up to a page of them, for
+    /// a few bytes of request. The same kind of limits as for messages, and the same
+    /// answer beyond them. Resuming (Authenticate with a sync token) is not counted.
     pub read_rate_per_user: f64,
+    /// Reads (History, Sync, ListConversations, ListMembers, GetUser,
+    /// SubscribePresence): each costs the node store reads, up to a page of them, for
+    /// a few bytes of request. The same kind of limits as for messages, and the same
+    /// answer beyond them. Resuming (Authenticate with a sync token) is not counted.
     pub read_burst_per_user: f64,
+    /// Password guessing: after this many failed log-ins in a row to one account,
+    /// each further attempt waits (1 s, doubling up to a minute, RATE_LIMITED with the
+    /// delay) ...
     pub login_failures_per_account: u32,
+    /// The same backoff for one address (IPv6: per /64) after this many failures,
+    /// whatever the accounts. An address also gets at most half the password-hashing
+    /// pool (auth.max_concurrent_hashes) at once.
     pub login_failures_per_ip: u32,
+    /// ... and after this many its password log-ins are locked for login_lockout.
+    /// Its devices keep refreshing their tokens (no password needed), so an attacker
+    /// cannot log the owner out. Failures are forgotten after a quiet login_lockout.
     pub login_failures_before_lockout: u32,
+    /// ... and after this many its password log-ins are locked for login_lockout.
+    /// Its devices keep refreshing their tokens (no password needed), so an attacker
+    /// cannot log the owner out. Failures are forgotten after a quiet login_lockout.
     #[serde(with = "humantime_serde")]
     pub login_lockout: Duration,
+    /// Sign-ups one address may make per hour (a burst of as many).
     pub signups_per_ip_per_hour: u32,
 }
 
+/// The `[tls]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// TLS for the TCP and WebSocket listeners: "off"; "self-signed", a certificate for
+    /// "localhost" generated at start for development (its SHA-256 fingerprint is logged,
+    /// clients pin it); or "files", the PEM files below.
     pub mode: TlsMode,
+    /// TLS for the TCP and WebSocket listeners: "off"; "self-signed", a certificate for
+    /// "localhost" generated at start for development (its SHA-256 fingerprint is logged,
+    /// clients pin it); or "files", the PEM files below.
     pub cert_file: PathBuf,
+    /// TLS for the TCP and WebSocket listeners: "off"; "self-signed", a certificate for
+    /// "localhost" generated at start for development (its SHA-256 fingerprint is logged,
+    /// clients pin it); or "files", the PEM files below.
     pub key_file: PathBuf,
 }
 
@@ -103,112 +216,217 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TlsMode {
+    /// Plain TCP and WebSocket.
     Off,
+    /// A certificate the node makes and keeps in its data dir.
     SelfSigned,
+    /// `cert_file` and `key_file`.
     Files,
 }
 
+/// The `[websocket]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebSocketConfig {
+    /// WebSocket listener for browsers: binary messages carry one protobuf frame each.
     pub enabled: bool,
+    /// WebSocket listener for browsers: binary messages carry one protobuf frame each.
     pub listen: SocketAddr,
+    /// The only path that upgrades; others get 404.
     pub path: String,
+    /// Origins allowed to open a WebSocket, exactly as browsers send them
+    /// (e.g. "https://chat.example.com").
+    /// EMPTY MEANS ANY ORIGIN: any web page, on any site, may open a WebSocket to this
+    /// server from its visitors' browsers. Authentication is in-protocol (tokens,
+    /// never cookies), so such a page gains no one's account, but it can use the
+    /// server (and its limits) from your users' addresses. Set the list in
+    /// production; the server warns at start when it is empty on a non-loopback
+    /// address.
     pub allowed_origins: Vec<String>,
 }
 
+/// The `[quic]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuicConfig {
+    /// QUIC listener (UDP, ALPN "confab/1") for mobile networks. Always TLS 1.3: the
+    /// [tls] certificate, or a self-signed one when tls.mode = "off".
     pub enabled: bool,
+    /// QUIC listener (UDP, ALPN "confab/1") for mobile networks. Always TLS 1.3: the
+    /// [tls] certificate, or a self-signed one when tls.mode = "off".
     pub listen: SocketAddr,
 }
 
+/// The `[protocol]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProtocolConfig {
+    /// Largest frame accepted or sent, in bytes (both directions).
     pub max_frame_bytes: usize,
+    /// Clients ping at least this often; 3 silent intervals close the connection.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// Frames queued for one connection before it counts as a slow consumer and is closed.
     pub outbound_queue_frames: usize,
+    /// ... or bytes, whichever comes first. Pushes are encoded once and shared by
+    /// every recipient's queue; beyond either bound the connection is a slow consumer.
     pub outbound_queue_bytes: usize,
+    /// Bytes of replies (and of a resume's replay) queued for one connection, which
+    /// no other connection shares: what a peer that asks and does not read can hold.
+    /// Beyond it (or beyond half the queue) replies wait; a request answered with a
+    /// page (History, Sync, ListConversations, ListMembers) reads the store only once
+    /// a frame's room is reserved in it. At least max_frame_bytes; the queue's bytes
+    /// at least twice this.
     pub outbound_reply_bytes: usize,
+    /// Requests of one connection processed concurrently (Send, History, GetUser).
+    /// Must stay below outbound_queue_frames, so replies cannot crowd out pushes.
     pub max_in_flight_requests: usize,
+    /// Failed LogIn/Authenticate/RefreshToken attempts before the connection is closed.
     pub max_auth_failures: u32,
+    /// Messages a resuming device (Authenticate with a sync token) is sent before the
+    /// Authenticated reply; beyond it the reply says recovered = false and the device
+    /// calls Sync for the rest. Live pushes that arrive during the replay are held
+    /// (up to outbound_queue_frames) and sent after the reply; more than that also
+    /// answers recovered = false.
     pub max_replay_messages: usize,
 }
 
+/// The `[auth]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
+    /// Base64 key (at least 32 bytes) that signs access tokens. Empty: generated on first
+    /// start and kept in <store.data_dir>/token.key.
     pub token_key: String,
+    /// How long an access token is valid.
     #[serde(with = "humantime_serde")]
     pub access_token_ttl: Duration,
+    /// A refresh token lasts this long; each refresh replaces it (the one it replaced,
+    /// if presented again, logs the device out: it was copied) ...
     #[serde(with = "humantime_serde")]
     pub refresh_token_ttl: Duration,
+    /// ... but a device must log in with its password again this long after it did.
     #[serde(with = "humantime_serde")]
     pub session_lifetime: Duration,
+    /// Devices one user may have logged in at once; devices whose refresh token
+    /// expired are removed at the next log-in.
     pub max_devices_per_user: usize,
+    /// argon2id cost (OWASP recommendation: 19 MiB, 2 iterations; less is warned about
+    /// at start).
     pub argon2_memory_kib: u32,
+    /// argon2id cost (OWASP recommendation: 19 MiB, 2 iterations; less is warned about
+    /// at start).
     pub argon2_iterations: u32,
+    /// Password hashes computed at once, node-wide. 0 = number of available cores.
     pub max_concurrent_hashes: usize,
 }
 
+/// The `[chat]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatConfig {
+    /// Longest message body, in Unicode scalar values. The frame limit applies as well.
     pub max_body_chars: usize,
+    /// Longest client_msg_id, in bytes.
     pub max_client_msg_id_bytes: usize,
+    /// Largest page a History request may ask for.
     pub max_history_limit: u32,
+    /// Conversations whose sequencing state an owner shard keeps in memory.
     pub max_cached_conversations: usize,
+    /// Appends an owner shard queues before it answers "unavailable".
     pub max_pending_appends: usize,
+    /// How long a (device, client_msg_id) is remembered: a Send retried within this
+    /// window returns the original SendAck instead of storing the message twice.
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
+    /// Members a group may have (large rooms work at 10 000 and more).
     pub max_group_members: usize,
+    /// The longest group title, in characters.
     pub max_group_title_chars: usize,
+    /// A device sends typing to one conversation at most this often.
     #[serde(with = "humantime_serde")]
     pub typing_min_interval: Duration,
+    /// Receivers drop a typing signal not refreshed within this time.
     #[serde(with = "humantime_serde")]
     pub typing_expiry: Duration,
+    /// Receipt updates to other members are coalesced and sent this often at most.
     #[serde(with = "humantime_serde")]
     pub receipt_flush_interval: Duration,
+    /// A user stays online this long after its last device left (no flapping on a
+    /// quick reconnect).
     #[serde(with = "humantime_serde")]
     pub presence_grace: Duration,
+    /// Presence pushes about one user are sent at most this often.
     #[serde(with = "humantime_serde")]
     pub presence_min_interval: Duration,
+    /// Users one SubscribePresence may name.
     pub max_presence_subscriptions: usize,
 }
 
+/// The `[store]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
+    /// "embedded": everything in this process, on disk under data_dir.
+    /// "cassandra": users, devices, history and receipts in Cassandra or ScyllaDB
+    /// ([cassandra] below; see config/cluster.toml). data_dir still holds token.key.
     pub backend: StoreBackend,
+    /// Where the node keeps its files: the embedded store, token.key, a self-signed
+    /// certificate.
     pub data_dir: PathBuf,
+    /// "sync": fsync before acknowledging (survives power loss).
+    /// "buffered": hand to the OS before acknowledging (survives a process crash).
     pub durability: Durability,
+    /// Most writes grouped into one commit.
     pub max_batch: usize,
+    /// Embedded store: below this much free space under data_dir, writes are refused
+    /// with UNAVAILABLE ("storage is full") until space is freed; reads go on. It keeps
+    /// room for the storage engine's own work (flushes, compactions). 0 turns the check
+    /// off (a full disk still passes: the store reopens itself once space is back).
     pub min_free_mib: u64,
 }
 
+/// Where the node keeps its state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreBackend {
+    /// fjall, in this process, under `data_dir`.
     Embedded,
+    /// Cassandra or ScyllaDB (`[cassandra]`).
     Cassandra,
 }
 
+/// The `[cassandra]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CassandraConfig {
+    /// Nodes to contact first, host:port (the driver discovers the rest).
     pub contact_points: Vec<String>,
+    /// The keyspace confab keeps its tables in.
     pub keyspace: String,
+    /// Create the keyspace and tables at start if missing (idempotent).
     pub create_schema: bool,
+    /// Used when creating the keyspace (CQL map literal).
     pub replication: String,
+    /// Consistency of every read and write: "one", "quorum", "local_quorum", "all".
+    /// A send is acknowledged only once Cassandra confirmed it at this level.
     pub consistency: Consistency,
+    /// Appends are collected this long (or up to max_batch_rows) before being written
+    /// as one unlogged batch per partition. The runtime's timer ticks every
+    /// millisecond, so a shorter window waits until the next tick; "0s" writes what
+    /// is queued at once.
     #[serde(with = "humantime_serde")]
     pub batch_window: Duration,
+    /// Appends are collected this long (or up to max_batch_rows) before being written
+    /// as one unlogged batch per partition. The runtime's timer ticks every
+    /// millisecond, so a shorter window waits until the next tick; "0s" writes what
+    /// is queued at once.
     pub max_batch_rows: usize,
+    /// false: one statement per row instead of a batch per partition (for comparing).
     pub batch_writes: bool,
+    /// Requests to Cassandra in flight at once from the writer.
     pub max_in_flight: usize,
+    /// A request not answered in time fails (and the send is not acknowledged).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
 }
@@ -217,9 +435,13 @@ pub struct CassandraConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Consistency {
+    /// One replica.
     One,
+    /// A majority of all replicas.
     Quorum,
+    /// A majority of the local datacenter's replicas.
     LocalQuorum,
+    /// Every replica.
     All,
 }
 
@@ -233,6 +455,7 @@ pub enum Durability {
     Buffered,
 }
 
+/// The `[metrics]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
@@ -250,9 +473,12 @@ fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Op
     }
 }
 
+/// The `[log]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
+    /// tracing filter, e.g. "info" or "confab=debug,info". RUST_LOG overrides it.
+    /// The storage engine's own logs are quiet unless they warn.
     pub level: String,
 }
 
