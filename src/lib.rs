@@ -20,7 +20,7 @@
 //! - [`server`] assembles a node from [`config`]; [`metrics`] serves its stage
 //!   timings; [`clock`] and [`files`] are small helpers.
 
-#![warn(unreachable_pub)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod auth;
 pub mod chat;

@@ -20,16 +20,26 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
+    /// Opening the store.
     #[error("opening the store: {0}")]
     Store(#[from] StoreError),
+    /// Loading the token signing key.
     #[error("loading the token signing key: {0}")]
     Key(#[from] KeyError),
+    /// Setting up password hashing.
     #[error("setting up password hashing: {0}")]
     Hash(#[from] HashError),
+    /// Setting up TLS.
     #[error("setting up TLS: {0}")]
     Tls(#[from] TlsError),
+    /// ….
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        /// What the node was doing.
+        what: String,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
 }
 
 /// Threads a shard may use for blocking work (store reads, password hashing).
@@ -228,10 +238,12 @@ impl Server {
         self.local_addr
     }
 
+    /// The WebSocket listener's address, when on.
     pub fn websocket_addr(&self) -> Option<SocketAddr> {
         self.websocket_addr
     }
 
+    /// The QUIC endpoint's address, when on.
     pub fn quic_addr(&self) -> Option<SocketAddr> {
         self.quic_addr
     }

@@ -27,28 +27,45 @@ use token::{PresentedRefresh, RefreshSecret};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {
+    /// Username is already taken.
     #[error("username is already taken")]
     UsernameTaken,
+    /// Invalid username or password.
     #[error("invalid username or password")]
     InvalidCredentials,
+    /// Access token rejected.
     #[error("access token rejected: {0}")]
     InvalidToken(TokenError),
+    /// Refresh token rejected.
     #[error("refresh token rejected")]
     InvalidRefreshToken,
+    /// The device was logged out.
     #[error("the device was logged out")]
     DeviceRevoked,
+    /// No such user.
     #[error("no such user")]
     UnknownUser,
+    /// No such device.
     #[error("no such device")]
     UnknownDevice,
+    /// A replaced refresh token was used: the device was logged out; log in again.
     #[error("a replaced refresh token was used: the device was logged out; log in again")]
-    RefreshReused { user: UserId, device: DeviceId },
+    RefreshReused {
+        /// The device's user.
+        user: UserId,
+        /// The device, now logged out.
+        device: DeviceId,
+    },
+    /// Too many devices: log one out first (ListDevices, RevokeDevice).
     #[error("too many devices ({0}): log one out first (ListDevices, RevokeDevice)")]
     TooManyDevices(usize),
+    /// A `StoreError`, passed on.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A `HashError`, passed on.
     #[error(transparent)]
     Hash(#[from] HashError),
+    /// A `Throttled`, passed on.
     #[error(transparent)]
     Throttled(#[from] Throttled),
 }
@@ -56,14 +73,21 @@ pub enum AuthError {
 /// Tokens handed to a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
+    /// The user.
     pub user: UserId,
+    /// The new (or refreshed) device.
     pub device: DeviceId,
+    /// Proves the device on `Authenticate`.
     pub access_token: String,
+    /// When the access token expires (Unix ms).
     pub access_expires_at_ms: u64,
+    /// Trades for new tokens on `RefreshToken`; single use.
     pub refresh_token: String,
+    /// When the refresh token expires (Unix ms).
     pub refresh_expires_at_ms: u64,
 }
 
+/// The accounts of a node: sign-up, log-in, tokens, devices; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Accounts {
     store: Arc<dyn Store>,
@@ -77,6 +101,7 @@ pub struct Accounts {
 }
 
 impl Accounts {
+    /// Accounts over `store`, hashing with `hasher`, throttled by `throttle`, signing with `signer`.
     pub fn new(
         config: &AuthConfig,
         store: Arc<dyn Store>,
@@ -314,6 +339,7 @@ impl Accounts {
         Ok(())
     }
 
+    /// A user's id and normalised name, by name.
     pub async fn user_by_name(&self, username: &Username) -> Result<(UserId, String), AuthError> {
         let user = self
             .store

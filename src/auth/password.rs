@@ -10,6 +10,7 @@ use confab_protocol::Password;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
+/// Hashes and verifies passwords with argon2id on the blocking pool, a bounded number at once.
 #[derive(Debug, Clone)]
 pub struct PasswordHasher {
     argon2: Argon2<'static>,
@@ -19,15 +20,20 @@ pub struct PasswordHasher {
     decoy_hash: Arc<str>,
 }
 
+/// Why hashing or verifying a password failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HashError {
+    /// Invalid argon2 parameters.
     #[error("invalid argon2 parameters: {0}")]
     Params(String),
+    /// Password hashing failed.
     #[error("password hashing failed: {0}")]
     Hash(String),
+    /// Password hashing task failed.
     #[error("password hashing task failed: {0}")]
     Task(String),
+    /// The server is busy; retry later.
     #[error("the server is busy; retry later")]
     Busy,
 }
@@ -36,6 +42,7 @@ pub enum HashError {
 const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl PasswordHasher {
+    /// A hasher with these argon2id costs, running at most `max_concurrent` hashes at once.
     pub fn new(memory_kib: u32, iterations: u32, max_concurrent: usize) -> Result<Self, HashError> {
         let params = Params::new(memory_kib, iterations, 1, None).map_err(|err| HashError::Params(err.to_string()))?;
         let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);

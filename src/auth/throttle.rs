@@ -39,12 +39,16 @@ const MAX_TRACKED: usize = 100_000;
 /// Why an attempt was refused before it cost a hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Throttled {
+    /// Too many failed log-ins for the account; retry after the wait.
     #[error("too many failed log-ins for this account; retry in {} s", secs(*.0))]
     Account(Duration),
+    /// Too many failed log-ins from the address; retry after the wait.
     #[error("too many failed log-ins from your address; retry in {} s", secs(*.0))]
     Address(Duration),
+    /// Too many log-ins or sign-ups at once from your address; retry shortly.
     #[error("too many log-ins or sign-ups at once from your address; retry shortly")]
     Hashing,
+    /// Too many sign-ups from the address; retry after the wait.
     #[error("too many sign-ups from your address; retry in {} s", secs(*.0))]
     SignUps(Duration),
 }
@@ -53,6 +57,7 @@ fn secs(wait: Duration) -> u64 {
     wait.as_secs().max(1)
 }
 
+/// Log-in and sign-up throttling, per account and per source address; clones share it.
 #[derive(Debug, Clone)]
 pub struct Throttle(Arc<Shared>);
 

@@ -27,31 +27,47 @@ const MAX_TOKEN_CHARS: usize = 256;
 /// Who an access token speaks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Claims {
+    /// The user.
     pub user: UserId,
+    /// Its device.
     pub device: DeviceId,
+    /// When the token expires (Unix ms).
     pub expires_at_ms: u64,
 }
 
+/// Why an access token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokenError {
+    /// Token is malformed.
     #[error("token is malformed")]
     Malformed,
+    /// Token signature is invalid.
     #[error("token signature is invalid")]
     BadSignature,
+    /// Token has expired.
     #[error("token has expired")]
     Expired,
 }
 
+/// Why the token signing key could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
+    /// Auth.token_key is not valid base64.
     #[error("auth.token_key is not valid base64: {0}")]
     Base64(String),
+    /// Auth.token_key must be at least … bytes, got ….
     #[error("auth.token_key must be at least {MIN_KEY_BYTES} bytes, got {0}")]
     TooShort(usize),
+    /// Token key file ….
     #[error("token key file {path}: {source}")]
-    File { path: String, source: std::io::Error },
+    File {
+        /// The key file.
+        path: String,
+        /// Why it could not be read or written.
+        source: std::io::Error,
+    },
 }
 
 /// Signs and verifies access tokens.
@@ -68,6 +84,7 @@ impl std::fmt::Debug for TokenSigner {
 }
 
 impl TokenSigner {
+    /// A signer with `key` (at least 32 bytes).
     pub fn new(key: Vec<u8>) -> Result<Self, KeyError> {
         if key.len() < MIN_KEY_BYTES {
             return Err(KeyError::TooShort(key.len()));
@@ -108,6 +125,7 @@ impl TokenSigner {
         }
     }
 
+    /// An access token for `claims`.
     pub fn sign(&self, claims: Claims) -> String {
         let mut payload = [0u8; PAYLOAD_BYTES];
         payload[..8].copy_from_slice(&claims.user.get().to_be_bytes());
@@ -117,6 +135,7 @@ impl TokenSigner {
         format!("{ACCESS_PREFIX}{}.{}", B64.encode(payload), B64.encode(mac))
     }
 
+    /// The claims of `token` if its signature holds and it has not expired at `now_ms`.
     pub fn verify(&self, token: &str, now_ms: u64) -> Result<Claims, TokenError> {
         if token.len() > MAX_TOKEN_CHARS {
             return Err(TokenError::Malformed);

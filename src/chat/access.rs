@@ -16,7 +16,10 @@ pub enum Access {
     /// A member: everything.
     Member,
     /// A former group member: history up to `left_seq`.
-    Former { left_seq: Seq },
+    Former {
+        /// The seq of the message that removed it (or that it sent to leave).
+        left_seq: Seq,
+    },
 }
 
 /// The refusal for a user who is not (or never was) a member.

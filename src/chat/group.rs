@@ -28,6 +28,7 @@ pub struct GroupState {
 }
 
 impl GroupState {
+    /// A group as loaded from the store.
     pub fn from_record(record: GroupRecord) -> Self {
         let mut state = Self {
             title: record.title,
@@ -65,10 +66,12 @@ impl GroupState {
         state
     }
 
+    /// Its title.
     pub fn title(&self) -> &str {
         &self.title
     }
 
+    /// `user`'s role, if a member.
     pub fn role(&self, user: UserId) -> Option<Role> {
         self.members.get(&user).copied()
     }

@@ -32,22 +32,34 @@ use confab_protocol::{ErrorCode, ErrorKind, push_frame};
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ChatError {
+    /// No such user in this conversation.
     #[error("no such user in this conversation")]
     UnknownUser,
+    /// ….
     #[error("{0}")]
     Forbidden(&'static str),
+    /// ….
     #[error("{0}")]
     BadRequest(&'static str),
+    /// A group has at most … members.
     #[error("a group has at most {max} members")]
-    TooManyMembers { max: usize },
+    TooManyMembers {
+        /// The most a group may have.
+        max: usize,
+    },
+    /// The group already exists.
     #[error("the group already exists")]
     AlreadyExists,
+    /// No such message.
     #[error("no such message")]
     UnknownMessage,
+    /// The server is overloaded; retry later.
     #[error("the server is overloaded; retry later")]
     Overloaded,
+    /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A `StoreError`, passed on.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -79,13 +91,18 @@ impl ErrorKind for StoreError {
 /// What the sender hears back once its message is durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendAck {
+    /// The conversation.
     pub conversation: confab_protocol::ids::ConversationId,
+    /// The message's seq.
     pub seq: confab_protocol::ids::Seq,
+    /// When the owner sequenced it (Unix ms).
     pub server_time_ms: u64,
+    /// The sender's idempotency key.
     pub client_msg_id: String,
 }
 
 impl SendAck {
+    /// The ack of a stored message.
     pub fn of(record: &MessageRecord) -> Self {
         Self {
             conversation: record.conversation,
@@ -95,6 +112,7 @@ impl SendAck {
         }
     }
 
+    /// Its protocol form.
     pub fn into_proto(self) -> v1::SendAck {
         v1::SendAck {
             conversation_id: self.conversation.to_string(),

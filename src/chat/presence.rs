@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 /// What subscribers of `user` are told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Presence {
+    /// Whether the user has a session anywhere.
     pub online: bool,
     /// When the user was last connected (ms since the epoch); 0 if never seen.
     pub last_seen_ms: u64,
@@ -26,8 +27,11 @@ pub struct Presence {
 /// A presence change to push to subscribers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Update<S> {
+    /// Whose presence changed.
     pub user: UserId,
+    /// The presence now.
     pub presence: Presence,
+    /// Who is told.
     pub subscribers: Vec<S>,
 }
 
@@ -43,6 +47,7 @@ struct Entry<S> {
     subscribers: HashSet<S>,
 }
 
+/// Presence of the users whose home a shard is: grace periods, rate limits, subscribers.
 #[derive(Debug)]
 pub struct PresenceTracker<S> {
     users: HashMap<UserId, Entry<S>>,
@@ -51,6 +56,7 @@ pub struct PresenceTracker<S> {
 }
 
 impl<S: Clone + Eq + Hash> PresenceTracker<S> {
+    /// A tracker that waits `grace` before reporting a disconnect and reports a user at most once per `min_interval`.
     pub fn new(grace: Duration, min_interval: Duration) -> Self {
         Self {
             users: HashMap::new(),
@@ -101,6 +107,7 @@ impl<S: Clone + Eq + Hash> PresenceTracker<S> {
         entry.presence
     }
 
+    /// Ends `subscriber`'s subscription to `user`.
     pub fn unsubscribe(&mut self, user: UserId, subscriber: &S) {
         self.unsubscribe_where(user, |candidate| candidate == subscriber);
     }

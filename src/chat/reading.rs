@@ -32,9 +32,11 @@ const PREVIEW_CHARS: usize = 200;
 /// What a device missed, ready to send.
 #[derive(Debug)]
 pub struct CatchUp {
+    /// The conversations, most recently active first.
     pub conversations: Vec<v1::ConversationState>,
     /// The device's cursors once it has everything in `conversations`.
     pub cursors: Cursors,
+    /// More remain: the device should ask again.
     pub has_more: bool,
 }
 

@@ -32,10 +32,12 @@ use std::sync::Arc;
 /// An append with its seq assigned, ready to commit.
 #[derive(Debug)]
 pub struct Assigned<R> {
+    /// The message, with its seq.
     pub record: MessageRecord,
     /// Who receives it: the conversation's members as of this message (a removed
     /// or leaving member still receives its own removal).
     pub recipients: Arc<[UserId]>,
+    /// Whom to answer.
     pub reply: R,
 }
 
@@ -53,7 +55,9 @@ pub enum Admission<R> {
 /// A lookup the caller performs for the sequencer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
+    /// The conversation to look up.
     pub conversation: ConversationId,
+    /// The send keys to look up.
     pub keys: Vec<SendKey>,
     /// Messages that edits and deletes among the appends target: read them.
     pub targets: Vec<Seq>,
@@ -82,19 +86,32 @@ pub enum Outcome<R> {
     Assigned(Assigned<R>),
     /// Already stored: answer with the original seq.
     Duplicate {
+        /// The conversation.
         conversation: ConversationId,
+        /// The sender's idempotency key.
         client_msg_id: String,
+        /// What the original was stored as.
         stored: StoredSend,
+        /// Whom to answer.
         reply: R,
     },
     /// Not allowed: answer with the error.
-    Refused { error: ChatError, reply: R },
+    Refused {
+        /// Why.
+        error: ChatError,
+        /// Whom to tell.
+        reply: R,
+    },
 }
 
+/// What a sequencer admits and keeps.
 #[derive(Debug, Clone, Copy)]
 pub struct SequencerLimits {
+    /// Appends waiting for a check or a commit, at most; beyond, `Overloaded`.
     pub max_pending: usize,
+    /// Conversations kept in memory, at most; idle ones are forgotten first.
     pub max_cached: usize,
+    /// Members a group may have.
     pub max_group_members: usize,
 }
 
@@ -233,6 +250,7 @@ impl<R> Conversation<R> {
     }
 }
 
+/// Gap-free, idempotent sequencing of the conversations one shard owns.
 #[derive(Debug)]
 pub struct Sequencer<R> {
     conversations: HashMap<ConversationId, Conversation<R>>,
@@ -241,6 +259,7 @@ pub struct Sequencer<R> {
 }
 
 impl<R> Sequencer<R> {
+    /// An empty sequencer.
     pub fn new(limits: SequencerLimits) -> Self {
         Self {
             conversations: HashMap::new(),
@@ -254,6 +273,7 @@ impl<R> Sequencer<R> {
         self.conversations.get(&id)?.group.as_ref().map(GroupState::recipients)
     }
 
+    /// Takes an append: queued, to be checked first, or refused as overload.
     pub fn submit(&mut self, append: Append, reply: R) -> Admission<R> {
         if self.pending >= self.limits.max_pending {
             return Admission::Overloaded(append, reply);

@@ -17,6 +17,7 @@ use confab_protocol::ids::Seq;
 /// One conversation to report, and which of its messages to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Planned {
+    /// The conversation's head as stored.
     pub head: ConversationHead,
     /// Read messages after this seq...
     pub after: Seq,
@@ -27,6 +28,7 @@ pub struct Planned {
 /// What a sync sends: the changed conversations, most recently active first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
+    /// The conversations to report.
     pub conversations: Vec<Planned>,
     /// Changed conversations left out (over `max_conversations`) or messages left
     /// unread (over `max_messages`): the device should sync again.

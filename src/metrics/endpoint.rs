@@ -30,7 +30,9 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// A running scrape endpoint.
 #[derive(Debug)]
 pub struct Endpoint {
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// The thread serving it.
     pub thread: std::thread::JoinHandle<()>,
 }
 

@@ -50,12 +50,19 @@ pub fn install() -> Result<PrometheusHandle, String> {
 /// The timings of the stages of a send, as handles kept by one shard.
 #[derive(Debug, Clone)]
 pub struct SendStages {
+    /// From frame decoded to at the owner.
     pub to_owner: Histogram,
+    /// From at the owner to sequenced.
     pub sequenced: Histogram,
+    /// From sequenced to committed.
     pub committed: Histogram,
+    /// From committed to written to a recipient's queue.
     pub delivered: Histogram,
+    /// From frame decoded to acked.
     pub acked: Histogram,
+    /// How long a store commit takes.
     pub store_commit: Histogram,
+    /// Messages per store commit.
     pub store_commit_messages: Histogram,
     /// The owner's look-up before sequencing: earlier sends with the same ids
     /// (and, on first use, where the conversation's seqs continue). It runs on
@@ -64,6 +71,7 @@ pub struct SendStages {
 }
 
 impl SendStages {
+    /// The stage histograms, registered with the recorder (no-ops without one).
     pub fn new() -> Self {
         let stage = |name: &'static str| histogram!("confab_send_stage_seconds", "stage" => name);
         Self {

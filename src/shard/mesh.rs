@@ -142,6 +142,7 @@ impl Mesh {
         (Self { shards: senders.into() }, receivers)
     }
 
+    /// How many shards the node runs.
     pub fn shard_count(&self) -> usize {
         self.shards.len()
     }

@@ -52,15 +52,20 @@ use tokio_util::task::TaskTracker;
 /// Directory entries are one bit per shard in a `u64`.
 pub const MAX_SHARDS: usize = 64;
 
+/// A shard's index, 0 up to the node's shard count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ShardId(pub usize);
 
 /// What every shard of a node shares: thread-safe handles only.
 #[derive(Debug, Clone)]
 pub struct NodeContext {
+    /// The node's configuration.
     pub config: Arc<Config>,
+    /// The node's store.
     pub store: Arc<dyn Store>,
+    /// The node's accounts.
     pub accounts: Accounts,
+    /// The channels between shards.
     pub mesh: Mesh,
     /// Connection slots, node-wide and per source address.
     pub admission: Admission,
@@ -109,11 +114,17 @@ pub struct Shard {
 /// Everything a shard thread needs to start.
 #[derive(Debug)]
 pub struct ShardStart {
+    /// This shard's index.
     pub id: ShardId,
+    /// What every shard shares.
     pub context: NodeContext,
+    /// The shard's single-threaded runtime.
     pub runtime: tokio::runtime::Runtime,
+    /// Its share of the listeners.
     pub listeners: Listeners,
+    /// Messages from other shards.
     pub mailbox: mpsc::Receiver<ShardMsg>,
+    /// The core to pin the thread to, if pinning.
     pub core: Option<core_affinity::CoreId>,
     /// Answered once this shard's connections have all ended.
     pub drained: oneshot::Sender<()>,
@@ -122,7 +133,9 @@ pub struct ShardStart {
 /// A shard's share of the node's listeners, registered with its runtime.
 #[derive(Debug)]
 pub struct Listeners {
+    /// TCP, always.
     pub tcp: tokio::net::TcpListener,
+    /// WebSocket, when on.
     pub websocket: Option<tokio::net::TcpListener>,
     /// QUIC sessions the node's endpoint hands to this shard.
     pub quic: Option<mpsc::Receiver<crate::transport::quic::Handoff>>,

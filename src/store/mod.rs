@@ -37,29 +37,40 @@ pub fn open(config: &crate::Config) -> Result<std::sync::Arc<dyn Store>, StoreEr
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// Username is already taken.
     #[error("username is already taken")]
     UsernameTaken,
+    /// A record does not decode or breaks an invariant.
     #[error("stored record is corrupt: {what}{}", Because(.cause))]
     Corrupt {
+        /// What was being read.
         what: String,
+        /// The decoder's error, if any.
         #[source]
         cause: Option<Cause>,
     },
+    /// Storage I/O failed.
     #[error("storage I/O failed: {what}{}", Because(.cause))]
     Io {
+        /// What was being done.
         what: String,
+        /// The error underneath, if any.
         #[source]
         cause: Option<Cause>,
     },
+    /// The store stopped accepting writes after an earlier failure.
     #[error("the store stopped accepting writes after an earlier failure")]
     Poisoned,
+    /// The store is shut down.
     #[error("the store is shut down")]
     Closed,
     /// The database did not confirm the operation (unreachable, timed out, too few
     /// replicas); nothing acknowledged was lost, and a retry may succeed.
     #[error("the database is unavailable: {what}{}", Because(.cause))]
     Unavailable {
+        /// What could not be confirmed.
         what: String,
+        /// The driver's error, if any.
         #[source]
         cause: Option<Cause>,
     },
@@ -136,18 +147,22 @@ impl StoreError {
 /// A page of history, in ascending seq order.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HistoryPage {
+    /// The messages, ascending by seq.
     pub messages: Vec<MessageRecord>,
     /// More messages exist beyond this page in the direction of the range.
     pub has_more: bool,
 }
 
+/// Durable state: users, devices, conversation history, groups, marks. Every backend keeps this contract (tests/it/store.rs).
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Creates a user with a fresh id; fails with [`StoreError::UsernameTaken`].
     async fn create_user(&self, user: NewUser) -> Result<UserRecord, StoreError>;
 
+    /// The user named `username`.
     async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError>;
 
+    /// The user with id `id`.
     async fn user_by_id(&self, id: UserId) -> Result<Option<UserRecord>, StoreError>;
 
     /// Which of `ids` name no user.
@@ -156,6 +171,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Creates or replaces a device.
     async fn put_device(&self, device: DeviceRecord) -> Result<(), StoreError>;
 
+    /// `user`'s device `device`.
     async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
 
     /// A device and its user, in one read; `None` unless both exist.
@@ -252,6 +268,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Highest stored seq of a conversation, 0 when it has none.
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError>;
 
+    /// A page of `conversation`'s history.
     async fn history(
         &self,
         conversation: ConversationId,

@@ -11,28 +11,40 @@ pub struct NewUser {
     pub username: String,
     /// PHC string (argon2id); never the password.
     pub password_hash: String,
+    /// When the user signed up (Unix ms).
     pub created_at_ms: u64,
 }
 
+/// A stored user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
+    /// Its id.
     pub id: UserId,
+    /// Its normalised name.
     pub username: String,
+    /// PHC string (argon2id); never the password.
     pub password_hash: String,
+    /// When it signed up (Unix ms).
     pub created_at_ms: u64,
 }
 
+/// A stored device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceRecord {
+    /// Its user.
     pub user: UserId,
+    /// Its id.
     pub id: DeviceId,
+    /// Its display name.
     pub name: String,
     /// SHA-256 of the current refresh secret.
     pub refresh_hash: [u8; 32],
     /// SHA-256 of the refresh secret it replaced (zeros: none): presenting that
     /// one again means the token was copied, and the device is logged out.
     pub previous_refresh_hash: [u8; 32],
+    /// When its refresh token expires (Unix ms).
     pub refresh_expires_at_ms: u64,
+    /// When it logged in first (Unix ms).
     pub created_at_ms: u64,
     /// When it last logged in or refreshed.
     pub refreshed_at_ms: u64,
@@ -43,23 +55,36 @@ pub struct DeviceRecord {
 /// device logged out meanwhile stays out).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rotation {
+    /// The device's user.
     pub user: UserId,
+    /// The device.
     pub device: DeviceId,
+    /// The refresh hash it must still have.
     pub expected: [u8; 32],
+    /// The new refresh hash.
     pub refresh_hash: [u8; 32],
+    /// When the new refresh token expires (Unix ms).
     pub refresh_expires_at_ms: u64,
+    /// When this refresh happened (Unix ms).
     pub refreshed_at_ms: u64,
 }
 
+/// A stored message, or a system message of a group change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageRecord {
+    /// Its conversation.
     pub conversation: ConversationId,
+    /// Its seq there.
     pub seq: Seq,
+    /// Who sent it.
     pub sender: UserId,
+    /// From which device.
     pub sender_device: DeviceId,
+    /// The sender's idempotency key.
     pub client_msg_id: String,
     /// Empty for a system message.
     pub body: String,
+    /// When the owner sequenced it (Unix ms).
     pub server_time_ms: u64,
     /// Set for a system message.
     pub event: Option<GroupEvent>,
@@ -76,13 +101,16 @@ pub struct MessageRecord {
 pub enum Amendment {
     /// The body of this message replaces the target's.
     Edit(Seq),
+    /// This message deletes the target.
     Delete(Seq),
 }
 
 /// What a send was stored as: its answer to a retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoredSend {
+    /// Its seq.
     pub seq: Seq,
+    /// When it was sequenced (Unix ms).
     pub server_time_ms: u64,
 }
 
@@ -91,16 +119,23 @@ pub struct StoredSend {
 pub enum GroupEvent {
     /// The sender created the group and owns it; `members` includes the owner.
     Created {
+        /// The group's title.
         title: String,
+        /// Its members, the owner included.
         members: Vec<UserId>,
     },
+    /// These users joined.
     MembersAdded(Vec<UserId>),
+    /// This user was removed.
     MemberRemoved(UserId),
     /// The sender left; when it was the owner, `new_owner` owns the group now.
     MemberLeft {
+        /// The owner (the sender's heir when it was the owner).
         new_owner: Option<UserId>,
     },
+    /// The group has this title now.
     Renamed(String),
+    /// This user has this role now.
     RoleChanged(UserId, Role),
 }
 
@@ -139,13 +174,16 @@ impl GroupEvent {
 /// A group as stored: its title and current members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupRecord {
+    /// Its title.
     pub title: String,
+    /// Its current members and their roles.
     pub members: Vec<(UserId, Role)>,
 }
 
 /// One user's membership of a group, current or past.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemberRecord {
+    /// The role it has (or had).
     pub role: Role,
     /// Seq of the system message that removed the user (or that it sent to
     /// leave); `None` while a member. A former member may read history up to it.
@@ -204,6 +242,7 @@ impl GroupEvent {
 /// Where one of a user's conversations stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationHead {
+    /// The conversation.
     pub conversation: ConversationId,
     /// Highest seq the user may see: the conversation's last seq, or for a former
     /// group member the seq that removed it.

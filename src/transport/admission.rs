@@ -47,6 +47,7 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// Why, for the log and the peer.
     pub fn reason(self) -> &'static str {
         match self {
             Self::NodeFull => "the server is at its connection limit; retry later",
@@ -114,6 +115,7 @@ impl Admission {
         max_connections.min(descriptors.saturating_sub(reserved))
     }
 
+    /// Connections the node takes at most (the lower of the configured limit and what the open-files limit leaves).
     pub fn max_total(&self) -> usize {
         self.0.max_total
     }

@@ -41,6 +41,7 @@ pub trait Handler: 'static {
 pub struct Context<H> {
     /// Where accepted connections go.
     pub handler: Rc<H>,
+    /// The largest frame either side may send.
     pub max_frame_bytes: usize,
     /// TLS, WebSocket upgrade and QUIC session stream, each.
     pub handshake_timeout: Duration,
@@ -66,14 +67,20 @@ pub struct Context<H> {
 /// What a [`Context`] is made of besides the node's config.
 #[derive(Debug)]
 pub struct Parts {
+    /// TLS for TCP and WebSocket, when on.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The node's connection slots.
     pub admission: Admission,
+    /// The node's accounts.
     pub accounts: Accounts,
+    /// The node's drain signal.
     pub drain: CancellationToken,
+    /// The shard's connection tasks.
     pub connections: TaskTracker,
 }
 
 impl<H: Handler> Context<H> {
+    /// A context for `handler`'s shard from the node's config.
     pub fn new(handler: Rc<H>, config: &Config, parts: Parts) -> Self {
         let protocol = &config.protocol;
         Self {
@@ -108,8 +115,10 @@ impl<H: Handler> Context<H> {
 /// Why a transport could not produce the next frame.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
+    /// A `FrameError`, passed on.
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// Read failed.
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
     /// Transport-level input the protocol has no meaning for (a WebSocket text message).

@@ -103,6 +103,7 @@ pub enum Refused {
 /// How much one queue holds.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
+    /// Frames queued for one connection at most.
     pub frames: usize,
     /// Bytes of all frames queued.
     pub bytes: usize,

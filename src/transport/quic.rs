@@ -111,6 +111,7 @@ impl QuicListener {
         }
     }
 
+    /// The endpoint's address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
     }

@@ -55,6 +55,7 @@ pub struct StreamFrames<R> {
 }
 
 impl<R> StreamFrames<R> {
+    /// Frames read from `read`, each at most `max_frame_bytes`.
     pub fn new(read: R, max_frame_bytes: usize) -> Self {
         Self {
             read,

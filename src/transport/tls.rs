@@ -27,15 +27,28 @@ pub const QUIC_ALPN: &[u8] = b"confab/1";
 /// QUIC sessions remembered for 0-RTT resumption (a few hundred bytes each).
 const QUIC_SESSION_CACHE: usize = 16 * 1024;
 
+/// Why the TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
+    /// Reading ….
     #[error("reading {path}: {message}")]
-    Pem { path: String, message: String },
+    Pem {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// … holds no certificate.
     #[error("{path} holds no certificate")]
-    NoCertificate { path: String },
+    NoCertificate {
+        /// The file.
+        path: String,
+    },
+    /// Generating a self-signed certificate.
     #[error("generating a self-signed certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    /// Certificate and key do not make a TLS config.
     #[error("certificate and key do not make a TLS config: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -99,6 +112,7 @@ impl Identity {
         Ok(Self::new(vec![generated.cert.der().clone()], key))
     }
 
+    /// The certificate chain and key in two PEM files.
     pub fn from_files(cert_file: &Path, key_file: &Path) -> Result<Self, TlsError> {
         let pem_error = |path: &Path| {
             let path = path.display().to_string();
@@ -129,6 +143,7 @@ impl Identity {
         }
     }
 
+    /// The SHA-256 of the certificate (hex), for clients that pin it.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }

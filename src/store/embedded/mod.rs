@@ -89,6 +89,7 @@ const MAX_JOURNALING_BYTES: u64 = 128 * 1024 * 1024;
 /// Jobs queued for the writer before `append_messages` and friends wait.
 const WRITE_QUEUE: usize = 16 * 1024;
 
+/// The embedded store: fjall on local disk; cheap to share.
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
     /// The writer, for the thread and for appends committed in place.
