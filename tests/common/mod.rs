@@ -100,27 +100,9 @@ fn cassandra_keyspace() -> &'static str {
 
 /// Nodes start one at a time against Cassandra, so only the first one of a
 /// process creates the keyspace.
-///
-/// A Cassandra node on a loaded test machine may stop answering for a while
-/// (the driver then reports a keepalive timeout while the node applies the
-/// schema): a start that fails on the store is tried again, with a short
-/// backoff, until a deadline, as a supervisor would restart the node.
 pub fn start_server(config: Config) -> Server {
     let _one_at_a_time = STARTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        match Server::start(config.clone()) {
-            Ok(server) => return server,
-            Err(confab::StartError::Store(err))
-                if config.store.backend == confab::config::StoreBackend::Cassandra
-                    && std::time::Instant::now() < deadline =>
-            {
-                eprintln!("starting a node on Cassandra failed, trying again: {err}");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(err) => panic!("starting a node failed: {err}"),
-        }
-    }
+    Server::start(config).unwrap()
 }
 
 /// The store `config` names, opened one at a time like nodes.
