@@ -1,14 +1,17 @@
 //! The owner's store reads before it sequences: the idempotency lookup (is
-//! this append a retry of one already stored?) and what a conversation's first
-//! use needs. The sequencer says what to read ([`Check`]); this reads it.
+//! this append a retry of one already stored?), the stored ids of devices the
+//! owner starts remembering, and what a conversation's first use needs. The
+//! sequencer says what to read ([`Check`]); this reads it.
 
 use super::ChatError;
+use super::sent::MAX_PER_SET;
 use super::sequencer::{Check, CheckResult};
 use crate::store::Store;
 use confab_protocol::ids::ConversationId;
 
 /// Reads what the sequencer's `check` asks for: the sends already stored under
 /// the queued appends' keys since `since_ms` (the deduplication window), the
+/// ids the devices to load stored sends under, the
 /// messages edits and deletes target, and, on a conversation's first use, where
 /// its seqs continue, its group, and that a direct conversation's users exist.
 pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<CheckResult, ChatError> {
@@ -27,7 +30,15 @@ pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<Ch
         }
         last_seq = Some(store.last_seq(check.conversation).await?);
     }
-    let stored = store.find_sends(check.conversation, check.keys, since_ms).await?;
+    let mut loaded = Vec::with_capacity(check.load.len());
+    for device in check.load {
+        let ids = store.sent_ids(check.conversation, device, MAX_PER_SET).await?;
+        loaded.push((device, ids));
+    }
+    let stored = match check.keys.is_empty() {
+        true => Default::default(),
+        false => store.find_sends(check.conversation, check.keys, since_ms).await?,
+    };
     let targets = match check.targets.is_empty() {
         true => Default::default(),
         false => store.messages_at(check.conversation, check.targets).await?,
@@ -36,6 +47,7 @@ pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<Ch
         last_seq,
         group,
         stored,
+        loaded,
         targets,
     })
 }

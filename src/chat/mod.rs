@@ -10,6 +10,7 @@ mod group;
 mod lookup;
 mod presence;
 mod reading;
+mod sent;
 mod sequencer;
 mod signals;
 mod sync;

@@ -10,21 +10,25 @@
 //!
 //! Keys of appends assigned but not yet committed are kept in memory: a retry that
 //! arrives meanwhile joins the original and gets the same ack. Once committed, the
-//! key is in the store (written in the same batch as the message), so memory holds
-//! only what is in flight.
+//! key is in the store (written in the same batch as the message), and in the
+//! conversation's [`Sent`] sets: once a device's stored ids are loaded, its new
+//! keys are answered from memory, and a check that has nothing left to read
+//! needs no store at all ([`Check::needs_store`]).
 //!
 //! Limits: at most `max_pending` appends waiting for a check or a commit (beyond it
-//! callers are told to back off), and at most `max_cached` conversations kept; an
-//! idle one is forgotten first, which is safe because its next seq can be read back
-//! from the store.
+//! callers are told to back off), at most `max_cached` conversations kept (an
+//! idle one is forgotten first, which is safe because its next seq can be read
+//! back from the store), and at most `max_sent_records` send records in memory
+//! (beyond, the loaded sets are dropped and reload on use).
 //!
 //! Generic over the reply handle `R`, so it is tested without channels.
 
 use super::ChatError;
 use super::access::NOT_A_MEMBER;
 use super::group::GroupState;
+use super::sent::{Answer, Sent};
 use crate::store::{Amendment, GroupEvent, GroupRecord, MessageRecord, StoredSend};
-use confab_protocol::ids::{ConversationId, Seq, UserId};
+use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
 use confab_protocol::{Append, Content, GroupCommand, SendKey};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -57,13 +61,23 @@ pub enum Admission<R> {
 pub struct Check {
     /// The conversation to look up.
     pub conversation: ConversationId,
-    /// The send keys to look up.
+    /// The send keys memory cannot answer for: look them up.
     pub keys: Vec<SendKey>,
+    /// Devices whose stored ids to read ([`crate::store::Store::sent_ids`]), so
+    /// their next keys are answered from memory.
+    pub load: Vec<DeviceId>,
     /// Messages that edits and deletes among the appends target: read them.
     pub targets: Vec<Seq>,
     /// The conversation is not loaded: also read its last seq, check a direct
     /// conversation's members exist, and load a group.
     pub first_use: bool,
+}
+
+impl Check {
+    /// Whether anything is left to read; if not, report an empty result.
+    pub fn needs_store(&self) -> bool {
+        self.first_use || !self.keys.is_empty() || !self.load.is_empty() || !self.targets.is_empty()
+    }
 }
 
 /// What a check found.
@@ -75,6 +89,9 @@ pub struct CheckResult {
     pub group: Option<GroupRecord>,
     /// Keys already stored, with what they were stored as.
     pub stored: HashMap<SendKey, StoredSend>,
+    /// The ids each of `Check::load` stored, or `None` if the store cannot list
+    /// them all.
+    pub loaded: Vec<(DeviceId, Option<Vec<String>>)>,
     /// The stored messages among `Check::targets`.
     pub targets: HashMap<Seq, MessageRecord>,
 }
@@ -113,6 +130,10 @@ pub struct SequencerLimits {
     pub max_cached: usize,
     /// Members a group may have.
     pub max_group_members: usize,
+    /// Send records kept in memory across conversations, at most.
+    pub max_sent_records: usize,
+    /// How long a send key stays taken (the dedup window).
+    pub dedup_window_ms: u64,
 }
 
 #[derive(Debug)]
@@ -130,6 +151,8 @@ struct Conversation<R> {
     /// Messages deleted since the conversation was loaded (the store may not have
     /// committed the delete when a later check reads it).
     deleted: HashSet<Seq>,
+    /// What its devices have sent, as far as memory knows.
+    sent: Sent,
 }
 
 impl<R> Conversation<R> {
@@ -141,6 +164,7 @@ impl<R> Conversation<R> {
             in_flight: HashMap::new(),
             group: None,
             deleted: HashSet::new(),
+            sent: Sent::default(),
         }
     }
 
@@ -237,9 +261,16 @@ impl<R> Conversation<R> {
             return None;
         }
         self.checking = self.queue.len();
+        let keys: Vec<SendKey> = self
+            .queue
+            .iter()
+            .map(|(append, _)| append.key())
+            .filter(|key| self.sent.answer(key) == Answer::AskStore)
+            .collect();
         Some(Check {
             conversation,
-            keys: self.queue.iter().map(|(append, _)| append.key()).collect(),
+            load: self.sent.start_loads(&keys),
+            keys,
             targets: self
                 .queue
                 .iter()
@@ -255,6 +286,8 @@ impl<R> Conversation<R> {
 pub struct Sequencer<R> {
     conversations: HashMap<ConversationId, Conversation<R>>,
     pending: usize,
+    /// Send records held by all conversations' [`Sent`] sets.
+    sent_records: usize,
     limits: SequencerLimits,
 }
 
@@ -264,6 +297,7 @@ impl<R> Sequencer<R> {
         Self {
             conversations: HashMap::new(),
             pending: 0,
+            sent_records: 0,
             limits,
         }
     }
@@ -298,9 +332,15 @@ impl<R> Sequencer<R> {
     pub fn checked(
         &mut self,
         id: ConversationId,
-        result: CheckResult,
+        mut result: CheckResult,
         now_ms: u64,
     ) -> (Vec<Outcome<R>>, Option<Check>) {
+        let loaded = std::mem::take(&mut result.loaded);
+        self.change_sent(id, |sent| {
+            for (device, ids) in loaded {
+                sent.loaded(device, ids);
+            }
+        });
         let Some(conversation) = self.conversations.get_mut(&id) else {
             return (Vec::new(), None);
         };
@@ -318,14 +358,19 @@ impl<R> Sequencer<R> {
         conversation.checking = 0;
         let mut outcomes = Vec::with_capacity(covered);
         let queued: Vec<_> = conversation.queue.drain(..covered).collect();
+        let since_ms = now_ms.saturating_sub(self.limits.dedup_window_ms);
         for (append, reply) in queued {
             let key = append.key();
-            if let Some(stored) = result.stored.get(&key) {
+            let remembered = match conversation.sent.answer(&key) {
+                Answer::Stored(stored) if stored.server_time_ms >= since_ms => Some(stored),
+                Answer::Stored(_) | Answer::New | Answer::AskStore => None,
+            };
+            if let Some(stored) = result.stored.get(&key).copied().or(remembered) {
                 self.pending -= 1;
                 outcomes.push(Outcome::Duplicate {
                     conversation: id,
                     client_msg_id: append.client_msg_id,
-                    stored: *stored,
+                    stored,
                     reply,
                 });
             } else if let Some(waiters) = conversation.in_flight.get_mut(&key) {
@@ -354,6 +399,7 @@ impl<R> Sequencer<R> {
     /// A check failed: hands back everything it covered, to be refused. Queued
     /// appends it did not cover get a check of their own.
     pub fn check_failed(&mut self, id: ConversationId) -> (Vec<(Append, R)>, Option<Check>) {
+        self.change_sent(id, Sent::load_failed);
         let Some(conversation) = self.conversations.get_mut(&id) else {
             return (Vec::new(), None);
         };
@@ -363,14 +409,15 @@ impl<R> Sequencer<R> {
         self.pending -= refused.len();
         let next = conversation.start_check(id);
         if next.is_none() && conversation.next_seq.is_none() && conversation.in_flight.is_empty() {
-            self.conversations.remove(&id);
+            self.forget(id);
         }
         (refused, next)
     }
 
-    /// The append `key` of `id` is durable: returns the retries that joined it, to
-    /// be answered with the same ack.
-    pub fn committed(&mut self, id: ConversationId, key: &SendKey) -> Vec<R> {
+    /// The append `key` of `id` is durable, `stored` so: returns the retries that
+    /// joined it, to be answered with the same ack.
+    pub fn committed(&mut self, id: ConversationId, key: &SendKey, stored: StoredSend) -> Vec<R> {
+        self.change_sent(id, |sent| sent.record(key, stored));
         let joined = self.finish(id, key);
         self.evict_idle();
         joined
@@ -383,15 +430,43 @@ impl<R> Sequencer<R> {
     /// after a missing one, it would leave a gap.
     pub fn commit_failed(&mut self, id: ConversationId, key: &SendKey) -> Vec<R> {
         let joined = self.finish(id, key);
+        self.change_sent(id, Sent::clear);
         if let Some(conversation) = self.conversations.get_mut(&id) {
             conversation.next_seq = None;
             conversation.group = None;
             conversation.deleted.clear();
             if conversation.in_flight.is_empty() && conversation.queue.is_empty() {
-                self.conversations.remove(&id);
+                self.forget(id);
             }
         }
         joined
+    }
+
+    /// Applies `change` to the send records of `id`, keeping their count across
+    /// conversations within `max_sent_records`.
+    fn change_sent(&mut self, id: ConversationId, change: impl FnOnce(&mut Sent)) {
+        let Some(conversation) = self.conversations.get_mut(&id) else {
+            return;
+        };
+        let before = conversation.sent.entries();
+        change(&mut conversation.sent);
+        self.sent_records = self.sent_records - before + conversation.sent.entries();
+        if self.sent_records > self.limits.max_sent_records {
+            tracing::info!(
+                records = self.sent_records,
+                "send records in memory past their limit: dropping the loaded sets"
+            );
+            for conversation in self.conversations.values_mut() {
+                conversation.sent.shed();
+            }
+            self.sent_records = self.conversations.values().map(|c| c.sent.entries()).sum();
+        }
+    }
+
+    fn forget(&mut self, id: ConversationId) {
+        if let Some(conversation) = self.conversations.remove(&id) {
+            self.sent_records -= conversation.sent.entries();
+        }
     }
 
     fn finish(&mut self, id: ConversationId, key: &SendKey) -> Vec<R> {
@@ -417,7 +492,7 @@ impl<R> Sequencer<R> {
             .take(excess)
             .collect();
         for id in idle {
-            self.conversations.remove(&id);
+            self.forget(id);
         }
     }
 }
@@ -492,7 +567,21 @@ mod tests {
             max_pending,
             max_cached,
             max_group_members: 10,
+            max_sent_records: 1_000,
+            dedup_window_ms: u64::MAX,
         })
+    }
+
+    /// What a commit at `NOW_MS` stored.
+    fn stored(seq: Seq) -> StoredSend {
+        StoredSend {
+            seq,
+            server_time_ms: NOW_MS,
+        }
+    }
+
+    fn key(id: &str) -> SendKey {
+        (device(), id.to_owned())
     }
 
     fn loaded(last_seq: Seq) -> CheckResult {
@@ -590,8 +679,7 @@ mod tests {
         seq.checked(conversation(2), loaded(0), NOW_MS);
         // In flight: the retry needs no check and gets no seq of its own.
         assert!(matches!(seq.submit(append(2, "a"), 2), Admission::Queued));
-        let key = (device(), "a".to_owned());
-        assert_eq!(seq.committed(conversation(2), &key), vec![2]);
+        assert_eq!(seq.committed(conversation(2), &key("a"), stored(1)), vec![2]);
         assert_eq!(seq.pending, 0);
     }
 
@@ -606,7 +694,7 @@ mod tests {
         assert_eq!(next.unwrap().keys.len(), 2);
         let (outcomes, _) = seq.checked(conversation(2), CheckResult::default(), NOW_MS);
         assert_eq!(assigned(&outcomes), vec![(2, 2)]);
-        assert_eq!(seq.committed(conversation(2), &(device(), "c".to_owned())), vec![3]);
+        assert_eq!(seq.committed(conversation(2), &key("c"), stored(2)), vec![3]);
     }
 
     #[test]
@@ -663,13 +751,126 @@ mod tests {
         seq.checked(conversation(3), loaded(0), NOW_MS);
         // Both in flight: nothing may be evicted, whatever the cap says.
         assert_eq!(seq.conversations.len(), 2);
-        seq.committed(conversation(2), &(device(), "a".to_owned()));
+        seq.committed(conversation(2), &key("a"), stored(1));
         // Conversation 2 is idle now and over the cap: it is forgotten.
         assert_eq!(seq.conversations.len(), 1);
         let Admission::Check(check) = seq.submit(append(2, "b"), 3) else {
             panic!("expected a check");
         };
         assert!(check.first_use);
+    }
+
+    /// Reports a check that loaded `device` and found none of its ids stored.
+    fn loaded_nothing(last_seq: Seq) -> CheckResult {
+        CheckResult {
+            loaded: vec![(device(), Some(Vec::new()))],
+            ..loaded(last_seq)
+        }
+    }
+
+    #[test]
+    fn once_a_device_is_loaded_its_sends_are_answered_from_memory() {
+        let mut seq = sequencer(100, 100);
+        let Admission::Check(check) = seq.submit(append(2, "a"), 1) else {
+            panic!("expected a check");
+        };
+        assert_eq!(check.load, vec![device()]);
+        assert_eq!(check.keys, vec![key("a")], "the load does not vouch for what it finds");
+        assert_eq!(
+            assigned(&seq.checked(conversation(2), loaded_nothing(0), NOW_MS).0),
+            vec![(1, 1)]
+        );
+        // A new key of a loaded device: nothing to read.
+        let Admission::Check(check) = seq.submit(append(2, "b"), 2) else {
+            panic!("expected a check");
+        };
+        assert!(!check.needs_store(), "{check:?}");
+        assert_eq!(
+            assigned(&seq.checked(conversation(2), CheckResult::default(), NOW_MS).0),
+            vec![(2, 2)]
+        );
+        // A retry of a committed send: answered with the original, still without a read.
+        seq.committed(conversation(2), &key("a"), stored(1));
+        let Admission::Check(check) = seq.submit(append(2, "a"), 3) else {
+            panic!("expected a check");
+        };
+        assert!(!check.needs_store());
+        let (outcomes, _) = seq.checked(conversation(2), CheckResult::default(), NOW_MS);
+        let [
+            Outcome::Duplicate {
+                stored: original,
+                reply: 3,
+                ..
+            },
+        ] = outcomes.as_slice()
+        else {
+            panic!("expected a duplicate, got {outcomes:?}");
+        };
+        assert_eq!(*original, stored(1));
+    }
+
+    #[test]
+    fn a_send_past_the_dedup_window_is_new_again() {
+        let mut seq = Sequencer::new(SequencerLimits {
+            dedup_window_ms: 1_000,
+            ..sequencer(100, 100).limits
+        });
+        seq.submit(append(2, "a"), 1);
+        seq.checked(conversation(2), loaded_nothing(0), NOW_MS);
+        seq.committed(conversation(2), &key("a"), stored(1));
+        seq.submit(append(2, "a"), 2);
+        let (outcomes, _) = seq.checked(conversation(2), CheckResult::default(), NOW_MS + 1_001);
+        assert_eq!(assigned(&outcomes), vec![(2, 2)]);
+    }
+
+    #[test]
+    fn a_failed_commit_or_check_drops_what_memory_knew() {
+        let mut seq = sequencer(100, 100);
+        seq.submit(append(2, "a"), 1);
+        seq.checked(conversation(2), loaded_nothing(0), NOW_MS);
+        seq.submit(append(2, "b"), 2);
+        seq.commit_failed(conversation(2), &key("a"));
+        let (outcomes, next) = seq.checked(conversation(2), CheckResult::default(), NOW_MS);
+        assert!(outcomes.is_empty());
+        let next = next.unwrap();
+        assert_eq!(
+            next.load,
+            vec![device()],
+            "what the failed commit stored is unknown: reload"
+        );
+        assert!(next.first_use);
+        assert_eq!(seq.sent_records, 0);
+        // The load fails with the check: the next check loads again.
+        seq.check_failed(conversation(2));
+        let Admission::Check(check) = seq.submit(append(2, "c"), 3) else {
+            panic!("expected a check");
+        };
+        assert_eq!(check.load, vec![device()]);
+    }
+
+    #[test]
+    fn send_records_in_memory_are_bounded() {
+        let mut seq = Sequencer::new(SequencerLimits {
+            max_sent_records: 3,
+            ..sequencer(100, 100).limits
+        });
+        seq.submit(append(2, "a"), 1);
+        let result = CheckResult {
+            loaded: vec![(device(), Some(vec!["x".to_owned(), "y".to_owned()]))],
+            ..loaded(0)
+        };
+        seq.checked(conversation(2), result, NOW_MS);
+        assert_eq!(seq.sent_records, 2);
+        seq.committed(conversation(2), &key("a"), stored(1));
+        assert_eq!(seq.sent_records, 3);
+        seq.submit(append(3, "a"), 2);
+        seq.checked(conversation(3), loaded_nothing(0), NOW_MS);
+        seq.committed(conversation(3), &key("a"), stored(1));
+        assert_eq!(seq.sent_records, 0, "past the limit, the loaded sets go");
+        let Admission::Check(check) = seq.submit(append(2, "b"), 3) else {
+            panic!("expected a check");
+        };
+        assert_eq!(check.load, vec![device()]);
     }
 
     /// Gap-free and idempotent under every interleaving: two conversations (one
@@ -733,6 +934,22 @@ mod tests {
                             Some((key.clone(), StoredSend { seq, server_time_ms: 0 }))
                         })
                         .collect(),
+                    loaded: check
+                        .load
+                        .iter()
+                        .map(|device| {
+                            let ids = stored
+                                .map(|s| {
+                                    s.by_key
+                                        .keys()
+                                        .filter(|(d, _)| d == device)
+                                        .map(|(_, id)| id.clone())
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            (*device, Some(ids))
+                        })
+                        .collect(),
                     ..CheckResult::default()
                 };
                 let (outcomes, next) = seq.checked(check.conversation, result, NOW_MS);
@@ -786,7 +1003,17 @@ mod tests {
                         };
                         for (at, key, reply) in batch.into_iter().chain(later) {
                             let (joined, result) = match succeeded {
-                                true => (seq.committed(id, &key), Some(at)),
+                                true => (
+                                    seq.committed(
+                                        id,
+                                        &key,
+                                        StoredSend {
+                                            seq: at,
+                                            server_time_ms: 0,
+                                        },
+                                    ),
+                                    Some(at),
+                                ),
                                 false => (seq.commit_failed(id, &key), None),
                             };
                             for reply in std::iter::once(reply).chain(joined) {
@@ -805,7 +1032,15 @@ mod tests {
                 for (&id, queue) in assigned.iter_mut() {
                     for (at, key, reply) in queue.drain(..) {
                         store.entry(id).or_default().insert(at, &key, round);
-                        for reply in std::iter::once(reply).chain(seq.committed(id, &key)) {
+                        let joined = seq.committed(
+                            id,
+                            &key,
+                            StoredSend {
+                                seq: at,
+                                server_time_ms: 0,
+                            },
+                        );
+                        for reply in std::iter::once(reply).chain(joined) {
                             answer(&mut answers, reply, Some(at));
                         }
                     }

@@ -35,10 +35,11 @@
 //!
 //! One confab node writes a keyspace: its owner shards sequence every
 //! conversation, so what the node has read or written stays current in memory.
-//! Idempotency checks read `sends` once per (conversation, device) and then
-//! answer from the `sends` module's cache, which the writer keeps complete; heads and
-//! users' receipt watermarks, which only grow, are kept in `highest`
-//! caches, so a conversation list or sync reads only what the node has not seen.
+//! Idempotency checks read `sends` rows; the owner keeps what they say of a
+//! device ([`crate::store::Store::sent_ids`]) and asks only for keys it cannot
+//! answer. Heads and users' receipt watermarks, which only grow, are kept in
+//! `highest` caches, so a conversation list or sync reads only what the node
+//! has not seen.
 //!
 //! `user_activity` orders a user's conversations by the day of their last
 //! activity: the writer adds a conversation's row for each member on the first
@@ -55,7 +56,6 @@
 mod highest;
 mod reads;
 mod rows;
-mod sends;
 mod statements;
 mod writer;
 
@@ -72,7 +72,7 @@ use highest::Highest;
 use reads::read_all;
 pub use rows::bucket;
 use rows::day;
-use rows::{DeviceRow, by_device, corrupt, device_record, left, role_code, role_of, to_cql, unavailable, user_id};
+use rows::{DeviceRow, corrupt, device_record, left, role_code, role_of, to_cql, unavailable, user_id};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use statements::{Statements, consistency};
@@ -104,8 +104,6 @@ struct Inner {
     /// of that flush and when: their send records may be missing (see
     /// [`Inner::scan_sends`]).
     suspects: Mutex<HashMap<ConversationId, (Seq, std::time::Instant)>>,
-    /// Send records of this node's owners, so a check needs no read.
-    send_cache: sends::SendCache,
     /// Conversations' (last seq, last time) as last read or written here.
     known_heads: Highest<ConversationId, (Seq, u64)>,
     /// Users' receipt watermarks across their devices, as last read or written here.
@@ -236,7 +234,6 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
         request_timeout: config.request_timeout,
         send_ttl_s: i32::try_from(dedup_window.as_secs()).unwrap_or(i32::MAX).max(1),
         suspects: Mutex::default(),
-        send_cache: sends::SendCache::default(),
         known_heads: Highest::new(std::cmp::max),
         known_marks: Highest::new(Marks::merged),
         dedup_window,
@@ -400,21 +397,8 @@ impl Store for CassandraStore {
         keys: Vec<(DeviceId, String)>,
         since_ms: u64,
     ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError> {
-        // A new message, the common case, is answered here without a hop to the
-        // driver's runtime.
-        if self.inner.none_sent(conversation, &keys) {
-            return Ok(HashMap::new());
-        }
         self.read_on_driver(move |inner| async move {
-            let mut records: Vec<((DeviceId, String), StoredSend)> = Vec::new();
-            let mut uncached: Vec<(DeviceId, String)> = Vec::new();
-            for (device, ids) in by_device(&keys) {
-                match inner.cached_sends(conversation, device, &ids).await? {
-                    Some(found) => records.extend(found.into_iter().map(|(id, send)| ((device, id), send))),
-                    None => uncached.extend(ids.into_iter().map(|id| (device, id))),
-                }
-            }
-            records.extend(inner.read_sends(conversation, &uncached).await?);
+            let records = inner.read_sends(conversation, &keys).await?;
             // A send record counts only with its message: a failed flush may have
             // stored the record and not the message (then its seq may even hold
             // another message by now).
@@ -439,6 +423,29 @@ impl Store for CassandraStore {
                 .into_iter()
                 .filter_map(|key| sends.remove(&key).map(|send| (key, send)))
                 .collect())
+        })
+        .await
+    }
+
+    async fn sent_ids(
+        &self,
+        conversation: ConversationId,
+        device: DeviceId,
+        limit: usize,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        // After a failed flush a message row may have landed without its record.
+        if self.inner.suspect_from(conversation).is_some() {
+            return Ok(None);
+        }
+        self.read_on_driver(move |inner| async move {
+            let read_limit = i32::try_from(limit.saturating_add(1)).unwrap_or(i32::MAX);
+            let ids: Vec<(String,)> = inner
+                .rows(
+                    &inner.statements.device_sends,
+                    (conversation.to_string(), to_cql(device.get()), read_limit),
+                )
+                .await?;
+            Ok((ids.len() <= limit).then(|| ids.into_iter().map(|(id,)| id).collect()))
         })
         .await
     }
