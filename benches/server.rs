@@ -7,7 +7,7 @@ use confab::auth::{Claims, TokenSigner};
 use confab::chat::{Admission, CheckResult, Outcome, Sequencer, SequencerLimits};
 use confab::config::{Durability, StoreBackend, StoreConfig};
 use confab::store::embedded::EmbeddedStore;
-use confab::store::{MessageRecord, Store as _, StoredSend};
+use confab::store::{MessageRecord, MessageStore as _, StoredSend};
 use confab_protocol::ids::{ConversationId, DeviceId, UserId};
 use confab_protocol::{Append, Content};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};

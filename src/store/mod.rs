@@ -1,4 +1,9 @@
-//! Durable state behind one trait, [`Store`]: users, devices and conversation history.
+//! Durable state behind one trait, [`Store`]: users and devices
+//! ([`AccountStore`]), conversation history and send records ([`MessageStore`]),
+//! groups ([`GroupStore`]) and each user's conversations and receipt
+//! watermarks ([`ConversationStore`]). Each backend implements every part in a
+//! file of its own (`accounts.rs`, `messages.rs`, `groups.rs`,
+//! `conversations.rs`), beside its keys or statements and its writer.
 //!
 //! "Acknowledged means durable": when a write future resolves `Ok`, the write is as
 //! safe as the configured durability promises, and callers acknowledge to clients
@@ -153,9 +158,28 @@ pub struct HistoryPage {
     pub has_more: bool,
 }
 
-/// Durable state: users, devices, conversation history, groups, marks. Every backend keeps this contract (tests/it/store.rs).
+/// Durable state: users, devices, conversation history, groups, marks, one
+/// trait per concern. Every backend keeps this contract (tests/it/store.rs);
+/// callers hold a `dyn Store` and import the part whose calls they make.
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+pub trait Store:
+    AccountStore + MessageStore + GroupStore + ConversationStore + Send + Sync + std::fmt::Debug + 'static
+{
+    /// Whether writes are taken now. A backend that refuses writes after a fault
+    /// (a full disk, a failed commit) uses the probe to recover without waiting
+    /// for a write; the error says why writes are refused.
+    async fn probe_writes(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Makes every acknowledged write durable regardless of the durability setting,
+    /// and stops accepting writes. Called once at shutdown.
+    async fn close(&self) -> Result<(), StoreError>;
+}
+
+/// Users and their devices: sign-up, credentials, refresh-secret rotation.
+#[async_trait]
+pub trait AccountStore: Send + Sync {
     /// Creates a user with a fresh id; fails with [`StoreError::UsernameTaken`].
     async fn create_user(&self, user: NewUser) -> Result<UserRecord, StoreError>;
 
@@ -193,7 +217,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Replaces a user's password hash.
     async fn set_password(&self, user: UserId, password_hash: String) -> Result<(), StoreError>;
+}
 
+/// Conversation history: appending sequenced messages, reading them back, and the send records that make sends idempotent.
+#[async_trait]
+pub trait MessageStore: Send + Sync {
     /// Appends messages. They arrive in seq order per conversation, with no gaps
     /// after the stored maximum, and a conversation's next append only once the
     /// previous one was answered (appends of different conversations overlap).
@@ -227,6 +255,28 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Forgets the send records stored before `before_ms`; returns how many.
     async fn purge_sends(&self, before_ms: u64) -> Result<usize, StoreError>;
 
+    /// The stored messages of `conversation` with these seqs (missing ones omitted).
+    async fn messages_at(
+        &self,
+        conversation: ConversationId,
+        seqs: Vec<Seq>,
+    ) -> Result<HashMap<Seq, MessageRecord>, StoreError>;
+
+    /// Highest stored seq of a conversation, 0 when it has none.
+    async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError>;
+
+    /// A page of `conversation`'s history.
+    async fn history(
+        &self,
+        conversation: ConversationId,
+        range: HistoryRange,
+        limit: usize,
+    ) -> Result<HistoryPage, StoreError>;
+}
+
+/// Groups and their members, maintained from the group events in appended messages.
+#[async_trait]
+pub trait GroupStore: Send + Sync {
     /// A group's title and current members, maintained from the group events in
     /// appended messages (in the same commit as the event).
     async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError>;
@@ -241,7 +291,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         after: Option<UserId>,
         limit: usize,
     ) -> Result<(Vec<(UserId, Role)>, bool), StoreError>;
+}
 
+/// Each user's conversations: heads, activity order, receipt watermarks.
+#[async_trait]
+pub trait ConversationStore: Send + Sync {
     /// Every conversation `user` takes or took part in that has messages, with its
     /// head and the user's read watermark. Kept in the same commit as messages and
     /// group events.
@@ -270,35 +324,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         device: DeviceId,
         marks: Marks,
     ) -> Result<(Marks, bool), StoreError>;
-
-    /// The stored messages of `conversation` with these seqs (missing ones omitted).
-    async fn messages_at(
-        &self,
-        conversation: ConversationId,
-        seqs: Vec<Seq>,
-    ) -> Result<HashMap<Seq, MessageRecord>, StoreError>;
-
-    /// Highest stored seq of a conversation, 0 when it has none.
-    async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError>;
-
-    /// A page of `conversation`'s history.
-    async fn history(
-        &self,
-        conversation: ConversationId,
-        range: HistoryRange,
-        limit: usize,
-    ) -> Result<HistoryPage, StoreError>;
-
-    /// Whether writes are taken now. A backend that refuses writes after a fault
-    /// (a full disk, a failed commit) uses the probe to recover without waiting
-    /// for a write; the error says why writes are refused.
-    async fn probe_writes(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    /// Makes every acknowledged write durable regardless of the durability setting,
-    /// and stops accepting writes. Called once at shutdown.
-    async fn close(&self) -> Result<(), StoreError>;
 }
 
 /// The page of `heads` after `after` by last activity, newest first (ties by

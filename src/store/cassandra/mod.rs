@@ -53,30 +53,29 @@
 //! per member per conversation per active day, and stale rows (left behind when
 //! a restart forgot the day written) cost only a longer read.
 
+mod accounts;
+mod conversations;
+mod groups;
 mod highest;
+mod messages;
 mod reads;
 mod rows;
 mod statements;
 mod writer;
 
-use super::{
-    ConversationHead, DeviceRecord, GroupRecord, HistoryPage, MemberRecord, MessageRecord, NewUser, Rotation, Store,
-    StoreError, StoredSend, UserRecord, page_by_activity,
-};
+use super::{Store, StoreError};
 use crate::config::CassandraConfig;
 use async_trait::async_trait;
-use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
-use confab_protocol::{HistoryRange, Marks, Role};
-use futures::future::try_join_all;
+use confab_protocol::Marks;
+use confab_protocol::ids::{ConversationId, Seq, UserId};
 use highest::Highest;
-use reads::read_all;
 pub use rows::bucket;
 use rows::day;
-use rows::{DeviceRow, corrupt, device_record, left, role_code, role_of, to_cql, unavailable, user_id};
+use rows::{role_code, to_cql, unavailable};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use statements::{Statements, consistency};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -242,387 +241,6 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
 
 #[async_trait]
 impl Store for CassandraStore {
-    async fn create_user(&self, user: NewUser) -> Result<UserRecord, StoreError> {
-        self.on_driver(move |inner| async move {
-            let id = UserId::random();
-            let applied = inner
-                .applied(
-                    &inner.statements.claim_username,
-                    (user.username.clone(), to_cql(id.get())),
-                )
-                .await?;
-            if !applied {
-                return Err(StoreError::UsernameTaken);
-            }
-            inner
-                .execute(
-                    &inner.statements.insert_user,
-                    (
-                        to_cql(id.get()),
-                        user.username.clone(),
-                        user.password_hash.clone(),
-                        to_cql(user.created_at_ms),
-                    ),
-                )
-                .await?;
-            Ok(UserRecord {
-                id,
-                username: user.username,
-                password_hash: user.password_hash,
-                created_at_ms: user.created_at_ms,
-            })
-        })
-        .await
-    }
-
-    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
-        let username = username.to_owned();
-        self.read_on_driver(move |inner| async move {
-            let rows: Vec<(i64,)> = inner.rows(&inner.statements.id_by_username, (username,)).await?;
-            match rows.first() {
-                Some((id,)) => inner.user(user_id(*id)?).await,
-                None => Ok(None),
-            }
-        })
-        .await
-    }
-
-    async fn user_by_id(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-        self.read_on_driver(move |inner| async move { inner.user(id).await })
-            .await
-    }
-
-    async fn missing_users(&self, ids: Vec<UserId>) -> Result<Vec<UserId>, StoreError> {
-        self.read_on_driver(move |inner| async move {
-            let found = try_join_all(ids.iter().map(|id| inner.user(*id))).await?;
-            Ok(ids
-                .into_iter()
-                .zip(found)
-                .filter_map(|(id, user)| user.is_none().then_some(id))
-                .collect())
-        })
-        .await
-    }
-
-    async fn put_device(&self, device: DeviceRecord) -> Result<(), StoreError> {
-        self.on_driver(move |inner| async move {
-            inner
-                .execute(
-                    &inner.statements.insert_device,
-                    (
-                        to_cql(device.user.get()),
-                        to_cql(device.id.get()),
-                        device.name,
-                        device.refresh_hash.to_vec(),
-                        device.previous_refresh_hash.to_vec(),
-                        to_cql(device.refresh_expires_at_ms),
-                        to_cql(device.created_at_ms),
-                        to_cql(device.refreshed_at_ms),
-                    ),
-                )
-                .await
-        })
-        .await
-    }
-
-    async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        self.read_on_driver(move |inner| async move { inner.device(user, device).await })
-            .await
-    }
-
-    async fn device_and_user(
-        &self,
-        user: UserId,
-        device: DeviceId,
-    ) -> Result<Option<(DeviceRecord, UserRecord)>, StoreError> {
-        self.read_on_driver(move |inner| async move {
-            let (device, user) = futures::try_join!(inner.device(user, device), inner.user(user))?;
-            Ok(device.zip(user))
-        })
-        .await
-    }
-
-    async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError> {
-        self.on_driver(move |inner| async move {
-            inner
-                .applied(
-                    &inner.statements.delete_device,
-                    (to_cql(user.get()), to_cql(device.get())),
-                )
-                .await
-        })
-        .await
-    }
-
-    async fn devices(&self, user: UserId) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.read_on_driver(move |inner| async move {
-            let rows: Vec<DeviceRow> = inner.rows(&inner.statements.devices, (to_cql(user.get()),)).await?;
-            rows.into_iter().map(|row| device_record(user, row)).collect()
-        })
-        .await
-    }
-
-    async fn rotate_refresh(&self, rotation: Rotation) -> Result<bool, StoreError> {
-        self.on_driver(move |inner| async move {
-            let values = (
-                rotation.refresh_hash.to_vec(),
-                rotation.expected.to_vec(),
-                to_cql(rotation.refresh_expires_at_ms),
-                to_cql(rotation.refreshed_at_ms),
-                to_cql(rotation.user.get()),
-                to_cql(rotation.device.get()),
-                rotation.expected.to_vec(),
-            );
-            inner.applied(&inner.statements.rotate_refresh, values).await
-        })
-        .await
-    }
-
-    async fn set_password(&self, user: UserId, password_hash: String) -> Result<(), StoreError> {
-        self.on_driver(move |inner| async move {
-            inner
-                .execute(&inner.statements.set_password, (password_hash, to_cql(user.get())))
-                .await
-        })
-        .await
-    }
-
-    async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
-        self.writer.append(messages).await
-    }
-
-    async fn find_sends(
-        &self,
-        conversation: ConversationId,
-        keys: Vec<(DeviceId, String)>,
-        since_ms: u64,
-    ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError> {
-        self.read_on_driver(move |inner| async move {
-            let records = inner.read_sends(conversation, &keys).await?;
-            // A send record counts only with its message: a failed flush may have
-            // stored the record and not the message (then its seq may even hold
-            // another message by now).
-            let messages = try_join_all(records.iter().map(|(_, send)| inner.message(conversation, send.seq))).await?;
-            let mut sends: HashMap<(DeviceId, String), StoredSend> = records
-                .into_iter()
-                .zip(messages)
-                .filter(|(((device, client_msg_id), _), message)| {
-                    message.as_ref().is_some_and(|message| {
-                        message.sender_device == device.get() && message.client_msg_id == *client_msg_id
-                    })
-                })
-                .map(|(record, _)| record)
-                .collect();
-            if let Some(from) = inner.suspect_from(conversation)
-                && keys.iter().any(|key| !sends.contains_key(key))
-            {
-                sends.extend(inner.scan_sends(conversation, from).await?);
-            }
-            sends.retain(|_, send| send.server_time_ms >= since_ms);
-            Ok(keys
-                .into_iter()
-                .filter_map(|key| sends.remove(&key).map(|send| (key, send)))
-                .collect())
-        })
-        .await
-    }
-
-    async fn sent_ids(
-        &self,
-        conversation: ConversationId,
-        device: DeviceId,
-        limit: usize,
-    ) -> Result<Option<Vec<String>>, StoreError> {
-        // After a failed flush a message row may have landed without its record.
-        if self.inner.suspect_from(conversation).is_some() {
-            return Ok(None);
-        }
-        self.read_on_driver(move |inner| async move {
-            let read_limit = i32::try_from(limit.saturating_add(1)).unwrap_or(i32::MAX);
-            let ids: Vec<(String,)> = inner
-                .rows(
-                    &inner.statements.device_sends,
-                    (conversation.to_string(), to_cql(device.get()), read_limit),
-                )
-                .await?;
-            Ok((ids.len() <= limit).then(|| ids.into_iter().map(|(id,)| id).collect()))
-        })
-        .await
-    }
-
-    /// Send records expire by themselves (TTL = the dedup window).
-    async fn purge_sends(&self, _before_ms: u64) -> Result<usize, StoreError> {
-        Ok(0)
-    }
-
-    async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
-        self.read_on_driver(move |inner| async move {
-            let titles: Vec<(Option<String>,)> = inner.rows(&inner.statements.title, (to_cql(group.get()),)).await?;
-            let Some((title,)) = titles.into_iter().next() else {
-                return Ok(None);
-            };
-            Ok(Some(GroupRecord {
-                title: title.unwrap_or_default(),
-                members: inner.current_members(group).await?,
-            }))
-        })
-        .await
-    }
-
-    async fn member(&self, group: GroupId, user: UserId) -> Result<Option<MemberRecord>, StoreError> {
-        self.read_on_driver(move |inner| async move {
-            let rows: Vec<(i8, Option<i64>)> = inner
-                .rows(&inner.statements.member, (to_cql(group.get()), to_cql(user.get())))
-                .await?;
-            rows.into_iter()
-                .next()
-                .map(|(role, left_seq)| {
-                    Ok(MemberRecord {
-                        role: role_of(role)?,
-                        left_seq: left(left_seq),
-                    })
-                })
-                .transpose()
-        })
-        .await
-    }
-
-    async fn members_page(
-        &self,
-        group: GroupId,
-        after: Option<UserId>,
-        limit: usize,
-    ) -> Result<(Vec<(UserId, Role)>, bool), StoreError> {
-        let members = match self.group(group).await? {
-            Some(record) => record.members,
-            None => return Ok((Vec::new(), false)),
-        };
-        let mut page: Vec<(UserId, Role)> = members
-            .into_iter()
-            .filter(|(user, _)| after.is_none_or(|after| user.get() > after.get()))
-            .take(limit + 1)
-            .collect();
-        let more = page.len() > limit;
-        page.truncate(limit);
-        Ok((page, more))
-    }
-
-    async fn conversations(&self, user: UserId) -> Result<Vec<ConversationHead>, StoreError> {
-        self.read_on_driver(move |inner| async move {
-            let rows: Vec<(String, Option<i64>, Option<i64>)> = inner
-                .rows(&inner.statements.user_conversations, (to_cql(user.get()),))
-                .await?;
-            let heads = rows.into_iter().map(|(key, left_seq, left_time_ms)| {
-                let inner = inner.clone();
-                async move {
-                    let conversation = ConversationId::parse(&key).map_err(corrupt)?;
-                    inner
-                        .conversation_head(user, conversation, left_seq, left_time_ms)
-                        .await
-                }
-            });
-            Ok(read_all(heads).await?.into_iter().flatten().collect())
-        })
-        .await
-    }
-
-    /// Reads `user_activity` newest day first, a day at a time, until the days
-    /// read hold more than `limit` conversations after `after`: any conversation
-    /// not read yet was last active on an earlier day.
-    async fn recent_conversations(
-        &self,
-        user: UserId,
-        after: Option<(u64, ConversationId)>,
-        limit: usize,
-    ) -> Result<(Vec<ConversationHead>, bool), StoreError> {
-        self.read_on_driver(move |inner| async move {
-            // Rows sort by (day, conversation) descending: read below this bound.
-            let first_day = after.map_or(i64::MAX, |(time_ms, _)| day(time_ms).saturating_add(1));
-            let mut bound = (first_day, String::new());
-            let mut seen = HashSet::new();
-            let mut found = Vec::new();
-            let mut day_read = None;
-            let mut fresh = Vec::new();
-            loop {
-                let rows: Vec<(i64, String)> = inner
-                    .rows(
-                        &inner.statements.activity,
-                        (
-                            to_cql(user.get()),
-                            bound.0,
-                            bound.1.clone(),
-                            ACTIVITY_ROWS_PER_READ as i32,
-                        ),
-                    )
-                    .await?;
-                let exhausted = rows.len() < ACTIVITY_ROWS_PER_READ;
-                for (row_day, key) in rows {
-                    if day_read != Some(row_day) {
-                        // Every row of the days before was read.
-                        found.extend(inner.heads_after(user, std::mem::take(&mut fresh), after).await?);
-                        if found.len() > limit {
-                            return Ok(page_by_activity(found, after, limit));
-                        }
-                        day_read = Some(row_day);
-                    }
-                    let conversation = ConversationId::parse(&key).map_err(corrupt)?;
-                    if seen.insert(conversation) {
-                        fresh.push(conversation);
-                    }
-                    bound = (row_day, key);
-                }
-                if exhausted {
-                    break;
-                }
-            }
-            found.extend(inner.heads_after(user, fresh, after).await?);
-            Ok(page_by_activity(found, after, limit))
-        })
-        .await
-    }
-
-    async fn mark(
-        &self,
-        conversation: ConversationId,
-        user: UserId,
-        device: DeviceId,
-        marks: Marks,
-    ) -> Result<(Marks, bool), StoreError> {
-        self.writer.mark(conversation, user, device, marks).await
-    }
-
-    async fn messages_at(
-        &self,
-        conversation: ConversationId,
-        seqs: Vec<Seq>,
-    ) -> Result<HashMap<Seq, MessageRecord>, StoreError> {
-        self.read_on_driver(move |inner| async move {
-            let found = try_join_all(seqs.iter().map(|seq| inner.message(conversation, *seq))).await?;
-            seqs.into_iter()
-                .zip(found)
-                .filter_map(|(seq, stored)| {
-                    stored.map(|stored| stored.into_record(conversation, seq).map(|m| (seq, m)))
-                })
-                .collect()
-        })
-        .await
-    }
-
-    async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
-        self.read_on_driver(move |inner| async move { inner.last_seq(conversation).await })
-            .await
-    }
-
-    async fn history(
-        &self,
-        conversation: ConversationId,
-        range: HistoryRange,
-        limit: usize,
-    ) -> Result<HistoryPage, StoreError> {
-        self.read_on_driver(move |inner| async move { inner.history(conversation, range, limit).await })
-            .await
-    }
-
     /// Every acknowledged write was confirmed by Cassandra already: stop the writer.
     async fn close(&self) -> Result<(), StoreError> {
         self.writer.close().await
@@ -637,7 +255,8 @@ impl Store for CassandraStore {
 mod tests {
     use super::*;
     use crate::config::Consistency;
-    use crate::store::MessageRecord;
+    use crate::store::{MessageRecord, MessageStore as _};
+    use confab_protocol::ids::DeviceId;
 
     fn store() -> CassandraStore {
         static KEYSPACE: std::sync::OnceLock<String> = std::sync::OnceLock::new();

@@ -52,23 +52,18 @@
 //!
 //! Reads run on the blocking pool, never on a shard thread.
 
+mod accounts;
+mod conversations;
+mod groups;
 mod keys;
+mod messages;
 mod view;
 mod writer;
 
-use super::encoding::StoredMessage;
-use super::{
-    ConversationHead, DeviceRecord, GroupRecord, HistoryPage, MemberRecord, MessageRecord, NewUser, Rotation, Store,
-    StoreError, StoredSend, UserRecord,
-};
+use super::{MessageRecord, Store, StoreError};
 use crate::config::{Durability, StoreConfig};
 use async_trait::async_trait;
-use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
-use confab_protocol::{HistoryRange, Marks, Role};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
-use keys::*;
-use prost::Message as _;
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use tokio::sync::{mpsc, oneshot};
@@ -265,319 +260,6 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    async fn create_user(&self, user: NewUser) -> Result<UserRecord, StoreError> {
-        self.write(|reply| WriteJob::CreateUser(user, reply)).await
-    }
-
-    async fn user_by_name(&self, username: &str) -> Result<Option<UserRecord>, StoreError> {
-        let username = username.to_owned();
-        self.read(move |view| {
-            let Some(id) = view.get(&view.usernames, username.as_bytes()).map_err(fjall_error)? else {
-                return Ok(None);
-            };
-            view.user(decode_user_id(&id)?)
-        })
-        .await
-    }
-
-    async fn user_by_id(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-        self.read(move |view| view.user(id)).await
-    }
-
-    async fn missing_users(&self, ids: Vec<UserId>) -> Result<Vec<UserId>, StoreError> {
-        self.read(move |view| {
-            let mut missing = Vec::new();
-            for id in ids {
-                if !view
-                    .contains_key(&view.users, id.get().to_be_bytes())
-                    .map_err(fjall_error)?
-                {
-                    missing.push(id);
-                }
-            }
-            Ok(missing)
-        })
-        .await
-    }
-
-    async fn put_device(&self, device: DeviceRecord) -> Result<(), StoreError> {
-        self.write(|reply| WriteJob::PutDevice(device, reply)).await
-    }
-
-    async fn device(&self, user: UserId, device: DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        self.read(move |view| view.device(user, device)).await
-    }
-
-    async fn device_and_user(
-        &self,
-        user: UserId,
-        device: DeviceId,
-    ) -> Result<Option<(DeviceRecord, UserRecord)>, StoreError> {
-        self.read(move |view| {
-            let Some(device) = view.device(user, device)? else {
-                return Ok(None);
-            };
-            Ok(view.user(user)?.map(|user| (device, user)))
-        })
-        .await
-    }
-
-    async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError> {
-        self.write(|reply| WriteJob::DeleteDevice(user, device, reply)).await
-    }
-
-    async fn devices(&self, user: UserId) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.read(move |view| {
-            let mut devices = Vec::new();
-            for guard in view.prefix(&view.devices, user.get().to_be_bytes()) {
-                let (key, value) = guard.into_inner().map_err(fjall_error)?;
-                let (user, device) = device_of_key(&key)?;
-                devices.push(
-                    StoredDevice::decode(&*value)
-                        .map_err(corrupt)?
-                        .into_record(user, device)?,
-                );
-            }
-            Ok(devices)
-        })
-        .await
-    }
-
-    async fn rotate_refresh(&self, rotation: Rotation) -> Result<bool, StoreError> {
-        self.write(|reply| WriteJob::RotateRefresh(rotation, reply)).await
-    }
-
-    async fn set_password(&self, user: UserId, password_hash: String) -> Result<(), StoreError> {
-        self.write(|reply| WriteJob::SetPassword(user, password_hash, reply))
-            .await
-    }
-
-    async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
-        match self.append_in_place(messages) {
-            Ok(committed) => committed.await.map_err(|_| StoreError::Closed)?,
-            Err(messages) => self.write(|reply| WriteJob::Append(messages, reply)).await,
-        }
-    }
-
-    async fn find_sends(
-        &self,
-        conversation: ConversationId,
-        keys: Vec<(DeviceId, String)>,
-        since_ms: u64,
-    ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError> {
-        // Inline, not on the blocking pool: this runs before every append, and the
-        // keys looked up are almost always new, which fjall answers from the
-        // memtable or the segments' bloom filters without touching the disk. The
-        // hop to a blocking thread and back cost more than the lookup itself.
-        self.shared.before_sequencing()?;
-        let view = self.shared.view()?;
-        {
-            let mut found = HashMap::new();
-            for key in keys {
-                let Some(value) = view
-                    .get(&view.sends, send_key(conversation, key.0, &key.1))
-                    .map_err(fjall_error)?
-                else {
-                    continue;
-                };
-                let stored = decode_send(&value)?;
-                if stored.server_time_ms >= since_ms {
-                    found.insert(key, stored);
-                }
-            }
-            Ok(found)
-        }
-    }
-
-    async fn sent_ids(
-        &self,
-        conversation: ConversationId,
-        device: DeviceId,
-        limit: usize,
-    ) -> Result<Option<Vec<String>>, StoreError> {
-        // A message and its send record are one batch here, so the records are
-        // complete unless a failed batch may yet reappear.
-        self.shared.before_sequencing()?;
-        self.read(move |view| {
-            let prefix = send_key(conversation, device, "");
-            let mut ids = Vec::new();
-            for guard in view.prefix(&view.sends, &prefix) {
-                if ids.len() == limit {
-                    return Ok(None);
-                }
-                let key = guard.key().map_err(fjall_error)?;
-                let id = key
-                    .get(prefix.len()..)
-                    .and_then(|id| std::str::from_utf8(id).ok())
-                    .ok_or_else(|| StoreError::corrupt("send record key"))?;
-                ids.push(id.to_owned());
-            }
-            Ok(Some(ids))
-        })
-        .await
-    }
-
-    async fn purge_sends(&self, before_ms: u64) -> Result<usize, StoreError> {
-        let expired = self
-            .read(move |view| {
-                let mut expired = Vec::new();
-                for guard in view.iter(&view.sends) {
-                    let (key, value) = guard.into_inner().map_err(fjall_error)?;
-                    if decode_send(&value)?.server_time_ms < before_ms {
-                        expired.push(key);
-                    }
-                }
-                Ok(expired)
-            })
-            .await?;
-        if expired.is_empty() {
-            return Ok(0);
-        }
-        self.write(|reply| WriteJob::Purge(expired, reply)).await
-    }
-
-    async fn group(&self, group: GroupId) -> Result<Option<GroupRecord>, StoreError> {
-        self.read(move |view| {
-            let Some(title) = view.get(&view.groups, group.get().to_be_bytes()).map_err(fjall_error)? else {
-                return Ok(None);
-            };
-            let title = String::from_utf8(title.to_vec()).map_err(|_| StoreError::corrupt("group title"))?;
-            let mut members = Vec::new();
-            for guard in view.prefix(&view.members, group.get().to_be_bytes()) {
-                let (key, value) = guard.into_inner().map_err(fjall_error)?;
-                let member = decode_member(&value)?;
-                if member.left_seq.is_none() {
-                    members.push((member_of_key(&key)?, member.role));
-                }
-            }
-            Ok(Some(GroupRecord { title, members }))
-        })
-        .await
-    }
-
-    async fn member(&self, group: GroupId, user: UserId) -> Result<Option<MemberRecord>, StoreError> {
-        self.read(move |view| {
-            view.get(&view.members, member_key(group, user))
-                .map_err(fjall_error)?
-                .map(|value| decode_member(&value))
-                .transpose()
-        })
-        .await
-    }
-
-    async fn members_page(
-        &self,
-        group: GroupId,
-        after: Option<UserId>,
-        limit: usize,
-    ) -> Result<(Vec<(UserId, Role)>, bool), StoreError> {
-        self.read(move |view| {
-            let first = after.map_or(1, |user| user.get().saturating_add(1));
-            let mut from = [0u8; 16];
-            from[..8].copy_from_slice(&group.get().to_be_bytes());
-            from[8..].copy_from_slice(&first.to_be_bytes());
-            let mut to = [0xffu8; 16];
-            to[..8].copy_from_slice(&group.get().to_be_bytes());
-            let mut members = Vec::new();
-            for guard in view.range(&view.members, from..=to) {
-                let (key, value) = guard.into_inner().map_err(fjall_error)?;
-                let member = decode_member(&value)?;
-                if member.left_seq.is_none() {
-                    if members.len() == limit {
-                        return Ok((members, true));
-                    }
-                    members.push((member_of_key(&key)?, member.role));
-                }
-            }
-            Ok((members, false))
-        })
-        .await
-    }
-
-    async fn conversations(&self, user: UserId) -> Result<Vec<ConversationHead>, StoreError> {
-        self.read(move |view| {
-            let mut heads = Vec::new();
-            for guard in view.prefix(&view.user_convs, user.get().to_be_bytes()) {
-                let (key, value) = guard.into_inner().map_err(fjall_error)?;
-                let conversation = conversation_of_key(key.get(8..).unwrap_or_default())?;
-                let Some((last_seq, last_time_ms)) = view.head(conversation)? else {
-                    continue;
-                };
-                let (left_seq, left_time_ms) = decode_user_conversation(&value)?;
-                let read_seq = view.user_marks(conversation, user)?.read_seq;
-                let title = match conversation {
-                    ConversationId::Group(group) => view
-                        .get(&view.groups, group.get().to_be_bytes())
-                        .map_err(fjall_error)?
-                        .map(|title| String::from_utf8_lossy(&title).into_owned()),
-                    ConversationId::Direct { .. } => None,
-                };
-                heads.push(ConversationHead {
-                    conversation,
-                    last_seq: left_seq.map_or(last_seq, |left| left.min(last_seq)),
-                    last_time_ms: left_time_ms.unwrap_or(last_time_ms),
-                    left_seq,
-                    read_seq,
-                    title,
-                });
-            }
-            Ok(heads)
-        })
-        .await
-    }
-
-    async fn mark(
-        &self,
-        conversation: ConversationId,
-        user: UserId,
-        device: DeviceId,
-        marks: Marks,
-    ) -> Result<(Marks, bool), StoreError> {
-        self.write(|reply| WriteJob::Mark(conversation, user, device, marks, reply))
-            .await
-    }
-
-    async fn messages_at(
-        &self,
-        conversation: ConversationId,
-        seqs: Vec<Seq>,
-    ) -> Result<HashMap<Seq, MessageRecord>, StoreError> {
-        self.read(move |view| {
-            let mut found = HashMap::new();
-            for seq in seqs {
-                if let Some(value) = view
-                    .get(&view.messages, message_key(conversation, seq))
-                    .map_err(fjall_error)?
-                {
-                    let stored = StoredMessage::decode(&*value).map_err(corrupt)?;
-                    found.insert(seq, stored.into_record(conversation, seq)?);
-                }
-            }
-            Ok(found)
-        })
-        .await
-    }
-
-    async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
-        self.shared.before_sequencing()?;
-        self.read(
-            move |view| match view.prefix(&view.messages, conversation.to_key()).next_back() {
-                None => Ok(0),
-                Some(guard) => seq_of_key(&guard.key().map_err(fjall_error)?),
-            },
-        )
-        .await
-    }
-
-    async fn history(
-        &self,
-        conversation: ConversationId,
-        range: HistoryRange,
-        limit: usize,
-    ) -> Result<HistoryPage, StoreError> {
-        self.read(move |view| view.history(conversation, range, limit)).await
-    }
-
     async fn probe_writes(&self) -> Result<(), StoreError> {
         self.write(WriteJob::Probe).await
     }
@@ -610,8 +292,12 @@ fn io_error(path: &Path, err: std::io::Error) -> StoreError {
 
 #[cfg(test)]
 mod tests {
+    use super::keys::{decode_user_conversation, encode_pair};
     use super::*;
     use crate::config::{Durability, StoreBackend};
+    use crate::store::{ConversationStore as _, MessageStore as _};
+    use confab_protocol::HistoryRange;
+    use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
 
     fn open(dir: &Path, durability: Durability) -> EmbeddedStore {
         EmbeddedStore::open(&StoreConfig {
