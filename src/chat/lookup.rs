@@ -1,17 +1,17 @@
 //! The owner's store reads before it sequences: the idempotency lookup (is
-//! this append a retry of one already stored?), the stored ids of devices the
-//! owner starts remembering, and what a conversation's first use needs. The
-//! sequencer says what to read ([`Check`]); this reads it.
+//! this append a retry of one already stored?) and what a conversation's first
+//! use needs. The sequencer says what to read ([`Check`]); this reads it.
+//! Beside it, [`load_sent`] lists a device's stored ids for the owner to
+//! remember.
 
 use super::ChatError;
 use super::sent::MAX_PER_SET;
 use super::sequencer::{Check, CheckResult};
-use crate::store::Store;
-use confab_protocol::ids::ConversationId;
+use crate::store::{Store, StoreError};
+use confab_protocol::ids::{ConversationId, DeviceId};
 
 /// Reads what the sequencer's `check` asks for: the sends already stored under
 /// the queued appends' keys since `since_ms` (the deduplication window), the
-/// ids the devices to load stored sends under, the
 /// messages edits and deletes target, and, on a conversation's first use, where
 /// its seqs continue, its group, and that a direct conversation's users exist.
 pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<CheckResult, ChatError> {
@@ -30,11 +30,6 @@ pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<Ch
         }
         last_seq = Some(store.last_seq(check.conversation).await?);
     }
-    let mut loaded = Vec::with_capacity(check.load.len());
-    for device in check.load {
-        let ids = store.sent_ids(check.conversation, device, MAX_PER_SET).await?;
-        loaded.push((device, ids));
-    }
     let stored = match check.keys.is_empty() {
         true => Default::default(),
         false => store.find_sends(check.conversation, check.keys, since_ms).await?,
@@ -47,7 +42,17 @@ pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<Ch
         last_seq,
         group,
         stored,
-        loaded,
         targets,
     })
+}
+
+/// The ids `device` stored sends under in `conversation`, for the owner to
+/// remember ([`Check::load`]); `None` when there are too many to keep or the
+/// store cannot list them all.
+pub async fn load_sent(
+    store: &dyn Store,
+    conversation: ConversationId,
+    device: DeviceId,
+) -> Result<Option<Vec<String>>, StoreError> {
+    store.sent_ids(conversation, device, MAX_PER_SET).await
 }

@@ -17,7 +17,7 @@ mod sync;
 
 pub use access::{Access, NOT_A_MEMBER, access};
 pub use group::GroupState;
-pub use lookup::lookup;
+pub use lookup::{load_sent, lookup};
 pub use presence::{Presence, PresenceTracker, Update};
 pub use reading::{CatchUp, catch_up, history, list_conversations, members, raise_marks, sync};
 pub use sequencer::{Admission, Assigned, Check, CheckResult, Outcome, Sequencer, SequencerLimits};

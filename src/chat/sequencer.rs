@@ -63,9 +63,10 @@ pub struct Check {
     pub conversation: ConversationId,
     /// The send keys memory cannot answer for: look them up.
     pub keys: Vec<SendKey>,
-    /// Devices whose stored ids to read ([`crate::store::Store::sent_ids`]), so
-    /// their next keys are answered from memory.
-    pub load: Vec<DeviceId>,
+    /// Devices whose stored ids to read ([`crate::store::MessageStore::sent_ids`])
+    /// beside the check, not as part of it, so their next keys are answered
+    /// from memory: report each with [`Sequencer::loaded`] and its ticket.
+    pub load: Vec<(DeviceId, u64)>,
     /// Messages that edits and deletes among the appends target: read them.
     pub targets: Vec<Seq>,
     /// The conversation is not loaded: also read its last seq, check a direct
@@ -74,9 +75,9 @@ pub struct Check {
 }
 
 impl Check {
-    /// Whether anything is left to read; if not, report an empty result.
+    /// Whether the check reads anything; if not, report an empty result.
     pub fn needs_store(&self) -> bool {
-        self.first_use || !self.keys.is_empty() || !self.load.is_empty() || !self.targets.is_empty()
+        self.first_use || !self.keys.is_empty() || !self.targets.is_empty()
     }
 }
 
@@ -89,9 +90,6 @@ pub struct CheckResult {
     pub group: Option<GroupRecord>,
     /// Keys already stored, with what they were stored as.
     pub stored: HashMap<SendKey, StoredSend>,
-    /// The ids each of `Check::load` stored, or `None` if the store cannot list
-    /// them all.
-    pub loaded: Vec<(DeviceId, Option<Vec<String>>)>,
     /// The stored messages among `Check::targets`.
     pub targets: HashMap<Seq, MessageRecord>,
 }
@@ -256,7 +254,7 @@ impl<R> Conversation<R> {
     }
 
     /// Starts a check of everything queued, if none is under way.
-    fn start_check(&mut self, conversation: ConversationId) -> Option<Check> {
+    fn start_check(&mut self, conversation: ConversationId, tickets: &mut u64) -> Option<Check> {
         if self.checking > 0 || self.queue.is_empty() {
             return None;
         }
@@ -269,7 +267,7 @@ impl<R> Conversation<R> {
             .collect();
         Some(Check {
             conversation,
-            load: self.sent.start_loads(&keys),
+            load: self.sent.start_loads(&keys, tickets),
             keys,
             targets: self
                 .queue
@@ -288,6 +286,8 @@ pub struct Sequencer<R> {
     pending: usize,
     /// Send records held by all conversations' [`Sent`] sets.
     sent_records: usize,
+    /// The last ticket given to a load of a device's ids.
+    load_tickets: u64,
     limits: SequencerLimits,
 }
 
@@ -298,6 +298,7 @@ impl<R> Sequencer<R> {
             conversations: HashMap::new(),
             pending: 0,
             sent_records: 0,
+            load_tickets: 0,
             limits,
         }
     }
@@ -320,7 +321,7 @@ impl<R> Sequencer<R> {
             return Admission::Queued;
         }
         conversation.queue.push((append, reply));
-        match conversation.start_check(id) {
+        match conversation.start_check(id, &mut self.load_tickets) {
             Some(check) => Admission::Check(check),
             None => Admission::Queued,
         }
@@ -332,15 +333,9 @@ impl<R> Sequencer<R> {
     pub fn checked(
         &mut self,
         id: ConversationId,
-        mut result: CheckResult,
+        result: CheckResult,
         now_ms: u64,
     ) -> (Vec<Outcome<R>>, Option<Check>) {
-        let loaded = std::mem::take(&mut result.loaded);
-        self.change_sent(id, |sent| {
-            for (device, ids) in loaded {
-                sent.loaded(device, ids);
-            }
-        });
         let Some(conversation) = self.conversations.get_mut(&id) else {
             return (Vec::new(), None);
         };
@@ -349,7 +344,7 @@ impl<R> Sequencer<R> {
                 // A failed commit forgot the conversation while this check ran: its
                 // result says nothing of where seqs continue. Check again, reading it.
                 conversation.checking = 0;
-                return (Vec::new(), conversation.start_check(id));
+                return (Vec::new(), conversation.start_check(id, &mut self.load_tickets));
             };
             conversation.next_seq = Some(last_seq + 1);
             conversation.group = result.group.map(GroupState::from_record);
@@ -391,7 +386,7 @@ impl<R> Sequencer<R> {
                 }
             }
         }
-        let next = conversation.start_check(id);
+        let next = conversation.start_check(id, &mut self.load_tickets);
         self.evict_idle();
         (outcomes, next)
     }
@@ -399,7 +394,6 @@ impl<R> Sequencer<R> {
     /// A check failed: hands back everything it covered, to be refused. Queued
     /// appends it did not cover get a check of their own.
     pub fn check_failed(&mut self, id: ConversationId) -> (Vec<(Append, R)>, Option<Check>) {
-        self.change_sent(id, Sent::load_failed);
         let Some(conversation) = self.conversations.get_mut(&id) else {
             return (Vec::new(), None);
         };
@@ -407,11 +401,22 @@ impl<R> Sequencer<R> {
         conversation.checking = 0;
         let refused: Vec<_> = conversation.queue.drain(..covered).collect();
         self.pending -= refused.len();
-        let next = conversation.start_check(id);
+        let next = conversation.start_check(id, &mut self.load_tickets);
         if next.is_none() && conversation.next_seq.is_none() && conversation.in_flight.is_empty() {
             self.forget(id);
         }
         (refused, next)
+    }
+
+    /// The load of `device`'s ids in `id` with `ticket` read `ids` (`None`: the
+    /// store cannot list them all).
+    pub fn loaded(&mut self, id: ConversationId, device: DeviceId, ticket: u64, ids: Option<Vec<String>>) {
+        self.change_sent(id, |sent| sent.loaded(device, ticket, ids));
+    }
+
+    /// The load of `device`'s ids in `id` with `ticket` failed.
+    pub fn load_failed(&mut self, id: ConversationId, device: DeviceId, ticket: u64) {
+        self.change_sent(id, |sent| sent.load_failed(device, ticket));
     }
 
     /// The append `key` of `id` is durable, `stored` so: returns the retries that
@@ -760,40 +765,39 @@ mod tests {
         assert!(check.first_use);
     }
 
-    /// Reports a check that loaded `device` and found none of its ids stored.
-    fn loaded_nothing(last_seq: Seq) -> CheckResult {
-        CheckResult {
-            loaded: vec![(device(), Some(Vec::new()))],
-            ..loaded(last_seq)
+    /// Runs the loads `check` asks for against a store holding `ids`.
+    fn load(seq: &mut Sequencer<u32>, check: &Check, ids: &[&str]) {
+        for (device, ticket) in &check.load {
+            let ids = ids.iter().map(|id| (*id).to_owned()).collect();
+            seq.loaded(check.conversation, *device, *ticket, Some(ids));
+        }
+    }
+
+    /// Submits an append that must start a check.
+    fn check_of(seq: &mut Sequencer<u32>, sent: Append, reply: u32) -> Check {
+        match seq.submit(sent, reply) {
+            Admission::Check(check) => check,
+            other => panic!("expected a check, got {other:?}"),
         }
     }
 
     #[test]
     fn once_a_device_is_loaded_its_sends_are_answered_from_memory() {
         let mut seq = sequencer(100, 100);
-        let Admission::Check(check) = seq.submit(append(2, "a"), 1) else {
-            panic!("expected a check");
-        };
-        assert_eq!(check.load, vec![device()]);
-        assert_eq!(check.keys, vec![key("a")], "the load does not vouch for what it finds");
-        assert_eq!(
-            assigned(&seq.checked(conversation(2), loaded_nothing(0), NOW_MS).0),
-            vec![(1, 1)]
-        );
+        let check = check_of(&mut seq, append(2, "a"), 1);
+        assert_eq!(check.load, vec![(device(), 1)]);
+        assert_eq!(check.keys, vec![key("a")], "asked while the device loads");
+        load(&mut seq, &check, &[]);
+        let (outcomes, _) = seq.checked(conversation(2), loaded(0), NOW_MS);
+        assert_eq!(assigned(&outcomes), vec![(1, 1)]);
         // A new key of a loaded device: nothing to read.
-        let Admission::Check(check) = seq.submit(append(2, "b"), 2) else {
-            panic!("expected a check");
-        };
+        let check = check_of(&mut seq, append(2, "b"), 2);
         assert!(!check.needs_store(), "{check:?}");
-        assert_eq!(
-            assigned(&seq.checked(conversation(2), CheckResult::default(), NOW_MS).0),
-            vec![(2, 2)]
-        );
+        let (outcomes, _) = seq.checked(conversation(2), CheckResult::default(), NOW_MS);
+        assert_eq!(assigned(&outcomes), vec![(2, 2)]);
         // A retry of a committed send: answered with the original, still without a read.
         seq.committed(conversation(2), &key("a"), stored(1));
-        let Admission::Check(check) = seq.submit(append(2, "a"), 3) else {
-            panic!("expected a check");
-        };
+        let check = check_of(&mut seq, append(2, "a"), 3);
         assert!(!check.needs_store());
         let (outcomes, _) = seq.checked(conversation(2), CheckResult::default(), NOW_MS);
         let [
@@ -815,8 +819,9 @@ mod tests {
             dedup_window_ms: 1_000,
             ..sequencer(100, 100).limits
         });
-        seq.submit(append(2, "a"), 1);
-        seq.checked(conversation(2), loaded_nothing(0), NOW_MS);
+        let check = check_of(&mut seq, append(2, "a"), 1);
+        load(&mut seq, &check, &[]);
+        seq.checked(conversation(2), loaded(0), NOW_MS);
         seq.committed(conversation(2), &key("a"), stored(1));
         seq.submit(append(2, "a"), 2);
         let (outcomes, _) = seq.checked(conversation(2), CheckResult::default(), NOW_MS + 1_001);
@@ -824,10 +829,11 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_commit_or_check_drops_what_memory_knew() {
+    fn a_failed_commit_or_load_drops_what_memory_knew() {
         let mut seq = sequencer(100, 100);
-        seq.submit(append(2, "a"), 1);
-        seq.checked(conversation(2), loaded_nothing(0), NOW_MS);
+        let first = check_of(&mut seq, append(2, "a"), 1);
+        load(&mut seq, &first, &[]);
+        seq.checked(conversation(2), loaded(0), NOW_MS);
         seq.submit(append(2, "b"), 2);
         seq.commit_failed(conversation(2), &key("a"));
         let (outcomes, next) = seq.checked(conversation(2), CheckResult::default(), NOW_MS);
@@ -835,17 +841,19 @@ mod tests {
         let next = next.unwrap();
         assert_eq!(
             next.load,
-            vec![device()],
+            vec![(device(), 2)],
             "what the failed commit stored is unknown: reload"
         );
         assert!(next.first_use);
         assert_eq!(seq.sent_records, 0);
-        // The load fails with the check: the next check loads again.
-        seq.check_failed(conversation(2));
-        let Admission::Check(check) = seq.submit(append(2, "c"), 3) else {
-            panic!("expected a check");
-        };
-        assert_eq!(check.load, vec![device()]);
+        // A late answer to the first load changes nothing.
+        load(&mut seq, &first, &["x"]);
+        assert_eq!(seq.sent_records, 0);
+        // The load fails: the next check loads again.
+        seq.load_failed(conversation(2), device(), 2);
+        seq.checked(conversation(2), loaded(1), NOW_MS);
+        let check = check_of(&mut seq, append(2, "c"), 3);
+        assert_eq!(check.load, vec![(device(), 3)]);
     }
 
     #[test]
@@ -854,23 +862,19 @@ mod tests {
             max_sent_records: 3,
             ..sequencer(100, 100).limits
         });
-        seq.submit(append(2, "a"), 1);
-        let result = CheckResult {
-            loaded: vec![(device(), Some(vec!["x".to_owned(), "y".to_owned()]))],
-            ..loaded(0)
-        };
-        seq.checked(conversation(2), result, NOW_MS);
+        let check = check_of(&mut seq, append(2, "a"), 1);
+        load(&mut seq, &check, &["x", "y"]);
+        seq.checked(conversation(2), loaded(0), NOW_MS);
         assert_eq!(seq.sent_records, 2);
         seq.committed(conversation(2), &key("a"), stored(1));
         assert_eq!(seq.sent_records, 3);
-        seq.submit(append(3, "a"), 2);
-        seq.checked(conversation(3), loaded_nothing(0), NOW_MS);
+        let check = check_of(&mut seq, append(3, "a"), 2);
+        load(&mut seq, &check, &[]);
+        seq.checked(conversation(3), loaded(0), NOW_MS);
         seq.committed(conversation(3), &key("a"), stored(1));
         assert_eq!(seq.sent_records, 0, "past the limit, the loaded sets go");
-        let Admission::Check(check) = seq.submit(append(2, "b"), 3) else {
-            panic!("expected a check");
-        };
-        assert_eq!(check.load, vec![device()]);
+        let check = check_of(&mut seq, append(2, "b"), 3);
+        assert_eq!(check.load, vec![(device(), 3)]);
     }
 
     /// Gap-free and idempotent under every interleaving: two conversations (one
@@ -906,6 +910,19 @@ mod tests {
             let mut seq = sequencer(rng.random_range(4..64), 1);
             let mut store: HashMap<ConversationId, Stored> = HashMap::new();
             let mut checks: Vec<Check> = Vec::new();
+            // Loads under way: (conversation, device, ticket, the ids read if
+            // the store was read when the load started, else read when it ends).
+            let mut loads: Vec<(ConversationId, DeviceId, u64, Option<Vec<String>>)> = Vec::new();
+            let ids_of =
+                |store: &HashMap<ConversationId, Stored>, id: ConversationId, device: DeviceId| -> Vec<String> {
+                    store.get(&id).map_or_else(Vec::new, |s| {
+                        s.by_key
+                            .keys()
+                            .filter(|(d, _)| *d == device)
+                            .map(|(_, m)| m.clone())
+                            .collect()
+                    })
+                };
             let mut assigned: HashMap<ConversationId, VecDeque<(Seq, SendKey, u32)>> = HashMap::new();
             let mut asked: HashMap<u32, (ConversationId, SendKey)> = HashMap::new();
             let mut answers: HashMap<u32, Option<Seq>> = HashMap::new();
@@ -934,22 +951,6 @@ mod tests {
                             Some((key.clone(), StoredSend { seq, server_time_ms: 0 }))
                         })
                         .collect(),
-                    loaded: check
-                        .load
-                        .iter()
-                        .map(|device| {
-                            let ids = stored
-                                .map(|s| {
-                                    s.by_key
-                                        .keys()
-                                        .filter(|(d, _)| d == device)
-                                        .map(|(_, id)| id.clone())
-                                        .collect()
-                                })
-                                .unwrap_or_default();
-                            (*device, Some(ids))
-                        })
-                        .collect(),
                     ..CheckResult::default()
                 };
                 let (outcomes, next) = seq.checked(check.conversation, result, NOW_MS);
@@ -967,7 +968,13 @@ mod tests {
                 checks.extend(next);
             };
             for step in 0..rng.random_range(1..120) {
-                match rng.random_range(0..3) {
+                for check in &mut checks {
+                    for (device, ticket) in check.load.drain(..) {
+                        let early = rng.random_bool(0.5).then(|| ids_of(&store, check.conversation, device));
+                        loads.push((check.conversation, device, ticket, early));
+                    }
+                }
+                match rng.random_range(0..4) {
                     0 => {
                         let reply = step;
                         let mut sent = append(rng.random_range(2..4), &format!("m{}", rng.random_range(0..6)));
@@ -982,6 +989,16 @@ mod tests {
                     1 if !checks.is_empty() => {
                         let check = checks.swap_remove(rng.random_range(0..checks.len()));
                         run_check(&mut seq, &store, check, &mut checks, &mut assigned, &mut answers);
+                    }
+                    2 if !loads.is_empty() => {
+                        let (id, device, ticket, early) = loads.swap_remove(rng.random_range(0..loads.len()));
+                        match rng.random_bool(0.9) {
+                            true => {
+                                let ids = early.unwrap_or_else(|| ids_of(&store, id, device));
+                                seq.loaded(id, device, ticket, Some(ids));
+                            }
+                            false => seq.load_failed(id, device, ticket),
+                        }
                     }
                     _ => {
                         let Some((&id, queue)) = assigned.iter_mut().find(|(_, queue)| !queue.is_empty()) else {

@@ -11,7 +11,7 @@ use super::mesh::{AppendReply, Arrivals, Delivery, ShardMsg};
 use super::{Shard, ShardId};
 use crate::chat::{
     Admission, Assigned, ChatError, Check, CheckResult, Outcome, ReceiptCoalescer, SendAck, Sequencer, SequencerLimits,
-    Signal, lookup, message_frame,
+    Signal, load_sent, lookup, message_frame,
 };
 use crate::clock::unix_ms;
 use crate::store::{GroupEvent, StoredSend};
@@ -74,13 +74,14 @@ pub(super) fn submit(shard: &Rc<Shard>, append: Append, mut reply: AppendReply) 
     let admission = shard.owner.sequencer.borrow_mut().submit(append, reply);
     match admission {
         Admission::Queued => {}
-        Admission::Check(check) if !check.needs_store() => {
-            let next = resolve(shard, check.conversation, Ok(CheckResult::default()));
-            if let Some(next) = next {
+        Admission::Check(mut check) => {
+            start_loads(shard, &mut check);
+            if check.needs_store() {
+                shard.spawn_core(run_check(shard.clone(), check));
+            } else if let Some(next) = resolve(shard, check.conversation, Ok(CheckResult::default())) {
                 shard.spawn_core(run_check(shard.clone(), next));
             }
         }
-        Admission::Check(check) => shard.spawn_core(run_check(shard.clone(), check)),
         Admission::Overloaded(append, reply) => {
             tracing::warn!(conversation = %append.conversation, "owner shard overloaded: refusing append");
             let _ = reply.send(Err(ChatError::Overloaded));
@@ -92,7 +93,8 @@ pub(super) fn submit(shard: &Rc<Shard>, append: Append, mut reply: AppendReply) 
 /// conversation's seqs continue and checks its members exist), then assigns seqs.
 async fn run_check(shard: Rc<Shard>, check: Check) {
     let mut check = Some(check);
-    while let Some(current) = check.take() {
+    while let Some(mut current) = check.take() {
+        start_loads(&shard, &mut current);
         let conversation = current.conversation;
         let result = match current.needs_store() {
             true => {
@@ -106,6 +108,27 @@ async fn run_check(shard: Rc<Shard>, check: Check) {
             false => Ok(CheckResult::default()),
         };
         check = resolve(&shard, conversation, result);
+    }
+}
+
+/// Starts the loads of device ids `check` asks for, beside it: the check does
+/// not wait for them.
+fn start_loads(shard: &Rc<Shard>, check: &mut Check) {
+    let conversation = check.conversation;
+    for (device, ticket) in check.load.drain(..) {
+        let shard_for_load = shard.clone();
+        shard.spawn_core(async move {
+            let shard = shard_for_load;
+            let ids = load_sent(shard.store.as_ref(), conversation, device).await;
+            let mut sequencer = shard.owner.sequencer.borrow_mut();
+            match ids {
+                Ok(ids) => sequencer.loaded(conversation, device, ticket, ids),
+                Err(err) => {
+                    tracing::warn!(%conversation, error = %err, "listing a device's sends failed");
+                    sequencer.load_failed(conversation, device, ticket);
+                }
+            }
+        });
     }
 }
 
