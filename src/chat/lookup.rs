@@ -1,14 +1,11 @@
 //! The owner's store reads before it sequences: the idempotency lookup (is
 //! this append a retry of one already stored?) and what a conversation's first
 //! use needs. The sequencer says what to read ([`Check`]); this reads it.
-//! Beside it, [`load_sent`] lists a device's stored ids for the owner to
-//! remember.
 
 use super::ChatError;
-use super::sent::MAX_PER_SET;
 use super::sequencer::{Check, CheckResult};
-use crate::store::{Store, StoreError};
-use confab_protocol::ids::{ConversationId, DeviceId};
+use crate::store::Store;
+use confab_protocol::ids::ConversationId;
 
 /// Reads what the sequencer's `check` asks for: the sends already stored under
 /// the queued appends' keys since `since_ms` (the deduplication window), the
@@ -30,10 +27,7 @@ pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<Ch
         }
         last_seq = Some(store.last_seq(check.conversation).await?);
     }
-    let stored = match check.keys.is_empty() {
-        true => Default::default(),
-        false => store.find_sends(check.conversation, check.keys, since_ms).await?,
-    };
+    let stored = store.find_sends(check.conversation, check.keys, since_ms).await?;
     let targets = match check.targets.is_empty() {
         true => Default::default(),
         false => store.messages_at(check.conversation, check.targets).await?,
@@ -44,15 +38,4 @@ pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<Ch
         stored,
         targets,
     })
-}
-
-/// The ids `device` stored sends under in `conversation`, for the owner to
-/// remember ([`Check::load`]); `None` when there are too many to keep or the
-/// store cannot list them all.
-pub async fn load_sent(
-    store: &dyn Store,
-    conversation: ConversationId,
-    device: DeviceId,
-) -> Result<Option<Vec<String>>, StoreError> {
-    store.sent_ids(conversation, device, MAX_PER_SET).await
 }
