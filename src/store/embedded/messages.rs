@@ -15,10 +15,7 @@ use std::collections::HashMap;
 #[async_trait]
 impl MessageStore for EmbeddedStore {
     async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
-        match self.append_in_place(messages) {
-            Ok(committed) => committed.await.map_err(|_| StoreError::Closed)?,
-            Err(messages) => self.write(|reply| WriteJob::Append(messages, reply)).await,
-        }
+        self.append_in_place_or_queue(messages).await
     }
 
     async fn find_sends(
