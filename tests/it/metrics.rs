@@ -66,6 +66,11 @@ async fn a_scrape_after_a_send_finds_every_stage_and_the_gauges() {
         }
         let write_buffer = sample(&body, "confab_store_write_buffer_bytes");
         assert!(write_buffer.is_some_and(|bytes| bytes > 0.0), "{body}");
+        let appends: f64 = ["in_place", "writer"]
+            .iter()
+            .filter_map(|path| sample(&body, &format!("confab_store_appends_total{{path=\"{path}\"}}")))
+            .sum();
+        assert!(appends >= 1.0, "the send's batch is counted:\n{body}");
     }
     node.shutdown().await;
 }

@@ -15,7 +15,16 @@ use std::collections::HashMap;
 #[async_trait]
 impl MessageStore for EmbeddedStore {
     async fn append_messages(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
-        self.append_in_place_or_queue(messages).await
+        match self.append_in_place(messages) {
+            Ok(committed) => {
+                self.appended_in_place.increment(1);
+                committed.await.map_err(|_| StoreError::Closed)?
+            }
+            Err(messages) => {
+                self.appended_by_writer.increment(1);
+                self.write(|reply| WriteJob::Append(messages, reply)).await
+            }
+        }
     }
 
     async fn find_sends(

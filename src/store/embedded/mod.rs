@@ -81,10 +81,6 @@ const MAX_CACHED_FILES: usize = 256;
 /// too.
 const MAX_JOURNALING_BYTES: u64 = 128 * 1024 * 1024;
 
-/// Turns an append waits for the writer to be free before the writer thread
-/// takes it instead.
-const MAX_TURNS: usize = 8;
-
 /// Jobs queued for the writer before `append_messages` and friends wait.
 const WRITE_QUEUE: usize = 16 * 1024;
 
@@ -121,9 +117,6 @@ struct Shared {
     view: RwLock<Option<View>>,
     /// Whether writes are taken, and if not, why.
     condition: RwLock<Condition>,
-    /// Told after each batch, once the writer is unlocked: appends waiting for
-    /// their turn to commit in place try again.
-    writer_free: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -210,7 +203,6 @@ impl EmbeddedStore {
         let shared = Arc::new(Shared {
             view: RwLock::new(Some(View::latest(inner.clone()))),
             condition: RwLock::new(Condition::Healthy),
-            writer_free: tokio::sync::Notify::new(),
         });
         let (jobs, queued) = mpsc::channel(WRITE_QUEUE);
         let writer = Arc::new(Mutex::new(Writer::new(shared.clone(), inner, path.clone(), config)));
@@ -236,45 +228,28 @@ impl EmbeddedStore {
         result.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Commits `messages` on the caller's thread (buffered durability) when
-    /// the writer is free, else waits for its turn without blocking the
-    /// thread: another shard's batch takes tens of microseconds, and the
-    /// writer thread's hand-off and reply (two wake-ups, a third thread on the
-    /// cores) cost more than waiting. After [`MAX_TURNS`] turns lost, or when
-    /// appends may not commit in place, the writer thread takes them.
-    async fn append_in_place_or_queue(&self, messages: Vec<MessageRecord>) -> Result<(), StoreError> {
-        let mut messages = messages;
-        for _ in 0..MAX_TURNS {
-            // A failed database is reopened by the writer thread, which may wait
-            // seconds for readers to let go of it: never on a shard.
-            let failed = matches!(
-                *self.shared.condition.read().unwrap_or_else(PoisonError::into_inner),
-                Condition::Failed(_)
-            );
-            if !self.appends_in_place || failed {
-                break;
-            }
-            let turn = self.shared.writer_free.notified();
-            tokio::pin!(turn);
-            turn.as_mut().enable();
-            let committed = match self.writer.try_lock() {
-                Ok(mut writer) => {
-                    let (reply, committed) = oneshot::channel();
-                    writer.commit(&mut vec![WriteJob::Append(std::mem::take(&mut messages), reply)]);
-                    Some(committed)
-                }
-                Err(_) => None,
-            };
-            let Some(committed) = committed else {
-                turn.await;
-                continue;
-            };
-            self.shared.writer_free.notify_waiters();
-            self.appended_in_place.increment(1);
-            return committed.await.map_err(|_| StoreError::Closed)?;
+    /// With buffered durability, commits `messages` on this thread if the
+    /// writer is free; hands them back if it is busy, failed, or the store is
+    /// synchronous, to be queued instead.
+    fn append_in_place(
+        &self,
+        messages: Vec<MessageRecord>,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, Vec<MessageRecord>> {
+        // A failed database is reopened by the writer thread, which may wait
+        // seconds for readers to let go of it: never on a shard.
+        let failed = matches!(
+            *self.shared.condition.read().unwrap_or_else(PoisonError::into_inner),
+            Condition::Failed(_)
+        );
+        if !self.appends_in_place || failed {
+            return Err(messages);
         }
-        self.appended_by_writer.increment(1);
-        self.write(|reply| WriteJob::Append(messages, reply)).await
+        let Ok(mut writer) = self.writer.try_lock() else {
+            return Err(messages);
+        };
+        let (reply, committed) = oneshot::channel();
+        writer.commit(&mut vec![WriteJob::Append(messages, reply)]);
+        Ok(committed)
     }
 
     /// Runs `read` on the blocking pool against the last durable state.

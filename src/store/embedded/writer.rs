@@ -4,12 +4,12 @@
 //!
 //! One [`Writer`] behind a mutex, so one batch at a time. Its thread drains the
 //! queue of jobs; with `durability = "buffered"`, a shard that appends messages
-//! commits them itself, waiting (without blocking its thread) for its turn while
-//! another batch holds the writer (see `EmbeddedStore::append_in_place_or_queue`):
-//! the batch is a journal write and memtable inserts, microseconds, and the
-//! hand-off to the writer thread and back (two wake-ups on a busy machine) was
-//! most of a send's time between sequenced and committed. With `"sync"`, every
-//! batch goes through the thread, whose fsync covers whatever queued meanwhile.
+//! while the writer is free commits them itself (see
+//! `EmbeddedStore::append_messages`): the batch is a journal write and memtable
+//! inserts, microseconds, and the hand-off to the writer thread and back (two
+//! wake-ups on a busy machine) was most of a send's time between sequenced and
+//! committed. With `"sync"`, every batch goes through the thread, whose fsync
+//! covers whatever queued meanwhile.
 //!
 //! Faults pass instead of ending the store:
 //! - Before each batch the writer checks the free space under the data dir; below
@@ -182,10 +182,7 @@ impl Writer {
     /// The writer thread: commits what is queued, a batch at a time, until the
     /// store is closed.
     pub(super) fn run(writer: &Mutex<Self>, mut jobs: mpsc::Receiver<WriteJob>) {
-        let (max_batch, shared) = {
-            let writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
-            (writer.max_batch, writer.shared.clone())
-        };
+        let max_batch = writer.lock().unwrap_or_else(PoisonError::into_inner).max_batch;
         let mut queue = Vec::with_capacity(max_batch);
         while let Some(job) = jobs.blocking_recv() {
             queue.push(job);
@@ -195,13 +192,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let closed = {
-                let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
-                writer.commit(&mut queue);
-                writer.closed
-            };
-            shared.writer_free.notify_waiters();
-            if closed {
+            let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
+            writer.commit(&mut queue);
+            if writer.closed {
                 break;
             }
         }
