@@ -359,6 +359,141 @@ async fn quic_refuses_a_wrong_alpn_and_closes_on_garbage() {
     node.shutdown().await;
 }
 
+/// A UDP relay between a QUIC client and `server` that passes the client's
+/// first flight (until the server first answers) and nothing after it: the
+/// server sees what a replay of captured packets looks like, a ClientHello with
+/// early data whose handshake never completes.
+async fn first_flight_only(server: std::net::SocketAddr) -> std::net::SocketAddr {
+    let outside = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let inside = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    inside.connect(server).await.unwrap();
+    let addr = outside.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut up, mut down) = (vec![0; 65536], vec![0; 65536]);
+        let mut client = None;
+        let mut answered = false;
+        loop {
+            tokio::select! {
+                Ok((len, from)) = outside.recv_from(&mut up) => {
+                    client = Some(from);
+                    if !answered {
+                        let _ = inside.send(&up[..len]).await;
+                    }
+                }
+                Ok(len) = inside.recv(&mut down) => {
+                    answered = true;
+                    if let Some(client) = client {
+                        let _ = outside.send_to(&down[..len], client).await;
+                    }
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// Early data can be replayed by whoever captured it. A replayed connection
+/// never completes its handshake, so the frames the server reads before the
+/// handshake completes are screened: a `Send` among them is refused and stores
+/// nothing, even after an `Authenticate` in the same early data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_in_replayable_0rtt_data_is_refused_and_stores_nothing() {
+    use confab_client::proto::{self, ClientFrame, client_frame::Kind};
+    let mut node = TestServer::start(1).await;
+    let (alice, alice_login, _) = new_user(node.addr, "early").await;
+    let (bob, bob_login, _) = new_user(node.addr, "early").await;
+    let server = node.server.as_ref().unwrap();
+    let pin = parse_fingerprint(server.quic_fingerprint().unwrap()).unwrap();
+    let tls = confab_client::pinned_tls_config(pin, &[confab_client::QUIC_ALPN]).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let addr = server.quic_addr().unwrap();
+    let frame = |request_id: u64, kind: Kind| {
+        confab_proto::encode_frame(&ClientFrame {
+            request_id,
+            kind: Some(kind),
+        })
+    };
+    let hello = frame(
+        1,
+        Kind::Hello(proto::Hello {
+            protocol_version: proto::ProtocolVersion::V1 as i32,
+            client_name: "early".into(),
+            client_version: "0".into(),
+        }),
+    );
+
+    // A first connection, whose handshake leaves a session ticket.
+    let first = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = first.open_bi().await.unwrap();
+    send.write_all(&hello).await.unwrap();
+    let mut welcome = vec![0; 4096];
+    let read = within(WAIT, recv.read(&mut welcome)).await.unwrap().unwrap();
+    assert!(read > 0, "no Welcome");
+    first.close(0u32.into(), b"done");
+
+    // The second says Hello, authenticates and sends, all as early data, and
+    // only its first flight reaches the server.
+    let relay = first_flight_only(addr).await;
+    let (second, _) = endpoint
+        .connect(relay, "localhost")
+        .unwrap()
+        .into_0rtt()
+        .unwrap_or_else(|_| panic!("no session ticket for 0-RTT"));
+    let (mut send, mut recv) = second.open_bi().await.unwrap();
+    let authenticate = frame(
+        2,
+        Kind::Authenticate(proto::Authenticate {
+            access_token: alice_login.tokens.clone().unwrap().access_token,
+            resume: None,
+        }),
+    );
+    let message = frame(
+        3,
+        Kind::Send(proto::Send {
+            conversation: Some(proto::ConversationRef {
+                target: Some(Target::DirectUserId(bob_login.user_id)),
+            }),
+            client_msg_id: "replayable".into(),
+            body: "sent in 0-RTT".into(),
+        }),
+    );
+    send.write_all(&[hello, authenticate, message].concat()).await.unwrap();
+
+    // The server answers (its packets still reach the client) with the
+    // refusal of request 3 and ends the session (it closes the connection with
+    // code 3, which a client that cannot finish its handshake may not see).
+    let decoder = confab_proto::FrameDecoder::new(1024 * 1024);
+    let mut buf = bytes::BytesMut::new();
+    let mut frames: Vec<proto::ServerFrame> = Vec::new();
+    let mut chunk = vec![0; 4096];
+    while !frames.iter().any(|frame| frame.request_id == 3) {
+        match within(WAIT, recv.read(&mut chunk)).await {
+            Ok(Some(read)) => buf.extend_from_slice(&chunk[..read]),
+            ended => panic!("the stream ended ({ended:?}) after {frames:?}"),
+        }
+        frames.extend(std::iter::from_fn(|| decoder.decode(&mut buf).unwrap()));
+    }
+    assert!(
+        frames.iter().any(|frame| frame.request_id == 3
+            && matches!(&frame.kind, Some(server_frame::Kind::Error(error)) if error.code == ErrorCode::BadRequest as i32)),
+        "{frames:?}"
+    );
+    assert!(
+        !frames
+            .iter()
+            .any(|frame| matches!(frame.kind, Some(server_frame::Kind::SendAck(_)))),
+        "{frames:?}"
+    );
+    drop(second);
+    // The first real message is seq 1, and Bob gets only it.
+    let ack = alice.send_direct(bob_login.user_id, "real", "hello").await.unwrap();
+    assert_eq!(ack.seq, 1, "the early Send was stored");
+    assert_eq!(within(WAIT, bob.next_message()).await.unwrap().body, "hello");
+    node.shutdown().await;
+}
+
 /// Self-signed certificates used to change on every start, so a client's pin
 /// broke with each restart. They are kept in the data dir (0700, key 0600).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
