@@ -359,10 +359,52 @@ async fn quic_refuses_a_wrong_alpn_and_closes_on_garbage() {
     node.shutdown().await;
 }
 
-/// A UDP relay between a QUIC client and `server` that passes the client's
-/// first flight (until the server first answers) and nothing after it: the
-/// server sees what a replay of captured packets looks like, a ClientHello with
-/// early data whose handshake never completes.
+/// The types of the QUIC packets coalesced in a datagram (RFC 9000 §17): 0
+/// Initial, 1 0-RTT, 2 Handshake, 3 Retry, 4 for a short-header (1-RTT) packet.
+fn quic_packet_types(datagram: &[u8]) -> Vec<u8> {
+    fn varint(bytes: &[u8], at: &mut usize) -> Option<usize> {
+        let first = *bytes.get(*at)?;
+        let len = 1 << (first >> 6);
+        let mut value = u64::from(first & 0x3f);
+        for byte in bytes.get(*at + 1..*at + len)? {
+            value = (value << 8) | u64::from(*byte);
+        }
+        *at += len;
+        usize::try_from(value).ok()
+    }
+    let mut types = Vec::new();
+    let mut at = 0;
+    while let Some(&first) = datagram.get(at) {
+        if first & 0x80 == 0 {
+            types.push(4);
+            break;
+        }
+        let kind = (first >> 4) & 0x03;
+        types.push(kind);
+        at += 5;
+        for _ in 0..2 {
+            let Some(&len) = datagram.get(at) else { return types };
+            at += 1 + usize::from(len);
+        }
+        if kind == 0 {
+            let Some(token) = varint(datagram, &mut at) else {
+                return types;
+            };
+            at += token;
+        }
+        let Some(len) = varint(datagram, &mut at) else {
+            return types;
+        };
+        at += len;
+    }
+    types
+}
+
+/// A UDP relay between a QUIC client and `server` that lets the server see
+/// what a replay of captured packets looks like: the client's first flight
+/// (its ClientHello and 0-RTT data) and nothing after, so the handshake never
+/// completes. The server's answers are held until the client's early data has
+/// passed, so the client cannot finish its handshake first.
 async fn first_flight_only(server: std::net::SocketAddr) -> std::net::SocketAddr {
     let outside = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let inside = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -371,20 +413,27 @@ async fn first_flight_only(server: std::net::SocketAddr) -> std::net::SocketAddr
     tokio::spawn(async move {
         let (mut up, mut down) = (vec![0; 65536], vec![0; 65536]);
         let mut client = None;
+        let mut early_passed = false;
+        let mut held: Vec<Vec<u8>> = Vec::new();
         let mut answered = false;
         loop {
             tokio::select! {
                 Ok((len, from)) = outside.recv_from(&mut up) => {
                     client = Some(from);
-                    if !answered {
-                        let _ = inside.send(&up[..len]).await;
+                    let types = quic_packet_types(&up[..len]);
+                    let only_early = types.iter().all(|kind| *kind == 1);
+                    if answered && !only_early {
+                        continue;
                     }
+                    let _ = inside.send(&up[..len]).await;
+                    early_passed |= types.contains(&1);
                 }
-                Ok(len) = inside.recv(&mut down) => {
+                Ok(len) = inside.recv(&mut down) => held.push(down[..len].to_vec()),
+            }
+            if early_passed && let Some(client) = client {
+                for datagram in held.drain(..) {
                     answered = true;
-                    if let Some(client) = client {
-                        let _ = outside.send_to(&down[..len], client).await;
-                    }
+                    let _ = outside.send_to(&datagram, client).await;
                 }
             }
         }
