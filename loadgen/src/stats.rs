@@ -170,6 +170,14 @@ impl Report {
                 };
                 text += &format!("  {name} p99 {:.3} max {:.3}", quantile("0.99"), quantile("1"));
             }
+            let appends = |path: &str| {
+                metrics
+                    .get(&format!("confab_store_appends_total{{path=\"{path}\"}}"))
+                    .copied()
+            };
+            if let (Some(in_place), Some(writer)) = (appends("in_place"), appends("writer")) {
+                text += &format!("  batches {:.0} in place, {:.0} by the writer thread", in_place, writer);
+            }
             text += "\n";
         }
         match self.violations.len() {
