@@ -91,7 +91,8 @@ pub struct ServerConfig {
     pub pin_threads: bool,
     /// Connections accepted at once across all shards; further connects wait in the backlog.
     pub max_connections: usize,
-    /// Time a new connection has to send Hello.
+    /// Time a new connection has to send Hello (and a QUIC connection that
+    /// began with 0-RTT data, to complete its handshake).
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// Time a new connection has to authenticate.

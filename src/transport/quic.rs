@@ -23,6 +23,9 @@
 //! replayed by an attacker, so frames read before the handshake completes are
 //! marked [`Inbound::Early`], and the session accepts only idempotent ones
 //! (`confab_protocol::Session::screen_early`); anything else closes the connection.
+//! A session starts on the early data, before the handshake completes, so a
+//! connection whose handshake has not completed within `server.handshake_timeout`
+//! is closed: a replay never completes it.
 //!
 //! Application close codes are listed in [`close_code`] and PROTOCOL.md.
 
@@ -33,6 +36,7 @@ use super::stream::{ByteSource, StreamFrames, write_frames};
 use super::tls::Identity;
 use bytes::BytesMut;
 use futures::FutureExt as _;
+use futures::future::Shared;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, EndpointConfig, RecvStream, SendStream, VarInt, ZeroRttAccepted};
 use std::net::SocketAddr;
@@ -252,6 +256,14 @@ async fn serve<H: Handler>(context: Rc<Context<H>>, handoff: Handoff) {
         permit: _permit,
     } = handoff;
     let peer = connection.remote_address();
+    let handshake_done = handshake_done.map(|done| done.shared());
+    if let Some(done) = handshake_done.clone() {
+        tokio::spawn(close_unless_handshaken(
+            connection.clone(),
+            done,
+            context.handshake_timeout,
+        ));
+    }
     let source = QuicFrames {
         frames: StreamFrames::new(Chunks(recv), context.max_frame_bytes),
         early: match handshake_done {
@@ -268,6 +280,18 @@ async fn serve<H: Handler>(context: Rc<Context<H>>, handoff: Handoff) {
     })
     .await;
     connection.close(close_code(closed), b"");
+}
+
+/// Closes a connection taken with 0-RTT whose handshake has not completed by
+/// `limit`. Its session started on the early data alone, and a replay of
+/// someone's captured first flight never completes the handshake: without
+/// this, each replayed datagram would hold a session (and an admission permit)
+/// until the idle timeout.
+async fn close_unless_handshaken(connection: Connection, done: Shared<ZeroRttAccepted>, limit: Duration) {
+    if tokio::time::timeout(limit, done).await.is_err() {
+        tracing::info!(peer = %connection.remote_address(), "QUIC handshake not completed in time; closing");
+        connection.close(close_code(Closed::Timeout), b"handshake timeout");
+    }
 }
 
 /// Frames from the session stream, screening 0-RTT frames.
@@ -300,7 +324,7 @@ impl ByteSource for Chunks {
 /// Whether a frame read now may be 0-RTT data, which an attacker can replay.
 enum Early {
     /// Until the handshake completes.
-    Until(ZeroRttAccepted),
+    Until(Shared<ZeroRttAccepted>),
     /// The handshake completed: the peer holds the keys, so what it sent, early
     /// or not, is its own and not a replay (a replay never completes one).
     Over,

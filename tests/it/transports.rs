@@ -444,14 +444,43 @@ async fn first_flight_only(server: std::net::SocketAddr) -> std::net::SocketAddr
 /// Early data can be replayed by whoever captured it. A replayed connection
 /// never completes its handshake, so the frames the server reads before the
 /// handshake completes are screened: a `Send` among them is refused and stores
-/// nothing, even after an `Authenticate` in the same early data.
+/// nothing, even after an `Authenticate` in the same early data. And a
+/// replayed session does not outlive the handshake timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_send_in_replayable_0rtt_data_is_refused_and_stores_nothing() {
+async fn replayed_0rtt_data_sends_nothing_and_its_session_ends_at_the_handshake_timeout() {
     use confab_client::proto::{self, ClientFrame, client_frame::Kind};
-    let mut node = TestServer::start(1).await;
-    let (alice, alice_login, _) = new_user(node.addr, "early").await;
+    let mut node = TestServer::start_with(
+        1,
+        &[
+            ("CONFAB_SERVER__HANDSHAKE_TIMEOUT", "3s"),
+            ("CONFAB_METRICS__LISTEN", "127.0.0.1:0"),
+        ],
+    )
+    .await;
+    let (alice, _, alice_name) = new_user(node.addr, "early").await;
     let (bob, bob_login, _) = new_user(node.addr, "early").await;
+    // The early data authenticates Alice's phone, which is not connected.
+    let (phone, phone_login) = common::second_device(node.addr, &alice_name).await;
+    drop(phone);
     let server = node.server.as_ref().unwrap();
+    let metrics = server.metrics_addr().unwrap();
+    let sessions_become = |expected: f64| async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let series = "confab_connections{shard=\"0\"}";
+        loop {
+            let now = common::sample(&common::scrape(metrics).await, series);
+            if now == Some(expected) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never {expected} sessions (still {now:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    sessions_become(2.0).await;
+
     let pin = parse_fingerprint(server.quic_fingerprint().unwrap()).unwrap();
     let tls = confab_client::pinned_tls_config(pin, &[confab_client::QUIC_ALPN]).unwrap();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
@@ -472,29 +501,10 @@ async fn a_send_in_replayable_0rtt_data_is_refused_and_stores_nothing() {
             client_version: "0".into(),
         }),
     );
-
-    // A first connection, whose handshake leaves a session ticket.
-    let first = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
-    let (mut send, mut recv) = first.open_bi().await.unwrap();
-    send.write_all(&hello).await.unwrap();
-    let mut welcome = vec![0; 4096];
-    let read = within(WAIT, recv.read(&mut welcome)).await.unwrap().unwrap();
-    assert!(read > 0, "no Welcome");
-    first.close(0u32.into(), b"done");
-
-    // The second says Hello, authenticates and sends, all as early data, and
-    // only its first flight reaches the server.
-    let relay = first_flight_only(addr).await;
-    let (second, _) = endpoint
-        .connect(relay, "localhost")
-        .unwrap()
-        .into_0rtt()
-        .unwrap_or_else(|_| panic!("no session ticket for 0-RTT"));
-    let (mut send, mut recv) = second.open_bi().await.unwrap();
     let authenticate = frame(
         2,
         Kind::Authenticate(proto::Authenticate {
-            access_token: alice_login.tokens.clone().unwrap().access_token,
+            access_token: phone_login.tokens.clone().unwrap().access_token,
             resume: None,
         }),
     );
@@ -508,22 +518,59 @@ async fn a_send_in_replayable_0rtt_data_is_refused_and_stores_nothing() {
             body: "sent in 0-RTT".into(),
         }),
     );
-    send.write_all(&[hello, authenticate, message].concat()).await.unwrap();
+    // Sends `early` as the early data of a connection of which only the first
+    // flight reaches the server (after a full connection that leaves a session
+    // ticket), and reads the replies until one to `last` arrives.
+    let replay = |early: Vec<u8>, last: u64| {
+        let endpoint = endpoint.clone();
+        let hello = hello.clone();
+        async move {
+            let first = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+            let (mut send, mut recv) = first.open_bi().await.unwrap();
+            send.write_all(&hello).await.unwrap();
+            let mut welcome = vec![0; 4096];
+            let read = within(WAIT, recv.read(&mut welcome)).await.unwrap().unwrap();
+            assert!(read > 0, "no Welcome");
+            first.close(0u32.into(), b"done");
 
-    // The server answers (its packets still reach the client) with the
-    // refusal of request 3 and ends the session (it closes the connection with
-    // code 3, which a client that cannot finish its handshake may not see).
-    let decoder = confab_proto::FrameDecoder::new(1024 * 1024);
-    let mut buf = bytes::BytesMut::new();
-    let mut frames: Vec<proto::ServerFrame> = Vec::new();
-    let mut chunk = vec![0; 4096];
-    while !frames.iter().any(|frame| frame.request_id == 3) {
-        match within(WAIT, recv.read(&mut chunk)).await {
-            Ok(Some(read)) => buf.extend_from_slice(&chunk[..read]),
-            ended => panic!("the stream ended ({ended:?}) after {frames:?}"),
+            let relay = first_flight_only(addr).await;
+            let (connection, _) = endpoint
+                .connect(relay, "localhost")
+                .unwrap()
+                .into_0rtt()
+                .unwrap_or_else(|_| panic!("no session ticket for 0-RTT"));
+            let (mut send, mut recv) = connection.open_bi().await.unwrap();
+            send.write_all(&early).await.unwrap();
+            let decoder = confab_proto::FrameDecoder::new(1024 * 1024);
+            let mut buf = bytes::BytesMut::new();
+            let mut frames: Vec<proto::ServerFrame> = Vec::new();
+            let mut chunk = vec![0; 4096];
+            while !frames.iter().any(|frame| frame.request_id == last) {
+                match within(WAIT, recv.read(&mut chunk)).await {
+                    Ok(Some(read)) => buf.extend_from_slice(&chunk[..read]),
+                    ended => panic!("the stream ended ({ended:?}) after {frames:?}"),
+                }
+                frames.extend(std::iter::from_fn(|| decoder.decode(&mut buf).unwrap()));
+            }
+            (connection, frames)
         }
-        frames.extend(std::iter::from_fn(|| decoder.decode(&mut buf).unwrap()));
-    }
+    };
+
+    // Replayed Hello and Authenticate: the session is the phone's until the
+    // handshake timeout, not until the idle timeout (a minute).
+    let (_replayed, frames) = replay([hello.clone(), authenticate.clone()].concat(), 2).await;
+    assert!(
+        matches!(
+            frames.last().and_then(|f| f.kind.as_ref()),
+            Some(server_frame::Kind::Authenticated(_))
+        ),
+        "{frames:?}"
+    );
+    sessions_become(3.0).await;
+    sessions_become(2.0).await;
+
+    // A replayed Send is refused, whatever comes before it.
+    let (_replayed, frames) = replay([hello.clone(), authenticate, message].concat(), 3).await;
     assert!(
         frames.iter().any(|frame| frame.request_id == 3
             && matches!(&frame.kind, Some(server_frame::Kind::Error(error)) if error.code == ErrorCode::BadRequest as i32)),
@@ -535,8 +582,7 @@ async fn a_send_in_replayable_0rtt_data_is_refused_and_stores_nothing() {
             .any(|frame| matches!(frame.kind, Some(server_frame::Kind::SendAck(_)))),
         "{frames:?}"
     );
-    drop(second);
-    // The first real message is seq 1, and Bob gets only it.
+    // Nothing was stored: the first real message is seq 1, and Bob gets only it.
     let ack = alice.send_direct(bob_login.user_id, "real", "hello").await.unwrap();
     assert_eq!(ack.seq, 1, "the early Send was stored");
     assert_eq!(within(WAIT, bob.next_message()).await.unwrap().body, "hello");
