@@ -11,27 +11,38 @@ use confab_protocol::ids::ConversationId;
 /// the queued appends' keys since `since_ms` (the deduplication window), the
 /// messages edits and deletes target, and, on a conversation's first use, where
 /// its seqs continue, its group, and that a direct conversation's users exist.
+/// The reads are independent, so they run at once: every append of the
+/// conversation waits for the slowest, not for their sum.
 pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<CheckResult, ChatError> {
-    let mut last_seq = None;
-    let mut group = None;
-    if check.first_use {
-        match check.conversation {
-            ConversationId::Direct { .. } => {
-                for member in check.conversation.direct_members() {
-                    if store.user_by_id(member).await?.is_none() {
-                        return Err(ChatError::UnknownUser);
+    let conversation = check.conversation;
+    let first_use = async {
+        if !check.first_use {
+            return Ok((None, None));
+        }
+        let group = async {
+            match conversation {
+                ConversationId::Direct { .. } => {
+                    let missing = store.missing_users(conversation.direct_members().collect()).await?;
+                    match missing.is_empty() {
+                        true => Ok(None),
+                        false => Err(ChatError::UnknownUser),
                     }
                 }
+                ConversationId::Group(id) => Ok(store.group(id).await?),
             }
-            ConversationId::Group(id) => group = store.group(id).await?,
-        }
-        last_seq = Some(store.last_seq(check.conversation).await?);
-    }
-    let stored = store.find_sends(check.conversation, check.keys, since_ms).await?;
-    let targets = match check.targets.is_empty() {
-        true => Default::default(),
-        false => store.messages_at(check.conversation, check.targets).await?,
+        };
+        let last_seq = async { Ok::<_, ChatError>(store.last_seq(conversation).await?) };
+        let (group, last_seq) = futures::try_join!(group, last_seq)?;
+        Ok::<_, ChatError>((Some(last_seq), group))
     };
+    let stored = async { Ok::<_, ChatError>(store.find_sends(conversation, check.keys, since_ms).await?) };
+    let targets = async {
+        match check.targets.is_empty() {
+            true => Ok(Default::default()),
+            false => Ok::<_, ChatError>(store.messages_at(conversation, check.targets).await?),
+        }
+    };
+    let ((last_seq, group), stored, targets) = futures::try_join!(first_use, stored, targets)?;
     Ok(CheckResult {
         last_seq,
         group,
