@@ -296,6 +296,12 @@ pub struct ProtocolConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
+    /// Who may authenticate: accounts with passwords, tokens of the app's own
+    /// sign-in (JWT), or both.
+    pub mode: AuthMode,
+    /// `[auth.jwt]`: how tokens of the app's sign-in are checked (with `mode`
+    /// "jwt" or "both").
+    pub jwt: JwtConfig,
     /// Base64 key (at least 32 bytes) that signs access tokens. Empty: generated on first
     /// start and kept in <store.data_dir>/token.key.
     pub token_key: String,
@@ -320,6 +326,64 @@ pub struct AuthConfig {
     pub argon2_iterations: u32,
     /// Password hashes computed at once, node-wide. 0 = number of available cores.
     pub max_concurrent_hashes: usize,
+}
+
+/// Which credentials a node accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// confab's own accounts: sign-up, log-in with a password, confab's tokens.
+    Local,
+    /// Only tokens issued by the app's auth server (JWT); no passwords here.
+    Jwt,
+    /// Both: confab's accounts and the app's tokens.
+    Both,
+}
+
+impl AuthMode {
+    /// Whether confab's own accounts (passwords, confab's tokens) are accepted.
+    pub fn local(self) -> bool {
+        matches!(self, Self::Local | Self::Both)
+    }
+
+    /// Whether the app's tokens (JWT) are accepted.
+    pub fn jwt(self) -> bool {
+        matches!(self, Self::Jwt | Self::Both)
+    }
+}
+
+/// The `[auth.jwt]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Shared secret of HS256 tokens (at least 32 bytes); empty: HS256 is refused.
+    pub hs256_secret: String,
+    /// Where the app's auth server publishes its public keys (a JWKS document), for
+    /// RS256/384/512, PS256/384/512, ES256/384 and EdDSA tokens; empty: none.
+    /// https, or http to a loopback address.
+    pub jwks_url: String,
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Required `aud` claim (one of the token's audiences).
+    pub audience: String,
+    /// Clock difference allowed when checking `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// A token's user is the confab user named `<namespace>:<sub>`, created on first
+    /// sight; the namespace keeps them apart from password accounts.
+    pub namespace: String,
+    /// The claim naming the device (e.g. "sid"); empty, or absent from a token: the
+    /// device the client names in Authenticate, else "default".
+    pub device_claim: String,
+    /// Longest wait for the JWKS document.
+    #[serde(with = "humantime_serde")]
+    pub jwks_timeout: Duration,
+    /// The keys are fetched again this often ...
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh_interval: Duration,
+    /// ... and when a token names a key not known, but not more often than this.
+    #[serde(with = "humantime_serde")]
+    pub jwks_min_refetch_interval: Duration,
 }
 
 /// The `[chat]` section.
@@ -728,11 +792,56 @@ impl Config {
         if self.auth.argon2_memory_kib < 8 {
             return invalid("auth.argon2_memory_kib", "must be at least 8");
         }
+        if self.auth.mode.jwt() {
+            self.validate_jwt()?;
+        }
         if self.chat.max_group_members < 2 {
             return invalid("chat.max_group_members", "must be at least 2");
         }
         if self.chat.dedup_window < Duration::from_secs(1) {
             return invalid("chat.dedup_window", "must be at least 1s");
+        }
+        Ok(())
+    }
+
+    /// `[auth.jwt]` when tokens of the app's sign-in are accepted.
+    fn validate_jwt(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: format!("auth.jwt.{key}"),
+                message: message.to_owned(),
+            })
+        };
+        let jwt = &self.auth.jwt;
+        if jwt.hs256_secret.is_empty() && jwt.jwks_url.is_empty() {
+            return invalid(
+                "jwks_url",
+                "auth.mode accepts JWTs: set auth.jwt.jwks_url, auth.jwt.hs256_secret, or both",
+            );
+        }
+        if !jwt.hs256_secret.is_empty() && jwt.hs256_secret.len() < 32 {
+            return invalid("hs256_secret", "must be at least 32 bytes");
+        }
+        if !jwt.jwks_url.is_empty()
+            && let Err(err) = crate::auth::JwksUrl::parse(&jwt.jwks_url)
+        {
+            return invalid("jwks_url", &err.to_string());
+        }
+        if jwt.issuer.is_empty() {
+            return invalid("issuer", "must be set: a token's iss is always checked");
+        }
+        if jwt.audience.is_empty() {
+            return invalid("audience", "must be set: a token's aud is always checked");
+        }
+        let namespace_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-');
+        if !(1..=16).contains(&jwt.namespace.len()) || !jwt.namespace.chars().all(namespace_char) {
+            return invalid("namespace", "must be 1-16 characters of a-z, 0-9, '_', '-'");
+        }
+        if jwt.jwks_timeout.is_zero() || jwt.jwks_refresh_interval.is_zero() {
+            return invalid(
+                "jwks_timeout",
+                "auth.jwt.jwks_timeout and jwks_refresh_interval must not be zero",
+            );
         }
         Ok(())
     }
@@ -759,18 +868,25 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
     }
 }
 
-/// Applies `CONFAB_SECTION__KEY=value` if it names a key of the defaults (every
+/// Applies `CONFAB_SECTION__KEY=value` (or `CONFAB_SECTION__TABLE__KEY`) if it names a key of the defaults (every
 /// key has a default); returns whether it did. The value is read as a TOML value
 /// when it parses as one (numbers, booleans, lists), otherwise as a string.
 fn apply_env(table: &mut toml::Table, key: &str, value: &str) -> bool {
-    let Some((section, field)) = key.split_once("__") else {
+    let path: Vec<String> = key.split("__").map(str::to_ascii_lowercase).collect();
+    let Some((field, sections)) = path.split_last() else {
         return false;
     };
-    let (section, field) = (section.to_ascii_lowercase(), field.to_ascii_lowercase());
-    let Some(toml::Value::Table(section_table)) = table.get_mut(&section) else {
+    if sections.is_empty() {
         return false;
-    };
-    if !section_table.contains_key(&field) {
+    }
+    let mut section_table = table;
+    for section in sections {
+        match section_table.get_mut(section) {
+            Some(toml::Value::Table(inner)) => section_table = inner,
+            _ => return false,
+        }
+    }
+    if !section_table.contains_key(field) || matches!(section_table.get(field), Some(toml::Value::Table(_))) {
         return false;
     }
     let parsed = format!("v = {value}")
@@ -778,7 +894,7 @@ fn apply_env(table: &mut toml::Table, key: &str, value: &str) -> bool {
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_owned()));
-    section_table.insert(field, parsed);
+    section_table.insert(field.clone(), parsed);
     true
 }
 
@@ -836,6 +952,43 @@ mod tests {
             config.ignored_env,
             ["CONFAB_HOME", "CONFAB_NOSECTION__KEY", "CONFAB_SERVER__SHARDZ"]
         );
+    }
+
+    #[test]
+    fn jwt_mode_needs_keys_issuer_and_audience_and_takes_nested_env() {
+        let jwt = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("CONFAB_AUTH__MODE", "jwt")];
+            all.extend_from_slice(pairs);
+            Config::load_from(None, env(&all)).map_err(|err| err.to_string())
+        };
+        let complete = [
+            (
+                "CONFAB_AUTH__JWT__JWKS_URL",
+                "https://auth.example/.well-known/jwks.json",
+            ),
+            ("CONFAB_AUTH__JWT__ISSUER", "https://auth.example"),
+            ("CONFAB_AUTH__JWT__AUDIENCE", "chat"),
+        ];
+        let config = jwt(&complete).unwrap();
+        assert_eq!(config.auth.mode, AuthMode::Jwt);
+        assert_eq!(config.auth.jwt.audience, "chat");
+        for (missing, key) in [(0, "jwks_url"), (1, "issuer"), (2, "audience")] {
+            let mut pairs = complete.to_vec();
+            pairs.remove(missing);
+            let err = jwt(&pairs).unwrap_err();
+            assert!(err.contains(&format!("auth.jwt.{key}")), "{err}");
+        }
+        let mut plain_http = complete.to_vec();
+        plain_http[0].1 = "http://auth.example/jwks";
+        assert!(jwt(&plain_http).unwrap_err().contains("loopback"));
+        let mut short_secret = complete.to_vec();
+        short_secret.push(("CONFAB_AUTH__JWT__HS256_SECRET", "short"));
+        assert!(jwt(&short_secret).unwrap_err().contains("auth.jwt.hs256_secret"));
+        let mut bad_namespace = complete.to_vec();
+        bad_namespace.push(("CONFAB_AUTH__JWT__NAMESPACE", "Has:Colon"));
+        assert!(jwt(&bad_namespace).unwrap_err().contains("auth.jwt.namespace"));
+        // In local mode the section is not checked.
+        assert!(Config::defaults().unwrap().auth.mode == AuthMode::Local);
     }
 
     #[test]

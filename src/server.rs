@@ -2,7 +2,8 @@
 //! Also the node's lifecycle: [`Server::start`] and the two-phase
 //! [`Server::shutdown`].
 
-use crate::auth::{Accounts, HashError, KeyError, PasswordHasher, Throttle, TokenSigner};
+use crate::auth::jwt::Jwks;
+use crate::auth::{Accounts, HashError, JwksUrl, JwtVerifier, KeyError, PasswordHasher, Throttle, TokenSigner};
 use crate::config::Config;
 use crate::shard::{self, Listeners, Mesh, NodeContext, ShardId, ShardStart};
 use crate::store::{Store, StoreError};
@@ -97,7 +98,9 @@ impl Server {
         let hasher = PasswordHasher::new(config.auth.argon2_memory_kib, config.auth.argon2_iterations, max_hashes)?;
         let throttle = Throttle::new(&config.limits, max_hashes);
         let group_ids = GroupIds::new(&signer.derive_secret("group ids"));
-        let accounts = Accounts::new(&config.auth, store.clone(), hasher, throttle, signer);
+        let stop = CancellationToken::new();
+        let (jwt, jwks_thread) = jwt_verifier(&config, &stop)?;
+        let accounts = Accounts::new(&config.auth, store.clone(), hasher, throttle, signer, jwt);
         let (mesh, mailboxes) = Mesh::new(shards, config.server.mesh_channel_capacity);
 
         let tcp = bind_each_shard(config.server.listen, shards)?;
@@ -150,7 +153,7 @@ impl Server {
             config: Arc::new(config),
             tls,
             drain: CancellationToken::new(),
-            stop: CancellationToken::new(),
+            stop,
         };
 
         let mut server = Self {
@@ -163,7 +166,7 @@ impl Server {
             drain: context.drain.clone(),
             stop: context.stop.clone(),
             drained: Vec::new(),
-            threads: Vec::new(),
+            threads: jwks_thread.into_iter().collect(),
             store,
         };
         let mut quic_handoffs = Vec::new();
@@ -290,6 +293,31 @@ impl Drop for Server {
         self.drain.cancel();
         self.stop.cancel();
     }
+}
+
+/// The checker of the app's tokens when `auth.mode` accepts them, and the thread
+/// that fetches their keys when `auth.jwt.jwks_url` is set.
+fn jwt_verifier(
+    config: &Config,
+    stop: &CancellationToken,
+) -> Result<(Option<JwtVerifier>, Option<std::thread::JoinHandle<()>>), StartError> {
+    let jwt = &config.auth.jwt;
+    if !config.auth.mode.jwt() {
+        return Ok((None, None));
+    }
+    let (jwks, thread) = match jwt.jwks_url.as_str() {
+        "" => (None, None),
+        url => {
+            // Checked when the config was loaded.
+            let url = JwksUrl::parse(url).map_err(|err| StartError::Io {
+                what: "auth.jwt.jwks_url".into(),
+                source: std::io::Error::other(err),
+            })?;
+            let (jwks, thread) = Jwks::start(url, jwt, stop.clone()).map_err(io_error("starting the JWKS thread"))?;
+            (Some(jwks), Some(thread))
+        }
+    };
+    Ok((Some(JwtVerifier::new(jwt, jwks)), thread))
 }
 
 /// Settings that are fine on a laptop and dangerous on a network.

@@ -40,6 +40,7 @@ async fn a_peer_that_stops_reading_is_cut_off_and_nobody_else_waits() {
             Kind::Authenticate(Authenticate {
                 access_token: bob_login.tokens.unwrap().access_token,
                 resume: None,
+                device: String::new(),
             }),
         )
         .await;
@@ -429,6 +430,7 @@ async fn history_hoarder(mut raw: RawConnection, access_token: String, user: u64
         Kind::Authenticate(Authenticate {
             access_token,
             resume: None,
+            device: String::new(),
         }),
     )
     .await;

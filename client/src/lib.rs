@@ -159,7 +159,7 @@ impl Client {
             request_id: OPENING_AUTHENTICATE_ID,
             kind: Some(client_frame::Kind::Authenticate(v1::Authenticate {
                 access_token: access_token.into(),
-                resume: None,
+                ..v1::Authenticate::default()
             })),
         };
         let (client, reply) = Self::open(endpoint.into(), options, Some(encode_frame(&authenticate))).await?;
@@ -358,8 +358,19 @@ impl Client {
 
     /// Binds this connection to the token's user and device.
     pub async fn authenticate(&self, access_token: &str) -> Result<v1::Authenticated, ClientError> {
+        self.authenticate_device(access_token, "").await
+    }
+
+    /// Binds this connection to the user of a token of the app's sign-in (JWT)
+    /// and, when the token names no device, to the user's device `device`.
+    pub async fn authenticate_device(
+        &self,
+        access_token: &str,
+        device: &str,
+    ) -> Result<v1::Authenticated, ClientError> {
         let request = client_frame::Kind::Authenticate(v1::Authenticate {
             access_token: access_token.into(),
+            device: device.into(),
             resume: None,
         });
         match self.request(request).await? {
@@ -382,6 +393,7 @@ impl Client {
                 sync_token: sync_token.into(),
                 cursors: conversation_cursors(cursors),
             }),
+            ..v1::Authenticate::default()
         });
         match self.request(request).await? {
             server_frame::Kind::Authenticated(authenticated) => Ok(authenticated),

@@ -42,6 +42,8 @@ pub enum Command {
         access_token: String,
         /// Where a reconnecting device stands: replay what it missed first.
         resume: Option<Cursors>,
+        /// The device the client names, for a JWT that names none.
+        device: Option<String>,
     },
     /// Trades a refresh token for new tokens.
     RefreshToken {

@@ -10,10 +10,22 @@ const PASSWORD_MIN_CHARS: usize = 8;
 const PASSWORD_MAX_BYTES: usize = 1024;
 const DEVICE_NAME_MAX_CHARS: usize = 64;
 
-/// A normalised username: 3–32 of `a-z 0-9 _ . -`, starting with a letter. Input is
-/// case-folded (ASCII), so `Alice` and `alice` are one account.
+const NAMESPACE_MAX_CHARS: usize = 16;
+const SUBJECT_MAX_BYTES: usize = 128;
+
+/// A username. A password account's name is normalised: 3–32 of `a-z 0-9 _ . -`,
+/// starting with a letter; input is case-folded (ASCII), so `Alice` and `alice`
+/// are one account. A user of the app's own sign-in (JWT) is named
+/// `<namespace>:<subject>`, kept as given: a namespace of 1–16 `a-z 0-9 _ -` and
+/// the token's subject, 1–128 printable ASCII characters. No password account
+/// can take such a name (it has a `:`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Username(String);
+
+/// Why a token's subject cannot name a user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the token's subject must be 1-{SUBJECT_MAX_BYTES} printable ASCII characters")]
+pub struct InvalidSubject;
 
 /// Why a username was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +43,29 @@ impl Username {
             && name.starts_with(|c: char| c.is_ascii_lowercase())
             && name.chars().all(allowed);
         if valid { Ok(Self(name)) } else { Err(InvalidUsername) }
+    }
+
+    /// A name to look a user up by: a password account's (normalised) or, with a
+    /// `:`, a user of the app's sign-in (as given).
+    pub fn lookup(raw: &str) -> Result<Self, InvalidUsername> {
+        match raw.split_once(':') {
+            Some((namespace, subject)) => Self::external(namespace, subject).map_err(|_| InvalidUsername),
+            None => Self::parse(raw),
+        }
+    }
+
+    /// The name of the user the app's sign-in calls `subject`, in `namespace`.
+    pub fn external(namespace: &str, subject: &str) -> Result<Self, InvalidSubject> {
+        let namespace_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-');
+        let valid = (1..=NAMESPACE_MAX_CHARS).contains(&namespace.len())
+            && namespace.chars().all(namespace_char)
+            && (1..=SUBJECT_MAX_BYTES).contains(&subject.len())
+            && subject.bytes().all(|b| b.is_ascii_graphic());
+        if valid {
+            Ok(Self(format!("{namespace}:{subject}")))
+        } else {
+            Err(InvalidSubject)
+        }
     }
 
     /// The normalised name.
@@ -100,9 +135,57 @@ pub fn device_name(raw: &str) -> String {
     if name.is_empty() { "unnamed".to_owned() } else { name }
 }
 
+/// The device a client names when its token names none: trimmed, without control
+/// characters; `None` when empty, an error past 64 characters.
+pub fn device_label(raw: &str) -> Result<Option<String>, TooLongDeviceName> {
+    let label: String = raw.trim().chars().filter(|c| !c.is_control()).collect();
+    match label.chars().count() {
+        0 => Ok(None),
+        n if n > DEVICE_NAME_MAX_CHARS => Err(TooLongDeviceName),
+        _ => Ok(Some(label)),
+    }
+}
+
+/// Why a device label was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("device must be at most {DEVICE_NAME_MAX_CHARS} characters")]
+pub struct TooLongDeviceName;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_of_the_apps_users_keep_their_case_and_cannot_be_signed_up() {
+        let name = Username::external("app", "auth0|Ab12").unwrap();
+        assert_eq!(name.as_str(), "app:auth0|Ab12");
+        assert_eq!(Username::lookup("app:auth0|Ab12").unwrap(), name);
+        assert_eq!(Username::lookup("Alice").unwrap().as_str(), "alice");
+        assert!(Username::parse("app:auth0|Ab12").is_err());
+        for (namespace, subject) in [
+            ("", "x"),
+            ("App", "x"),
+            ("app", ""),
+            ("app", "has space"),
+            ("app", "é"),
+            ("app", &"x".repeat(129)),
+            ("a-very-long-namespace", "x"),
+        ] {
+            assert!(Username::external(namespace, subject).is_err(), "{namespace}:{subject}");
+        }
+        assert!(Username::external("app", &"x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn device_labels_are_trimmed_and_bounded() {
+        assert_eq!(device_label("  "), Ok(None));
+        assert_eq!(device_label(" phone\n"), Ok(Some("phone".into())));
+        assert_eq!(
+            device_label(&"é".repeat(64)).map(|label| label.map(|l| l.len())),
+            Ok(Some(128))
+        );
+        assert_eq!(device_label(&"x".repeat(65)), Err(TooLongDeviceName));
+    }
 
     #[test]
     fn usernames_are_normalised_and_validated() {

@@ -23,7 +23,10 @@ mod session;
 
 pub use command::{Command, Request};
 pub use content::{Append, Content, GroupCommand, Role, SendKey};
-pub use credentials::{Identity, InvalidPassword, InvalidUsername, Password, Username, device_name};
+pub use credentials::{
+    Identity, InvalidPassword, InvalidSubject, InvalidUsername, Password, TooLongDeviceName, Username, device_label,
+    device_name,
+};
 pub use cursors::{Cursors, MalformedToken};
 pub use history::{HistoryRange, Marks};
 pub use rate::{Rate, TokenBucket};

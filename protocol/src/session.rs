@@ -8,7 +8,7 @@
 
 use crate::command::{Command, Request};
 use crate::content::{Append, Content, GroupCommand, Role};
-use crate::credentials::{Identity, Password, Username, device_name};
+use crate::credentials::{Identity, Password, Username, device_label, device_name};
 use crate::cursors::Cursors;
 use crate::history::{HistoryRange, Marks};
 use crate::ids::{ConversationId, DeviceId, GroupId, GroupIds, UserId};
@@ -152,6 +152,7 @@ impl Session {
             command: Command::Authenticate {
                 access_token,
                 resume: None,
+                device: None,
             },
         })
     }
@@ -374,6 +375,8 @@ impl Session {
                 Parsed::Run(Command::Authenticate {
                     access_token: authenticate.access_token,
                     resume,
+                    device: device_label(&authenticate.device)
+                        .or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?,
                 })
             }
             K::RefreshToken(refresh) => Parsed::Run(Command::RefreshToken {
@@ -408,7 +411,7 @@ impl Session {
             K::GetUser(get_user) => {
                 self.require_identity()?;
                 Parsed::Run(Command::GetUser {
-                    username: Username::parse(&get_user.username)
+                    username: Username::lookup(&get_user.username)
                         .or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?,
                 })
             }
@@ -943,7 +946,7 @@ mod tests {
                 5,
                 K::Authenticate(v1::Authenticate {
                     access_token: "refreshed".into(),
-                    resume: None,
+                    ..v1::Authenticate::default()
                 }),
             ),
             start + Duration::from_secs(10),
@@ -965,6 +968,7 @@ mod tests {
                 K::Authenticate(v1::Authenticate {
                     access_token: "x".into(),
                     resume: Some(v1::Resume::default()),
+                    ..v1::Authenticate::default()
                 }),
             ),
             later,
@@ -1284,7 +1288,7 @@ mod tests {
         assert_eq!(request.id, 0);
         assert!(matches!(
             request.command,
-            Command::Authenticate { ref access_token, resume: None } if access_token == "token"
+            Command::Authenticate { ref access_token, resume: None, .. } if access_token == "token"
         ));
         assert!(session.poll_request().is_none(), "only once");
     }

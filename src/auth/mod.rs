@@ -1,27 +1,39 @@
-//! Accounts: sign-up, log-in, access/refresh tokens, log-out.
+//! Accounts: sign-up, log-in, access/refresh tokens, log-out, and the app's own
+//! tokens (JWT, [`jwt`]).
 //!
 //! Passwords are hashed with argon2id and never stored or logged in clear. A failed
 //! log-in says only "invalid username or password" and takes as long whether or not
 //! the user exists. Access tokens are stateless HMAC tokens bound to a device; a
 //! device removed by `LogOut` makes its tokens useless.
+//!
+//! With `auth.mode` "jwt" or "both", a JWT of the app's sign-in authenticates too:
+//! its user (`<namespace>:<sub>`, no password) and device are created on first
+//! sight, within `auth.max_devices_per_user`. With "jwt", the password requests
+//! (SignUp, LogIn, RefreshToken, ChangePassword) and confab's own tokens are off.
 
+pub mod jwt;
 mod password;
 mod throttle;
 mod token;
 
+pub use jwt::{JwksUrl, JwtError, JwtVerifier};
 pub use password::{HashError, PasswordHasher};
 pub use throttle::{Throttle, Throttled};
 pub use token::{Claims, KeyError, TokenError, TokenSigner};
 
 use crate::clock::unix_ms;
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, AuthMode};
 use crate::store::{DeviceRecord, NewUser, Rotation, Store, StoreError, UserRecord};
 use confab_protocol::ids::{DeviceId, UserId};
 use confab_protocol::{ErrorCode, ErrorKind, Identity, Password, Username};
+use sha2::{Digest as _, Sha256};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
-use token::{PresentedRefresh, RefreshSecret};
+use token::{ACCESS_PREFIX, PresentedRefresh, RefreshSecret};
+
+/// The device of a JWT that names none, when the client names none either.
+const DEFAULT_DEVICE: &str = "default";
 
 /// Why an account operation failed. Messages are safe to show to the client.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +48,12 @@ pub enum AuthError {
     /// Access token rejected.
     #[error("access token rejected: {0}")]
     InvalidToken(TokenError),
+    /// The app's token (JWT) rejected.
+    #[error("access token rejected: {0}")]
+    InvalidJwt(JwtError),
+    /// Passwords and confab's own tokens are off (`auth.mode = "jwt"`).
+    #[error("password accounts are off on this server: sign in with the app's token")]
+    PasswordsOff,
     /// Refresh token rejected.
     #[error("refresh token rejected")]
     InvalidRefreshToken,
@@ -90,6 +108,8 @@ pub struct Grant {
 /// The accounts of a node: sign-up, log-in, tokens, devices; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Accounts {
+    mode: AuthMode,
+    jwt: Option<JwtVerifier>,
     store: Arc<dyn Store>,
     hasher: PasswordHasher,
     throttle: Throttle,
@@ -101,16 +121,21 @@ pub struct Accounts {
 }
 
 impl Accounts {
-    /// Accounts over `store`, hashing with `hasher`, throttled by `throttle`, signing with `signer`.
+    /// Accounts over `store`, hashing with `hasher`, throttled by `throttle`,
+    /// signing with `signer`, taking the app's tokens through `jwt` (when
+    /// `auth.mode` accepts them).
     pub fn new(
         config: &AuthConfig,
         store: Arc<dyn Store>,
         hasher: PasswordHasher,
         throttle: Throttle,
         signer: TokenSigner,
+        jwt: Option<JwtVerifier>,
     ) -> Self {
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Self {
+            mode: config.mode,
+            jwt: jwt.filter(|_| config.mode.jwt()),
             store,
             hasher,
             throttle,
@@ -130,6 +155,7 @@ impl Accounts {
         password: Password,
         from: Option<IpAddr>,
     ) -> Result<UserId, AuthError> {
+        self.passwords_on()?;
         let _slot = self.throttle.before_sign_up(from, Instant::now())?;
         // Cheap check first so a taken name does not cost a hash.
         if self.store.user_by_name(username.as_str()).await?.is_some() {
@@ -163,19 +189,10 @@ impl Accounts {
         device_name: String,
         from: Option<IpAddr>,
     ) -> Result<Grant, AuthError> {
+        self.passwords_on()?;
         let user = self.verify_password(username.as_str(), password, from).await?;
         let now = unix_ms();
-        let mut live = 0;
-        for device in self.store.devices(user.id).await? {
-            if device.refresh_expires_at_ms <= now {
-                self.store.delete_device(user.id, device.id).await?;
-            } else {
-                live += 1;
-            }
-        }
-        if live >= self.max_devices {
-            return Err(AuthError::TooManyDevices(self.max_devices));
-        }
+        self.make_room_for_a_device(user.id, now).await?;
         let device = DeviceId::random();
         let refresh = RefreshSecret::generate(user.id, device);
         let refresh_expires_at_ms = now.saturating_add(self.refresh_ttl_ms.min(self.session_lifetime_ms));
@@ -195,6 +212,31 @@ impl Accounts {
         Ok(self.grant(user.id, device, refresh, refresh_expires_at_ms, now))
     }
 
+    /// Removes the user's devices whose refresh token (or last JWT) expired, and
+    /// refuses a new device at `auth.max_devices_per_user` live ones.
+    async fn make_room_for_a_device(&self, user: UserId, now: u64) -> Result<(), AuthError> {
+        let mut live = 0;
+        for device in self.store.devices(user).await? {
+            if device.refresh_expires_at_ms <= now {
+                self.store.delete_device(user, device.id).await?;
+            } else {
+                live += 1;
+            }
+        }
+        if live >= self.max_devices {
+            return Err(AuthError::TooManyDevices(self.max_devices));
+        }
+        Ok(())
+    }
+
+    /// Refuses when passwords and confab's own tokens are off.
+    fn passwords_on(&self) -> Result<(), AuthError> {
+        match self.mode.local() {
+            true => Ok(()),
+            false => Err(AuthError::PasswordsOff),
+        }
+    }
+
     /// The user named `account`, if `password` is its password; throttled like a
     /// log-in (see [`Throttle`]).
     async fn verify_password(
@@ -205,7 +247,11 @@ impl Accounts {
     ) -> Result<UserRecord, AuthError> {
         let slot = self.throttle.before_log_in(account, from, Instant::now())?;
         let user = self.store.user_by_name(account).await?;
-        let stored_hash = user.as_ref().map(|user| user.password_hash.clone());
+        // A user of the app's sign-in has no password: checked against the decoy.
+        let stored_hash = user
+            .as_ref()
+            .map(|user| user.password_hash.clone())
+            .filter(|hash| !hash.is_empty());
         let verified = self.hasher.verify(password, stored_hash).await?;
         drop(slot);
         match user {
@@ -220,17 +266,35 @@ impl Accounts {
         }
     }
 
-    /// Checks an access token's signature and expiry only (no store access), for
-    /// rejecting a bad token early, e.g. at a WebSocket upgrade.
+    /// Checks an access token's signature and expiry only (no store access, no
+    /// wait), for rejecting a bad token early, e.g. at a WebSocket upgrade.
     pub fn check_token(&self, access_token: &str) -> Result<(), AuthError> {
-        self.signer
-            .verify(access_token, unix_ms())
-            .map(drop)
-            .map_err(AuthError::InvalidToken)
+        match self.jwt_of(access_token)? {
+            Some(jwt) => jwt.check(access_token, unix_ms()).map_err(AuthError::InvalidJwt),
+            None => self
+                .signer
+                .verify(access_token, unix_ms())
+                .map(drop)
+                .map_err(AuthError::InvalidToken),
+        }
     }
 
-    /// Checks an access token and that its device still exists.
-    pub async fn authenticate(&self, access_token: &str) -> Result<Identity, AuthError> {
+    /// The verifier of `access_token` when it is the app's token (JWT); an error
+    /// when it is confab's own and those are off.
+    fn jwt_of(&self, access_token: &str) -> Result<Option<&JwtVerifier>, AuthError> {
+        match &self.jwt {
+            Some(jwt) if !access_token.starts_with(ACCESS_PREFIX) => Ok(Some(jwt)),
+            _ => self.passwords_on().map(|()| None),
+        }
+    }
+
+    /// Checks an access token and that its device still exists; for the app's
+    /// token (JWT), creates its user and device on first sight (`device` names
+    /// the device when the token does not).
+    pub async fn authenticate(&self, access_token: &str, device: Option<&str>) -> Result<Identity, AuthError> {
+        if let Some(jwt) = self.jwt_of(access_token)? {
+            return self.authenticate_jwt(jwt, access_token, device).await;
+        }
         let claims = self
             .signer
             .verify(access_token, unix_ms())
@@ -248,6 +312,99 @@ impl Accounts {
         })
     }
 
+    async fn authenticate_jwt(
+        &self,
+        jwt: &JwtVerifier,
+        token: &str,
+        device: Option<&str>,
+    ) -> Result<Identity, AuthError> {
+        let now = unix_ms();
+        let verified = jwt.verify(token, now).await.map_err(AuthError::InvalidJwt)?;
+        let user = self.external_user(&verified.username, now).await?;
+        let label = verified.device.as_deref().or(device).unwrap_or(DEFAULT_DEVICE);
+        let device = self
+            .external_device(user.id, label, verified.expires_at_ms, now)
+            .await?;
+        Ok(Identity {
+            user: user.id,
+            device,
+            username: user.username,
+            expires_at_ms: verified.expires_at_ms,
+        })
+    }
+
+    /// The user of the app's sign-in named `username`, created on first sight
+    /// (without a password; two first sights at once make one user).
+    async fn external_user(&self, username: &Username, now: u64) -> Result<UserRecord, AuthError> {
+        if let Some(user) = self.store.user_by_name(username.as_str()).await? {
+            return Ok(user);
+        }
+        let created = self
+            .store
+            .create_user(NewUser {
+                username: username.as_str().to_owned(),
+                password_hash: String::new(),
+                created_at_ms: now,
+            })
+            .await;
+        match created {
+            Ok(user) => {
+                tracing::info!(user = %user.id, username = %user.username, "user of the app's sign-in created");
+                Ok(user)
+            }
+            Err(StoreError::UsernameTaken) => self
+                .store
+                .user_by_name(username.as_str())
+                .await?
+                .ok_or(AuthError::UnknownUser),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// The user's device named `label` by the app's sign-in, created on first
+    /// sight (within the device limit). Its expiry follows the latest token, so
+    /// a device whose tokens all expired makes room for a new one; the record is
+    /// written only when a token with a later expiry comes, not per connect.
+    async fn external_device(
+        &self,
+        user: UserId,
+        label: &str,
+        expires_at_ms: u64,
+        now: u64,
+    ) -> Result<DeviceId, AuthError> {
+        let id = external_device_id(user, label);
+        match self.store.device(user, id).await? {
+            Some(device) if device.refresh_expires_at_ms >= expires_at_ms => return Ok(id),
+            Some(device) => {
+                self.store
+                    .put_device(DeviceRecord {
+                        refresh_expires_at_ms: expires_at_ms,
+                        refreshed_at_ms: now,
+                        ..device
+                    })
+                    .await?;
+                return Ok(id);
+            }
+            None => {}
+        }
+        self.make_room_for_a_device(user, now).await?;
+        self.store
+            .put_device(DeviceRecord {
+                user,
+                id,
+                name: label.to_owned(),
+                // No refresh token matches: the app's sign-in refreshes its own.
+                refresh_hash: [0; 32],
+                previous_refresh_hash: [0; 32],
+                refresh_expires_at_ms: expires_at_ms,
+                created_at_ms: now,
+                refreshed_at_ms: now,
+            })
+            .await?;
+        tracing::info!(user = %user, device = %id, "device of the app's sign-in created");
+        Ok(id)
+    }
+
     /// Trades a refresh token for new tokens and rotates the refresh secret, as
     /// a compare-and-set: of two refreshes with one token one wins, and a device
     /// logged out meanwhile stays out. Presenting the token the last rotation
@@ -255,6 +412,7 @@ impl Accounts {
     /// one): the device is logged out ([`AuthError::RefreshReused`]). A device
     /// cannot refresh past `auth.session_lifetime` after it logged in.
     pub async fn refresh(&self, refresh_token: &str) -> Result<Grant, AuthError> {
+        self.passwords_on()?;
         let presented = PresentedRefresh::parse(refresh_token).map_err(|_| AuthError::InvalidRefreshToken)?;
         let now = unix_ms();
         let device = self
@@ -316,6 +474,7 @@ impl Accounts {
         new: Password,
         from: Option<IpAddr>,
     ) -> Result<Vec<DeviceId>, AuthError> {
+        self.passwords_on()?;
         let user = self.verify_password(&identity.username, current, from).await?;
         if user.id != identity.user {
             return Err(AuthError::InvalidCredentials);
@@ -373,11 +532,27 @@ impl Accounts {
     }
 }
 
+/// The id of the user's device `label` of the app's sign-in: the same label is
+/// the same device on every connect and every node.
+fn external_device_id(user: UserId, label: &str) -> DeviceId {
+    let digest = Sha256::new()
+        .chain_update(b"confab device of the app's sign-in\0")
+        .chain_update(user.get().to_be_bytes())
+        .chain_update(label.as_bytes())
+        .finalize();
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(&digest[..8]);
+    DeviceId::new(u64::from_be_bytes(raw)).unwrap_or_else(DeviceId::random)
+}
+
 impl ErrorKind for AuthError {
     fn code(&self) -> ErrorCode {
         match self {
             Self::UsernameTaken => ErrorCode::AlreadyExists,
+            Self::InvalidJwt(JwtError::KeysUnavailable) => ErrorCode::Unavailable,
+            Self::PasswordsOff => ErrorCode::Forbidden,
             Self::InvalidCredentials
+            | Self::InvalidJwt(_)
             | Self::InvalidToken(_)
             | Self::InvalidRefreshToken
             | Self::DeviceRevoked

@@ -16,7 +16,7 @@ use sha2::{Digest as _, Sha256};
 use std::path::Path;
 use subtle::ConstantTimeEq as _;
 
-const ACCESS_PREFIX: &str = "v1.";
+pub(super) const ACCESS_PREFIX: &str = "v1.";
 const REFRESH_PREFIX: &str = "r1.";
 const PAYLOAD_BYTES: usize = 24;
 const SECRET_BYTES: usize = 32;

@@ -463,7 +463,11 @@ impl Connection {
                     Err(err) => Err(err),
                 },
             },
-            Command::Authenticate { access_token, resume } => match accounts.authenticate(&access_token).await {
+            Command::Authenticate {
+                access_token,
+                resume,
+                device,
+            } => match accounts.authenticate(&access_token, device.as_deref()).await {
                 Ok(identity) if self.session.identity().is_some() => return self.reauthenticate(id, identity).await,
                 Ok(identity) => {
                     let permit = match self.shard.admission.admit_user(identity.user) {

@@ -17,6 +17,7 @@ mod durability;
 mod faults;
 mod groups;
 mod idempotency;
+mod jwt;
 mod layers;
 mod loadgen_smoke;
 mod metrics;

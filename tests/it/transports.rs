@@ -506,6 +506,7 @@ async fn replayed_0rtt_data_sends_nothing_and_its_session_ends_at_the_handshake_
         Kind::Authenticate(proto::Authenticate {
             access_token: phone_login.tokens.clone().unwrap().access_token,
             resume: None,
+            device: String::new(),
         }),
     );
     let message = frame(
