@@ -224,7 +224,11 @@ impl Server {
             tracing::info!(%addr, path = %context.config.websocket.path, "WebSocket listening");
         }
         if let Some((addr, handle)) = metrics {
-            let endpoint = crate::metrics::Endpoint::start(addr, handle, context.stop.clone())
+            let readiness = crate::metrics::Readiness {
+                store: server.store.clone(),
+                drain: context.drain.clone(),
+            };
+            let endpoint = crate::metrics::Endpoint::start(addr, handle, readiness, context.stop.clone())
                 .map_err(io_error(format!("binding the metrics endpoint to {addr}")))?;
             server.metrics_addr = Some(endpoint.addr);
             server.threads.push(endpoint.thread);

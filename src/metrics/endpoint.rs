@@ -1,7 +1,9 @@
-//! The scrape endpoint: answers every HTTP request with the metrics in the
-//! Prometheus text format, on a thread and runtime of its own (never a shard's).
-//! Deliberately tiny: one request per connection, a bounded read of the request
-//! head, a deadline, and a limit on connections at once.
+//! The operations endpoint, on a thread and runtime of its own (never a
+//! shard's): `GET /healthz` (the process is up: 200), `GET /readyz` (200 while
+//! the store takes writes and the node is not draining, else 503 and why), and
+//! the metrics in the Prometheus text format on any other path. Deliberately
+//! tiny: one request per connection, a bounded read of the request head, a
+//! deadline, and a limit on connections at once.
 //!
 //! The same thread drains recorded samples into the summaries every
 //! [`UPKEEP_INTERVAL`] (the exporter leaves this to whoever builds the recorder).
@@ -10,6 +12,7 @@
 //! 5-minute fill at 20 000 msgs/s), a first scrape that takes seconds, and
 //! "last minute" summaries that cover everything since the previous scrape.
 
+use crate::store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +30,15 @@ const SCRAPE_DEADLINE: Duration = Duration::from_secs(10);
 /// How often recorded samples are drained into the summaries.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What `/readyz` looks at.
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    /// The store, probed for writes.
+    pub store: Arc<dyn Store>,
+    /// Cancelled when the node starts draining.
+    pub drain: CancellationToken,
+}
+
 /// A running scrape endpoint.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -37,8 +49,13 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Binds `addr` and serves `handle` until `stop` is cancelled.
-    pub fn start(addr: SocketAddr, handle: PrometheusHandle, stop: CancellationToken) -> std::io::Result<Self> {
+    /// Binds `addr` and serves `handle` and `readiness` until `stop` is cancelled.
+    pub fn start(
+        addr: SocketAddr,
+        handle: PrometheusHandle,
+        readiness: Readiness,
+        stop: CancellationToken,
+    ) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let listener = {
             let _entered = runtime.enter();
@@ -49,13 +66,18 @@ impl Endpoint {
         let addr = listener.local_addr()?;
         let thread = std::thread::Builder::new()
             .name("confab-metrics".into())
-            .spawn(move || runtime.block_on(serve(listener, handle, stop)))?;
+            .spawn(move || runtime.block_on(serve(listener, handle, readiness, stop)))?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
         Ok(Self { addr, thread })
     }
 }
 
-async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle, stop: CancellationToken) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    readiness: Readiness,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
     let mut upkeep = tokio::time::interval(UPKEEP_INTERVAL);
     upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -75,16 +97,20 @@ async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle, stop
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let handle = handle.clone();
+        let (handle, readiness) = (handle.clone(), readiness.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(SCRAPE_DEADLINE, answer(stream, &handle)).await;
+            let _ = tokio::time::timeout(SCRAPE_DEADLINE, answer(stream, &handle, &readiness)).await;
             drop(slot);
         });
     }
 }
 
-/// Reads the request head (whatever it asks), answers with the metrics.
-async fn answer(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+/// Reads the request head, answers by its path.
+async fn answer(
+    mut stream: tokio::net::TcpStream,
+    handle: &PrometheusHandle,
+    readiness: &Readiness,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !head.windows(4).any(|window| window == b"\r\n\r\n") && head.len() < MAX_REQUEST_BYTES {
@@ -94,9 +120,23 @@ async fn answer(mut stream: tokio::net::TcpStream, handle: &PrometheusHandle) ->
         }
         head.extend_from_slice(&chunk[..read]);
     }
-    let body = handle.render();
+    // "GET /readyz HTTP/1.1": the second word.
+    let path = head.split(|byte| *byte == b' ').nth(1).unwrap_or_default();
+    let (status, content_type, body) = match path {
+        b"/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+        b"/readyz" => match (readiness.drain.is_cancelled(), readiness.store.probe_writes().await) {
+            (true, _) => ("503 Service Unavailable", "text/plain", "draining\n".to_owned()),
+            (false, Err(err)) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("the store refuses writes: {err}\n"),
+            ),
+            (false, Ok(())) => ("200 OK", "text/plain", "ready\n".to_owned()),
+        },
+        _ => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+    };
     let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;

@@ -1,7 +1,7 @@
 //! Operational metrics, in the Prometheus text format: how long each stage of a
 //! send takes, how deep the queues between the stages are, and whether the store
 //! takes writes. Off unless `metrics.listen` is set; then [`endpoint`] serves
-//! them on a thread of its own.
+//! them on a thread of its own, beside the health checks `/healthz` and `/readyz`.
 //!
 //! Recording goes through the `metrics` facade: with no recorder installed (the
 //! default) every handle is a no-op, so the hot path pays nothing for being
@@ -14,7 +14,7 @@
 
 mod endpoint;
 
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, Readiness};
 
 use metrics::{Histogram, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};

@@ -319,6 +319,7 @@ impl RawConnection {
         let resume = Authenticate {
             access_token,
             resume: Some(Resume::default()),
+            device: String::new(),
         };
         connection.send(2, Kind::Authenticate(resume)).await;
         connection
@@ -452,17 +453,21 @@ pub async fn server_still_serves(addr: confab_client::Endpoint) {
 
 /// The body of a scrape of the Prometheus endpoint at `addr`.
 pub async fn scrape(addr: SocketAddr) -> String {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    body
+}
+
+/// GETs `path` from the metrics endpoint: the status line and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: confab\r\n\r\n")
-        .await
-        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: confab\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
+    (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
 }
 
 /// The value of the sample named exactly `series` (name and labels).

@@ -1,8 +1,8 @@
 //! The Prometheus endpoint (`metrics.listen`): off by default; when on, a
 //! scrape after a send finds every stage of it timed, and the queue and store
-//! gauges sampled.
+//! gauges sampled; `/healthz` and `/readyz` answer beside it.
 
-use crate::common::{TestServer, new_user, sample, scrape, within};
+use crate::common::{TestServer, http_get, new_user, sample, scrape, within};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -79,5 +79,40 @@ async fn a_scrape_after_a_send_finds_every_stage_and_the_gauges() {
 async fn metrics_are_off_by_default() {
     let mut node = TestServer::start(1).await;
     assert_eq!(node.server.as_ref().unwrap().metrics_addr(), None);
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_up_and_ready_while_the_store_takes_writes() {
+    let mut node = TestServer::start_with(1, &[("CONFAB_METRICS__LISTEN", "127.0.0.1:0")]).await;
+    let ops = node.server.as_ref().unwrap().metrics_addr().unwrap();
+    assert_eq!(
+        http_get(ops, "/healthz").await,
+        ("HTTP/1.1 200 OK".into(), "ok\n".into())
+    );
+    assert_eq!(
+        http_get(ops, "/readyz").await,
+        ("HTTP/1.1 200 OK".into(), "ready\n".into())
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_refusing_writes_is_not_ready_and_says_why() {
+    // More free space asked for than any disk here has: writes are refused.
+    let mut node = TestServer::start_with(
+        1,
+        &[
+            ("CONFAB_METRICS__LISTEN", "127.0.0.1:0"),
+            ("CONFAB_STORE__MIN_FREE_MIB", "1000000000000"),
+        ],
+    )
+    .await;
+    let ops = node.server.as_ref().unwrap().metrics_addr().unwrap();
+    let (status, body) = http_get(ops, "/readyz").await;
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+    assert!(body.starts_with("the store refuses writes"), "{body}");
+    // Up all the same.
+    assert_eq!(http_get(ops, "/healthz").await.0, "HTTP/1.1 200 OK");
     node.shutdown().await;
 }
