@@ -31,6 +31,6 @@ pub use cursors::{Cursors, MalformedToken};
 pub use history::{HistoryRange, Marks};
 pub use rate::{Rate, TokenBucket};
 pub use reply::{ErrorKind, error_frame, push_frame};
-pub use session::{Session, SessionLimits, Step, encode_page_token};
+pub use session::{Rejection, Session, SessionLimits, Step, encode_page_token};
 
 pub use confab_proto::v1::ErrorCode;

@@ -106,7 +106,15 @@ pub struct Session {
 }
 
 /// A request rejected before it runs: the error to reply with.
-struct Rejection(ErrorCode, String);
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{1}")]
+pub struct Rejection(ErrorCode, String);
+
+impl crate::ErrorKind for Rejection {
+    fn code(&self) -> ErrorCode {
+        self.0
+    }
+}
 
 fn reject<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, Rejection> {
     Err(Rejection(code, message.into()))
@@ -418,13 +426,13 @@ impl Session {
             K::Send(send) => {
                 let (sender, _) = self.require_identity()?;
                 let conversation = self.conversation(send.conversation, sender)?;
-                self.check_body(&send.body)?;
+                self.limits.check_body(&send.body)?;
                 self.append(conversation, send.client_msg_id, Content::Text(send.body), now)?
             }
             K::EditMessage(edit) => {
                 let (sender, _) = self.require_identity()?;
                 let conversation = self.conversation(edit.conversation, sender)?;
-                self.check_body(&edit.body)?;
+                self.limits.check_body(&edit.body)?;
                 let content = Content::Edit {
                     target: edit.seq,
                     body: edit.body,
@@ -471,11 +479,11 @@ impl Session {
             }
             K::CreateGroup(create) => {
                 let (creator, device) = self.require_identity()?;
-                self.check_client_msg_id(&create.client_msg_id)?;
+                self.limits.check_client_msg_id(&create.client_msg_id)?;
                 let group = self.group_ids.derive(creator, device, &create.client_msg_id);
                 let command = GroupCommand::Create {
-                    title: self.title(&create.title)?,
-                    members: self.users(create.members)?,
+                    title: self.limits.group_title(&create.title)?,
+                    members: self.limits.group_members(create.members)?,
                 };
                 self.append(
                     ConversationId::Group(group),
@@ -485,7 +493,7 @@ impl Session {
                 )?
             }
             K::AddMembers(add) => {
-                let command = GroupCommand::Add(self.users(add.user_ids)?);
+                let command = GroupCommand::Add(self.limits.group_members(add.user_ids)?);
                 self.group_change(&add.conversation_id, add.client_msg_id, command, now)?
             }
             K::RemoveMember(remove) => {
@@ -496,7 +504,7 @@ impl Session {
                 self.group_change(&leave.conversation_id, leave.client_msg_id, GroupCommand::Leave, now)?
             }
             K::RenameGroup(rename) => {
-                let command = GroupCommand::Rename(self.title(&rename.title)?);
+                let command = GroupCommand::Rename(self.limits.group_title(&rename.title)?);
                 self.group_change(&rename.conversation_id, rename.client_msg_id, command, now)?
             }
             K::SetRole(set_role) => {
@@ -609,7 +617,7 @@ impl Session {
         now: Instant,
     ) -> Result<Parsed, Rejection> {
         let (sender, sender_device) = self.require_identity()?;
-        self.check_client_msg_id(&client_msg_id)?;
+        self.limits.check_client_msg_id(&client_msg_id)?;
         if let Err(wait) = self.sends.take(1.0, now) {
             return reject(
                 ErrorCode::RateLimited,
@@ -677,21 +685,6 @@ impl Session {
         )
     }
 
-    /// A group title: trimmed, not empty, not too long.
-    fn title(&self, raw: &str) -> Result<String, Rejection> {
-        let title = raw.trim();
-        if title.is_empty() {
-            return reject(ErrorCode::BadRequest, "title is required");
-        }
-        if title.chars().count() > self.limits.max_group_title_chars {
-            return reject(
-                ErrorCode::TooLarge,
-                format!("title is longer than {} characters", self.limits.max_group_title_chars),
-            );
-        }
-        Ok(title.to_owned())
-    }
-
     /// User ids of a presence request: none 0, bounded, no repeats.
     fn presence_users(&self, raw: Vec<u64>) -> Result<Vec<UserId>, Rejection> {
         if raw.len() > self.limits.max_presence_subscriptions {
@@ -704,17 +697,6 @@ impl Session {
         users.sort_unstable();
         users.dedup();
         Ok(users)
-    }
-
-    /// User ids of a group change: none 0, at most the group size.
-    fn users(&self, raw: Vec<u64>) -> Result<Vec<UserId>, Rejection> {
-        if raw.len() > self.limits.max_group_members {
-            return reject(
-                ErrorCode::TooLarge,
-                format!("a group has at most {} members", self.limits.max_group_members),
-            );
-        }
-        raw.into_iter().map(user_id).collect()
     }
 
     fn require_identity(&self) -> Result<(UserId, DeviceId), Rejection> {
@@ -746,35 +728,59 @@ impl Session {
         }
         Ok(conversation)
     }
+}
 
-    fn check_client_msg_id(&self, client_msg_id: &str) -> Result<(), Rejection> {
+impl SessionLimits {
+    /// A group title: trimmed, not empty, not too long.
+    pub fn group_title(&self, raw: &str) -> Result<String, Rejection> {
+        let title = raw.trim();
+        if title.is_empty() {
+            return reject(ErrorCode::BadRequest, "title is required");
+        }
+        if title.chars().count() > self.max_group_title_chars {
+            return reject(
+                ErrorCode::TooLarge,
+                format!("title is longer than {} characters", self.max_group_title_chars),
+            );
+        }
+        Ok(title.to_owned())
+    }
+
+    /// User ids of a group change: none 0, at most the group size.
+    pub fn group_members(&self, raw: Vec<u64>) -> Result<Vec<UserId>, Rejection> {
+        if raw.len() > self.max_group_members {
+            return reject(
+                ErrorCode::TooLarge,
+                format!("a group has at most {} members", self.max_group_members),
+            );
+        }
+        raw.into_iter().map(user_id).collect()
+    }
+
+    /// Checks a sender's idempotency key: present, and within its limit.
+    pub fn check_client_msg_id(&self, client_msg_id: &str) -> Result<(), Rejection> {
         if client_msg_id.is_empty() {
             return reject(ErrorCode::BadRequest, "client_msg_id is required");
         }
-        if client_msg_id.len() > self.limits.max_client_msg_id_bytes {
+        if client_msg_id.len() > self.max_client_msg_id_bytes {
             return reject(
                 ErrorCode::TooLarge,
-                format!(
-                    "client_msg_id is longer than {} bytes",
-                    self.limits.max_client_msg_id_bytes
-                ),
+                format!("client_msg_id is longer than {} bytes", self.max_client_msg_id_bytes),
             );
         }
         Ok(())
     }
 
-    fn check_body(&self, body: &str) -> Result<(), Rejection> {
+    /// Checks a message body: not empty, within the character and frame limits.
+    pub fn check_body(&self, body: &str) -> Result<(), Rejection> {
         if body.is_empty() {
             return reject(ErrorCode::BadRequest, "body is empty");
         }
-        let max_bytes = self.limits.max_frame_bytes.saturating_sub(FRAME_OVERHEAD_BYTES);
-        if body.len() > max_bytes || body.chars().count() > self.limits.max_body_chars {
+        let max_bytes = self.max_frame_bytes.saturating_sub(FRAME_OVERHEAD_BYTES);
+        if body.len() > max_bytes || body.chars().count() > self.max_body_chars {
             return reject(
                 ErrorCode::TooLarge,
-                format!(
-                    "body exceeds {} characters or {max_bytes} bytes",
-                    self.limits.max_body_chars
-                ),
+                format!("body exceeds {} characters or {max_bytes} bytes", self.max_body_chars),
             );
         }
         Ok(())
