@@ -71,6 +71,8 @@ pub struct Config {
     pub cassandra: CassandraConfig,
     /// `[metrics]`.
     pub metrics: MetricsConfig,
+    /// `[api]`.
+    pub api: ApiConfig,
     /// `[log]`.
     pub log: LogConfig,
     /// `CONFAB_*` environment variables that name no config key: not applied,
@@ -529,6 +531,21 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// The `[api]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `None` when empty: off.
+    #[serde(deserialize_with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
+    /// Bearer keys the API takes (each at least 32 characters).
+    pub keys: Vec<String>,
+    /// Largest request body; larger ones are answered 413.
+    pub max_body_bytes: usize,
+    /// Requests served at once; more wait.
+    pub max_concurrent_requests: usize,
+}
+
 /// An address, or nothing for "".
 fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
     let text = String::deserialize(deserializer)?;
@@ -795,6 +812,20 @@ impl Config {
         if self.auth.mode.jwt() {
             self.validate_jwt()?;
         }
+        if self.api.listen.is_some() {
+            if self.api.keys.is_empty() {
+                return invalid("api.keys", "api.listen is set: give at least one key");
+            }
+            if self.api.keys.iter().any(|key| key.len() < 32) {
+                return invalid("api.keys", "each key must be at least 32 characters");
+            }
+            if self.api.max_body_bytes < 1024 || self.api.max_concurrent_requests == 0 {
+                return invalid(
+                    "api.max_body_bytes",
+                    "api.max_body_bytes must be at least 1024 and api.max_concurrent_requests at least 1",
+                );
+            }
+        }
         if self.chat.max_group_members < 2 {
             return invalid("chat.max_group_members", "must be at least 2");
         }
@@ -989,6 +1020,23 @@ mod tests {
         assert!(jwt(&bad_namespace).unwrap_err().contains("auth.jwt.namespace"));
         // In local mode the section is not checked.
         assert!(Config::defaults().unwrap().auth.mode == AuthMode::Local);
+    }
+
+    #[test]
+    fn the_api_needs_long_keys_when_it_listens() {
+        let api = |keys: &str| {
+            Config::load_from(
+                None,
+                env(&[("CONFAB_API__LISTEN", "127.0.0.1:0"), ("CONFAB_API__KEYS", keys)]),
+            )
+            .map_err(|err| err.to_string())
+        };
+        assert!(api("[]").unwrap_err().contains("api.keys"));
+        assert!(api(r#"["short"]"#).unwrap_err().contains("at least 32"));
+        let config = api(r#"["a key of the app's backend, 32 chars or more"]"#).unwrap();
+        assert_eq!(config.api.keys.len(), 1);
+        // Off by default, and then no key is needed.
+        assert!(Config::defaults().unwrap().api.listen.is_none());
     }
 
     #[test]

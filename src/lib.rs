@@ -22,6 +22,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod api;
 pub mod auth;
 pub mod chat;
 pub mod clock;

@@ -2,6 +2,7 @@
 //! Also the node's lifecycle: [`Server::start`] and the two-phase
 //! [`Server::shutdown`].
 
+use crate::api::{Api, ApiState};
 use crate::auth::jwt::Jwks;
 use crate::auth::{Accounts, HashError, JwksUrl, JwtVerifier, KeyError, PasswordHasher, Throttle, TokenSigner};
 use crate::config::Config;
@@ -59,6 +60,7 @@ pub struct Server {
     websocket_addr: Option<SocketAddr>,
     quic_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
+    api_addr: Option<SocketAddr>,
     /// SHA-256 of the TCP/WebSocket certificate, when TLS is on.
     tls_fingerprint: Option<String>,
     quic_fingerprint: Option<String>,
@@ -161,6 +163,7 @@ impl Server {
             websocket_addr,
             quic_addr,
             metrics_addr: None,
+            api_addr: None,
             tls_fingerprint,
             quic_fingerprint: quic.as_ref().map(|(_, fingerprint)| fingerprint.clone()),
             drain: context.drain.clone(),
@@ -223,11 +226,27 @@ impl Server {
         if let Some(addr) = websocket_addr {
             tracing::info!(%addr, path = %context.config.websocket.path, "WebSocket listening");
         }
-        if let Some((addr, handle)) = metrics {
-            let readiness = crate::metrics::Readiness {
+        let readiness = crate::metrics::Readiness {
+            store: server.store.clone(),
+            drain: context.drain.clone(),
+        };
+        if context.config.api.listen.is_some() {
+            let state = ApiState {
                 store: server.store.clone(),
-                drain: context.drain.clone(),
+                accounts: context.accounts.clone(),
+                mesh: context.mesh.clone(),
+                admission: context.admission.clone(),
+                group_ids: context.group_ids.clone(),
+                limits: context.config.session_limits(),
+                readiness: readiness.clone(),
+                metrics: metrics.as_ref().map(|(_, handle)| handle.clone()),
             };
+            let api = Api::start(&context.config.api, state, context.stop.clone())
+                .map_err(io_error(format!("binding the API to {:?}", context.config.api.listen)))?;
+            server.api_addr = Some(api.addr);
+            server.threads.push(api.thread);
+        }
+        if let Some((addr, handle)) = metrics {
             let endpoint = crate::metrics::Endpoint::start(addr, handle, readiness, context.stop.clone())
                 .map_err(io_error(format!("binding the metrics endpoint to {addr}")))?;
             server.metrics_addr = Some(endpoint.addr);
@@ -258,6 +277,11 @@ impl Server {
     /// The metrics endpoint's address, when `metrics.listen` is set.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The server API's address, when `api.listen` is set.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
     }
 
     /// SHA-256 (hex) of the TCP/WebSocket certificate, when TLS is on.

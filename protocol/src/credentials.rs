@@ -54,6 +54,11 @@ impl Username {
         }
     }
 
+    /// Whether this names a user of the app's sign-in (`namespace:subject`).
+    pub fn is_external(&self) -> bool {
+        self.0.contains(':')
+    }
+
     /// The name of the user the app's sign-in calls `subject`, in `namespace`.
     pub fn external(namespace: &str, subject: &str) -> Result<Self, InvalidSubject> {
         let namespace_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-');

@@ -51,6 +51,9 @@ pub enum AuthError {
     /// The app's token (JWT) rejected.
     #[error("access token rejected: {0}")]
     InvalidJwt(JwtError),
+    /// A password for a user of the app's sign-in, or none for a password account.
+    #[error("a password account needs a password; a user of the app's sign-in (namespace:subject) has none")]
+    PasswordMismatch,
     /// Passwords and confab's own tokens are off (`auth.mode = "jwt"`).
     #[error("password accounts are off on this server: sign in with the app's token")]
     PasswordsOff,
@@ -451,6 +454,47 @@ impl Accounts {
         Ok(self.grant(device.user, device.id, refresh, refresh_expires_at_ms, now))
     }
 
+    /// Creates a user for the app's backend (the server API): a password
+    /// account (`password` given, passwords on) or, for a `namespace:subject`
+    /// name, a user of the app's sign-in without one. Not throttled: the API
+    /// is trusted.
+    pub async fn create_user(&self, username: &Username, password: Option<Password>) -> Result<UserId, AuthError> {
+        let password_hash = match password {
+            Some(password) if !username.is_external() => {
+                self.passwords_on()?;
+                self.hasher.hash(password).await?
+            }
+            None if username.is_external() => String::new(),
+            _ => return Err(AuthError::PasswordMismatch),
+        };
+        let user = self
+            .store
+            .create_user(NewUser {
+                username: username.as_str().to_owned(),
+                password_hash,
+                created_at_ms: unix_ms(),
+            })
+            .await
+            .map_err(|err| match err {
+                StoreError::UsernameTaken => AuthError::UsernameTaken,
+                other => AuthError::Store(other),
+            })?;
+        tracing::info!(user = %user.id, username = %user.username, "user created through the API");
+        Ok(user.id)
+    }
+
+    /// Logs every device of `user` out; returns them.
+    pub async fn revoke_all_devices(&self, user: UserId) -> Result<Vec<DeviceId>, AuthError> {
+        let mut revoked = Vec::new();
+        for device in self.store.devices(user).await? {
+            if self.store.delete_device(user, device.id).await? {
+                revoked.push(device.id);
+            }
+        }
+        tracing::info!(user = %user, devices = revoked.len(), "devices logged out through the API");
+        Ok(revoked)
+    }
+
     /// The user's devices.
     pub async fn devices(&self, user: UserId) -> Result<Vec<DeviceRecord>, AuthError> {
         Ok(self.store.devices(user).await?)
@@ -532,9 +576,9 @@ impl Accounts {
     }
 }
 
-/// The id of the user's device `label` of the app's sign-in: the same label is
-/// the same device on every connect and every node.
-fn external_device_id(user: UserId, label: &str) -> DeviceId {
+/// The id of the user's device `label` of the app's sign-in (or of the server
+/// API, "api"): the same label is the same device on every connect and every node.
+pub fn external_device_id(user: UserId, label: &str) -> DeviceId {
     let digest = Sha256::new()
         .chain_update(b"confab device of the app's sign-in\0")
         .chain_update(user.get().to_be_bytes())
@@ -558,6 +602,7 @@ impl ErrorKind for AuthError {
             | Self::DeviceRevoked
             | Self::RefreshReused { .. } => ErrorCode::Unauthenticated,
             Self::UnknownUser | Self::UnknownDevice => ErrorCode::NotFound,
+            Self::PasswordMismatch => ErrorCode::BadRequest,
             Self::TooManyDevices(_) => ErrorCode::TooLarge,
             Self::Hash(HashError::Busy) => ErrorCode::Unavailable,
             Self::Throttled(_) => ErrorCode::RateLimited,

@@ -39,6 +39,19 @@ pub struct Readiness {
     pub drain: CancellationToken,
 }
 
+impl Readiness {
+    /// Whether the node is ready for traffic, or why not.
+    pub async fn check(&self) -> Result<(), String> {
+        if self.drain.is_cancelled() {
+            return Err("draining".into());
+        }
+        self.store
+            .probe_writes()
+            .await
+            .map_err(|err| format!("the store refuses writes: {err}"))
+    }
+}
+
 /// A running scrape endpoint.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -124,14 +137,9 @@ async fn answer(
     let path = head.split(|byte| *byte == b' ').nth(1).unwrap_or_default();
     let (status, content_type, body) = match path {
         b"/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-        b"/readyz" => match (readiness.drain.is_cancelled(), readiness.store.probe_writes().await) {
-            (true, _) => ("503 Service Unavailable", "text/plain", "draining\n".to_owned()),
-            (false, Err(err)) => (
-                "503 Service Unavailable",
-                "text/plain",
-                format!("the store refuses writes: {err}\n"),
-            ),
-            (false, Ok(())) => ("200 OK", "text/plain", "ready\n".to_owned()),
+        b"/readyz" => match readiness.check().await {
+            Ok(()) => ("200 OK", "text/plain", "ready\n".to_owned()),
+            Err(reason) => ("503 Service Unavailable", "text/plain", format!("{reason}\n")),
         },
         _ => ("200 OK", "text/plain; version=0.0.4", handle.render()),
     };

@@ -164,6 +164,26 @@ impl Mesh {
         sender.max_capacity() - sender.capacity()
     }
 
+    /// Has `append` sequenced by its conversation's owner from outside the
+    /// shards (the server API), and waits for its ack.
+    pub async fn append(&self, append: Append) -> Result<SendAck, ChatError> {
+        let owner = self.owner_of(append.conversation);
+        let (reply, answer) = AppendReply::new(owner);
+        self.send(owner, ShardMsg::Append(append, reply))
+            .await
+            .map_err(|_| ChatError::ShuttingDown)?;
+        answer.await.map_err(|_| ChatError::ShuttingDown)?
+    }
+
+    /// Closes the sessions of a logged-out device on every shard, from outside
+    /// the shards (the server API).
+    pub async fn revoke(&self, user: UserId, device: DeviceId) {
+        for index in 0..self.shards.len() {
+            // A stopped shard has no sessions left to close.
+            let _ = self.send(ShardId(index), ShardMsg::Revoke { user, device }).await;
+        }
+    }
+
     /// Sends, waiting for room. Fails only once the receiving shard has stopped.
     pub async fn send(&self, to: ShardId, msg: ShardMsg) -> Result<(), ShardMsg> {
         self.shards[to.0].send(msg).await.map_err(|err| err.0)

@@ -163,6 +163,17 @@ pub struct UserPermit {
 }
 
 impl Admission {
+    /// Connections open on the node now.
+    pub fn connections(&self) -> usize {
+        self.0.counts.lock().unwrap_or_else(PoisonError::into_inner).total
+    }
+
+    /// `user`'s authenticated connections on the node now.
+    pub fn user_connections(&self, user: UserId) -> usize {
+        let counts = self.0.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        counts.by_user.get(&user).copied().unwrap_or(0)
+    }
+
     /// Takes one of `user`'s connection slots, if it has one free.
     pub fn admit_user(&self, user: UserId) -> Result<UserPermit, Refused> {
         let slots = &self.0;

@@ -10,6 +10,7 @@ mod common;
 
 mod accounts;
 mod amend;
+mod api;
 mod bad_input;
 mod cassandra_outage;
 mod chat;
