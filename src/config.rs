@@ -854,7 +854,7 @@ impl Config {
             return invalid("hs256_secret", "must be at least 32 bytes");
         }
         if !jwt.jwks_url.is_empty()
-            && let Err(err) = crate::auth::JwksUrl::parse(&jwt.jwks_url)
+            && let Err(err) = crate::http::HttpUrl::parse(&jwt.jwks_url)
         {
             return invalid("jwks_url", &err.to_string());
         }

@@ -22,12 +22,14 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod chat;
 pub mod clock;
 pub mod config;
 pub mod files;
+pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod shard;

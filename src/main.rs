@@ -1,8 +1,11 @@
 //! The `confab` binary: parse the command line, load config, run the node until
-//! Ctrl-C or SIGTERM, then shut down gracefully.
+//! Ctrl-C or SIGTERM, then shut down gracefully; or, with `admin`, call a
+//! node's server API.
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use confab::admin::AdminCommand;
+use confab::http::HttpUrl;
 use confab::{Config, Server};
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -26,12 +29,24 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Call a node's server API (docs/API.md).
+    Admin {
+        /// The API's address (`api.listen`): https, or http on loopback.
+        #[arg(long, env = "CONFAB_ADMIN_API", default_value = "http://127.0.0.1:7310")]
+        api: String,
+        /// One of the node's `api.keys`.
+        #[arg(long, env = "CONFAB_ADMIN_KEY", hide_env_values = true)]
+        key: String,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
 }
 
 fn main() -> ExitCode {
     let Cli { command } = Cli::parse();
     let result = match command {
         Command::Serve { config } => serve(config),
+        Command::Admin { api, key, command } => admin(&api, &key, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,6 +98,18 @@ fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         server.shutdown().await.context("closing the store")
     })
+}
+
+fn admin(api: &str, key: &str, command: AdminCommand) -> anyhow::Result<()> {
+    let api = HttpUrl::parse(api).with_context(|| format!("--api {api}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the runtime")?;
+    let answer = runtime.block_on(confab::admin::run(&api, key, command))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{answer}")?;
+    Ok(())
 }
 
 /// Every connection is a descriptor: use the hard limit. The node derives its

@@ -4,8 +4,9 @@
 
 use crate::api::{Api, ApiState};
 use crate::auth::jwt::Jwks;
-use crate::auth::{Accounts, HashError, JwksUrl, JwtVerifier, KeyError, PasswordHasher, Throttle, TokenSigner};
+use crate::auth::{Accounts, HashError, JwtVerifier, KeyError, PasswordHasher, Throttle, TokenSigner};
 use crate::config::Config;
+use crate::http::HttpUrl;
 use crate::shard::{self, Listeners, Mesh, NodeContext, ShardId, ShardStart};
 use crate::store::{Store, StoreError};
 use crate::transport::admission::Admission;
@@ -337,7 +338,7 @@ fn jwt_verifier(
         "" => (None, None),
         url => {
             // Checked when the config was loaded.
-            let url = JwksUrl::parse(url).map_err(|err| StartError::Io {
+            let url = HttpUrl::parse(url).map_err(|err| StartError::Io {
                 what: "auth.jwt.jwks_url".into(),
                 source: std::io::Error::other(err),
             })?;

@@ -110,7 +110,10 @@ fn router(state: ApiState, config: &ApiConfig) -> Router {
         .route("/users", post(users::create))
         .route("/users/by-name/{username}", get(users::by_name))
         .route("/users/{user_id}/presence", get(users::presence))
-        .route("/users/{user_id}/devices", delete(users::revoke_devices))
+        .route(
+            "/users/{user_id}/devices",
+            post(users::issue_device).delete(users::revoke_devices),
+        )
         .route("/messages", post(messages::publish))
         .route("/conversations/{conversation_id}/messages", get(messages::history))
         .route("/groups", post(messages::create_group))

@@ -65,6 +65,48 @@ pub(super) async fn by_name(
     }))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct IssueDevice {
+    #[serde(default)]
+    device_name: String,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct Issued {
+    user_id: u64,
+    device_id: u64,
+    access_token: String,
+    access_expires_at_ms: u64,
+    refresh_token: String,
+    refresh_expires_at_ms: u64,
+}
+
+/// `POST /v1/users/{user_id}/devices`: a new device of a password account,
+/// logged in without its password, with fresh tokens (for tests and tools;
+/// within the device limit).
+pub(super) async fn issue_device(
+    State(state): State<ApiState>,
+    Path(user): Path<u64>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Issued>), ApiError> {
+    let request: IssueDevice = json(body)?;
+    let user = UserId::new(user).ok_or_else(|| ApiError::bad_request("user id must not be 0"))?;
+    let grant = state
+        .accounts
+        .issue_device(user, confab_protocol::device_name(&request.device_name))
+        .await?;
+    let issued = Issued {
+        user_id: grant.user.get(),
+        device_id: grant.device.get(),
+        access_token: grant.access_token,
+        access_expires_at_ms: grant.access_expires_at_ms,
+        refresh_token: grant.refresh_token,
+        refresh_expires_at_ms: grant.refresh_expires_at_ms,
+    };
+    Ok((StatusCode::CREATED, Json(issued)))
+}
+
 #[derive(Debug, Serialize)]
 pub(super) struct Presence {
     user_id: u64,

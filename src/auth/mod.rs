@@ -16,7 +16,7 @@ mod password;
 mod throttle;
 mod token;
 
-pub use jwt::{JwksUrl, JwtError, JwtVerifier};
+pub use jwt::{JwtError, JwtVerifier};
 pub use password::{HashError, PasswordHasher};
 pub use throttle::{Throttle, Throttled};
 pub use token::{Claims, KeyError, TokenError, TokenSigner};
@@ -194,14 +194,29 @@ impl Accounts {
     ) -> Result<Grant, AuthError> {
         self.passwords_on()?;
         let user = self.verify_password(username.as_str(), password, from).await?;
+        self.new_device(user.id, device_name).await
+    }
+
+    /// Logs a new device of `user` in without a password, for the app's
+    /// backend (the server API). Passwords (confab's tokens) must be on.
+    pub async fn issue_device(&self, user: UserId, device_name: String) -> Result<Grant, AuthError> {
+        self.passwords_on()?;
+        if self.store.user_by_id(user).await?.is_none() {
+            return Err(AuthError::UnknownUser);
+        }
+        self.new_device(user, device_name).await
+    }
+
+    /// A new device of `user` with fresh tokens, within the device limit.
+    async fn new_device(&self, user: UserId, device_name: String) -> Result<Grant, AuthError> {
         let now = unix_ms();
-        self.make_room_for_a_device(user.id, now).await?;
+        self.make_room_for_a_device(user, now).await?;
         let device = DeviceId::random();
-        let refresh = RefreshSecret::generate(user.id, device);
+        let refresh = RefreshSecret::generate(user, device);
         let refresh_expires_at_ms = now.saturating_add(self.refresh_ttl_ms.min(self.session_lifetime_ms));
         self.store
             .put_device(DeviceRecord {
-                user: user.id,
+                user,
                 id: device,
                 name: device_name,
                 refresh_hash: refresh.hash,
@@ -211,8 +226,8 @@ impl Accounts {
                 refreshed_at_ms: now,
             })
             .await?;
-        tracing::info!(user = %user.id, device = %device, "device logged in");
-        Ok(self.grant(user.id, device, refresh, refresh_expires_at_ms, now))
+        tracing::info!(user = %user, device = %device, "device logged in");
+        Ok(self.grant(user, device, refresh, refresh_expires_at_ms, now))
     }
 
     /// Removes the user's devices whose refresh token (or last JWT) expired, and

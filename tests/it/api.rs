@@ -334,6 +334,13 @@ async fn users_presence_and_revoking_devices() {
     client.authenticate(&login.tokens.unwrap().access_token).await.unwrap();
     assert_eq!(login.user_id, user_id);
 
+    // A device issued through the API signs in without the password.
+    let path = format!("/v1/users/{user_id}/devices");
+    let issued = api.call("POST", &path, Some(json!({ "device_name": "tool" }))).await;
+    assert_eq!(issued.status, 201, "{}", issued.body);
+    let tool = confab_client::Client::connect(node.addr).await.unwrap();
+    let access_token = issued.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(tool.authenticate(&access_token).await.unwrap().user_id, user_id);
     let external = api
         .call("POST", "/v1/users", Some(json!({ "username": format!("app:{name}") })))
         .await;
@@ -350,13 +357,13 @@ async fn users_presence_and_revoking_devices() {
         .json();
     assert_eq!(
         presence,
-        json!({ "user_id": user_id, "online": true, "connections": 1 })
+        json!({ "user_id": user_id, "online": true, "connections": 2 })
     );
     let revoked = api
         .call("DELETE", &format!("/v1/users/{user_id}/devices"), None)
         .await
         .json();
-    assert_eq!(revoked, json!({ "revoked_devices": 1 }));
+    assert_eq!(revoked, json!({ "revoked_devices": 2 }));
     // The device's connection is told and closed.
     let closed = within(WAIT, client.next_message()).await.unwrap_err();
     assert_eq!(closed.code(), Some(ErrorCode::Unauthenticated), "{closed}");
@@ -486,5 +493,60 @@ async fn bad_requests_get_the_protocols_codes_and_change_nothing() {
     assert_eq!(api.request("GET", "/healthz", None, None).await.body, "ok\n");
     assert_eq!(api.request("GET", "/readyz", None, None).await.body, "ready\n");
     assert_eq!(api.request("GET", "/metrics", None, None).await.status, 404);
+    node.shutdown().await;
+}
+
+/// Runs `confab admin` against `api`: its stdout as JSON, or its stderr.
+async fn admin(api: SocketAddr, key: &str, args: &[&str]) -> Result<Value, String> {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_confab"));
+    command
+        .args(["admin", "--api", &format!("http://{api}"), "--key", key])
+        .args(args);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    match output.status.success() {
+        true => Ok(serde_json::from_slice(&output.stdout).unwrap()),
+        false => Err(String::from_utf8_lossy(&output.stderr).into_owned()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confab_admin_creates_a_user_issues_its_token_and_publishes() {
+    let (mut node, api) = node(&[]).await;
+    let name = unique_name("cli");
+    let created = admin(api.addr, KEY, &["create-user", &name, "--password", PASSWORD])
+        .await
+        .unwrap();
+    let user_id = created["user_id"].as_u64().unwrap();
+    let token = admin(api.addr, KEY, &["token", &user_id.to_string()]).await.unwrap();
+    let client = confab_client::Client::connect(node.addr).await.unwrap();
+    client
+        .authenticate(token["access_token"].as_str().unwrap())
+        .await
+        .unwrap();
+    let (_, other, _) = new_user(node.addr, "other").await;
+    let (from, to) = (other.user_id.to_string(), user_id.to_string());
+    let ack = admin(
+        api.addr,
+        KEY,
+        &["publish", "--from", &from, "--to", &to, "hello from ops"],
+    )
+    .await
+    .unwrap();
+    let message = within(WAIT, client.next_message()).await.unwrap();
+    assert_eq!(
+        (message.seq, message.body.as_str()),
+        (ack["seq"].as_u64().unwrap(), "hello from ops")
+    );
+    let presence = admin(api.addr, KEY, &["presence", &to]).await.unwrap();
+    assert_eq!(presence["online"], json!(true));
+    let refused = admin(api.addr, "a wrong key that is long enough, yes", &["stats"])
+        .await
+        .unwrap_err();
+    assert!(refused.contains("HTTP 401 UNAUTHENTICATED"), "{refused}");
+    let missing = admin(api.addr, KEY, &["user", "nobody-here"]).await.unwrap_err();
+    assert!(missing.contains("HTTP 404 NOT_FOUND"), "{missing}");
     node.shutdown().await;
 }

@@ -9,8 +9,8 @@
 //! channel; one that needs a newer set asks for it and waits at most
 //! `auth.jwt.jwks_timeout`.
 
-use super::fetch::{JwksUrl, client_tls};
 use crate::config::JwtConfig;
+use crate::http::{HttpUrl, client_tls};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use std::sync::Arc;
@@ -163,7 +163,7 @@ pub struct Jwks {
 impl Jwks {
     /// Starts the thread that fetches `url` until `stop` is cancelled.
     pub fn start(
-        url: JwksUrl,
+        url: HttpUrl,
         config: &JwtConfig,
         stop: CancellationToken,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
@@ -216,7 +216,7 @@ impl Jwks {
 }
 
 struct Fetcher {
-    url: JwksUrl,
+    url: HttpUrl,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
     refresh_interval: Duration,

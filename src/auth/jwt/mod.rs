@@ -11,10 +11,8 @@
 //! The token's `sub` names the confab user `<auth.jwt.namespace>:<sub>`; the
 //! device is the `auth.jwt.device_claim` claim, else what the client names.
 
-mod fetch;
 mod keys;
 
-pub use fetch::JwksUrl;
 pub use keys::{Jwks, KeySet};
 
 use crate::config::JwtConfig;

@@ -1,11 +1,11 @@
-//! Fetching the app's JWKS document: one HTTP/1.1 GET (over rustls for https),
-//! bounded in time and size. Plain http is allowed only to a loopback address,
-//! since whoever can change the keys in transit can sign any user in.
+//! A small HTTP/1.1 client (hyper, rustls for https) for the JWKS fetch and
+//! `confab admin`: one request per connection, bounded in time and size. Plain
+//! http is allowed only to a loopback address: a JWKS document changed in
+//! transit signs anyone in, and an API key read in transit acts as anyone.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Limited};
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::Uri;
-use hyper::body::Bytes as HyperBytes;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use std::net::IpAddr;
@@ -13,19 +13,19 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
-/// Largest JWKS document taken (a few keys are a few KB).
-const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+/// Largest response body taken (a JWKS document of a few keys is a few KB).
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
-/// A checked `auth.jwt.jwks_url`.
+/// A checked URL: https, or http to a loopback address.
 #[derive(Debug, Clone)]
-pub struct JwksUrl {
+pub struct HttpUrl {
     uri: Uri,
     host: String,
     port: u16,
     https: bool,
 }
 
-/// Why a JWKS URL was refused.
+/// Why a URL was refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UrlError {
@@ -40,25 +40,36 @@ pub enum UrlError {
     PlainHttp,
 }
 
-/// Why a JWKS document could not be fetched.
+/// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FetchError {
     /// Connecting, TLS or the HTTP exchange failed.
     #[error("{0}")]
     Io(String),
-    /// No answer within `auth.jwt.jwks_timeout`.
+    /// No answer within the timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     /// The server answered with a status other than 200.
     #[error("HTTP status {0}")]
     Status(u16),
-    /// The document is larger than we take.
-    #[error("the document is larger than {MAX_DOCUMENT_BYTES} bytes")]
+    /// The answer is larger than we take.
+    #[error("the answer is larger than {MAX_RESPONSE_BYTES} bytes")]
     TooLarge,
 }
 
-impl JwksUrl {
+/// A request to send.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// GET, POST, DELETE, ...
+    pub method: &'a str,
+    /// `Authorization: Bearer <key>`, if any.
+    pub bearer: Option<&'a str>,
+    /// A JSON body, if any.
+    pub json: Option<&'a str>,
+}
+
+impl HttpUrl {
     /// Checks `raw`: an https URL, or http to a loopback host.
     pub fn parse(raw: &str) -> Result<Self, UrlError> {
         let uri: Uri = raw
@@ -84,14 +95,42 @@ impl JwksUrl {
         Ok(Self { uri, host, port, https })
     }
 
-    /// GETs the document within `timeout`.
+    /// GETs the body of a 200 answer within `timeout`.
     pub async fn fetch(&self, tls: &Arc<rustls::ClientConfig>, timeout: Duration) -> Result<Bytes, FetchError> {
-        tokio::time::timeout(timeout, self.get(tls))
+        let request = Request {
+            method: "GET",
+            bearer: None,
+            json: None,
+        };
+        match self.send(tls, request, timeout).await? {
+            (200, body) => Ok(body),
+            (status, _) => Err(FetchError::Status(status)),
+        }
+    }
+
+    /// Sends `request` to this URL within `timeout`: the answer's status and body.
+    pub async fn send(
+        &self,
+        tls: &Arc<rustls::ClientConfig>,
+        request: Request<'_>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), FetchError> {
+        tokio::time::timeout(timeout, self.connect(tls, request))
             .await
             .map_err(|_| FetchError::Timeout(timeout))?
     }
 
-    async fn get(&self, tls: &Arc<rustls::ClientConfig>) -> Result<Bytes, FetchError> {
+    /// This URL with `path` (and query) in place of its own.
+    pub fn with_path(&self, path: &str) -> Result<Self, UrlError> {
+        let scheme = if self.https { "https" } else { "http" };
+        let authority = self
+            .uri
+            .authority()
+            .map_or(self.host.as_str(), |authority| authority.as_str());
+        Self::parse(&format!("{scheme}://{authority}{path}"))
+    }
+
+    async fn connect(&self, tls: &Arc<rustls::ClientConfig>, request: Request<'_>) -> Result<(u16, Bytes), FetchError> {
         let io = |err: &dyn std::fmt::Display| FetchError::Io(err.to_string());
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
@@ -102,13 +141,13 @@ impl JwksUrl {
                 .connect(name, tcp)
                 .await
                 .map_err(|err| io(&err))?;
-            self.exchange(stream).await
+            self.exchange(stream, request).await
         } else {
-            self.exchange(tcp).await
+            self.exchange(tcp, request).await
         }
     }
 
-    async fn exchange<S>(&self, stream: S) -> Result<Bytes, FetchError>
+    async fn exchange<S>(&self, stream: S, request: Request<'_>) -> Result<(u16, Bytes), FetchError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -123,35 +162,41 @@ impl JwksUrl {
             .uri
             .authority()
             .map_or(self.host.as_str(), |authority| authority.as_str());
-        let request = hyper::Request::get(path)
+        let mut builder = hyper::Request::builder()
+            .method(request.method)
+            .uri(path)
             .header(hyper::header::HOST, authority)
             .header(hyper::header::ACCEPT, "application/json")
-            .header(hyper::header::USER_AGENT, concat!("confab/", env!("CARGO_PKG_VERSION")))
-            .body(Empty::<HyperBytes>::new())
-            .map_err(|err| io(&err))?;
-        let response = sender.send_request(request).await.map_err(|err| io(&err))?;
-        if response.status() != hyper::StatusCode::OK {
-            return Err(FetchError::Status(response.status().as_u16()));
+            .header(hyper::header::USER_AGENT, concat!("confab/", env!("CARGO_PKG_VERSION")));
+        if let Some(key) = request.bearer {
+            builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
         }
-        let body = Limited::new(response.into_body(), MAX_DOCUMENT_BYTES)
+        if request.json.is_some() {
+            builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let body = Full::new(Bytes::from(request.json.unwrap_or_default().to_owned()));
+        let request = builder.body(body).map_err(|err| io(&err))?;
+        let response = sender.send_request(request).await.map_err(|err| io(&err))?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
             .map_err(|err| match err.downcast::<http_body_util::LengthLimitError>() {
                 Ok(_) => FetchError::TooLarge,
                 Err(err) => io(&err),
             })?;
-        Ok(body.to_bytes())
+        Ok((status, body.to_bytes()))
     }
 }
 
-impl std::fmt::Display for JwksUrl {
+impl std::fmt::Display for HttpUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.uri.fmt(f)
     }
 }
 
-/// TLS for fetching: the web's root certificates (webpki-roots).
-pub(super) fn client_tls() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+/// TLS for requests: the web's root certificates (webpki-roots).
+pub fn client_tls() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
@@ -168,19 +213,19 @@ mod tests {
 
     #[test]
     fn plain_http_only_to_loopback() {
-        assert!(JwksUrl::parse("https://auth.example.com/.well-known/jwks.json").is_ok());
-        assert!(JwksUrl::parse("http://127.0.0.1:8080/jwks").is_ok());
-        assert!(JwksUrl::parse("http://[::1]:8080/jwks").is_ok());
-        assert!(JwksUrl::parse("http://localhost/jwks").is_ok());
+        assert!(HttpUrl::parse("https://auth.example.com/.well-known/jwks.json").is_ok());
+        assert!(HttpUrl::parse("http://127.0.0.1:8080/jwks").is_ok());
+        assert!(HttpUrl::parse("http://[::1]:8080/jwks").is_ok());
+        assert!(HttpUrl::parse("http://localhost/jwks").is_ok());
         assert!(matches!(
-            JwksUrl::parse("http://auth.example.com/jwks"),
+            HttpUrl::parse("http://auth.example.com/jwks"),
             Err(UrlError::PlainHttp)
         ));
         assert!(matches!(
-            JwksUrl::parse("ftp://example.com/jwks"),
+            HttpUrl::parse("ftp://example.com/jwks"),
             Err(UrlError::Scheme)
         ));
-        assert!(matches!(JwksUrl::parse("/jwks"), Err(UrlError::Scheme)));
-        assert!(JwksUrl::parse("http://[::1/").is_err());
+        assert!(matches!(HttpUrl::parse("/jwks"), Err(UrlError::Scheme)));
+        assert!(HttpUrl::parse("http://[::1/").is_err());
     }
 }
