@@ -21,6 +21,9 @@ pub enum AdminCommand {
         /// The password of a password account.
         #[arg(long)]
         password: Option<String>,
+        /// The name to show.
+        #[arg(long)]
+        display_name: Option<String>,
     },
     /// Look a user up by name.
     User {
@@ -70,10 +73,14 @@ pub enum AdminCommand {
 /// Sends `command` to the API at `api` with `key`; the answer, pretty-printed.
 pub async fn run(api: &HttpUrl, key: &str, command: AdminCommand) -> anyhow::Result<String> {
     let (method, path, body) = match command {
-        AdminCommand::CreateUser { username, password } => (
+        AdminCommand::CreateUser {
+            username,
+            password,
+            display_name,
+        } => (
             "POST",
             "/v1/users".to_owned(),
-            Some(json!({ "username": username, "password": password })),
+            Some(json!({ "username": username, "password": password, "display_name": display_name })),
         ),
         AdminCommand::User { username } => ("GET", format!("/v1/users/by-name/{username}"), None),
         AdminCommand::Token { user_id, device } => (

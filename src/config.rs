@@ -377,6 +377,9 @@ pub struct JwtConfig {
     /// The claim naming the device (e.g. "sid"); empty, or absent from a token: the
     /// device the client names in Authenticate, else "default".
     pub device_claim: String,
+    /// The claim holding the user's display name, taken on every sign-in that
+    /// has it (at most 64 characters); empty: none.
+    pub display_name_claim: String,
     /// Longest wait for the JWKS document.
     #[serde(with = "humantime_serde")]
     pub jwks_timeout: Duration,

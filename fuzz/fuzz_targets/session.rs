@@ -55,6 +55,7 @@ fuzz_target!(|input: &[u8]| {
                     user: UserId::new(1).expect("non-zero"),
                     device: DeviceId::new(2).expect("non-zero"),
                     username: "fuzz".into(),
+                    display_name: String::new(),
                     expires_at_ms: 0,
                 };
                 session.authenticated(identity, now + lasts);

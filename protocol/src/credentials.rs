@@ -9,6 +9,7 @@ const USERNAME_MAX_CHARS: usize = 32;
 const PASSWORD_MIN_CHARS: usize = 8;
 const PASSWORD_MAX_BYTES: usize = 1024;
 const DEVICE_NAME_MAX_CHARS: usize = 64;
+const DISPLAY_NAME_MAX_CHARS: usize = 64;
 
 const NAMESPACE_MAX_CHARS: usize = 16;
 const SUBJECT_MAX_BYTES: usize = 128;
@@ -125,6 +126,8 @@ pub struct Identity {
     pub device: DeviceId,
     /// The user's name.
     pub username: String,
+    /// The name shown for the user; may be empty.
+    pub display_name: String,
     /// When the access token that proved it expires (Unix ms).
     pub expires_at_ms: u64,
 }
@@ -138,6 +141,18 @@ pub fn device_name(raw: &str) -> String {
         .take(DEVICE_NAME_MAX_CHARS)
         .collect();
     if name.is_empty() { "unnamed".to_owned() } else { name }
+}
+
+/// A display name from a token's claim or the server API: trimmed, without
+/// control characters, at most 64 characters (cut there); may be empty.
+pub fn display_name(raw: &str) -> String {
+    raw.trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(DISPLAY_NAME_MAX_CHARS)
+        .collect::<String>()
+        .trim_end()
+        .to_owned()
 }
 
 /// The device a client names when its token names none: trimmed, without control
@@ -179,6 +194,13 @@ mod tests {
             assert!(Username::external(namespace, subject).is_err(), "{namespace}:{subject}");
         }
         assert!(Username::external("app", &"x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn display_names_are_trimmed_and_cut() {
+        assert_eq!(display_name("  Ada\u{7}  Lovelace \n"), "Ada  Lovelace");
+        assert_eq!(display_name(&"é".repeat(70)).chars().count(), 64);
+        assert_eq!(display_name(" "), "");
     }
 
     #[test]

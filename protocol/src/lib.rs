@@ -25,7 +25,7 @@ pub use command::{Command, Request};
 pub use content::{Append, Content, GroupCommand, Role, SendKey};
 pub use credentials::{
     Identity, InvalidPassword, InvalidSubject, InvalidUsername, Password, TooLongDeviceName, Username, device_label,
-    device_name,
+    device_name, display_name,
 };
 pub use cursors::{Cursors, MalformedToken};
 pub use history::{HistoryRange, Marks};

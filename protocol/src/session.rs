@@ -928,6 +928,7 @@ mod tests {
             user: user(me),
             device: DeviceId::new(1).unwrap(),
             username: "me".into(),
+            display_name: String::new(),
             expires_at_ms: 0,
         }
     }

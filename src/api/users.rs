@@ -19,12 +19,15 @@ pub(super) struct CreateUser {
     username: String,
     #[serde(default)]
     password: Option<String>,
+    #[serde(default)]
+    display_name: String,
 }
 
 #[derive(Debug, Serialize)]
 pub(super) struct User {
     user_id: u64,
     username: String,
+    display_name: String,
 }
 
 /// `POST /v1/users`: a password account, or a user of the app's sign-in
@@ -44,10 +47,15 @@ pub(super) async fn create(
         .map(Password::parse)
         .transpose()
         .map_err(|err| ApiError::bad_request(err.to_string()))?;
-    let user = state.accounts.create_user(&username, password).await?;
+    let display_name = confab_protocol::display_name(&request.display_name);
+    let user = state
+        .accounts
+        .create_user(&username, password, display_name.clone())
+        .await?;
     let user = User {
         user_id: user.get(),
         username: username.as_str().to_owned(),
+        display_name,
     };
     Ok((StatusCode::CREATED, Json(user)))
 }
@@ -58,10 +66,11 @@ pub(super) async fn by_name(
     Path(username): Path<String>,
 ) -> Result<Json<User>, ApiError> {
     let username = Username::lookup(&username).map_err(|err| ApiError::bad_request(err.to_string()))?;
-    let (user, username) = state.accounts.user_by_name(&username).await?;
+    let user = state.accounts.user_by_name(&username).await?;
     Ok(Json(User {
-        user_id: user.get(),
-        username,
+        user_id: user.id.get(),
+        username: user.username,
+        display_name: user.display_name,
     }))
 }
 

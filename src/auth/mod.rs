@@ -171,6 +171,7 @@ impl Accounts {
                 username: username.as_str().to_owned(),
                 password_hash,
                 created_at_ms: unix_ms(),
+                display_name: String::new(),
             })
             .await
             .map_err(|err| match err {
@@ -326,6 +327,7 @@ impl Accounts {
             user: claims.user,
             device: claims.device,
             username: user.username,
+            display_name: user.display_name,
             expires_at_ms: claims.expires_at_ms,
         })
     }
@@ -338,7 +340,9 @@ impl Accounts {
     ) -> Result<Identity, AuthError> {
         let now = unix_ms();
         let verified = jwt.verify(token, now).await.map_err(AuthError::InvalidJwt)?;
-        let user = self.external_user(&verified.username, now).await?;
+        let user = self
+            .external_user(&verified.username, verified.display_name, now)
+            .await?;
         let label = verified.device.as_deref().or(device).unwrap_or(DEFAULT_DEVICE);
         let device = self
             .external_device(user.id, label, verified.expires_at_ms, now)
@@ -347,14 +351,25 @@ impl Accounts {
             user: user.id,
             device,
             username: user.username,
+            display_name: user.display_name,
             expires_at_ms: verified.expires_at_ms,
         })
     }
 
     /// The user of the app's sign-in named `username`, created on first sight
-    /// (without a password; two first sights at once make one user).
-    async fn external_user(&self, username: &Username, now: u64) -> Result<UserRecord, AuthError> {
-        if let Some(user) = self.store.user_by_name(username.as_str()).await? {
+    /// (without a password; two first sights at once make one user); a token
+    /// with a display name that differs from the stored one replaces it.
+    async fn external_user(
+        &self,
+        username: &Username,
+        display_name: Option<String>,
+        now: u64,
+    ) -> Result<UserRecord, AuthError> {
+        if let Some(mut user) = self.store.user_by_name(username.as_str()).await? {
+            if let Some(display_name) = display_name.filter(|name| *name != user.display_name) {
+                self.store.set_display_name(user.id, display_name.clone()).await?;
+                user.display_name = display_name;
+            }
             return Ok(user);
         }
         let created = self
@@ -363,6 +378,7 @@ impl Accounts {
                 username: username.as_str().to_owned(),
                 password_hash: String::new(),
                 created_at_ms: now,
+                display_name: display_name.unwrap_or_default(),
             })
             .await;
         match created {
@@ -473,7 +489,12 @@ impl Accounts {
     /// account (`password` given, passwords on) or, for a `namespace:subject`
     /// name, a user of the app's sign-in without one. Not throttled: the API
     /// is trusted.
-    pub async fn create_user(&self, username: &Username, password: Option<Password>) -> Result<UserId, AuthError> {
+    pub async fn create_user(
+        &self,
+        username: &Username,
+        password: Option<Password>,
+        display_name: String,
+    ) -> Result<UserId, AuthError> {
         let password_hash = match password {
             Some(password) if !username.is_external() => {
                 self.passwords_on()?;
@@ -488,6 +509,7 @@ impl Accounts {
                 username: username.as_str().to_owned(),
                 password_hash,
                 created_at_ms: unix_ms(),
+                display_name,
             })
             .await
             .map_err(|err| match err {
@@ -557,14 +579,12 @@ impl Accounts {
         Ok(())
     }
 
-    /// A user's id and normalised name, by name.
-    pub async fn user_by_name(&self, username: &Username) -> Result<(UserId, String), AuthError> {
-        let user = self
-            .store
+    /// A user, by name.
+    pub async fn user_by_name(&self, username: &Username) -> Result<UserRecord, AuthError> {
+        self.store
             .user_by_name(username.as_str())
             .await?
-            .ok_or(AuthError::UnknownUser)?;
-        Ok((user.id, user.username))
+            .ok_or(AuthError::UnknownUser)
     }
 
     fn grant(

@@ -374,11 +374,12 @@ impl Connection {
             }),
             Command::GetUser { username } => Box::pin(async move {
                 match shard.accounts.user_by_name(&username).await {
-                    Ok((user_id, username)) => reply_frame(
+                    Ok(user) => reply_frame(
                         id,
                         Kind::User(v1::User {
-                            user_id: user_id.get(),
-                            username,
+                            user_id: user.id.get(),
+                            username: user.username,
+                            display_name: user.display_name,
                         }),
                     ),
                     Err(err) => failure(id, &err),
@@ -492,6 +493,7 @@ impl Connection {
                         user_id: user.get(),
                         device_id: identity.device.get(),
                         username: identity.username.clone(),
+                        display_name: identity.display_name.clone(),
                         ..v1::Authenticated::default()
                     };
                     let expires_at = instant_of(identity.expires_at_ms);

@@ -217,6 +217,9 @@ pub trait AccountStore: Send + Sync {
 
     /// Replaces a user's password hash.
     async fn set_password(&self, user: UserId, password_hash: String) -> Result<(), StoreError>;
+
+    /// Replaces a user's display name.
+    async fn set_display_name(&self, user: UserId, display_name: String) -> Result<(), StoreError>;
 }
 
 /// Conversation history: appending sequenced messages, reading them back, and the send records that make sends idempotent.

@@ -9,10 +9,13 @@ use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
 pub struct NewUser {
     /// Already validated and normalised.
     pub username: String,
-    /// PHC string (argon2id); never the password.
+    /// PHC string (argon2id); never the password. Empty for a user of the
+    /// app's sign-in.
     pub password_hash: String,
     /// When the user signed up (Unix ms).
     pub created_at_ms: u64,
+    /// The name shown for the user; may be empty.
+    pub display_name: String,
 }
 
 /// A stored user.
@@ -26,6 +29,8 @@ pub struct UserRecord {
     pub password_hash: String,
     /// When it signed up (Unix ms).
     pub created_at_ms: u64,
+    /// The name shown for it; may be empty (then show the username).
+    pub display_name: String,
 }
 
 /// A stored device.

@@ -295,6 +295,7 @@ async fn a_ten_thousand_member_room_works() {
                     username: format!("crowd{i}"),
                     password_hash: "unused".into(),
                     created_at_ms: 0,
+                    display_name: String::new(),
                 })
                 .await
                 .unwrap()

@@ -172,6 +172,12 @@ async fn app_tokens_sign_in_one_namespaced_user_per_subject_with_a_device_per_la
     assert_eq!(by_ec.device_id, first.device_id);
     assert_ne!(by_ed.device_id, first.device_id);
     assert_ne!(by_hs.device_id, first.device_id);
+    // The token's name claim is the user's display name, and a new one replaces it.
+    assert_eq!(first.display_name, "");
+    let mut named = claims(&alice);
+    named["name"] = json!("Alice Liddell");
+    let (_, renamed) = sign_in(&server, &ec.sign(&named), "phone").await.unwrap();
+    assert_eq!(renamed.display_name, "Alice Liddell");
     // A device named by the token's claim wins over the client's.
     let mut named = claims(&alice);
     named["did"] = json!("laptop");
@@ -183,6 +189,8 @@ async fn app_tokens_sign_in_one_namespaced_user_per_subject_with_a_device_per_la
     let (alice_client, _) = sign_in(&server, &ed.sign(&claims(&alice)), "tablet").await.unwrap();
     let found = alice_client.user(&format!("app:{bob}")).await.unwrap();
     assert_eq!(found.user_id, bob_auth.user_id);
+    let alice_seen = bob_client.user(&format!("app:{alice}")).await.unwrap();
+    assert_eq!(alice_seen.display_name, "Alice Liddell");
     let ack = alice_client
         .send_direct(bob_auth.user_id, "m1", "hello bob")
         .await

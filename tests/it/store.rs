@@ -123,6 +123,7 @@ async fn concurrent_sign_ups_of_one_name_create_one_user() {
                     username: name,
                     password_hash: "hash".into(),
                     created_at_ms: 1,
+                    display_name: "Alice".into(),
                 })
                 .await
         })
@@ -138,7 +139,13 @@ async fn concurrent_sign_ups_of_one_name_create_one_user() {
     assert_eq!(created.len(), 1);
     let found = store.user_by_name(&name).await.unwrap().unwrap();
     assert_eq!(found, created[0]);
-    assert_eq!(store.user_by_id(found.id).await.unwrap(), Some(found));
+    assert_eq!(store.user_by_id(found.id).await.unwrap(), Some(found.clone()));
+    assert_eq!(found.display_name, "Alice");
+    // A new display name replaces it, and nothing else.
+    store.set_display_name(found.id, "Alice L.".into()).await.unwrap();
+    let renamed = store.user_by_name(&name).await.unwrap().unwrap();
+    assert_eq!(renamed.display_name, "Alice L.");
+    assert_eq!((renamed.password_hash.as_str(), renamed.created_at_ms), ("hash", 1));
     store.close().await.unwrap();
 }
 

@@ -16,7 +16,7 @@ mod keys;
 pub use keys::{Jwks, KeySet};
 
 use crate::config::JwtConfig;
-use confab_protocol::{Username, device_label};
+use confab_protocol::{Username, device_label, display_name};
 use jsonwebtoken::errors::ErrorKind as JwtErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use keys::PublicKey;
@@ -68,6 +68,8 @@ pub struct Verified {
     pub username: Username,
     /// The device the token names, if it names one.
     pub device: Option<String>,
+    /// The user's display name, if the token has one.
+    pub display_name: Option<String>,
     /// When the token expires (Unix ms).
     pub expires_at_ms: u64,
 }
@@ -81,6 +83,7 @@ pub struct JwtVerifier {
     leeway_ms: u64,
     namespace: String,
     device_claim: String,
+    display_name_claim: String,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -110,6 +113,7 @@ impl JwtVerifier {
             leeway_ms: u64::try_from(config.leeway.as_millis()).unwrap_or(u64::MAX),
             namespace: config.namespace.clone(),
             device_claim: config.device_claim.clone(),
+            display_name_claim: config.display_name_claim.clone(),
         }
     }
 
@@ -223,9 +227,22 @@ impl JwtVerifier {
                     .ok_or_else(|| JwtError::Claim(name.into()))?,
             },
         };
+        let display_name = match self.display_name_claim.as_str() {
+            "" => None,
+            name => match claims.get(name) {
+                None => None,
+                Some(value) => Some(
+                    value
+                        .as_str()
+                        .map(display_name)
+                        .ok_or_else(|| JwtError::Claim(name.into()))?,
+                ),
+            },
+        };
         Ok(Verified {
             username,
             device,
+            display_name,
             expires_at_ms,
         })
     }
@@ -284,8 +301,9 @@ mod tests {
 
     #[test]
     fn a_valid_token_names_a_namespaced_user_and_its_device() {
-        let verified = verify(&with(json!({ "did": "phone" }))).unwrap();
+        let verified = verify(&with(json!({ "did": "phone", "name": " Ada Lovelace " }))).unwrap();
         assert_eq!(verified.username.as_str(), "app:User-1");
+        assert_eq!(verified.display_name.as_deref(), Some("Ada Lovelace"));
         assert_eq!(verified.device.as_deref(), Some("phone"));
         assert_eq!(verified.expires_at_ms, (NOW + 60) * 1000);
         assert_eq!(verify(&hs(Algorithm::HS256, &claims())).unwrap().device, None);

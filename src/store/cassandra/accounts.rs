@@ -30,6 +30,7 @@ impl AccountStore for CassandraStore {
                         user.username.clone(),
                         user.password_hash.clone(),
                         to_cql(user.created_at_ms),
+                        user.display_name.clone(),
                     ),
                 )
                 .await?;
@@ -38,6 +39,7 @@ impl AccountStore for CassandraStore {
                 username: user.username,
                 password_hash: user.password_hash,
                 created_at_ms: user.created_at_ms,
+                display_name: user.display_name,
             })
         })
         .await
@@ -150,6 +152,15 @@ impl AccountStore for CassandraStore {
         self.on_driver(move |inner| async move {
             inner
                 .execute(&inner.statements.set_password, (password_hash, to_cql(user.get())))
+                .await
+        })
+        .await
+    }
+
+    async fn set_display_name(&self, user: UserId, display_name: String) -> Result<(), StoreError> {
+        self.on_driver(move |inner| async move {
+            inner
+                .execute(&inner.statements.set_display_name, (display_name, to_cql(user.get())))
                 .await
         })
         .await

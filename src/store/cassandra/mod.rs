@@ -341,6 +341,41 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs a Cassandra node: TEST_CASSANDRA=<host:port>"]
+    async fn a_keyspace_made_before_display_names_gets_the_column() {
+        use crate::store::AccountStore as _;
+        let mut config = crate::Config::defaults().unwrap().cassandra;
+        config.contact_points = vec![std::env::var("TEST_CASSANDRA").expect("TEST_CASSANDRA=<host:port>")];
+        config.keyspace = format!("upgrade{}_{:x}", std::process::id(), rand::random::<u32>());
+        config.consistency = Consistency::One;
+        let old = CassandraStore::open(&config, Duration::from_secs(3600)).unwrap();
+        // The users table as the first release made it.
+        let drop = format!("ALTER TABLE {}.users DROP display_name", config.keyspace);
+        old.on_driver(|inner| async move {
+            inner
+                .session
+                .query_unpaged(drop, ())
+                .await
+                .map_err(|err| StoreError::io_because("drop", err))?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        old.close().await.unwrap();
+
+        let store = CassandraStore::open(&config, Duration::from_secs(3600)).unwrap();
+        let user = crate::store::NewUser {
+            username: format!("upgraded{:x}", rand::random::<u32>()),
+            password_hash: String::new(),
+            created_at_ms: 1,
+            display_name: "Ada".into(),
+        };
+        let created = store.create_user(user).await.unwrap();
+        assert_eq!(store.user_by_id(created.id).await.unwrap().unwrap().display_name, "Ada");
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs a Cassandra node: TEST_CASSANDRA=<host:port>"]
     async fn last_seq_steps_down_from_a_head_past_the_stored_messages() {
         let store = store();
         let conversation = conversation();

@@ -206,15 +206,18 @@ impl Inner {
     }
 
     pub(super) async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-        let rows: Vec<(String, String, i64)> = self.rows(&self.statements.user_by_id, (to_cql(id.get()),)).await?;
+        let rows: Vec<(String, String, i64, Option<String>)> =
+            self.rows(&self.statements.user_by_id, (to_cql(id.get()),)).await?;
         Ok(rows
             .into_iter()
             .next()
-            .map(|(username, password_hash, created_at_ms)| UserRecord {
+            .map(|(username, password_hash, created_at_ms, display_name)| UserRecord {
                 id,
                 username,
                 password_hash,
                 created_at_ms: from_cql(created_at_ms),
+                // Null for users made before the column.
+                display_name: display_name.unwrap_or_default(),
             }))
     }
 

@@ -22,6 +22,7 @@ pub(super) struct Statements {
     pub(super) delete_device: PreparedStatement,
     pub(super) rotate_refresh: PreparedStatement,
     pub(super) set_password: PreparedStatement,
+    pub(super) set_display_name: PreparedStatement,
     pub(super) insert_message: PreparedStatement,
     pub(super) message_at: PreparedStatement,
     pub(super) latest_in_bucket: PreparedStatement,
@@ -47,7 +48,13 @@ pub(super) struct Statements {
     pub(super) marks: PreparedStatement,
 }
 
-/// Creates the keyspace and tables (idempotent: `IF NOT EXISTS`).
+/// Columns added to tables after the first release, as (table, column, type):
+/// schema.cql has them, and a keyspace made before gets them at start. Checked
+/// in `system_schema` (not `ADD IF NOT EXISTS`, which ScyllaDB lacks).
+const ADDED_COLUMNS: [(&str, &str, &str); 1] = [("users", "display_name", "text")];
+
+/// Creates the keyspace and tables (idempotent: `IF NOT EXISTS`), and adds the
+/// columns a keyspace made by an earlier release lacks.
 pub(super) async fn apply_schema(session: &Session, config: &CassandraConfig) -> Result<(), StoreError> {
     for statement in SCHEMA
         .replace("{keyspace}", &config.keyspace)
@@ -60,6 +67,29 @@ pub(super) async fn apply_schema(session: &Session, config: &CassandraConfig) ->
             .query_unpaged(statement.clone(), ())
             .await
             .map_err(|err| StoreError::io_because(format!("applying the schema ({statement})"), err))?;
+    }
+    for (table, column, kind) in ADDED_COLUMNS {
+        let looking = format!("looking for the column {table}.{column}");
+        let found = session
+            .query_unpaged(
+                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+                // Unquoted names are kept in lower case.
+                (config.keyspace.to_ascii_lowercase(), table, column),
+            )
+            .await
+            .map_err(|err| StoreError::io_because(looking.clone(), err))?
+            .into_rows_result()
+            .map_err(|err| StoreError::io_because(looking, err))?
+            .rows_num()
+            > 0;
+        if !found {
+            let statement = format!("ALTER TABLE {}.{table} ADD {column} {kind}", config.keyspace);
+            session
+                .query_unpaged(statement.clone(), ())
+                .await
+                .map_err(|err| StoreError::io_because(format!("applying the schema ({statement})"), err))?;
+            tracing::info!(table, column, "column added to a keyspace made by an earlier release");
+        }
     }
     Ok(())
 }
@@ -109,7 +139,7 @@ impl Statements {
         let k = keyspace;
         Ok(Self {
             insert_user: prepare(format!(
-                "INSERT INTO {k}.users (id, username, password_hash, created_at_ms) VALUES (?, ?, ?, ?)"
+                "INSERT INTO {k}.users (id, username, password_hash, created_at_ms, display_name) VALUES (?, ?, ?, ?, ?)"
             ))
             .await?,
             claim_username: prepare_lwt(format!(
@@ -117,7 +147,7 @@ impl Statements {
             ))
             .await?,
             user_by_id: prepare(format!(
-                "SELECT username, password_hash, created_at_ms FROM {k}.users WHERE id = ?"
+                "SELECT username, password_hash, created_at_ms, display_name FROM {k}.users WHERE id = ?"
             ))
             .await?,
             id_by_username: prepare(format!("SELECT id FROM {k}.usernames WHERE username = ?")).await?,
@@ -138,6 +168,7 @@ impl Statements {
             ))
             .await?,
             set_password: prepare(format!("UPDATE {k}.users SET password_hash = ? WHERE id = ?")).await?,
+            set_display_name: prepare(format!("UPDATE {k}.users SET display_name = ? WHERE id = ?")).await?,
             // A lightweight transaction like the rotation: a plain DELETE
             // carries the client's timestamp, a rotation its Paxos ballot's, so
             // a rotation racing a log-out could outlive the delete and leave a

@@ -2,7 +2,7 @@
 //! devices.
 
 use super::keys::{StoredDevice, decode_user_id, device_of_key};
-use super::writer::WriteJob;
+use super::writer::{UserUpdate, WriteJob};
 use super::{EmbeddedStore, corrupt, fjall_error};
 use crate::store::{AccountStore, DeviceRecord, NewUser, Rotation, StoreError, UserRecord};
 use async_trait::async_trait;
@@ -94,7 +94,12 @@ impl AccountStore for EmbeddedStore {
     }
 
     async fn set_password(&self, user: UserId, password_hash: String) -> Result<(), StoreError> {
-        self.write(|reply| WriteJob::SetPassword(user, password_hash, reply))
-            .await
+        let update = UserUpdate::Password(password_hash);
+        self.write(|reply| WriteJob::UpdateUser(user, update, reply)).await
+    }
+
+    async fn set_display_name(&self, user: UserId, display_name: String) -> Result<(), StoreError> {
+        let update = UserUpdate::DisplayName(display_name);
+        self.write(|reply| WriteJob::UpdateUser(user, update, reply)).await
     }
 }

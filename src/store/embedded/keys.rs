@@ -14,6 +14,8 @@ pub(super) struct StoredUser {
     pub(super) password_hash: String,
     #[prost(uint64, tag = "3")]
     pub(super) created_at_ms: u64,
+    #[prost(string, tag = "4")]
+    pub(super) display_name: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -113,6 +113,7 @@ impl View {
             username: stored.username,
             password_hash: stored.password_hash,
             created_at_ms: stored.created_at_ms,
+            display_name: stored.display_name,
         }))
     }
 

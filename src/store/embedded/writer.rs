@@ -54,6 +54,12 @@ const MAX_INDEXED_DIRECTS: usize = 64 * 1024;
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// A change to one user's record.
+pub(super) enum UserUpdate {
+    Password(String),
+    DisplayName(String),
+}
+
 pub(super) enum WriteJob {
     CreateUser(NewUser, Reply<UserRecord>),
     PutDevice(DeviceRecord, Reply<()>),
@@ -62,7 +68,7 @@ pub(super) enum WriteJob {
     Purge(Vec<fjall::UserKey>, Reply<usize>),
     Mark(ConversationId, UserId, DeviceId, Marks, Reply<(Marks, bool)>),
     RotateRefresh(Rotation, Reply<bool>),
-    SetPassword(UserId, String, Reply<()>),
+    UpdateUser(UserId, UserUpdate, Reply<()>),
     /// Answers whether writes are taken now (recovering first if it is time).
     Probe(Reply<()>),
     Close(Reply<()>),
@@ -494,7 +500,7 @@ impl Staging {
                 Ok(rotated) => on_commit(reply, rotated),
                 Err(err) => refuse(reply, err),
             },
-            WriteJob::SetPassword(user, password_hash, reply) => match self.stage_password(user, password_hash) {
+            WriteJob::UpdateUser(user, update, reply) => match self.stage_user_update(user, update) {
                 Ok(()) => on_commit(reply, ()),
                 Err(err) => refuse(reply, err),
             },
@@ -555,13 +561,16 @@ impl Staging {
         Ok(true)
     }
 
-    fn stage_password(&mut self, user: UserId, password_hash: String) -> Result<(), StoreError> {
+    fn stage_user_update(&mut self, user: UserId, update: UserUpdate) -> Result<(), StoreError> {
         let key = user.get().to_be_bytes();
         let Some(value) = self.latest.get(&self.inner.users, key).map_err(fjall_error)? else {
             return Err(StoreError::corrupt(format!("user {user} is missing")));
         };
         let mut stored = StoredUser::decode(&*value).map_err(corrupt)?;
-        stored.password_hash = password_hash;
+        match update {
+            UserUpdate::Password(password_hash) => stored.password_hash = password_hash,
+            UserUpdate::DisplayName(display_name) => stored.display_name = display_name,
+        }
         self.batch.insert(&self.inner.users, key, stored.encode_to_vec());
         Ok(())
     }
@@ -632,6 +641,7 @@ impl Staging {
             username: user.username.clone(),
             password_hash: user.password_hash.clone(),
             created_at_ms: user.created_at_ms,
+            display_name: user.display_name.clone(),
         };
         self.batch
             .insert(&self.inner.users, id.get().to_be_bytes(), stored.encode_to_vec());
@@ -644,6 +654,7 @@ impl Staging {
             username: user.username,
             password_hash: user.password_hash,
             created_at_ms: user.created_at_ms,
+            display_name: user.display_name,
         })
     }
 
@@ -772,6 +783,6 @@ fn refuse_job(job: WriteJob, err: StoreError) -> Answer {
         WriteJob::Purge(_, reply) => refuse(reply, err),
         WriteJob::Mark(.., reply) => refuse(reply, err),
         WriteJob::RotateRefresh(_, reply) => refuse(reply, err),
-        WriteJob::SetPassword(_, _, reply) => refuse(reply, err),
+        WriteJob::UpdateUser(_, _, reply) => refuse(reply, err),
     }
 }
