@@ -296,6 +296,21 @@ pub(super) async fn history(
     }))
 }
 
+/// Has `user` leave every group it is a member of (as a client's
+/// `LeaveGroup`: an owner hands the group on); how many it left.
+pub(super) async fn leave_groups(state: &ApiState, user: UserId) -> Result<usize, ApiError> {
+    let mut left = 0;
+    for head in state.store.conversations(user).await? {
+        if head.left_seq.is_some() || !matches!(head.conversation, ConversationId::Group(_)) {
+            continue;
+        }
+        let key = "confab-api-delete-user".to_owned();
+        let Json(_) = append(state, head.conversation, user, key, Content::Group(GroupCommand::Leave)).await?;
+        left += 1;
+    }
+    Ok(left)
+}
+
 /// Sequences `content` in `conversation` as `sender`'s API device.
 async fn append(
     state: &ApiState,

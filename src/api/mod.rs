@@ -27,7 +27,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, patch, post};
 use confab_proto::v1::ErrorCode;
 use confab_protocol::SessionLimits;
 use confab_protocol::ids::GroupIds;
@@ -109,6 +109,7 @@ fn router(state: ApiState, config: &ApiConfig) -> Router {
     let v1 = Router::new()
         .route("/users", post(users::create))
         .route("/users/by-name/{username}", get(users::by_name))
+        .route("/users/{user_id}", patch(users::update).delete(users::delete))
         .route("/users/{user_id}/presence", get(users::presence))
         .route(
             "/users/{user_id}/devices",

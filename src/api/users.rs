@@ -76,6 +76,66 @@ pub(super) async fn by_name(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct UpdateUser {
+    #[serde(default)]
+    display_name: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+/// `PATCH /v1/users/{user_id}`: a new display name, and a password account's
+/// new password (which logs every device out).
+pub(super) async fn update(
+    State(state): State<ApiState>,
+    Path(user): Path<u64>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<User>, ApiError> {
+    let request: UpdateUser = json(body)?;
+    let user = existing_user(&state, user).await?;
+    let password = request
+        .password
+        .map(Password::parse)
+        .transpose()
+        .map_err(|err| ApiError::bad_request(err.to_string()))?;
+    let display_name = request.display_name.as_deref().map(confab_protocol::display_name);
+    let revoked = state.accounts.update_user(user, display_name, password).await?;
+    for device in revoked {
+        state.mesh.revoke(user, device).await;
+    }
+    match state.store.user_by_id(user).await? {
+        Some(record) => Ok(Json(User {
+            user_id: record.id.get(),
+            username: record.username,
+            display_name: record.display_name,
+        })),
+        None => Err(ApiError::new(ErrorCode::NotFound, format!("no user {user}"))),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct Deleted {
+    groups_left: usize,
+    revoked_devices: usize,
+}
+
+/// `DELETE /v1/users/{user_id}`: the user leaves its groups, its devices are
+/// logged out, and it is removed (its name is free again; its messages stay
+/// in their conversations' history).
+pub(super) async fn delete(State(state): State<ApiState>, Path(user): Path<u64>) -> Result<Json<Deleted>, ApiError> {
+    let user = existing_user(&state, user).await?;
+    let groups_left = super::messages::leave_groups(&state, user).await?;
+    let revoked = state.accounts.delete_user(user).await?;
+    for device in &revoked {
+        state.mesh.revoke(user, *device).await;
+    }
+    Ok(Json(Deleted {
+        groups_left,
+        revoked_devices: revoked.len(),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct IssueDevice {
     #[serde(default)]
     device_name: String,

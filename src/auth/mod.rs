@@ -520,6 +520,42 @@ impl Accounts {
         Ok(user.id)
     }
 
+    /// Changes a user for the app's backend (the server API): its display name,
+    /// and a password account's password, which logs every device out (they
+    /// are returned).
+    pub async fn update_user(
+        &self,
+        user: UserId,
+        display_name: Option<String>,
+        password: Option<Password>,
+    ) -> Result<Vec<DeviceId>, AuthError> {
+        let record = self.store.user_by_id(user).await?.ok_or(AuthError::UnknownUser)?;
+        if let Some(display_name) = display_name {
+            self.store.set_display_name(user, display_name).await?;
+        }
+        let Some(password) = password else {
+            return Ok(Vec::new());
+        };
+        self.passwords_on()?;
+        if record.password_hash.is_empty() {
+            return Err(AuthError::PasswordMismatch);
+        }
+        let password_hash = self.hasher.hash(password).await?;
+        self.store.set_password(user, password_hash).await?;
+        self.revoke_all_devices(user).await
+    }
+
+    /// Deletes a user for the app's backend (the server API): logs every
+    /// device out (they are returned), removes the user and frees its name.
+    pub async fn delete_user(&self, user: UserId) -> Result<Vec<DeviceId>, AuthError> {
+        let revoked = self.revoke_all_devices(user).await?;
+        if !self.store.delete_user(user).await? {
+            return Err(AuthError::UnknownUser);
+        }
+        tracing::info!(user = %user, "user deleted through the API");
+        Ok(revoked)
+    }
+
     /// Logs every device of `user` out; returns them.
     pub async fn revoke_all_devices(&self, user: UserId) -> Result<Vec<DeviceId>, AuthError> {
         let mut revoked = Vec::new();

@@ -215,11 +215,15 @@ pub trait AccountStore: Send + Sync {
     /// returns whether it was (false also when the device is gone).
     async fn rotate_refresh(&self, rotation: Rotation) -> Result<bool, StoreError>;
 
-    /// Replaces a user's password hash.
+    /// Replaces a user's password hash (nothing, for a user that does not exist).
     async fn set_password(&self, user: UserId, password_hash: String) -> Result<(), StoreError>;
 
-    /// Replaces a user's display name.
+    /// Replaces a user's display name (nothing, for a user that does not exist).
     async fn set_display_name(&self, user: UserId, display_name: String) -> Result<(), StoreError>;
+
+    /// Removes a user and frees its name (its devices are removed apart);
+    /// returns whether it existed.
+    async fn delete_user(&self, user: UserId) -> Result<bool, StoreError>;
 }
 
 /// Conversation history: appending sequenced messages, reading them back, and the send records that make sends idempotent.

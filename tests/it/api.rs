@@ -4,6 +4,7 @@
 
 use crate::common::*;
 use confab_client::proto::ErrorCode;
+use confab_client::proto::group_event::Kind;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -548,5 +549,84 @@ async fn confab_admin_creates_a_user_issues_its_token_and_publishes() {
     assert!(refused.contains("HTTP 401 UNAUTHENTICATED"), "{refused}");
     let missing = admin(api.addr, KEY, &["user", "nobody-here"]).await.unwrap_err();
     assert!(missing.contains("HTTP 404 NOT_FOUND"), "{missing}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_are_renamed_given_new_passwords_and_deleted() {
+    let (mut node, api) = node(&[]).await;
+    let (owner, owner_login, owner_name) = new_user(node.addr, "gone").await;
+    let (member, member_login, _) = new_user(node.addr, "stays").await;
+    let owner_id = owner_login.user_id;
+
+    let renamed = api
+        .call(
+            "PATCH",
+            &format!("/v1/users/{owner_id}"),
+            Some(json!({ "display_name": "Soon Gone" })),
+        )
+        .await
+        .json();
+    assert_eq!(renamed["display_name"], json!("Soon Gone"));
+    assert_eq!(member.user(&owner_name).await.unwrap().display_name, "Soon Gone");
+
+    // A new password logs every device out; the new one works, the old not.
+    let patched = api
+        .call(
+            "PATCH",
+            &format!("/v1/users/{owner_id}"),
+            Some(json!({ "password": "a brand new password" })),
+        )
+        .await;
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    let closed = within(WAIT, owner.next_message()).await.unwrap_err();
+    assert_eq!(closed.code(), Some(ErrorCode::Unauthenticated), "{closed}");
+    let client = confab_client::Client::connect(node.addr).await.unwrap();
+    assert_eq!(
+        code(client.log_in(&owner_name, PASSWORD, "x").await),
+        ErrorCode::Unauthenticated
+    );
+    let login = client.log_in(&owner_name, "a brand new password", "x").await.unwrap();
+    client.authenticate(&login.tokens.unwrap().access_token).await.unwrap();
+
+    // Deleting the owner of a group hands the group on, then removes the user.
+    let group = client
+        .create_group("g1", "Team", &[member_login.user_id])
+        .await
+        .unwrap();
+    within(WAIT, member.next_message()).await.unwrap();
+    let deleted = api.call("DELETE", &format!("/v1/users/{owner_id}"), None).await.json();
+    assert_eq!(deleted, json!({ "groups_left": 1, "revoked_devices": 1 }));
+    let left = within(WAIT, member.next_message()).await.unwrap();
+    assert_eq!(left.conversation_id, group.conversation_id);
+    let new_owner = left.event.and_then(|event| event.kind);
+    assert!(
+        matches!(new_owner, Some(Kind::MemberLeft(ref left)) if left.new_owner_user_id == member_login.user_id),
+        "{new_owner:?}"
+    );
+    // The deleted user's device sees its leaving, then is closed.
+    let closed = within(WAIT, async {
+        loop {
+            if let Err(closed) = client.next_message().await {
+                return closed;
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed.code(), Some(ErrorCode::Unauthenticated), "{closed}");
+    let gone = api.call("GET", &format!("/v1/users/by-name/{owner_name}"), None).await;
+    assert_eq!((gone.status, gone.code().as_str()), (404, "NOT_FOUND"));
+    let again = api.call("DELETE", &format!("/v1/users/{owner_id}"), None).await;
+    assert_eq!(again.status, 404);
+    // The name is free again.
+    let reborn = api
+        .call(
+            "POST",
+            "/v1/users",
+            Some(json!({ "username": owner_name, "password": PASSWORD })),
+        )
+        .await;
+    assert_eq!(reborn.status, 201, "{}", reborn.body);
+    assert_ne!(reborn.json()["user_id"], json!(owner_id));
     node.shutdown().await;
 }

@@ -146,6 +146,22 @@ async fn concurrent_sign_ups_of_one_name_create_one_user() {
     let renamed = store.user_by_name(&name).await.unwrap().unwrap();
     assert_eq!(renamed.display_name, "Alice L.");
     assert_eq!((renamed.password_hash.as_str(), renamed.created_at_ms), ("hash", 1));
+    // Deleted: gone by id and name, the name free again, and updates of it
+    // change nothing.
+    assert!(store.delete_user(found.id).await.unwrap());
+    assert!(!store.delete_user(found.id).await.unwrap());
+    store.set_display_name(found.id, "ghost".into()).await.unwrap();
+    assert_eq!(store.user_by_id(found.id).await.unwrap(), None);
+    assert_eq!(store.user_by_name(&name).await.unwrap(), None);
+    assert_eq!(store.missing_users(vec![found.id]).await.unwrap(), vec![found.id]);
+    let again = NewUser {
+        username: name.clone(),
+        password_hash: "hash".into(),
+        created_at_ms: 2,
+        display_name: String::new(),
+    };
+    let reborn = store.create_user(again).await.unwrap();
+    assert_ne!(reborn.id, found.id);
     store.close().await.unwrap();
 }
 

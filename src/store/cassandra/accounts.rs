@@ -165,4 +165,25 @@ impl AccountStore for CassandraStore {
         })
         .await
     }
+
+    async fn delete_user(&self, user: UserId) -> Result<bool, StoreError> {
+        self.on_driver(move |inner| async move {
+            let Some(record) = inner.user(user).await? else {
+                return Ok(false);
+            };
+            // The name first (only while it still names this user): a failure
+            // between the two leaves a user no name finds, never a name of no user.
+            inner
+                .applied(
+                    &inner.statements.release_username,
+                    (record.username, to_cql(user.get())),
+                )
+                .await?;
+            inner
+                .execute(&inner.statements.delete_user, (to_cql(user.get()),))
+                .await?;
+            Ok(true)
+        })
+        .await
+    }
 }

@@ -206,18 +206,21 @@ impl Inner {
     }
 
     pub(super) async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
-        let rows: Vec<(String, String, i64, Option<String>)> =
-            self.rows(&self.statements.user_by_id, (to_cql(id.get()),)).await?;
+        type Row = (Option<String>, Option<String>, Option<i64>, Option<String>);
+        let rows: Vec<Row> = self.rows(&self.statements.user_by_id, (to_cql(id.get()),)).await?;
+        // An update racing a delete leaves a row without a username: no user.
         Ok(rows
             .into_iter()
             .next()
-            .map(|(username, password_hash, created_at_ms, display_name)| UserRecord {
-                id,
-                username,
-                password_hash,
-                created_at_ms: from_cql(created_at_ms),
-                // Null for users made before the column.
-                display_name: display_name.unwrap_or_default(),
+            .and_then(|(username, password_hash, created_at_ms, display_name)| {
+                Some(UserRecord {
+                    id,
+                    username: username?,
+                    password_hash: password_hash.unwrap_or_default(),
+                    created_at_ms: from_cql(created_at_ms.unwrap_or_default()),
+                    // Null for users made before the column.
+                    display_name: display_name.unwrap_or_default(),
+                })
             }))
     }
 

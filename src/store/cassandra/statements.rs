@@ -23,6 +23,8 @@ pub(super) struct Statements {
     pub(super) rotate_refresh: PreparedStatement,
     pub(super) set_password: PreparedStatement,
     pub(super) set_display_name: PreparedStatement,
+    pub(super) release_username: PreparedStatement,
+    pub(super) delete_user: PreparedStatement,
     pub(super) insert_message: PreparedStatement,
     pub(super) message_at: PreparedStatement,
     pub(super) latest_in_bucket: PreparedStatement,
@@ -169,6 +171,8 @@ impl Statements {
             .await?,
             set_password: prepare(format!("UPDATE {k}.users SET password_hash = ? WHERE id = ?")).await?,
             set_display_name: prepare(format!("UPDATE {k}.users SET display_name = ? WHERE id = ?")).await?,
+            release_username: prepare_lwt(format!("DELETE FROM {k}.usernames WHERE username = ? IF id = ?")).await?,
+            delete_user: prepare(format!("DELETE FROM {k}.users WHERE id = ?")).await?,
             // A lightweight transaction like the rotation: a plain DELETE
             // carries the client's timestamp, a rotation its Paxos ballot's, so
             // a rotation racing a log-out could outlive the delete and leave a

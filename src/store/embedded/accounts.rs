@@ -102,4 +102,8 @@ impl AccountStore for EmbeddedStore {
         let update = UserUpdate::DisplayName(display_name);
         self.write(|reply| WriteJob::UpdateUser(user, update, reply)).await
     }
+
+    async fn delete_user(&self, user: UserId) -> Result<bool, StoreError> {
+        self.write(|reply| WriteJob::DeleteUser(user, reply)).await
+    }
 }

@@ -69,6 +69,7 @@ pub(super) enum WriteJob {
     Mark(ConversationId, UserId, DeviceId, Marks, Reply<(Marks, bool)>),
     RotateRefresh(Rotation, Reply<bool>),
     UpdateUser(UserId, UserUpdate, Reply<()>),
+    DeleteUser(UserId, Reply<bool>),
     /// Answers whether writes are taken now (recovering first if it is time).
     Probe(Reply<()>),
     Close(Reply<()>),
@@ -454,6 +455,8 @@ struct Staging {
     marks: HashMap<Vec<u8>, Marks>,
     /// Devices written (`None`: deleted) earlier in this batch.
     devices: HashMap<[u8; 16], Option<StoredDevice>>,
+    /// Users written (`None`: deleted) earlier in this batch.
+    users: HashMap<[u8; 8], Option<StoredUser>>,
     /// Messages staged so far, kept only when the batch amends some.
     messages: Option<HashMap<Vec<u8>, StoredMessage>>,
     /// Direct conversations already in their members' index (the writer's,
@@ -471,6 +474,7 @@ impl Staging {
             new_ids: HashSet::new(),
             marks: HashMap::new(),
             devices: HashMap::new(),
+            users: HashMap::new(),
             messages: amends.then(HashMap::new),
             indexed_directs,
         }
@@ -502,6 +506,10 @@ impl Staging {
             },
             WriteJob::UpdateUser(user, update, reply) => match self.stage_user_update(user, update) {
                 Ok(()) => on_commit(reply, ()),
+                Err(err) => refuse(reply, err),
+            },
+            WriteJob::DeleteUser(user, reply) => match self.stage_user_delete(user) {
+                Ok(existed) => on_commit(reply, existed),
                 Err(err) => refuse(reply, err),
             },
             WriteJob::Append(messages, reply) => {
@@ -561,18 +569,42 @@ impl Staging {
         Ok(true)
     }
 
+    /// A user as this batch leaves it.
+    fn user(&self, key: [u8; 8]) -> Result<Option<StoredUser>, StoreError> {
+        if let Some(staged) = self.users.get(&key) {
+            return Ok(staged.clone());
+        }
+        match self.latest.get(&self.inner.users, key).map_err(fjall_error)? {
+            Some(value) => Ok(Some(StoredUser::decode(&*value).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
     fn stage_user_update(&mut self, user: UserId, update: UserUpdate) -> Result<(), StoreError> {
         let key = user.get().to_be_bytes();
-        let Some(value) = self.latest.get(&self.inner.users, key).map_err(fjall_error)? else {
-            return Err(StoreError::corrupt(format!("user {user} is missing")));
+        // Deleted meanwhile: nothing to change.
+        let Some(mut stored) = self.user(key)? else {
+            return Ok(());
         };
-        let mut stored = StoredUser::decode(&*value).map_err(corrupt)?;
         match update {
             UserUpdate::Password(password_hash) => stored.password_hash = password_hash,
             UserUpdate::DisplayName(display_name) => stored.display_name = display_name,
         }
         self.batch.insert(&self.inner.users, key, stored.encode_to_vec());
+        self.users.insert(key, Some(stored));
         Ok(())
+    }
+
+    /// Removes a user and its name; whether it existed.
+    fn stage_user_delete(&mut self, user: UserId) -> Result<bool, StoreError> {
+        let key = user.get().to_be_bytes();
+        let Some(stored) = self.user(key)? else {
+            return Ok(false);
+        };
+        self.batch.remove(&self.inner.users, key);
+        self.batch.remove(&self.inner.usernames, stored.username.as_bytes());
+        self.users.insert(key, None);
+        Ok(true)
     }
 
     fn stage_messages(&mut self, messages: Vec<MessageRecord>) {
@@ -645,6 +677,7 @@ impl Staging {
         };
         self.batch
             .insert(&self.inner.users, id.get().to_be_bytes(), stored.encode_to_vec());
+        self.users.insert(id.get().to_be_bytes(), Some(stored));
         self.batch
             .insert(&self.inner.usernames, user.username.as_bytes(), id.get().to_be_bytes());
         self.new_names.insert(user.username.clone());
@@ -784,5 +817,6 @@ fn refuse_job(job: WriteJob, err: StoreError) -> Answer {
         WriteJob::Mark(.., reply) => refuse(reply, err),
         WriteJob::RotateRefresh(_, reply) => refuse(reply, err),
         WriteJob::UpdateUser(_, _, reply) => refuse(reply, err),
+        WriteJob::DeleteUser(_, reply) => refuse(reply, err),
     }
 }
