@@ -85,6 +85,9 @@ fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
         if let Some(addr) = server.metrics_addr() {
             lines += &format!("metrics on {addr}\n");
         }
+        if let Some(addr) = server.api_addr() {
+            lines += &format!("api on {addr}\n");
+        }
         if let Some(fingerprint) = server.tls_fingerprint() {
             lines += &format!("tls certificate sha256 {fingerprint}\n");
         }

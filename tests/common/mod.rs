@@ -156,6 +156,8 @@ pub struct BinaryNode {
     pub child: std::process::Child,
     pub addr: SocketAddr,
     pub websocket: SocketAddr,
+    /// The metrics endpoint, when `env` set `CONFAB_METRICS__LISTEN`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl BinaryNode {
@@ -198,10 +200,19 @@ impl BinaryNode {
         };
         let tcp = addr("listening on ");
         let websocket = addr("websocket on ");
+        let metrics = env.iter().any(|(key, _)| *key == "CONFAB_METRICS__LISTEN").then(|| {
+            loop {
+                let line = lines.next().unwrap().unwrap();
+                if let Some(addr) = line.strip_prefix("metrics on ") {
+                    break addr.parse().unwrap();
+                }
+            }
+        });
         Self {
             child,
             addr: tcp,
             websocket,
+            metrics,
         }
     }
 

@@ -178,8 +178,14 @@ async fn stop_cleanly(mut node: BinaryNode) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nearly_full_disk_refuses_writes_as_unavailable_until_space_is_freed() {
     let Some(disk) = SmallDisk::mount(64) else { return };
-    let node = BinaryNode::start(&disk.path().join("data"), &[("CONFAB_STORE__MIN_FREE_MIB", "16")], None);
+    let env = [
+        ("CONFAB_STORE__MIN_FREE_MIB", "16"),
+        ("CONFAB_METRICS__LISTEN", "127.0.0.1:0"),
+    ];
+    let node = BinaryNode::start(&disk.path().join("data"), &env, None);
     let addr = confab_client::Endpoint::tcp(node.addr);
+    let ops = node.metrics.unwrap();
+    assert_eq!(common::http_get(ops, "/readyz").await.1, "ready\n");
     let (alice, _, _) = new_user(addr, "full").await;
     let (bob, bob_login, _) = new_user(addr, "full").await;
     let mut acked = Vec::new();
@@ -206,13 +212,18 @@ async fn a_nearly_full_disk_refuses_writes_as_unavailable_until_space_is_freed()
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Some(ErrorCode::Unavailable), "{refused}");
-    // Reads go on.
+    // Reads go on; the node says it is not ready, and why.
     assert_history_holds(&bob, &conversation.conversation_id, &acked).await;
+    let (status, reason) = common::http_get(ops, "/readyz").await;
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(reason.contains("storage is full"), "{reason}");
 
     disk.free_all();
     let seq = send_until_taken(&alice, bob_login.user_id, "during").await;
     acked.push((seq, "during".into()));
     assert_history_holds(&bob, &conversation.conversation_id, &acked).await;
+    // Taking writes again: ready again.
+    assert_eq!(common::http_get(ops, "/readyz").await.1, "ready\n");
     stop_cleanly(node).await;
 }
 
