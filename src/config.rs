@@ -547,6 +547,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Requests served at once; more wait.
     pub max_concurrent_requests: usize,
+    /// Connections open at once; more wait in the listen backlog. Each also
+    /// must send a request's head within 10 s and lives at most 5 minutes.
+    pub max_connections: usize,
 }
 
 /// An address, or nothing for "".
@@ -822,10 +825,13 @@ impl Config {
             if self.api.keys.iter().any(|key| key.len() < 32) {
                 return invalid("api.keys", "each key must be at least 32 characters");
             }
-            if self.api.max_body_bytes < 1024 || self.api.max_concurrent_requests == 0 {
+            if self.api.max_body_bytes < 1024 {
+                return invalid("api.max_body_bytes", "must be at least 1024");
+            }
+            if self.api.max_concurrent_requests == 0 || self.api.max_connections == 0 {
                 return invalid(
-                    "api.max_body_bytes",
-                    "api.max_body_bytes must be at least 1024 and api.max_concurrent_requests at least 1",
+                    "api.max_connections",
+                    "api.max_connections and api.max_concurrent_requests must be at least 1",
                 );
             }
         }

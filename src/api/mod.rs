@@ -4,11 +4,16 @@
 //! and groups, change membership, log a user's devices out, look up presence,
 //! read history; plus `/healthz`, `/readyz` and `/metrics`.
 //!
-//! JSON over HTTP/1.1 (axum, on the hyper the JWKS fetch already uses), on
-//! `api.listen`, on a thread and runtime of its own (never a shard's). Every
-//! `/v1` request carries `Authorization: Bearer <key>` with one of `api.keys`,
-//! compared in constant time. Errors are the wire protocol's codes as
-//! `{"code", "message"}` with a matching HTTP status.
+//! JSON over HTTP/1.1 (axum's router, served by hyper, which the JWKS fetch
+//! already uses), on `api.listen`, on a thread and runtime of its own (never a
+//! shard's). Every `/v1` request carries `Authorization: Bearer <key>` with one
+//! of `api.keys`, compared in constant time. Errors are the wire protocol's
+//! codes as `{"code", "message"}` with a matching HTTP status.
+//!
+//! Descriptors are the node's (clients need them): at most
+//! `api.max_connections` at once, each sending a request head within
+//! [`HEAD_TIMEOUT`] and living at most [`MAX_CONNECTION_LIFETIME`], so idle or
+//! slow connections cannot pile up.
 
 mod error;
 mod messages;
@@ -31,11 +36,17 @@ use axum::routing::{delete, get, patch, post};
 use confab_proto::v1::ErrorCode;
 use confab_protocol::SessionLimits;
 use confab_protocol::ids::GroupIds;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sha2::{Digest as _, Sha256};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use subtle::ConstantTimeEq as _;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// What the handlers work with; cheap to clone.
@@ -89,18 +100,64 @@ impl Api {
         };
         let addr = listener.local_addr()?;
         let router = router(state, config);
-        let thread = std::thread::Builder::new().name("confab-api".into()).spawn(move || {
-            runtime.block_on(async move {
-                let served = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(err) = served {
-                    tracing::error!(error = %err, "the API listener failed");
-                }
-            });
-        })?;
+        let max_connections = config.max_connections;
+        let thread = std::thread::Builder::new()
+            .name("confab-api".into())
+            .spawn(move || runtime.block_on(serve(listener, router, max_connections, stop)))?;
         tracing::info!(%addr, "server API on http://{addr}/v1");
         Ok(Self { addr, thread })
+    }
+}
+
+/// Longest wait for a request's head (the first, and each next one on a kept
+/// connection).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection is closed (after its request in flight) this long after it opened.
+const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// On stop: longest wait for requests in flight.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Accepts within `max_connections` and serves each connection with `router`.
+async fn serve(listener: TcpListener, router: Router, max_connections: usize, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot,
+            () = stop.cancelled() => return,
+        };
+        let Ok(slot) = slot else { return };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of descriptors, say: wait for some to come back.
+                    tracing::warn!(error = %err, "the API could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut builder = http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(STOP_GRACE, connection.as_mut()).await;
+                }
+                () = tokio::time::sleep(MAX_CONNECTION_LIFETIME) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(STOP_GRACE, connection.as_mut()).await;
+                }
+            }
+            drop(slot);
+        });
     }
 }
 

@@ -630,3 +630,20 @@ async fn users_are_renamed_given_new_passwords_and_deleted() {
     assert_ne!(reborn.json()["user_id"], json!(owner_id));
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_take_more_than_api_max_connections() {
+    let (mut node, api) = node(&[("CONFAB_API__MAX_CONNECTIONS", "2")]).await;
+    let idle = [
+        tokio::net::TcpStream::connect(api.addr).await.unwrap(),
+        tokio::net::TcpStream::connect(api.addr).await.unwrap(),
+    ];
+    // A third connection waits: its request is not answered ...
+    let mut waiting = tokio::spawn(async move { api.request("GET", "/healthz", None, None).await.body });
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut waiting).await;
+    assert!(early.is_err(), "answered beyond api.max_connections");
+    // ... until an idle one goes away.
+    drop(idle);
+    assert_eq!(within(WAIT, waiting).await.unwrap(), "ok\n");
+    node.shutdown().await;
+}
