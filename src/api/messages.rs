@@ -180,6 +180,70 @@ pub(super) async fn remove_member(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RenameGroup {
+    actor_user_id: u64,
+    title: String,
+    idempotency_key: String,
+}
+
+/// `PATCH /v1/groups/{conversation_id}`: a new title, as an admin or the owner.
+pub(super) async fn rename_group(
+    State(state): State<ApiState>,
+    Path(conversation): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Ack>, ApiError> {
+    let request: RenameGroup = json(body)?;
+    let group = group(&conversation)?;
+    let actor = existing_user(&state, request.actor_user_id).await?;
+    let command = GroupCommand::Rename(state.limits.group_title(&request.title)?);
+    let conversation = ConversationId::Group(group);
+    append(
+        &state,
+        conversation,
+        actor,
+        request.idempotency_key,
+        Content::Group(command),
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub(super) enum GrantedRole {
+    Member,
+    Admin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SetRole {
+    actor_user_id: u64,
+    role: GrantedRole,
+    idempotency_key: String,
+}
+
+/// `PUT /v1/groups/{conversation_id}/members/{user_id}/role`: "member" or
+/// "admin", as the owner.
+pub(super) async fn set_role(
+    State(state): State<ApiState>,
+    Path((conversation, user)): Path<(String, u64)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Ack>, ApiError> {
+    let request: SetRole = json(body)?;
+    let group = group(&conversation)?;
+    let actor = existing_user(&state, request.actor_user_id).await?;
+    let user = UserId::new(user).ok_or_else(|| ApiError::bad_request("user id must not be 0"))?;
+    let role = match request.role {
+        GrantedRole::Member => Role::Member,
+        GrantedRole::Admin => Role::Admin,
+    };
+    let conversation = ConversationId::Group(group);
+    let command = Content::Group(GroupCommand::SetRole(user, role));
+    append(&state, conversation, actor, request.idempotency_key, command).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct HistoryQuery {
     #[serde(default)]
     before: Option<u64>,

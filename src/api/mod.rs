@@ -32,7 +32,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, patch, post};
+use axum::routing::{delete, get, patch, post, put};
 use confab_proto::v1::ErrorCode;
 use confab_protocol::SessionLimits;
 use confab_protocol::ids::GroupIds;
@@ -175,7 +175,12 @@ fn router(state: ApiState, config: &ApiConfig) -> Router {
         .route("/messages", post(messages::publish))
         .route("/conversations/{conversation_id}/messages", get(messages::history))
         .route("/groups", post(messages::create_group))
+        .route("/groups/{conversation_id}", patch(messages::rename_group))
         .route("/groups/{conversation_id}/members", post(messages::add_members))
+        .route(
+            "/groups/{conversation_id}/members/{user_id}/role",
+            put(messages::set_role),
+        )
         .route(
             "/groups/{conversation_id}/members/{user_id}",
             delete(messages::remove_member),

@@ -291,6 +291,19 @@ async fn groups_made_through_the_api_are_groups_for_the_clients() {
         )
         .await;
     assert_eq!(added.status, 200, "{}", added.body);
+    let role = format!("/v1/groups/{group}/members/{}/role", member_login.user_id);
+    let admin = json!({ "actor_user_id": owner_id, "role": "admin", "idempotency_key": "role-1" });
+    assert_eq!(api.call("PUT", &role, Some(admin)).await.status, 200);
+    let bad_role = json!({ "actor_user_id": owner_id, "role": "owner", "idempotency_key": "role-2" });
+    assert_eq!(api.call("PUT", &role, Some(bad_role)).await.status, 400);
+    // An admin now: renames the group.
+    let rename = json!({ "actor_user_id": member_login.user_id, "title": "Support 2", "idempotency_key": "t1" });
+    assert_eq!(
+        api.call("PATCH", &format!("/v1/groups/{group}"), Some(rename))
+            .await
+            .status,
+        200
+    );
     let path = format!(
         "/v1/groups/{group}/members/{}?actor_user_id={owner_id}&idempotency_key=r1",
         late_login.user_id
@@ -312,7 +325,10 @@ async fn groups_made_through_the_api_are_groups_for_the_clients() {
         .iter()
         .map(|m| m["event"]["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["created", "members_added", "member_removed"]);
+    assert_eq!(
+        kinds,
+        ["created", "members_added", "role_changed", "renamed", "member_removed"]
+    );
     node.shutdown().await;
 }
 
