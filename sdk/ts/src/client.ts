@@ -53,6 +53,8 @@ export interface Identity {
   userId: bigint;
   deviceId: bigint;
   username: string;
+  /** The name to show; empty: show `username`. */
+  displayName: string;
 }
 
 /** A failed request: the server's error code, or `closed` / `timeout`. */
@@ -132,6 +134,10 @@ export class ConfabClient {
   private readonly seen = new Seen();
   private syncToken = "";
   private tokens?: Tokens;
+  /** With `signInWithToken`: where fresh tokens of the app's sign-in come from. */
+  private tokenSource?: () => Promise<string>;
+  /** When the app's token in use expires (ms since the epoch; 0: unknown). */
+  private appTokenExpiresAtMs = 0;
   private me?: Identity;
   private wantOnline = false;
   private currentStatus: Status = "disconnected";
@@ -231,8 +237,24 @@ export class ConfabClient {
     return this.me as Identity;
   }
 
+  /**
+   * Signs in with tokens of the app's own sign-in (a JWT; the server's
+   * `auth.mode` is "jwt" or "both") and stays online. `token` is asked for a
+   * fresh token at every (re)connect and shortly before the one in use expires;
+   * the device is `options.deviceName` unless the token names one.
+   */
+  async signInWithToken(token: () => Promise<string>): Promise<Identity> {
+    this.tokenSource = token;
+    await this.ensureSocket();
+    await this.authenticate(false);
+    await this.startFromNow();
+    this.wantOnline = true;
+    this.online();
+    return this.me as Identity;
+  }
+
   /** The user named `username`. */
-  async user(username: string): Promise<{ userId: bigint; username: string }> {
+  async user(username: string): Promise<{ userId: bigint; username: string; displayName: string }> {
     return this.call("user", { case: "getUser", value: { username } });
   }
 
@@ -307,7 +329,7 @@ export class ConfabClient {
 
   /** Reconnects now and resumes. */
   goOnline(): void {
-    if (!this.tokens) throw new Error("log in first");
+    if (!this.tokens && !this.tokenSource) throw new Error("log in first");
     this.wantOnline = true;
     clearTimeout(this.reconnectTimer);
     if (!this.socket) this.reconnect();
@@ -387,7 +409,7 @@ export class ConfabClient {
 
   /** Reconnects, resumes where the cursors stand, catches up, flushes the outbox. */
   private reconnect(): void {
-    this.setStatus(this.tokens && this.me ? "reconnecting" : "connecting");
+    this.setStatus((this.tokens || this.tokenSource) && this.me ? "reconnecting" : "connecting");
     const attempt = async () => {
       await this.ensureSocket();
       const authenticated = await this.authenticate(true);
@@ -417,32 +439,45 @@ export class ConfabClient {
 
   /** Authenticates the open socket; with `resume`, the server first replays what was missed. */
   private async authenticate(resume: boolean) {
-    const tokens = this.tokens;
-    if (!tokens) throw new ConfabError(ErrorCode.UNAUTHENTICATED, "not logged in");
     const request = (accessToken: string) =>
       this.call("authenticated", {
         case: "authenticate",
         value: {
           accessToken,
           resume: resume ? { syncToken: this.syncToken, cursors: this.seen.cursors() } : undefined,
+          device: this.tokenSource ? this.options.deviceName : "",
         },
       });
     let authenticated;
-    try {
-      authenticated = await request(tokens.accessToken);
-    } catch (error) {
-      if (!(error instanceof ConfabError) || error.code !== ErrorCode.UNAUTHENTICATED || !tokens.refreshToken) {
-        throw error;
+    const tokens = this.tokens;
+    if (this.tokenSource) {
+      const appToken = await this.tokenSource();
+      this.appTokenExpiresAtMs = expiryOf(appToken);
+      authenticated = await request(appToken);
+    } else if (!tokens) {
+      throw new ConfabError(ErrorCode.UNAUTHENTICATED, "not logged in");
+    } else {
+      try {
+        authenticated = await request(tokens.accessToken);
+      } catch (error) {
+        if (!(error instanceof ConfabError) || error.code !== ErrorCode.UNAUTHENTICATED || !tokens.refreshToken) {
+          throw error;
+        }
+        // The access token expired: trade the refresh token for new ones and retry.
+        const refreshed = await this.call("loggedIn", {
+          case: "refreshToken",
+          value: { refreshToken: tokens.refreshToken },
+        });
+        this.tokens = refreshed.tokens;
+        authenticated = await request(refreshed.tokens?.accessToken ?? "");
       }
-      // The access token expired: trade the refresh token for new ones and retry.
-      const refreshed = await this.call("loggedIn", {
-        case: "refreshToken",
-        value: { refreshToken: tokens.refreshToken },
-      });
-      this.tokens = refreshed.tokens;
-      authenticated = await request(refreshed.tokens?.accessToken ?? "");
     }
-    this.me = { userId: authenticated.userId, deviceId: authenticated.deviceId, username: authenticated.username };
+    this.me = {
+      userId: authenticated.userId,
+      deviceId: authenticated.deviceId,
+      username: authenticated.username,
+      displayName: authenticated.displayName,
+    };
     if (authenticated.syncToken) this.syncToken = authenticated.syncToken;
     this.scheduleRenewal();
     return authenticated;
@@ -455,8 +490,8 @@ export class ConfabClient {
    */
   private scheduleRenewal(): void {
     clearTimeout(this.renewTimer);
-    const expiresAt = Number(this.tokens?.accessExpiresAtMs ?? 0n);
-    if (!expiresAt || !this.tokens?.refreshToken) return;
+    const expiresAt = this.tokenSource ? this.appTokenExpiresAtMs : Number(this.tokens?.accessExpiresAtMs ?? 0n);
+    if (!expiresAt || (!this.tokenSource && !this.tokens?.refreshToken)) return;
     const left = expiresAt - Date.now();
     const delay = Math.max(0, left - Math.min(60_000, left / 10));
     this.renewTimer = setTimeout(() => {
@@ -465,6 +500,17 @@ export class ConfabClient {
   }
 
   private async renew(): Promise<void> {
+    if (this.tokenSource) {
+      if (!this.socket) return;
+      const appToken = await this.tokenSource();
+      this.appTokenExpiresAtMs = expiryOf(appToken);
+      await this.call("authenticated", {
+        case: "authenticate",
+        value: { accessToken: appToken, device: this.options.deviceName },
+      });
+      this.scheduleRenewal();
+      return;
+    }
     const refreshToken = this.tokens?.refreshToken;
     if (!refreshToken || !this.socket) return;
     const refreshed = await this.call("loggedIn", { case: "refreshToken", value: { refreshToken } });
@@ -623,4 +669,16 @@ function randomId(): string {
   const crypto = (globalThis as { crypto?: { randomUUID?: () => string } }).crypto;
   if (crypto?.randomUUID) return crypto.randomUUID();
   return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}-${Math.random().toString(36).slice(2)}`;
+}
+
+/** A JWT's `exp` in ms since the epoch; 0 when it has none or is not a JWT. */
+function expiryOf(token: string): number {
+  try {
+    const payload = token.split(".")[1] ?? "";
+    const json = atob(payload.replace(/-/g, "+").replace(/_/g, "/"));
+    const exp = (JSON.parse(json) as { exp?: unknown }).exp;
+    return typeof exp === "number" ? exp * 1000 : 0;
+  } catch {
+    return 0;
+  }
 }

@@ -20,7 +20,7 @@ class Server {
   /** Messages the next resume replays. */
   replay: proto.Message[] = [];
   refreshes: string[] = [];
-  authentications: { socket: Socket; accessToken: string }[] = [];
+  authentications: { socket: Socket; accessToken: string; device: string }[] = [];
   /** How long the access tokens it hands out last (0: no expiry given). */
   accessTtlMs = 0;
 
@@ -66,7 +66,7 @@ class Server {
           }),
         });
       case "authenticate": {
-        this.authentications.push({ socket, accessToken: kind.value.accessToken });
+        this.authentications.push({ socket, accessToken: kind.value.accessToken, device: kind.value.device });
         if (kind.value.resume) this.resumes.push(kind.value.resume);
         for (const message of kind.value.resume ? this.replay : []) {
           this.reply(socket, 0n, { case: "message", value: message });
@@ -78,6 +78,7 @@ class Server {
             userId: 1n,
             deviceId: 7n,
             username: "me",
+            displayName: "Me Myself",
             recovered: true,
             syncToken: "s1.token",
           }),
@@ -259,5 +260,33 @@ test("before its access token expires, the connection authenticates again with a
     server.authentications.slice(1, 3).map((a) => a.accessToken),
     ["access-1", "access-2"],
   );
+  chat.close();
+});
+
+test("signs in with the app's tokens, taking a fresh one before each expires and at each reconnect", async () => {
+  const server = new Server();
+  const chat = client(server);
+  let issued = 0;
+  const appToken = async () => {
+    issued += 1;
+    // A JWT's shape: only its payload's exp matters to the client.
+    const payload = btoa(JSON.stringify({ sub: "me", exp: (Date.now() + 500) / 1000 }));
+    return `header.${payload.replace(/=+$/, "")}.app-${issued}`;
+  };
+  const me = await chat.signInWithToken(appToken);
+  assert.equal(me.displayName, "Me Myself");
+  assert.equal(server.authentications[0].device, "web", "the device is options.deviceName");
+  await until(() => server.authentications.length >= 3, "two renewals");
+  assert.equal(server.sockets.length, 1, "on the same connection, not a reconnect");
+  assert.deepEqual(
+    server.authentications.slice(0, 3).map((a) => a.accessToken.split(".")[2]),
+    ["app-1", "app-2", "app-3"],
+  );
+  assert.equal(server.refreshes.length, 0, "no refresh tokens with the app's sign-in");
+  // A reconnect takes a fresh token too.
+  server.sockets[0].close();
+  await until(() => server.sockets.length === 2 && server.authentications.some((a) => a.socket === server.sockets[1]), "a reconnect");
+  const again = server.authentications.find((a) => a.socket === server.sockets[1]);
+  assert.ok(again && Number(again.accessToken.split(".")[2].slice(4)) > 3, "a token issued after the renewals");
   chat.close();
 });
