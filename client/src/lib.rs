@@ -527,6 +527,19 @@ impl Client {
         }
     }
 
+    /// Where this device is reached while it has no connection (an empty
+    /// `token` removes it).
+    pub async fn register_push_token(&self, platform: v1::PushPlatform, token: &str) -> Result<(), ClientError> {
+        let request = client_frame::Kind::RegisterPushToken(v1::RegisterPushToken {
+            platform: platform as i32,
+            token: token.into(),
+        });
+        match self.request(request).await? {
+            server_frame::Kind::Done(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Logs another of the user's devices out.
     pub async fn revoke_device(&self, device_id: u64) -> Result<(), ClientError> {
         match self

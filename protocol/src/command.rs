@@ -2,7 +2,7 @@
 //! already parsed into domain types.
 
 use crate::content::Append;
-use crate::credentials::{Password, Username};
+use crate::credentials::{Password, PushToken, Username};
 use crate::cursors::Cursors;
 use crate::history::{HistoryRange, Marks};
 use crate::ids::{ConversationId, DeviceId, GroupId, UserId};
@@ -63,6 +63,15 @@ pub enum Command {
         user: UserId,
         /// The session's device, marked as current in the list.
         device: DeviceId,
+    },
+    /// Where the session's device is reached while it has no connection.
+    RegisterPushToken {
+        /// The session's user.
+        user: UserId,
+        /// The session's device.
+        device: DeviceId,
+        /// The token; `None` removes it.
+        push: Option<PushToken>,
     },
     /// Log out another device of the user.
     RevokeDevice {

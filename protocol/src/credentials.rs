@@ -2,6 +2,7 @@
 //! value of these types is valid), and the identity a connection proves.
 
 use crate::ids::{DeviceId, UserId};
+use confab_proto::v1::PushPlatform;
 use std::fmt;
 
 const USERNAME_MIN_CHARS: usize = 3;
@@ -143,6 +144,47 @@ pub fn device_name(raw: &str) -> String {
     if name.is_empty() { "unnamed".to_owned() } else { name }
 }
 
+/// Longest push token taken.
+const PUSH_TOKEN_MAX_BYTES: usize = 4096;
+
+/// Where a device is reached while it has no connection: a token of the app's
+/// push service (FCM, APNs, Web Push, or the app's own webhook).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushToken {
+    /// Whose token it is.
+    pub platform: PushPlatform,
+    /// The token, as the platform gave it to the device.
+    pub token: String,
+}
+
+/// Why a push token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidPushToken {
+    /// No platform named.
+    #[error("platform is required with a token")]
+    Platform,
+    /// Too long.
+    #[error("token is longer than {PUSH_TOKEN_MAX_BYTES} bytes")]
+    TooLong,
+}
+
+impl PushToken {
+    /// A token from the network: `None` for an empty one (removing it).
+    pub fn parse(platform: i32, token: String) -> Result<Option<Self>, InvalidPushToken> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        if token.len() > PUSH_TOKEN_MAX_BYTES {
+            return Err(InvalidPushToken::TooLong);
+        }
+        match PushPlatform::try_from(platform) {
+            Ok(PushPlatform::Unspecified) | Err(_) => Err(InvalidPushToken::Platform),
+            Ok(platform) => Ok(Some(Self { platform, token })),
+        }
+    }
+}
+
 /// A display name from a token's claim or the server API: trimmed, without
 /// control characters, at most 64 characters (cut there); may be empty.
 pub fn display_name(raw: &str) -> String {
@@ -194,6 +236,22 @@ mod tests {
             assert!(Username::external(namespace, subject).is_err(), "{namespace}:{subject}");
         }
         assert!(Username::external("app", &"x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn push_tokens_need_a_platform_and_a_bounded_length() {
+        let fcm = PushPlatform::Fcm as i32;
+        assert_eq!(PushToken::parse(fcm, String::new()), Ok(None));
+        assert_eq!(
+            PushToken::parse(fcm, "t".into()),
+            Ok(Some(PushToken {
+                platform: PushPlatform::Fcm,
+                token: "t".into()
+            }))
+        );
+        assert_eq!(PushToken::parse(0, "t".into()), Err(InvalidPushToken::Platform));
+        assert_eq!(PushToken::parse(99, "t".into()), Err(InvalidPushToken::Platform));
+        assert_eq!(PushToken::parse(fcm, "t".repeat(4097)), Err(InvalidPushToken::TooLong));
     }
 
     #[test]

@@ -24,8 +24,8 @@ mod session;
 pub use command::{Command, Request};
 pub use content::{Append, Content, GroupCommand, Role, SendKey};
 pub use credentials::{
-    Identity, InvalidPassword, InvalidSubject, InvalidUsername, Password, TooLongDeviceName, Username, device_label,
-    device_name, display_name,
+    Identity, InvalidPassword, InvalidPushToken, InvalidSubject, InvalidUsername, Password, PushToken,
+    TooLongDeviceName, Username, device_label, device_name, display_name,
 };
 pub use cursors::{Cursors, MalformedToken};
 pub use history::{HistoryRange, Marks};

@@ -8,7 +8,7 @@
 
 use crate::command::{Command, Request};
 use crate::content::{Append, Content, GroupCommand, Role};
-use crate::credentials::{Identity, Password, Username, device_label, device_name};
+use crate::credentials::{Identity, InvalidPushToken, Password, PushToken, Username, device_label, device_name};
 use crate::cursors::Cursors;
 use crate::history::{HistoryRange, Marks};
 use crate::ids::{ConversationId, DeviceId, GroupId, GroupIds, UserId};
@@ -393,6 +393,17 @@ impl Session {
             K::LogOut(_) => {
                 let (user, device) = self.require_identity()?;
                 Parsed::Run(Command::LogOut { user, device })
+            }
+            K::RegisterPushToken(register) => {
+                let (user, device) = self.require_identity()?;
+                let push = PushToken::parse(register.platform, register.token).map_err(|err| {
+                    let code = match err {
+                        InvalidPushToken::TooLong => ErrorCode::TooLarge,
+                        _ => ErrorCode::BadRequest,
+                    };
+                    Rejection(code, err.to_string())
+                })?;
+                Parsed::Run(Command::RegisterPushToken { user, device, push })
             }
             K::ListDevices(_) => {
                 let (user, device) = self.require_identity()?;

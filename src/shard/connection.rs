@@ -428,20 +428,36 @@ impl Connection {
                 }
                 Err(err) => Err(err),
             },
-            Command::ListDevices { user, device } => accounts.devices(user).await.map(|devices| {
-                Kind::DeviceList(v1::DeviceList {
-                    devices: devices
-                        .into_iter()
-                        .map(|record| v1::Device {
-                            device_id: record.id.get(),
-                            current: record.id == device,
-                            name: record.name,
-                            created_at_ms: record.created_at_ms,
-                            refreshed_at_ms: record.refreshed_at_ms,
-                        })
-                        .collect(),
+            Command::ListDevices { user, device } => {
+                let listed = futures::try_join!(accounts.devices(user), async {
+                    Ok(self.shard.store.push_tokens(user).await?)
+                },);
+                listed.map(|(devices, tokens)| {
+                    let push_platform = |id| {
+                        tokens
+                            .iter()
+                            .find(|(device, _)| *device == id)
+                            .map_or(v1::PushPlatform::Unspecified, |(_, token)| token.platform)
+                    };
+                    Kind::DeviceList(v1::DeviceList {
+                        devices: devices
+                            .into_iter()
+                            .map(|record| v1::Device {
+                                device_id: record.id.get(),
+                                current: record.id == device,
+                                push_platform: push_platform(record.id) as i32,
+                                name: record.name,
+                                created_at_ms: record.created_at_ms,
+                                refreshed_at_ms: record.refreshed_at_ms,
+                            })
+                            .collect(),
+                    })
                 })
-            }),
+            }
+            Command::RegisterPushToken { user, device, push } => {
+                let registered = self.shard.store.set_push_token(user, device, push).await;
+                registered.map(|()| Kind::Done(v1::Done {})).map_err(AuthError::from)
+            }
             Command::RevokeDevice { user, device } => match accounts.revoke_device(user, device).await {
                 Ok(()) => {
                     self.shard.revoke(user, device).await;

@@ -19,7 +19,7 @@ mod records;
 
 use async_trait::async_trait;
 use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
-use confab_protocol::{HistoryRange, Marks, Role};
+use confab_protocol::{HistoryRange, Marks, PushToken, Role};
 use std::collections::HashMap;
 
 pub use records::{
@@ -163,7 +163,7 @@ pub struct HistoryPage {
 /// callers hold a `dyn Store` and import the part whose calls they make.
 #[async_trait]
 pub trait Store:
-    AccountStore + MessageStore + GroupStore + ConversationStore + Send + Sync + std::fmt::Debug + 'static
+    AccountStore + MessageStore + GroupStore + ConversationStore + PushStore + Send + Sync + std::fmt::Debug + 'static
 {
     /// Whether writes are taken now. A backend that refuses writes after a fault
     /// (a full disk, a failed commit) uses the probe to recover without waiting
@@ -285,6 +285,17 @@ pub trait GroupStore: Send + Sync {
         after: Option<UserId>,
         limit: usize,
     ) -> Result<(Vec<(UserId, Role)>, bool), StoreError>;
+}
+
+/// Where devices are reached while they have no connection.
+#[async_trait]
+pub trait PushStore: Send + Sync {
+    /// Sets (`None`: removes) a device's push token. Deleting the device
+    /// removes it too.
+    async fn set_push_token(&self, user: UserId, device: DeviceId, token: Option<PushToken>) -> Result<(), StoreError>;
+
+    /// The push tokens of `user`'s devices.
+    async fn push_tokens(&self, user: UserId) -> Result<Vec<(DeviceId, PushToken)>, StoreError>;
 }
 
 /// Each user's conversations: heads, activity order, receipt watermarks.

@@ -1,7 +1,7 @@
 //! Account lifecycle: refresh rotation, log-out revocation, keys that survive restarts.
 
 use crate::common;
-use crate::common::{PASSWORD, TestServer, code, new_user, within};
+use crate::common::{PASSWORD, TestServer, code, new_user, second_device, within};
 use confab_client::Client;
 use confab_client::proto::ErrorCode;
 
@@ -413,6 +413,54 @@ async fn refreshing_does_not_outlive_the_session_lifetime() {
     assert_eq!(
         code(client.refresh(&renewed.refresh_token).await),
         ErrorCode::Unauthenticated
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_registers_replaces_and_removes_its_push_token() {
+    use confab_client::proto::PushPlatform;
+    let mut node = TestServer::start(2).await;
+    let (phone, _, name) = new_user(node.addr, "push").await;
+    let (laptop, _) = second_device(node.addr, &name).await;
+    phone
+        .register_push_token(PushPlatform::Fcm, "fcm-token-1")
+        .await
+        .unwrap();
+    phone
+        .register_push_token(PushPlatform::Apns, "apns-token")
+        .await
+        .unwrap();
+    let platforms = |devices: Vec<confab_client::proto::Device>| {
+        let mut listed: Vec<(bool, i32)> = devices.iter().map(|d| (d.current, d.push_platform)).collect();
+        listed.sort();
+        listed
+    };
+    let listed = platforms(laptop.list_devices().await.unwrap());
+    assert_eq!(
+        listed,
+        [
+            (false, PushPlatform::Apns as i32),
+            (true, PushPlatform::Unspecified as i32)
+        ]
+    );
+    // Bad requests change nothing.
+    let refused = phone.register_push_token(PushPlatform::Unspecified, "t").await;
+    assert_eq!(code(refused), ErrorCode::BadRequest);
+    let refused = phone.register_push_token(PushPlatform::Fcm, &"t".repeat(4097)).await;
+    assert_eq!(code(refused), ErrorCode::TooLarge);
+    let unauthenticated = Client::connect(node.addr).await.unwrap();
+    let refused = unauthenticated.register_push_token(PushPlatform::Fcm, "t").await;
+    assert_eq!(code(refused), ErrorCode::Unauthenticated);
+    // An empty token removes it.
+    phone.register_push_token(PushPlatform::Fcm, "").await.unwrap();
+    let listed = platforms(laptop.list_devices().await.unwrap());
+    assert_eq!(
+        listed,
+        [
+            (false, PushPlatform::Unspecified as i32),
+            (true, PushPlatform::Unspecified as i32)
+        ]
     );
     node.shutdown().await;
 }

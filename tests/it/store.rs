@@ -5,8 +5,9 @@
 
 use crate::common;
 use confab::store::{DeviceRecord, GroupEvent, HistoryPage, MessageRecord, NewUser, Store, StoreError, StoredSend};
-use confab_protocol::HistoryRange;
+use confab_client::proto::PushPlatform;
 use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
+use confab_protocol::{HistoryRange, PushToken};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -253,8 +254,41 @@ async fn devices_round_trip_and_delete() {
         ),
         ([8; 32], [7; 32], 200, 50)
     );
+    // Push tokens: set, replaced, removed, and gone with their device.
+    let token = |platform, token: &str| PushToken {
+        platform,
+        token: token.into(),
+    };
+    let (phone, laptop) = (device.id, DeviceId::new(3).unwrap());
+    store
+        .set_push_token(device.user, phone, Some(token(PushPlatform::Fcm, "a")))
+        .await
+        .unwrap();
+    store
+        .set_push_token(device.user, phone, Some(token(PushPlatform::Apns, "b")))
+        .await
+        .unwrap();
+    store
+        .set_push_token(device.user, laptop, Some(token(PushPlatform::Webpush, "c")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.push_tokens(device.user).await.unwrap(),
+        vec![
+            (phone, token(PushPlatform::Apns, "b")),
+            (laptop, token(PushPlatform::Webpush, "c"))
+        ]
+    );
+    store.set_push_token(device.user, laptop, None).await.unwrap();
+    assert_eq!(store.push_tokens(device.user).await.unwrap().len(), 1);
+
     assert!(store.delete_device(device.user, device.id).await.unwrap());
     assert!(!store.delete_device(device.user, device.id).await.unwrap());
+    assert_eq!(
+        store.push_tokens(device.user).await.unwrap(),
+        vec![],
+        "gone with the device"
+    );
     assert!(
         !store.rotate_refresh(rotation([8; 32], [9; 32])).await.unwrap(),
         "a deleted device is not brought back"

@@ -114,12 +114,10 @@ impl AccountStore for CassandraStore {
 
     async fn delete_device(&self, user: UserId, device: DeviceId) -> Result<bool, StoreError> {
         self.on_driver(move |inner| async move {
-            inner
-                .applied(
-                    &inner.statements.delete_device,
-                    (to_cql(user.get()), to_cql(device.get())),
-                )
-                .await
+            let key = (to_cql(user.get()), to_cql(device.get()));
+            let existed = inner.applied(&inner.statements.delete_device, key).await?;
+            inner.execute(&inner.statements.delete_push_token, key).await?;
+            Ok(existed)
         })
         .await
     }

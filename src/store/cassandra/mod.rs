@@ -21,6 +21,7 @@
 //! | `groups` | `group_id` | | a group's title |
 //! | `members` | `group_id` | `user_id` | membership checks, member pages, fan-out |
 //! | `marks` | `(conversation, user_id)` | `device_id` | receipt watermarks of one user's devices |
+//! | `push_tokens` | `user_id` | `device_id` | where a user's devices are reached while offline |
 //!
 //! A bucket is [`BUCKET_SIZE`] consecutive seqs, so no partition grows forever and
 //! a page knows which partitions to read: its bound's bucket, then the next ones
@@ -57,6 +58,7 @@ mod conversations;
 mod groups;
 mod highest;
 mod messages;
+mod push;
 mod reads;
 mod rows;
 mod sends;

@@ -48,6 +48,9 @@ pub(super) struct Statements {
     pub(super) members: PreparedStatement,
     pub(super) upsert_mark: PreparedStatement,
     pub(super) marks: PreparedStatement,
+    pub(super) upsert_push_token: PreparedStatement,
+    pub(super) delete_push_token: PreparedStatement,
+    pub(super) push_tokens: PreparedStatement,
 }
 
 /// Columns added to tables after the first release, as (table, column, type):
@@ -277,6 +280,18 @@ impl Statements {
             .await?,
             marks: prepare(format!(
                 "SELECT device_id, delivered_seq, read_seq FROM {k}.marks WHERE conversation = ? AND user_id = ?"
+            ))
+            .await?,
+            upsert_push_token: prepare(format!(
+                "INSERT INTO {k}.push_tokens (user_id, device_id, platform, push_token) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            delete_push_token: prepare(format!(
+                "DELETE FROM {k}.push_tokens WHERE user_id = ? AND device_id = ?"
+            ))
+            .await?,
+            push_tokens: prepare(format!(
+                "SELECT device_id, platform, push_token FROM {k}.push_tokens WHERE user_id = ?"
             ))
             .await?,
         })

@@ -3,8 +3,9 @@
 //! the module doc of [`super`].
 
 use crate::store::{DeviceRecord, MemberRecord, StoreError, StoredSend};
-use confab_protocol::Role;
+use confab_proto::v1::PushPlatform;
 use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
+use confab_protocol::{PushToken, Role};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub(super) struct StoredUser {
@@ -219,4 +220,21 @@ pub(super) fn decode_user_id(bytes: &[u8]) -> Result<UserId, StoreError> {
         .map(u64::from_be_bytes)
         .and_then(UserId::new)
         .ok_or_else(|| StoreError::corrupt("username index holds an invalid user id"))
+}
+
+/// A push token's value: its platform (one byte) ++ the token.
+pub(super) fn encode_push_token(token: &PushToken) -> Vec<u8> {
+    let platform = u8::try_from(token.platform as i32).unwrap_or(0);
+    let mut value = Vec::with_capacity(1 + token.token.len());
+    value.push(platform);
+    value.extend_from_slice(token.token.as_bytes());
+    value
+}
+
+pub(super) fn decode_push_token(value: &[u8]) -> Result<PushToken, StoreError> {
+    let corrupt = || StoreError::corrupt("push token");
+    let (platform, token) = value.split_first().ok_or_else(corrupt)?;
+    let platform = PushPlatform::try_from(i32::from(*platform)).map_err(|_| corrupt())?;
+    let token = String::from_utf8(token.to_vec()).map_err(|_| corrupt())?;
+    Ok(PushToken { platform, token })
 }

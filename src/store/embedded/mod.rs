@@ -26,6 +26,8 @@
 //!   message's time (0 ++ 0 while in it): the index Sync and ListConversations
 //!   start from
 //! - `marks`:     conversation key ++ user id ++ device id → delivered ++ read seq
+//! - `push_tokens`: user id ++ device id → push platform ++ token (removed with
+//!   the device)
 //!
 //! All writes go through one writer, one batch at a time: its thread drains
 //! whatever is queued (up to `max_batch` jobs), commits it as one atomic fjall
@@ -57,6 +59,7 @@ mod conversations;
 mod groups;
 mod keys;
 mod messages;
+mod push;
 mod view;
 mod writer;
 
@@ -153,6 +156,7 @@ struct Inner {
     members: Keyspace,
     user_convs: Keyspace,
     marks: Keyspace,
+    push_tokens: Keyspace,
 }
 
 /// The keyspace older data dirs kept conversation heads in.
@@ -183,6 +187,7 @@ impl Inner {
             members: keyspace("members")?,
             user_convs: keyspace("user_convs")?,
             marks: keyspace("marks")?,
+            push_tokens: keyspace("push_tokens")?,
             db,
         })
     }

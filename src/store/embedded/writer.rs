@@ -28,8 +28,8 @@ use super::{Inner, Shared, View, corrupt, fjall_error, io_error};
 use crate::config::{Durability, StoreConfig};
 use crate::store::encoding::{MAX_EDIT_CHAIN, StoredMessage};
 use crate::store::{Amendment, DeviceRecord, GroupEvent, MessageRecord, NewUser, Rotation, StoreError, UserRecord};
-use confab_protocol::Marks;
 use confab_protocol::ids::{ConversationId, DeviceId, GroupId, UserId};
+use confab_protocol::{Marks, PushToken};
 use fjall::PersistMode;
 use prost::Message as _;
 use std::collections::{HashMap, HashSet};
@@ -70,6 +70,7 @@ pub(super) enum WriteJob {
     RotateRefresh(Rotation, Reply<bool>),
     UpdateUser(UserId, UserUpdate, Reply<()>),
     DeleteUser(UserId, Reply<bool>),
+    PushToken(UserId, DeviceId, Option<PushToken>, Reply<()>),
     /// Answers whether writes are taken now (recovering first if it is time).
     Probe(Reply<()>),
     Close(Reply<()>),
@@ -495,6 +496,7 @@ impl Staging {
                 match self.device(key) {
                     Ok(existed) => {
                         self.stage_device(key, None);
+                        self.batch.remove(&self.inner.push_tokens, key);
                         on_commit(reply, existed.is_some())
                     }
                     Err(err) => refuse(reply, err),
@@ -512,6 +514,16 @@ impl Staging {
                 Ok(existed) => on_commit(reply, existed),
                 Err(err) => refuse(reply, err),
             },
+            WriteJob::PushToken(user, device, token, reply) => {
+                let key = device_key(user, device);
+                match token {
+                    Some(token) => self
+                        .batch
+                        .insert(&self.inner.push_tokens, key, encode_push_token(&token)),
+                    None => self.batch.remove(&self.inner.push_tokens, key),
+                }
+                on_commit(reply, ())
+            }
             WriteJob::Append(messages, reply) => {
                 self.stage_messages(messages);
                 on_commit(reply, ())
@@ -818,5 +830,6 @@ fn refuse_job(job: WriteJob, err: StoreError) -> Answer {
         WriteJob::RotateRefresh(_, reply) => refuse(reply, err),
         WriteJob::UpdateUser(_, _, reply) => refuse(reply, err),
         WriteJob::DeleteUser(_, reply) => refuse(reply, err),
+        WriteJob::PushToken(.., reply) => refuse(reply, err),
     }
 }

@@ -1,0 +1,42 @@
+//! The Cassandra store's part of the `PushStore` contract: devices' push tokens.
+
+use super::CassandraStore;
+use super::rows::{from_cql, to_cql};
+use crate::store::{PushStore, StoreError};
+use async_trait::async_trait;
+use confab_proto::v1::PushPlatform;
+use confab_protocol::PushToken;
+use confab_protocol::ids::{DeviceId, UserId};
+
+#[async_trait]
+impl PushStore for CassandraStore {
+    async fn set_push_token(&self, user: UserId, device: DeviceId, token: Option<PushToken>) -> Result<(), StoreError> {
+        self.on_driver(move |inner| async move {
+            let key = (to_cql(user.get()), to_cql(device.get()));
+            match token {
+                Some(token) => {
+                    let row = (key.0, key.1, token.platform as i32, token.token);
+                    inner.execute(&inner.statements.upsert_push_token, row).await
+                }
+                None => inner.execute(&inner.statements.delete_push_token, key).await,
+            }
+        })
+        .await
+    }
+
+    async fn push_tokens(&self, user: UserId) -> Result<Vec<(DeviceId, PushToken)>, StoreError> {
+        self.read_on_driver(move |inner| async move {
+            let rows: Vec<(i64, i32, String)> =
+                inner.rows(&inner.statements.push_tokens, (to_cql(user.get()),)).await?;
+            rows.into_iter()
+                .map(|(device, platform, token)| {
+                    let device = DeviceId::new(from_cql(device)).ok_or_else(|| StoreError::corrupt("device id 0"))?;
+                    let platform =
+                        PushPlatform::try_from(platform).map_err(|_| StoreError::corrupt("push platform"))?;
+                    Ok((device, PushToken { platform, token }))
+                })
+                .collect()
+        })
+        .await
+    }
+}
