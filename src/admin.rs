@@ -121,6 +121,7 @@ pub async fn run(api: &HttpUrl, key: &str, command: AdminCommand) -> anyhow::Res
         method,
         bearer: Some(key),
         json: body.as_deref(),
+        headers: &[],
     };
     let (status, answer) = url
         .send(&tls, request, TIMEOUT)

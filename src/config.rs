@@ -73,6 +73,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[api]`.
     pub api: ApiConfig,
+    /// `[push]`.
+    pub push: PushConfig,
     /// `[log]`.
     pub log: LogConfig,
     /// `CONFAB_*` environment variables that name no config key: not applied,
@@ -552,6 +554,31 @@ pub struct ApiConfig {
     pub max_connections: usize,
 }
 
+/// The `[push]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushConfig {
+    /// Where notifications for offline devices are POSTed (docs/PUSH.md):
+    /// https, or http to a loopback address. Empty: off.
+    pub webhook_url: String,
+    /// Signs each call (HMAC-SHA256; at least 32 bytes).
+    pub webhook_secret: String,
+    /// A user's first message while offline opens a window this long; one
+    /// notification per device goes out when it closes.
+    #[serde(with = "humantime_serde")]
+    pub collapse_window: Duration,
+    /// Longest wait for the webhook's answer.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// A failed call is retried after 1 s, doubling up to this.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_interval: Duration,
+    /// Whether a notification carries the last message's text.
+    pub include_body: bool,
+    /// The text is cut to this many characters.
+    pub max_body_chars: usize,
+}
+
 /// An address, or nothing for "".
 fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
     let text = String::deserialize(deserializer)?;
@@ -817,6 +844,23 @@ impl Config {
         }
         if self.auth.mode.jwt() {
             self.validate_jwt()?;
+        }
+        if !self.push.webhook_url.is_empty() {
+            if let Err(err) = crate::http::HttpUrl::parse(&self.push.webhook_url) {
+                return invalid("push.webhook_url", &err.to_string());
+            }
+            if self.push.webhook_secret.len() < 32 {
+                return invalid(
+                    "push.webhook_secret",
+                    "push.webhook_url is set: give a secret of at least 32 bytes",
+                );
+            }
+            if self.push.collapse_window.is_zero() || self.push.timeout.is_zero() {
+                return invalid(
+                    "push.collapse_window",
+                    "push.collapse_window and push.timeout must not be zero",
+                );
+            }
         }
         if self.api.listen.is_some() {
             if self.api.keys.is_empty() {

@@ -67,6 +67,8 @@ pub struct Request<'a> {
     pub bearer: Option<&'a str>,
     /// A JSON body, if any.
     pub json: Option<&'a str>,
+    /// More headers, as (name, value).
+    pub headers: &'a [(&'a str, &'a str)],
 }
 
 impl HttpUrl {
@@ -101,6 +103,7 @@ impl HttpUrl {
             method: "GET",
             bearer: None,
             json: None,
+            headers: &[],
         };
         match self.send(tls, request, timeout).await? {
             (200, body) => Ok(body),
@@ -173,6 +176,9 @@ impl HttpUrl {
         }
         if request.json.is_some() {
             builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        for (name, value) in request.headers {
+            builder = builder.header(*name, *value);
         }
         let body = Full::new(Bytes::from(request.json.unwrap_or_default().to_owned()));
         let request = builder.body(body).map_err(|err| io(&err))?;

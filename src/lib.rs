@@ -31,6 +31,7 @@ pub mod config;
 pub mod files;
 pub mod http;
 pub mod metrics;
+pub mod push;
 pub mod server;
 pub mod shard;
 pub mod store;

@@ -147,12 +147,22 @@ impl Server {
         } else {
             Vec::new()
         };
+        let admission = Admission::new(max_connections, &config.limits);
+        let (pusher, push_thread) = match config.push.webhook_url.as_str() {
+            "" => (None, None),
+            _ => {
+                let (pusher, thread) = crate::push::start(&config.push, store.clone(), admission.clone(), stop.clone())
+                    .map_err(io_error("starting the push worker"))?;
+                (Some(pusher), Some(thread))
+            }
+        };
         let context = NodeContext {
             store: store.clone(),
             accounts,
             mesh,
-            admission: Admission::new(max_connections, &config.limits),
+            admission,
             group_ids,
+            pusher,
             config: Arc::new(config),
             tls,
             drain: CancellationToken::new(),
@@ -170,7 +180,7 @@ impl Server {
             drain: context.drain.clone(),
             stop: context.stop.clone(),
             drained: Vec::new(),
-            threads: jwks_thread.into_iter().collect(),
+            threads: jwks_thread.into_iter().chain(push_thread).collect(),
             store,
         };
         let mut quic_handoffs = Vec::new();

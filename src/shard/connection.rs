@@ -497,6 +497,9 @@ impl Connection {
                         }
                     };
                     self.user_permit = Some(permit);
+                    if let Some(pusher) = &self.shard.pusher {
+                        pusher.online(identity.user);
+                    }
                     // A resuming session holds live pushes until its replay is out;
                     // it may hold as many as its queue takes.
                     let replay = resume.is_some().then(|| {

@@ -71,6 +71,8 @@ pub struct NodeContext {
     pub admission: Admission,
     /// Names the groups clients create.
     pub group_ids: GroupIds,
+    /// Notifications for users with no connection, when `push.webhook_url` is set.
+    pub pusher: Option<crate::push::Pusher>,
     /// TLS for the TCP and WebSocket listeners, when `[tls]` is on.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Phase one of shutdown: stop accepting, close connections.
@@ -96,6 +98,7 @@ pub struct Shard {
     stop: CancellationToken,
     admission: Admission,
     group_ids: GroupIds,
+    pusher: Option<crate::push::Pusher>,
     /// The sessions this shard holds.
     sessions: RefCell<LocalSessions>,
     /// Which shards hold sessions of which users.
@@ -194,6 +197,7 @@ async fn run(
         stop: context.stop,
         admission: context.admission.clone(),
         group_ids: context.group_ids,
+        pusher: context.pusher,
         sessions: RefCell::default(),
         directory,
         quotas: RefCell::new(quotas::UserQuotas::new(&context.config.limits)),

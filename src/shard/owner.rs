@@ -153,7 +153,7 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
             if batch.is_empty() {
                 break;
             }
-            let (conversations, committing, records) = prepare_commit(batch);
+            let (conversations, committing, records) = prepare_commit(batch, shard.pusher.is_some());
             busy.extend(conversations.iter().copied());
             let store = shard.store.clone();
             let stages = shard.stages.clone();
@@ -216,9 +216,11 @@ fn take_batch<T>(queue: &mut VecDeque<T>, max: usize, busy: impl Fn(&T) -> bool)
 
 /// Splits assigned messages into what the store takes and what fan-out needs
 /// once it is durable, encoding each message's frame now so the records move to
-/// the store instead of being copied.
+/// the store instead of being copied. With `push`, a text message's body is
+/// kept for the notifications of members with no connection.
 fn prepare_commit(
     batch: Vec<Assigned<AppendReply>>,
+    push: bool,
 ) -> (
     HashSet<ConversationId>,
     Vec<Committing>,
@@ -239,7 +241,9 @@ fn prepare_commit(
             Some(GroupEvent::MemberLeft { .. }) => Some(record.sender),
             _ => None,
         };
+        let plain_text = record.event.is_none() && record.amends.is_none();
         committing.push(Committing {
+            push_body: (push && plain_text).then(|| record.body.clone()),
             frame: message_frame(&record),
             ack: SendAck::of(&record),
             sender: (record.sender, record.sender_device),
@@ -296,6 +300,8 @@ struct Committing {
     recipients: Arc<[UserId]>,
     /// The user this message takes out of its group, if any.
     left_group: Option<UserId>,
+    /// A text message's body, for push notifications (when they are on).
+    push_body: Option<String>,
     reply: AppendReply,
 }
 
@@ -307,6 +313,16 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
         if let Some(left) = message.left_group {
             let others = message.recipients.to_vec();
             shard.spawn_core(super::presence::membership_ended(shard.clone(), left, others));
+        }
+        if let (Some(pusher), Some(body)) = (&shard.pusher, &message.push_body) {
+            // Members with no connection on the node, but the sender.
+            let offline = message
+                .recipients
+                .iter()
+                .filter(|user| **user != message.sender.0 && shard.directory.shards_of(**user) == 0);
+            for user in offline {
+                pusher.message(*user, message.ack.conversation, message.ack.seq, message.sender.0, body);
+            }
         }
         let users = split_by_shard(shard, &message.recipients);
         for (arrivals, users) in per_shard.iter_mut().zip(users) {

@@ -1,7 +1,8 @@
 //! How a message is stored as bytes, shared by the backends: a small protobuf
 //! record (prost) of everything but its conversation and seq, which are the key.
+//! A user's pending notifications are stored the same way.
 
-use super::{Amendment, GroupEvent, MessageRecord, StoreError};
+use super::{Amendment, GroupEvent, MessageRecord, PendingConversation, PendingPush, StoreError};
 use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -123,4 +124,76 @@ impl StoredMessage {
         self.deleted = true;
         self.previous_edit
     }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredPendingPush {
+    #[prost(uint64, tag = "1")]
+    since_ms: u64,
+    #[prost(uint64, tag = "2")]
+    count: u64,
+    #[prost(message, repeated, tag = "3")]
+    conversations: Vec<StoredPendingConversation>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredPendingConversation {
+    #[prost(string, tag = "1")]
+    conversation: String,
+    #[prost(uint64, tag = "2")]
+    count: u64,
+    #[prost(uint64, tag = "3")]
+    last_seq: u64,
+    #[prost(uint64, tag = "4")]
+    sender: u64,
+    #[prost(string, tag = "5")]
+    body: String,
+}
+
+/// A pending push as stored.
+pub(crate) fn encode_pending_push(pending: &PendingPush) -> Vec<u8> {
+    use prost::Message as _;
+    StoredPendingPush {
+        since_ms: pending.since_ms,
+        count: pending.count,
+        conversations: pending
+            .conversations
+            .iter()
+            .map(|conversation| StoredPendingConversation {
+                conversation: conversation.conversation.to_string(),
+                count: conversation.count,
+                last_seq: conversation.last_seq,
+                sender: conversation.sender.get(),
+                body: conversation.body.clone(),
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// A stored pending push.
+pub(crate) fn decode_pending_push(bytes: &[u8]) -> Result<PendingPush, StoreError> {
+    use prost::Message as _;
+    let stored = StoredPendingPush::decode(bytes)
+        .map_err(|err| StoreError::corrupt_because("a pending push does not decode", err))?;
+    let conversations = stored
+        .conversations
+        .into_iter()
+        .map(|conversation| {
+            Ok(PendingConversation {
+                conversation: ConversationId::parse(&conversation.conversation)
+                    .map_err(|_| StoreError::corrupt("a pending push's conversation"))?,
+                count: conversation.count,
+                last_seq: conversation.last_seq,
+                sender: UserId::new(conversation.sender)
+                    .ok_or_else(|| StoreError::corrupt("a pending push's sender is 0"))?,
+                body: conversation.body,
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok(PendingPush {
+        since_ms: stored.since_ms,
+        count: stored.count,
+        conversations,
+    })
 }

@@ -23,8 +23,8 @@ use confab_protocol::{HistoryRange, Marks, PushToken, Role};
 use std::collections::HashMap;
 
 pub use records::{
-    Amendment, ConversationHead, DeviceRecord, GroupEvent, GroupRecord, MemberRecord, MessageRecord, NewUser, Rotation,
-    StoredSend, UserRecord,
+    Amendment, ConversationHead, DeviceRecord, GroupEvent, GroupRecord, MemberRecord, MessageRecord, NewUser,
+    PendingConversation, PendingPush, Rotation, StoredSend, UserRecord,
 };
 
 /// Opens the backend `config` names.
@@ -296,6 +296,15 @@ pub trait PushStore: Send + Sync {
 
     /// The push tokens of `user`'s devices.
     async fn push_tokens(&self, user: UserId) -> Result<Vec<(DeviceId, PushToken)>, StoreError>;
+
+    /// Keeps (replaces) `user`'s open notification window.
+    async fn put_pending_push(&self, user: UserId, pending: PendingPush) -> Result<(), StoreError>;
+
+    /// Forgets `user`'s notification window (sent, or no longer due).
+    async fn delete_pending_push(&self, user: UserId) -> Result<(), StoreError>;
+
+    /// Every user's open notification window, for a push worker starting.
+    async fn pending_pushes(&self) -> Result<Vec<(UserId, PendingPush)>, StoreError>;
 }
 
 /// Each user's conversations: heads, activity order, receipt watermarks.

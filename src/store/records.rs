@@ -268,3 +268,29 @@ impl ConversationHead {
         (self.last_time_ms, self.conversation)
     }
 }
+
+/// A user's notifications while its collapse window is open (docs/PUSH.md).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PendingPush {
+    /// When the window opened (Unix ms).
+    pub since_ms: u64,
+    /// Messages in it.
+    pub count: u64,
+    /// Per conversation: its messages in the window and the last one.
+    pub conversations: Vec<PendingConversation>,
+}
+
+/// One conversation's share of a [`PendingPush`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingConversation {
+    /// The conversation.
+    pub conversation: ConversationId,
+    /// Its messages in the window.
+    pub count: u64,
+    /// The last one's seq.
+    pub last_seq: Seq,
+    /// Who sent the last one.
+    pub sender: UserId,
+    /// The last one's text (cut), or empty.
+    pub body: String,
+}

@@ -24,6 +24,7 @@ mod loadgen_smoke;
 mod metrics;
 mod presence;
 mod protocol_doc;
+mod push;
 mod signals;
 mod store;
 mod sync;

@@ -487,3 +487,37 @@ async fn a_conversation_active_again_after_reopening_is_listed_once_in_its_new_p
     assert_eq!(list_pages(&*reopened, me, 1).await, vec![vec![old], vec![new]]);
     reopened.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_pushes_are_kept_replaced_listed_and_forgotten() {
+    use confab::store::{PendingConversation, PendingPush};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (me, other) = (UserId::random(), UserId::random());
+    let pending = |count| PendingPush {
+        since_ms: 7,
+        count,
+        conversations: vec![PendingConversation {
+            conversation: ConversationId::direct(me, other),
+            count,
+            last_seq: 41,
+            sender: other,
+            body: "see you at 8".into(),
+        }],
+    };
+    store.put_pending_push(me, pending(1)).await.unwrap();
+    store.put_pending_push(me, pending(2)).await.unwrap();
+    let listed = store.pending_pushes().await.unwrap();
+    let mine: Vec<_> = listed.into_iter().filter(|(user, _)| *user == me).collect();
+    assert_eq!(mine, vec![(me, pending(2))]);
+    store.delete_pending_push(me).await.unwrap();
+    assert!(
+        store
+            .pending_pushes()
+            .await
+            .unwrap()
+            .iter()
+            .all(|(user, _)| *user != me)
+    );
+    store.close().await.unwrap();
+}

@@ -1,8 +1,10 @@
-//! The Cassandra store's part of the `PushStore` contract: devices' push tokens.
+//! The Cassandra store's part of the `PushStore` contract: devices' push tokens
+//! and users' open notification windows.
 
 use super::CassandraStore;
-use super::rows::{from_cql, to_cql};
-use crate::store::{PushStore, StoreError};
+use super::rows::{from_cql, to_cql, user_id};
+use crate::store::encoding::{decode_pending_push, encode_pending_push};
+use crate::store::{PendingPush, PushStore, StoreError};
 use async_trait::async_trait;
 use confab_proto::v1::PushPlatform;
 use confab_protocol::PushToken;
@@ -35,6 +37,28 @@ impl PushStore for CassandraStore {
                         PushPlatform::try_from(platform).map_err(|_| StoreError::corrupt("push platform"))?;
                     Ok((device, PushToken { platform, token }))
                 })
+                .collect()
+        })
+        .await
+    }
+
+    async fn put_pending_push(&self, user: UserId, pending: PendingPush) -> Result<(), StoreError> {
+        let row = (to_cql(user.get()), encode_pending_push(&pending));
+        self.on_driver(move |inner| async move { inner.execute(&inner.statements.put_pending_push, row).await })
+            .await
+    }
+
+    async fn delete_pending_push(&self, user: UserId) -> Result<(), StoreError> {
+        let key = (to_cql(user.get()),);
+        self.on_driver(move |inner| async move { inner.execute(&inner.statements.delete_pending_push, key).await })
+            .await
+    }
+
+    async fn pending_pushes(&self) -> Result<Vec<(UserId, PendingPush)>, StoreError> {
+        self.read_on_driver(move |inner| async move {
+            let rows: Vec<(i64, Vec<u8>)> = inner.rows(&inner.statements.pending_pushes, ()).await?;
+            rows.into_iter()
+                .map(|(user, pending)| Ok((user_id(user)?, decode_pending_push(&pending)?)))
                 .collect()
         })
         .await

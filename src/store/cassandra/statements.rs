@@ -51,6 +51,9 @@ pub(super) struct Statements {
     pub(super) upsert_push_token: PreparedStatement,
     pub(super) delete_push_token: PreparedStatement,
     pub(super) push_tokens: PreparedStatement,
+    pub(super) put_pending_push: PreparedStatement,
+    pub(super) delete_pending_push: PreparedStatement,
+    pub(super) pending_pushes: PreparedStatement,
 }
 
 /// Columns added to tables after the first release, as (table, column, type):
@@ -294,6 +297,10 @@ impl Statements {
                 "SELECT device_id, platform, push_token FROM {k}.push_tokens WHERE user_id = ?"
             ))
             .await?,
+            put_pending_push: prepare(format!("INSERT INTO {k}.push_pending (user_id, pending) VALUES (?, ?)")).await?,
+            delete_pending_push: prepare(format!("DELETE FROM {k}.push_pending WHERE user_id = ?")).await?,
+            // A scan, once at start: the table holds only users with an open window.
+            pending_pushes: prepare(format!("SELECT user_id, pending FROM {k}.push_pending")).await?,
         })
     }
 }

@@ -28,6 +28,7 @@
 //! - `marks`:     conversation key ++ user id ++ device id → delivered ++ read seq
 //! - `push_tokens`: user id ++ device id → push platform ++ token (removed with
 //!   the device)
+//! - `push_pending`: user id → its open notification window (docs/PUSH.md)
 //!
 //! All writes go through one writer, one batch at a time: its thread drains
 //! whatever is queued (up to `max_batch` jobs), commits it as one atomic fjall
@@ -157,6 +158,7 @@ struct Inner {
     user_convs: Keyspace,
     marks: Keyspace,
     push_tokens: Keyspace,
+    push_pending: Keyspace,
 }
 
 /// The keyspace older data dirs kept conversation heads in.
@@ -188,6 +190,7 @@ impl Inner {
             user_convs: keyspace("user_convs")?,
             marks: keyspace("marks")?,
             push_tokens: keyspace("push_tokens")?,
+            push_pending: keyspace("push_pending")?,
             db,
         })
     }

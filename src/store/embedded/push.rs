@@ -1,9 +1,11 @@
-//! The embedded store's part of the `PushStore` contract: devices' push tokens.
+//! The embedded store's part of the `PushStore` contract: devices' push tokens
+//! and users' open notification windows.
 
-use super::keys::{decode_push_token, device_of_key};
+use super::keys::{decode_push_token, decode_user_id, device_of_key};
 use super::writer::WriteJob;
 use super::{EmbeddedStore, fjall_error};
-use crate::store::{PushStore, StoreError};
+use crate::store::encoding::{decode_pending_push, encode_pending_push};
+use crate::store::{PendingPush, PushStore, StoreError};
 use async_trait::async_trait;
 use confab_protocol::PushToken;
 use confab_protocol::ids::{DeviceId, UserId};
@@ -24,6 +26,28 @@ impl PushStore for EmbeddedStore {
                 tokens.push((device, decode_push_token(&value)?));
             }
             Ok(tokens)
+        })
+        .await
+    }
+
+    async fn put_pending_push(&self, user: UserId, pending: PendingPush) -> Result<(), StoreError> {
+        let pending = encode_pending_push(&pending);
+        self.write(|reply| WriteJob::PendingPush(user, Some(pending), reply))
+            .await
+    }
+
+    async fn delete_pending_push(&self, user: UserId) -> Result<(), StoreError> {
+        self.write(|reply| WriteJob::PendingPush(user, None, reply)).await
+    }
+
+    async fn pending_pushes(&self) -> Result<Vec<(UserId, PendingPush)>, StoreError> {
+        self.read(move |view| {
+            let mut pending = Vec::new();
+            for guard in view.prefix(&view.push_pending, []) {
+                let (key, value) = guard.into_inner().map_err(fjall_error)?;
+                pending.push((decode_user_id(&key)?, decode_pending_push(&value)?));
+            }
+            Ok(pending)
         })
         .await
     }

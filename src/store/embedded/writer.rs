@@ -71,6 +71,7 @@ pub(super) enum WriteJob {
     UpdateUser(UserId, UserUpdate, Reply<()>),
     DeleteUser(UserId, Reply<bool>),
     PushToken(UserId, DeviceId, Option<PushToken>, Reply<()>),
+    PendingPush(UserId, Option<Vec<u8>>, Reply<()>),
     /// Answers whether writes are taken now (recovering first if it is time).
     Probe(Reply<()>),
     Close(Reply<()>),
@@ -514,6 +515,14 @@ impl Staging {
                 Ok(existed) => on_commit(reply, existed),
                 Err(err) => refuse(reply, err),
             },
+            WriteJob::PendingPush(user, pending, reply) => {
+                let key = user.get().to_be_bytes();
+                match pending {
+                    Some(pending) => self.batch.insert(&self.inner.push_pending, key, pending),
+                    None => self.batch.remove(&self.inner.push_pending, key),
+                }
+                on_commit(reply, ())
+            }
             WriteJob::PushToken(user, device, token, reply) => {
                 let key = device_key(user, device);
                 match token {
@@ -831,5 +840,6 @@ fn refuse_job(job: WriteJob, err: StoreError) -> Answer {
         WriteJob::UpdateUser(_, _, reply) => refuse(reply, err),
         WriteJob::DeleteUser(_, reply) => refuse(reply, err),
         WriteJob::PushToken(.., reply) => refuse(reply, err),
+        WriteJob::PendingPush(_, _, reply) => refuse(reply, err),
     }
 }
