@@ -540,6 +540,18 @@ impl Client {
         }
     }
 
+    /// Mutes (or unmutes) a conversation in this user's push notifications.
+    pub async fn mute_conversation(&self, conversation_id: &str, muted: bool) -> Result<(), ClientError> {
+        let request = client_frame::Kind::MuteConversation(v1::MuteConversation {
+            conversation_id: conversation_id.into(),
+            muted,
+        });
+        match self.request(request).await? {
+            server_frame::Kind::Done(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Logs another of the user's devices out.
     pub async fn revoke_device(&self, device_id: u64) -> Result<(), ClientError> {
         match self

@@ -73,6 +73,15 @@ pub enum Command {
         /// The token; `None` removes it.
         push: Option<PushToken>,
     },
+    /// Mutes or unmutes a conversation in the user's push notifications.
+    MuteConversation {
+        /// The session's user.
+        user: UserId,
+        /// The conversation, one of the user's.
+        conversation: ConversationId,
+        /// Muted or not.
+        muted: bool,
+    },
     /// Log out another device of the user.
     RevokeDevice {
         /// The session's user.

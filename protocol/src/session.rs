@@ -394,6 +394,17 @@ impl Session {
                 let (user, device) = self.require_identity()?;
                 Parsed::Run(Command::LogOut { user, device })
             }
+            K::MuteConversation(mute) => {
+                let (user, _) = self.require_identity()?;
+                let conversation = ConversationId::parse(&mute.conversation_id)
+                    .map_err(|err| Rejection(ErrorCode::BadRequest, err.to_string()))?;
+                direct_member(conversation, user)?;
+                Parsed::Run(Command::MuteConversation {
+                    user,
+                    conversation,
+                    muted: mute.muted,
+                })
+            }
             K::RegisterPushToken(register) => {
                 let (user, device) = self.require_identity()?;
                 let push = PushToken::parse(register.platform, register.token).map_err(|err| {
@@ -730,13 +741,7 @@ impl Session {
                 ConversationId::parse(&text).or_else(|err| reject(ErrorCode::BadRequest, err.to_string()))?
             }
         };
-        // A direct conversation's members are in its id; a group's are checked
-        // where its membership lives.
-        let outsider = matches!(conversation, ConversationId::Direct { .. })
-            && !conversation.direct_members().any(|member| member == user);
-        if outsider {
-            return reject(ErrorCode::Forbidden, "not a member of this conversation");
-        }
+        direct_member(conversation, user)?;
         Ok(conversation)
     }
 }
@@ -847,6 +852,17 @@ fn page_token(token: &str) -> Result<(u64, ConversationId), Rejection> {
 /// Default and largest ListMembers page.
 const DEFAULT_MEMBER_LIMIT: usize = 100;
 const MAX_MEMBER_LIMIT: usize = 1000;
+
+/// Refuses a direct conversation `user` is not one of: its members are in its
+/// id. A group's are checked where its membership lives.
+fn direct_member(conversation: ConversationId, user: UserId) -> Result<(), Rejection> {
+    let outsider = matches!(conversation, ConversationId::Direct { .. })
+        && !conversation.direct_members().any(|member| member == user);
+    match outsider {
+        true => reject(ErrorCode::Forbidden, "not a member of this conversation"),
+        false => Ok(()),
+    }
+}
 
 fn user_id(raw: u64) -> Result<UserId, Rejection> {
     UserId::new(raw).map_or_else(|| reject(ErrorCode::BadRequest, "user id must not be 0"), Ok)

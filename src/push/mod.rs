@@ -267,8 +267,9 @@ impl Worker {
                 self.close(user);
                 continue;
             }
-            let tokens = match self.store.push_tokens(user).await {
-                Ok(tokens) => tokens,
+            let read = futures::try_join!(self.store.push_tokens(user), self.store.muted(user));
+            let (tokens, muted) = match read {
+                Ok(read) => read,
                 Err(err) => {
                     tracing::warn!(error = %err, %user, "could not read push tokens; retrying");
                     continue;
@@ -283,11 +284,11 @@ impl Worker {
             };
             for (device, token) in tokens {
                 notifications.push(Notification::new(
-                    user,
-                    device,
+                    (user, device),
                     token,
                     &window.pending,
                     self.include_body,
+                    &muted,
                 ));
             }
             notified.push(user);

@@ -5,7 +5,7 @@ use crate::http::{HttpUrl, Request, client_tls};
 use crate::store::PendingPush;
 use confab_proto::v1::PushPlatform;
 use confab_protocol::PushToken;
-use confab_protocol::ids::{DeviceId, UserId};
+use confab_protocol::ids::{ConversationId, DeviceId, UserId};
 use hmac::{Hmac, Mac as _};
 use serde::Serialize;
 use sha2::Sha256;
@@ -34,8 +34,15 @@ struct Conversation {
 }
 
 impl Notification {
-    /// `device`'s notification of `pending`, with the texts when `bodies`.
-    pub(super) fn new(user: UserId, device: DeviceId, token: PushToken, pending: &PendingPush, bodies: bool) -> Self {
+    /// `device`'s notification of `pending`, with the texts when `bodies`, but
+    /// of the `muted` conversations.
+    pub(super) fn new(
+        (user, device): (UserId, DeviceId),
+        token: PushToken,
+        pending: &PendingPush,
+        bodies: bool,
+        muted: &[ConversationId],
+    ) -> Self {
         Self {
             user_id: user.get(),
             device_id: device.get(),
@@ -46,7 +53,7 @@ impl Notification {
                 PushPlatform::Webhook | PushPlatform::Unspecified => "webhook",
             },
             token: token.token,
-            collapse_key: format!("confab-user-{}", user.get()),
+            collapse_key: format!("confab-{}-{}", user.get(), device.get()),
             count: pending.count,
             conversations: pending
                 .conversations
@@ -56,10 +63,9 @@ impl Notification {
                     count: conversation.count,
                     last_seq: conversation.last_seq,
                     sender_user_id: conversation.sender.get(),
-                    body: if bodies {
-                        conversation.body.clone()
-                    } else {
-                        String::new()
+                    body: match bodies && !muted.contains(&conversation.conversation) {
+                        true => conversation.body.clone(),
+                        false => String::new(),
                     },
                 })
                 .collect(),

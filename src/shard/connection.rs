@@ -454,6 +454,18 @@ impl Connection {
                     })
                 })
             }
+            Command::MuteConversation {
+                user,
+                conversation,
+                muted,
+            } => {
+                // A conversation of the user's (now or before): no rows for others.
+                if let Err(err) = chat::access(self.shard.store.as_ref(), conversation, user).await {
+                    return self.send(&failure(id, &err)).await;
+                }
+                let stored = self.shard.store.set_muted(user, conversation, muted).await;
+                stored.map(|()| Kind::Done(v1::Done {})).map_err(AuthError::from)
+            }
             Command::RegisterPushToken { user, device, push } => {
                 let registered = self.shard.store.set_push_token(user, device, push).await;
                 registered.map(|()| Kind::Done(v1::Done {})).map_err(AuthError::from)

@@ -297,6 +297,12 @@ pub trait PushStore: Send + Sync {
     /// The push tokens of `user`'s devices.
     async fn push_tokens(&self, user: UserId) -> Result<Vec<(DeviceId, PushToken)>, StoreError>;
 
+    /// Mutes (or unmutes) `conversation` in `user`'s notifications.
+    async fn set_muted(&self, user: UserId, conversation: ConversationId, muted: bool) -> Result<(), StoreError>;
+
+    /// The conversations `user` muted.
+    async fn muted(&self, user: UserId) -> Result<Vec<ConversationId>, StoreError>;
+
     /// Keeps (replaces) `user`'s open notification window.
     async fn put_pending_push(&self, user: UserId, pending: PendingPush) -> Result<(), StoreError>;
 

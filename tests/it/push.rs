@@ -186,6 +186,11 @@ fn push_env<'a>(receiver: &'a Receiver, window: &'a str, keyspace: &'a str) -> V
 /// Bob's phone registers its push token, then goes away; Alice sees him go.
 /// Alice, her id, Bob's id and name.
 async fn bob_goes_offline(addr: confab_client::Endpoint) -> (Client, u64, u64, String) {
+    bob_goes_offline_muting(addr, false).await
+}
+
+/// As [`bob_goes_offline`], Bob having muted his conversation with Alice, or not.
+async fn bob_goes_offline_muting(addr: confab_client::Endpoint, mute: bool) -> (Client, u64, u64, String) {
     let (alice, alice_login, _) = new_user(addr, "alice").await;
     let (bob, bob_login, bob_name) = new_user(addr, "bob").await;
     bob.register_push_token(PushPlatform::Fcm, "bob-phone").await.unwrap();
@@ -193,7 +198,10 @@ async fn bob_goes_offline(addr: confab_client::Endpoint) -> (Client, u64, u64, S
         .send_direct(bob_login.user_id, "hello", "are you there?")
         .await
         .unwrap();
-    within(WAIT, bob.next_message()).await.unwrap();
+    let hello = within(WAIT, bob.next_message()).await.unwrap();
+    if mute {
+        bob.mute_conversation(&hello.conversation_id, true).await.unwrap();
+    }
     alice.subscribe_presence(&[bob_login.user_id]).await.unwrap();
     drop(bob);
     until_offline(&alice).await;
@@ -310,4 +318,27 @@ async fn queued_notifications_are_delivered_after_a_restart() {
     let notification = &up.until_notified(bob_id, 1).await[0];
     assert_eq!(notification["conversations"][0]["body"], "before the restart");
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_muted_conversation_is_counted_without_its_text() {
+    let receiver = Receiver::start(&[]).await;
+    let mut node = TestServer::start_with(2, &push_env(&receiver, "100ms", &keyspace())).await;
+    let (alice, _, bob_id, _) = bob_goes_offline_muting(node.addr, true).await;
+    alice.send_direct(bob_id, "m1", "a secret").await.unwrap();
+    let notification = &receiver.until_notified(bob_id, 1).await[0];
+    assert_eq!(notification["count"], 1);
+    assert_eq!(notification["conversations"][0]["body"], "");
+    assert!(!receiver.calls_for(bob_id)[0].body.contains("a secret"));
+    // Muting is for a conversation of one's own.
+    let (carol, _, _) = new_user(node.addr, "carol").await;
+    let conversation = notification["conversations"][0]["conversation_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let refused = carol.mute_conversation(&conversation, true).await;
+    assert_eq!(code(refused), confab_client::proto::ErrorCode::Forbidden);
+    let refused = carol.mute_conversation("nonsense", true).await;
+    assert_eq!(code(refused), confab_client::proto::ErrorCode::BadRequest);
+    node.shutdown().await;
 }

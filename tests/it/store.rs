@@ -519,5 +519,18 @@ async fn pending_pushes_are_kept_replaced_listed_and_forgotten() {
             .iter()
             .all(|(user, _)| *user != me)
     );
+    // Mutes: per user, set and cleared.
+    let direct = ConversationId::direct(me, other);
+    let group = ConversationId::Group(confab_protocol::ids::GroupId::random());
+    store.set_muted(me, direct, true).await.unwrap();
+    store.set_muted(me, group, true).await.unwrap();
+    let sorted = |mut conversations: Vec<ConversationId>| {
+        conversations.sort_by_key(|conversation| conversation.to_string());
+        conversations
+    };
+    assert_eq!(sorted(store.muted(me).await.unwrap()), sorted(vec![direct, group]));
+    store.set_muted(me, direct, false).await.unwrap();
+    assert_eq!(store.muted(me).await.unwrap(), vec![group]);
+    assert!(store.muted(other).await.unwrap().is_empty());
     store.close().await.unwrap();
 }

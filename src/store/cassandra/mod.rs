@@ -23,6 +23,7 @@
 //! | `marks` | `(conversation, user_id)` | `device_id` | receipt watermarks of one user's devices |
 //! | `push_tokens` | `user_id` | `device_id` | where a user's devices are reached while offline |
 //! | `push_pending` | `user_id` | | users' open notification windows (read whole once at start) |
+//! | `mutes` | `user_id` | `conversation` | conversations a user muted in its notifications |
 //!
 //! A bucket is [`BUCKET_SIZE`] consecutive seqs, so no partition grows forever and
 //! a page knows which partitions to read: its bound's bucket, then the next ones

@@ -8,7 +8,7 @@ use crate::store::{PendingPush, PushStore, StoreError};
 use async_trait::async_trait;
 use confab_proto::v1::PushPlatform;
 use confab_protocol::PushToken;
-use confab_protocol::ids::{DeviceId, UserId};
+use confab_protocol::ids::{ConversationId, DeviceId, UserId};
 
 #[async_trait]
 impl PushStore for CassandraStore {
@@ -36,6 +36,31 @@ impl PushStore for CassandraStore {
                     let platform =
                         PushPlatform::try_from(platform).map_err(|_| StoreError::corrupt("push platform"))?;
                     Ok((device, PushToken { platform, token }))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn set_muted(&self, user: UserId, conversation: ConversationId, muted: bool) -> Result<(), StoreError> {
+        let row = (to_cql(user.get()), conversation.to_string());
+        self.on_driver(move |inner| async move {
+            let statement = if muted {
+                &inner.statements.mute
+            } else {
+                &inner.statements.unmute
+            };
+            inner.execute(statement, row).await
+        })
+        .await
+    }
+
+    async fn muted(&self, user: UserId) -> Result<Vec<ConversationId>, StoreError> {
+        self.read_on_driver(move |inner| async move {
+            let rows: Vec<(String,)> = inner.rows(&inner.statements.mutes, (to_cql(user.get()),)).await?;
+            rows.into_iter()
+                .map(|(conversation,)| {
+                    ConversationId::parse(&conversation).map_err(|_| StoreError::corrupt("a muted conversation"))
                 })
                 .collect()
         })

@@ -52,6 +52,9 @@ pub(super) struct Statements {
     pub(super) delete_push_token: PreparedStatement,
     pub(super) push_tokens: PreparedStatement,
     pub(super) put_pending_push: PreparedStatement,
+    pub(super) mute: PreparedStatement,
+    pub(super) unmute: PreparedStatement,
+    pub(super) mutes: PreparedStatement,
     pub(super) delete_pending_push: PreparedStatement,
     pub(super) pending_pushes: PreparedStatement,
 }
@@ -297,6 +300,9 @@ impl Statements {
                 "SELECT device_id, platform, push_token FROM {k}.push_tokens WHERE user_id = ?"
             ))
             .await?,
+            mute: prepare(format!("INSERT INTO {k}.mutes (user_id, conversation) VALUES (?, ?)")).await?,
+            unmute: prepare(format!("DELETE FROM {k}.mutes WHERE user_id = ? AND conversation = ?")).await?,
+            mutes: prepare(format!("SELECT conversation FROM {k}.mutes WHERE user_id = ?")).await?,
             put_pending_push: prepare(format!("INSERT INTO {k}.push_pending (user_id, pending) VALUES (?, ?)")).await?,
             delete_pending_push: prepare(format!("DELETE FROM {k}.push_pending WHERE user_id = ?")).await?,
             // A scan, once at start: the table holds only users with an open window.

@@ -29,6 +29,8 @@
 //! - `push_tokens`: user id ++ device id → push platform ++ token (removed with
 //!   the device)
 //! - `push_pending`: user id → its open notification window (docs/PUSH.md)
+//! - `mutes`:     user id ++ conversation key → nothing: conversations the user
+//!   muted in its notifications
 //!
 //! All writes go through one writer, one batch at a time: its thread drains
 //! whatever is queued (up to `max_batch` jobs), commits it as one atomic fjall
@@ -159,6 +161,7 @@ struct Inner {
     marks: Keyspace,
     push_tokens: Keyspace,
     push_pending: Keyspace,
+    mutes: Keyspace,
 }
 
 /// The keyspace older data dirs kept conversation heads in.
@@ -191,6 +194,7 @@ impl Inner {
             marks: keyspace("marks")?,
             push_tokens: keyspace("push_tokens")?,
             push_pending: keyspace("push_pending")?,
+            mutes: keyspace("mutes")?,
             db,
         })
     }

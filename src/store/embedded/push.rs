@@ -1,14 +1,14 @@
 //! The embedded store's part of the `PushStore` contract: devices' push tokens
 //! and users' open notification windows.
 
-use super::keys::{decode_push_token, decode_user_id, device_of_key};
+use super::keys::{conversation_of_key, decode_push_token, decode_user_id, device_of_key};
 use super::writer::WriteJob;
 use super::{EmbeddedStore, fjall_error};
 use crate::store::encoding::{decode_pending_push, encode_pending_push};
 use crate::store::{PendingPush, PushStore, StoreError};
 use async_trait::async_trait;
 use confab_protocol::PushToken;
-use confab_protocol::ids::{DeviceId, UserId};
+use confab_protocol::ids::{ConversationId, DeviceId, UserId};
 
 #[async_trait]
 impl PushStore for EmbeddedStore {
@@ -26,6 +26,23 @@ impl PushStore for EmbeddedStore {
                 tokens.push((device, decode_push_token(&value)?));
             }
             Ok(tokens)
+        })
+        .await
+    }
+
+    async fn set_muted(&self, user: UserId, conversation: ConversationId, muted: bool) -> Result<(), StoreError> {
+        self.write(|reply| WriteJob::Mute(user, conversation, muted, reply))
+            .await
+    }
+
+    async fn muted(&self, user: UserId) -> Result<Vec<ConversationId>, StoreError> {
+        self.read(move |view| {
+            let mut muted = Vec::new();
+            for guard in view.prefix(&view.mutes, user.get().to_be_bytes()) {
+                let (key, _) = guard.into_inner().map_err(fjall_error)?;
+                muted.push(conversation_of_key(key.get(8..).unwrap_or_default())?);
+            }
+            Ok(muted)
         })
         .await
     }

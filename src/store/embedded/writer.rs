@@ -72,6 +72,7 @@ pub(super) enum WriteJob {
     DeleteUser(UserId, Reply<bool>),
     PushToken(UserId, DeviceId, Option<PushToken>, Reply<()>),
     PendingPush(UserId, Option<Vec<u8>>, Reply<()>),
+    Mute(UserId, ConversationId, bool, Reply<()>),
     /// Answers whether writes are taken now (recovering first if it is time).
     Probe(Reply<()>),
     Close(Reply<()>),
@@ -515,6 +516,14 @@ impl Staging {
                 Ok(existed) => on_commit(reply, existed),
                 Err(err) => refuse(reply, err),
             },
+            WriteJob::Mute(user, conversation, muted, reply) => {
+                let key = user_conv_key(user, conversation);
+                match muted {
+                    true => self.batch.insert(&self.inner.mutes, key, []),
+                    false => self.batch.remove(&self.inner.mutes, key),
+                }
+                on_commit(reply, ())
+            }
             WriteJob::PendingPush(user, pending, reply) => {
                 let key = user.get().to_be_bytes();
                 match pending {
@@ -841,5 +850,6 @@ fn refuse_job(job: WriteJob, err: StoreError) -> Answer {
         WriteJob::DeleteUser(_, reply) => refuse(reply, err),
         WriteJob::PushToken(.., reply) => refuse(reply, err),
         WriteJob::PendingPush(_, _, reply) => refuse(reply, err),
+        WriteJob::Mute(.., reply) => refuse(reply, err),
     }
 }
