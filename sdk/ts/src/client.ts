@@ -16,6 +16,7 @@ import {
   ClientFrameSchema,
   ErrorCode,
   ProtocolVersion,
+  type PushPlatform,
   ServerFrameSchema,
   type ConversationList,
   type HistoryPage,
@@ -315,6 +316,19 @@ export class ConfabClient {
 
   async typing(conversationId: string, typing: boolean): Promise<void> {
     await this.call("done", { case: "typing", value: { conversationId, typing } });
+  }
+
+  /**
+   * Where this device is reached while it has no connection (the token from
+   * FCM, APNs or Web Push); an empty token removes it. See docs/PUSH.md.
+   */
+  async registerPushToken(platform: PushPlatform, token: string): Promise<void> {
+    await this.call("done", { case: "registerPushToken", value: { platform, token } });
+  }
+
+  /** Keeps a conversation's text out of this user's push notifications (or lets it back). */
+  async muteConversation(conversationId: string, muted: boolean): Promise<void> {
+    await this.call("done", { case: "muteConversation", value: { conversationId, muted } });
   }
 
   // ---- connection control ----

@@ -20,6 +20,8 @@ class Server {
   /** Messages the next resume replays. */
   replay: proto.Message[] = [];
   refreshes: string[] = [];
+  /** Push tokens and mutes, as sent. */
+  settings: proto.ClientFrame["kind"][] = [];
   authentications: { socket: Socket; accessToken: string; device: string }[] = [];
   /** How long the access tokens it hands out last (0: no expiry given). */
   accessTtlMs = 0;
@@ -65,6 +67,10 @@ class Server {
             tokens: this.tokens(`access-${this.refreshes.length}`),
           }),
         });
+      case "registerPushToken":
+      case "muteConversation":
+        this.settings.push(kind);
+        return this.reply(socket, requestId, { case: "done", value: create(proto.DoneSchema, {}) });
       case "authenticate": {
         this.authentications.push({ socket, accessToken: kind.value.accessToken, device: kind.value.device });
         if (kind.value.resume) this.resumes.push(kind.value.resume);
@@ -288,5 +294,21 @@ test("signs in with the app's tokens, taking a fresh one before each expires and
   await until(() => server.sockets.length === 2 && server.authentications.some((a) => a.socket === server.sockets[1]), "a reconnect");
   const again = server.authentications.find((a) => a.socket === server.sockets[1]);
   assert.ok(again && Number(again.accessToken.split(".")[2].slice(4)) > 3, "a token issued after the renewals");
+  chat.close();
+});
+
+test("registers a push token and mutes a conversation", async () => {
+  const server = new Server();
+  const chat = client(server);
+  await chat.logIn("me", "pw");
+  await chat.registerPushToken(proto.PushPlatform.FCM, "fcm-token");
+  await chat.muteConversation("d:1:2", true);
+  assert.deepEqual(
+    server.settings.map((kind) => kind.case),
+    ["registerPushToken", "muteConversation"],
+  );
+  const [push, mute] = server.settings;
+  assert.ok(push.case === "registerPushToken" && push.value.token === "fcm-token" && push.value.platform === proto.PushPlatform.FCM);
+  assert.ok(mute.case === "muteConversation" && mute.value.muted);
   chat.close();
 });
