@@ -11,8 +11,8 @@ use super::ApiState;
 use super::error::{ApiError, json};
 use super::users::existing_user;
 use crate::auth::external_device_id;
-use crate::chat::SendAck;
-use crate::store::{Amendment, GroupEvent};
+use crate::chat::{SendAck, message_proto};
+use crate::store::GroupEvent;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -143,18 +143,9 @@ pub(super) async fn add_members(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Ack>, ApiError> {
     let request: AddMembers = json(body)?;
-    let group = group(&conversation)?;
-    let actor = existing_user(&state, request.actor_user_id).await?;
     let command = GroupCommand::Add(known_users(&state, request.user_ids).await?);
-    let conversation = ConversationId::Group(group);
-    append(
-        &state,
-        conversation,
-        actor,
-        request.idempotency_key,
-        Content::Group(command),
-    )
-    .await
+    let change = (request.actor_user_id, request.idempotency_key, command);
+    group_change(&state, &conversation, change).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,12 +161,13 @@ pub(super) async fn remove_member(
     Path((conversation, user)): Path<(String, u64)>,
     Query(request): Query<RemoveMember>,
 ) -> Result<Json<Ack>, ApiError> {
-    let group = group(&conversation)?;
-    let actor = existing_user(&state, request.actor_user_id).await?;
     let user = UserId::new(user).ok_or_else(|| ApiError::bad_request("user id must not be 0"))?;
-    let conversation = ConversationId::Group(group);
-    let command = Content::Group(GroupCommand::Remove(user));
-    append(&state, conversation, actor, request.idempotency_key, command).await
+    let change = (
+        request.actor_user_id,
+        request.idempotency_key,
+        GroupCommand::Remove(user),
+    );
+    group_change(&state, &conversation, change).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,18 +185,9 @@ pub(super) async fn rename_group(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Ack>, ApiError> {
     let request: RenameGroup = json(body)?;
-    let group = group(&conversation)?;
-    let actor = existing_user(&state, request.actor_user_id).await?;
     let command = GroupCommand::Rename(state.limits.group_title(&request.title)?);
-    let conversation = ConversationId::Group(group);
-    append(
-        &state,
-        conversation,
-        actor,
-        request.idempotency_key,
-        Content::Group(command),
-    )
-    .await
+    let change = (request.actor_user_id, request.idempotency_key, command);
+    group_change(&state, &conversation, change).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,16 +213,17 @@ pub(super) async fn set_role(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Ack>, ApiError> {
     let request: SetRole = json(body)?;
-    let group = group(&conversation)?;
-    let actor = existing_user(&state, request.actor_user_id).await?;
     let user = UserId::new(user).ok_or_else(|| ApiError::bad_request("user id must not be 0"))?;
     let role = match request.role {
         GrantedRole::Member => Role::Member,
         GrantedRole::Admin => Role::Admin,
     };
-    let conversation = ConversationId::Group(group);
-    let command = Content::Group(GroupCommand::SetRole(user, role));
-    append(&state, conversation, actor, request.idempotency_key, command).await
+    let change = (
+        request.actor_user_id,
+        request.idempotency_key,
+        GroupCommand::SetRole(user, role),
+    );
+    group_change(&state, &conversation, change).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -334,30 +318,40 @@ pub(super) async fn history(
     let messages = page
         .messages
         .iter()
-        .map(|record| Message {
-            seq: record.seq,
-            sender_user_id: record.sender.get(),
-            sender_device_id: record.sender_device.get(),
-            client_msg_id: record.client_msg_id.clone(),
-            body: record.body.clone(),
-            server_time_ms: record.server_time_ms,
-            event: record.event.as_ref().map(Event::from),
-            edits_seq: match record.amends {
-                Some(Amendment::Edit(target)) => target,
-                _ => 0,
-            },
-            deletes_seq: match record.amends {
-                Some(Amendment::Delete(target)) => target,
-                _ => 0,
-            },
-            deleted: record.deleted,
-            edited_by_seq: record.edited_by.unwrap_or(0),
+        .map(|record| {
+            let message = message_proto(record);
+            Message {
+                seq: message.seq,
+                sender_user_id: message.sender_user_id,
+                sender_device_id: message.sender_device_id,
+                client_msg_id: message.client_msg_id,
+                body: message.body,
+                server_time_ms: message.server_time_ms,
+                event: record.event.as_ref().map(Event::from),
+                edits_seq: message.edits_seq,
+                deletes_seq: message.deletes_seq,
+                deleted: message.deleted,
+                edited_by_seq: message.edited_by_seq,
+            }
         })
         .collect();
     Ok(Json(Page {
         messages,
         has_more: page.has_more,
     }))
+}
+
+/// Sequences a change to the group `conversation` names, made by an existing
+/// user: `(actor_user_id, idempotency_key, command)`.
+async fn group_change(
+    state: &ApiState,
+    conversation: &str,
+    (actor, idempotency_key, command): (u64, String, GroupCommand),
+) -> Result<Json<Ack>, ApiError> {
+    let group = group(conversation)?;
+    let actor = existing_user(state, actor).await?;
+    let conversation = ConversationId::Group(group);
+    append(state, conversation, actor, idempotency_key, Content::Group(command)).await
 }
 
 /// Has `user` leave every group it is a member of (as a client's

@@ -91,13 +91,7 @@ impl Api {
         let Some(addr) = config.listen else {
             return Err(std::io::Error::other("api.listen is not set"));
         };
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let listener = {
-            let _entered = runtime.enter();
-            let listener = std::net::TcpListener::bind(addr)?;
-            listener.set_nonblocking(true)?;
-            tokio::net::TcpListener::from_std(listener)?
-        };
+        let (runtime, listener) = crate::transport::listener_with_runtime(addr)?;
         let addr = listener.local_addr()?;
         let router = router(state, config);
         let max_connections = config.max_connections;

@@ -166,18 +166,13 @@ impl Accounts {
         }
         let password_hash = self.hasher.hash(password).await?;
         let user = self
-            .store
-            .create_user(NewUser {
+            .insert_user(NewUser {
                 username: username.as_str().to_owned(),
                 password_hash,
                 created_at_ms: unix_ms(),
                 display_name: String::new(),
             })
-            .await
-            .map_err(|err| match err {
-                StoreError::UsernameTaken => AuthError::UsernameTaken,
-                other => AuthError::Store(other),
-            })?;
+            .await?;
         tracing::info!(user = %user.id, username = %user.username, "user signed up");
         Ok(user.id)
     }
@@ -229,6 +224,14 @@ impl Accounts {
             .await?;
         tracing::info!(user = %user, device = %device, "device logged in");
         Ok(self.grant(user, device, refresh, refresh_expires_at_ms, now))
+    }
+
+    /// Stores a new user; a taken name is [`AuthError::UsernameTaken`].
+    async fn insert_user(&self, user: NewUser) -> Result<UserRecord, AuthError> {
+        self.store.create_user(user).await.map_err(|err| match err {
+            StoreError::UsernameTaken => AuthError::UsernameTaken,
+            other => AuthError::Store(other),
+        })
     }
 
     /// Removes the user's devices whose refresh token (or last JWT) expired, and
@@ -504,18 +507,13 @@ impl Accounts {
             _ => return Err(AuthError::PasswordMismatch),
         };
         let user = self
-            .store
-            .create_user(NewUser {
+            .insert_user(NewUser {
                 username: username.as_str().to_owned(),
                 password_hash,
                 created_at_ms: unix_ms(),
                 display_name,
             })
-            .await
-            .map_err(|err| match err {
-                StoreError::UsernameTaken => AuthError::UsernameTaken,
-                other => AuthError::Store(other),
-            })?;
+            .await?;
         tracing::info!(user = %user.id, username = %user.username, "user created through the API");
         Ok(user.id)
     }

@@ -69,13 +69,7 @@ impl Endpoint {
         readiness: Readiness,
         stop: CancellationToken,
     ) -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let listener = {
-            let _entered = runtime.enter();
-            let listener = std::net::TcpListener::bind(addr)?;
-            listener.set_nonblocking(true)?;
-            tokio::net::TcpListener::from_std(listener)?
-        };
+        let (runtime, listener) = crate::transport::listener_with_runtime(addr)?;
         let addr = listener.local_addr()?;
         let thread = std::thread::Builder::new()
             .name("confab-metrics".into())

@@ -48,6 +48,19 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(socket.into())
 }
 
+/// A runtime of its own and a listener on `addr` registered with it, for the
+/// side listeners that run on a thread apart from the shards (metrics, API).
+pub fn listener_with_runtime(addr: SocketAddr) -> std::io::Result<(tokio::runtime::Runtime, tokio::net::TcpListener)> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let listener = {
+        let _entered = runtime.enter();
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(listener)?
+    };
+    Ok((runtime, listener))
+}
+
 /// How often at most a shard logs refused connections (a flood would flood the log).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
