@@ -396,6 +396,7 @@ impl Session {
             }
             K::MuteConversation(mute) => {
                 let (user, _) = self.require_identity()?;
+                self.charge_write(now)?;
                 let conversation = ConversationId::parse(&mute.conversation_id)
                     .map_err(|err| Rejection(ErrorCode::BadRequest, err.to_string()))?;
                 direct_member(conversation, user)?;
@@ -407,6 +408,7 @@ impl Session {
             }
             K::RegisterPushToken(register) => {
                 let (user, device) = self.require_identity()?;
+                self.charge_write(now)?;
                 let push = PushToken::parse(register.platform, register.token).map_err(|err| {
                     let code = match err {
                         InvalidPushToken::TooLong => ErrorCode::TooLarge,
@@ -629,6 +631,20 @@ impl Session {
         })
     }
 
+    /// Takes a write (a message, a group change, a push setting) from the
+    /// connection's send rate.
+    fn charge_write(&mut self, now: Instant) -> Result<(), Rejection> {
+        self.sends.take(1.0, now).or_else(|wait| {
+            reject(
+                ErrorCode::RateLimited,
+                format!(
+                    "sending too fast on this connection; retry in {} ms",
+                    wait.as_millis().max(1)
+                ),
+            )
+        })
+    }
+
     /// A message or group change by the authenticated device, within the
     /// connection's send rate.
     fn append(
@@ -640,15 +656,7 @@ impl Session {
     ) -> Result<Parsed, Rejection> {
         let (sender, sender_device) = self.require_identity()?;
         self.limits.check_client_msg_id(&client_msg_id)?;
-        if let Err(wait) = self.sends.take(1.0, now) {
-            return reject(
-                ErrorCode::RateLimited,
-                format!(
-                    "sending too fast on this connection; retry in {} ms",
-                    wait.as_millis().max(1)
-                ),
-            );
-        }
+        self.charge_write(now)?;
         Ok(Parsed::Run(Command::Append(Append {
             conversation,
             sender,
@@ -1037,6 +1045,35 @@ mod tests {
             session.on_frame(frame(10, send(to, "m10", "hi")), later),
             Step::Run(_)
         ));
+    }
+
+    #[test]
+    fn push_settings_are_writes_within_the_send_rate() {
+        let now = Instant::now();
+        let mut session = authenticated_session(now, 1);
+        let token = |token: &str| {
+            K::RegisterPushToken(v1::RegisterPushToken {
+                platform: v1::PushPlatform::Fcm as i32,
+                token: token.into(),
+            })
+        };
+        let mute = K::MuteConversation(v1::MuteConversation {
+            conversation_id: ConversationId::direct(user(1), user(2)).to_string(),
+            muted: true,
+        });
+        for (i, kind) in [token("a"), mute.clone(), token("b")].into_iter().enumerate() {
+            let step = session.on_frame(frame(i as u64 + 1, kind), now);
+            assert!(matches!(step, Step::Run(_)), "{step:?}");
+        }
+        let refused = session.on_frame(frame(9, mute), now);
+        assert_eq!(error_code(&refused), Some(ErrorCode::RateLimited));
+        let stranger = K::MuteConversation(v1::MuteConversation {
+            conversation_id: ConversationId::direct(user(2), user(3)).to_string(),
+            muted: true,
+        });
+        let later = now + Duration::from_secs(1);
+        let refused = session.on_frame(frame(10, stranger), later);
+        assert_eq!(error_code(&refused), Some(ErrorCode::Forbidden));
     }
 
     #[test]
