@@ -24,6 +24,7 @@ use crate::http::HttpUrl;
 use crate::store::{PendingConversation, PendingPush, Store};
 use crate::transport::admission::Admission;
 use confab_protocol::ids::{ConversationId, Seq, UserId};
+use futures::stream::{self, StreamExt as _};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +38,8 @@ const QUEUE: usize = 65_536;
 const MAX_PER_CALL: usize = 100;
 /// Conversations one notification lists (the most recent).
 const MAX_CONVERSATIONS: usize = 20;
+/// Store writes of windows in flight at once.
+const STORE_CONCURRENCY: usize = 64;
 /// The first retry of a failed call waits this long, then twice as long...
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
@@ -324,25 +327,43 @@ impl Worker {
     }
 
     /// Brings the store up to date: changed windows written, closed ones
-    /// deleted. A failure leaves them for the next tick.
+    /// deleted, [`STORE_CONCURRENCY`] at a time (so the store commits them
+    /// together: with `sync` durability, one fsync for many, not one each). A
+    /// failure leaves them for the next tick.
     async fn write_windows(&mut self) {
-        for user in std::mem::take(&mut self.forgotten) {
-            // Reopened meanwhile: its new state is written below.
-            if self.windows.contains_key(&user) {
-                continue;
-            }
-            if let Err(err) = self.store.delete_pending_push(user).await {
+        let store = &self.store;
+        // Reopened meanwhile: their new state is written below.
+        let closed: Vec<UserId> = std::mem::take(&mut self.forgotten)
+            .into_iter()
+            .filter(|user| !self.windows.contains_key(user))
+            .collect();
+        let deleted: Vec<_> = stream::iter(closed)
+            .map(|user| async move { (user, store.delete_pending_push(user).await) })
+            .buffer_unordered(STORE_CONCURRENCY)
+            .collect()
+            .await;
+        for (user, result) in deleted {
+            if let Err(err) = result {
                 tracing::warn!(error = %err, %user, "could not forget a push window; retrying");
                 self.forgotten.push(user);
             }
         }
-        for (user, window) in &mut self.windows {
-            if !window.dirty {
-                continue;
-            }
-            match self.store.put_pending_push(*user, window.pending.clone()).await {
-                Ok(()) => window.dirty = false,
-                Err(err) => tracing::warn!(error = %err, %user, "could not keep a push window; retrying"),
+        let changed: Vec<(UserId, PendingPush)> = self
+            .windows
+            .iter()
+            .filter(|(_, window)| window.dirty)
+            .map(|(user, window)| (*user, window.pending.clone()))
+            .collect();
+        let written: Vec<_> = stream::iter(changed)
+            .map(|(user, pending)| async move { (user, store.put_pending_push(user, pending).await) })
+            .buffer_unordered(STORE_CONCURRENCY)
+            .collect()
+            .await;
+        for (user, result) in written {
+            match (result, self.windows.get_mut(&user)) {
+                (Ok(()), Some(window)) => window.dirty = false,
+                (Ok(()), None) => {}
+                (Err(err), _) => tracing::warn!(error = %err, %user, "could not keep a push window; retrying"),
             }
         }
     }

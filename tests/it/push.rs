@@ -342,3 +342,35 @@ async fn a_muted_conversation_is_counted_without_its_text() {
     assert_eq!(code(refused), confab_client::proto::ErrorCode::BadRequest);
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_offline_member_of_a_group_is_notified_once() {
+    const MEMBERS: usize = 20;
+    let receiver = Receiver::start(&[]).await;
+    let mut node = TestServer::start_with(2, &push_env(&receiver, "200ms", &keyspace())).await;
+    let (alice, _, _) = new_user(node.addr, "host").await;
+    let mut members = Vec::new();
+    for i in 0..MEMBERS {
+        let (member, login, _) = new_user(node.addr, "member").await;
+        member
+            .register_push_token(PushPlatform::Apns, &format!("phone-{i}"))
+            .await
+            .unwrap();
+        members.push((member, login.user_id));
+    }
+    let ids: Vec<u64> = members.iter().map(|(_, id)| *id).collect();
+    let group = alice.create_group("g", "Everyone", &ids).await.unwrap();
+    alice.subscribe_presence(&ids).await.unwrap();
+    drop(members);
+    for _ in 0..MEMBERS {
+        until_offline(&alice).await;
+    }
+    let target = confab_client::proto::conversation_ref::Target::ConversationId(group.conversation_id.clone());
+    alice.send(target, "m1", "meeting at 3").await.unwrap();
+    for id in ids {
+        let notified = receiver.until_notified(id, 1).await;
+        assert_eq!(notified.len(), 1, "once each");
+        assert_eq!(notified[0]["conversations"][0]["body"], "meeting at 3");
+    }
+    node.shutdown().await;
+}
