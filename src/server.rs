@@ -237,10 +237,7 @@ impl Server {
         if let Some(addr) = websocket_addr {
             tracing::info!(%addr, path = %context.config.websocket.path, "WebSocket listening");
         }
-        let readiness = crate::metrics::Readiness {
-            store: server.store.clone(),
-            drain: context.drain.clone(),
-        };
+        let readiness = crate::metrics::Readiness::new(server.store.clone(), context.drain.clone());
         if context.config.api.listen.is_some() {
             let state = ApiState {
                 store: server.store.clone(),

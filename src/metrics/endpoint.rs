@@ -16,7 +16,7 @@ use crate::store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -30,25 +30,53 @@ const SCRAPE_DEADLINE: Duration = Duration::from_secs(10);
 /// How often recorded samples are drained into the summaries.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What `/readyz` looks at.
+/// How long a store probe's answer stands for `/readyz`: anyone who reaches
+/// the endpoint may ask as fast as they like, and each probe is a turn of the
+/// store writer, which the sends need.
+const PROBE_VALID_FOR: Duration = Duration::from_secs(1);
+
+/// What `/readyz` looks at; clones share the last probe.
 #[derive(Debug, Clone)]
 pub struct Readiness {
-    /// The store, probed for writes.
-    pub store: Arc<dyn Store>,
-    /// Cancelled when the node starts draining.
-    pub drain: CancellationToken,
+    store: Arc<dyn Store>,
+    drain: CancellationToken,
+    /// The last probe and when; one probe at a time.
+    last: Arc<tokio::sync::Mutex<Option<Probe>>>,
 }
 
+/// A store probe: when, and its answer.
+type Probe = (Instant, Result<(), String>);
+
 impl Readiness {
-    /// Whether the node is ready for traffic, or why not.
+    /// Readiness of a node whose `store` is probed for writes, and that
+    /// drains when `drain` is cancelled.
+    pub fn new(store: Arc<dyn Store>, drain: CancellationToken) -> Self {
+        Self {
+            store,
+            drain,
+            last: Arc::default(),
+        }
+    }
+
+    /// Whether the node is ready for traffic, or why not. The store is probed
+    /// at most once per [`PROBE_VALID_FOR`].
     pub async fn check(&self) -> Result<(), String> {
         if self.drain.is_cancelled() {
             return Err("draining".into());
         }
-        self.store
+        let mut last = self.last.lock().await;
+        if let Some((at, answer)) = &*last
+            && at.elapsed() < PROBE_VALID_FOR
+        {
+            return answer.clone();
+        }
+        let answer = self
+            .store
             .probe_writes()
             .await
-            .map_err(|err| format!("the store refuses writes: {err}"))
+            .map_err(|err| format!("the store refuses writes: {err}"));
+        *last = Some((Instant::now(), answer.clone()));
+        answer
     }
 }
 

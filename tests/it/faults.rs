@@ -214,7 +214,8 @@ async fn a_nearly_full_disk_refuses_writes_as_unavailable_until_space_is_freed()
     assert_eq!(refused.code(), Some(ErrorCode::Unavailable), "{refused}");
     // Reads go on; the node says it is not ready, and why.
     assert_history_holds(&bob, &conversation.conversation_id, &acked).await;
-    let (status, reason) = common::http_get(ops, "/readyz").await;
+    // (A probe's answer stands for a second: poll.)
+    let (status, reason) = readyz_until(ops, false).await;
     assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
     assert!(reason.contains("storage is full"), "{reason}");
 
@@ -223,8 +224,22 @@ async fn a_nearly_full_disk_refuses_writes_as_unavailable_until_space_is_freed()
     acked.push((seq, "during".into()));
     assert_history_holds(&bob, &conversation.conversation_id, &acked).await;
     // Taking writes again: ready again.
-    assert_eq!(common::http_get(ops, "/readyz").await.1, "ready\n");
+    assert_eq!(readyz_until(ops, true).await.1, "ready\n");
     stop_cleanly(node).await;
+}
+
+/// `/readyz` once it says ready (or not), within a deadline.
+async fn readyz_until(ops: std::net::SocketAddr, ready: bool) -> (String, String) {
+    within(Duration::from_secs(10), async {
+        loop {
+            let (status, body) = common::http_get(ops, "/readyz").await;
+            if status.contains(" 200 ") == ready {
+                return (status, body);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
 }
 
 /// With the free-space check off, the disk fills under fjall itself: its journal
