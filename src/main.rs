@@ -64,6 +64,7 @@ fn serve(config_file: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::warn!(variable = %name, "ignoring an environment variable that names no config key");
     }
     raise_open_files_limit();
+    disable_transparent_huge_pages();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -121,6 +122,17 @@ fn raise_open_files_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::info!(limit, "open files limit"),
         Err(err) => tracing::warn!(error = %err, "could not raise the open files limit"),
+    }
+}
+
+/// The allocator asks for transparent huge pages for its arenas, so the first
+/// touch of each 2 MiB of heap zeroes all of it in one page fault, on whichever
+/// thread touched it: a shard or the store writer stalled for 20–50 ms that way
+/// (seen with `perf sched timehist`, stacks in `folio_zero_user`). Like Redis,
+/// the node opts out for the whole process; later faults take 4 KiB pages.
+fn disable_transparent_huge_pages() {
+    if let Err(err) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::warn!(error = %err, "could not opt out of transparent huge pages");
     }
 }
 

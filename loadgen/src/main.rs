@@ -202,6 +202,12 @@ const MAX_MESSAGES: f64 = 50_000_000.0;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // As in the server (see its `disable_transparent_huge_pages`): a huge page
+    // zeroed on first touch stalls a receiver for milliseconds, and the
+    // loadgen's stalls are part of every latency it reports.
+    if let Err(err) = rustix::thread::disable_transparent_huge_pages(true) {
+        eprintln!("warning: could not opt out of transparent huge pages: {err}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -283,3 +283,18 @@ async fn a_failed_commit_on_a_full_disk_passes_without_a_restart() {
     let (_carol, _, _) = new_user(addr, "enospc").await;
     stop_cleanly(node).await;
 }
+
+/// A transparent huge page is zeroed whole (2 MiB) by the first touch, on the
+/// thread that touched it: shards and the store writer stalled for tens of ms
+/// that way under load. The node opts out for its whole process.
+#[test]
+fn the_node_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = BinaryNode::start(dir.path(), &[], None);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id())).unwrap();
+    let line = status.lines().find(|line| line.starts_with("THP_enabled:"));
+    // Kernels before 6.0 do not report it; the prctl itself dates from 3.15.
+    if let Some(line) = line {
+        assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+    }
+}
