@@ -38,7 +38,7 @@ async fn a_peer_that_stops_reading_is_cut_off_and_nobody_else_waits() {
         .send(
             2,
             Kind::Authenticate(Authenticate {
-                access_token: bob_login.tokens.unwrap().access_token,
+                access_token: bob_login.tokens.access_token,
                 resume: None,
                 device: String::new(),
             }),
@@ -189,7 +189,7 @@ async fn one_address_cannot_connect_faster_than_its_rate() {
 async fn one_account_cannot_hold_more_than_its_share_of_connections() {
     let mut node = TestServer::start_with(2, &[("CONFAB_LIMITS__MAX_CONNECTIONS_PER_USER", "2")]).await;
     let (first, login, _) = new_user(node.addr, "share").await;
-    let token = login.tokens.unwrap().access_token;
+    let token = login.tokens.access_token;
     let second = confab_client::Client::connect(node.addr).await.unwrap();
     second.authenticate(&token).await.unwrap();
     let third = confab_client::Client::connect(node.addr).await.unwrap();
@@ -243,7 +243,7 @@ async fn sends_beyond_a_devices_or_users_rate_are_refused_and_the_connection_sta
 
 /// Sends `count` messages at once; returns how many were taken. The others must
 /// be RATE_LIMITED, saying when to retry.
-async fn send_burst(client: &confab_client::Client, to: u64, prefix: &str, count: usize) -> usize {
+async fn send_burst(client: &confab_client::Client, to: confab_client::UserId, prefix: &str, count: usize) -> usize {
     let ids: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
     let sends = ids.iter().map(|id| client.send_direct(to, id, "flood"));
     answered(futures::future::join_all(sends).await)
@@ -331,7 +331,7 @@ async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
     for ack in futures::future::join_all(sends).await {
         ack.unwrap();
     }
-    let token = login.tokens.unwrap().access_token;
+    let token = login.tokens.access_token;
     let rss_before = resident_bytes();
 
     let mut hoarders = Vec::new();
@@ -342,7 +342,7 @@ async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
             continue;
         }
         let raw = RawConnection::connect(node.tcp).await;
-        let stream = history_hoarder(raw, token.clone(), login.user_id).await;
+        let stream = history_hoarder(raw, token.clone(), login.user_id.get()).await;
         hoarders.push(stream);
     }
 
@@ -402,11 +402,11 @@ async fn connections_from_one_address_share_its_reply_bytes() {
     for ack in futures::future::join_all(sends).await {
         ack.unwrap();
     }
-    let token = login.tokens.unwrap().access_token;
+    let token = login.tokens.access_token;
     let mut hoarders = Vec::new();
     for _ in 0..8 {
         let raw = connect_from("127.0.0.7", node.tcp).await;
-        hoarders.push(history_hoarder(raw, token.clone(), login.user_id).await);
+        hoarders.push(history_hoarder(raw, token.clone(), login.user_id.get()).await);
     }
     let (total, _) = settled_outbound_bytes(metrics, SHARE / 2.0).await;
     assert!(total <= SHARE, "the address's connections hold {total} bytes");

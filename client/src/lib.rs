@@ -13,7 +13,7 @@
 //! let client = confab_client::Client::connect(server).await?;
 //! client.sign_up("alice", "correct horse").await?;
 //! let login = client.log_in("alice", "correct horse", "laptop").await?;
-//! client.authenticate(&login.tokens.unwrap_or_default().access_token).await?;
+//! client.authenticate(&login.tokens.access_token).await?;
 //! let bob = client.user("bob").await?;
 //! let ack = client.send_direct(bob.user_id, "msg-1", "hi bob").await?;
 //! println!("stored as #{} in {}", ack.seq, ack.conversation_id);
@@ -40,6 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use transport::{FrameReader, FrameWriter, QuicHandles};
 
 pub use confab_proto::v1 as proto;
+pub use confab_protocol::ids::{DeviceId, UserId};
 pub use quinn;
 
 /// Largest frame the client accepts before the server told it its limit.
@@ -72,6 +73,38 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// A device's login (`LoggedIn`): whose device it is, and its tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Login {
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub tokens: v1::Tokens,
+}
+
+impl TryFrom<v1::LoggedIn> for Login {
+    type Error = ClientError;
+
+    fn try_from(logged_in: v1::LoggedIn) -> Result<Self, ClientError> {
+        Ok(Self {
+            user_id: user_id(logged_in.user_id)?,
+            device_id: DeviceId::new(logged_in.device_id)
+                .ok_or_else(|| ClientError::Unexpected("LoggedIn without a device id".into()))?,
+            tokens: logged_in
+                .tokens
+                .ok_or_else(|| ClientError::Unexpected("LoggedIn without tokens".into()))?,
+        })
+    }
+}
+
+/// A user as `GetUser` answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub user_id: UserId,
+    pub username: String,
+    /// Empty: show the username.
+    pub display_name: String,
 }
 
 /// Something the server pushed.
@@ -332,26 +365,26 @@ impl Client {
     }
 
     /// Creates an account; returns the new user id.
-    pub async fn sign_up(&self, username: &str, password: &str) -> Result<u64, ClientError> {
+    pub async fn sign_up(&self, username: &str, password: &str) -> Result<UserId, ClientError> {
         let request = client_frame::Kind::SignUp(v1::SignUp {
             username: username.into(),
             password: password.into(),
         });
         match self.request(request).await? {
-            server_frame::Kind::SignedUp(signed_up) => Ok(signed_up.user_id),
+            server_frame::Kind::SignedUp(signed_up) => user_id(signed_up.user_id),
             other => Err(unexpected(other)),
         }
     }
 
     /// Logs a new device in; the reply carries its tokens.
-    pub async fn log_in(&self, username: &str, password: &str, device_name: &str) -> Result<v1::LoggedIn, ClientError> {
+    pub async fn log_in(&self, username: &str, password: &str, device_name: &str) -> Result<Login, ClientError> {
         let request = client_frame::Kind::LogIn(v1::LogIn {
             username: username.into(),
             password: password.into(),
             device_name: device_name.into(),
         });
         match self.request(request).await? {
-            server_frame::Kind::LoggedIn(logged_in) => Ok(logged_in),
+            server_frame::Kind::LoggedIn(logged_in) => logged_in.try_into(),
             other => Err(unexpected(other)),
         }
     }
@@ -432,9 +465,9 @@ impl Client {
     }
 
     /// Current presence of `user_ids` this user may see, and pushes when it changes.
-    pub async fn subscribe_presence(&self, user_ids: &[u64]) -> Result<v1::PresenceList, ClientError> {
+    pub async fn subscribe_presence(&self, user_ids: &[UserId]) -> Result<v1::PresenceList, ClientError> {
         let request = client_frame::Kind::SubscribePresence(v1::SubscribePresence {
-            user_ids: user_ids.to_vec(),
+            user_ids: raw_ids(user_ids),
         });
         match self.request(request).await? {
             server_frame::Kind::PresenceList(list) => Ok(list),
@@ -483,28 +516,23 @@ impl Client {
         username: &str,
         password: &str,
         device_name: &str,
-    ) -> Result<v1::LoggedIn, ClientError> {
+    ) -> Result<Login, ClientError> {
         match self.sign_up(username, password).await {
             Ok(_) => {}
             Err(err) if err.code() == Some(ErrorCode::AlreadyExists) => {}
             Err(err) => return Err(err),
         }
         let login = self.log_in(username, password, device_name).await?;
-        let token = login
-            .tokens
-            .as_ref()
-            .map(|tokens| tokens.access_token.clone())
-            .unwrap_or_default();
-        self.authenticate(&token).await?;
+        self.authenticate(&login.tokens.access_token).await?;
         Ok(login)
     }
 
-    pub async fn refresh(&self, refresh_token: &str) -> Result<v1::LoggedIn, ClientError> {
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Login, ClientError> {
         let request = client_frame::Kind::RefreshToken(v1::RefreshToken {
             refresh_token: refresh_token.into(),
         });
         match self.request(request).await? {
-            server_frame::Kind::LoggedIn(logged_in) => Ok(logged_in),
+            server_frame::Kind::LoggedIn(logged_in) => logged_in.try_into(),
             other => Err(unexpected(other)),
         }
     }
@@ -553,9 +581,11 @@ impl Client {
     }
 
     /// Logs another of the user's devices out.
-    pub async fn revoke_device(&self, device_id: u64) -> Result<(), ClientError> {
+    pub async fn revoke_device(&self, device_id: DeviceId) -> Result<(), ClientError> {
         match self
-            .request(client_frame::Kind::RevokeDevice(v1::RevokeDevice { device_id }))
+            .request(client_frame::Kind::RevokeDevice(v1::RevokeDevice {
+                device_id: device_id.get(),
+            }))
             .await?
         {
             server_frame::Kind::Done(_) => Ok(()),
@@ -576,20 +606,33 @@ impl Client {
     }
 
     /// Looks a user up by username.
-    pub async fn user(&self, username: &str) -> Result<v1::User, ClientError> {
+    pub async fn user(&self, username: &str) -> Result<User, ClientError> {
         let request = client_frame::Kind::GetUser(v1::GetUser {
             username: username.into(),
         });
         match self.request(request).await? {
-            server_frame::Kind::User(user) => Ok(user),
+            server_frame::Kind::User(user) => Ok(User {
+                user_id: user_id(user.user_id)?,
+                username: user.username,
+                display_name: user.display_name,
+            }),
             other => Err(unexpected(other)),
         }
     }
 
     /// Sends a message to the direct conversation with `user_id`.
-    pub async fn send_direct(&self, user_id: u64, client_msg_id: &str, body: &str) -> Result<v1::SendAck, ClientError> {
-        self.send(conversation_ref::Target::DirectUserId(user_id), client_msg_id, body)
-            .await
+    pub async fn send_direct(
+        &self,
+        user_id: UserId,
+        client_msg_id: &str,
+        body: &str,
+    ) -> Result<v1::SendAck, ClientError> {
+        self.send(
+            conversation_ref::Target::DirectUserId(user_id.get()),
+            client_msg_id,
+            body,
+        )
+        .await
     }
 
     pub async fn send(
@@ -650,12 +693,12 @@ impl Client {
         &self,
         client_msg_id: &str,
         title: &str,
-        members: &[u64],
+        members: &[UserId],
     ) -> Result<v1::SendAck, ClientError> {
         self.ack(client_frame::Kind::CreateGroup(v1::CreateGroup {
             client_msg_id: client_msg_id.into(),
             title: title.into(),
-            members: members.to_vec(),
+            members: raw_ids(members),
         }))
         .await
     }
@@ -664,12 +707,12 @@ impl Client {
         &self,
         conversation_id: &str,
         client_msg_id: &str,
-        user_ids: &[u64],
+        user_ids: &[UserId],
     ) -> Result<v1::SendAck, ClientError> {
         self.ack(client_frame::Kind::AddMembers(v1::AddMembers {
             conversation_id: conversation_id.into(),
             client_msg_id: client_msg_id.into(),
-            user_ids: user_ids.to_vec(),
+            user_ids: raw_ids(user_ids),
         }))
         .await
     }
@@ -678,12 +721,12 @@ impl Client {
         &self,
         conversation_id: &str,
         client_msg_id: &str,
-        user_id: u64,
+        user_id: UserId,
     ) -> Result<v1::SendAck, ClientError> {
         self.ack(client_frame::Kind::RemoveMember(v1::RemoveMember {
             conversation_id: conversation_id.into(),
             client_msg_id: client_msg_id.into(),
-            user_id,
+            user_id: user_id.get(),
         }))
         .await
     }
@@ -714,28 +757,29 @@ impl Client {
         &self,
         conversation_id: &str,
         client_msg_id: &str,
-        user_id: u64,
+        user_id: UserId,
         role: v1::Role,
     ) -> Result<v1::SendAck, ClientError> {
         self.ack(client_frame::Kind::SetRole(v1::SetRole {
             conversation_id: conversation_id.into(),
             client_msg_id: client_msg_id.into(),
-            user_id,
+            user_id: user_id.get(),
             role: role as i32,
         }))
         .await
     }
 
-    /// One page of a group's current members, by user id.
+    /// One page of a group's current members, by user id: those after
+    /// `after` (`None`: from the first).
     pub async fn list_members(
         &self,
         conversation_id: &str,
-        after_user_id: u64,
+        after: Option<UserId>,
         limit: u32,
     ) -> Result<v1::MemberList, ClientError> {
         let request = client_frame::Kind::ListMembers(v1::ListMembers {
             conversation_id: conversation_id.into(),
-            after_user_id,
+            after_user_id: after.map_or(0, UserId::get),
             limit,
         });
         match self.request(request).await? {
@@ -899,6 +943,15 @@ fn server_error(error: v1::Error) -> ClientError {
         code: ErrorCode::try_from(error.code).unwrap_or(ErrorCode::Unspecified),
         message: error.message,
     }
+}
+
+/// A user id from the server, which never names user 0.
+fn user_id(raw: u64) -> Result<UserId, ClientError> {
+    UserId::new(raw).ok_or_else(|| ClientError::Unexpected("user id 0".into()))
+}
+
+fn raw_ids(ids: &[UserId]) -> Vec<u64> {
+    ids.iter().map(|id| id.get()).collect()
 }
 
 fn unexpected(kind: server_frame::Kind) -> ClientError {

@@ -34,7 +34,7 @@ pub async fn direct(
         .flat_map(|pair| {
             [(0, 1), (1, 0)].map(|(from, to)| Flow {
                 sender: pair[from].device as usize,
-                target: Target::DirectUserId(pair[to].user_id),
+                target: Target::DirectUserId(pair[to].user_id.get()),
                 recipients: vec![pair[to].device],
             })
         })
@@ -62,7 +62,7 @@ pub async fn group(
     let members = setup::members(&connector, shape.groups * shape.members).await?;
     let mut flows = Vec::new();
     for (index, group) in members.chunks(shape.members).enumerate() {
-        let others: Vec<u64> = group[1..].iter().map(|member| member.user_id).collect();
+        let others: Vec<confab_client::UserId> = group[1..].iter().map(|member| member.user_id).collect();
         let created = group[0]
             .client
             .create_group(&format!("loadgen-{index}"), &format!("loadgen {index}"), &others)
@@ -376,7 +376,7 @@ pub async fn sync(
                         id,
                         client
                             .send(
-                                Target::DirectUserId(recipient_id),
+                                Target::DirectUserId(recipient_id.get()),
                                 &format!("{}-{}", id.sender, id.counter),
                                 &body,
                             )

@@ -18,7 +18,7 @@ const SETUP_CONCURRENCY: usize = 32;
 pub struct Member {
     pub name: String,
     pub device: Device,
-    pub user_id: u64,
+    pub user_id: confab_client::UserId,
     pub access_token: String,
     pub client: Arc<Client>,
 }
@@ -41,17 +41,15 @@ pub async fn members(connector: &Connector, count: usize) -> anyhow::Result<Vec<
             let login = until_not_rate_limited(|| client.log_in(&name, PASSWORD, "loadgen"))
                 .await
                 .with_context(context)?;
-            let token = login
-                .tokens
-                .as_ref()
-                .map(|tokens| tokens.access_token.as_str())
-                .unwrap_or_default();
-            client.authenticate(token).await.with_context(context)?;
+            client
+                .authenticate(&login.tokens.access_token)
+                .await
+                .with_context(context)?;
             anyhow::Ok(Member {
                 name,
                 device: Device::try_from(index).context("too many devices")?,
                 user_id: login.user_id,
-                access_token: login.tokens.map(|tokens| tokens.access_token).unwrap_or_default(),
+                access_token: login.tokens.access_token,
                 client: Arc::new(client),
             })
         }

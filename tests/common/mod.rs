@@ -9,7 +9,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use confab::{Config, Server};
-use confab_client::proto::LoggedIn;
+use confab_client::Login;
 use confab_client::{Client, ClientError, Endpoint, Transport};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -249,7 +249,7 @@ fn rand_suffix() -> u32 {
 pub const PASSWORD: &str = "correct horse battery";
 
 /// A connected, authenticated client for a new user named like `prefix`.
-pub async fn new_user(addr: Endpoint, prefix: &str) -> (Client, LoggedIn, String) {
+pub async fn new_user(addr: Endpoint, prefix: &str) -> (Client, Login, String) {
     let name = unique_name(prefix);
     let client = Client::connect(addr).await.unwrap();
     let login = client
@@ -260,13 +260,10 @@ pub async fn new_user(addr: Endpoint, prefix: &str) -> (Client, LoggedIn, String
 }
 
 /// Another device of an existing user, connected and authenticated.
-pub async fn second_device(addr: Endpoint, name: &str) -> (Client, LoggedIn) {
+pub async fn second_device(addr: Endpoint, name: &str) -> (Client, Login) {
     let client = Client::connect(addr).await.unwrap();
     let login = client.log_in(name, PASSWORD, "second-device").await.unwrap();
-    client
-        .authenticate(&login.tokens.as_ref().unwrap().access_token)
-        .await
-        .unwrap();
+    client.authenticate(&login.tokens.access_token).await.unwrap();
     (client, login)
 }
 
@@ -440,7 +437,11 @@ impl RawConnection {
 
 /// Sends `count` messages to `user_id` at once (pipelined), with client_msg_ids
 /// `m0`, `m1`, ... and bodies `body 0`, `body 1`, ...; returns their acks in order.
-pub async fn send_pipelined(client: &Client, user_id: u64, count: usize) -> Vec<confab_client::proto::SendAck> {
+pub async fn send_pipelined(
+    client: &Client,
+    user_id: confab_client::UserId,
+    count: usize,
+) -> Vec<confab_client::proto::SendAck> {
     let ids: Vec<(String, String)> = (0..count).map(|i| (format!("m{i}"), format!("body {i}"))).collect();
     let sends = ids.iter().map(|(id, body)| client.send_direct(user_id, id, body));
     futures::future::join_all(sends)

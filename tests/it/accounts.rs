@@ -9,10 +9,10 @@ use confab_client::proto::ErrorCode;
 async fn refresh_rotates_and_the_old_refresh_token_dies() {
     let mut node = TestServer::start(2).await;
     let (_, login, _) = new_user(node.addr, "refresh").await;
-    let old = login.tokens.unwrap();
+    let old = login.tokens;
     let client = Client::connect(node.addr).await.unwrap();
     let renewed = client.refresh(&old.refresh_token).await.unwrap();
-    let new = renewed.tokens.unwrap();
+    let new = renewed.tokens;
     assert_eq!((renewed.user_id, renewed.device_id), (login.user_id, login.device_id));
     assert_ne!(new.refresh_token, old.refresh_token);
     client.authenticate(&new.access_token).await.unwrap();
@@ -37,7 +37,7 @@ async fn log_out_revokes_the_devices_tokens_only() {
         code(laptop.send_direct(phone_login.user_id, "m", "hi").await),
         ErrorCode::Unauthenticated
     );
-    let tokens = laptop_login.tokens.unwrap();
+    let tokens = laptop_login.tokens;
     let other = Client::connect(node.addr).await.unwrap();
     assert_eq!(
         code(other.authenticate(&tokens.access_token).await),
@@ -48,10 +48,7 @@ async fn log_out_revokes_the_devices_tokens_only() {
         ErrorCode::Unauthenticated
     );
     // The phone's device is untouched.
-    other
-        .authenticate(&phone_login.tokens.unwrap().access_token)
-        .await
-        .unwrap();
+    other.authenticate(&phone_login.tokens.access_token).await.unwrap();
     // And the user can log in again.
     laptop.log_in(&name, PASSWORD, "laptop again").await.unwrap();
     node.shutdown().await;
@@ -67,8 +64,8 @@ async fn tokens_and_accounts_survive_a_restart() {
     let client = Client::connect(common::endpoint(&server, common::transport()))
         .await
         .unwrap();
-    let me = client.authenticate(&login.tokens.unwrap().access_token).await.unwrap();
-    assert_eq!((me.user_id, me.username.as_str()), (login.user_id, name.as_str()));
+    let me = client.authenticate(&login.tokens.access_token).await.unwrap();
+    assert_eq!((me.user_id, me.username.as_str()), (login.user_id.get(), name.as_str()));
     assert_eq!(code(client.sign_up(&name, PASSWORD).await), ErrorCode::AlreadyExists);
     server.shutdown().await.unwrap();
 }
@@ -77,7 +74,7 @@ async fn tokens_and_accounts_survive_a_restart() {
 async fn log_out_closes_the_devices_other_connections() {
     let mut node = TestServer::start(2).await;
     let (first, login, _) = new_user(node.addr, "revoke").await;
-    let token = login.tokens.unwrap().access_token;
+    let token = login.tokens.access_token;
     // More connections of the same device, likely spread over both shards.
     let mut others = Vec::new();
     for _ in 0..4 {
@@ -105,7 +102,7 @@ async fn a_connection_ends_with_its_access_token_unless_it_authenticates_again()
     let mut node = TestServer::start_with(1, &[("CONFAB_AUTH__ACCESS_TOKEN_TTL", "3s")]).await;
     let (lapsing, _, name) = new_user(node.addr, "expiry").await;
     let (renewing, login) = common::second_device(node.addr, &name).await;
-    let tokens = login.tokens.unwrap();
+    let tokens = login.tokens;
     // Tokens carry their expiry in ms: let the refreshed one expire later.
     common::eventually(std::time::Duration::from_secs(5), || {
         confab::clock::unix_ms() > tokens.access_expires_at_ms - 2000
@@ -114,10 +111,13 @@ async fn a_connection_ends_with_its_access_token_unless_it_authenticates_again()
 
     // Before the first token expires, the second connection re-authenticates
     // in-band with a refreshed one.
-    let refreshed = renewing.refresh(&tokens.refresh_token).await.unwrap().tokens.unwrap();
+    let refreshed = renewing.refresh(&tokens.refresh_token).await.unwrap().tokens;
     assert!(refreshed.access_expires_at_ms > tokens.access_expires_at_ms);
     let again = renewing.authenticate(&refreshed.access_token).await.unwrap();
-    assert_eq!((again.user_id, again.device_id), (login.user_id, login.device_id));
+    assert_eq!(
+        (again.user_id, again.device_id),
+        (login.user_id.get(), login.device_id.get())
+    );
 
     // The first connection is closed when its token expires.
     match common::within(std::time::Duration::from_secs(10), async {
@@ -143,7 +143,7 @@ async fn a_connection_ends_with_its_access_token_unless_it_authenticates_again()
     // Authenticating as another device on it is refused.
     let (_, other, _) = new_user(node.addr, "expiry").await;
     assert_eq!(
-        code(renewing.authenticate(&other.tokens.unwrap().access_token).await),
+        code(renewing.authenticate(&other.tokens.access_token).await),
         ErrorCode::BadRequest
     );
     node.shutdown().await;
@@ -210,14 +210,8 @@ async fn guessing_passwords_backs_off_per_account_and_per_address() {
         ErrorCode::RateLimited
     );
     // ...but the owner's device refreshes its tokens and stays in.
-    let refreshed = owner
-        .refresh(&victim_login.tokens.unwrap().refresh_token)
-        .await
-        .unwrap();
-    owner
-        .authenticate(&refreshed.tokens.unwrap().access_token)
-        .await
-        .unwrap();
+    let refreshed = owner.refresh(&victim_login.tokens.refresh_token).await.unwrap();
+    owner.authenticate(&refreshed.tokens.access_token).await.unwrap();
 
     // One address guessing many accounts backs off as a whole.
     let mut address_refused = false;
@@ -263,9 +257,9 @@ async fn guessing_passwords_backs_off_per_account_and_per_address() {
 async fn refresh_tokens_rotate_as_compare_and_set_and_a_reused_one_logs_the_device_out() {
     let mut node = TestServer::start(2).await;
     let (phone, login, _) = new_user(node.addr, "family").await;
-    let first = login.tokens.unwrap();
+    let first = login.tokens;
     let client = Client::connect(node.addr).await.unwrap();
-    let second = client.refresh(&first.refresh_token).await.unwrap().tokens.unwrap();
+    let second = client.refresh(&first.refresh_token).await.unwrap().tokens;
 
     // The replaced token again: the device is logged out, everywhere.
     assert_eq!(
@@ -290,7 +284,7 @@ async fn refresh_tokens_rotate_as_compare_and_set_and_a_reused_one_logs_the_devi
 
     // Two refreshes with one token at once: exactly one succeeds.
     let (_, login, name) = new_user(node.addr, "race").await;
-    let token = login.tokens.unwrap().refresh_token;
+    let token = login.tokens.refresh_token;
     let (a, b) = (
         Client::connect(node.addr).await.unwrap(),
         Client::connect(node.addr).await.unwrap(),
@@ -304,13 +298,13 @@ async fn refresh_tokens_rotate_as_compare_and_set_and_a_reused_one_logs_the_devi
 
     // A refresh racing LogOut cannot re-create the device.
     let (laptop, login) = common::second_device(node.addr, &name).await;
-    let token = login.tokens.unwrap().refresh_token;
+    let token = login.tokens.refresh_token;
     let other = Client::connect(node.addr).await.unwrap();
     let (logged_out, refreshed) = tokio::join!(laptop.log_out(), other.refresh(&token));
     logged_out.unwrap();
     if let Ok(refreshed) = refreshed {
         // The refresh went first: its new tokens die with the device.
-        let tokens = refreshed.tokens.unwrap();
+        let tokens = refreshed.tokens;
         assert_eq!(
             code(other.refresh(&tokens.refresh_token).await),
             ErrorCode::Unauthenticated
@@ -332,12 +326,12 @@ async fn devices_are_listed_revoked_capped_and_a_password_change_logs_the_others
     assert!(
         devices
             .iter()
-            .any(|d| d.device_id == phone_login.device_id && d.current)
+            .any(|d| d.device_id == phone_login.device_id.get() && d.current)
     );
     assert!(
         devices
             .iter()
-            .all(|d| d.current == (d.device_id == phone_login.device_id))
+            .all(|d| d.current == (d.device_id == phone_login.device_id.get()))
     );
     // A fourth device is refused until one goes.
     let extra = Client::connect(node.addr).await.unwrap();
@@ -378,13 +372,13 @@ async fn devices_are_listed_revoked_capped_and_a_password_change_logs_the_others
         .iter()
         .map(|d| d.device_id)
         .collect();
-    assert_eq!(remaining, vec![phone_login.device_id]);
+    assert_eq!(remaining, vec![phone_login.device_id.get()]);
     assert_eq!(
-        code(extra.refresh(&laptop_login.tokens.unwrap().refresh_token).await),
+        code(extra.refresh(&laptop_login.tokens.refresh_token).await),
         ErrorCode::Unauthenticated
     );
     assert_eq!(
-        code(extra.refresh(&fourth.tokens.unwrap().refresh_token).await),
+        code(extra.refresh(&fourth.tokens.refresh_token).await),
         ErrorCode::Unauthenticated
     );
     let again = Client::connect(node.addr).await.unwrap();
@@ -402,9 +396,9 @@ async fn devices_are_listed_revoked_capped_and_a_password_change_logs_the_others
 async fn refreshing_does_not_outlive_the_session_lifetime() {
     let mut node = TestServer::start_with(1, &[("CONFAB_AUTH__SESSION_LIFETIME", "2s")]).await;
     let (_, login, _) = new_user(node.addr, "lifetime").await;
-    let tokens = login.tokens.unwrap();
+    let tokens = login.tokens;
     let client = Client::connect(node.addr).await.unwrap();
-    let renewed = client.refresh(&tokens.refresh_token).await.unwrap().tokens.unwrap();
+    let renewed = client.refresh(&tokens.refresh_token).await.unwrap().tokens;
     assert!(renewed.refresh_expires_at_ms <= tokens.refresh_expires_at_ms + 2000);
     common::eventually(std::time::Duration::from_secs(10), || {
         confab::clock::unix_ms() > renewed.refresh_expires_at_ms

@@ -208,14 +208,14 @@ async fn a_published_message_reaches_live_devices_with_the_next_seq_once_per_key
     let (mut node, api) = node(&[]).await;
     let (alice, alice_login, _) = new_user(node.addr, "alice").await;
     let (bob, bob_login, _) = new_user(node.addr, "bob").await;
-    let alice_id = alice_login.user_id;
+    let alice_id = alice_login.user_id.get();
     let first = alice
         .send_direct(bob_login.user_id, "c1", "from the client")
         .await
         .unwrap();
     within(WAIT, bob.next_message()).await.unwrap();
 
-    let publish = json!({ "sender_user_id": alice_id, "direct_user_id": bob_login.user_id,
+    let publish = json!({ "sender_user_id": alice_id, "direct_user_id": bob_login.user_id.get(),
                           "idempotency_key": "order-42", "body": "your order shipped" });
     let published = api.call("POST", "/v1/messages", Some(publish.clone())).await;
     assert_eq!(published.status, 200, "{}", published.body);
@@ -264,8 +264,8 @@ async fn groups_made_through_the_api_are_groups_for_the_clients() {
     let (_owner, owner_login, _) = new_user(node.addr, "owner").await;
     let (member, member_login, _) = new_user(node.addr, "member").await;
     let (_late, late_login, _) = new_user(node.addr, "late").await;
-    let owner_id = owner_login.user_id;
-    let create = json!({ "creator_user_id": owner_id, "title": "Support", "member_user_ids": [member_login.user_id],
+    let owner_id = owner_login.user_id.get();
+    let create = json!({ "creator_user_id": owner_id, "title": "Support", "member_user_ids": [member_login.user_id.get()],
                          "idempotency_key": "group-1" });
     let created = api.call("POST", "/v1/groups", Some(create)).await;
     assert_eq!(created.status, 200, "{}", created.body);
@@ -274,12 +274,12 @@ async fn groups_made_through_the_api_are_groups_for_the_clients() {
     assert_eq!(event.conversation_id, group);
 
     // The member is not an admin: refused as for a client.
-    let add = |actor: u64, key: &str| json!({ "actor_user_id": actor, "user_ids": [late_login.user_id], "idempotency_key": key });
+    let add = |actor: u64, key: &str| json!({ "actor_user_id": actor, "user_ids": [late_login.user_id.get()], "idempotency_key": key });
     let refused = api
         .call(
             "POST",
             &format!("/v1/groups/{group}/members"),
-            Some(add(member_login.user_id, "a1")),
+            Some(add(member_login.user_id.get(), "a1")),
         )
         .await;
     assert_eq!((refused.status, refused.code().as_str()), (403, "FORBIDDEN"));
@@ -297,7 +297,7 @@ async fn groups_made_through_the_api_are_groups_for_the_clients() {
     let bad_role = json!({ "actor_user_id": owner_id, "role": "owner", "idempotency_key": "role-2" });
     assert_eq!(api.call("PUT", &role, Some(bad_role)).await.status, 400);
     // An admin now: renames the group.
-    let rename = json!({ "actor_user_id": member_login.user_id, "title": "Support 2", "idempotency_key": "t1" });
+    let rename = json!({ "actor_user_id": member_login.user_id.get(), "title": "Support 2", "idempotency_key": "t1" });
     assert_eq!(
         api.call("PATCH", &format!("/v1/groups/{group}"), Some(rename))
             .await
@@ -310,8 +310,7 @@ async fn groups_made_through_the_api_are_groups_for_the_clients() {
     );
     assert_eq!(api.call("DELETE", &path, None).await.status, 200);
     // A message into the group from someone outside it is refused.
-    let outsider =
-        json!({ "sender_user_id": late_login.user_id, "conversation_id": group, "idempotency_key": "x", "body": "hi" });
+    let outsider = json!({ "sender_user_id": late_login.user_id.get(), "conversation_id": group, "idempotency_key": "x", "body": "hi" });
     let refused = api.call("POST", "/v1/messages", Some(outsider)).await;
     assert_eq!((refused.status, refused.code().as_str()), (403, "FORBIDDEN"));
 
@@ -348,8 +347,8 @@ async fn users_presence_and_revoking_devices() {
     // The account works for a client.
     let client = confab_client::Client::connect(node.addr).await.unwrap();
     let login = client.log_in(&name, PASSWORD, "phone").await.unwrap();
-    client.authenticate(&login.tokens.unwrap().access_token).await.unwrap();
-    assert_eq!(login.user_id, user_id);
+    client.authenticate(&login.tokens.access_token).await.unwrap();
+    assert_eq!(login.user_id.get(), user_id);
 
     // A device issued through the API signs in without the password.
     let path = format!("/v1/users/{user_id}/devices");
@@ -475,7 +474,7 @@ async fn bad_requests_get_the_protocols_codes_and_change_nothing() {
         );
     }
     let (_alice, alice_login, _) = new_user(node.addr, "alice").await;
-    let alice_id = alice_login.user_id;
+    let alice_id = alice_login.user_id.get();
     for (publish, status, code) in [
         (
             json!({ "sender_user_id": alice_id, "idempotency_key": "k", "body": "b" }),
@@ -573,7 +572,7 @@ async fn users_are_renamed_given_new_passwords_and_deleted() {
     let (mut node, api) = node(&[]).await;
     let (owner, owner_login, owner_name) = new_user(node.addr, "gone").await;
     let (member, member_login, _) = new_user(node.addr, "stays").await;
-    let owner_id = owner_login.user_id;
+    let owner_id = owner_login.user_id.get();
 
     let renamed = api
         .call(
@@ -603,7 +602,7 @@ async fn users_are_renamed_given_new_passwords_and_deleted() {
         ErrorCode::Unauthenticated
     );
     let login = client.log_in(&owner_name, "a brand new password", "x").await.unwrap();
-    client.authenticate(&login.tokens.unwrap().access_token).await.unwrap();
+    client.authenticate(&login.tokens.access_token).await.unwrap();
 
     // Deleting the owner of a group hands the group on, then removes the user.
     let group = client
@@ -617,7 +616,7 @@ async fn users_are_renamed_given_new_passwords_and_deleted() {
     assert_eq!(left.conversation_id, group.conversation_id);
     let new_owner = left.event.and_then(|event| event.kind);
     assert!(
-        matches!(new_owner, Some(Kind::MemberLeft(ref left)) if left.new_owner_user_id == member_login.user_id),
+        matches!(new_owner, Some(Kind::MemberLeft(ref left)) if left.new_owner_user_id == member_login.user_id.get()),
         "{new_owner:?}"
     );
     // The deleted user's device sees its leaving, then is closed.

@@ -4,7 +4,7 @@
 use crate::common::{PASSWORD, RawConnection, TestServer, code, new_user, server_still_serves, unique_name, within};
 use bytes::BufMut as _;
 use confab_client::proto::{self, ErrorCode, ProtocolVersion, client_frame::Kind, conversation_ref::Target};
-use confab_client::{Client, ClientOptions, Event};
+use confab_client::{Client, ClientOptions, Event, UserId};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,10 +145,13 @@ async fn bad_credentials_and_tokens_get_clear_codes() {
         code(fresh.authenticate("not-a-token").await),
         ErrorCode::Unauthenticated
     );
-    assert_eq!(code(fresh.send_direct(1, "m", "hi").await), ErrorCode::Unauthenticated);
+    assert_eq!(
+        code(fresh.send_direct(UserId::new(1).unwrap(), "m", "hi").await),
+        ErrorCode::Unauthenticated
+    );
     // Still open: the same connection can log in properly.
     let login = fresh.log_in(&name, PASSWORD, "d").await.unwrap();
-    fresh.authenticate(&login.tokens.unwrap().access_token).await.unwrap();
+    fresh.authenticate(&login.tokens.access_token).await.unwrap();
     server_still_serves(node.addr).await;
     node.shutdown().await;
 }
@@ -184,10 +187,13 @@ async fn unknown_and_foreign_conversations_are_refused() {
 
     // A user id nobody has.
     assert_eq!(
-        code(alice.send_direct(12_345, "m1", "hello?").await),
+        code(alice.send_direct(UserId::new(12_345).unwrap(), "m1", "hello?").await),
         ErrorCode::NotFound
     );
-    assert_eq!(code(alice.send_direct(0, "m1", "hello?").await), ErrorCode::BadRequest);
+    assert_eq!(
+        code(alice.send(Target::DirectUserId(0), "m1", "hello?").await),
+        ErrorCode::BadRequest
+    );
     // Bob and Carol's conversation is not Alice's.
     let (low, high) = (
         bob_login.user_id.min(carol_login.user_id),

@@ -38,13 +38,16 @@ async fn two_users_chat_with_gap_free_seqs_multi_device_and_history() {
     // Bob receives Alice's five messages, in order.
     for expected in [1, 3, 5, 7, 9] {
         let message = within(WAIT, bob.next_message()).await.unwrap();
-        assert_eq!((message.seq, message.sender_user_id), (expected, alice_login.user_id));
+        assert_eq!(
+            (message.seq, message.sender_user_id),
+            (expected, alice_login.user_id.get())
+        );
     }
     // Alice's first device receives only Bob's (it got SendAcks for its own).
     for expected in [2, 4, 6, 8, 10] {
         let message = within(WAIT, alice.next_message()).await.unwrap();
         assert_eq!(message.seq, expected);
-        assert_eq!(message.sender_user_id, bob_login.user_id);
+        assert_eq!(message.sender_user_id, bob_login.user_id.get());
     }
     // Alice's phone receives everything, including what her laptop sent.
     for expected in 1..=10 {
@@ -75,7 +78,7 @@ async fn two_users_chat_with_gap_free_seqs_multi_device_and_history() {
     let all = alice.full_history(&conversation).await.unwrap();
     assert_eq!(all.len(), 10);
     assert_eq!(all[4].client_msg_id, "a4");
-    assert_eq!(all[4].sender_device_id, alice_login.device_id);
+    assert_eq!(all[4].sender_device_id, alice_login.device_id.get());
 
     node.shutdown().await;
 }
@@ -134,7 +137,7 @@ async fn two_hundred_clients_exchange_exactly_once_in_order() {
                 let mut last_seq = 0;
                 while received.len() < PER_CLIENT as usize {
                     let message = within(WAIT, client.next_message()).await.unwrap();
-                    assert_eq!(message.sender_user_id, partner_id);
+                    assert_eq!(message.sender_user_id, partner_id.get());
                     assert!(message.seq > last_seq, "out of order: {} after {last_seq}", message.seq);
                     last_seq = message.seq;
                     assert!(

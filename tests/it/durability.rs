@@ -30,10 +30,7 @@ async fn acknowledged_messages_survive_sigkill(durability: &str) {
 
     let node = BinaryNode::start(dir.path(), &[("CONFAB_STORE__DURABILITY", durability)], None);
     let alice = Client::connect(node.addr).await.unwrap();
-    alice
-        .authenticate(&alice_login.tokens.unwrap().access_token)
-        .await
-        .unwrap();
+    alice.authenticate(&alice_login.tokens.access_token).await.unwrap();
     let history = alice.full_history(&conversation).await.unwrap();
     for ack in &acks {
         let stored = &history[(ack.seq - 1) as usize];
@@ -111,7 +108,7 @@ async fn sigterm_sends_going_away_flushes_and_exits_zero() {
     // Restarted, the message is there.
     let node = BinaryNode::start(dir.path(), &[("CONFAB_STORE__DURABILITY", "buffered")], None);
     let bob = Client::connect(node.addr).await.unwrap();
-    bob.authenticate(&bob_login.tokens.unwrap().access_token).await.unwrap();
+    bob.authenticate(&bob_login.tokens.access_token).await.unwrap();
     let history = bob.full_history(&ack.conversation_id).await.unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].body, "before shutdown");
@@ -140,10 +137,7 @@ async fn a_lone_acknowledged_message_survives_sigkill_with_buffered_durability()
 
     let node = BinaryNode::start(dir.path(), &[("CONFAB_STORE__DURABILITY", "buffered")], None);
     let alice = Client::connect(node.addr).await.unwrap();
-    alice
-        .authenticate(&alice_login.tokens.unwrap().access_token)
-        .await
-        .unwrap();
+    alice.authenticate(&alice_login.tokens.access_token).await.unwrap();
     let history = alice.full_history(&ack.conversation_id).await.unwrap();
     assert_eq!(history.len(), 1, "the acknowledged message was lost");
     node.kill();

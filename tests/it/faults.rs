@@ -128,7 +128,7 @@ impl Drop for SmallDisk {
 }
 
 /// Sends `id` until the store takes it (polling with a deadline); returns its seq.
-async fn send_until_taken(client: &confab_client::Client, to: u64, id: &str) -> u64 {
+async fn send_until_taken(client: &confab_client::Client, to: confab_client::UserId, id: &str) -> u64 {
     within(Duration::from_secs(30), async {
         loop {
             match client.send_direct(to, id, "after the disk was freed").await {

@@ -31,7 +31,7 @@ async fn a_retried_send_returns_the_original_ack_and_is_stored_once() {
     drop(alice);
     let alice = Client::connect(node.addr).await.unwrap();
     alice
-        .authenticate(&alice_login.tokens.clone().unwrap().access_token)
+        .authenticate(&alice_login.tokens.clone().access_token)
         .await
         .unwrap();
     let after_reconnect = alice.send_direct(bob_login.user_id, "m-2", "burst").await.unwrap();
@@ -64,10 +64,7 @@ async fn a_retried_send_returns_the_original_ack_and_is_stored_once() {
     let alice = Client::connect(common::endpoint(&server, common::transport()))
         .await
         .unwrap();
-    alice
-        .authenticate(&alice_login.tokens.unwrap().access_token)
-        .await
-        .unwrap();
+    alice.authenticate(&alice_login.tokens.access_token).await.unwrap();
     assert_eq!(
         alice.send_direct(bob_login.user_id, "m-1", "hello").await.unwrap(),
         first

@@ -188,11 +188,11 @@ async fn app_tokens_sign_in_one_namespaced_user_per_subject_with_a_device_per_la
     let (bob_client, bob_auth) = sign_in(&server, &rsa.sign(&claims(&bob)), "").await.unwrap();
     let (alice_client, _) = sign_in(&server, &ed.sign(&claims(&alice)), "tablet").await.unwrap();
     let found = alice_client.user(&format!("app:{bob}")).await.unwrap();
-    assert_eq!(found.user_id, bob_auth.user_id);
+    assert_eq!(found.user_id.get(), bob_auth.user_id);
     let alice_seen = bob_client.user(&format!("app:{alice}")).await.unwrap();
     assert_eq!(alice_seen.display_name, "Alice Liddell");
     let ack = alice_client
-        .send_direct(bob_auth.user_id, "m1", "hello bob")
+        .send_direct(found.user_id, "m1", "hello bob")
         .await
         .unwrap();
     let message = within(Duration::from_secs(10), bob_client.next_message())
@@ -318,7 +318,7 @@ async fn both_mode_keeps_password_accounts_apart_from_the_apps_users() {
     // A password account named like a subject of the app's sign-in.
     let (_local, login, name) = new_user(server.addr, "dana").await;
     let (_, external) = sign_in(&server, &hs256(&claims(&name)), "one").await.unwrap();
-    assert_ne!(external.user_id, login.user_id);
+    assert_ne!(external.user_id, login.user_id.get());
     assert_eq!(external.username, format!("app:{name}"));
     // The app's user has no password to log in with.
     let client = Client::connect(server.addr).await.unwrap();

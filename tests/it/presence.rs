@@ -35,9 +35,12 @@ async fn contacts_see_presence_with_a_grace_period_and_strangers_do_not() {
 
     let stranger = carol.subscribe_presence(&[alice_login.user_id]).await.unwrap();
     assert!(stranger.users.is_empty());
-    assert_eq!(stranger.hidden, vec![alice_login.user_id]);
+    assert_eq!(stranger.hidden, vec![alice_login.user_id.get()]);
 
-    let list = bob.subscribe_presence(&[alice_login.user_id, 987_654]).await.unwrap();
+    let list = bob
+        .subscribe_presence(&[alice_login.user_id, confab_client::UserId::new(987_654).unwrap()])
+        .await
+        .unwrap();
     assert_eq!(list.users.len(), 1);
     assert!(list.users[0].online);
     assert_eq!(list.hidden, vec![987_654]);
@@ -55,7 +58,7 @@ async fn contacts_see_presence_with_a_grace_period_and_strangers_do_not() {
     // Gone for good: offline after the grace period, with last_seen.
     drop(alice);
     let offline = next_presence(&bob).await;
-    assert_eq!(offline.user_id, alice_login.user_id);
+    assert_eq!(offline.user_id, alice_login.user_id.get());
     assert!(!offline.online);
     assert!(offline.last_seen_ms > 0);
 
@@ -117,12 +120,12 @@ async fn presence_subscriptions_end_when_the_shared_membership_does() {
         common::second_device(node.addr, &dave_name).await
     };
     let online = next_presence(&carol).await;
-    assert!(online.online && online.user_id == dave_login.user_id);
+    assert!(online.online && online.user_id == dave_login.user_id.get());
     // Bob hears nothing about Dave (Carol heard both changes already)...
     loop {
         match tokio::time::timeout(Duration::from_millis(300), next_presence(&bob)).await {
             Err(_) => break,
-            Ok(update) => assert_ne!(update.user_id, dave_login.user_id, "removed, yet told about Dave"),
+            Ok(update) => assert_ne!(update.user_id, dave_login.user_id.get(), "removed, yet told about Dave"),
         }
     }
     // ...and may not follow him again, while Alice, still a direct contact, stays visible.
@@ -130,7 +133,7 @@ async fn presence_subscriptions_end_when_the_shared_membership_does() {
         .subscribe_presence(&[dave_login.user_id, alice_login.user_id])
         .await
         .unwrap();
-    assert_eq!(again.hidden, vec![dave_login.user_id]);
+    assert_eq!(again.hidden, vec![dave_login.user_id.get()]);
     assert_eq!(again.users.len(), 1);
     drop(dave_again);
     node.shutdown().await;

@@ -3,7 +3,7 @@
 
 use crate::common::*;
 use confab_client::proto::PushPlatform;
-use confab_client::{Client, Event};
+use confab_client::{Client, Event, UserId};
 use hmac::{Hmac, Mac as _};
 use serde_json::Value;
 use sha2::Sha256;
@@ -102,7 +102,7 @@ impl Receiver {
     }
 
     /// The notifications for `user` in calls answered 2xx, once there are `count`.
-    async fn until_notified(&self, user: u64, count: usize) -> Vec<Value> {
+    async fn until_notified(&self, user: UserId, count: usize) -> Vec<Value> {
         within(WAIT, async {
             loop {
                 let notified = self.notifications_for(user, &self.taken());
@@ -115,16 +115,16 @@ impl Receiver {
         .await
     }
 
-    fn notifications_for(&self, user: u64, calls: &[Call]) -> Vec<Value> {
+    fn notifications_for(&self, user: UserId, calls: &[Call]) -> Vec<Value> {
         calls
             .iter()
             .flat_map(|call| call.json()["notifications"].as_array().cloned().unwrap_or_default())
-            .filter(|notification| notification["user_id"] == user)
+            .filter(|notification| notification["user_id"] == user.get())
             .collect()
     }
 
     /// The calls with a notification for `user`.
-    fn calls_for(&self, user: u64) -> Vec<Call> {
+    fn calls_for(&self, user: UserId) -> Vec<Call> {
         self.calls()
             .into_iter()
             .filter(|call| !self.notifications_for(user, std::slice::from_ref(call)).is_empty())
@@ -185,12 +185,12 @@ fn push_env<'a>(receiver: &'a Receiver, window: &'a str, keyspace: &'a str) -> V
 
 /// Bob's phone registers its push token, then goes away; Alice sees him go.
 /// Alice, her id, Bob's id and name.
-async fn bob_goes_offline(addr: confab_client::Endpoint) -> (Client, u64, u64, String) {
+async fn bob_goes_offline(addr: confab_client::Endpoint) -> (Client, UserId, UserId, String) {
     bob_goes_offline_muting(addr, false).await
 }
 
 /// As [`bob_goes_offline`], Bob having muted his conversation with Alice, or not.
-async fn bob_goes_offline_muting(addr: confab_client::Endpoint, mute: bool) -> (Client, u64, u64, String) {
+async fn bob_goes_offline_muting(addr: confab_client::Endpoint, mute: bool) -> (Client, UserId, UserId, String) {
     let (alice, alice_login, _) = new_user(addr, "alice").await;
     let (bob, bob_login, bob_name) = new_user(addr, "bob").await;
     bob.register_push_token(PushPlatform::Fcm, "bob-phone").await.unwrap();
@@ -251,7 +251,7 @@ async fn an_offline_member_gets_one_signed_call_per_window_with_the_count() {
         (conversation["count"].clone(), conversation["body"].clone()),
         (3.into(), "message 2".into())
     );
-    assert_eq!(conversation["sender_user_id"], alice_id);
+    assert_eq!(conversation["sender_user_id"], alice_id.get());
     // Nothing more for that window; a later message opens the next one.
     alice.send_direct(bob_id, "m3", "one more").await.unwrap();
     let notified = receiver.until_notified(bob_id, 2).await;
@@ -358,7 +358,7 @@ async fn every_offline_member_of_a_group_is_notified_once() {
             .unwrap();
         members.push((member, login.user_id));
     }
-    let ids: Vec<u64> = members.iter().map(|(_, id)| *id).collect();
+    let ids: Vec<UserId> = members.iter().map(|(_, id)| *id).collect();
     let group = alice.create_group("g", "Everyone", &ids).await.unwrap();
     alice.subscribe_presence(&ids).await.unwrap();
     drop(members);

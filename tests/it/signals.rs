@@ -52,7 +52,7 @@ async fn reading_a_hundred_messages_sends_few_coalesced_receipts() {
     loop {
         let receipt = next_receipt(&alice).await;
         updates += 1;
-        assert_eq!(receipt.user_id, bob_login.user_id);
+        assert_eq!(receipt.user_id, bob_login.user_id.get());
         if receipt.read_seq == 100 {
             assert_eq!(receipt.delivered_seq, 100);
             break;
@@ -86,7 +86,7 @@ async fn typing_reaches_the_other_members_only_and_is_rate_limited() {
         let typing = next_typing(member).await;
         assert_eq!(
             (typing.user_id, typing.typing, typing.conversation_id.as_str()),
-            (alice_login.user_id, true, group.as_str())
+            (alice_login.user_id.get(), true, group.as_str())
         );
         assert!(typing.expires_in_ms > 0);
     }

@@ -43,7 +43,7 @@ async fn an_offline_device_resumes_with_exactly_what_it_missed_then_live() {
     // A 50-member group (with Alice and Bob); three of the others send.
     let addr = node.addr;
     let others = futures::future::join_all((0..48).map(|_| new_user(addr, "resume"))).await;
-    let mut members: Vec<u64> = others.iter().map(|(_, login, _)| login.user_id).collect();
+    let mut members: Vec<confab_client::UserId> = others.iter().map(|(_, login, _)| login.user_id).collect();
     members.push(alice_login.user_id);
     let team = bob
         .create_group("team", "team", &members)
@@ -93,7 +93,7 @@ async fn an_offline_device_resumes_with_exactly_what_it_missed_then_live() {
     let live_sender = {
         let client = Client::connect(node.addr).await.unwrap();
         client
-            .authenticate(&bob_login.tokens.clone().unwrap().access_token)
+            .authenticate(&bob_login.tokens.clone().access_token)
             .await
             .unwrap();
         let team = team.clone();
@@ -106,7 +106,7 @@ async fn an_offline_device_resumes_with_exactly_what_it_missed_then_live() {
     };
     let phone = Client::connect(node.addr).await.unwrap();
     let resumed = phone
-        .authenticate_resume(&phone_login.tokens.unwrap().access_token, &token, &[])
+        .authenticate_resume(&phone_login.tokens.access_token, &token, &[])
         .await
         .unwrap();
     assert!(resumed.recovered, "500 missed messages fit the replay");
@@ -149,7 +149,7 @@ async fn a_long_absence_is_reported_unrecovered_and_sync_pages_the_rest() {
 
     let phone = Client::connect(node.addr).await.unwrap();
     let resumed = phone
-        .authenticate_resume(&phone_login.tokens.unwrap().access_token, &token, &[])
+        .authenticate_resume(&phone_login.tokens.access_token, &token, &[])
         .await
         .unwrap();
     assert!(!resumed.recovered, "the replay limit is explicit");
@@ -216,7 +216,7 @@ async fn sync_reports_unread_counts_and_lists_conversations_by_activity() {
         "capped at the last seq"
     );
     let receipt = alice.mark_read(&group, 3).await.unwrap();
-    assert_eq!(receipt.user_id, alice_login.user_id);
+    assert_eq!(receipt.user_id, alice_login.user_id.get());
 
     let sync = alice.sync("", &[], 0).await.unwrap();
     let unread: HashMap<&str, (u64, u64, &str)> = sync
@@ -294,10 +294,7 @@ async fn sync_after_a_restart_returns_everything_acknowledged() {
     let alice = Client::connect(common::endpoint(&server, common::transport()))
         .await
         .unwrap();
-    alice
-        .authenticate(&alice_login.tokens.unwrap().access_token)
-        .await
-        .unwrap();
+    alice.authenticate(&alice_login.tokens.access_token).await.unwrap();
     let sync = alice.sync(&token, &[], 0).await.unwrap();
     let seqs: Vec<u64> = sync.conversations[0].messages.iter().map(|m| m.seq).collect();
     assert_eq!(seqs, acked);
@@ -344,7 +341,7 @@ async fn sync_pages_large_messages_without_skipping_any() {
 /// Sends to `to` at full speed, 16 sends in flight, until `stop` is set.
 fn keep_sending(
     client: Client,
-    to: u64,
+    to: confab_client::UserId,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<Client> {
     tokio::spawn(async move {
@@ -382,7 +379,7 @@ async fn resuming_under_live_traffic_never_repeats_or_skips_a_message() {
     let (carol, _, _) = new_user(node.addr, "seam").await;
     let (phone, phone_login) = second_device(node.addr, &alice_name).await;
     drop(phone);
-    let access = phone_login.tokens.unwrap().access_token;
+    let access = phone_login.tokens.access_token;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let senders = [bob, carol].map(|client| keep_sending(client, alice_login.user_id, stop.clone()));
 
@@ -453,7 +450,7 @@ async fn a_resumed_device_that_reads_late_keeps_its_session() {
             .unwrap();
     }
 
-    let mut phone = RawConnection::resuming(node.tcp, phone_login.tokens.unwrap().access_token).await;
+    let mut phone = RawConnection::resuming(node.tcp, phone_login.tokens.access_token).await;
     // The replay is queued once its first bytes arrive; the phone reads none
     // of it while twelve more messages are committed.
     phone.readable().await;
@@ -487,7 +484,7 @@ async fn a_resume_past_the_replay_limit_under_live_traffic_is_answered() {
     let (bob, _, _) = new_user(node.addr, "busy").await;
     let (phone, phone_login) = second_device(node.addr, &alice_name).await;
     drop(phone);
-    let access = phone_login.tokens.unwrap().access_token;
+    let access = phone_login.tokens.access_token;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = keep_sending(bob, alice_login.user_id, stop.clone());
 
@@ -568,7 +565,7 @@ async fn a_device_logged_out_while_it_resumes_gets_no_more_of_its_replay() {
         ack.unwrap();
     }
 
-    let mut phone = RawConnection::resuming(node.tcp, phone_login.tokens.unwrap().access_token).await;
+    let mut phone = RawConnection::resuming(node.tcp, phone_login.tokens.access_token).await;
     phone.readable().await;
     laptop.revoke_device(phone_login.device_id).await.unwrap();
 

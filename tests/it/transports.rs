@@ -68,13 +68,13 @@ async fn authenticate_sent_with_hello_binds_the_connection_on_every_transport() 
     for transport in [Transport::Tcp, Transport::WebSocket, Transport::Quic] {
         let (first, login, _) = new_user(endpoint(server, transport), "opening").await;
         drop(first);
-        let token = &login.tokens.as_ref().unwrap().access_token;
+        let token = &login.tokens.access_token;
         let (client, authenticated) =
             Client::connect_authenticated(endpoint(server, transport), Default::default(), token)
                 .await
                 .unwrap();
-        assert_eq!(authenticated.user_id, login.user_id, "{transport:?}");
-        assert_eq!(authenticated.device_id, login.device_id, "{transport:?}");
+        assert_eq!(authenticated.user_id, login.user_id.get(), "{transport:?}");
+        assert_eq!(authenticated.device_id, login.device_id.get(), "{transport:?}");
         let ack = sender
             .send_direct(login.user_id, &format!("opening-{transport:?}"), "hi")
             .await
@@ -289,7 +289,7 @@ async fn websocket_upgrades_check_path_origin_and_token() {
 
     // A valid token at upgrade authenticates the connection right after Hello.
     let (_, login, _) = new_user(node.addr, "upgrade").await;
-    let token = login.tokens.unwrap().access_token;
+    let token = login.tokens.access_token;
     let mut socket = raw_websocket(&node, &format!("/v1/ws?token={token}"), Some("https://chat.example"))
         .await
         .unwrap();
@@ -307,7 +307,7 @@ async fn websocket_upgrades_check_path_origin_and_token() {
     }
     assert!(matches!(kinds[0], server_frame::Kind::Welcome(_)), "{kinds:?}");
     match &kinds[1] {
-        server_frame::Kind::Authenticated(authenticated) => assert_eq!(authenticated.user_id, login.user_id),
+        server_frame::Kind::Authenticated(authenticated) => assert_eq!(authenticated.user_id, login.user_id.get()),
         other => panic!("expected Authenticated, got {other:?}"),
     }
     node.shutdown().await;
@@ -504,7 +504,7 @@ async fn replayed_0rtt_data_sends_nothing_and_its_session_ends_at_the_handshake_
     let authenticate = frame(
         2,
         Kind::Authenticate(proto::Authenticate {
-            access_token: phone_login.tokens.clone().unwrap().access_token,
+            access_token: phone_login.tokens.clone().access_token,
             resume: None,
             device: String::new(),
         }),
@@ -513,7 +513,7 @@ async fn replayed_0rtt_data_sends_nothing_and_its_session_ends_at_the_handshake_
         3,
         Kind::Send(proto::Send {
             conversation: Some(proto::ConversationRef {
-                target: Some(Target::DirectUserId(bob_login.user_id)),
+                target: Some(Target::DirectUserId(bob_login.user_id.get())),
             }),
             client_msg_id: "replayable".into(),
             body: "sent in 0-RTT".into(),
