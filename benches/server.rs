@@ -7,7 +7,7 @@ use confab::auth::{Claims, TokenSigner};
 use confab::chat::{Admission, CheckResult, Outcome, Sequencer, SequencerLimits};
 use confab::config::{Durability, StoreBackend, StoreConfig};
 use confab::store::embedded::EmbeddedStore;
-use confab::store::{MessageRecord, MessageStore as _};
+use confab::store::{MessageRecord, MessageStore as _, StoredSend};
 use confab_protocol::ids::{ConversationId, DeviceId, UserId};
 use confab_protocol::{Append, Content};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -63,6 +63,8 @@ fn sequencing(c: &mut Criterion) {
         max_pending: 1 << 20,
         max_cached: 1024,
         max_group_members: 1000,
+        max_sent_records: 250_000,
+        dedup_window_ms: u64::MAX,
     });
     let mut counter = 0u64;
     c.bench_function("sequencer/append", |b| {
@@ -88,7 +90,11 @@ fn sequencing(c: &mut Criterion) {
                     }
                 }
             }
-            sequencer.committed(conversation, &key);
+            let stored = StoredSend {
+                seq: counter,
+                server_time_ms: counter,
+            };
+            sequencer.committed(conversation, &key, stored);
         });
     });
 }

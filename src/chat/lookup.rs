@@ -1,11 +1,14 @@
 //! The owner's store reads before it sequences: the idempotency lookup (is
 //! this append a retry of one already stored?) and what a conversation's first
 //! use needs. The sequencer says what to read ([`Check`]); this reads it.
+//! Beside it, [`load_sent`] lists a device's stored ids for the owner to
+//! remember.
 
 use super::ChatError;
+use super::sent::MAX_PER_SET;
 use super::sequencer::{Check, CheckResult};
-use crate::store::Store;
-use confab_protocol::ids::ConversationId;
+use crate::store::{Store, StoreError};
+use confab_protocol::ids::{ConversationId, DeviceId};
 
 /// Reads what the sequencer's `check` asks for: the sends already stored under
 /// the queued appends' keys since `since_ms` (the deduplication window), the
@@ -35,7 +38,12 @@ pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<Ch
         let (group, last_seq) = futures::try_join!(group, last_seq)?;
         Ok::<_, ChatError>((Some(last_seq), group))
     };
-    let stored = async { Ok::<_, ChatError>(store.find_sends(conversation, check.keys, since_ms).await?) };
+    let stored = async {
+        match check.keys.is_empty() {
+            true => Ok(Default::default()),
+            false => Ok::<_, ChatError>(store.find_sends(conversation, check.keys, since_ms).await?),
+        }
+    };
     let targets = async {
         match check.targets.is_empty() {
             true => Ok(Default::default()),
@@ -49,4 +57,15 @@ pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<Ch
         stored,
         targets,
     })
+}
+
+/// The ids `device` stored sends under in `conversation`, for the owner to
+/// remember ([`Check::load`]); `None` when there are too many to keep or the
+/// store cannot list them all.
+pub async fn load_sent(
+    store: &dyn Store,
+    conversation: ConversationId,
+    device: DeviceId,
+) -> Result<Option<Vec<String>>, StoreError> {
+    store.sent_ids(conversation, device, MAX_PER_SET).await
 }

@@ -10,13 +10,14 @@ mod group;
 mod lookup;
 mod presence;
 mod reading;
+mod sent;
 mod sequencer;
 mod signals;
 mod sync;
 
 pub use access::{Access, NOT_A_MEMBER, access};
 pub use group::GroupState;
-pub use lookup::lookup;
+pub use lookup::{load_sent, lookup};
 pub use presence::{Presence, PresenceTracker, Update};
 pub use reading::{CatchUp, catch_up, history, list_conversations, members, raise_marks, sync};
 pub use sequencer::{Admission, Assigned, Check, CheckResult, Outcome, Sequencer, SequencerLimits};

@@ -188,6 +188,8 @@ async fn run(
             max_pending: config.chat.max_pending_appends,
             max_cached: config.chat.max_cached_conversations,
             max_group_members: config.chat.max_group_members,
+            max_sent_records: owner::MAX_SENT_RECORDS,
+            dedup_window_ms: u64::try_from(config.chat.dedup_window.as_millis()).unwrap_or(u64::MAX),
         }),
         config,
         store: context.store,

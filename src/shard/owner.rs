@@ -10,11 +10,11 @@
 use super::mesh::{AppendReply, Arrivals, Delivery, ShardMsg};
 use super::{Shard, ShardId};
 use crate::chat::{
-    Admission, Assigned, ChatError, Check, Outcome, ReceiptCoalescer, SendAck, Sequencer, SequencerLimits, Signal,
-    lookup, message_frame,
+    Admission, Assigned, ChatError, Check, CheckResult, Outcome, ReceiptCoalescer, SendAck, Sequencer, SequencerLimits,
+    Signal, load_sent, lookup, message_frame,
 };
 use crate::clock::unix_ms;
-use crate::store::GroupEvent;
+use crate::store::{GroupEvent, StoredSend};
 use bytes::Bytes;
 use confab_proto::v1::{self, server_frame::Kind};
 use confab_protocol::Append;
@@ -29,6 +29,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Notify;
+
+/// Send records an owner shard keeps in memory (about 100 bytes each), so most
+/// idempotency checks need no store read.
+pub(super) const MAX_SENT_RECORDS: usize = 250_000;
 
 /// A shard's conversation-owner role: the sequencer of the conversations it
 /// owns, the messages assigned and waiting for the committer, and the receipts
@@ -63,13 +67,21 @@ impl Owner {
     }
 }
 
-/// Takes an append from the mesh. Never waits.
+/// Takes an append from the mesh. Never waits: a check the sequencer can answer
+/// from memory is resolved here, one that reads the store runs as a task.
 pub(super) fn submit(shard: &Rc<Shard>, append: Append, mut reply: AppendReply) {
     reply.stage(&shard.stages.to_owner);
     let admission = shard.owner.sequencer.borrow_mut().submit(append, reply);
     match admission {
         Admission::Queued => {}
-        Admission::Check(check) => shard.spawn_core(run_check(shard.clone(), check)),
+        Admission::Check(mut check) => {
+            start_loads(shard, &mut check);
+            if check.needs_store() {
+                shard.spawn_core(run_check(shard.clone(), check));
+            } else if let Some(next) = resolve(shard, check.conversation, Ok(CheckResult::default())) {
+                shard.spawn_core(run_check(shard.clone(), next));
+            }
+        }
         Admission::Overloaded(append, reply) => {
             tracing::warn!(conversation = %append.conversation, "owner shard overloaded: refusing append");
             let _ = reply.send(Err(ChatError::Overloaded));
@@ -81,52 +93,86 @@ pub(super) fn submit(shard: &Rc<Shard>, append: Append, mut reply: AppendReply) 
 /// conversation's seqs continue and checks its members exist), then assigns seqs.
 async fn run_check(shard: Rc<Shard>, check: Check) {
     let mut check = Some(check);
-    while let Some(current) = check.take() {
+    while let Some(mut current) = check.take() {
+        start_loads(&shard, &mut current);
         let conversation = current.conversation;
-        let started = Instant::now();
-        let window_ms = u64::try_from(shard.config.chat.dedup_window.as_millis()).unwrap_or(u64::MAX);
-        let since_ms = unix_ms().saturating_sub(window_ms);
-        let result = lookup(shard.store.as_ref(), current, since_ms).await;
-        crate::metrics::record_since(&shard.stages.store_check, started);
-        let mut sequencer = shard.owner.sequencer.borrow_mut();
-        match result {
-            Ok(result) => {
-                let (outcomes, next) = sequencer.checked(conversation, result, unix_ms());
-                drop(sequencer);
-                for outcome in outcomes {
-                    match outcome {
-                        Outcome::Assigned(assigned) => shard.owner.enqueue(assigned, &shard.stages),
-                        Outcome::Refused { error, reply } => {
-                            let _ = reply.send(Err(error));
-                        }
-                        Outcome::Duplicate {
+        let result = match current.needs_store() {
+            true => {
+                let started = Instant::now();
+                let window_ms = u64::try_from(shard.config.chat.dedup_window.as_millis()).unwrap_or(u64::MAX);
+                let since_ms = unix_ms().saturating_sub(window_ms);
+                let result = lookup(shard.store.as_ref(), current, since_ms).await;
+                crate::metrics::record_since(&shard.stages.store_check, started);
+                result
+            }
+            false => Ok(CheckResult::default()),
+        };
+        check = resolve(&shard, conversation, result);
+    }
+}
+
+/// Starts the loads of device ids `check` asks for, beside it: the check does
+/// not wait for them.
+fn start_loads(shard: &Rc<Shard>, check: &mut Check) {
+    let conversation = check.conversation;
+    for (device, ticket) in check.load.drain(..) {
+        let shard_for_load = shard.clone();
+        shard.spawn_core(async move {
+            let shard = shard_for_load;
+            let ids = load_sent(shard.store.as_ref(), conversation, device).await;
+            let mut sequencer = shard.owner.sequencer.borrow_mut();
+            match ids {
+                Ok(ids) => sequencer.loaded(conversation, device, ticket, ids),
+                Err(err) => {
+                    tracing::warn!(%conversation, error = %err, "listing a device's sends failed");
+                    sequencer.load_failed(conversation, device, ticket);
+                }
+            }
+        });
+    }
+}
+
+/// Hands a check's result to the sequencer and answers what it resolved: the
+/// next check of the conversation, if more queued meanwhile.
+fn resolve(shard: &Shard, conversation: ConversationId, result: Result<CheckResult, ChatError>) -> Option<Check> {
+    let mut sequencer = shard.owner.sequencer.borrow_mut();
+    match result {
+        Ok(result) => {
+            let (outcomes, next) = sequencer.checked(conversation, result, unix_ms());
+            drop(sequencer);
+            for outcome in outcomes {
+                match outcome {
+                    Outcome::Assigned(assigned) => shard.owner.enqueue(assigned, &shard.stages),
+                    Outcome::Refused { error, reply } => {
+                        let _ = reply.send(Err(error));
+                    }
+                    Outcome::Duplicate {
+                        conversation,
+                        client_msg_id,
+                        stored,
+                        reply,
+                    } => {
+                        let _ = reply.send(Ok(SendAck {
                             conversation,
+                            seq: stored.seq,
+                            server_time_ms: stored.server_time_ms,
                             client_msg_id,
-                            stored,
-                            reply,
-                        } => {
-                            let _ = reply.send(Ok(SendAck {
-                                conversation,
-                                seq: stored.seq,
-                                server_time_ms: stored.server_time_ms,
-                                client_msg_id,
-                            }));
-                        }
+                        }));
                     }
                 }
-                check = next;
             }
-            Err(err) => {
-                if !matches!(err, ChatError::UnknownUser) {
-                    tracing::error!(%conversation, error = %err, "checking appends failed");
-                }
-                let (refused, next) = sequencer.check_failed(conversation);
-                drop(sequencer);
-                for (_, reply) in refused {
-                    let _ = reply.send(Err(err.clone()));
-                }
-                check = next;
+            next
+        }
+        Err(err) => {
+            if !matches!(err, ChatError::UnknownUser) {
+                tracing::error!(%conversation, error = %err, "checking appends failed");
             }
+            let (refused, next) = sequencer.check_failed(conversation);
+            drop(sequencer);
+            for (_, reply) in refused {
+                let _ = reply.send(Err(err.clone()));
+            }
+            next
         }
     }
 }
@@ -338,11 +384,15 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
             }
         }
         let key = (message.sender.1, message.ack.client_msg_id.clone());
+        let stored = StoredSend {
+            seq: message.ack.seq,
+            server_time_ms: message.ack.server_time_ms,
+        };
         let joined = shard
             .owner
             .sequencer
             .borrow_mut()
-            .committed(message.ack.conversation, &key);
+            .committed(message.ack.conversation, &key, stored);
         for reply in joined {
             let _ = reply.send(Ok(message.ack.clone()));
         }

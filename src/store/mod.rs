@@ -246,6 +246,19 @@ pub trait MessageStore: Send + Sync {
         since_ms: u64,
     ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError>;
 
+    /// The client_msg_ids `device` stored sends under in `conversation`, all of
+    /// them, when there are at most `limit` and every send ever stored has its
+    /// record; `None` otherwise (more of them, or a failed write may have
+    /// stored a message without its record). Expired records may be among them.
+    /// An owner that lists a device's ids and then sees every later commit knows
+    /// which of its new keys were never stored without asking [`Store::find_sends`].
+    async fn sent_ids(
+        &self,
+        conversation: ConversationId,
+        device: DeviceId,
+        limit: usize,
+    ) -> Result<Option<Vec<String>>, StoreError>;
+
     /// Forgets the send records stored before `before_ms`; returns how many.
     async fn purge_sends(&self, before_ms: u64) -> Result<usize, StoreError>;
 

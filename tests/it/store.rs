@@ -204,6 +204,36 @@ async fn sends_are_found_within_the_window_and_in_their_conversation_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_sent_ids_are_listed_in_full_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let me = UserId::random();
+    let ours = ConversationId::direct(me, UserId::random());
+    let device = DeviceId::new(9).unwrap();
+    let mut from_another_device = message(ours, me, 4);
+    from_another_device.sender_device = DeviceId::new(10).unwrap();
+    let mut messages: Vec<MessageRecord> = (1..=3).map(|seq| message(ours, me, seq)).collect();
+    messages.push(from_another_device);
+    store.append_messages(messages).await.unwrap();
+
+    let mut ids = store
+        .sent_ids(ours, device, 3)
+        .await
+        .unwrap()
+        .expect("three fit a limit of three");
+    ids.sort();
+    assert_eq!(ids, vec!["m1", "m2", "m3"], "this device's ids only");
+    assert_eq!(
+        store.sent_ids(ours, device, 2).await.unwrap(),
+        None,
+        "more than the limit: none"
+    );
+    let elsewhere = ConversationId::direct(me, UserId::random());
+    assert_eq!(store.sent_ids(elsewhere, device, 3).await.unwrap(), Some(Vec::new()));
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_round_trip_and_delete() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());

@@ -2,7 +2,7 @@
 //! history and the send records that make sends idempotent.
 
 use super::CassandraStore;
-use super::rows::by_device;
+use super::rows::to_cql;
 use crate::store::{HistoryPage, MessageRecord, MessageStore, StoreError, StoredSend};
 use async_trait::async_trait;
 use confab_protocol::HistoryRange;
@@ -22,21 +22,8 @@ impl MessageStore for CassandraStore {
         keys: Vec<(DeviceId, String)>,
         since_ms: u64,
     ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError> {
-        // A new message, the common case, is answered here without a hop to the
-        // driver's runtime.
-        if self.inner.none_sent(conversation, &keys) {
-            return Ok(HashMap::new());
-        }
         self.read_on_driver(move |inner| async move {
-            let mut records: Vec<((DeviceId, String), StoredSend)> = Vec::new();
-            let mut uncached: Vec<(DeviceId, String)> = Vec::new();
-            for (device, ids) in by_device(&keys) {
-                match inner.cached_sends(conversation, device, &ids).await? {
-                    Some(found) => records.extend(found.into_iter().map(|(id, send)| ((device, id), send))),
-                    None => uncached.extend(ids.into_iter().map(|id| (device, id))),
-                }
-            }
-            records.extend(inner.read_sends(conversation, &uncached).await?);
+            let records = inner.read_sends(conversation, &keys).await?;
             // A send record counts only with its message: a failed flush may have
             // stored the record and not the message (then its seq may even hold
             // another message by now).
@@ -61,6 +48,29 @@ impl MessageStore for CassandraStore {
                 .into_iter()
                 .filter_map(|key| sends.remove(&key).map(|send| (key, send)))
                 .collect())
+        })
+        .await
+    }
+
+    async fn sent_ids(
+        &self,
+        conversation: ConversationId,
+        device: DeviceId,
+        limit: usize,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        // After a failed flush a message row may have landed without its record.
+        if self.inner.suspect_from(conversation).is_some() {
+            return Ok(None);
+        }
+        self.read_on_driver(move |inner| async move {
+            let read_limit = i32::try_from(limit.saturating_add(1)).unwrap_or(i32::MAX);
+            let ids: Vec<(String,)> = inner
+                .rows(
+                    &inner.statements.device_sends,
+                    (conversation.to_string(), to_cql(device.get()), read_limit),
+                )
+                .await?;
+            Ok((ids.len() <= limit).then(|| ids.into_iter().map(|(id,)| id).collect()))
         })
         .await
     }

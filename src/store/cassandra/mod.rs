@@ -38,10 +38,11 @@
 //!
 //! One confab node writes a keyspace: its owner shards sequence every
 //! conversation, so what the node has read or written stays current in memory.
-//! Idempotency checks read `sends` once per (conversation, device) and then
-//! answer from the `sends` module's cache, which the writer keeps complete; heads and
-//! users' receipt watermarks, which only grow, are kept in `highest`
-//! caches, so a conversation list or sync reads only what the node has not seen.
+//! Idempotency checks read `sends` rows; the owner keeps what they say of a
+//! device ([`crate::store::Store::sent_ids`]) and asks only for keys it cannot
+//! answer. Heads and users' receipt watermarks, which only grow, are kept in
+//! `highest` caches, so a conversation list or sync reads only what the node
+//! has not seen.
 //!
 //! `user_activity` orders a user's conversations by the day of their last
 //! activity: the writer adds a conversation's row for each member on the first
@@ -63,7 +64,6 @@ mod messages;
 mod push;
 mod reads;
 mod rows;
-mod sends;
 mod statements;
 mod writer;
 
@@ -107,8 +107,6 @@ struct Inner {
     /// of that flush and when: their send records may be missing (see
     /// [`Inner::scan_sends`]).
     suspects: Mutex<HashMap<ConversationId, (Seq, std::time::Instant)>>,
-    /// Send records of this node's owners, so a check needs no read.
-    send_cache: sends::SendCache,
     /// Conversations' (last seq, last time) as last read or written here.
     known_heads: Highest<ConversationId, (Seq, u64)>,
     /// Users' receipt watermarks across their devices, as last read or written here.
@@ -239,7 +237,6 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
         request_timeout: config.request_timeout,
         send_ttl_s: i32::try_from(dedup_window.as_secs()).unwrap_or(i32::MAX).max(1),
         suspects: Mutex::default(),
-        send_cache: sends::SendCache::default(),
         known_heads: Highest::new(std::cmp::max),
         known_marks: Highest::new(Marks::merged),
         dedup_window,

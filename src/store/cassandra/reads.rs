@@ -2,9 +2,9 @@
 //! query, answered from the node's caches where they are complete.
 
 use super::rows::{
-    DeviceRow, by_device, corrupt, device_record, from_cql, left, role_of, stored_send, to_cql, unavailable, user_id,
+    DeviceRow, corrupt, device_record, from_cql, left, role_of, stored_send, to_cql, unavailable, user_id,
 };
-use super::{BUCKET_SIZE, Inner, MAX_EMPTY_BUCKETS, bucket, sends};
+use super::{BUCKET_SIZE, Inner, MAX_EMPTY_BUCKETS, bucket};
 use crate::store::encoding::StoredMessage;
 use crate::store::{ConversationHead, DeviceRecord, HistoryPage, StoreError, StoredSend, UserRecord, follows};
 use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
@@ -50,57 +50,6 @@ impl Inner {
         let window = self.dedup_window;
         suspects.retain(|_, (_, since)| since.elapsed() < window);
         suspects.get(&conversation).map(|(from, _)| *from)
-    }
-
-    /// Whether the send cache alone says none of `keys` is stored: every
-    /// device's set is loaded, holds none of them, and no failed flush of the
-    /// conversation may have left records it does not know.
-    pub(super) fn none_sent(&self, conversation: ConversationId, keys: &[(DeviceId, String)]) -> bool {
-        if self.suspect_from(conversation).is_some() {
-            return false;
-        }
-        by_device(keys).into_iter().all(|(device, ids)| {
-            self.send_cache
-                .cached(conversation, device, &ids)
-                .is_some_and(|found| found.is_empty())
-        })
-    }
-
-    /// Which of `ids` of `device` are stored, from the send cache (loading the
-    /// device's set first when missing); `None` when the cache cannot say.
-    pub(super) async fn cached_sends(
-        &self,
-        conversation: ConversationId,
-        device: DeviceId,
-        ids: &[String],
-    ) -> Result<Option<HashMap<String, StoredSend>>, StoreError> {
-        if let Some(found) = self.send_cache.cached(conversation, device, ids) {
-            return Ok(Some(found));
-        }
-        let Some(ticket) = self.send_cache.start_load(conversation, device) else {
-            return Ok(None);
-        };
-        let limit = i32::try_from(sends::MAX_PER_SET + 1).unwrap_or(i32::MAX);
-        let read = self
-            .rows::<(String, i64, i64)>(
-                &self.statements.device_sends,
-                (conversation.to_string(), to_cql(device.get()), limit),
-            )
-            .await;
-        let rows = match read {
-            Ok(rows) => rows,
-            Err(err) => {
-                self.send_cache.finish_load(conversation, device, ticket, None);
-                return Err(err);
-            }
-        };
-        let loaded = (rows.len() <= sends::MAX_PER_SET).then(|| {
-            rows.into_iter()
-                .map(|(id, seq, server_time_ms)| (id, stored_send(seq, server_time_ms)))
-                .collect()
-        });
-        self.send_cache.finish_load(conversation, device, ticket, loaded);
-        Ok(self.send_cache.cached(conversation, device, ids))
     }
 
     /// The stored send records among `keys`: clustering keys of one partition,

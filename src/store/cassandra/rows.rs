@@ -6,7 +6,6 @@ use super::BUCKET_SIZE;
 use crate::store::{DeviceRecord, StoreError, StoredSend};
 use confab_protocol::Role;
 use confab_protocol::ids::{DeviceId, Seq, UserId};
-use std::collections::HashMap;
 
 /// `user_activity` rows are per day of activity.
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -28,15 +27,6 @@ pub(super) fn to_cql(value: u64) -> i64 {
 
 pub(super) fn from_cql(value: i64) -> u64 {
     u64::from_ne_bytes(value.to_ne_bytes())
-}
-
-/// Send keys grouped by device.
-pub(super) fn by_device(keys: &[(DeviceId, String)]) -> HashMap<DeviceId, Vec<String>> {
-    let mut grouped: HashMap<DeviceId, Vec<String>> = HashMap::new();
-    for (device, client_msg_id) in keys {
-        grouped.entry(*device).or_default().push(client_msg_id.clone());
-    }
-    grouped
 }
 
 pub(super) fn stored_send(seq: i64, server_time_ms: i64) -> StoredSend {

@@ -223,7 +223,7 @@ impl Statements {
             ))
             .await?,
             device_sends: prepare(format!(
-                "SELECT client_msg_id, seq, server_time_ms FROM {k}.sends \
+                "SELECT client_msg_id FROM {k}.sends \
                  WHERE conversation = ? AND device_id = ? LIMIT ?"
             ))
             .await?,

@@ -324,7 +324,6 @@ fn finish(
     let messages: Vec<&MessageRecord> = flushed.appends.iter().flat_map(|(messages, _)| messages).collect();
     match &flushed.result {
         Ok(()) => {
-            inner.send_cache.record(&messages);
             for message in &messages {
                 inner
                     .known_heads
@@ -344,9 +343,8 @@ fn finish(
 }
 
 /// After a failed flush: its conversations' send records may be missing or
-/// without their messages, so their cached sets go and their lookups scan.
+/// without their messages, so their lookups scan and their ids are not listed.
 fn forget_failed(inner: &Inner, lowest: &Lowest) {
-    inner.send_cache.forget(lowest);
     for (conversation, from) in lowest {
         inner.suspect(*conversation, *from);
     }

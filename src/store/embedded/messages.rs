@@ -57,6 +57,34 @@ impl MessageStore for EmbeddedStore {
         }
     }
 
+    async fn sent_ids(
+        &self,
+        conversation: ConversationId,
+        device: DeviceId,
+        limit: usize,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        // A message and its send record are one batch here, so the records are
+        // complete unless a failed batch may yet reappear.
+        self.shared.before_sequencing()?;
+        self.read(move |view| {
+            let prefix = send_key(conversation, device, "");
+            let mut ids = Vec::new();
+            for guard in view.prefix(&view.sends, &prefix) {
+                if ids.len() == limit {
+                    return Ok(None);
+                }
+                let key = guard.key().map_err(fjall_error)?;
+                let id = key
+                    .get(prefix.len()..)
+                    .and_then(|id| std::str::from_utf8(id).ok())
+                    .ok_or_else(|| StoreError::corrupt("send record key"))?;
+                ids.push(id.to_owned());
+            }
+            Ok(Some(ids))
+        })
+        .await
+    }
+
     async fn purge_sends(&self, before_ms: u64) -> Result<usize, StoreError> {
         let expired = self
             .read(move |view| {
