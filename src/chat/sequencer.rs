@@ -128,7 +128,8 @@ pub struct SequencerLimits {
     pub max_cached: usize,
     /// Members a group may have.
     pub max_group_members: usize,
-    /// Send records kept in memory across conversations, at most.
+    /// Send records kept in memory across conversations, at most; 0: none,
+    /// every possible retry is checked in the store.
     pub max_sent_records: usize,
     /// How long a send key stays taken (the dedup window).
     pub dedup_window_ms: u64,
@@ -253,8 +254,9 @@ impl<R> Conversation<R> {
         self.next_seq.is_some() && self.queue.is_empty() && self.checking == 0 && self.in_flight.is_empty()
     }
 
-    /// Starts a check of everything queued, if none is under way.
-    fn start_check(&mut self, conversation: ConversationId, tickets: &mut u64) -> Option<Check> {
+    /// Starts a check of everything queued, if none is under way; with
+    /// `remember`, it also loads the sets of devices memory knows nothing of.
+    fn start_check(&mut self, conversation: ConversationId, tickets: &mut u64, remember: bool) -> Option<Check> {
         if self.checking > 0 || self.queue.is_empty() {
             return None;
         }
@@ -267,7 +269,10 @@ impl<R> Conversation<R> {
             .collect();
         Some(Check {
             conversation,
-            load: self.sent.start_loads(&keys, tickets),
+            load: match remember {
+                true => self.sent.start_loads(&keys, tickets),
+                false => Vec::new(),
+            },
             keys,
             targets: self
                 .queue
@@ -321,7 +326,7 @@ impl<R> Sequencer<R> {
             return Admission::Queued;
         }
         conversation.queue.push((append, reply));
-        match conversation.start_check(id, &mut self.load_tickets) {
+        match conversation.start_check(id, &mut self.load_tickets, self.limits.max_sent_records > 0) {
             Some(check) => Admission::Check(check),
             None => Admission::Queued,
         }
@@ -344,7 +349,10 @@ impl<R> Sequencer<R> {
                 // A failed commit forgot the conversation while this check ran: its
                 // result says nothing of where seqs continue. Check again, reading it.
                 conversation.checking = 0;
-                return (Vec::new(), conversation.start_check(id, &mut self.load_tickets));
+                return (
+                    Vec::new(),
+                    conversation.start_check(id, &mut self.load_tickets, self.limits.max_sent_records > 0),
+                );
             };
             conversation.next_seq = Some(last_seq + 1);
             conversation.group = result.group.map(GroupState::from_record);
@@ -386,7 +394,7 @@ impl<R> Sequencer<R> {
                 }
             }
         }
-        let next = conversation.start_check(id, &mut self.load_tickets);
+        let next = conversation.start_check(id, &mut self.load_tickets, self.limits.max_sent_records > 0);
         self.evict_idle();
         (outcomes, next)
     }
@@ -401,7 +409,7 @@ impl<R> Sequencer<R> {
         conversation.checking = 0;
         let refused: Vec<_> = conversation.queue.drain(..covered).collect();
         self.pending -= refused.len();
-        let next = conversation.start_check(id, &mut self.load_tickets);
+        let next = conversation.start_check(id, &mut self.load_tickets, self.limits.max_sent_records > 0);
         if next.is_none() && conversation.next_seq.is_none() && conversation.in_flight.is_empty() {
             self.forget(id);
         }
@@ -875,6 +883,23 @@ mod tests {
         assert_eq!(seq.sent_records, 0, "past the limit, the loaded sets go");
         let check = check_of(&mut seq, append(2, "b"), 3);
         assert_eq!(check.load, vec![(device(), 3)]);
+    }
+
+    #[test]
+    fn with_no_room_for_send_records_every_key_is_checked_in_the_store() {
+        let mut seq = Sequencer::new(SequencerLimits {
+            max_sent_records: 0,
+            ..sequencer(100, 100).limits
+        });
+        let check = check_of(&mut seq, append(2, "a"), 1);
+        assert!(check.load.is_empty(), "nothing to load: {check:?}");
+        let (outcomes, _) = seq.checked(conversation(2), loaded(0), NOW_MS);
+        assert_eq!(assigned(&outcomes), vec![(1, 1)]);
+        seq.committed(conversation(2), &key("a"), stored(1));
+        let check = check_of(&mut seq, append(2, "b"), 2);
+        assert!(check.load.is_empty());
+        assert_eq!(check.keys, vec![key("b")], "a new key is asked of the store");
+        assert_eq!(seq.sent_records, 0);
     }
 
     /// Gap-free and idempotent under every interleaving: two conversations (one

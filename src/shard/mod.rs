@@ -188,7 +188,13 @@ async fn run(
             max_pending: config.chat.max_pending_appends,
             max_cached: config.chat.max_cached_conversations,
             max_group_members: config.chat.max_group_members,
-            max_sent_records: owner::MAX_SENT_RECORDS,
+            // The embedded store answers a send check in microseconds: memory
+            // would save nothing (measured: BENCHMARKS.md, "The owner's
+            // send-record memory").
+            max_sent_records: match context.store.finds_sends_cheaply() {
+                true => 0,
+                false => owner::MAX_SENT_RECORDS,
+            },
             dedup_window_ms: u64::try_from(config.chat.dedup_window.as_millis()).unwrap_or(u64::MAX),
         }),
         config,

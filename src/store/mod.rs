@@ -246,6 +246,14 @@ pub trait MessageStore: Send + Sync {
         since_ms: u64,
     ) -> Result<HashMap<(DeviceId, String), StoredSend>, StoreError>;
 
+    /// Whether [`Store::find_sends`] is a local read cheap enough to run before
+    /// every append (the embedded store: a point read in memory, microseconds).
+    /// Then the owner keeps no send records of its own ([`Store::sent_ids`] is
+    /// never asked); otherwise (a network round trip) it remembers them.
+    fn finds_sends_cheaply(&self) -> bool {
+        false
+    }
+
     /// The client_msg_ids `device` stored sends under in `conversation`, all of
     /// them, when there are at most `limit` and every send ever stored has its
     /// record; `None` otherwise (more of them, or a failed write may have

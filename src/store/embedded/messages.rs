@@ -27,6 +27,10 @@ impl MessageStore for EmbeddedStore {
         }
     }
 
+    fn finds_sends_cheaply(&self) -> bool {
+        true
+    }
+
     async fn find_sends(
         &self,
         conversation: ConversationId,
