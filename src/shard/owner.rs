@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Notify;
 
-/// Send records an owner shard keeps in memory (about 100 bytes each), so most
-/// idempotency checks need no store read.
+/// Send records an owner shard keeps in memory (about 100 bytes each) when the
+/// store's lookup is a round trip, so most idempotency checks need no read.
 pub(super) const MAX_SENT_RECORDS: usize = 250_000;
 
 /// A shard's conversation-owner role: the sequencer of the conversations it
