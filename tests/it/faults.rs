@@ -293,7 +293,7 @@ fn the_node_runs_without_transparent_huge_pages() {
     let node = BinaryNode::start(dir.path(), &[], None);
     let status = std::fs::read_to_string(format!("/proc/{}/status", node.child.id())).unwrap();
     let line = status.lines().find(|line| line.starts_with("THP_enabled:"));
-    // Kernels before 6.0 do not report it; the prctl itself dates from 3.15.
+    // Older kernels do not report it (the prctl itself dates from 3.15).
     if let Some(line) = line {
         assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
     }
