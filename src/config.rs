@@ -75,6 +75,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// `[push]`.
     pub push: PushConfig,
+    /// `[cluster]`.
+    pub cluster: ClusterConfig,
     /// `[log]`.
     pub log: LogConfig,
     /// `CONFAB_*` environment variables that name no config key: not applied,
@@ -579,6 +581,29 @@ pub struct PushConfig {
     pub max_body_chars: usize,
 }
 
+/// The `[cluster]` section: several nodes over one Redis (docs/CLUSTER.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Redis URL, e.g. "redis://127.0.0.1:6379". Empty: a single node.
+    pub redis: String,
+    /// Prefix of every Redis key of this cluster (letters, digits, `_`, `-`).
+    pub prefix: String,
+    /// How often a node announces itself and reads the live nodes.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A node not heard from for this long is no longer live.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl ClusterConfig {
+    /// Whether this node is part of a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.redis.is_empty()
+    }
+}
+
 /// An address, or nothing for "".
 fn optional_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
     let text = String::deserialize(deserializer)?;
@@ -885,6 +910,48 @@ impl Config {
         if self.chat.dedup_window < Duration::from_secs(1) {
             return invalid("chat.dedup_window", "must be at least 1s");
         }
+        if self.cluster.enabled() {
+            self.validate_cluster()?;
+        }
+        Ok(())
+    }
+
+    /// `[cluster]` when `cluster.redis` is set.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                key: key.to_owned(),
+                message: message.to_owned(),
+            })
+        };
+        let cluster = &self.cluster;
+        if self.store.backend != StoreBackend::Cassandra {
+            return invalid(
+                "cluster.redis",
+                "cluster mode keeps history in Cassandra: set store.backend = \"cassandra\"",
+            );
+        }
+        if !cluster.redis.starts_with("redis://") && !cluster.redis.starts_with("rediss://") {
+            return invalid("cluster.redis", "must be a redis:// or rediss:// URL");
+        }
+        let prefix = &cluster.prefix;
+        if prefix.is_empty()
+            || prefix.len() > 64
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return invalid("cluster.prefix", "must be 1-64 letters, digits, _ or -");
+        }
+        if cluster.heartbeat < Duration::from_millis(50) {
+            return invalid("cluster.heartbeat", "must be at least 50ms");
+        }
+        if cluster.lease < 2 * cluster.heartbeat {
+            return invalid(
+                "cluster.lease",
+                "must be at least twice cluster.heartbeat, so one late beat does not drop a node",
+            );
+        }
         Ok(())
     }
 
@@ -1073,6 +1140,35 @@ mod tests {
         assert!(jwt(&bad_namespace).unwrap_err().contains("auth.jwt.namespace"));
         // In local mode the section is not checked.
         assert!(Config::defaults().unwrap().auth.mode == AuthMode::Local);
+    }
+
+    #[test]
+    fn cluster_mode_needs_cassandra_a_redis_url_and_a_lease_of_two_heartbeats() {
+        let cluster = |pairs: &[(&str, &str)]| {
+            let mut all = vec![
+                ("CONFAB_CLUSTER__REDIS", "redis://127.0.0.1:6379"),
+                ("CONFAB_STORE__BACKEND", "cassandra"),
+            ];
+            all.extend_from_slice(pairs);
+            Config::load_from(None, env(&all)).map_err(|err| err.to_string())
+        };
+        let config = cluster(&[]).unwrap();
+        assert!(config.cluster.enabled());
+        assert!(
+            !Config::defaults().unwrap().cluster.enabled(),
+            "a single node by default"
+        );
+        for (pairs, key) in [
+            (&[("CONFAB_STORE__BACKEND", "embedded")][..], "cluster.redis"),
+            (&[("CONFAB_CLUSTER__REDIS", "127.0.0.1:6379")], "cluster.redis"),
+            (&[("CONFAB_CLUSTER__PREFIX", "a b")], "cluster.prefix"),
+            (&[("CONFAB_CLUSTER__PREFIX", "")], "cluster.prefix"),
+            (&[("CONFAB_CLUSTER__HEARTBEAT", "10ms")], "cluster.heartbeat"),
+            (&[("CONFAB_CLUSTER__LEASE", "1500ms")], "cluster.lease"),
+        ] {
+            let err = cluster(pairs).unwrap_err();
+            assert!(err.contains(key), "{pairs:?}: {err}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //!   presence) as types and functions over the store, clock passed in.
 //! - [`auth`]: accounts, passwords, tokens, devices.
 //! - [`store`]: durable state behind one trait, embedded (fjall) or Cassandra.
+//! - [`cluster`]: cluster mode's membership over Redis (docs/CLUSTER.md).
 //! - [`server`] assembles a node from [`config`]; [`metrics`] serves its stage
 //!   timings; [`clock`] and [`files`] are small helpers.
 
@@ -27,6 +28,7 @@ pub mod api;
 pub mod auth;
 pub mod chat;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod files;
 pub mod http;

@@ -35,6 +35,9 @@ pub enum StartError {
     /// Setting up TLS.
     #[error("setting up TLS: {0}")]
     Tls(#[from] TlsError),
+    /// Joining the cluster (`[cluster]`).
+    #[error("joining the cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// ….
     #[error("{what}: {source}")]
     Io {
@@ -156,6 +159,11 @@ impl Server {
                 (Some(pusher), Some(thread))
             }
         };
+        let drain = CancellationToken::new();
+        let cluster_thread = match config.cluster.enabled() {
+            true => Some(crate::cluster::join(&config.cluster, drain.clone())?),
+            false => None,
+        };
         let context = NodeContext {
             store: store.clone(),
             accounts,
@@ -165,7 +173,7 @@ impl Server {
             pusher,
             config: Arc::new(config),
             tls,
-            drain: CancellationToken::new(),
+            drain,
             stop,
         };
 
@@ -180,7 +188,11 @@ impl Server {
             drain: context.drain.clone(),
             stop: context.stop.clone(),
             drained: Vec::new(),
-            threads: jwks_thread.into_iter().chain(push_thread).collect(),
+            threads: jwks_thread
+                .into_iter()
+                .chain(push_thread)
+                .chain(cluster_thread)
+                .collect(),
             store,
         };
         let mut quic_handoffs = Vec::new();

@@ -14,6 +14,7 @@ mod api;
 mod bad_input;
 mod cassandra_outage;
 mod chat;
+mod cluster;
 mod durability;
 mod faults;
 mod groups;

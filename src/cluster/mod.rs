@@ -1,0 +1,150 @@
+//! Cluster mode (`[cluster]`): several confab nodes over one Redis and one
+//! Cassandra keyspace. The design, and which parts of it are built:
+//! docs/CLUSTER.md.
+//!
+//! Built so far: each node joins under a fresh [`Incarnation`] and keeps a
+//! view of the live incarnations ([`membership`]), and every node can compute
+//! where a conversation should be owned from that view ([`rendezvous`]).
+//!
+//! Redis is reached through `fred` on a runtime of its own (one thread,
+//! `confab-cluster`), never on a shard.
+
+pub mod membership;
+pub mod rendezvous;
+
+use crate::config::ClusterConfig;
+use membership::{LiveNodes, Membership};
+use std::fmt;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// One run of one node in the cluster: a fresh random id at every start, so a
+/// node that was declared dead (and fenced) and comes back is a different
+/// member. Never zero.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Incarnation(u64);
+
+impl Incarnation {
+    /// A fresh random incarnation.
+    pub fn random() -> Self {
+        Self(rand::random::<u64>() | 1)
+    }
+
+    /// The incarnation with this id (zero is taken as one).
+    pub fn new(id: u64) -> Self {
+        Self(id.max(1))
+    }
+
+    /// Its id.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// Reads the form [`Display`](fmt::Display) writes: 16 lowercase hex digits.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(text, 16).ok().filter(|&id| id != 0).map(Self)
+    }
+}
+
+impl fmt::Display for Incarnation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for Incarnation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Incarnation({self})")
+    }
+}
+
+/// Why the cluster could not be joined or used.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// `cluster.redis` is not a Redis URL the client takes.
+    #[error("cluster.redis: {0}")]
+    BadUrl(#[source] fred::error::Error),
+    /// A Redis command failed or timed out.
+    #[error("Redis: {what}")]
+    Redis {
+        /// What the node was doing.
+        what: &'static str,
+        /// The client's error.
+        #[source]
+        source: fred::error::Error,
+    },
+    /// The cluster thread or its runtime could not be started.
+    #[error("starting the cluster thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Joins the cluster: connects to Redis, announces this node with a first
+/// heartbeat (so a wrong address or a Redis that is down is an error at
+/// start), then keeps beating on the `confab-cluster` thread until `drain`,
+/// when it leaves the live set at once instead of letting its lease lapse.
+pub fn join(config: &ClusterConfig, drain: CancellationToken) -> Result<std::thread::JoinHandle<()>, ClusterError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ClusterError::Thread)?;
+    let me = Incarnation::random();
+    let (membership, first) = runtime.block_on(async {
+        let membership = Membership::connect(config, me).await?;
+        let first = membership.beat().await?;
+        Ok::<_, ClusterError>((membership, first))
+    })?;
+    tracing::info!(incarnation = %me, live = %first.live, "joined the cluster");
+    let heartbeat = config.heartbeat;
+    std::thread::Builder::new()
+        .name("confab-cluster".into())
+        .spawn(move || runtime.block_on(keep_beating(membership, first.live, heartbeat, drain)))
+        .map_err(ClusterError::Thread)
+}
+
+/// Beats every `heartbeat` and logs changes of the live set. A failed beat
+/// keeps the last view: without Redis nobody learns that a node died, and the
+/// store's fences keep writes safe meanwhile (docs/CLUSTER.md).
+async fn keep_beating(membership: Membership, mut live: LiveNodes, heartbeat: Duration, drain: CancellationToken) {
+    let gauge = metrics::gauge!("confab_cluster_live_nodes");
+    gauge.set(live.len() as f64);
+    let mut ticks = tokio::time::interval(heartbeat);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reachable = true;
+    loop {
+        tokio::select! {
+            _ = drain.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        match membership.beat().await {
+            Ok(beat) => {
+                if !reachable {
+                    tracing::info!("Redis reachable again");
+                    reachable = true;
+                }
+                if beat.rejoined {
+                    tracing::warn!(
+                        incarnation = %membership.me(),
+                        "this node's lease had lapsed: other nodes may have taken its conversations"
+                    );
+                }
+                if beat.live != live {
+                    tracing::info!(live = %beat.live, was = %live, "live nodes changed");
+                    gauge.set(beat.live.len() as f64);
+                    live = beat.live;
+                }
+            }
+            Err(err) if reachable => {
+                tracing::warn!(error = %err, "heartbeat failed; keeping the last view of the live nodes");
+                reachable = false;
+            }
+            Err(_) => {}
+        }
+    }
+    match membership.leave().await {
+        Ok(()) => tracing::info!(incarnation = %membership.me(), "left the cluster"),
+        Err(err) => tracing::warn!(error = %err, "leaving the cluster failed; the lease will lapse"),
+    }
+}
