@@ -24,22 +24,22 @@ use tokio_util::sync::CancellationToken;
 #[non_exhaustive]
 pub enum StartError {
     /// Opening the store.
-    #[error("opening the store: {0}")]
+    #[error("opening the store")]
     Store(#[from] StoreError),
     /// Loading the token signing key.
-    #[error("loading the token signing key: {0}")]
+    #[error("loading the token signing key")]
     Key(#[from] KeyError),
     /// Setting up password hashing.
-    #[error("setting up password hashing: {0}")]
+    #[error("setting up password hashing")]
     Hash(#[from] HashError),
     /// Setting up TLS.
-    #[error("setting up TLS: {0}")]
+    #[error("setting up TLS")]
     Tls(#[from] TlsError),
     /// Joining the cluster (`[cluster]`).
-    #[error("joining the cluster: {0}")]
+    #[error("joining the cluster")]
     Cluster(#[from] crate::cluster::ClusterError),
-    /// ….
-    #[error("{what}: {source}")]
+    /// The operating system refused something the node needs.
+    #[error("{what}")]
     Io {
         /// What the node was doing.
         what: String,

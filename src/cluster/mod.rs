@@ -65,7 +65,7 @@ impl fmt::Debug for Incarnation {
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// `cluster.redis` is not a Redis URL the client takes.
-    #[error("cluster.redis: {0}")]
+    #[error("cluster.redis is not a Redis URL the client takes")]
     BadUrl(#[source] fred::error::Error),
     /// A Redis command failed or timed out.
     #[error("Redis: {what}")]
@@ -77,7 +77,7 @@ pub enum ClusterError {
         source: fred::error::Error,
     },
     /// The cluster thread or its runtime could not be started.
-    #[error("starting the cluster thread: {0}")]
+    #[error("starting the cluster thread")]
     Thread(#[source] std::io::Error),
 }
 

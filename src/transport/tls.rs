@@ -46,10 +46,10 @@ pub enum TlsError {
         path: String,
     },
     /// Generating a self-signed certificate.
-    #[error("generating a self-signed certificate: {0}")]
+    #[error("generating a self-signed certificate")]
     Generate(#[from] rcgen::Error),
     /// Certificate and key do not make a TLS config.
-    #[error("certificate and key do not make a TLS config: {0}")]
+    #[error("certificate and key do not make a TLS config")]
     Rustls(#[from] rustls::Error),
 }
 

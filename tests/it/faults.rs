@@ -298,3 +298,27 @@ fn the_node_runs_without_transparent_huge_pages() {
         assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
     }
 }
+
+/// A node that cannot start says why once, and exits non-zero: the reason is
+/// the chain of causes, not each cause repeated inside the next.
+#[test]
+fn a_node_that_cannot_start_says_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_confab"))
+        .arg("serve")
+        .env("CONFAB_SERVER__LISTEN", "127.0.0.1:0")
+        .env("CONFAB_WEBSOCKET__ENABLED", "false")
+        .env("CONFAB_QUIC__ENABLED", "false")
+        .env("CONFAB_STORE__DATA_DIR", dir.path())
+        .env("CONFAB_AUTH__TOKEN_KEY", "not base64!")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let reason = "auth.token_key is not valid base64";
+    assert!(
+        stderr.contains("loading the token signing key: auth.token_key"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches(reason).count(), 1, "{stderr}");
+}
