@@ -3,7 +3,8 @@
  * frame (docs/PROTOCOL.md). It keeps a session alive across network trouble:
  *
  * - reconnects with exponential backoff and full jitter (or after the delay a
- *   `GoingAway` names), and resumes from its per-conversation cursors, so the
+ *   `GoingAway` names), to the next of its server URLs when it has several
+ *   (the nodes of a cluster), and resumes from its per-conversation cursors, so the
  *   server replays exactly what was missed; `Sync` fetches the rest when the
  *   replay was cut short;
  * - drops duplicates (a replay may repeat what a live push delivered);
@@ -83,8 +84,12 @@ export interface WebSocketLike {
 export type WebSocketFactory = (url: string) => WebSocketLike;
 
 export interface ClientOptions {
-  /** e.g. `ws://127.0.0.1:7380/v1/ws` or `wss://chat.example.com/v1/ws`. */
-  url: string;
+  /**
+   * e.g. `ws://127.0.0.1:7380/v1/ws` or `wss://chat.example.com/v1/ws`; or the
+   * URLs of several nodes of a cluster: the client starts at a random one and,
+   * whenever its connection ends, reconnects to the next.
+   */
+  url: string | readonly string[];
   deviceName?: string;
   clientName?: string;
   /** Defaults to the global `WebSocket`. */
@@ -125,7 +130,10 @@ const RETRIED: ReadonlySet<ErrorCode | "closed" | "timeout"> = new Set([
 ]);
 
 export class ConfabClient {
-  private readonly options: Required<Omit<ClientOptions, "webSocket">> & { webSocket: WebSocketFactory };
+  private readonly options: Required<Omit<ClientOptions, "webSocket" | "url">> & { webSocket: WebSocketFactory };
+  private readonly urls: readonly string[];
+  /** Index in `urls` of the next connection. */
+  private nextUrl: number;
   private socket?: WebSocketLike;
   /** Resolves once the current socket said Hello (and authenticated, if it could). */
   private connecting?: Promise<void>;
@@ -162,8 +170,10 @@ export class ConfabClient {
         if (!Native) throw new Error("no global WebSocket; pass options.webSocket");
         return new Native(url);
       });
+    this.urls = typeof options.url === "string" ? [options.url] : [...options.url];
+    if (this.urls.length === 0) throw new Error("options.url: give at least one URL");
+    this.nextUrl = Math.floor(Math.random() * this.urls.length);
     this.options = {
-      url: options.url,
       deviceName: options.deviceName ?? "web",
       clientName: options.clientName ?? "@confab/client",
       webSocket,
@@ -375,7 +385,7 @@ export class ConfabClient {
 
   private openSocket(): Promise<void> {
     return new Promise<void>((resolve, reject) => {
-      const socket = this.options.webSocket(this.options.url);
+      const socket = this.options.webSocket(this.urls[this.nextUrl]);
       socket.binaryType = "arraybuffer";
       this.socket = socket;
       socket.onopen = () => {
@@ -401,6 +411,8 @@ export class ConfabClient {
   }
 
   private onClosed(): void {
+    // The node may be gone or draining: the next connection tries another.
+    this.nextUrl = (this.nextUrl + 1) % this.urls.length;
     this.socket = undefined;
     this.connecting = undefined;
     clearInterval(this.heartbeatTimer);

@@ -254,6 +254,29 @@ test("a send whose ack was lost is retried with the same client_msg_id", async (
   chat.close();
 });
 
+test("with the URLs of several nodes, each reconnect goes to the next node and resumes there", async () => {
+  const server = new Server();
+  const urls = ["ws://node-a/v1/ws", "ws://node-b/v1/ws", "ws://node-c/v1/ws"];
+  const chat = new ConfabClient({
+    url: urls,
+    webSocket: server.factory,
+    backoff: { initialDelayMs: 10, maxDelayMs: 20 },
+  });
+  await chat.logIn("me", "pw");
+  const first = urls.indexOf(server.current.url);
+  assert.ok(first >= 0, server.current.url);
+  for (let hop = 1; hop <= 3; hop++) {
+    server.current.close(); // the node dies
+    await until(() => server.sockets.length === hop + 1 && chat.status === "online", `reconnect ${hop}`);
+    assert.equal(server.current.url, urls[(first + hop) % urls.length]);
+  }
+  assert.equal(server.resumes.length, 3, "every new node was asked to resume");
+  const ack = await chat.send({ userId: 2n }, "after three moves");
+  assert.equal(ack.seq, 1n);
+  chat.close();
+  assert.throws(() => new ConfabClient({ url: [] }), /at least one URL/);
+});
+
 test("before its access token expires, the connection authenticates again with a refreshed one", async () => {
   const server = new Server();
   server.accessTtlMs = 300;
