@@ -20,7 +20,10 @@
 //! # Ok(()) }
 //! ```
 
+mod failover;
 mod transport;
+
+pub use failover::Failover;
 
 pub use transport::{
     DEFAULT_WEBSOCKET_PATH, Endpoint, QUIC_ALPN, Transport, UDP_BUFFER_BYTES, parse_fingerprint, pinned_tls_config,

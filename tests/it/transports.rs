@@ -661,3 +661,37 @@ async fn tcp_frames_are_read_however_their_bytes_arrive() {
     }
     node.shutdown().await;
 }
+
+/// A client given several nodes passes over one that is down (refused at
+/// once) and connects to the next; with none up, it gives up after its rounds
+/// with the last failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_several_nodes_passes_over_a_dead_one() {
+    let mut node = TestServer::start(1).await;
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Endpoint::tcp(listener.local_addr().unwrap())
+    };
+    let failover = confab_client::Failover {
+        first_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(20),
+        rounds: 2,
+    };
+    let options = confab_client::ClientOptions::default;
+    let nodes = [dead, node.addr];
+    let (client, index) = within(WAIT, Client::connect_any(&nodes, 0, options(), &failover))
+        .await
+        .unwrap();
+    assert_eq!(index, 1);
+    assert!(client.welcome().limits.is_some());
+    let (_, index) = within(WAIT, Client::connect_any(&nodes, 1, options(), &failover))
+        .await
+        .unwrap();
+    assert_eq!(index, 1, "starts where it is told");
+
+    let err = within(WAIT, Client::connect_any(&[dead, dead], 0, options(), &failover))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Io(_) | ClientError::Transport(_)), "{err}");
+    node.shutdown().await;
+}
