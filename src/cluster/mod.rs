@@ -13,53 +13,10 @@ pub mod membership;
 pub mod rendezvous;
 
 use crate::config::ClusterConfig;
+pub use crate::store::ownership::Incarnation;
 use membership::{LiveNodes, Membership};
-use std::fmt;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-/// One run of one node in the cluster: a fresh random id at every start, so a
-/// node that was declared dead (and fenced) and comes back is a different
-/// member. Never zero.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Incarnation(u64);
-
-impl Incarnation {
-    /// A fresh random incarnation.
-    pub fn random() -> Self {
-        Self(rand::random::<u64>() | 1)
-    }
-
-    /// The incarnation with this id (zero is taken as one).
-    pub fn new(id: u64) -> Self {
-        Self(id.max(1))
-    }
-
-    /// Its id.
-    pub fn get(self) -> u64 {
-        self.0
-    }
-
-    /// Reads the form [`Display`](fmt::Display) writes: 16 lowercase hex digits.
-    pub fn parse(text: &str) -> Option<Self> {
-        if text.len() != 16 {
-            return None;
-        }
-        u64::from_str_radix(text, 16).ok().filter(|&id| id != 0).map(Self)
-    }
-}
-
-impl fmt::Display for Incarnation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
-    }
-}
-
-impl fmt::Debug for Incarnation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Incarnation({self})")
-    }
-}
 
 /// Why the cluster could not be joined or used.
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,7 @@
 pub mod cassandra;
 pub mod embedded;
 mod encoding;
+pub mod ownership;
 mod records;
 
 use async_trait::async_trait;

@@ -24,6 +24,9 @@
 //! | `push_tokens` | `user_id` | `device_id` | where a user's devices are reached while offline |
 //! | `push_pending` | `user_id` | | users' open notification windows (read whole once at start) |
 //! | `mutes` | `user_id` | `conversation` | conversations a user muted in its notifications |
+//! | `node_fences` | `incarnation` | | cluster mode: whether a node was fenced ([`ownership`]) |
+//! | `conversation_owners` | `conversation` | | cluster mode: a conversation's epoch and owner |
+//! | `conversation_epochs` | `conversation` | `epoch` | cluster mode: the seq each epoch started at |
 //!
 //! A bucket is [`BUCKET_SIZE`] consecutive seqs, so no partition grows forever and
 //! a page knows which partitions to read: its bound's bucket, then the next ones
@@ -61,6 +64,7 @@ mod conversations;
 mod groups;
 mod highest;
 mod messages;
+mod ownership;
 mod push;
 mod reads;
 mod rows;
@@ -117,6 +121,8 @@ struct Inner {
     /// For batches (prepared statements carry their own).
     consistency: scylla::statement::Consistency,
     request_timeout: Duration,
+    /// Set once this store writes as one node of a cluster.
+    cluster: std::sync::OnceLock<ownership::ClusterNode>,
 }
 
 /// Cassandra-backed store; cheap to share.
@@ -240,6 +246,7 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
         known_heads: Highest::new(std::cmp::max),
         known_marks: Highest::new(Marks::merged),
         dedup_window,
+        cluster: std::sync::OnceLock::new(),
     })
 }
 
@@ -262,7 +269,7 @@ mod tests {
     use crate::store::{MessageRecord, MessageStore as _};
     use confab_protocol::ids::DeviceId;
 
-    fn store() -> CassandraStore {
+    pub(super) fn store() -> CassandraStore {
         static KEYSPACE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
         static OPENING: Mutex<()> = Mutex::new(());
         let mut config = crate::Config::defaults().unwrap().cassandra;
@@ -276,12 +283,12 @@ mod tests {
         CassandraStore::open(&config, Duration::from_secs(3600)).unwrap()
     }
 
-    fn conversation() -> ConversationId {
+    pub(super) fn conversation() -> ConversationId {
         let user = || UserId::new(rand::random::<u64>() | 1).unwrap();
         ConversationId::direct(user(), user())
     }
 
-    fn message(conversation: ConversationId, seq: Seq, client_msg_id: &str) -> MessageRecord {
+    pub(super) fn message(conversation: ConversationId, seq: Seq, client_msg_id: &str) -> MessageRecord {
         let sender = conversation.direct_members().next().unwrap();
         MessageRecord {
             conversation,

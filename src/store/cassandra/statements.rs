@@ -26,6 +26,17 @@ pub(super) struct Statements {
     pub(super) release_username: PreparedStatement,
     pub(super) delete_user: PreparedStatement,
     pub(super) insert_message: PreparedStatement,
+    pub(super) insert_message_in_epoch: PreparedStatement,
+    pub(super) epochs_down_from: PreparedStatement,
+    pub(super) register_node: PreparedStatement,
+    pub(super) fence_node: PreparedStatement,
+    pub(super) node_fenced: PreparedStatement,
+    pub(super) owner: PreparedStatement,
+    pub(super) first_owner: PreparedStatement,
+    pub(super) next_owner: PreparedStatement,
+    pub(super) release_owner: PreparedStatement,
+    pub(super) insert_epoch: PreparedStatement,
+    pub(super) epochs: PreparedStatement,
     pub(super) message_at: PreparedStatement,
     pub(super) latest_in_bucket: PreparedStatement,
     pub(super) before_in_bucket: PreparedStatement,
@@ -62,7 +73,7 @@ pub(super) struct Statements {
 /// Columns added to tables after the first release, as (table, column, type):
 /// schema.cql has them, and a keyspace made before gets them at start. Checked
 /// in `system_schema` (not `ADD IF NOT EXISTS`, which ScyllaDB lacks).
-const ADDED_COLUMNS: [(&str, &str, &str); 1] = [("users", "display_name", "text")];
+const ADDED_COLUMNS: [(&str, &str, &str); 2] = [("users", "display_name", "text"), ("messages", "epoch", "bigint")];
 
 /// Creates the keyspace and tables (idempotent: `IF NOT EXISTS`), and adds the
 /// columns a keyspace made by an earlier release lacks.
@@ -147,6 +158,11 @@ impl Statements {
             statement.set_serial_consistency(Some(scylla::statement::SerialConsistency::Serial));
             Ok::<_, StoreError>(statement)
         };
+        let prepare_serial_read = |cql: String| async move {
+            let mut statement = prepare(cql).await?;
+            statement.set_consistency(scylla::statement::Consistency::Serial);
+            Ok::<_, StoreError>(statement)
+        };
         let k = keyspace;
         Ok(Self {
             insert_user: prepare(format!(
@@ -193,6 +209,52 @@ impl Statements {
             .await?,
             insert_message: prepare(format!(
                 "INSERT INTO {k}.messages (conversation, bucket, seq, data) VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            // Cluster mode (ownership.rs).
+            insert_message_in_epoch: prepare(format!(
+                "INSERT INTO {k}.messages (conversation, bucket, seq, data, epoch) VALUES (?, ?, ?, ?, ?) \
+                 USING TIMESTAMP ?"
+            ))
+            .await?,
+            epochs_down_from: prepare(format!(
+                "SELECT seq, epoch FROM {k}.messages WHERE conversation = ? AND bucket = ? AND seq <= ? LIMIT ?"
+            ))
+            .await?,
+            register_node: prepare_lwt(format!(
+                "INSERT INTO {k}.node_fences (incarnation, fenced) VALUES (?, false) IF NOT EXISTS"
+            ))
+            .await?,
+            fence_node: prepare_lwt(format!(
+                "UPDATE {k}.node_fences SET fenced = true WHERE incarnation = ? IF EXISTS"
+            ))
+            .await?,
+            node_fenced: prepare(format!("SELECT fenced FROM {k}.node_fences WHERE incarnation = ?")).await?,
+            // Read through Paxos, so a claim sees any transaction under way.
+            owner: prepare_serial_read(format!(
+                "SELECT epoch, owner, released FROM {k}.conversation_owners WHERE conversation = ?"
+            ))
+            .await?,
+            first_owner: prepare_lwt(format!(
+                "INSERT INTO {k}.conversation_owners (conversation, epoch, owner, released) \
+                 VALUES (?, 1, ?, false) IF NOT EXISTS"
+            ))
+            .await?,
+            next_owner: prepare_lwt(format!(
+                "UPDATE {k}.conversation_owners SET epoch = ?, owner = ?, released = false \
+                 WHERE conversation = ? IF epoch = ?"
+            ))
+            .await?,
+            release_owner: prepare_lwt(format!(
+                "UPDATE {k}.conversation_owners SET released = true WHERE conversation = ? IF epoch = ? AND owner = ?"
+            ))
+            .await?,
+            insert_epoch: prepare(format!(
+                "INSERT INTO {k}.conversation_epochs (conversation, epoch, start_seq) VALUES (?, ?, ?)"
+            ))
+            .await?,
+            epochs: prepare(format!(
+                "SELECT epoch, start_seq FROM {k}.conversation_epochs WHERE conversation = ?"
             ))
             .await?,
             message_at: prepare(format!(

@@ -25,9 +25,11 @@
 //!
 //! Receipt marks are read-modify-write, so they go through the same task, in order.
 
+use super::ownership::ClusterNode;
 use super::{Inner, bucket, day, to_cql, unavailable};
 use crate::config::CassandraConfig;
 use crate::store::encoding::{MAX_EDIT_CHAIN, StoredMessage};
+use crate::store::ownership::{Epoch, write_timestamp};
 use crate::store::{Amendment, GroupEvent, MessageRecord, StoreError};
 use confab_protocol::Marks;
 use confab_protocol::ids::{ConversationId, DeviceId, GroupId, Seq, UserId};
@@ -224,7 +226,12 @@ async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) 
                         Job::Mark { reply, .. } if closed => {
                             let _ = reply.send(Err(StoreError::Closed));
                         }
-                        Job::Append(messages, reply) => appends.push((messages, reply)),
+                        Job::Append(messages, reply) => match unclaimed(&inner, &messages) {
+                            Some(refusal) => {
+                                let _ = reply.send(Err(refusal));
+                            }
+                            None => appends.push((messages, reply)),
+                        },
                         Job::Mark {
                             conversation,
                             user,
@@ -255,6 +262,19 @@ async fn run(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, limits: Limits) 
     while let Some(flushed) = flushing.next().await {
         finish(&inner, &mut index, flushed);
     }
+}
+
+/// In cluster mode, why an append may not be written here: this node holds no
+/// claim on one of its conversations (or has been fenced).
+fn unclaimed(inner: &Inner, messages: &[MessageRecord]) -> Option<StoreError> {
+    let node = inner.cluster.get()?;
+    let message = messages
+        .iter()
+        .find(|message| node.epoch(message.conversation).is_none())?;
+    Some(StoreError::unavailable(format!(
+        "this node holds no claim on {}",
+        message.conversation
+    )))
 }
 
 /// `first` and whatever else arrives within the batch window, up to the row limit.
@@ -384,6 +404,7 @@ async fn mark(
 /// `upsert_head`, `upsert_user_conversation`, `upsert_title`, `upsert_member`,
 /// `upsert_activity`, `delete_activity`.
 type MessageRow = (String, i64, i64, Vec<u8>);
+type EpochMessageRow = (String, i64, i64, Vec<u8>, i64, i64);
 type SendRow = (String, i64, String, i64, i64, i32);
 type HeadRow = (String, i64, i64, i64);
 type UserConversationRow = (i64, String, i64, i64, i64);
@@ -561,40 +582,49 @@ async fn flush(
     }
 
     let statements = &inner.statements;
-    // One round trip: per conversation its buckets of messages in ascending
-    // order, stopping at the first failure; everything else beside them.
-    let mut conversations: HashMap<String, BTreeMap<i64, Vec<MessageRow>>> = HashMap::new();
-    for ((key, seq), stored) in rows.messages {
-        conversations
-            .entry(key.clone())
-            .or_default()
-            .entry(bucket(seq))
-            .or_default()
-            .push((key, bucket(seq), to_cql(seq), stored.encode_to_vec()));
-    }
-    let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = conversations
-        .into_values()
-        .map(|buckets| {
-            async move {
-                for partition in buckets.into_values() {
-                    write(inner, &statements.insert_message, partition).await?;
-                }
-                Ok(())
-            }
-            .boxed()
-        })
-        .collect();
+    // Per conversation its buckets of messages in ascending order, stopping at
+    // the first failure; send records beside them.
+    let (mut writes, visible) = match inner.cluster.get() {
+        None => (message_writes(inner, rows.messages), Vec::new()),
+        Some(node) => {
+            let epochs = epochs_of(node, messages)?;
+            // Amendments rewrite rows that may be visible already: only once
+            // the fence check passed (docs/CLUSTER.md).
+            let (new, amended): (BTreeMap<_, _>, BTreeMap<_, _>) = rows
+                .messages
+                .into_iter()
+                .partition(|((key, seq), _)| epochs.get(key).is_some_and(|epoch| *seq >= epoch.lowest));
+            (
+                epoch_message_writes(inner, new, &epochs),
+                epoch_message_writes(inner, amended, &epochs),
+            )
+        }
+    };
     for partition in rows.sends.into_values() {
         writes.push(write(inner, &statements.insert_send, partition).boxed());
     }
+    // Heads and index rows: in cluster mode only after the fence check, so no
+    // reader is pointed at a row its node could not acknowledge.
+    let mut after_check = visible;
     for head in rows.heads.into_values() {
-        writes.push(write(inner, &statements.upsert_head, vec![head]).boxed());
+        after_check.push(write(inner, &statements.upsert_head, vec![head]).boxed());
     }
     for partition in rows.direct_user_conversations.into_values() {
-        writes.push(write(inner, &statements.upsert_user_conversation, partition).boxed());
+        after_check.push(write(inner, &statements.upsert_user_conversation, partition).boxed());
     }
-    writes.extend(rows.direct_activity.writes(inner));
-    run_all(writes, max_in_flight).await?;
+    after_check.extend(rows.direct_activity.writes(inner));
+    match inner.cluster.get() {
+        None => {
+            // One round trip.
+            writes.extend(after_check);
+            run_all(writes, max_in_flight).await?;
+        }
+        Some(node) => {
+            run_all(writes, max_in_flight).await?;
+            super::ownership::check_fence(inner, node).await?;
+            run_all(after_check, max_in_flight).await?;
+        }
+    }
 
     if !rows.group.is_empty() {
         // Group state, only once every message (its events among them) is stored.
@@ -631,6 +661,113 @@ async fn flush(
         }
     }
     run_all(activity.writes(inner).collect(), max_in_flight).await
+}
+
+/// A single node's message rows: per conversation, its buckets in ascending
+/// order, one after another.
+fn message_writes(
+    inner: &Inner,
+    messages: BTreeMap<(String, Seq), StoredMessage>,
+) -> Vec<BoxFuture<'_, Result<(), StoreError>>> {
+    let mut conversations: HashMap<String, BTreeMap<i64, Vec<MessageRow>>> = HashMap::new();
+    for ((key, seq), stored) in messages {
+        conversations
+            .entry(key.clone())
+            .or_default()
+            .entry(bucket(seq))
+            .or_default()
+            .push((key, bucket(seq), to_cql(seq), stored.encode_to_vec()));
+    }
+    conversations
+        .into_values()
+        .map(|buckets| in_order(inner, &inner.statements.insert_message, buckets))
+        .collect()
+}
+
+/// A conversation's epoch in a flush, and the flush's seqs of it.
+struct FlushEpoch {
+    epoch: Epoch,
+    /// The flush's lowest seq of the conversation: rows below it are amended.
+    lowest: Seq,
+    /// Its highest: the write timestamp's seq.
+    highest: Seq,
+}
+
+/// In cluster mode, each conversation's epoch (this node's claim) and seqs,
+/// by conversation key; an error if a claim is gone (released or fenced since
+/// the append was taken).
+fn epochs_of(node: &ClusterNode, messages: &[&MessageRecord]) -> Result<HashMap<String, FlushEpoch>, StoreError> {
+    let mut epochs: HashMap<String, FlushEpoch> = HashMap::new();
+    for message in messages {
+        let key = message.conversation.to_string();
+        match epochs.get_mut(&key) {
+            Some(epoch) => {
+                epoch.lowest = epoch.lowest.min(message.seq);
+                epoch.highest = epoch.highest.max(message.seq);
+            }
+            None => {
+                let epoch = node.epoch(message.conversation).ok_or_else(|| {
+                    StoreError::unavailable(format!("this node no longer holds {}", message.conversation))
+                })?;
+                epochs.insert(
+                    key,
+                    FlushEpoch {
+                        epoch,
+                        lowest: message.seq,
+                        highest: message.seq,
+                    },
+                );
+            }
+        }
+    }
+    Ok(epochs)
+}
+
+/// Cluster mode's message rows: each stamped with its conversation's epoch and
+/// written at [`write_timestamp`], so a later epoch's row wins.
+fn epoch_message_writes<'a>(
+    inner: &'a Inner,
+    messages: BTreeMap<(String, Seq), StoredMessage>,
+    epochs: &HashMap<String, FlushEpoch>,
+) -> Vec<BoxFuture<'a, Result<(), StoreError>>> {
+    let mut conversations: HashMap<String, BTreeMap<i64, Vec<EpochMessageRow>>> = HashMap::new();
+    for ((key, seq), stored) in messages {
+        let Some(epoch) = epochs.get(&key) else { continue };
+        let timestamp = write_timestamp(epoch.epoch, epoch.highest);
+        conversations
+            .entry(key.clone())
+            .or_default()
+            .entry(bucket(seq))
+            .or_default()
+            .push((
+                key,
+                bucket(seq),
+                to_cql(seq),
+                stored.encode_to_vec(),
+                to_cql(epoch.epoch),
+                timestamp,
+            ));
+    }
+    conversations
+        .into_values()
+        .map(|buckets| in_order(inner, &inner.statements.insert_message_in_epoch, buckets))
+        .collect()
+}
+
+/// Writes one conversation's buckets in ascending order, stopping at the first
+/// failure, so a failed flush never leaves a later seq stored above a missing one.
+fn in_order<'a, V: SerializeRow + Send + Sync + 'a>(
+    inner: &'a Inner,
+    statement: &'a PreparedStatement,
+    buckets: BTreeMap<i64, Vec<V>>,
+) -> BoxFuture<'a, Result<(), StoreError>> {
+    async move {
+        for partition in buckets.into_values() {
+            write(inner, statement, partition).await?;
+        }
+        Ok(())
+    }
+    .boxed()
 }
 
 /// Runs `writes`, at most `max_in_flight` at once; the first error, if any.
