@@ -43,7 +43,10 @@ impl MessageStore for CassandraStore {
             {
                 sends.extend(inner.scan_sends(conversation, from).await?);
             }
-            sends.retain(|_, send| send.server_time_ms >= since_ms);
+            // In cluster mode a record above the readable end is a fenced
+            // owner's late write: its seq is someone else's to give.
+            let readable = inner.read_bound(conversation).await?;
+            sends.retain(|_, send| send.server_time_ms >= since_ms && send.seq <= readable);
             Ok(keys
                 .into_iter()
                 .filter_map(|key| sends.remove(&key).map(|send| (key, send)))
@@ -58,8 +61,9 @@ impl MessageStore for CassandraStore {
         device: DeviceId,
         limit: usize,
     ) -> Result<Option<Vec<String>>, StoreError> {
-        // After a failed flush a message row may have landed without its record.
-        if self.inner.suspect_from(conversation).is_some() {
+        // After a failed flush a message row may have landed without its record;
+        // in cluster mode a record may be a fenced owner's late write.
+        if self.inner.suspect_from(conversation).is_some() || self.inner.cluster.get().is_some() {
             return Ok(None);
         }
         self.read_on_driver(move |inner| async move {
@@ -86,6 +90,8 @@ impl MessageStore for CassandraStore {
         seqs: Vec<Seq>,
     ) -> Result<HashMap<Seq, MessageRecord>, StoreError> {
         self.read_on_driver(move |inner| async move {
+            let readable = inner.read_bound(conversation).await?;
+            let seqs: Vec<Seq> = seqs.into_iter().filter(|seq| *seq <= readable).collect();
             let found = try_join_all(seqs.iter().map(|seq| inner.message(conversation, *seq))).await?;
             seqs.into_iter()
                 .zip(found)
@@ -98,7 +104,7 @@ impl MessageStore for CassandraStore {
     }
 
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
-        self.read_on_driver(move |inner| async move { inner.last_seq(conversation).await })
+        self.read_on_driver(move |inner| async move { inner.readable_seq(conversation).await })
             .await
     }
 

@@ -176,8 +176,19 @@ async fn claim(inner: &Inner, me: Incarnation, conversation: ConversationId) -> 
     let epochs = Epochs::new(starts.into_iter().map(|(e, s)| (from_cql(e), from_cql(s))).collect());
     let next_seq = highest_kept(inner, conversation, &epochs).await? + 1;
     inner
-        .execute(&inner.statements.insert_epoch, (key, to_cql(epoch), to_cql(next_seq)))
+        .execute(
+            &inner.statements.insert_epoch,
+            (key.clone(), to_cql(epoch), to_cql(next_seq)),
+        )
         .await?;
+    // What the last owner stored and may not have made readable (it died
+    // between its fence check and its head) becomes readable now.
+    let kept = next_seq - 1;
+    if let Some(message) = inner.message(conversation, kept).await? {
+        let time_ms = to_cql(message.server_time_ms);
+        let head = (key, to_cql(kept), time_ms, to_cql(kept));
+        inner.execute(&inner.statements.upsert_head, head).await?;
+    }
     Ok(Claim { epoch, next_seq })
 }
 
@@ -238,6 +249,8 @@ mod tests {
     use super::*;
     use crate::store::MessageRecord;
     use crate::store::MessageStore as _;
+    use confab_protocol::HistoryRange;
+    use confab_protocol::ids::DeviceId;
 
     async fn node(store: &CassandraStore) -> Incarnation {
         let me = Incarnation::random();
@@ -284,6 +297,26 @@ mod tests {
         assert!(matches!(late, Err(StoreError::Unavailable { .. })), "fenced: {late:?}");
         assert_eq!(id_at(&b, conversation, 4).await, "b-4");
         assert_eq!(id_at(&b, conversation, 3).await, "a-3", "what a acknowledged stays");
+        // a's stale 5 is not readable, and its send record is not found: 5 is
+        // the next owner's to give.
+        assert_eq!(b.last_seq(conversation).await.unwrap(), 4);
+        assert!(b.messages_at(conversation, vec![5]).await.unwrap().is_empty());
+        let page = b.history(conversation, HistoryRange::Latest, 10).await.unwrap();
+        let seqs: Vec<Seq> = page.messages.iter().map(|message| message.seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        let page = b.history(conversation, HistoryRange::After(3), 10).await.unwrap();
+        assert_eq!(page.messages.len(), 1);
+        let device = DeviceId::new(9).unwrap();
+        let stale = b
+            .find_sends(conversation, vec![(device, "a-5".into())], 0)
+            .await
+            .unwrap();
+        assert!(stale.is_empty(), "{stale:?}");
+        let kept = b
+            .find_sends(conversation, vec![(device, "a-3".into())], 0)
+            .await
+            .unwrap();
+        assert_eq!(kept[&(device, "a-3".to_owned())].seq, 3);
 
         // A third node, after b: a's stale 5 is not taken for a stored message.
         c.fence(node_b).await.unwrap();

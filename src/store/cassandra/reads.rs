@@ -340,6 +340,26 @@ impl Inner {
         Ok(0)
     }
 
+    /// The highest seq readers may see. On a single node, the stored maximum.
+    /// In cluster mode, the head row, which an owner writes only after its
+    /// fence check (docs/CLUSTER.md): rows above it, such as a fenced owner's
+    /// late writes, are never read.
+    pub(super) async fn readable_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
+        match self.cluster.get() {
+            None => self.last_seq(conversation).await,
+            Some(_) => self.head_seq(&conversation.to_string()).await,
+        }
+    }
+
+    /// The highest seq a read of stored rows may return: no bound on a single
+    /// node (what is stored is readable), [`Inner::readable_seq`] in cluster mode.
+    pub(super) async fn read_bound(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
+        match self.cluster.get() {
+            None => Ok(Seq::MAX),
+            Some(_) => self.readable_seq(conversation).await,
+        }
+    }
+
     /// The seq the conversation's head row names (0 without one). It may run
     /// ahead of the stored messages after a failed flush, never far behind them.
     pub(super) async fn head_seq(&self, key: &str) -> Result<Seq, StoreError> {
@@ -375,7 +395,7 @@ impl Inner {
         };
         match range {
             HistoryRange::After(bound) => {
-                let last = self.last_seq(conversation).await?;
+                let last = self.readable_seq(conversation).await?;
                 if bound >= last {
                     return Ok(HistoryPage::default());
                 }
@@ -393,14 +413,21 @@ impl Inner {
                     }
                     current += 1;
                 }
+                // The last bucket may hold rows above the readable end.
+                found.retain(|(seq, _)| *seq <= last);
             }
             HistoryRange::Latest | HistoryRange::Before(_) => {
                 // A bound past the end (up to u64::MAX, from a client) starts at
                 // the end: nothing is stored above it.
                 let below = match range {
-                    HistoryRange::Before(bound) if bound <= self.head_seq(&key).await?.saturating_add(1) => bound,
-                    HistoryRange::Before(bound) => bound.min(self.last_seq(conversation).await?.saturating_add(1)),
-                    _ => self.last_seq(conversation).await?.saturating_add(1),
+                    // On a single node a bound up to the head needs no look for the end.
+                    HistoryRange::Before(bound)
+                        if self.cluster.get().is_none() && bound <= self.head_seq(&key).await?.saturating_add(1) =>
+                    {
+                        bound
+                    }
+                    HistoryRange::Before(bound) => bound.min(self.readable_seq(conversation).await?.saturating_add(1)),
+                    _ => self.readable_seq(conversation).await?.saturating_add(1),
                 };
                 if below <= 1 {
                     return Ok(HistoryPage::default());
