@@ -9,8 +9,7 @@
 
 use super::{ClusterError, Incarnation};
 use crate::config::ClusterConfig;
-use fred::interfaces::{ClientLike as _, SortedSetsInterface as _};
-use fred::types::config::{Config, ReconnectPolicy};
+use fred::interfaces::SortedSetsInterface as _;
 use fred::types::scripts::Script;
 use std::fmt;
 
@@ -84,30 +83,16 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Connects to `cluster.redis`; fails if Redis does not answer within a
-    /// heartbeat interval's worth of retries. Later losses of the connection
-    /// are retried in the background, and a command waits at most one
-    /// heartbeat interval.
-    pub async fn connect(config: &ClusterConfig, me: Incarnation) -> Result<Self, ClusterError> {
-        let redis = Config::from_url(&config.redis).map_err(ClusterError::BadUrl)?;
-        let client = fred::types::Builder::from_config(redis)
-            .with_connection_config(|connection| connection.connection_timeout = config.heartbeat)
-            .with_performance_config(|performance| performance.default_command_timeout = config.heartbeat)
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
-            .build()
-            .map_err(ClusterError::BadUrl)?;
-        client.init().await.map_err(|source| ClusterError::Redis {
-            what: "connecting",
-            source,
-        })?;
-        Ok(Self {
+    /// This node's membership over `client` (see [`super::connect`]).
+    pub fn new(client: fred::clients::Client, config: &ClusterConfig, me: Incarnation) -> Self {
+        Self {
             client,
             beat: Script::from_lua(BEAT),
             key: format!("{}:live", config.prefix),
             me,
             lease_ms: u64::try_from(config.lease.as_millis()).unwrap_or(u64::MAX),
             joined: std::sync::atomic::AtomicBool::new(false),
-        })
+        }
     }
 
     /// This node's incarnation.
@@ -186,7 +171,8 @@ mod tests {
     }
 
     async fn node(config: &ClusterConfig) -> Membership {
-        Membership::connect(config, Incarnation::random()).await.unwrap()
+        let client = super::super::connect(config).await.unwrap();
+        Membership::new(client, config, Incarnation::random())
     }
 
     #[tokio::test]
@@ -247,7 +233,7 @@ mod tests {
     async fn an_address_that_is_not_a_redis_url_is_a_clear_error() {
         let mut config = crate::Config::defaults().unwrap().cluster;
         config.redis = "127.0.0.1:6379".into();
-        let err = Membership::connect(&config, Incarnation::random()).await.unwrap_err();
+        let err = super::super::connect(&config).await.unwrap_err();
         assert!(matches!(err, ClusterError::BadUrl(_)), "{err}");
     }
 }

@@ -9,6 +9,7 @@
 //! Redis is reached through `fred` on a runtime of its own (one thread,
 //! `confab-cluster`), never on a shard.
 
+pub mod bus;
 pub mod membership;
 pub mod rendezvous;
 
@@ -38,6 +39,26 @@ pub enum ClusterError {
     Thread(#[source] std::io::Error),
 }
 
+/// A Redis client for `cluster.redis`, connected; fails if Redis does not
+/// answer at once. Later losses of the connection are retried in the
+/// background, and a command waits at most one heartbeat interval.
+pub async fn connect(config: &ClusterConfig) -> Result<fred::clients::Client, ClusterError> {
+    use fred::interfaces::ClientLike as _;
+    use fred::types::config::{Config, ReconnectPolicy};
+    let redis = Config::from_url(&config.redis).map_err(ClusterError::BadUrl)?;
+    let client = fred::types::Builder::from_config(redis)
+        .with_connection_config(|connection| connection.connection_timeout = config.heartbeat)
+        .with_performance_config(|performance| performance.default_command_timeout = config.heartbeat)
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        .build()
+        .map_err(ClusterError::BadUrl)?;
+    client.init().await.map_err(|source| ClusterError::Redis {
+        what: "connecting",
+        source,
+    })?;
+    Ok(client)
+}
+
 /// Joins the cluster: connects to Redis, announces this node with a first
 /// heartbeat (so a wrong address or a Redis that is down is an error at
 /// start), then keeps beating on the `confab-cluster` thread until `drain`,
@@ -49,7 +70,7 @@ pub fn join(config: &ClusterConfig, drain: CancellationToken) -> Result<std::thr
         .map_err(ClusterError::Thread)?;
     let me = Incarnation::random();
     let (membership, first) = runtime.block_on(async {
-        let membership = Membership::connect(config, me).await?;
+        let membership = Membership::new(connect(config).await?, config, me);
         let first = membership.beat().await?;
         Ok::<_, ClusterError>((membership, first))
     })?;
