@@ -161,7 +161,7 @@ impl Server {
         };
         let drain = CancellationToken::new();
         let cluster_thread = match config.cluster.enabled() {
-            true => Some(crate::cluster::join(&config.cluster, drain.clone())?),
+            true => Some(crate::cluster::join(&config.cluster, &store, drain.clone())?),
             false => None,
         };
         let context = NodeContext {

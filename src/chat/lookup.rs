@@ -34,7 +34,7 @@ pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<Ch
                 ConversationId::Group(id) => Ok(store.group(id).await?),
             }
         };
-        let last_seq = async { Ok::<_, ChatError>(store.last_seq(conversation).await?) };
+        let last_seq = async { Ok::<_, ChatError>(store.take_conversation(conversation).await?) };
         let (group, last_seq) = futures::try_join!(group, last_seq)?;
         Ok::<_, ChatError>((Some(last_seq), group))
     };

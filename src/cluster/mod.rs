@@ -3,8 +3,11 @@
 //! docs/CLUSTER.md.
 //!
 //! Built so far: each node joins under a fresh [`Incarnation`] and keeps a
-//! view of the live incarnations ([`membership`]), and every node can compute
-//! where a conversation should be owned from that view ([`rendezvous`]).
+//! view of the live incarnations ([`membership`]); its store writes as that
+//! incarnation and takes a conversation from a node only once that node is no
+//! longer in the view (fencing it first); every node can compute where a
+//! conversation should be owned from the view ([`rendezvous`]); the [`bus`]
+//! carries entries between nodes' inboxes.
 //!
 //! Redis is reached through `fred` on a runtime of its own (one thread,
 //! `confab-cluster`), never on a shard.
@@ -14,8 +17,11 @@ pub mod membership;
 pub mod rendezvous;
 
 use crate::config::ClusterConfig;
+use crate::store::Store;
 pub use crate::store::ownership::Incarnation;
+use crate::store::ownership::Liveness;
 use membership::{LiveNodes, Membership};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +40,9 @@ pub enum ClusterError {
         #[source]
         source: fred::error::Error,
     },
+    /// The store could not join the cluster.
+    #[error("the store could not join the cluster")]
+    Store(#[from] crate::store::StoreError),
     /// The cluster thread or its runtime could not be started.
     #[error("starting the cluster thread")]
     Thread(#[source] std::io::Error),
@@ -61,32 +70,51 @@ pub async fn connect(config: &ClusterConfig) -> Result<fred::clients::Client, Cl
 
 /// Joins the cluster: connects to Redis, announces this node with a first
 /// heartbeat (so a wrong address or a Redis that is down is an error at
-/// start), then keeps beating on the `confab-cluster` thread until `drain`,
-/// when it leaves the live set at once instead of letting its lease lapse.
-pub fn join(config: &ClusterConfig, drain: CancellationToken) -> Result<std::thread::JoinHandle<()>, ClusterError> {
+/// start), makes `store` write as this node, then keeps beating on the
+/// `confab-cluster` thread until `drain`, when it leaves the live set at once
+/// instead of letting its lease lapse.
+pub fn join(
+    config: &ClusterConfig,
+    store: &Arc<dyn Store>,
+    drain: CancellationToken,
+) -> Result<std::thread::JoinHandle<()>, ClusterError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ClusterError::Thread)?;
     let me = Incarnation::random();
-    let (membership, first) = runtime.block_on(async {
+    let view = Arc::new(RwLock::new(LiveNodes::default()));
+    let membership = runtime.block_on(async {
         let membership = Membership::new(connect(config).await?, config, me);
         let first = membership.beat().await?;
-        Ok::<_, ClusterError>((membership, first))
+        tracing::info!(incarnation = %me, live = %first.live, "joined the cluster");
+        *view.write().unwrap_or_else(PoisonError::into_inner) = first.live;
+        let seen = view.clone();
+        let is_live: Liveness = Arc::new(move |node| {
+            let live = seen.read().unwrap_or_else(PoisonError::into_inner);
+            live.as_slice().binary_search(&node).is_ok()
+        });
+        store.join_cluster(me, is_live).await?;
+        Ok::<_, ClusterError>(membership)
     })?;
-    tracing::info!(incarnation = %me, live = %first.live, "joined the cluster");
     let heartbeat = config.heartbeat;
     std::thread::Builder::new()
         .name("confab-cluster".into())
-        .spawn(move || runtime.block_on(keep_beating(membership, first.live, heartbeat, drain)))
+        .spawn(move || runtime.block_on(keep_beating(membership, view, heartbeat, drain)))
         .map_err(ClusterError::Thread)
 }
 
 /// Beats every `heartbeat` and logs changes of the live set. A failed beat
 /// keeps the last view: without Redis nobody learns that a node died, and the
 /// store's fences keep writes safe meanwhile (docs/CLUSTER.md).
-async fn keep_beating(membership: Membership, mut live: LiveNodes, heartbeat: Duration, drain: CancellationToken) {
+async fn keep_beating(
+    membership: Membership,
+    view: Arc<RwLock<LiveNodes>>,
+    heartbeat: Duration,
+    drain: CancellationToken,
+) {
     let gauge = metrics::gauge!("confab_cluster_live_nodes");
+    let mut live = view.read().unwrap_or_else(PoisonError::into_inner).clone();
     gauge.set(live.len() as f64);
     let mut ticks = tokio::time::interval(heartbeat);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -111,6 +139,9 @@ async fn keep_beating(membership: Membership, mut live: LiveNodes, heartbeat: Du
                 if beat.live != live {
                     tracing::info!(live = %beat.live, was = %live, "live nodes changed");
                     gauge.set(beat.live.len() as f64);
+                    view.write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone_from(&beat.live);
                     live = beat.live;
                 }
             }

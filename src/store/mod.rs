@@ -176,6 +176,17 @@ pub trait Store:
     /// Makes every acknowledged write durable regardless of the durability setting,
     /// and stops accepting writes. Called once at shutdown.
     async fn close(&self) -> Result<(), StoreError>;
+
+    /// Makes this store write as `me`, one node of a cluster, from now on
+    /// (cluster mode, docs/CLUSTER.md). `is_live` says whether a node is live
+    /// as this node last saw it: a conversation held by a node that is not
+    /// may be taken after fencing it. Only the Cassandra store can.
+    async fn join_cluster(&self, me: ownership::Incarnation, is_live: ownership::Liveness) -> Result<(), StoreError> {
+        let _ = (me, is_live);
+        Err(StoreError::io(
+            "this store cannot be shared by a cluster: use store.backend = \"cassandra\"",
+        ))
+    }
 }
 
 /// Users and their devices: sign-up, credentials, refresh-secret rotation.
@@ -280,6 +291,14 @@ pub trait MessageStore: Send + Sync {
 
     /// Highest stored seq of a conversation, 0 when it has none.
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError>;
+
+    /// Called by a conversation's owner before it sequences it: the seq to
+    /// continue after. A single node continues after the stored maximum; a
+    /// node of a cluster first claims the conversation's next epoch
+    /// ([`ownership`]), and is refused while another live node holds it.
+    async fn take_conversation(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
+        self.last_seq(conversation).await
+    }
 
     /// A page of `conversation`'s history.
     async fn history(

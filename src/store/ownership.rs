@@ -52,6 +52,9 @@ impl fmt::Debug for Incarnation {
     }
 }
 
+/// Whether a node is live, as this node last saw the cluster.
+pub type Liveness = std::sync::Arc<dyn Fn(Incarnation) -> bool + Send + Sync>;
+
 /// A conversation's owner generation: 1 for its first owner, one more at each
 /// change of owner. Rows written before cluster mode count as epoch 0.
 pub type Epoch = u64;

@@ -6,9 +6,13 @@
 //!
 //! So far: nodes announce themselves and see each other; a node killed with
 //! SIGKILL drops out once its lease lapses; a node stopped with SIGTERM leaves
-//! at once.
+//! at once; a conversation is sequenced by one node at a time, and moves to
+//! another, gap-free, when its node dies or is paused past its lease (the
+//! paused node's late writes are refused).
 
-use crate::common::{BinaryNode, sample, scrape, unique_name};
+use crate::common::{BinaryNode, PASSWORD, code, sample, scrape, unique_name};
+use confab_client::proto::ErrorCode;
+use confab_client::{Client, Endpoint, UserId};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -100,4 +104,121 @@ async fn a_node_stopped_with_sigterm_leaves_at_once() {
         assert!(Instant::now() < deadline, "the drained node did not exit");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A user signed up and connected through `node`.
+async fn user_on(node: &BinaryNode, name: &str) -> (Client, UserId, String) {
+    let name = unique_name(name);
+    let client = Client::connect(Endpoint::tcp(node.addr)).await.unwrap();
+    let login = client
+        .register_and_authenticate(&name, PASSWORD, "phone")
+        .await
+        .unwrap();
+    (client, login.user_id, name)
+}
+
+/// Another device of user `name`, connected through `node`.
+async fn device_on(node: &BinaryNode, name: &str) -> Client {
+    let client = Client::connect(Endpoint::tcp(node.addr)).await.unwrap();
+    let login = client.log_in(name, PASSWORD, "tablet").await.unwrap();
+    client.authenticate(&login.tokens.access_token).await.unwrap();
+    client
+}
+
+/// Sends through `client` until the send is acknowledged: refused with
+/// UNAVAILABLE while the conversation's node is still taken for live.
+async fn send_once_taken(client: &Client, to: UserId, client_msg_id: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.send_direct(to, client_msg_id, "hello").await {
+            Ok(ack) => return ack.seq,
+            Err(err) => {
+                assert_eq!(err.code(), Some(ErrorCode::Unavailable), "{err}");
+                assert!(Instant::now() < deadline, "never taken over: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn signal(node: &BinaryNode, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &node.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The conversation's history as (seq, client_msg_id), read through `client`.
+async fn history(client: &Client, conversation: &str) -> Vec<(u64, String)> {
+    let page = client.history(conversation, None, None, 100).await.unwrap();
+    page.messages.into_iter().map(|m| (m.seq, m.client_msg_id)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
+async fn a_conversation_moves_gap_free_to_another_node_when_its_node_is_killed() {
+    let mut cluster = Cluster::new("500ms");
+    let (a, b) = (cluster.start(), cluster.start());
+    sees_live(&b, 2.0).await;
+    let (alice, alice_id, _) = user_on(&a, "alice").await;
+    let (bob, bob_id, _) = user_on(&b, "bob").await;
+    let mut conversation = String::new();
+    for i in 1..=3 {
+        let ack = alice.send_direct(bob_id, &format!("a{i}"), "hi").await.unwrap();
+        assert_eq!(ack.seq, i);
+        conversation = ack.conversation_id;
+    }
+    // a sequences the conversation while it is live: b refuses, clearly.
+    assert_eq!(
+        code(bob.send_direct(alice_id, "b1", "hi").await),
+        ErrorCode::Unavailable
+    );
+
+    a.kill();
+    assert_eq!(
+        send_once_taken(&bob, alice_id, "b1").await,
+        4,
+        "continues after a's last seq"
+    );
+    let expected: Vec<(u64, String)> = [(1, "a1"), (2, "a2"), (3, "a3"), (4, "b1")]
+        .into_iter()
+        .map(|(seq, id)| (seq, id.to_owned()))
+        .collect();
+    assert_eq!(history(&bob, &conversation).await, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
+async fn a_node_paused_past_its_lease_is_fenced_and_acknowledges_nothing_after() {
+    let mut cluster = Cluster::new("500ms");
+    let (a, b) = (cluster.start(), cluster.start());
+    sees_live(&b, 2.0).await;
+    let (alice, alice_id, alice_name) = user_on(&a, "alice").await;
+    let (bob, bob_id, _) = user_on(&b, "bob").await;
+    let first = alice.send_direct(bob_id, "a1", "before the pause").await.unwrap();
+    assert_eq!(first.seq, 1);
+
+    signal(&a, "-STOP");
+    // b takes the conversation once a's lease lapsed, fencing a.
+    assert_eq!(send_once_taken(&bob, alice_id, "b1").await, 2);
+    signal(&a, "-CONT");
+    // a wakes up still holding the conversation: its write lands, its fence
+    // check refuses it, and nothing is acknowledged.
+    let late = alice.send_direct(bob_id, "a2", "after the pause").await;
+    assert_eq!(code(late), ErrorCode::Unavailable);
+    let expected: Vec<(u64, String)> = vec![(1, "a1".into()), (2, "b1".into())];
+    assert_eq!(
+        history(&bob, &first.conversation_id).await,
+        expected,
+        "a's late write is not read"
+    );
+    // Alice retries the refused send through b: it gets the next seq, once.
+    let alice_on_b = device_on(&b, &alice_name).await;
+    assert_eq!(send_once_taken(&alice_on_b, bob_id, "a2").await, 3);
+    assert_eq!(
+        send_once_taken(&alice_on_b, bob_id, "a2").await,
+        3,
+        "a retry gets the original ack"
+    );
 }

@@ -103,6 +103,13 @@ impl MessageStore for CassandraStore {
         .await
     }
 
+    async fn take_conversation(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
+        match self.inner.cluster.get() {
+            None => self.last_seq(conversation).await,
+            Some(node) => self.take(node, conversation).await,
+        }
+    }
+
     async fn last_seq(&self, conversation: ConversationId) -> Result<Seq, StoreError> {
         self.read_on_driver(move |inner| async move { inner.readable_seq(conversation).await })
             .await

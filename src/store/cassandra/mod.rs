@@ -252,9 +252,20 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
 
 #[async_trait]
 impl Store for CassandraStore {
-    /// Every acknowledged write was confirmed by Cassandra already: stop the writer.
+    /// Every acknowledged write was confirmed by Cassandra already: stop the
+    /// writer; in cluster mode, then hand over the conversations held.
     async fn close(&self) -> Result<(), StoreError> {
-        self.writer.close().await
+        self.writer.close().await?;
+        self.release_all().await;
+        Ok(())
+    }
+
+    async fn join_cluster(
+        &self,
+        me: crate::store::ownership::Incarnation,
+        is_live: crate::store::ownership::Liveness,
+    ) -> Result<(), StoreError> {
+        self.join(me, is_live).await
     }
 }
 

@@ -4,14 +4,14 @@
 //! stamps each message row with the epoch and [`write_timestamp`]), and reads
 //! its own fence before acknowledging each flush.
 //!
-//! A store on which [`CassandraStore::join_cluster`] was not called writes as
-//! a single node, as before.
+//! A store that did not join a cluster writes as a single node, as before.
 
 use super::rows::{from_cql, to_cql};
 use super::{BUCKET_SIZE, CassandraStore, Inner, bucket};
 use crate::store::StoreError;
-use crate::store::ownership::{Claim, ClaimError, Epoch, Epochs, Incarnation, MAX_EPOCH};
+use crate::store::ownership::{Claim, ClaimError, Epoch, Epochs, Incarnation, Liveness, MAX_EPOCH};
 use confab_protocol::ids::{ConversationId, Seq};
+use futures::StreamExt as _;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,15 +20,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// is not stale: stale rows are at most one flush per fenced owner.
 const ROWS_PER_STEP: i32 = 256;
 
+/// Lightweight transactions at once when a node hands over its conversations.
+const RELEASES_AT_ONCE: usize = 16;
+
 /// This store's part in a cluster.
-#[derive(Debug)]
 pub(super) struct ClusterNode {
     pub(super) me: Incarnation,
+    is_live: Liveness,
     /// Set once a fence check found this incarnation fenced: from then on it
     /// owns nothing and writes nothing.
     fenced: AtomicBool,
     /// The conversations this node holds a claim on, with their epoch.
     claims: Mutex<HashMap<ConversationId, Epoch>>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("me", &self.me)
+            .field("fenced", &self.fenced)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClusterNode {
@@ -73,9 +85,10 @@ impl ClusterNode {
 }
 
 impl CassandraStore {
-    /// Makes this store write as `me`, one node of a cluster: registers the
-    /// incarnation (unfenced). Appends then need a claim on their conversation.
-    pub async fn join_cluster(&self, me: Incarnation) -> Result<(), StoreError> {
+    /// [`Store::join_cluster`](crate::store::Store::join_cluster): registers
+    /// the incarnation (unfenced); appends then need a claim on their
+    /// conversation.
+    pub(super) async fn join(&self, me: Incarnation, is_live: Liveness) -> Result<(), StoreError> {
         let registered = self
             .on_driver(move |inner| async move {
                 inner
@@ -90,10 +103,69 @@ impl CassandraStore {
             .cluster
             .set(ClusterNode {
                 me,
+                is_live,
                 fenced: AtomicBool::new(false),
                 claims: Mutex::default(),
             })
             .map_err(|_| StoreError::corrupt("this store joined a cluster already"))
+    }
+
+    /// [`MessageStore::take_conversation`](crate::store::MessageStore::take_conversation)
+    /// in cluster mode: the seq to continue after, once this node holds the
+    /// conversation. An owner that is not live is fenced first; one that is
+    /// keeps it.
+    pub(super) async fn take(&self, node: &ClusterNode, conversation: ConversationId) -> Result<Seq, StoreError> {
+        if node.epoch(conversation).is_some() {
+            // Held already: every append of it here was answered, so the
+            // head is where it stands.
+            return self
+                .read_on_driver(move |inner| async move { inner.readable_seq(conversation).await })
+                .await;
+        }
+        let mut fenced_one = false;
+        loop {
+            return match self.claim(conversation).await {
+                Ok(claim) => Ok(claim.next_seq - 1),
+                Err(ClaimError::Owned { owner, epoch }) if !fenced_one && !(node.is_live)(owner) => {
+                    tracing::warn!(%owner, epoch, %conversation, "fencing a node that is no longer live, to take its conversation");
+                    self.fence(owner).await?;
+                    fenced_one = true;
+                    continue;
+                }
+                Err(ClaimError::Owned { owner, .. }) => Err(StoreError::unavailable(format!(
+                    "{conversation} is sequenced by node {owner}: sends to it through other nodes are not built yet"
+                ))),
+                Err(ClaimError::Store(err)) => Err(err),
+                Err(err) => Err(StoreError::unavailable(format!("taking {conversation}: {err}"))),
+            };
+        }
+    }
+
+    /// Hands over every conversation this node holds: at shutdown, after the
+    /// writer answered every append, so the next owners need not wait for its
+    /// lease to lapse and fence it.
+    pub(super) async fn release_all(&self) {
+        let Some(node) = self.inner.cluster.get() else { return };
+        let held: Vec<ConversationId> = node
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        let releases = futures::stream::iter(held)
+            .map(|conversation| async move { (conversation, self.release(conversation).await) })
+            .buffer_unordered(RELEASES_AT_ONCE);
+        let failed: Vec<_> = releases
+            .filter(|(_, result)| std::future::ready(result.is_err()))
+            .collect()
+            .await;
+        if !failed.is_empty() {
+            tracing::warn!(
+                conversations = failed.len(),
+                "some conversations were not released; they move once this node is fenced"
+            );
+        }
     }
 
     /// Fences `node`: it acknowledges nothing from its next flush on, and its
@@ -252,9 +324,11 @@ mod tests {
     use confab_protocol::HistoryRange;
     use confab_protocol::ids::DeviceId;
 
+    /// Joins `store` as a node that sees every other node live: a test fences
+    /// by hand.
     async fn node(store: &CassandraStore) -> Incarnation {
         let me = Incarnation::random();
-        store.join_cluster(me).await.unwrap();
+        store.join(me, std::sync::Arc::new(|_| true)).await.unwrap();
         me
     }
 
