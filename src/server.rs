@@ -73,6 +73,9 @@ pub struct Server {
     drained: Vec<oneshot::Receiver<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     store: Arc<dyn Store>,
+    /// In cluster mode: the thread that keeps this node in the live set, and
+    /// what tells it to leave.
+    cluster: Option<(std::thread::JoinHandle<()>, CancellationToken)>,
 }
 
 impl Server {
@@ -160,8 +163,12 @@ impl Server {
             }
         };
         let drain = CancellationToken::new();
-        let cluster_thread = match config.cluster.enabled() {
-            true => Some(crate::cluster::join(&config.cluster, &store, drain.clone())?),
+        // In a cluster the node leaves the live set only after its store has
+        // handed its conversations over (`shutdown`), so no other node takes
+        // one it still writes, and none waits for its lease to lapse.
+        let leave = CancellationToken::new();
+        let cluster = match config.cluster.enabled() {
+            true => Some((crate::cluster::join(&config.cluster, &store, leave.clone())?, leave)),
             false => None,
         };
         let context = NodeContext {
@@ -188,12 +195,9 @@ impl Server {
             drain: context.drain.clone(),
             stop: context.stop.clone(),
             drained: Vec::new(),
-            threads: jwks_thread
-                .into_iter()
-                .chain(push_thread)
-                .chain(cluster_thread)
-                .collect(),
+            threads: jwks_thread.into_iter().chain(push_thread).collect(),
             store,
+            cluster,
         };
         let mut quic_handoffs = Vec::new();
         let mut websocket = websocket.map(Vec::into_iter);
@@ -330,6 +334,12 @@ impl Server {
             tracing::error!("a shard thread panicked");
         }
         let result = self.store.close().await;
+        if let Some((thread, leave)) = self.cluster.take() {
+            leave.cancel();
+            if tokio::task::spawn_blocking(move || thread.join()).await.is_err() {
+                tracing::error!("the cluster thread panicked");
+            }
+        }
         tracing::info!("confab stopped");
         result
     }
@@ -340,6 +350,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.drain.cancel();
         self.stop.cancel();
+        if let Some((_, leave)) = &self.cluster {
+            leave.cancel();
+        }
     }
 }
 

@@ -71,12 +71,13 @@ pub async fn connect(config: &ClusterConfig) -> Result<fred::clients::Client, Cl
 /// Joins the cluster: connects to Redis, announces this node with a first
 /// heartbeat (so a wrong address or a Redis that is down is an error at
 /// start), makes `store` write as this node, then keeps beating on the
-/// `confab-cluster` thread until `drain`, when it leaves the live set at once
+/// `confab-cluster` thread until `leave` (once the node has stopped and its
+/// store handed its conversations over), when it leaves the live set at once
 /// instead of letting its lease lapse.
 pub fn join(
     config: &ClusterConfig,
     store: &Arc<dyn Store>,
-    drain: CancellationToken,
+    leave: CancellationToken,
 ) -> Result<std::thread::JoinHandle<()>, ClusterError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -100,7 +101,7 @@ pub fn join(
     let heartbeat = config.heartbeat;
     std::thread::Builder::new()
         .name("confab-cluster".into())
-        .spawn(move || runtime.block_on(keep_beating(membership, view, heartbeat, drain)))
+        .spawn(move || runtime.block_on(keep_beating(membership, view, heartbeat, leave)))
         .map_err(ClusterError::Thread)
 }
 
@@ -111,7 +112,7 @@ async fn keep_beating(
     membership: Membership,
     view: Arc<RwLock<LiveNodes>>,
     heartbeat: Duration,
-    drain: CancellationToken,
+    leave: CancellationToken,
 ) {
     let gauge = metrics::gauge!("confab_cluster_live_nodes");
     let mut live = view.read().unwrap_or_else(PoisonError::into_inner).clone();
@@ -121,7 +122,7 @@ async fn keep_beating(
     let mut reachable = true;
     loop {
         tokio::select! {
-            _ = drain.cancelled() => break,
+            _ = leave.cancelled() => break,
             _ = ticks.tick() => {}
         }
         match membership.beat().await {

@@ -5,8 +5,8 @@
 //! --ignored cluster::`.
 //!
 //! So far: nodes announce themselves and see each other; a node killed with
-//! SIGKILL drops out once its lease lapses; a node stopped with SIGTERM leaves
-//! at once; a conversation is sequenced by one node at a time, and moves to
+//! SIGKILL drops out once its lease lapses; a node stopped with SIGTERM hands
+//! its conversations over and leaves at once; a conversation is sequenced by one node at a time, and moves to
 //! another, gap-free, when its node dies or is paused past its lease (the
 //! paused node's late writes are refused).
 
@@ -44,6 +44,30 @@ impl Cluster {
             env: env.into_iter().map(|(key, value)| (key.to_owned(), value)).collect(),
             dirs: Vec::new(),
         }
+    }
+
+    /// How many nodes of this cluster's keyspace have been fenced.
+    async fn fenced_nodes(&self) -> usize {
+        let keyspace = self
+            .env
+            .iter()
+            .find_map(|(key, value)| (key == "CONFAB_CASSANDRA__KEYSPACE").then_some(value))
+            .unwrap();
+        let session = scylla::client::session_builder::SessionBuilder::new()
+            .known_node(std::env::var("TEST_CASSANDRA").unwrap())
+            .build()
+            .await
+            .unwrap();
+        let query = format!("SELECT fenced FROM {keyspace}.node_fences");
+        let rows = session
+            .query_unpaged(query, ())
+            .await
+            .unwrap()
+            .into_rows_result()
+            .unwrap();
+        let fenced: Vec<(Option<bool>,)> = rows.rows().unwrap().collect::<Result<_, _>>().unwrap();
+        assert!(!fenced.is_empty(), "the nodes registered");
+        fenced.iter().filter(|(fenced,)| *fenced == Some(true)).count()
     }
 
     /// Starts one more node (one at a time: the first creates the keyspace).
@@ -88,22 +112,29 @@ async fn three_nodes_see_each_other_and_a_killed_one_drops_out_after_its_lease()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
-async fn a_node_stopped_with_sigterm_leaves_at_once() {
-    // A lease far longer than the test: only leaving can drop the node.
+async fn a_node_stopped_with_sigterm_hands_its_conversations_over_and_leaves() {
+    // A lease far longer than the test: only leaving can drop the node, and
+    // only a release can move its conversation.
     let mut cluster = Cluster::new("10m");
     let (mut leaving, staying) = (cluster.start(), cluster.start());
     sees_live(&staying, 2.0).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &leaving.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    sees_live(&staying, 1.0).await;
+    let (alice, alice_id, _) = user_on(&leaving, "alice").await;
+    let (bob, bob_id, _) = user_on(&staying, "bob").await;
+    assert_eq!(alice.send_direct(bob_id, "a1", "hi").await.unwrap().seq, 1);
+    assert_eq!(
+        code(bob.send_direct(alice_id, "b1", "hi").await),
+        ErrorCode::Unavailable
+    );
+
+    signal(&leaving, "-TERM");
     let deadline = Instant::now() + Duration::from_secs(20);
     while leaving.child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "the drained node did not exit");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    sees_live(&staying, 1.0).await;
+    assert_eq!(send_once_taken(&bob, alice_id, "b1").await, 2);
+    assert_eq!(cluster.fenced_nodes().await, 0, "taken over by release, not by fencing");
 }
 
 /// A user signed up and connected through `node`.
@@ -181,6 +212,7 @@ async fn a_conversation_moves_gap_free_to_another_node_when_its_node_is_killed()
         4,
         "continues after a's last seq"
     );
+    assert_eq!(cluster.fenced_nodes().await, 1, "the dead node was fenced first");
     let expected: Vec<(u64, String)> = [(1, "a1"), (2, "a2"), (3, "a3"), (4, "b1")]
         .into_iter()
         .map(|(seq, id)| (seq, id.to_owned()))
