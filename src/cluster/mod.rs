@@ -147,7 +147,7 @@ async fn keep_beating(
                 }
             }
             Err(err) if reachable => {
-                tracing::warn!(error = %err, "heartbeat failed; keeping the last view of the live nodes");
+                tracing::warn!(error = %with_causes(&err), "heartbeat failed; keeping the last view of the live nodes");
                 reachable = false;
             }
             Err(_) => {}
@@ -155,6 +155,18 @@ async fn keep_beating(
     }
     match membership.leave().await {
         Ok(()) => tracing::info!(incarnation = %membership.me(), "left the cluster"),
-        Err(err) => tracing::warn!(error = %err, "leaving the cluster failed; the lease will lapse"),
+        Err(err) => tracing::warn!(error = %with_causes(&err), "leaving the cluster failed; the lease will lapse"),
     }
+}
+
+/// `err` and every error under it, for a log line.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }

@@ -17,13 +17,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A cluster's nodes: the same keyspace, token key and Redis prefix.
-struct Cluster {
+pub(crate) struct Cluster {
     env: Vec<(String, String)>,
     dirs: Vec<tempfile::TempDir>,
 }
 
 impl Cluster {
-    fn new(lease: &str) -> Self {
+    pub(crate) fn new(lease: &str) -> Self {
         let redis = std::env::var("TEST_REDIS").expect("TEST_REDIS=<host:port>");
         let cassandra = std::env::var("TEST_CASSANDRA").expect("TEST_CASSANDRA=<host:port>");
         let env = [
@@ -71,7 +71,7 @@ impl Cluster {
     }
 
     /// Starts one more node (one at a time: the first creates the keyspace).
-    fn start(&mut self) -> BinaryNode {
+    pub(crate) fn start(&mut self) -> BinaryNode {
         let dir = tempfile::tempdir().unwrap();
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let node = BinaryNode::start(dir.path(), &env, None);
@@ -81,7 +81,7 @@ impl Cluster {
 }
 
 /// Polls `node`'s metrics until it counts `expected` live nodes.
-async fn sees_live(node: &BinaryNode, expected: f64) {
+pub(crate) async fn sees_live(node: &BinaryNode, expected: f64) {
     let metrics = node.metrics.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -138,7 +138,7 @@ async fn a_node_stopped_with_sigterm_hands_its_conversations_over_and_leaves() {
 }
 
 /// A user signed up and connected through `node`.
-async fn user_on(node: &BinaryNode, name: &str) -> (Client, UserId, String) {
+pub(crate) async fn user_on(node: &BinaryNode, name: &str) -> (Client, UserId, String) {
     let name = unique_name(name);
     let client = Client::connect(Endpoint::tcp(node.addr)).await.unwrap();
     let login = client
@@ -181,7 +181,7 @@ fn signal(node: &BinaryNode, signal: &str) {
 }
 
 /// The conversation's history as (seq, client_msg_id), read through `client`.
-async fn history(client: &Client, conversation: &str) -> Vec<(u64, String)> {
+pub(crate) async fn history(client: &Client, conversation: &str) -> Vec<(u64, String)> {
     let page = client.history(conversation, None, None, 100).await.unwrap();
     page.messages.into_iter().map(|m| (m.seq, m.client_msg_id)).collect()
 }

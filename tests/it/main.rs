@@ -26,6 +26,7 @@ mod metrics;
 mod presence;
 mod protocol_doc;
 mod push;
+mod redis_outage;
 mod signals;
 mod store;
 mod sync;

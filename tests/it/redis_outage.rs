@@ -1,0 +1,57 @@
+//! Redis dies under a cluster (docs/CLUSTER.md, "Redis lost"): a node keeps
+//! sequencing the conversations it holds and acknowledges nothing it did not
+//! store; no node takes another's conversation while it cannot see who is
+//! live; once Redis is back, the nodes find each other again.
+//!
+//! Kills and restarts the Redis server of scripts/test, so it runs alone,
+//! after the cluster suite: `TEST_REDIS=... TEST_CASSANDRA=... cargo test
+//! --test it -- --ignored redis_outage::`.
+
+use crate::cluster::{Cluster, history, sees_live, user_on};
+use crate::common::code;
+use confab_client::proto::ErrorCode;
+use std::process::Command;
+
+fn redis(action: &str) {
+    let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis"))
+        .arg(action)
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/redis {action} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "kills the Redis server of scripts/test; run alone with TEST_REDIS and TEST_CASSANDRA"]
+async fn a_node_keeps_its_conversations_while_redis_is_down_and_rejoins_after() {
+    let mut cluster = Cluster::new("500ms");
+    let (a, b) = (cluster.start(), cluster.start());
+    sees_live(&b, 2.0).await;
+    let (alice, alice_id, _) = user_on(&a, "alice").await;
+    let (bob, bob_id, _) = user_on(&b, "bob").await;
+    let mut conversation = String::new();
+    for i in 1..=5 {
+        conversation = alice
+            .send_direct(bob_id, &format!("m{i}"), "before")
+            .await
+            .unwrap()
+            .conversation_id;
+    }
+
+    redis("kill");
+    for i in 6..=10 {
+        let ack = alice.send_direct(bob_id, &format!("m{i}"), "during").await.unwrap();
+        assert_eq!(ack.seq, i, "the holder goes on without Redis");
+    }
+    // b still sees a live (its last view): it does not fence a and take over.
+    assert_eq!(
+        code(bob.send_direct(alice_id, "b1", "during").await),
+        ErrorCode::Unavailable
+    );
+
+    redis("start");
+    sees_live(&a, 2.0).await;
+    sees_live(&b, 2.0).await;
+    let expected: Vec<(u64, String)> = (1..=10).map(|i| (i, format!("m{i}"))).collect();
+    assert_eq!(history(&alice, &conversation).await, expected);
+    assert_eq!(alice.send_direct(bob_id, "m11", "after").await.unwrap().seq, 11);
+}
