@@ -229,6 +229,16 @@ impl Drop for BinaryNode {
     }
 }
 
+/// Runs `scripts/<name> <action>` (a service of the test command's: kill it,
+/// start it again), failing the test if it fails.
+pub fn script(name: &str, action: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name);
+    let status = std::process::Command::new(&path).arg(action).status().unwrap();
+    assert!(status.success(), "scripts/{name} {action} failed");
+}
+
 /// A name no other test (or earlier run) uses.
 pub fn unique_name(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -5,19 +5,10 @@
 //! Kills and restarts the shared node of scripts/test, so it runs alone, last:
 //! `TEST_STORE=cassandra TEST_CASSANDRA=... cargo test --test cassandra_outage -- --ignored`.
 
-use crate::common::{TestServer, new_user};
+use crate::common::{TestServer, new_user, script};
 use confab_client::proto::ErrorCode;
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
-
-fn cassandra(action: &str) {
-    let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cassandra"))
-        .arg(action)
-        .status()
-        .unwrap();
-    assert!(status.success(), "scripts/cassandra {action} failed");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "kills the Cassandra node of scripts/test; run alone with TEST_STORE=cassandra"]
@@ -39,7 +30,7 @@ async fn sends_fail_cleanly_while_cassandra_is_down_and_resume_after() {
         acked.insert(id, ack.seq);
     }
 
-    cassandra("kill");
+    script("cassandra", "kill");
     // While the node is down: no ack, a clear UNAVAILABLE. Sends go four at a
     // time, so some are sequenced behind a commit that fails.
     let mut refused = Vec::new();
@@ -58,7 +49,7 @@ async fn sends_fail_cleanly_while_cassandra_is_down_and_resume_after() {
         refused.extend(ids);
     }
 
-    cassandra("start");
+    script("cassandra", "start");
     // The driver reconnects by itself; retries of the refused sends (same ids) and
     // new sends go through.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -16,6 +16,17 @@ use confab_client::{Client, Endpoint, UserId};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// One keyspace for every cluster of this test process (schema changes are
+/// slow and serialize in Cassandra): users and conversations have random ids,
+/// so clusters sharing it do not meet; each has a Redis prefix of its own.
+fn keyspace() -> &'static str {
+    static KEYSPACE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEYSPACE.get_or_init(|| unique_name("cluster"))
+}
+
+/// Nodes start one at a time, so only the first creates the keyspace.
+static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A cluster's nodes: the same keyspace, token key and Redis prefix.
 pub(crate) struct Cluster {
     env: Vec<(String, String)>,
@@ -29,7 +40,7 @@ impl Cluster {
         let env = [
             ("CONFAB_STORE__BACKEND", "cassandra".to_owned()),
             ("CONFAB_CASSANDRA__CONTACT_POINTS", format!("[\"{cassandra}\"]")),
-            ("CONFAB_CASSANDRA__KEYSPACE", unique_name("cluster")),
+            ("CONFAB_CASSANDRA__KEYSPACE", keyspace().to_owned()),
             (
                 "CONFAB_AUTH__TOKEN_KEY",
                 "Y2x1c3Rlci10ZXN0LXRva2VuLWtleS0zMi1ieXRlcyE=".to_owned(),
@@ -46,38 +57,46 @@ impl Cluster {
         }
     }
 
-    /// How many nodes of this cluster's keyspace have been fenced.
-    async fn fenced_nodes(&self) -> usize {
-        let keyspace = self
-            .env
-            .iter()
-            .find_map(|(key, value)| (key == "CONFAB_CASSANDRA__KEYSPACE").then_some(value))
-            .unwrap();
-        let session = scylla::client::session_builder::SessionBuilder::new()
-            .known_node(std::env::var("TEST_CASSANDRA").unwrap())
-            .build()
-            .await
-            .unwrap();
-        let query = format!("SELECT fenced FROM {keyspace}.node_fences");
-        let rows = session
-            .query_unpaged(query, ())
-            .await
-            .unwrap()
-            .into_rows_result()
-            .unwrap();
-        let fenced: Vec<(Option<bool>,)> = rows.rows().unwrap().collect::<Result<_, _>>().unwrap();
-        assert!(!fenced.is_empty(), "the nodes registered");
-        fenced.iter().filter(|(fenced,)| *fenced == Some(true)).count()
-    }
-
-    /// Starts one more node (one at a time: the first creates the keyspace).
+    /// Starts one more node.
     pub(crate) fn start(&mut self) -> BinaryNode {
         let dir = tempfile::tempdir().unwrap();
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let node = BinaryNode::start(dir.path(), &env, None);
+        let node = {
+            let _one_at_a_time = STARTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            BinaryNode::start(dir.path(), &env, None)
+        };
         self.dirs.push(dir);
         node
     }
+}
+
+/// A session on the test keyspace, to look at what the nodes stored.
+async fn cql() -> scylla::client::session::Session {
+    scylla::client::session_builder::SessionBuilder::new()
+        .known_node(std::env::var("TEST_CASSANDRA").unwrap())
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Who holds a conversation, as the store says: (epoch, holder's
+/// incarnation, whether it released it).
+async fn holder(conversation: &str) -> (i64, i64, bool) {
+    let query = format!(
+        "SELECT epoch, owner, released FROM {}.conversation_owners WHERE conversation = ?",
+        keyspace()
+    );
+    let rows = cql().await.query_unpaged(query, (conversation,)).await.unwrap();
+    let (epoch, owner, released): (i64, i64, Option<bool>) = rows.into_rows_result().unwrap().single_row().unwrap();
+    (epoch, owner, released == Some(true))
+}
+
+/// Whether a node's incarnation has been fenced.
+async fn is_fenced(incarnation: i64) -> bool {
+    let query = format!("SELECT fenced FROM {}.node_fences WHERE incarnation = ?", keyspace());
+    let rows = cql().await.query_unpaged(query, (incarnation,)).await.unwrap();
+    let (fenced,): (Option<bool>,) = rows.into_rows_result().unwrap().single_row().unwrap();
+    fenced == Some(true)
 }
 
 /// Polls `node`'s metrics until it counts `expected` live nodes.
@@ -120,7 +139,8 @@ async fn a_node_stopped_with_sigterm_hands_its_conversations_over_and_leaves() {
     sees_live(&staying, 2.0).await;
     let (alice, alice_id, _) = user_on(&leaving, "alice").await;
     let (bob, bob_id, _) = user_on(&staying, "bob").await;
-    assert_eq!(alice.send_direct(bob_id, "a1", "hi").await.unwrap().seq, 1);
+    let first = alice.send_direct(bob_id, "a1", "hi").await.unwrap();
+    assert_eq!(first.seq, 1);
     assert_eq!(
         code(bob.send_direct(alice_id, "b1", "hi").await),
         ErrorCode::Unavailable
@@ -133,8 +153,41 @@ async fn a_node_stopped_with_sigterm_hands_its_conversations_over_and_leaves() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     sees_live(&staying, 1.0).await;
+    let (epoch, leaver, released) = holder(&first.conversation_id).await;
+    assert_eq!((epoch, released), (1, true), "handed over");
+    assert!(!is_fenced(leaver).await, "and so not fenced");
     assert_eq!(send_once_taken(&bob, alice_id, "b1").await, 2);
-    assert_eq!(cluster.fenced_nodes().await, 0, "taken over by release, not by fencing");
+}
+
+/// Two nodes with a 500 ms lease, alice signed up on the first, bob on the
+/// second.
+pub(crate) struct Pair {
+    pub(crate) cluster: Cluster,
+    pub(crate) a: BinaryNode,
+    pub(crate) b: BinaryNode,
+    pub(crate) alice: Client,
+    pub(crate) alice_id: UserId,
+    pub(crate) alice_name: String,
+    pub(crate) bob: Client,
+    pub(crate) bob_id: UserId,
+}
+
+pub(crate) async fn pair() -> Pair {
+    let mut cluster = Cluster::new("500ms");
+    let (a, b) = (cluster.start(), cluster.start());
+    sees_live(&b, 2.0).await;
+    let (alice, alice_id, alice_name) = user_on(&a, "alice").await;
+    let (bob, bob_id, _) = user_on(&b, "bob").await;
+    Pair {
+        cluster,
+        a,
+        b,
+        alice,
+        alice_id,
+        alice_name,
+        bob,
+        bob_id,
+    }
 }
 
 /// A user signed up and connected through `node`.
@@ -189,11 +242,16 @@ pub(crate) async fn history(client: &Client, conversation: &str) -> Vec<(u64, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
 async fn a_conversation_moves_gap_free_to_another_node_when_its_node_is_killed() {
-    let mut cluster = Cluster::new("500ms");
-    let (a, b) = (cluster.start(), cluster.start());
-    sees_live(&b, 2.0).await;
-    let (alice, alice_id, _) = user_on(&a, "alice").await;
-    let (bob, bob_id, _) = user_on(&b, "bob").await;
+    let Pair {
+        cluster: _cluster,
+        a,
+        b: _b,
+        alice,
+        alice_id,
+        bob,
+        bob_id,
+        ..
+    } = pair().await;
     let mut conversation = String::new();
     for i in 1..=3 {
         let ack = alice.send_direct(bob_id, &format!("a{i}"), "hi").await.unwrap();
@@ -206,13 +264,17 @@ async fn a_conversation_moves_gap_free_to_another_node_when_its_node_is_killed()
         ErrorCode::Unavailable
     );
 
+    let (_, held_by_a, _) = holder(&conversation).await;
     a.kill();
     assert_eq!(
         send_once_taken(&bob, alice_id, "b1").await,
         4,
         "continues after a's last seq"
     );
-    assert_eq!(cluster.fenced_nodes().await, 1, "the dead node was fenced first");
+    let (epoch, held_by_b, _) = holder(&conversation).await;
+    assert_eq!(epoch, 2);
+    assert_ne!(held_by_b, held_by_a);
+    assert!(is_fenced(held_by_a).await, "the dead node was fenced first");
     let expected: Vec<(u64, String)> = [(1, "a1"), (2, "a2"), (3, "a3"), (4, "b1")]
         .into_iter()
         .map(|(seq, id)| (seq, id.to_owned()))
@@ -223,11 +285,16 @@ async fn a_conversation_moves_gap_free_to_another_node_when_its_node_is_killed()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
 async fn a_node_paused_past_its_lease_is_fenced_and_acknowledges_nothing_after() {
-    let mut cluster = Cluster::new("500ms");
-    let (a, b) = (cluster.start(), cluster.start());
-    sees_live(&b, 2.0).await;
-    let (alice, alice_id, alice_name) = user_on(&a, "alice").await;
-    let (bob, bob_id, _) = user_on(&b, "bob").await;
+    let Pair {
+        cluster: _cluster,
+        a,
+        b,
+        alice,
+        alice_id,
+        alice_name,
+        bob,
+        bob_id,
+    } = pair().await;
     let first = alice.send_direct(bob_id, "a1", "before the pause").await.unwrap();
     assert_eq!(first.seq, 1);
 

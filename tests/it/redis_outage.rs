@@ -7,27 +7,23 @@
 //! after the cluster suite: `TEST_REDIS=... TEST_CASSANDRA=... cargo test
 //! --test it -- --ignored redis_outage::`.
 
-use crate::cluster::{Cluster, history, sees_live, user_on};
-use crate::common::code;
+use crate::cluster::{Pair, history, pair, sees_live};
+use crate::common::{code, script};
 use confab_client::proto::ErrorCode;
-use std::process::Command;
-
-fn redis(action: &str) {
-    let status = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis"))
-        .arg(action)
-        .status()
-        .unwrap();
-    assert!(status.success(), "scripts/redis {action} failed");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "kills the Redis server of scripts/test; run alone with TEST_REDIS and TEST_CASSANDRA"]
 async fn a_node_keeps_its_conversations_while_redis_is_down_and_rejoins_after() {
-    let mut cluster = Cluster::new("500ms");
-    let (a, b) = (cluster.start(), cluster.start());
-    sees_live(&b, 2.0).await;
-    let (alice, alice_id, _) = user_on(&a, "alice").await;
-    let (bob, bob_id, _) = user_on(&b, "bob").await;
+    let Pair {
+        cluster: _cluster,
+        a,
+        b,
+        alice,
+        alice_id,
+        bob,
+        bob_id,
+        ..
+    } = pair().await;
     let mut conversation = String::new();
     for i in 1..=5 {
         conversation = alice
@@ -37,7 +33,7 @@ async fn a_node_keeps_its_conversations_while_redis_is_down_and_rejoins_after() 
             .conversation_id;
     }
 
-    redis("kill");
+    script("redis", "kill");
     for i in 6..=10 {
         let ack = alice.send_direct(bob_id, &format!("m{i}"), "during").await.unwrap();
         assert_eq!(ack.seq, i, "the holder goes on without Redis");
@@ -48,7 +44,7 @@ async fn a_node_keeps_its_conversations_while_redis_is_down_and_rejoins_after() 
         ErrorCode::Unavailable
     );
 
-    redis("start");
+    script("redis", "start");
     sees_live(&a, 2.0).await;
     sees_live(&b, 2.0).await;
     let expected: Vec<(u64, String)> = (1..=10).map(|i| (i, format!("m{i}"))).collect();
