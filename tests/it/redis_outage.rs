@@ -7,23 +7,16 @@
 //! after the cluster suite: `TEST_REDIS=... TEST_CASSANDRA=... cargo test
 //! --test it -- --ignored redis_outage::`.
 
-use crate::cluster::{Pair, history, pair, sees_live};
+use crate::cluster::{history, pair, sees_live};
 use crate::common::{code, script};
 use confab_client::proto::ErrorCode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "kills the Redis server of scripts/test; run alone with TEST_REDIS and TEST_CASSANDRA"]
 async fn a_node_keeps_its_conversations_while_redis_is_down_and_rejoins_after() {
-    let Pair {
-        cluster: _cluster,
-        a,
-        b,
-        alice,
-        alice_id,
-        bob,
-        bob_id,
-        ..
-    } = pair().await;
+    let two = pair().await;
+    let (alice, bob) = (&two.alice, &two.bob);
+    let (alice_id, bob_id) = (two.alice_id, two.bob_id);
     let mut conversation = String::new();
     for i in 1..=5 {
         conversation = alice
@@ -45,9 +38,9 @@ async fn a_node_keeps_its_conversations_while_redis_is_down_and_rejoins_after() 
     );
 
     script("redis", "start");
-    sees_live(&a, 2.0).await;
-    sees_live(&b, 2.0).await;
+    sees_live(&two.a, 2.0).await;
+    sees_live(&two.b, 2.0).await;
     let expected: Vec<(u64, String)> = (1..=10).map(|i| (i, format!("m{i}"))).collect();
-    assert_eq!(history(&alice, &conversation).await, expected);
+    assert_eq!(history(alice, &conversation).await, expected);
     assert_eq!(alice.send_direct(bob_id, "m11", "after").await.unwrap().seq, 11);
 }
