@@ -14,7 +14,7 @@ use crate::chat::{
     Signal, load_sent, lookup, message_frame,
 };
 use crate::clock::unix_ms;
-use crate::store::{GroupEvent, StoredSend};
+use crate::store::{GroupEvent, StoreError, StoredSend};
 use bytes::Bytes;
 use confab_proto::v1::{self, server_frame::Kind};
 use confab_protocol::Append;
@@ -164,8 +164,14 @@ fn resolve(shard: &Shard, conversation: ConversationId, result: Result<CheckResu
             next
         }
         Err(err) => {
-            if !matches!(err, ChatError::UnknownUser) {
-                tracing::error!(%conversation, error = %err, "checking appends failed");
+            match &err {
+                ChatError::UnknownUser => {}
+                // The database did not answer, or (cluster mode) another node
+                // holds the conversation: the sender is told to retry.
+                ChatError::Store(StoreError::Unavailable { .. }) => {
+                    tracing::warn!(%conversation, error = %err, "checking appends failed");
+                }
+                _ => tracing::error!(%conversation, error = %err, "checking appends failed"),
             }
             let (refused, next) = sequencer.check_failed(conversation);
             drop(sequencer);

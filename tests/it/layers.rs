@@ -56,7 +56,12 @@ fn chat_rules_do_not_know_shards_or_transports() {
 
 #[test]
 fn the_store_depends_on_nothing_above_it() {
-    assert_never("store", &["shard", "transport", "chat", "auth", "server"]);
+    assert_never("store", &["shard", "transport", "chat", "auth", "server", "cluster"]);
+}
+
+#[test]
+fn cluster_membership_does_not_know_shards_or_the_chat() {
+    assert_never("cluster", &["shard", "transport", "chat", "auth", "server"]);
 }
 
 #[test]
