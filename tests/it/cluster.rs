@@ -10,7 +10,7 @@
 //! another, gap-free, when its node dies or is paused past its lease (the
 //! paused node's late writes are refused).
 
-use crate::common::{BinaryNode, PASSWORD, code, sample, scrape, unique_name};
+use crate::common::{BinaryNode, PASSWORD, code, http_get, sample, scrape, unique_name};
 use confab_client::proto::ErrorCode;
 use confab_client::{Client, Endpoint, UserId};
 use std::process::Command;
@@ -306,6 +306,11 @@ async fn a_node_paused_past_its_lease_is_fenced_and_acknowledges_nothing_after()
     // check refuses it, and nothing is acknowledged.
     let late = alice.send_direct(bob_id, "a2", "after the pause").await;
     assert_eq!(code(late), ErrorCode::Unavailable);
+    let (status, reason) = http_get(a.metrics.unwrap(), "/readyz").await;
+    assert!(
+        status.contains("503") && reason.contains("fenced"),
+        "{status}: {reason}"
+    );
     let expected: Vec<(u64, String)> = vec![(1, "a1".into()), (2, "b1".into())];
     assert_eq!(
         history(&bob, &first.conversation_id).await,

@@ -252,6 +252,18 @@ async fn connect(config: &CassandraConfig, dedup_window: Duration) -> Result<Inn
 
 #[async_trait]
 impl Store for CassandraStore {
+    /// In cluster mode, a node that found itself fenced writes nothing more:
+    /// it says so (in `/readyz` and the log) until it restarts and joins again.
+    async fn probe_writes(&self) -> Result<(), StoreError> {
+        match self.inner.cluster.get() {
+            Some(node) if node.is_fenced() => Err(StoreError::unavailable(format!(
+                "this node ({}) was fenced, as another node found it dead: restart it to join again",
+                node.me
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Every acknowledged write was confirmed by Cassandra already: stop the
     /// writer; in cluster mode, then hand over the conversations held.
     async fn close(&self) -> Result<(), StoreError> {
