@@ -101,6 +101,7 @@ fn cassandra_keyspace() -> &'static str {
 /// Nodes start one at a time against Cassandra, so only the first one of a
 /// process creates the keyspace.
 pub fn start_server(config: Config) -> Server {
+    show_warnings();
     let _one_at_a_time = STARTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     Server::start(config).unwrap()
 }
@@ -112,6 +113,18 @@ pub fn open_store(config: &Config) -> std::sync::Arc<dyn confab::store::Store> {
 }
 
 static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// In-process nodes log their warnings and errors into the test's captured
+/// output, so a failing test shows why its node refused or gave up
+/// (`RUST_LOG` overrides the level). Once per process.
+fn show_warnings() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
 
 /// A running in-process node and the temp dir it owns.
 pub struct TestServer {
