@@ -931,6 +931,14 @@ impl Config {
                 "cluster mode keeps history in Cassandra: set store.backend = \"cassandra\"",
             );
         }
+        // A node taking a conversation over must read every row and fence its
+        // holder acknowledged: majorities that overlap (docs/CLUSTER.md).
+        if self.cassandra.consistency == Consistency::One {
+            return invalid(
+                "cassandra.consistency",
+                "cluster mode needs \"quorum\", \"local_quorum\" or \"all\": with \"one\" a node taking a conversation over can miss acknowledged rows",
+            );
+        }
         if !cluster.redis.starts_with("redis://") && !cluster.redis.starts_with("rediss://") {
             return invalid("cluster.redis", "must be a redis:// or rediss:// URL");
         }
@@ -1165,6 +1173,7 @@ mod tests {
             (&[("CONFAB_CLUSTER__PREFIX", "")], "cluster.prefix"),
             (&[("CONFAB_CLUSTER__HEARTBEAT", "10ms")], "cluster.heartbeat"),
             (&[("CONFAB_CLUSTER__LEASE", "1500ms")], "cluster.lease"),
+            (&[("CONFAB_CASSANDRA__CONSISTENCY", "one")], "cassandra.consistency"),
         ] {
             let err = cluster(pairs).unwrap_err();
             assert!(err.contains(key), "{pairs:?}: {err}");
