@@ -167,9 +167,13 @@ impl Server {
         // handed its conversations over (`shutdown`), so no other node takes
         // one it still writes, and none waits for its lease to lapse.
         let leave = CancellationToken::new();
-        let cluster = match config.cluster.enabled() {
-            true => Some((crate::cluster::join(&config.cluster, &store, leave.clone())?, leave)),
-            false => None,
+        let (cluster, peers) = match config.cluster.enabled() {
+            true => {
+                let link = Arc::new(shard::NodeLink::new(mesh.clone()));
+                let (thread, peers) = crate::cluster::join(&config.cluster, &store, link, leave.clone())?;
+                (Some((thread, leave)), Some(peers))
+            }
+            false => (None, None),
         };
         let context = NodeContext {
             store: store.clone(),
@@ -178,6 +182,7 @@ impl Server {
             admission,
             group_ids,
             pusher,
+            peers,
             config: Arc::new(config),
             tls,
             drain,

@@ -60,6 +60,15 @@ pub enum ChatError {
     /// The server is shutting down.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// Refused by the node that sequences the conversation (cluster mode),
+    /// or that node could not be reached.
+    #[error("{message}")]
+    Elsewhere {
+        /// The code the client sees.
+        code: ErrorCode,
+        /// The text the client sees.
+        message: String,
+    },
     /// A `StoreError`, passed on.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -75,6 +84,7 @@ impl ErrorKind for ChatError {
             Self::AlreadyExists => ErrorCode::AlreadyExists,
             Self::UnknownMessage => ErrorCode::NotFound,
             Self::Overloaded | Self::ShuttingDown => ErrorCode::Unavailable,
+            Self::Elsewhere { code, .. } => *code,
             Self::Store(err) => err.code(),
         }
     }
@@ -83,7 +93,7 @@ impl ErrorKind for ChatError {
 impl ErrorKind for StoreError {
     fn code(&self) -> ErrorCode {
         match self {
-            Self::Unavailable { .. } => ErrorCode::Unavailable,
+            Self::Unavailable { .. } | Self::HeldElsewhere { .. } => ErrorCode::Unavailable,
             _ => ErrorCode::Internal,
         }
     }

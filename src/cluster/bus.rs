@@ -119,6 +119,20 @@ impl Inbox {
         })
     }
 
+    /// Creates the inbox and its group again if they are gone (Redis restarted
+    /// without its data, or other nodes deleted the inbox while this node
+    /// was away); nothing if they are there.
+    pub async fn recreate(&self) -> Result<(), ClusterError> {
+        let created: Result<(), _> = self.client.xgroup_create(self.key.as_str(), GROUP, "$", true).await;
+        match created {
+            Err(err) if err.details().starts_with("BUSYGROUP") => Ok(()),
+            other => other.map_err(|source| ClusterError::Redis {
+                what: "XGROUP CREATE",
+                source,
+            }),
+        }
+    }
+
     /// Up to `count` entries not taken yet, waiting up to `block` for the
     /// first (empty after that). An entry without a payload is logged,
     /// acknowledged and left out.

@@ -7,13 +7,17 @@
 //! incarnation and takes a conversation from a node only once that node is no
 //! longer in the view (fencing it first); every node can compute where a
 //! conversation should be owned from the view ([`rendezvous`]); the [`bus`]
-//! carries entries between nodes' inboxes.
+//! carries [`envelope`]s between nodes' inboxes, through which [`peers`]
+//! forwards appends to the node that holds their conversation and relays
+//! committed messages and pushes to the sessions on other nodes.
 //!
 //! Redis is reached through `fred` on a runtime of its own (one thread,
 //! `confab-cluster`), never on a shard.
 
 pub mod bus;
+pub mod envelope;
 pub mod membership;
+pub mod peers;
 pub mod rendezvous;
 
 use crate::config::ClusterConfig;
@@ -21,6 +25,7 @@ use crate::store::Store;
 pub use crate::store::ownership::Incarnation;
 use crate::store::ownership::Liveness;
 use membership::{LiveNodes, Membership};
+pub use peers::{Local, Peers};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -52,12 +57,18 @@ pub enum ClusterError {
 /// answer at once. Later losses of the connection are retried in the
 /// background, and a command waits at most one heartbeat interval.
 pub async fn connect(config: &ClusterConfig) -> Result<fred::clients::Client, ClusterError> {
+    connect_waiting(config, config.heartbeat).await
+}
+
+/// [`connect`] for a client whose commands may wait up to `timeout` (blocking
+/// reads).
+pub async fn connect_waiting(config: &ClusterConfig, timeout: Duration) -> Result<fred::clients::Client, ClusterError> {
     use fred::interfaces::ClientLike as _;
     use fred::types::config::{Config, ReconnectPolicy};
     let redis = Config::from_url(&config.redis).map_err(ClusterError::BadUrl)?;
     let client = fred::types::Builder::from_config(redis)
         .with_connection_config(|connection| connection.connection_timeout = config.heartbeat)
-        .with_performance_config(|performance| performance.default_command_timeout = config.heartbeat)
+        .with_performance_config(|performance| performance.default_command_timeout = timeout)
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
         .build()
         .map_err(ClusterError::BadUrl)?;
@@ -68,25 +79,32 @@ pub async fn connect(config: &ClusterConfig) -> Result<fred::clients::Client, Cl
     Ok(client)
 }
 
-/// Joins the cluster: connects to Redis, announces this node with a first
-/// heartbeat (so a wrong address or a Redis that is down is an error at
-/// start), makes `store` write as this node, then keeps beating on the
+/// Joins the cluster: connects to Redis, opens this node's inbox (handing
+/// what arrives to `local`), announces this node with a first heartbeat (so a
+/// wrong address or a Redis that is down is an error at start), makes `store`
+/// write as this node, then keeps beating and serving the inbox on the
 /// `confab-cluster` thread until `leave` (once the node has stopped and its
 /// store handed its conversations over), when it leaves the live set at once
-/// instead of letting its lease lapse.
+/// instead of letting its lease lapse. Returns the thread and the handle
+/// shards reach the other nodes through.
 pub fn join(
     config: &ClusterConfig,
     store: &Arc<dyn Store>,
+    local: Arc<dyn Local>,
     leave: CancellationToken,
-) -> Result<std::thread::JoinHandle<()>, ClusterError> {
+) -> Result<(std::thread::JoinHandle<()>, Peers), ClusterError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ClusterError::Thread)?;
     let me = Incarnation::random();
     let view = Arc::new(RwLock::new(LiveNodes::default()));
-    let membership = runtime.block_on(async {
-        let membership = Membership::new(connect(config).await?, config, me);
+    let (membership, outbox, peers, serving) = runtime.block_on(async {
+        let client = connect(config).await?;
+        let outbox = bus::Outbox::new(client.clone(), &config.prefix, peers::INBOX_LENGTH);
+        let membership = Membership::new(client, config, me);
+        // The inbox exists before any node can see this one.
+        let (peers, serving) = peers::start(config, me, view.clone(), local, leave.clone()).await?;
         let first = membership.beat().await?;
         tracing::info!(incarnation = %me, live = %first.live, "joined the cluster");
         *view.write().unwrap_or_else(PoisonError::into_inner) = first.live;
@@ -96,20 +114,30 @@ pub fn join(
             live.as_slice().binary_search(&node).is_ok()
         });
         store.join_cluster(me, is_live).await?;
-        Ok::<_, ClusterError>(membership)
+        Ok::<_, ClusterError>((membership, outbox, peers, serving))
     })?;
     let heartbeat = config.heartbeat;
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("confab-cluster".into())
-        .spawn(move || runtime.block_on(keep_beating(membership, view, heartbeat, leave)))
-        .map_err(ClusterError::Thread)
+        .spawn(move || {
+            runtime.block_on(async move {
+                let serving = tokio::spawn(serving);
+                keep_beating(membership, &outbox, view, heartbeat, leave).await;
+                // The inbox is closed once `leave` ends its reads.
+                let _ = serving.await;
+            });
+        })
+        .map_err(ClusterError::Thread)?;
+    Ok((thread, peers))
 }
 
-/// Beats every `heartbeat` and logs changes of the live set. A failed beat
-/// keeps the last view: without Redis nobody learns that a node died, and the
-/// store's fences keep writes safe meanwhile (docs/CLUSTER.md).
+/// Beats every `heartbeat` and logs changes of the live set; deletes the
+/// inboxes of nodes that left it (what they held is in the store). A failed
+/// beat keeps the last view: without Redis nobody learns that a node died, and
+/// the store's fences keep writes safe meanwhile (docs/CLUSTER.md).
 async fn keep_beating(
     membership: Membership,
+    outbox: &bus::Outbox,
     view: Arc<RwLock<LiveNodes>>,
     heartbeat: Duration,
     leave: CancellationToken,
@@ -143,6 +171,15 @@ async fn keep_beating(
                     view.write()
                         .unwrap_or_else(PoisonError::into_inner)
                         .clone_from(&beat.live);
+                    let gone = live
+                        .as_slice()
+                        .iter()
+                        .filter(|node| !beat.live.as_slice().contains(node));
+                    for node in gone {
+                        if let Err(err) = outbox.drop_inbox(*node).await {
+                            tracing::warn!(%node, error = %with_causes(&err), "deleting a departed node's inbox failed");
+                        }
+                    }
                     live = beat.live;
                 }
             }

@@ -23,6 +23,9 @@ pub struct AppendReply {
     pub origin: ShardId,
     /// When it was handed to the mesh, then taken by the owner, then given a seq.
     pub stage_at: Instant,
+    /// It came from another node (cluster mode): this node must sequence it
+    /// or refuse it, never forward it again.
+    pub forwarded: bool,
 }
 
 impl AppendReply {
@@ -34,7 +37,15 @@ impl AppendReply {
             answer,
             origin,
             stage_at: Instant::now(),
+            forwarded: false,
         };
+        (reply, answered)
+    }
+
+    /// A reply for an append another node forwarded, handed to the mesh now.
+    pub fn forwarded(owner: ShardId) -> (Self, oneshot::Receiver<Result<SendAck, ChatError>>) {
+        let (mut reply, answered) = Self::new(owner);
+        reply.forwarded = true;
         (reply, answered)
     }
 

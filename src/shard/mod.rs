@@ -19,6 +19,7 @@
 mod connection;
 mod directory;
 mod gauges;
+mod link;
 mod mesh;
 mod owner;
 mod presence;
@@ -27,6 +28,7 @@ mod sessions;
 mod signals;
 mod store_watch;
 
+pub use link::NodeLink;
 pub use mesh::Mesh;
 pub(crate) use mesh::ShardMsg;
 
@@ -73,6 +75,8 @@ pub struct NodeContext {
     pub group_ids: GroupIds,
     /// Notifications for users with no connection, when `push.webhook_url` is set.
     pub pusher: Option<crate::push::Pusher>,
+    /// The other nodes, in cluster mode.
+    pub peers: Option<crate::cluster::Peers>,
     /// TLS for the TCP and WebSocket listeners, when `[tls]` is on.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Phase one of shutdown: stop accepting, close connections.
@@ -99,6 +103,7 @@ pub struct Shard {
     admission: Admission,
     group_ids: GroupIds,
     pusher: Option<crate::push::Pusher>,
+    peers: Option<crate::cluster::Peers>,
     /// The sessions this shard holds.
     sessions: RefCell<LocalSessions>,
     /// Which shards hold sessions of which users.
@@ -206,6 +211,7 @@ async fn run(
         admission: context.admission.clone(),
         group_ids: context.group_ids,
         pusher: context.pusher,
+        peers: context.peers,
         sessions: RefCell::default(),
         directory,
         quotas: RefCell::new(quotas::UserQuotas::new(&context.config.limits)),

@@ -14,6 +14,8 @@ use crate::chat::{
     Signal, load_sent, lookup, message_frame,
 };
 use crate::clock::unix_ms;
+use crate::cluster::envelope::Relayed;
+use crate::cluster::{Incarnation, Peers};
 use crate::store::{GroupEvent, StoreError, StoredSend};
 use bytes::Bytes;
 use confab_proto::v1::{self, server_frame::Kind};
@@ -24,7 +26,7 @@ use confab_protocol::push_frame;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use std::cell::RefCell;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,7 +45,14 @@ pub(super) struct Owner {
     commit_queue: RefCell<VecDeque<Assigned<AppendReply>>>,
     commit_ready: Notify,
     receipts: RefCell<ReceiptCoalescer>,
+    /// Cluster mode: conversations another node holds, and which, learned when
+    /// taking them was refused; forgotten when that node leaves.
+    held_elsewhere: RefCell<HashMap<ConversationId, Incarnation>>,
 }
+
+/// Conversations held elsewhere an owner shard remembers at most (about 40
+/// bytes each); past that it forgets them all and asks the store again.
+const MAX_HELD_ELSEWHERE: usize = 100_000;
 
 impl Owner {
     pub(super) fn new(limits: SequencerLimits) -> Self {
@@ -52,7 +61,35 @@ impl Owner {
             commit_queue: RefCell::default(),
             commit_ready: Notify::new(),
             receipts: RefCell::default(),
+            held_elsewhere: RefCell::default(),
         }
+    }
+
+    /// The live node that holds `conversation`, if another one does as far as
+    /// this shard knows.
+    fn holder(&self, conversation: ConversationId, peers: &Peers) -> Option<Incarnation> {
+        let mut held = self.held_elsewhere.borrow_mut();
+        let holder = *held.get(&conversation)?;
+        if peers.is_live(holder) {
+            return Some(holder);
+        }
+        held.remove(&conversation);
+        None
+    }
+
+    fn forget_holder(&self, conversation: ConversationId, holder: Incarnation) {
+        let mut held = self.held_elsewhere.borrow_mut();
+        if held.get(&conversation) == Some(&holder) {
+            held.remove(&conversation);
+        }
+    }
+
+    fn held_by(&self, conversation: ConversationId, holder: Incarnation) {
+        let mut held = self.held_elsewhere.borrow_mut();
+        if held.len() >= MAX_HELD_ELSEWHERE {
+            held.clear();
+        }
+        held.insert(conversation, holder);
     }
 
     /// Messages assigned and waiting for the committer.
@@ -71,6 +108,12 @@ impl Owner {
 /// from memory is resolved here, one that reads the store runs as a task.
 pub(super) fn submit(shard: &Rc<Shard>, append: Append, mut reply: AppendReply) {
     reply.stage(&shard.stages.to_owner);
+    if let Some(peers) = &shard.peers
+        && !reply.forwarded
+        && let Some(holder) = shard.owner.holder(append.conversation, peers)
+    {
+        return forward(shard, peers, holder, append, reply);
+    }
     let admission = shard.owner.sequencer.borrow_mut().submit(append, reply);
     match admission {
         Admission::Queued => {}
@@ -134,7 +177,12 @@ fn start_loads(shard: &Rc<Shard>, check: &mut Check) {
 
 /// Hands a check's result to the sequencer and answers what it resolved: the
 /// next check of the conversation, if more queued meanwhile.
-fn resolve(shard: &Shard, conversation: ConversationId, result: Result<CheckResult, ChatError>) -> Option<Check> {
+fn resolve(shard: &Rc<Shard>, conversation: ConversationId, result: Result<CheckResult, ChatError>) -> Option<Check> {
+    if let Err(ChatError::Store(StoreError::HeldElsewhere { holder, .. })) = &result
+        && let Some(peers) = &shard.peers
+    {
+        return forward_held(shard, peers, conversation, *holder);
+    }
     let mut sequencer = shard.owner.sequencer.borrow_mut();
     match result {
         Ok(result) => {
@@ -181,6 +229,55 @@ fn resolve(shard: &Shard, conversation: ConversationId, result: Result<CheckResu
             next
         }
     }
+}
+
+/// Another live node holds `conversation`: the appends its check covered go
+/// there, and so will the next ones.
+fn forward_held(shard: &Rc<Shard>, peers: &Peers, conversation: ConversationId, holder: Incarnation) -> Option<Check> {
+    shard.owner.held_by(conversation, holder);
+    let (covered, next) = shard.owner.sequencer.borrow_mut().check_failed(conversation);
+    for (append, reply) in covered {
+        match reply.forwarded {
+            // Each node takes the other for the holder: the client retries
+            // once their views agree again.
+            true => {
+                let _ = reply.send(Err(ChatError::Store(StoreError::HeldElsewhere {
+                    conversation,
+                    holder,
+                })));
+            }
+            false => forward(shard, peers, holder, append, reply),
+        }
+    }
+    next
+}
+
+/// Sends `append` to the node that holds its conversation and passes its
+/// answer on. An UNAVAILABLE answer (that node is leaving, or did not answer)
+/// makes this shard ask the store again next time.
+fn forward(shard: &Rc<Shard>, peers: &Peers, holder: Incarnation, append: Append, reply: AppendReply) {
+    let conversation = append.conversation;
+    let client_msg_id = append.client_msg_id.clone();
+    let answer = peers.forward(holder, append);
+    let owner = shard.clone();
+    shard.spawn_core(async move {
+        let answer = answer.await.map(|acked| SendAck {
+            conversation,
+            seq: acked.seq,
+            server_time_ms: acked.server_time_ms,
+            client_msg_id,
+        });
+        let answer = answer.map_err(|refusal| {
+            if refusal.code == confab_protocol::ErrorCode::Unavailable {
+                owner.owner.forget_holder(conversation, holder);
+            }
+            ChatError::Elsewhere {
+                code: refusal.code,
+                message: refusal.message,
+            }
+        });
+        let _ = reply.send(answer);
+    });
 }
 
 /// Batches a shard's committer keeps in the store at once.
@@ -361,7 +458,18 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
     let committed_at = Instant::now();
     let shards = shard.mesh.shard_count();
     let mut per_shard: Vec<Arrivals> = (0..shards).map(|_| Arrivals::default()).collect();
+    let mut relayed = Vec::new();
+    let relaying = shard.peers.as_ref().filter(|peers| peers.others_live());
     for message in committed {
+        if relaying.is_some() {
+            relayed.push(Relayed {
+                conversation: message.ack.conversation,
+                seq: message.ack.seq,
+                frame: message.frame.clone(),
+                users: message.recipients.to_vec(),
+                skip_device: Some(message.sender),
+            });
+        }
         if let Some(left) = message.left_group {
             let others = message.recipients.to_vec();
             shard.spawn_core(super::presence::membership_ended(shard.clone(), left, others));
@@ -422,6 +530,9 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
             tracing::warn!(to = index, "shard stopped; deliveries dropped");
         }
     }
+    if let Some(peers) = relaying {
+        peers.relay(relayed).await;
+    }
 }
 
 /// Forgets send records older than the dedup window, every 1/24 of the window
@@ -459,8 +570,19 @@ fn split_by_shard(shard: &Shard, recipients: &[UserId]) -> Vec<Vec<UserId>> {
     users
 }
 
-/// Sends one ephemeral push (not part of any sequence) to `recipients`.
+/// Sends one ephemeral push (not part of any sequence) to `recipients`, on
+/// this node and the others.
 async fn push_to(shard: &Shard, conversation: ConversationId, recipients: &[UserId], frame: Bytes) {
+    if let Some(peers) = shard.peers.as_ref().filter(|peers| peers.others_live()) {
+        let relayed = Relayed {
+            conversation,
+            seq: 0,
+            frame: frame.clone(),
+            users: recipients.to_vec(),
+            skip_device: None,
+        };
+        peers.relay(vec![relayed]).await;
+    }
     for (index, users) in split_by_shard(shard, recipients).into_iter().enumerate() {
         if users.is_empty() {
             continue;

@@ -70,6 +70,15 @@ pub enum StoreError {
     /// The store is shut down.
     #[error("the store is shut down")]
     Closed,
+    /// Cluster mode: another live node holds the conversation and sequences
+    /// it; appends to it go there.
+    #[error("{conversation} is sequenced by node {holder}")]
+    HeldElsewhere {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The node that holds it.
+        holder: ownership::Incarnation,
+    },
     /// The database did not confirm the operation (unreachable, timed out, too few
     /// replicas); nothing acknowledged was lost, and a retry may succeed.
     #[error("the database is unavailable: {what}{}", Because(.cause))]

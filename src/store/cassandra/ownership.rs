@@ -132,9 +132,10 @@ impl CassandraStore {
                     fenced_one = true;
                     continue;
                 }
-                Err(ClaimError::Owned { owner, .. }) => Err(StoreError::unavailable(format!(
-                    "{conversation} is sequenced by node {owner}: sends to it through other nodes are not built yet"
-                ))),
+                Err(ClaimError::Owned { owner, .. }) => Err(StoreError::HeldElsewhere {
+                    conversation,
+                    holder: owner,
+                }),
                 Err(ClaimError::Store(err)) => Err(err),
                 Err(err) => Err(StoreError::unavailable(format!("taking {conversation}: {err}"))),
             };

@@ -198,8 +198,11 @@ impl Inner {
     }
 
     /// A conversation's (last seq, last time), `None` before its first message.
+    /// The head this node wrote or read last serves, unless another node of
+    /// a cluster sequences the conversation (it moves there).
     pub(super) async fn head(&self, conversation: ConversationId) -> Result<Option<(Seq, u64)>, StoreError> {
-        if let Some(head) = self.known_heads.get(&conversation) {
+        let writes_here = self.cluster.get().is_none_or(|node| node.epoch(conversation).is_some());
+        if writes_here && let Some(head) = self.known_heads.get(&conversation) {
             return Ok(Some(head));
         }
         let rows: Vec<(i64, i64)> = self.rows(&self.statements.head, (conversation.to_string(),)).await?;

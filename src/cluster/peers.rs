@@ -1,0 +1,328 @@
+//! Talking to the other nodes through the [`bus`](super::bus): forwarding an
+//! append to the node that sequences its conversation and waiting for its
+//! answer, relaying committed messages and pushes to every other live node,
+//! and serving what other nodes send here (docs/CLUSTER.md, "Forwarding and
+//! fan-out").
+//!
+//! Shards hold a [`Peers`] handle; everything that touches Redis runs on the
+//! `confab-cluster` thread: one task sends (whatever queued while the last
+//! pipeline was in flight goes in the next, so entries per round trip grow
+//! with load), one reads this node's inbox. What arrives is handed to the
+//! node through [`Local`], which the shards implement.
+
+use super::bus::{Inbox, Outbox};
+use super::envelope::{Answer, Envelope, Refusal, Relayed};
+use super::membership::LiveNodes;
+use super::{Incarnation, with_causes};
+use async_trait::async_trait;
+use confab_protocol::Append;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Entries queued for the sending task at most; past that, forwards are
+/// refused as overloaded and relays wait.
+const OUTGOING_QUEUE: usize = 8_192;
+/// Entries one pipeline carries at most.
+const MAX_PER_ROUND_TRIP: usize = 1_024;
+/// Entries one inbox read takes at most.
+const MAX_PER_READ: u64 = 512;
+/// How long an inbox read blocks when there is nothing to read.
+const READ_BLOCK: Duration = Duration::from_millis(500);
+/// Entries an inbox keeps at most (about: `MAXLEN ~`): a node that stops
+/// reading loses the oldest, which the store still has.
+pub(super) const INBOX_LENGTH: u64 = 100_000;
+/// How long a forward waits for its answer at most (less when the lease is
+/// shorter): a client waits no longer than that for an ack.
+const MAX_PATIENCE: Duration = Duration::from_secs(5);
+/// Forwards waiting for their answers at most.
+const MAX_WAITING: usize = 65_536;
+
+/// An answer still to come.
+pub type PendingAnswer = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// What this node does with what other nodes send it.
+#[async_trait]
+pub trait Local: Send + Sync + 'static {
+    /// Hands a forwarded append to its conversation's sequencer here, in the
+    /// order forwards arrive; the answer comes once it is stored or refused.
+    async fn submit(&self, append: Append) -> PendingAnswer;
+
+    /// Delivers frames to the sessions of their users on this node.
+    async fn deliver(&self, relayed: Vec<Relayed>);
+}
+
+/// An entry for the sending task.
+#[derive(Debug)]
+enum Outgoing {
+    /// To one node.
+    To(Incarnation, Envelope),
+    /// To every live node but this one.
+    Everyone(Envelope),
+}
+
+/// Forwards waiting for answers, by token.
+type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+
+/// A shard's handle on the other nodes. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    me: Incarnation,
+    live: Arc<RwLock<LiveNodes>>,
+    outgoing: mpsc::Sender<Outgoing>,
+    waiting: Waiting,
+    tokens: Arc<AtomicU64>,
+    /// How long a forward waits for its answer.
+    patience: Duration,
+}
+
+impl Peers {
+    /// This node.
+    pub fn me(&self) -> Incarnation {
+        self.me
+    }
+
+    /// Whether `node` was live at the last heartbeat.
+    pub fn is_live(&self, node: Incarnation) -> bool {
+        let live = self.live.read().unwrap_or_else(PoisonError::into_inner);
+        live.as_slice().binary_search(&node).is_ok()
+    }
+
+    /// Whether any other node was live at the last heartbeat.
+    pub fn others_live(&self) -> bool {
+        let live = self.live.read().unwrap_or_else(PoisonError::into_inner);
+        live.as_slice().iter().any(|node| *node != self.me)
+    }
+
+    /// Sends `append` to `node`, which sequences its conversation, and waits
+    /// for its answer. Queued before this returns, so forwards leave in the
+    /// order they were made; refused at once when too many wait, and answered
+    /// UNAVAILABLE when no answer comes within the lease.
+    pub fn forward(&self, node: Incarnation, append: Append) -> PendingAnswer {
+        let token = self.tokens.fetch_add(1, Ordering::Relaxed);
+        let (answer, answered) = oneshot::channel();
+        {
+            let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+            if waiting.len() >= MAX_WAITING {
+                waiting.retain(|_, waiter| !waiter.is_closed());
+            }
+            if waiting.len() >= MAX_WAITING {
+                return Box::pin(std::future::ready(Err(Refusal::unavailable(
+                    "too many sends wait for other nodes; retry later",
+                ))));
+            }
+            waiting.insert(token, answer);
+        }
+        let envelope = Envelope::Forward {
+            token,
+            reply_to: self.me,
+            append,
+        };
+        if self.outgoing.try_send(Outgoing::To(node, envelope)).is_err() {
+            self.forget(token);
+            return Box::pin(std::future::ready(Err(Refusal::unavailable(
+                "the link to other nodes is overloaded; retry later",
+            ))));
+        }
+        let (waiting, patience) = (self.waiting.clone(), self.patience);
+        Box::pin(async move {
+            let answer = tokio::time::timeout(patience, answered).await;
+            waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&token);
+            match answer {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(Refusal::unavailable("the link to other nodes closed; retry")),
+                Err(_) => Err(Refusal::unavailable(format!(
+                    "node {node}, which sequences this conversation, did not answer; retry"
+                ))),
+            }
+        })
+    }
+
+    fn forget(&self, token: u64) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&token);
+    }
+
+    /// Sends frames to every other live node, for the sessions of their users
+    /// there; waits while the sending task is full.
+    pub async fn relay(&self, relayed: Vec<Relayed>) {
+        if relayed.is_empty() {
+            return;
+        }
+        // Fails only once the node is leaving.
+        let _ = self.outgoing.send(Outgoing::Everyone(Envelope::Relay(relayed))).await;
+    }
+}
+
+/// Opens this node's inbox and returns the handle shards use and the two tasks
+/// to run on the cluster thread until `leave`.
+pub(super) async fn start(
+    config: &crate::config::ClusterConfig,
+    me: Incarnation,
+    live: Arc<RwLock<LiveNodes>>,
+    local: Arc<dyn Local>,
+    leave: CancellationToken,
+) -> Result<(Peers, impl Future<Output = ()> + use<>), super::ClusterError> {
+    let reads = super::connect_waiting(config, READ_BLOCK + config.heartbeat).await?;
+    let inbox = Inbox::open(reads, &config.prefix, me).await?;
+    let outbox = Outbox::new(super::connect(config).await?, &config.prefix, INBOX_LENGTH);
+    let (outgoing, queued) = mpsc::channel(OUTGOING_QUEUE);
+    let peers = Peers {
+        me,
+        live: live.clone(),
+        outgoing: outgoing.clone(),
+        waiting: Waiting::default(),
+        tokens: Arc::new(AtomicU64::new(1)),
+        patience: config.lease.min(MAX_PATIENCE),
+    };
+    let waiting = peers.waiting.clone();
+    let tasks = async move {
+        let sending = tokio::spawn(send(outbox, queued, me, live, waiting.clone()));
+        receive(&inbox, local, waiting, outgoing, &leave).await;
+        sending.abort();
+        if let Err(err) = inbox.close().await {
+            tracing::warn!(error = %with_causes(&err), "deleting this node's inbox failed");
+        }
+    };
+    Ok((peers, tasks))
+}
+
+/// The sending task: each round takes whatever queued and sends it in one
+/// pipeline. When Redis does not take it, the forwards in it are answered
+/// UNAVAILABLE and the relays are dropped (their messages are stored; clients
+/// on other nodes get them when they next catch up).
+async fn send(
+    outbox: Outbox,
+    mut queued: mpsc::Receiver<Outgoing>,
+    me: Incarnation,
+    live: Arc<RwLock<LiveNodes>>,
+    waiting: Waiting,
+) {
+    let per_round_trip = metrics::histogram!("confab_cluster_entries_per_round_trip");
+    let mut batch = Vec::with_capacity(MAX_PER_ROUND_TRIP);
+    let mut reachable = true;
+    while queued.recv_many(&mut batch, MAX_PER_ROUND_TRIP).await > 0 {
+        let others: Vec<Incarnation> = {
+            let live = live.read().unwrap_or_else(PoisonError::into_inner);
+            live.as_slice().iter().copied().filter(|node| *node != me).collect()
+        };
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut forwards = Vec::new();
+        for outgoing in batch.drain(..) {
+            match outgoing {
+                Outgoing::To(node, envelope) => {
+                    if let Envelope::Forward { token, .. } = &envelope {
+                        forwards.push(*token);
+                    }
+                    entries.push((node, envelope.encode()));
+                }
+                Outgoing::Everyone(envelope) => {
+                    let payload = envelope.encode();
+                    entries.extend(others.iter().map(|node| (*node, payload.clone())));
+                }
+            }
+        }
+        per_round_trip.record(entries.len() as f64);
+        match outbox.send(&entries).await {
+            Ok(()) if !reachable => {
+                tracing::info!("Redis takes this node's entries again");
+                reachable = true;
+            }
+            Ok(()) => {}
+            Err(err) => {
+                if reachable {
+                    tracing::warn!(error = %with_causes(&err), "sending to other nodes failed: forwards refused, relays dropped");
+                    reachable = false;
+                }
+                let mut waiting = waiting.lock().unwrap_or_else(PoisonError::into_inner);
+                for token in forwards {
+                    if let Some(waiter) = waiting.remove(&token) {
+                        let _ = waiter.send(Err(Refusal::unavailable(
+                            "other nodes cannot be reached (Redis); retry later",
+                        )));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The receiving task: reads this node's inbox until `leave`, hands each entry
+/// on in order and acknowledges what it read.
+async fn receive(
+    inbox: &Inbox,
+    local: Arc<dyn Local>,
+    waiting: Waiting,
+    outgoing: mpsc::Sender<Outgoing>,
+    leave: &CancellationToken,
+) {
+    let mut reachable = true;
+    loop {
+        let entries = tokio::select! {
+            () = leave.cancelled() => return,
+            entries = inbox.receive(MAX_PER_READ, READ_BLOCK) => entries,
+        };
+        let entries = match entries {
+            Ok(entries) => {
+                if !reachable {
+                    tracing::info!("reading this node's inbox again");
+                    reachable = true;
+                }
+                entries
+            }
+            Err(err) => {
+                if reachable {
+                    tracing::warn!(error = %with_causes(&err), "reading this node's inbox failed; retrying");
+                    reachable = false;
+                }
+                // Redis may have come back without the inbox (no AOF).
+                if let Err(err) = inbox.recreate().await {
+                    tracing::debug!(error = %with_causes(&err), "recreating the inbox failed");
+                }
+                tokio::select! {
+                    () = leave.cancelled() => return,
+                    () = tokio::time::sleep(READ_BLOCK) => continue,
+                }
+            }
+        };
+        let mut ids = Vec::with_capacity(entries.len());
+        for entry in entries {
+            ids.push(entry.id);
+            match Envelope::decode(&entry.payload) {
+                Ok(Envelope::Forward {
+                    token,
+                    reply_to,
+                    append,
+                }) => {
+                    let pending = local.submit(append).await;
+                    let outgoing = outgoing.clone();
+                    tokio::spawn(async move {
+                        let answer = Envelope::Answer {
+                            token,
+                            answer: pending.await,
+                        };
+                        let _ = outgoing.send(Outgoing::To(reply_to, answer)).await;
+                    });
+                }
+                Ok(Envelope::Answer { token, answer }) => {
+                    let waiter = waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&token);
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(answer);
+                    }
+                }
+                Ok(Envelope::Relay(relayed)) => local.deliver(relayed).await,
+                Err(err) => tracing::warn!(error = %err, "an inbox entry that does not decode; dropped"),
+            }
+        }
+        if let Err(err) = inbox.ack(ids).await {
+            tracing::warn!(error = %with_causes(&err), "acknowledging inbox entries failed");
+        }
+    }
+}
