@@ -125,8 +125,11 @@ enum Scenario {
 struct Target {
     /// The server's listener for --transport, on loopback (127.0.0.0/8 or [::1]):
     /// the TCP port for tcp/tls, the WebSocket port for ws/wss, the UDP port for quic.
-    #[arg(long, default_value = "127.0.0.1:7300")]
-    server: SocketAddr,
+    /// Several, comma-separated (the nodes of a cluster): `direct` and `group`
+    /// spread their users over them in turn (the two users of a pair on
+    /// different nodes); other scenarios use the first.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7300")]
+    server: Vec<SocketAddr>,
     #[arg(long, value_parser = parse_transport, default_value = "tcp")]
     transport: Transport,
     /// SHA-256 of the server certificate (printed by `confab serve`), for tls, wss and quic.
@@ -135,13 +138,20 @@ struct Target {
 }
 
 impl Target {
-    /// The endpoint, refusing anything but loopback.
+    /// The first endpoint.
     fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        if !self.server.ip().is_loopback() {
-            bail!(
-                "--server must be a loopback address (127.0.0.0/8 or [::1]); got {}",
-                self.server
-            );
+        let first = self.endpoints()?.into_iter().next();
+        first.context("--server names no address")
+    }
+
+    /// Every endpoint, refusing anything but loopback.
+    fn endpoints(&self) -> anyhow::Result<Vec<Endpoint>> {
+        self.server.iter().map(|addr| self.endpoint_at(*addr)).collect()
+    }
+
+    fn endpoint_at(&self, addr: SocketAddr) -> anyhow::Result<Endpoint> {
+        if !addr.ip().is_loopback() {
+            bail!("--server must be a loopback address (127.0.0.0/8 or [::1]); got {addr}");
         }
         let pinned_certificate = match &self.cert_sha256 {
             Some(hex) => {
@@ -151,7 +161,7 @@ impl Target {
             None => None,
         };
         Ok(Endpoint {
-            addr: self.server,
+            addr,
             transport: self.transport,
             pinned_certificate,
         })
@@ -390,8 +400,8 @@ fn mode(common: &Common) -> scenario::Mode {
     }
 }
 
-fn check_common(common: &Common) -> anyhow::Result<Endpoint> {
-    let server = common.target.endpoint()?;
+fn check_common(common: &Common) -> anyhow::Result<Vec<Endpoint>> {
+    let servers = common.target.endpoints()?;
     if let Some(metrics) = common.metrics
         && !metrics.ip().is_loopback()
     {
@@ -401,7 +411,7 @@ fn check_common(common: &Common) -> anyhow::Result<Endpoint> {
     if !(1.0..=MAX_MESSAGES).contains(&messages) {
         bail!("--rate × --duration must be between 1 and {MAX_MESSAGES} messages");
     }
-    Ok(server)
+    Ok(servers)
 }
 
 /// Many connections need many descriptors: use the hard limit.

@@ -18,16 +18,17 @@ use std::net::SocketAddr;
 /// baseline's frame size.
 pub const FRAME_OVERHEAD_BYTES: usize = 32;
 
-/// Pairs of users, each sending to the other.
+/// Pairs of users, each sending to the other; with several servers, the two
+/// users of a pair are on different ones.
 pub async fn direct(
-    server: Endpoint,
+    servers: Vec<Endpoint>,
     pairs: usize,
     load: Load,
     mode: Mode,
     measure: Measure,
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
-    let connector = setup::Connector::new(server)?;
+    let connector = setup::Connector::spread(servers)?;
     let members = setup::members(&connector, pairs * 2).await?;
     let flows = members
         .chunks(2)
@@ -51,14 +52,14 @@ pub struct GroupShape {
 
 /// Groups whose first members send to everyone else.
 pub async fn group(
-    server: Endpoint,
+    servers: Vec<Endpoint>,
     shape: GroupShape,
     load: Load,
     mode: Mode,
     measure: Measure,
     parameters: serde_json::Value,
 ) -> anyhow::Result<Report> {
-    let connector = setup::Connector::new(server)?;
+    let connector = setup::Connector::spread(servers)?;
     let members = setup::members(&connector, shape.groups * shape.members).await?;
     let mut flows = Vec::new();
     for (index, group) in members.chunks(shape.members).enumerate() {

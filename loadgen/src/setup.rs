@@ -24,7 +24,8 @@ pub struct Member {
 }
 
 /// Signs up `count` fresh users (names unique to this run), logs each in and
-/// authenticates one connection per user.
+/// authenticates one connection per user, user `i` on the connector's server
+/// `i` (in turn).
 pub async fn members(connector: &Connector, count: usize) -> anyhow::Result<Vec<Member>> {
     let run: u32 = rand_suffix();
     let permits = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
@@ -32,7 +33,7 @@ pub async fn members(connector: &Connector, count: usize) -> anyhow::Result<Vec<
         let permits = permits.clone();
         async move {
             let _permit = permits.acquire().await.context("setup semaphore")?;
-            let client = connector.connect(None).await.context("connecting")?;
+            let client = connector.connect_nth(index).await.context("connecting")?;
             let name = format!("lg{run:08x}x{index}");
             let context = || format!("setting up user {name}");
             until_not_rate_limited(|| client.sign_up(&name, PASSWORD))
@@ -87,13 +88,21 @@ fn rand_suffix() -> u32 {
 /// socket and receive buffer for all, instead of ~2 MB each).
 #[derive(Debug, Clone)]
 pub struct Connector {
-    server: Endpoint,
+    /// The first server, then the others of a cluster.
+    servers: Vec<Endpoint>,
     quic: Option<confab_client::quinn::Endpoint>,
 }
 
 impl Connector {
     /// Must be called inside the runtime the run uses (QUIC drives its socket there).
     pub fn new(server: Endpoint) -> anyhow::Result<Self> {
+        Self::spread(vec![server])
+    }
+
+    /// A connector over several servers (the nodes of a cluster; at least one),
+    /// which [`Connector::connect_nth`] takes in turn.
+    pub fn spread(servers: Vec<Endpoint>) -> anyhow::Result<Self> {
+        let server = *servers.first().context("no server to connect to")?;
         let quic = match server.transport {
             confab_client::Transport::Quic => {
                 let local: std::net::SocketAddr = match server.addr {
@@ -104,16 +113,24 @@ impl Connector {
             }
             _ => None,
         };
-        Ok(Self { server, quic })
+        Ok(Self { servers, quic })
     }
 
+    /// The first server.
     pub fn server(&self) -> Endpoint {
-        self.server
+        self.servers[0]
     }
 
-    /// A connected client, from `local_ip` when given (TCP-based transports).
+    /// A client connected to the first server, from `local_ip` when given
+    /// (TCP-based transports).
     pub async fn connect(&self, local_ip: Option<IpAddr>) -> Result<Client, confab_client::ClientError> {
-        Client::connect_with(self.server, self.options(local_ip)).await
+        Client::connect_with(self.server(), self.options(local_ip)).await
+    }
+
+    /// A client connected to server `index` (modulo their number).
+    pub async fn connect_nth(&self, index: usize) -> Result<Client, confab_client::ClientError> {
+        let server = self.servers[index % self.servers.len()];
+        Client::connect_with(server, self.options(None)).await
     }
 
     /// A client connected and authenticated with `access_token` in one round
@@ -123,7 +140,7 @@ impl Connector {
         local_ip: Option<IpAddr>,
         access_token: &str,
     ) -> Result<Client, confab_client::ClientError> {
-        let (client, _) = Client::connect_authenticated(self.server, self.options(local_ip), access_token).await?;
+        let (client, _) = Client::connect_authenticated(self.server(), self.options(local_ip), access_token).await?;
         Ok(client)
     }
 

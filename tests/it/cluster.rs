@@ -437,3 +437,30 @@ async fn a_retry_through_another_node_gets_the_original_ack() {
         "stored once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
+async fn the_first_sends_of_a_conversation_through_two_nodes_at_once_are_both_acknowledged() {
+    const PAIRS: usize = 30;
+    let mut cluster = Cluster::new("2s");
+    let (a, b) = (cluster.start(), cluster.start());
+    sees_live(&b, 2.0).await;
+    let mut pairs = Vec::new();
+    for _ in 0..PAIRS {
+        let (left, left_id, _) = user_on(&a, "left").await;
+        let (right, right_id, _) = user_on(&b, "right").await;
+        pairs.push((left, left_id, right, right_id));
+    }
+    // Both nodes race to claim each new conversation: the loser forwards.
+    let races = pairs.iter().map(|(left, left_id, right, right_id)| async move {
+        let (from_left, from_right) = tokio::join!(
+            left.send_direct(*right_id, "l", "hi"),
+            right.send_direct(*left_id, "r", "hi")
+        );
+        let (from_left, from_right) = (from_left.unwrap(), from_right.unwrap());
+        let mut seqs = [from_left.seq, from_right.seq];
+        seqs.sort_unstable();
+        assert_eq!(seqs, [1, 2], "{}", from_left.conversation_id);
+    });
+    futures::future::join_all(races).await;
+}

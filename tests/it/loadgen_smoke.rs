@@ -27,7 +27,7 @@ async fn direct_scenario_runs_clean_with_every_measure() {
         server_pid: Some(std::process::id()),
         metrics: node.server.as_ref().unwrap().metrics_addr(),
     };
-    let report = scenario::direct(node.addr, 4, load(), Mode::Once, measure, serde_json::json!({}))
+    let report = scenario::direct(vec![node.addr], 4, load(), Mode::Once, measure, serde_json::json!({}))
         .await
         .unwrap();
     assert_eq!(report.violations, Vec::<String>::new());
@@ -53,7 +53,7 @@ async fn group_scenario_runs_clean() {
         senders: 2,
     };
     let report = scenario::group(
-        node.addr,
+        vec![node.addr],
         shape,
         load(),
         Mode::Once,
@@ -114,9 +114,16 @@ async fn ramp_finds_a_rate_that_holds() {
         duration: Duration::from_millis(300),
         ..load()
     };
-    let report = scenario::direct(node.addr, 2, quick, mode, Measure::default(), serde_json::json!({}))
-        .await
-        .unwrap();
+    let report = scenario::direct(
+        vec![node.addr],
+        2,
+        quick,
+        mode,
+        Measure::default(),
+        serde_json::json!({}),
+    )
+    .await
+    .unwrap();
     assert_eq!(report.violations, Vec::<String>::new());
     let steps = report.parameters["ramp_steps"].as_array().unwrap();
     assert!(steps.len() >= 2, "{steps:?}");

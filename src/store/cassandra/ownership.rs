@@ -19,6 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Rows of `(seq, epoch)` read per step when looking for the highest row that
 /// is not stale: stale rows are at most one flush per fenced owner.
 const ROWS_PER_STEP: i32 = 256;
+/// Claims a take retries after another node won the race for the same
+/// conversation (the next read names the winner).
+const MAX_LOST_RACES: u32 = 3;
 
 /// Lightweight transactions at once when a node hands over its conversations.
 const RELEASES_AT_ONCE: usize = 16;
@@ -123,9 +126,16 @@ impl CassandraStore {
                 .await;
         }
         let mut fenced_one = false;
+        let mut lost = 0;
         loop {
             return match self.claim(conversation).await {
                 Ok(claim) => Ok(claim.next_seq - 1),
+                // Another node claimed it between this node's read and its
+                // write: read again, to learn who holds it now.
+                Err(ClaimError::Lost) if lost < MAX_LOST_RACES => {
+                    lost += 1;
+                    continue;
+                }
                 Err(ClaimError::Owned { owner, epoch }) if !fenced_one && !(node.is_live)(owner) => {
                     tracing::warn!(%owner, epoch, %conversation, "fencing a node that is no longer live, to take its conversation");
                     self.fence(owner).await?;
