@@ -92,18 +92,21 @@ pub struct Entry {
     pub payload: Bytes,
 }
 
-/// This node's inbox. Reads block, so it needs a connection of its own.
+/// This node's inbox. Reads block, so they need a connection of their own;
+/// acknowledgements go through another, so they never wait behind a read.
 #[derive(Debug)]
 pub struct Inbox {
     client: Client,
+    acks: Client,
     key: String,
     consumer: String,
 }
 
 impl Inbox {
     /// Creates `me`'s inbox (empty) and its consumer group; call before the
-    /// node announces itself, so nothing sent to it is missed.
-    pub async fn open(client: Client, prefix: &str, me: Incarnation) -> Result<Self, ClusterError> {
+    /// node announces itself, so nothing sent to it is missed. Reads go
+    /// through `client`, acknowledgements through `acks`.
+    pub async fn open(client: Client, acks: Client, prefix: &str, me: Incarnation) -> Result<Self, ClusterError> {
         let key = inbox_key(prefix, me);
         let () = client
             .xgroup_create(key.as_str(), GROUP, "0", true)
@@ -114,6 +117,7 @@ impl Inbox {
             })?;
         Ok(Self {
             client,
+            acks,
             key,
             consumer: me.to_string(),
         })
@@ -183,7 +187,7 @@ impl Inbox {
             return Ok(());
         }
         let _acked: i64 = self
-            .client
+            .acks
             .xack(self.key.as_str(), GROUP, ids)
             .await
             .map_err(|source| ClusterError::Redis { what: "XACK", source })?;
@@ -191,9 +195,9 @@ impl Inbox {
     }
 
     /// Deletes the inbox: the node is leaving.
-    pub async fn close(self) -> Result<(), ClusterError> {
+    pub async fn close(&self) -> Result<(), ClusterError> {
         let _deleted: i64 = self
-            .client
+            .acks
             .del(self.key.as_str())
             .await
             .map_err(|source| ClusterError::Redis { what: "DEL", source })?;
@@ -220,7 +224,8 @@ mod tests {
 
     async fn inbox(config: &ClusterConfig, me: Incarnation) -> Inbox {
         let client = super::super::connect(config).await.unwrap();
-        Inbox::open(client, &config.prefix, me).await.unwrap()
+        let acks = super::super::connect(config).await.unwrap();
+        Inbox::open(client, acks, &config.prefix, me).await.unwrap()
     }
 
     async fn outbox(config: &ClusterConfig, max_len: u64) -> Outbox {

@@ -64,10 +64,18 @@ pub async fn connect(config: &ClusterConfig) -> Result<fred::clients::Client, Cl
 /// reads).
 pub async fn connect_waiting(config: &ClusterConfig, timeout: Duration) -> Result<fred::clients::Client, ClusterError> {
     use fred::interfaces::ClientLike as _;
-    use fred::types::config::{Config, ReconnectPolicy};
+    use fred::types::config::{Config, ReconnectPolicy, TcpConfig};
     let redis = Config::from_url(&config.redis).map_err(ClusterError::BadUrl)?;
     let client = fred::types::Builder::from_config(redis)
-        .with_connection_config(|connection| connection.connection_timeout = config.heartbeat)
+        .with_connection_config(|connection| {
+            connection.connection_timeout = config.heartbeat;
+            // Entries are small and latency counts: no Nagle delay behind an
+            // unacknowledged write (it cost ~15 ms per forwarded send).
+            connection.tcp = TcpConfig {
+                nodelay: Some(true),
+                ..TcpConfig::default()
+            };
+        })
         .with_performance_config(|performance| performance.default_command_timeout = timeout)
         .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
         .build()

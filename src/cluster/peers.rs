@@ -171,8 +171,9 @@ pub(super) async fn start(
     leave: CancellationToken,
 ) -> Result<(Peers, impl Future<Output = ()> + use<>), super::ClusterError> {
     let reads = super::connect_waiting(config, READ_BLOCK + config.heartbeat).await?;
-    let inbox = Inbox::open(reads, &config.prefix, me).await?;
-    let outbox = Outbox::new(super::connect(config).await?, &config.prefix, INBOX_LENGTH);
+    let writes = super::connect(config).await?;
+    let inbox = Arc::new(Inbox::open(reads, writes.clone(), &config.prefix, me).await?);
+    let outbox = Outbox::new(writes, &config.prefix, INBOX_LENGTH);
     let (outgoing, queued) = mpsc::channel(OUTGOING_QUEUE);
     let peers = Peers {
         me,
@@ -257,7 +258,7 @@ async fn send(
 /// The receiving task: reads this node's inbox until `leave`, hands each entry
 /// on in order and acknowledges what it read.
 async fn receive(
-    inbox: &Inbox,
+    inbox: &Arc<Inbox>,
     local: Arc<dyn Local>,
     waiting: Waiting,
     outgoing: mpsc::Sender<Outgoing>,
@@ -321,8 +322,12 @@ async fn receive(
                 Err(err) => tracing::warn!(error = %err, "an inbox entry that does not decode; dropped"),
             }
         }
-        if let Err(err) = inbox.ack(ids).await {
-            tracing::warn!(error = %with_causes(&err), "acknowledging inbox entries failed");
-        }
+        // Off the read path: the next read need not wait for it.
+        let acking = inbox.clone();
+        tokio::spawn(async move {
+            if let Err(err) = acking.ack(ids).await {
+                tracing::warn!(error = %with_causes(&err), "acknowledging inbox entries failed");
+            }
+        });
     }
 }
