@@ -7,7 +7,11 @@
 //! An entry is one opaque payload (field `p`); what it says is the caller's.
 //! The inbox is named after the incarnation, so a node that restarts never
 //! reads what was meant for its previous run: the store is the source of truth,
-//! and entries of a dead node are dropped with its inbox, not claimed.
+//! and entries of a dead node are dropped with its inbox, not claimed. Its
+//! owner keeps the inbox alive with an expiry it renews ([`Inbox::keep`]), so
+//! a dead node's inbox goes by itself, and no node deletes another's: after a
+//! Redis outage every lease looks lapsed, and deleting on that would drop
+//! what live nodes are sent.
 
 use super::{ClusterError, Incarnation};
 use bytes::Bytes;
@@ -67,17 +71,6 @@ impl Outbox {
         }
         Ok(())
     }
-
-    /// Deletes `node`'s inbox with whatever it still held: for a node that
-    /// left or died.
-    pub async fn drop_inbox(&self, node: Incarnation) -> Result<(), ClusterError> {
-        let _deleted: i64 = self
-            .client
-            .del(inbox_key(&self.prefix, node))
-            .await
-            .map_err(|source| ClusterError::Redis { what: "DEL", source })?;
-        Ok(())
-    }
 }
 
 /// `XREADGROUP`'s reply: per stream, its entries' ids and fields.
@@ -127,7 +120,7 @@ impl Inbox {
     /// without its data, or other nodes deleted the inbox while this node
     /// was away); nothing if they are there.
     pub async fn recreate(&self) -> Result<(), ClusterError> {
-        let created: Result<(), _> = self.client.xgroup_create(self.key.as_str(), GROUP, "$", true).await;
+        let created: Result<(), _> = self.acks.xgroup_create(self.key.as_str(), GROUP, "$", true).await;
         match created {
             Err(err) if err.details().starts_with("BUSYGROUP") => Ok(()),
             other => other.map_err(|source| ClusterError::Redis {
@@ -135,6 +128,33 @@ impl Inbox {
                 source,
             }),
         }
+    }
+
+    /// Renews the inbox's expiry to `ttl` from now, creating it (and its
+    /// group) again if it is gone.
+    pub async fn keep(&self, ttl: Duration) -> Result<(), ClusterError> {
+        let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let pexpire = |client: &Client| {
+            let key = self.key.clone();
+            let client = client.clone();
+            async move {
+                let renewed: i64 =
+                    client
+                        .pexpire(key.as_str(), ms, None)
+                        .await
+                        .map_err(|source| ClusterError::Redis {
+                            what: "PEXPIRE",
+                            source,
+                        })?;
+                Ok::<_, ClusterError>(renewed == 1)
+            }
+        };
+        if !pexpire(&self.acks).await? {
+            tracing::warn!(inbox = %self.key, "this node's inbox was gone (Redis lost it?): created again");
+            self.recreate().await?;
+            pexpire(&self.acks).await?;
+        }
+        Ok(())
     }
 
     /// Up to `count` entries not taken yet, waiting up to `block` for the
@@ -285,6 +305,29 @@ mod tests {
         outbox.send(&[(me, Bytes::from_static(b"late"))]).await.unwrap();
         let exists: u64 = client.exists(key.as_str()).await.unwrap();
         assert_eq!(exists, 0, "no inbox is made for a node that left");
+    }
+
+    #[tokio::test]
+    #[ignore = "needs a Redis server: TEST_REDIS=<host:port>"]
+    async fn a_kept_inbox_expires_unless_renewed_and_comes_back_when_lost() {
+        let config = config();
+        let me = Incarnation::random();
+        let inbox = inbox(&config, me).await;
+        let client = super::super::connect(&config).await.unwrap();
+        let key = inbox_key(&config.prefix, me);
+        inbox.keep(Duration::from_secs(60)).await.unwrap();
+        let ttl: i64 = client.pttl(key.as_str()).await.unwrap();
+        assert!((1..=60_000).contains(&ttl), "expires in {ttl} ms");
+
+        // Lost (Redis restarted without it): kept again, it takes entries.
+        let _: i64 = client.del(key.as_str()).await.unwrap();
+        inbox.keep(Duration::from_secs(60)).await.unwrap();
+        Outbox::new(client, &config.prefix, 100)
+            .send(&[(me, Bytes::from_static(b"after"))])
+            .await
+            .unwrap();
+        let entries = inbox.receive(10, WAIT).await.unwrap();
+        assert_eq!(entries.len(), 1);
     }
 
     #[tokio::test]

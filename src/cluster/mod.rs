@@ -107,9 +107,8 @@ pub fn join(
         .map_err(ClusterError::Thread)?;
     let me = Incarnation::random();
     let view = Arc::new(RwLock::new(LiveNodes::default()));
-    let (membership, outbox, peers, serving) = runtime.block_on(async {
+    let (membership, peers, serving) = runtime.block_on(async {
         let client = connect(config).await?;
-        let outbox = bus::Outbox::new(client.clone(), &config.prefix, peers::INBOX_LENGTH);
         let membership = Membership::new(client, config, me);
         // The inbox exists before any node can see this one.
         let (peers, serving) = peers::start(config, me, view.clone(), local, leave.clone()).await?;
@@ -122,7 +121,7 @@ pub fn join(
             live.as_slice().binary_search(&node).is_ok()
         });
         store.join_cluster(me, is_live).await?;
-        Ok::<_, ClusterError>((membership, outbox, peers, serving))
+        Ok::<_, ClusterError>((membership, peers, serving))
     })?;
     let heartbeat = config.heartbeat;
     let thread = std::thread::Builder::new()
@@ -130,7 +129,7 @@ pub fn join(
         .spawn(move || {
             runtime.block_on(async move {
                 let serving = tokio::spawn(serving);
-                keep_beating(membership, &outbox, view, heartbeat, leave).await;
+                keep_beating(membership, view, heartbeat, leave).await;
                 // The inbox is closed once `leave` ends its reads.
                 let _ = serving.await;
             });
@@ -139,13 +138,11 @@ pub fn join(
     Ok((thread, peers))
 }
 
-/// Beats every `heartbeat` and logs changes of the live set; deletes the
-/// inboxes of nodes that left it (what they held is in the store). A failed
+/// Beats every `heartbeat` and logs changes of the live set. A failed
 /// beat keeps the last view: without Redis nobody learns that a node died, and
 /// the store's fences keep writes safe meanwhile (docs/CLUSTER.md).
 async fn keep_beating(
     membership: Membership,
-    outbox: &bus::Outbox,
     view: Arc<RwLock<LiveNodes>>,
     heartbeat: Duration,
     leave: CancellationToken,
@@ -179,15 +176,6 @@ async fn keep_beating(
                     view.write()
                         .unwrap_or_else(PoisonError::into_inner)
                         .clone_from(&beat.live);
-                    let gone = live
-                        .as_slice()
-                        .iter()
-                        .filter(|node| !beat.live.as_slice().contains(node));
-                    for node in gone {
-                        if let Err(err) = outbox.drop_inbox(*node).await {
-                            tracing::warn!(%node, error = %with_causes(&err), "deleting a departed node's inbox failed");
-                        }
-                    }
                     live = beat.live;
                 }
             }

@@ -36,7 +36,11 @@ const MAX_PER_READ: u64 = 512;
 const READ_BLOCK: Duration = Duration::from_millis(500);
 /// Entries an inbox keeps at most (about: `MAXLEN ~`): a node that stops
 /// reading loses the oldest, which the store still has.
-pub(super) const INBOX_LENGTH: u64 = 100_000;
+const INBOX_LENGTH: u64 = 100_000;
+/// An inbox its node stopped renewing (it died) expires after this many
+/// leases, and at least [`MIN_INBOX_TTL`].
+const INBOX_TTL_LEASES: u32 = 10;
+const MIN_INBOX_TTL: Duration = Duration::from_secs(30);
 /// How long a forward waits for its answer at most (less when the lease is
 /// shorter): a client waits no longer than that for an ack.
 const MAX_PATIENCE: Duration = Duration::from_secs(5);
@@ -184,9 +188,11 @@ pub(super) async fn start(
         patience: config.lease.min(MAX_PATIENCE),
     };
     let waiting = peers.waiting.clone();
+    let inbox_ttl = (config.lease * INBOX_TTL_LEASES).max(MIN_INBOX_TTL);
+    inbox.keep(inbox_ttl).await?;
     let tasks = async move {
         let sending = tokio::spawn(send(outbox, queued, me, live, waiting.clone()));
-        receive(&inbox, local, waiting, outgoing, &leave).await;
+        receive(&inbox, inbox_ttl, local, waiting, outgoing, &leave).await;
         sending.abort();
         if let Err(err) = inbox.close().await {
             tracing::warn!(error = %with_causes(&err), "deleting this node's inbox failed");
@@ -259,13 +265,22 @@ async fn send(
 /// on in order and acknowledges what it read.
 async fn receive(
     inbox: &Arc<Inbox>,
+    inbox_ttl: Duration,
     local: Arc<dyn Local>,
     waiting: Waiting,
     outgoing: mpsc::Sender<Outgoing>,
     leave: &CancellationToken,
 ) {
     let mut reachable = true;
+    let mut kept = tokio::time::Instant::now();
     loop {
+        // Renewed a few times per expiry; reads block at most READ_BLOCK.
+        if kept.elapsed() >= inbox_ttl / 4 {
+            match inbox.keep(inbox_ttl).await {
+                Ok(()) => kept = tokio::time::Instant::now(),
+                Err(err) => tracing::debug!(error = %with_causes(&err), "renewing the inbox failed"),
+            }
+        }
         let entries = tokio::select! {
             () = leave.cancelled() => return,
             entries = inbox.receive(MAX_PER_READ, READ_BLOCK) => entries,
@@ -284,7 +299,7 @@ async fn receive(
                     reachable = false;
                 }
                 // Redis may have come back without the inbox (no AOF).
-                if let Err(err) = inbox.recreate().await {
+                if let Err(err) = inbox.keep(inbox_ttl).await {
                     tracing::debug!(error = %with_causes(&err), "recreating the inbox failed");
                 }
                 tokio::select! {

@@ -211,7 +211,7 @@ async fn device_on(node: &BinaryNode, name: &str) -> Client {
 
 /// Sends through `client` until the send is acknowledged: refused with
 /// UNAVAILABLE while the conversation's node is still taken for live.
-async fn send_once_taken(client: &Client, to: UserId, client_msg_id: &str) -> u64 {
+pub(crate) async fn send_once_taken(client: &Client, to: UserId, client_msg_id: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match client.send_direct(to, client_msg_id, "hello").await {
@@ -326,7 +326,7 @@ async fn a_node_paused_past_its_lease_is_fenced_and_acknowledges_nothing_after()
 
 /// Every pushed message of `conversation` a device gets until it has
 /// `expected` of them, as (seq, client_msg_id).
-async fn pushes(client: &Client, conversation: &str, expected: usize) -> Vec<(u64, String)> {
+pub(crate) async fn pushes(client: &Client, conversation: &str, expected: usize) -> Vec<(u64, String)> {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while got.len() < expected {

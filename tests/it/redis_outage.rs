@@ -1,13 +1,14 @@
 //! Redis dies under a cluster (docs/CLUSTER.md, "Redis lost"): a node keeps
 //! sequencing the conversations it holds and acknowledges nothing it did not
 //! store; no node takes another's conversation while it cannot see who is
-//! live; once Redis is back, the nodes find each other again.
+//! live, and a send that needs another node is refused with UNAVAILABLE; once
+//! Redis is back, the nodes find each other again, forward and relay again.
 //!
 //! Kills and restarts the Redis server of scripts/test, so it runs alone,
 //! after the cluster suite: `TEST_REDIS=... TEST_CASSANDRA=... cargo test
 //! --test it -- --ignored redis_outage::`.
 
-use crate::cluster::{history, pair, sees_live};
+use crate::cluster::{history, pair, sees_live, send_once_taken};
 use crate::common::{code, script};
 use confab_client::proto::ErrorCode;
 
@@ -31,7 +32,8 @@ async fn a_node_keeps_its_conversations_while_redis_is_down_and_rejoins_after() 
         let ack = alice.send_direct(bob_id, &format!("m{i}"), "during").await.unwrap();
         assert_eq!(ack.seq, i, "the holder goes on without Redis");
     }
-    // b still sees a live (its last view): it does not fence a and take over.
+    // b still sees a live (its last view): it does not fence a and take
+    // over, and cannot forward to it without Redis.
     assert_eq!(
         code(bob.send_direct(alice_id, "b1", "during").await),
         ErrorCode::Unavailable
@@ -43,4 +45,20 @@ async fn a_node_keeps_its_conversations_while_redis_is_down_and_rejoins_after() 
     let expected: Vec<(u64, String)> = (1..=10).map(|i| (i, format!("m{i}"))).collect();
     assert_eq!(history(alice, &conversation).await, expected);
     assert_eq!(alice.send_direct(bob_id, "m11", "after").await.unwrap().seq, 11);
+    // Relayed to bob's node again: bob gets it pushed (after the pushes of
+    // m1..m5; m6..m10 were relayed while Redis was down and are in history).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let pushed = tokio::time::timeout(left, bob.next_message())
+            .await
+            .expect("m11 pushed to bob through the relay")
+            .unwrap();
+        if pushed.client_msg_id == "m11" {
+            assert_eq!(pushed.seq, 11);
+            break;
+        }
+    }
+    // And forwarded from bob's node to alice's again.
+    assert_eq!(send_once_taken(bob, alice_id, "b1").await, 12);
 }
