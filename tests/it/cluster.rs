@@ -464,3 +464,51 @@ async fn the_first_sends_of_a_conversation_through_two_nodes_at_once_are_both_ac
     });
     futures::future::join_all(races).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
+async fn a_drained_nodes_clients_move_to_another_and_lose_nothing() {
+    let mut cluster = Cluster::new("10m");
+    let (mut draining, staying) = (cluster.start(), cluster.start());
+    sees_live(&staying, 2.0).await;
+    let alice_name = unique_name("alice");
+    let alice = Client::connect(Endpoint::tcp(draining.addr)).await.unwrap();
+    let login = alice
+        .register_and_authenticate(&alice_name, PASSWORD, "phone")
+        .await
+        .unwrap();
+    let (bob, bob_id, _) = user_on(&staying, "bob").await;
+    let mut conversation = String::new();
+    for i in 1..=3 {
+        let ack = alice.send_direct(bob_id, &format!("m{i}"), "before").await.unwrap();
+        assert_eq!(ack.seq, i);
+        conversation = ack.conversation_id;
+    }
+
+    signal(&draining, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, alice.next_event())
+            .await
+            .expect("told to go away")
+        {
+            Some(confab_client::Event::GoingAway(_)) => break,
+            Some(_) => {}
+            None => panic!("closed without GoingAway"),
+        }
+    }
+    // Alice's phone moves to the other node with its token and goes on.
+    let moved = Client::connect(Endpoint::tcp(staying.addr)).await.unwrap();
+    moved.authenticate(&login.tokens.access_token).await.unwrap();
+    assert_eq!(history(&moved, &conversation).await.len(), 3, "nothing lost");
+    assert_eq!(send_once_taken(&moved, bob_id, "m4").await, 4);
+    while draining.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the drained node did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Bob got each message once, in order: m1..m3 relayed from the drained
+    // node, m4 sequenced where he is.
+    let expected: Vec<(u64, String)> = (1..=4).map(|i| (i, format!("m{i}"))).collect();
+    assert_eq!(pushes(&bob, &conversation, 4).await, expected);
+}
