@@ -14,7 +14,8 @@ use confab_protocol::ids::{ConversationId, DeviceId};
 /// the queued appends' keys since `since_ms` (the deduplication window), the
 /// messages edits and deletes target, and, on a conversation's first use, where
 /// its seqs continue, its group, and that a direct conversation's users exist.
-/// The reads are independent, so they run at once: every append of the
+/// On first use the conversation is taken before the sends are looked up;
+/// otherwise the reads are independent and run at once: every append of the
 /// conversation waits for the slowest, not for their sum.
 pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<CheckResult, ChatError> {
     let conversation = check.conversation;
@@ -50,7 +51,11 @@ pub async fn lookup(store: &dyn Store, check: Check, since_ms: u64) -> Result<Ch
             false => Ok::<_, ChatError>(store.messages_at(conversation, check.targets).await?),
         }
     };
-    let ((last_seq, group), stored, targets) = futures::try_join!(first_use, stored, targets)?;
+    // Taking the conversation first: in cluster mode it makes readable what
+    // the previous holder stored and did not acknowledge (it died first), and
+    // a retry of one of those must find it, not get a second seq.
+    let (last_seq, group) = first_use.await?;
+    let (stored, targets) = futures::try_join!(stored, targets)?;
     Ok(CheckResult {
         last_seq,
         group,

@@ -512,3 +512,83 @@ async fn a_drained_nodes_clients_move_to_another_and_lose_nothing() {
     let expected: Vec<(u64, String)> = (1..=4).map(|i| (i, format!("m{i}"))).collect();
     assert_eq!(pushes(&bob, &conversation, 4).await, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
+async fn killing_the_holding_node_under_steady_sends_loses_and_repeats_nothing() {
+    const PAIRS: usize = 4;
+    const PER_SENDER: u64 = 40;
+    let mut cluster = Cluster::new("1s");
+    let (a, b) = (cluster.start(), cluster.start());
+    sees_live(&b, 2.0).await;
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for _ in 0..PAIRS {
+        let name = unique_name("sender");
+        let client = Client::connect(Endpoint::tcp(a.addr)).await.unwrap();
+        let login = client
+            .register_and_authenticate(&name, PASSWORD, "phone")
+            .await
+            .unwrap();
+        senders.push((client, login.tokens.access_token));
+        receivers.push(user_on(&b, "receiver").await);
+    }
+    let acked_on_a = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let b_addr = b.addr;
+    let sending = senders
+        .into_iter()
+        .zip(receivers.iter().map(|(_, id, _)| *id))
+        .enumerate()
+        .map(|(index, ((client, token), to))| {
+            let acked_on_a = acked_on_a.clone();
+            tokio::spawn(async move {
+                let mut client = client;
+                let mut moved = false;
+                let mut acks = Vec::new();
+                for n in 1..=PER_SENDER {
+                    let id = format!("s{index}-{n}");
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    let ack = loop {
+                        match client.send_direct(to, &id, "steady").await {
+                            Ok(ack) => break ack,
+                            Err(err) => {
+                                assert!(Instant::now() < deadline, "{id} never acknowledged: {err}");
+                                if !moved && err.code() != Some(ErrorCode::Unavailable) {
+                                    // a is gone: reconnect to b and retry the same id.
+                                    client = Client::connect(Endpoint::tcp(b_addr)).await.unwrap();
+                                    client.authenticate(&token).await.unwrap();
+                                    moved = true;
+                                } else {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                            }
+                        }
+                    };
+                    if !moved {
+                        acked_on_a.add_permits(1);
+                    }
+                    acks.push((ack.seq, id, ack.conversation_id));
+                }
+                acks
+            })
+        })
+        .collect::<Vec<_>>();
+    // Kill a once it has acknowledged a quarter of the load.
+    let quarter = u32::try_from(PAIRS as u64 * PER_SENDER / 4).unwrap();
+    let _ = acked_on_a.acquire_many(quarter).await.unwrap();
+    a.kill();
+
+    for (sending, (receiver, _, _)) in sending.into_iter().zip(&receivers) {
+        let acks = sending.await.unwrap();
+        let conversation = acks[0].2.clone();
+        let stored = history(receiver, &conversation).await;
+        let seqs: Vec<u64> = stored.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=PER_SENDER).collect::<Vec<_>>(),
+            "gap-free, each once: {stored:?}"
+        );
+        let acked: Vec<(u64, String)> = acks.into_iter().map(|(seq, id, _)| (seq, id)).collect();
+        assert_eq!(stored, acked, "every ack names the stored message, in order");
+    }
+}
