@@ -1,8 +1,9 @@
 //! Messages between nodes through Redis Streams (docs/CLUSTER.md, "Fan-out and
 //! signals"): each node reads its own inbox stream, `{prefix}:inbox:{node}`,
 //! with `XREADGROUP` as the one consumer of a group of its own, and `XACK`s
-//! what it took; other nodes `XADD` to it, many entries per round trip, each
-//! stream trimmed with `MAXLEN ~`.
+//! what it took, trimming what it acknowledged (`XTRIM MINID ~`); other nodes
+//! `XADD` to it, many entries per round trip, capped with `MAXLEN ~` for a
+//! node that stops reading.
 //!
 //! An entry is one opaque payload (field `p`); what it says is the caller's.
 //! The inbox is named after the incarnation, so a node that restarts never
@@ -201,16 +202,29 @@ impl Inbox {
         Ok(entries)
     }
 
-    /// Acknowledges entries once they were handed on.
+    /// Acknowledges entries once they were handed on, and trims the inbox
+    /// up to the last of them (one reader takes entries in order, so every
+    /// entry before it was handed on too), in one round trip: a node that
+    /// keeps up holds next to nothing in Redis.
     pub async fn ack(&self, ids: Vec<String>) -> Result<(), ClusterError> {
-        if ids.is_empty() {
+        let Some(last) = ids.last().cloned() else {
             return Ok(());
-        }
-        let _acked: i64 = self
-            .acks
+        };
+        let pipeline = self.acks.pipeline();
+        let () = pipeline
             .xack(self.key.as_str(), GROUP, ids)
             .await
             .map_err(|source| ClusterError::Redis { what: "XACK", source })?;
+        let () = pipeline
+            .xtrim(self.key.as_str(), ("MINID", "~", last))
+            .await
+            .map_err(|source| ClusterError::Redis { what: "XTRIM", source })?;
+        for reply in pipeline.try_all::<fred::types::Value>().await {
+            reply.map_err(|source| ClusterError::Redis {
+                what: "XACK and XTRIM",
+                source,
+            })?;
+        }
         Ok(())
     }
 
@@ -284,6 +298,9 @@ mod tests {
             }
             assert_eq!(got, expected);
             assert!(inbox.receive(64, WAIT).await.unwrap().is_empty(), "nothing twice");
+            let client = super::super::connect(&config).await.unwrap();
+            let left: u64 = client.xlen(inbox_key(&config.prefix, node)).await.unwrap();
+            assert!(left < 150, "what was acknowledged is trimmed: {left} entries left");
         }
     }
 
