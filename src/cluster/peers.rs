@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Entries queued for the sending task at most; past that, forwards are
-/// refused as overloaded and relays wait.
+/// refused as overloaded and relays dropped.
 const OUTGOING_QUEUE: usize = 8_192;
 /// Entries one pipeline carries at most.
 const MAX_PER_ROUND_TRIP: usize = 1_024;
@@ -155,13 +155,21 @@ impl Peers {
     }
 
     /// Sends frames to every other live node, for the sessions of their users
-    /// there; waits while the sending task is full.
-    pub async fn relay(&self, relayed: Vec<Relayed>) {
+    /// there. Never waits: when the sending task is full (Redis slow or
+    /// down), the relay is dropped and counted (`confab_cluster_relays_dropped_total`)
+    /// rather than stall the shard's commits, which must go on for local
+    /// users; the messages are stored, and other nodes' clients get them when
+    /// they next catch up.
+    pub fn relay(&self, relayed: Vec<Relayed>) {
         if relayed.is_empty() {
             return;
         }
-        // Fails only once the node is leaving.
-        let _ = self.outgoing.send(Outgoing::Everyone(Envelope::Relay(relayed))).await;
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            self.outgoing.try_send(Outgoing::Everyone(Envelope::Relay(relayed)))
+        {
+            metrics::counter!("confab_cluster_relays_dropped_total").increment(1);
+            tracing::debug!("the link to other nodes is full: a relay was dropped");
+        }
     }
 }
 
@@ -344,5 +352,66 @@ async fn receive(
                 tracing::warn!(error = %with_causes(&err), "acknowledging inbox entries failed");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handle whose sending task never runs, with room for one entry.
+    fn stuck(me: Incarnation) -> (Peers, mpsc::Receiver<Outgoing>) {
+        let (outgoing, queued) = mpsc::channel(1);
+        let peers = Peers {
+            me,
+            live: Arc::new(RwLock::new(LiveNodes::default())),
+            outgoing,
+            waiting: Waiting::default(),
+            tokens: Arc::new(AtomicU64::new(1)),
+            patience: Duration::from_millis(50),
+        };
+        (peers, queued)
+    }
+
+    fn relayed() -> Vec<Relayed> {
+        let user = confab_protocol::ids::UserId::new(1).unwrap();
+        vec![Relayed {
+            conversation: confab_protocol::ids::ConversationId::direct(user, user),
+            seq: 1,
+            frame: bytes::Bytes::from_static(b"x"),
+            users: vec![user],
+            skip_device: None,
+        }]
+    }
+
+    #[test]
+    fn a_relay_never_waits_for_a_stuck_link() {
+        let (peers, _queued) = stuck(Incarnation::new(1));
+        // The shard's committer calls this: with Redis down and the queue
+        // full it must return at once, or local commits would stall.
+        for _ in 0..10 {
+            peers.relay(relayed());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forward_on_a_full_link_is_refused_and_one_unanswered_times_out() {
+        let (peers, _queued) = stuck(Incarnation::new(1));
+        let append = |id: &str| {
+            let user = confab_protocol::ids::UserId::new(1).unwrap();
+            Append {
+                conversation: confab_protocol::ids::ConversationId::direct(user, user),
+                sender: user,
+                sender_device: confab_protocol::ids::DeviceId::new(1).unwrap(),
+                client_msg_id: id.into(),
+                content: confab_protocol::Content::Text("hi".into()),
+            }
+        };
+        let first = peers.forward(Incarnation::new(2), append("a"));
+        let refused = peers.forward(Incarnation::new(2), append("b")).await;
+        assert!(refused.unwrap_err().message.contains("overloaded"));
+        let unanswered = first.await.unwrap_err();
+        assert_eq!(unanswered.code, confab_proto::v1::ErrorCode::Unavailable);
+        assert!(peers.waiting.lock().unwrap().is_empty(), "nothing left waiting");
     }
 }

@@ -531,7 +531,7 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
         }
     }
     if let Some(peers) = relaying {
-        peers.relay(relayed).await;
+        peers.relay(relayed);
     }
 }
 
@@ -581,7 +581,7 @@ async fn push_to(shard: &Shard, conversation: ConversationId, recipients: &[User
             users: recipients.to_vec(),
             skip_device: None,
         };
-        peers.relay(vec![relayed]).await;
+        peers.relay(vec![relayed]);
     }
     for (index, users) in split_by_shard(shard, recipients).into_iter().enumerate() {
         if users.is_empty() {
