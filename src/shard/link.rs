@@ -1,10 +1,11 @@
 //! The node as other nodes of a cluster see it ([`crate::cluster::Local`]):
 //! a forwarded append goes to its conversation's owner shard like a local one
-//! (marked, so it is never forwarded again), and relayed frames go to every
-//! shard, whose sessions take those of their users.
+//! (marked, so it is never forwarded again), and relayed frames go to their
+//! conversation's owner shard, which puts them in order with this node's own
+//! commits and hands them to the shards holding their recipients.
 
 use super::ShardId;
-use super::mesh::{AppendReply, Arrivals, Delivery, Mesh, ShardMsg};
+use super::mesh::{AppendReply, Delivery, Mesh, ShardMsg};
 use crate::chat::ChatError;
 use crate::cluster::envelope::{Acked, Refusal, Relayed};
 use crate::cluster::peers::PendingAnswer;
@@ -46,24 +47,24 @@ impl crate::cluster::Local for NodeLink {
     }
 
     async fn deliver(&self, relayed: Vec<Relayed>) {
-        let deliveries: Vec<Delivery> = relayed
-            .into_iter()
-            .map(|relayed| Delivery {
+        // Each conversation's owner shard puts them in order with this node's
+        // own commits (continuity) and hands them to the shards with recipients.
+        let mut per_owner: Vec<Vec<Delivery>> = vec![Vec::new(); self.mesh.shard_count()];
+        for relayed in relayed {
+            per_owner[self.mesh.owner_of(relayed.conversation).0].push(Delivery {
                 conversation: relayed.conversation,
                 seq: relayed.seq,
                 frame: relayed.frame,
                 committed_at: None,
                 users: Arc::from(relayed.users),
                 skip_device: relayed.skip_device,
-            })
-            .collect();
-        for index in 0..self.mesh.shard_count() {
-            let arrivals = Arrivals {
-                answers: Vec::new(),
-                deliveries: deliveries.clone(),
-            };
+            });
+        }
+        for (index, deliveries) in per_owner.into_iter().enumerate() {
             // A stopped shard has no sessions left.
-            let _ = self.mesh.send(ShardId(index), ShardMsg::Deliver(arrivals)).await;
+            if !deliveries.is_empty() {
+                let _ = self.mesh.send(ShardId(index), ShardMsg::Relayed(deliveries)).await;
+            }
         }
     }
 }

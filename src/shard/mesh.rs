@@ -79,6 +79,13 @@ pub enum ShardMsg {
     },
     /// The device logged out: close its sessions on the receiving shard.
     Revoke { user: UserId, device: DeviceId },
+    /// Cluster mode, to a conversation's owner shard: messages and pushes
+    /// another node committed, for this node's sessions, each with all its
+    /// recipients (see [`super::continuity`]).
+    Relayed(Vec<Delivery>),
+    /// Cluster mode: these users' sessions missed messages that could not be
+    /// filled in: close them so they resume.
+    Resync(Arc<[UserId]>),
     /// To `user`'s presence home: `subscriber` (on shard `from`) follows it; the
     /// reply is its current presence.
     Subscribe {

@@ -17,6 +17,7 @@
 //! once every shard has drained, `stop` ends the mailbox loops and committers.
 
 mod connection;
+mod continuity;
 mod directory;
 mod gauges;
 mod link;
@@ -189,19 +190,22 @@ async fn run(
     let shard = Rc::new(Shard {
         id,
         limits: config.session_limits(),
-        owner: owner::Owner::new(SequencerLimits {
-            max_pending: config.chat.max_pending_appends,
-            max_cached: config.chat.max_cached_conversations,
-            max_group_members: config.chat.max_group_members,
-            // The embedded store answers a send check in microseconds: memory
-            // would save nothing (measured: BENCHMARKS.md, "The owner's
-            // send-record memory").
-            max_sent_records: match context.store.finds_sends_cheaply() {
-                true => 0,
-                false => owner::MAX_SENT_RECORDS,
+        owner: owner::Owner::new(
+            SequencerLimits {
+                max_pending: config.chat.max_pending_appends,
+                max_cached: config.chat.max_cached_conversations,
+                max_group_members: config.chat.max_group_members,
+                // The embedded store answers a send check in microseconds: memory
+                // would save nothing (measured: BENCHMARKS.md, "The owner's
+                // send-record memory").
+                max_sent_records: match context.store.finds_sends_cheaply() {
+                    true => 0,
+                    false => owner::MAX_SENT_RECORDS,
+                },
+                dedup_window_ms: u64::try_from(config.chat.dedup_window.as_millis()).unwrap_or(u64::MAX),
             },
-            dedup_window_ms: u64::try_from(config.chat.dedup_window.as_millis()).unwrap_or(u64::MAX),
-        }),
+            context.peers.is_some(),
+        ),
         config,
         store: context.store,
         accounts: context.accounts.clone(),
@@ -329,6 +333,8 @@ async fn mailbox_loop(shard: Rc<Shard>, mut mailbox: mpsc::Receiver<ShardMsg>) {
                 }
             }
             ShardMsg::Revoke { user, device } => shard.sessions.borrow().revoke(user, device),
+            ShardMsg::Relayed(deliveries) => continuity::relayed(&shard, deliveries),
+            ShardMsg::Resync(users) => shard.sessions.borrow().resync(&users),
             ShardMsg::Subscribe {
                 user,
                 subscriber,

@@ -7,6 +7,7 @@
 //! store confirms does it fan out and acknowledge. Fan-out encodes each message
 //! once and sends it once per destination shard.
 
+use super::continuity::Continuity;
 use super::mesh::{AppendReply, Arrivals, Delivery, ShardMsg};
 use super::{Shard, ShardId};
 use crate::chat::{
@@ -48,6 +49,9 @@ pub(super) struct Owner {
     /// Cluster mode: conversations another node holds, and which, learned when
     /// taking them was refused; forgotten when that node leaves.
     held_elsewhere: RefCell<HashMap<ConversationId, Incarnation>>,
+    /// Cluster mode: keeps this node's pushes of the conversations this shard
+    /// owns in seq order whichever node committed them.
+    continuity: Option<RefCell<Continuity>>,
 }
 
 /// Conversations held elsewhere an owner shard remembers at most (about 40
@@ -55,14 +59,26 @@ pub(super) struct Owner {
 const MAX_HELD_ELSEWHERE: usize = 100_000;
 
 impl Owner {
-    pub(super) fn new(limits: SequencerLimits) -> Self {
+    /// An owner; `clustered` when other nodes may commit this shard's
+    /// conversations too.
+    pub(super) fn new(limits: SequencerLimits, clustered: bool) -> Self {
         Self {
             sequencer: RefCell::new(Sequencer::new(limits)),
             commit_queue: RefCell::default(),
             commit_ready: Notify::new(),
             receipts: RefCell::default(),
             held_elsewhere: RefCell::default(),
+            continuity: clustered.then(RefCell::default),
         }
+    }
+
+    pub(super) fn continuity(&self) -> Option<&RefCell<Continuity>> {
+        self.continuity.as_ref()
+    }
+
+    /// Has the committer hand out what is ready (and take what is queued).
+    pub(super) fn wake_committer(&self) {
+        self.commit_ready.notify_one();
     }
 
     /// The live node that holds `conversation`, if another one does as far as
@@ -292,6 +308,7 @@ pub(super) async fn run_committer(shard: Rc<Shard>) {
     let mut in_flight = FuturesUnordered::new();
     let mut busy: HashSet<ConversationId> = HashSet::new();
     loop {
+        hand_out_ready(&shard).await;
         while in_flight.len() < MAX_COMMITS_IN_FLIGHT {
             let batch = {
                 let mut queue = shard.owner.commit_queue.borrow_mut();
@@ -459,6 +476,7 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
     let shards = shard.mesh.shard_count();
     let mut per_shard: Vec<Arrivals> = (0..shards).map(|_| Arrivals::default()).collect();
     let mut relayed = Vec::new();
+    let mut deliveries = Vec::with_capacity(committed.len());
     let relaying = shard.peers.as_ref().filter(|peers| peers.others_live());
     for message in committed {
         if relaying.is_some() {
@@ -484,19 +502,14 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
                 pusher.message(*user, message.ack.conversation, message.ack.seq, message.sender.0, body);
             }
         }
-        let users = split_by_shard(shard, &message.recipients);
-        for (arrivals, users) in per_shard.iter_mut().zip(users) {
-            if !users.is_empty() {
-                arrivals.deliveries.push(Delivery {
-                    conversation: message.ack.conversation,
-                    seq: message.ack.seq,
-                    frame: message.frame.clone(),
-                    committed_at: Some(committed_at),
-                    users: users.into(),
-                    skip_device: Some(message.sender),
-                });
-            }
-        }
+        deliveries.push(Delivery {
+            conversation: message.ack.conversation,
+            seq: message.ack.seq,
+            frame: message.frame,
+            committed_at: Some(committed_at),
+            users: message.recipients,
+            skip_device: Some(message.sender),
+        });
         let key = (message.sender.1, message.ack.client_msg_id.clone());
         let stored = StoredSend {
             seq: message.ack.seq,
@@ -519,6 +532,56 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
             }
         }
     }
+    let deliveries = match shard.owner.continuity() {
+        Some(continuity) => {
+            for delivery in deliveries {
+                super::continuity::offer(shard, delivery);
+            }
+            continuity.borrow_mut().take_ready()
+        }
+        None => deliveries,
+    };
+    split_deliveries(shard, deliveries, &mut per_shard);
+    send_arrivals(shard, per_shard).await;
+    if let Some(peers) = relaying {
+        peers.relay(relayed);
+    }
+}
+
+/// Hands out what continuity has let through since the last commit (relays
+/// from other nodes, gaps filled): the committer is the one task sending this
+/// shard's conversations to the shards, so they leave in the order released.
+async fn hand_out_ready(shard: &Rc<Shard>) {
+    let Some(ready) = shard
+        .owner
+        .continuity()
+        .map(|continuity| continuity.borrow_mut().take_ready())
+        .filter(|ready| !ready.is_empty())
+    else {
+        return;
+    };
+    let mut per_shard: Vec<Arrivals> = (0..shard.mesh.shard_count()).map(|_| Arrivals::default()).collect();
+    split_deliveries(shard, ready, &mut per_shard);
+    send_arrivals(shard, per_shard).await;
+}
+
+/// Adds each delivery to the arrivals of the shards holding its recipients,
+/// with only their own users.
+fn split_deliveries(shard: &Shard, deliveries: Vec<Delivery>, per_shard: &mut [Arrivals]) {
+    for delivery in deliveries {
+        let users = split_by_shard(shard, &delivery.users);
+        for (arrivals, users) in per_shard.iter_mut().zip(users) {
+            if !users.is_empty() {
+                arrivals.deliveries.push(Delivery {
+                    users: users.into(),
+                    ..delivery.clone()
+                });
+            }
+        }
+    }
+}
+
+async fn send_arrivals(shard: &Shard, per_shard: Vec<Arrivals>) {
     for (index, arrivals) in per_shard.into_iter().enumerate() {
         if !arrivals.is_empty()
             && shard
@@ -529,9 +592,6 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
         {
             tracing::warn!(to = index, "shard stopped; deliveries dropped");
         }
-    }
-    if let Some(peers) = relaying {
-        peers.relay(relayed);
     }
 }
 

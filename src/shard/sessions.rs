@@ -237,6 +237,18 @@ impl LocalSessions {
         }
     }
 
+    /// Closes every session of `users` here: they missed live messages that
+    /// could not be delivered in order, and get them by resuming.
+    pub(super) fn resync(&self, users: &[UserId]) {
+        for handle in users.iter().filter_map(|user| self.by_user.get(user)).flatten() {
+            handle.kick.kick(error_frame(
+                0,
+                ErrorCode::SlowConsumer,
+                "missed live messages: reconnect and resume",
+            ));
+        }
+    }
+
     /// Sessions here, frames and bytes queued for them all, and the longest queue.
     pub(super) fn depths(&self) -> QueueDepths {
         let mut depths = QueueDepths::default();

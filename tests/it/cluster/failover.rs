@@ -257,5 +257,12 @@ async fn killing_the_holding_node_under_steady_sends_loses_and_repeats_nothing()
         );
         let acked: Vec<(u64, String)> = acks.into_iter().map(|(seq, id, _)| (seq, id)).collect();
         assert_eq!(stored, acked, "every ack names the stored message, in order");
+        // Live on b all along: what a committed but had not relayed when it
+        // died is filled in from the store, in its place.
+        assert_eq!(
+            pushes(receiver, &conversation, stored.len()).await,
+            stored,
+            "every message pushed once, in order, across the kill"
+        );
     }
 }

@@ -126,3 +126,66 @@ async fn the_first_sends_of_a_conversation_through_two_nodes_at_once_are_both_ac
     });
     futures::future::join_all(races).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
+async fn a_relay_lost_on_the_way_is_filled_in_from_the_store() {
+    let mut cluster = Cluster::new("5s");
+    let (a, b) = (cluster.start(), cluster.start());
+    sees_live(&b, 2.0).await;
+    let (alice, _, _) = user_on(&a, "alice").await;
+    let (bob, bob_id, _) = user_on(&b, "bob").await;
+    let first = alice.send_direct(bob_id, "m1", "hi").await.unwrap();
+    let conversation = first.conversation_id;
+    assert_eq!(pushes(&bob, &conversation, 1).await, vec![(1, "m1".to_owned())]);
+    // b stops reading while a commits four more; the relay of the second
+    // is lost (as a Redis failover can lose it).
+    signal(&b, "-STOP");
+    for n in 2..=5 {
+        alice.send_direct(bob_id, &format!("m{n}"), "hi").await.unwrap();
+    }
+    // Only b receives relays (and it trims what it has read): the last four
+    // entries of the inbox that has any.
+    let inboxes: Vec<String> = redis(&["--scan", "--pattern", &format!("{}:inbox:*", cluster.prefix())])
+        .iter()
+        .map(|key| key.trim_matches('"').to_owned())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (inbox, relays) = loop {
+        let found = inboxes.iter().find_map(|key| {
+            let ids = inbox_ids(key);
+            (ids.len() >= 4).then(|| (key.clone(), ids[ids.len() - 4..].to_vec()))
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "no relays in {inboxes:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(relays.len(), 4, "one relay per commit: {relays:?}");
+    assert_eq!(redis(&["XDEL", &inbox, &relays[1]]), vec!["(integer) 1"]);
+    signal(&b, "-CONT");
+
+    assert_eq!(
+        pushes(&bob, &conversation, 4).await,
+        (2..=5).map(|n| (n, format!("m{n}"))).collect::<Vec<_>>(),
+        "m3 filled in from the store, in its place"
+    );
+    let metrics = scrape(b.metrics.unwrap()).await;
+    assert_eq!(
+        sample(&metrics, "confab_cluster_gaps_total{outcome=\"filled\"}"),
+        Some(1.0)
+    );
+}
+
+/// The ids of the entries in a stream, oldest first.
+fn inbox_ids(key: &str) -> Vec<String> {
+    redis(&["XRANGE", key, "-", "+"])
+        .iter()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once(") 1) \"")?;
+            line.chars().next().filter(char::is_ascii_digit)?;
+            Some(rest.strip_suffix('"')?.to_owned())
+        })
+        .collect()
+}

@@ -66,6 +66,15 @@ impl Cluster {
         }
     }
 
+    /// The Redis key prefix of this cluster's nodes.
+    pub(crate) fn prefix(&self) -> &str {
+        self.env
+            .iter()
+            .find(|(key, _)| key == "CONFAB_CLUSTER__PREFIX")
+            .map(|(_, value)| value.as_str())
+            .unwrap()
+    }
+
     /// Starts one more node.
     pub(crate) fn start(&mut self) -> BinaryNode {
         let dir = tempfile::tempdir().unwrap();
@@ -187,6 +196,23 @@ pub(crate) async fn send_once_taken(client: &Client, to: UserId, client_msg_id: 
             }
         }
     }
+}
+
+/// Runs a command on the test Redis; its reply, one item per line.
+fn redis(args: &[&str]) -> Vec<String> {
+    let redis = std::env::var("TEST_REDIS").unwrap();
+    let (host, port) = redis.rsplit_once(':').unwrap();
+    let output = Command::new("redis-cli")
+        .args(["-h", host, "-p", port, "--no-raw"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 fn signal(node: &BinaryNode, signal: &str) {
