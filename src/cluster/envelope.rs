@@ -33,6 +33,24 @@ pub enum Envelope {
     },
     /// Frames for the sessions of some users on the receiving node.
     Relay(Vec<Relayed>),
+    /// Who has sessions on the sending node.
+    Presence(Sessions),
+}
+
+/// Which users have sessions on a node, as one of its presence homes (a
+/// shard) sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sessions {
+    /// The node.
+    pub node: Incarnation,
+    /// The home (shard) of that node that tells.
+    pub home: u32,
+    /// `online` is the home's whole set, replacing what was known from it.
+    pub snapshot: bool,
+    /// Users that gained their first session on the node (or all of them).
+    pub online: Vec<UserId>,
+    /// Users that lost their last session there.
+    pub offline: Vec<UserId>,
 }
 
 /// The answer to a forwarded append.
@@ -118,6 +136,16 @@ impl Envelope {
             Self::Relay(deliveries) => wire::entry::Kind::Relay(wire::Relay {
                 deliveries: deliveries.iter().map(delivery).collect(),
             }),
+            Self::Presence(sessions) => {
+                let ids = |users: &[UserId]| users.iter().map(|user| user.get()).collect();
+                wire::entry::Kind::Presence(wire::Presence {
+                    node: sessions.node.get(),
+                    home: sessions.home,
+                    snapshot: sessions.snapshot,
+                    online: ids(&sessions.online),
+                    offline: ids(&sessions.offline),
+                })
+            }
         };
         Bytes::from(wire::Entry { kind: Some(kind) }.encode_to_vec())
     }
@@ -147,6 +175,13 @@ impl Envelope {
             wire::entry::Kind::Relay(relay) => Ok(Self::Relay(
                 relay.deliveries.into_iter().map(relayed).collect::<Result<_, _>>()?,
             )),
+            wire::entry::Kind::Presence(presence) => Ok(Self::Presence(Sessions {
+                node: Incarnation::new(presence.node),
+                home: presence.home,
+                snapshot: presence.snapshot,
+                online: users(presence.online)?,
+                offline: users(presence.offline)?,
+            })),
         }
     }
 }
@@ -344,6 +379,20 @@ mod tests {
                     skip_device: None,
                 },
             ]),
+            Envelope::Presence(Sessions {
+                node: Incarnation::new(0xbeef),
+                home: 1,
+                snapshot: false,
+                online: vec![id(3)],
+                offline: vec![id(9), id(11)],
+            }),
+            Envelope::Presence(Sessions {
+                node: Incarnation::new(0xbeef),
+                home: 0,
+                snapshot: true,
+                online: vec![],
+                offline: vec![],
+            }),
         ];
         for entry in entries {
             assert_eq!(Envelope::decode(&entry.encode()).unwrap(), entry);

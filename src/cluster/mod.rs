@@ -9,7 +9,7 @@
 //! conversation should be owned from the view ([`rendezvous`]); the [`bus`]
 //! carries [`envelope`]s between nodes' inboxes, through which [`peers`]
 //! forwards appends to the node that holds their conversation and relays
-//! committed messages and pushes to the sessions on other nodes.
+//! committed messages, pushes and who has sessions where to the other nodes.
 //!
 //! Redis is reached through `fred` on a runtime of its own (one thread,
 //! `confab-cluster`), never on a shard.

@@ -1,7 +1,7 @@
 //! Talking to the other nodes through the [`bus`](super::bus): forwarding an
 //! append to the node that sequences its conversation and waiting for its
-//! answer, relaying committed messages and pushes to every other live node,
-//! and serving what other nodes send here (docs/CLUSTER.md, "Forwarding and
+//! answer, relaying committed messages, pushes and presence to every other
+//! live node, and serving what other nodes send here (docs/CLUSTER.md, "Forwarding and
 //! fan-out").
 //!
 //! Shards hold a [`Peers`] handle; everything that touches Redis runs on the
@@ -11,7 +11,7 @@
 //! node through [`Local`], which the shards implement.
 
 use super::bus::{Inbox, Outbox};
-use super::envelope::{Answer, Envelope, Refusal, Relayed};
+use super::envelope::{Answer, Envelope, Refusal, Relayed, Sessions};
 use super::membership::LiveNodes;
 use super::{Incarnation, with_causes};
 use async_trait::async_trait;
@@ -59,6 +59,9 @@ pub trait Local: Send + Sync + 'static {
 
     /// Delivers frames to the sessions of their users on this node.
     async fn deliver(&self, relayed: Vec<Relayed>);
+
+    /// Takes what another node tells of who has sessions there.
+    async fn presence(&self, sessions: Sessions);
 }
 
 /// An entry for the sending task.
@@ -95,6 +98,12 @@ impl Peers {
     pub fn is_live(&self, node: Incarnation) -> bool {
         let live = self.live.read().unwrap_or_else(PoisonError::into_inner);
         live.as_slice().binary_search(&node).is_ok()
+    }
+
+    /// The nodes live at the last heartbeat, this one included.
+    pub fn live_nodes(&self) -> Vec<Incarnation> {
+        let live = self.live.read().unwrap_or_else(PoisonError::into_inner);
+        live.as_slice().to_vec()
     }
 
     /// Whether any other node was live at the last heartbeat.
@@ -158,8 +167,8 @@ impl Peers {
     /// there. Never waits: when the sending task is full (Redis slow or
     /// down), the relay is dropped and counted (`confab_cluster_relays_dropped_total`)
     /// rather than stall the shard's commits, which must go on for local
-    /// users; the messages are stored, and other nodes' clients get them when
-    /// they next catch up.
+    /// users; the messages are stored, and the other nodes fill the gap from
+    /// the store (`shard::continuity`).
     pub fn relay(&self, relayed: Vec<Relayed>) {
         if relayed.is_empty() {
             return;
@@ -169,6 +178,18 @@ impl Peers {
         {
             metrics::counter!("confab_cluster_relays_dropped_total").increment(1);
             tracing::debug!("the link to other nodes is full: a relay was dropped");
+        }
+    }
+
+    /// Tells every other live node who has sessions here. Never waits: when
+    /// the link is full, it is dropped and counted
+    /// (`confab_cluster_presence_dropped_total`); the next snapshot (see
+    /// `shard::presence`) corrects what the others believe.
+    pub fn tell_presence(&self, sessions: Sessions) {
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            self.outgoing.try_send(Outgoing::Everyone(Envelope::Presence(sessions)))
+        {
+            metrics::counter!("confab_cluster_presence_dropped_total").increment(1);
         }
     }
 }
@@ -342,6 +363,7 @@ async fn receive(
                     }
                 }
                 Ok(Envelope::Relay(relayed)) => local.deliver(relayed).await,
+                Ok(Envelope::Presence(sessions)) => local.presence(sessions).await,
                 Err(err) => tracing::warn!(error = %err, "an inbox entry that does not decode; dropped"),
             }
         }

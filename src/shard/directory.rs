@@ -45,6 +45,17 @@ impl SessionDirectory {
         self.entries.borrow().shards_of(user)
     }
 
+    /// The users with a session on this node that `keep` picks.
+    pub(super) fn users(&self, keep: impl Fn(UserId) -> bool) -> Vec<UserId> {
+        self.entries
+            .borrow()
+            .shards_of
+            .keys()
+            .copied()
+            .filter(|user| keep(*user))
+            .collect()
+    }
+
     /// Applies a shard's announcement; returns whether `user` now has sessions
     /// anywhere, when that changed.
     pub(super) fn apply(&self, user: UserId, from: ShardId, online: bool) -> Option<bool> {

@@ -7,7 +7,7 @@
 use super::ShardId;
 use super::mesh::{AppendReply, Delivery, Mesh, ShardMsg};
 use crate::chat::ChatError;
-use crate::cluster::envelope::{Acked, Refusal, Relayed};
+use crate::cluster::envelope::{Acked, Refusal, Relayed, Sessions};
 use crate::cluster::peers::PendingAnswer;
 use async_trait::async_trait;
 use confab_protocol::{Append, ErrorKind as _};
@@ -64,6 +64,32 @@ impl crate::cluster::Local for NodeLink {
             // A stopped shard has no sessions left.
             if !deliveries.is_empty() {
                 let _ = self.mesh.send(ShardId(index), ShardMsg::Relayed(deliveries)).await;
+            }
+        }
+    }
+    async fn presence(&self, sessions: Sessions) {
+        // Each user's presence home here takes its part; a snapshot goes to
+        // every home, since it also says who is no longer there.
+        let shards = self.mesh.shard_count();
+        let mut parts: Vec<Sessions> = (0..shards)
+            .map(|_| Sessions {
+                node: sessions.node,
+                home: sessions.home,
+                snapshot: sessions.snapshot,
+                online: Vec::new(),
+                offline: Vec::new(),
+            })
+            .collect();
+        for user in sessions.online {
+            parts[self.mesh.home_of(user).0].online.push(user);
+        }
+        for user in sessions.offline {
+            parts[self.mesh.home_of(user).0].offline.push(user);
+        }
+        for (index, part) in parts.into_iter().enumerate() {
+            if part.snapshot || !part.online.is_empty() || !part.offline.is_empty() {
+                // A stopped shard has no subscribers left.
+                let _ = self.mesh.send(ShardId(index), ShardMsg::Elsewhere(part)).await;
             }
         }
     }

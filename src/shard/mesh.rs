@@ -6,6 +6,7 @@
 
 use super::ShardId;
 use crate::chat::{ChatError, Presence, SendAck, Signal};
+use crate::cluster::envelope::Sessions;
 use bytes::Bytes;
 use confab_protocol::Append;
 use confab_protocol::ids::{ConversationId, DeviceId, Seq, UserId};
@@ -86,6 +87,18 @@ pub enum ShardMsg {
     /// Cluster mode: these users' sessions missed messages that could not be
     /// filled in: close them so they resume.
     Resync(Arc<[UserId]>),
+    /// Cluster mode, to their presence home: which of its users have sessions
+    /// on another node.
+    Elsewhere(Sessions),
+    /// Cluster mode, to their presence home: notify these users of a message
+    /// unless they have a session on another node (none here).
+    NotifyIfAway {
+        users: Vec<UserId>,
+        conversation: ConversationId,
+        seq: Seq,
+        sender: UserId,
+        body: String,
+    },
     /// To `user`'s presence home: `subscriber` (on shard `from`) follows it; the
     /// reply is its current presence.
     Subscribe {

@@ -19,6 +19,7 @@
 mod connection;
 mod continuity;
 mod directory;
+mod elsewhere;
 mod gauges;
 mod link;
 mod mesh;
@@ -228,6 +229,7 @@ async fn run(
     core.spawn_local(owner::run_committer(shard.clone()));
     core.spawn_local(directory::run_announcer(shard.clone(), directory_updates));
     core.spawn_local(presence::run_timer(shard.clone()));
+    core.spawn_local(presence::run_snapshots(shard.clone()));
     if shard.config.metrics.listen.is_some() {
         core.spawn_local(gauges::run(shard.clone()));
     }
@@ -335,6 +337,14 @@ async fn mailbox_loop(shard: Rc<Shard>, mut mailbox: mpsc::Receiver<ShardMsg>) {
             ShardMsg::Revoke { user, device } => shard.sessions.borrow().revoke(user, device),
             ShardMsg::Relayed(deliveries) => continuity::relayed(&shard, deliveries),
             ShardMsg::Resync(users) => shard.sessions.borrow().resync(&users),
+            ShardMsg::Elsewhere(sessions) => presence::told(&shard, sessions),
+            ShardMsg::NotifyIfAway {
+                users,
+                conversation,
+                seq,
+                sender,
+                body,
+            } => presence::notify_if_away(&shard, users, (conversation, seq, sender), &body),
             ShardMsg::Subscribe {
                 user,
                 subscriber,

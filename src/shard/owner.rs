@@ -477,6 +477,7 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
     let mut per_shard: Vec<Arrivals> = (0..shards).map(|_| Arrivals::default()).collect();
     let mut relayed = Vec::new();
     let mut deliveries = Vec::with_capacity(committed.len());
+    let mut notices = Vec::new();
     let relaying = shard.peers.as_ref().filter(|peers| peers.others_live());
     for message in committed {
         if relaying.is_some() {
@@ -493,14 +494,7 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
             shard.spawn_core(super::presence::membership_ended(shard.clone(), left, others));
         }
         if let (Some(pusher), Some(body)) = (&shard.pusher, &message.push_body) {
-            // Members with no connection on the node, but the sender.
-            let offline = message
-                .recipients
-                .iter()
-                .filter(|user| **user != message.sender.0 && shard.directory.shards_of(**user) == 0);
-            for user in offline {
-                pusher.message(*user, message.ack.conversation, message.ack.seq, message.sender.0, body);
-            }
+            notify_away(shard, pusher, &message, body, &mut notices);
         }
         deliveries.push(Delivery {
             conversation: message.ack.conversation,
@@ -545,6 +539,50 @@ async fn fan_out(shard: &Rc<Shard>, committed: Vec<Committing>) {
     send_arrivals(shard, per_shard).await;
     if let Some(peers) = relaying {
         peers.relay(relayed);
+    }
+    for (home, notice) in notices {
+        // A stopped shard notifies no one.
+        let _ = shard.mesh.send(home, notice).await;
+    }
+}
+
+/// Push notifications of a text message for the members with no connection
+/// on this node, but the sender. In cluster mode their presence homes decide,
+/// knowing who has sessions on other nodes: `notices` for them.
+fn notify_away(
+    shard: &Shard,
+    pusher: &crate::push::Pusher,
+    message: &Committing,
+    body: &str,
+    notices: &mut Vec<(ShardId, ShardMsg)>,
+) {
+    let (conversation, seq, sender) = (message.ack.conversation, message.ack.seq, message.sender.0);
+    let away = message
+        .recipients
+        .iter()
+        .copied()
+        .filter(|user| *user != sender && shard.directory.shards_of(*user) == 0);
+    if shard.peers.is_none() {
+        for user in away {
+            pusher.message(user, conversation, seq, sender, body);
+        }
+        return;
+    }
+    let mut by_home: Vec<Vec<UserId>> = vec![Vec::new(); shard.mesh.shard_count()];
+    for user in away {
+        by_home[shard.mesh.home_of(user).0].push(user);
+    }
+    for (index, users) in by_home.into_iter().enumerate() {
+        if !users.is_empty() {
+            let notice = ShardMsg::NotifyIfAway {
+                users,
+                conversation,
+                seq,
+                sender,
+                body: body.to_owned(),
+            };
+            notices.push((ShardId(index), notice));
+        }
     }
 }
 

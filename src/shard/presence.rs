@@ -2,13 +2,21 @@
 //! directory changes (a user gained its first / lost its last session anywhere)
 //! into presence, with the grace period and rate limit of
 //! [`crate::chat::PresenceTracker`], and pushes updates to subscribers' shards.
+//!
+//! In cluster mode "anywhere" spans the nodes: each home tells the other nodes
+//! of its users' sessions on this node coming and going, and its whole set
+//! now and then ([`run_snapshots`]); what they tell it is kept in
+//! [`Elsewhere`], and a user is online while it has a session here or there.
 
+use super::elsewhere::{Elsewhere, Flip};
 use super::mesh::{Arrivals, Delivery, ShardMsg};
 use super::{Shard, ShardId};
 use crate::chat::{ChatError, Presence, PresenceTracker, Update};
 use crate::clock::unix_ms;
+use crate::cluster::Incarnation;
+use crate::cluster::envelope::Sessions;
 use confab_proto::v1::{self, server_frame::Kind};
-use confab_protocol::ids::{ConversationId, GroupId, UserId};
+use confab_protocol::ids::{ConversationId, GroupId, Seq, UserId};
 use confab_protocol::push_frame;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -26,6 +34,8 @@ pub(super) struct Home {
     tracker: RefCell<PresenceTracker<Subscriber>>,
     /// Wakes the timer when a deadline may have moved.
     changed: Notify,
+    /// Cluster mode: which of its users have sessions on other nodes.
+    elsewhere: RefCell<Elsewhere>,
 }
 
 impl Home {
@@ -33,12 +43,119 @@ impl Home {
         Self {
             tracker: RefCell::new(tracker),
             changed: Notify::new(),
+            elsewhere: RefCell::default(),
         }
+    }
+
+    /// Whether `user` has a session on another node (cluster mode).
+    pub(super) fn is_elsewhere(&self, user: UserId) -> bool {
+        self.elsewhere.borrow().has(user)
     }
 }
 
-/// `user`'s sessions anywhere went from none to some (`online`) or back.
+/// How often a home tells the other nodes its whole set, correcting a change
+/// lost on the way; also at once when a node joins.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(30);
+
+/// `user`'s sessions on this node went from none to some (`online`) or back:
+/// other nodes are told, and presence changes unless the user has sessions on
+/// another node.
 pub(super) fn directory_changed(shard: &Rc<Shard>, user: UserId, online: bool) {
+    if let Some(peers) = &shard.peers {
+        let (online, offline) = match online {
+            true => (vec![user], Vec::new()),
+            false => (Vec::new(), vec![user]),
+        };
+        peers.tell_presence(Sessions {
+            node: peers.me(),
+            home: home_index(shard),
+            snapshot: false,
+            online,
+            offline,
+        });
+    }
+    if !shard.presence.is_elsewhere(user) {
+        became(shard, user, online);
+    }
+}
+
+/// Another node told which of this home's users have sessions there.
+pub(super) fn told(shard: &Rc<Shard>, sessions: Sessions) {
+    let flips = shard.presence.elsewhere.borrow_mut().apply(sessions);
+    flipped(shard, flips);
+}
+
+/// Users whose sessions on other nodes came or went: presence changes for
+/// those with none here.
+fn flipped(shard: &Rc<Shard>, flips: Vec<Flip>) {
+    for (user, elsewhere) in flips {
+        if shard.directory.shards_of(user) != 0 {
+            continue;
+        }
+        if elsewhere && let Some(pusher) = &shard.pusher {
+            // Its notification window on this node is moot too.
+            pusher.online(user);
+        }
+        became(shard, user, elsewhere);
+    }
+}
+
+/// Cluster mode: notifies those of `users` (homed here) with no session on
+/// any node of a message (conversation, seq, sender).
+pub(super) fn notify_if_away(shard: &Shard, users: Vec<UserId>, message: (ConversationId, Seq, UserId), body: &str) {
+    let Some(pusher) = &shard.pusher else { return };
+    let (conversation, seq, sender) = message;
+    let away = users
+        .into_iter()
+        .filter(|user| shard.directory.shards_of(*user) == 0 && !shard.presence.is_elsewhere(*user));
+    for user in away {
+        pusher.message(user, conversation, seq, sender, body);
+    }
+}
+
+fn home_index(shard: &Shard) -> u32 {
+    u32::try_from(shard.id.0).unwrap_or(u32::MAX)
+}
+
+/// Cluster mode: every heartbeat, forgets what nodes that left had told (their
+/// users' sessions went with them), and tells the other nodes this home's
+/// whole set when a node joined or [`SNAPSHOT_EVERY`] passed.
+pub(super) async fn run_snapshots(shard: Rc<Shard>) {
+    let Some(peers) = shard.peers.clone() else { return };
+    let mut ticker = tokio::time::interval(shard.config.cluster.heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut known: Vec<Incarnation> = Vec::new();
+    let mut told_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shard.stop.cancelled() => return,
+        }
+        let live = peers.live_nodes();
+        let flips = shard
+            .presence
+            .elsewhere
+            .borrow_mut()
+            .forget_nodes(|node| live.contains(&node));
+        flipped(&shard, flips);
+        let joined = live.iter().any(|node| !known.contains(node));
+        if joined || told_at.is_none_or(|at| at.elapsed() >= SNAPSHOT_EVERY) {
+            let online = shard.directory.users(|user| shard.mesh.home_of(user) == shard.id);
+            peers.tell_presence(Sessions {
+                node: peers.me(),
+                home: home_index(&shard),
+                snapshot: true,
+                online,
+                offline: Vec::new(),
+            });
+            told_at = Some(Instant::now());
+        }
+        known = live;
+    }
+}
+
+/// The user's presence went from offline to online (`online`) or back.
+fn became(shard: &Rc<Shard>, user: UserId, online: bool) {
     let update = {
         let mut tracker = shard.presence.tracker.borrow_mut();
         if online {

@@ -7,7 +7,7 @@ use confab_client::proto::PresenceUpdate;
 use confab_client::{Client, Event};
 use std::time::Duration;
 
-async fn next_presence(client: &Client) -> PresenceUpdate {
+pub(crate) async fn next_presence(client: &Client) -> PresenceUpdate {
     loop {
         match within(Duration::from_secs(10), client.next_event()).await {
             Some(Event::Presence(presence)) => return presence,

@@ -17,14 +17,14 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// How the receiver answers a call.
 #[derive(Debug, Clone, Copy)]
-enum Answer {
+pub(crate) enum Answer {
     Status(u16),
     /// Never answers (the server's push.timeout ends the call).
     Hang,
 }
 
 /// A webhook receiver: the calls it got (answered 2xx or not), in order.
-struct Receiver {
+pub(crate) struct Receiver {
     url: String,
     calls: Arc<Mutex<Vec<Call>>>,
 }
@@ -45,7 +45,7 @@ impl Call {
 
 impl Receiver {
     /// Answers 200 unless told otherwise by `answers` (taken one per call).
-    async fn start(answers: &[Answer]) -> Self {
+    pub(crate) async fn start(answers: &[Answer]) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/push", listener.local_addr().unwrap());
         let calls = Arc::new(Mutex::new(Vec::new()));
@@ -102,7 +102,7 @@ impl Receiver {
     }
 
     /// The notifications for `user` in calls answered 2xx, once there are `count`.
-    async fn until_notified(&self, user: UserId, count: usize) -> Vec<Value> {
+    pub(crate) async fn until_notified(&self, user: UserId, count: usize) -> Vec<Value> {
         within(WAIT, async {
             loop {
                 let notified = self.notifications_for(user, &self.taken());
@@ -166,9 +166,10 @@ fn keyspace() -> String {
     unique_name("push").replace('x', "_")
 }
 
-/// A node's settings for `receiver`, in `keyspace` (with Cassandra).
-fn push_env<'a>(receiver: &'a Receiver, window: &'a str, keyspace: &'a str) -> Vec<(&'a str, &'a str)> {
-    let mut env = vec![
+/// A node's settings for `receiver`: notifications collapsed over `window`,
+/// presence changes at once.
+pub(crate) fn webhook_env<'a>(receiver: &'a Receiver, window: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
         ("CONFAB_PUSH__WEBHOOK_URL", receiver.url.as_str()),
         ("CONFAB_PUSH__WEBHOOK_SECRET", SECRET),
         ("CONFAB_PUSH__COLLAPSE_WINDOW", window),
@@ -176,7 +177,12 @@ fn push_env<'a>(receiver: &'a Receiver, window: &'a str, keyspace: &'a str) -> V
         ("CONFAB_PUSH__MAX_RETRY_INTERVAL", "1s"),
         ("CONFAB_CHAT__PRESENCE_GRACE", "10ms"),
         ("CONFAB_CHAT__PRESENCE_MIN_INTERVAL", "10ms"),
-    ];
+    ]
+}
+
+/// [`webhook_env`], in `keyspace` (with Cassandra).
+fn push_env<'a>(receiver: &'a Receiver, window: &'a str, keyspace: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut env = webhook_env(receiver, window);
     if std::env::var("TEST_STORE").as_deref() == Ok("cassandra") {
         env.push(("CONFAB_CASSANDRA__KEYSPACE", keyspace));
     }
@@ -209,7 +215,7 @@ async fn bob_goes_offline_muting(addr: confab_client::Endpoint, mute: bool) -> (
 }
 
 /// Until `watcher` hears that a user it follows went offline.
-async fn until_offline(watcher: &Client) {
+pub(crate) async fn until_offline(watcher: &Client) {
     within(WAIT, async {
         loop {
             if let Some(Event::Presence(presence)) = watcher.next_event().await

@@ -5,8 +5,9 @@
 //! --ignored cluster::`.
 //!
 //! Helpers here; the tests by concern: [`failover`] (membership, handover,
-//! fencing, drain, kill -9 under load) and [`forwarding`] (sends forwarded to
-//! the holding node, fan-out to every node's sessions).
+//! fencing, drain, kill -9 under load), [`forwarding`] (sends forwarded to
+//! the holding node, fan-out to every node's sessions, gaps filled) and
+//! [`presence`] (online on any node, notifications only when on none).
 //!
 //! Nodes announce themselves and see each other; a node killed with SIGKILL
 //! drops out once its lease lapses; a node stopped with SIGTERM hands its
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 
 mod failover;
 mod forwarding;
+mod presence;
 
 /// One keyspace for every cluster of this test process (schema changes are
 /// slow and serialize in Cassandra): users and conversations have random ids,
@@ -64,6 +66,13 @@ impl Cluster {
             env: env.into_iter().map(|(key, value)| (key.to_owned(), value)).collect(),
             dirs: Vec::new(),
         }
+    }
+
+    /// Adds settings for the nodes started after.
+    pub(crate) fn with(mut self, env: &[(&str, &str)]) -> Self {
+        self.env
+            .extend(env.iter().map(|(key, value)| ((*key).to_owned(), (*value).to_owned())));
+        self
     }
 
     /// The Redis key prefix of this cluster's nodes.
