@@ -41,7 +41,7 @@ pub async fn run(server: Endpoint, in_flight: usize, body_bytes: usize, duration
     let mut outstanding = FuturesUnordered::new();
     let (mut stored, mut refused) = (0, 0);
     let send = |index: u64| {
-        let client = flooder.client.clone();
+        let client = flooder.client();
         let body = body.clone();
         async move { client.send_direct(target, &format!("flood-{index}"), &body).await }
     };

@@ -11,6 +11,8 @@ pub mod connect;
 pub mod echo;
 /// One account sending as fast as the server lets it.
 pub mod flood;
+/// A member's connection, which moves when its server goes away.
+pub mod line;
 /// Real log-ins during a password-guessing attack.
 pub mod logins;
 /// What a loadgen message body carries.

@@ -65,7 +65,7 @@ pub async fn group(
     for (index, group) in members.chunks(shape.members).enumerate() {
         let others: Vec<confab_client::UserId> = group[1..].iter().map(|member| member.user_id).collect();
         let created = group[0]
-            .client
+            .client()
             .create_group(&format!("loadgen-{index}"), &format!("loadgen {index}"), &others)
             .await
             .context("creating a group")?;
@@ -355,7 +355,7 @@ pub async fn sync(
         members.chunks(2).map(|pair| (pair[0].clone(), pair[1].clone())).unzip();
     let mut tokens = Vec::with_capacity(devices);
     for receiver in &receivers {
-        tokens.push(receiver.client.sync("", &[], 0).await?.sync_token);
+        tokens.push(receiver.client().sync("", &[], 0).await?.sync_token);
     }
     let offline: Vec<(Device, String)> = receivers.iter().map(|r| (r.device, r.access_token.clone())).collect();
     drop(receivers);
@@ -371,7 +371,7 @@ pub async fn sync(
                     counter: *counter as u64,
                 };
                 let body = payload::encode(id, 0, 64);
-                let client = sender.client.clone();
+                let client = sender.client();
                 async move {
                     (
                         id,

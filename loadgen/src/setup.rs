@@ -1,9 +1,10 @@
 //! Creating the users and connections a run needs (not measured).
 
 use crate::check::Device;
+use crate::line::Line;
 use anyhow::Context as _;
 use confab_client::Client;
-use confab_client::{ClientOptions, Endpoint};
+use confab_client::{ClientOptions, Endpoint, Failover};
 use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -20,7 +21,16 @@ pub struct Member {
     pub device: Device,
     pub user_id: confab_client::UserId,
     pub access_token: String,
-    pub client: Arc<Client>,
+    /// The member's connection, which moves to another server when its own
+    /// goes away (in a run over several servers).
+    pub line: Arc<Line>,
+}
+
+impl Member {
+    /// The member's current connection.
+    pub fn client(&self) -> Arc<Client> {
+        self.line.client()
+    }
 }
 
 /// Signs up `count` fresh users (names unique to this run), logs each in and
@@ -46,12 +56,14 @@ pub async fn members(connector: &Connector, count: usize) -> anyhow::Result<Vec<
                 .authenticate(&login.tokens.access_token)
                 .await
                 .with_context(context)?;
+            let server = index % connector.servers().len();
+            let line = Line::new(client, server, connector.clone(), login.tokens.access_token.clone());
             anyhow::Ok(Member {
                 name,
                 device: Device::try_from(index).context("too many devices")?,
                 user_id: login.user_id,
                 access_token: login.tokens.access_token,
-                client: Arc::new(client),
+                line: Arc::new(line),
             })
         }
     });
@@ -119,6 +131,21 @@ impl Connector {
     /// The first server.
     pub fn server(&self) -> Endpoint {
         self.servers[0]
+    }
+
+    /// Every server, the first first.
+    pub fn servers(&self) -> &[Endpoint] {
+        &self.servers
+    }
+
+    /// A client connected to the first server that answers after server
+    /// `from` (in turn, wrapping around), and that server's index.
+    pub async fn connect_after(
+        &self,
+        from: usize,
+        failover: &Failover,
+    ) -> Result<(Client, usize), confab_client::ClientError> {
+        Client::connect_any(&self.servers, from + 1, self.options(None), failover).await
     }
 
     /// A client connected to the first server, from `local_ip` when given

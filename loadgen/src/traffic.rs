@@ -13,7 +13,9 @@ use crate::payload;
 use crate::setup::Member;
 use crate::stats::Latency;
 use confab_client::Event;
+use confab_client::proto::Message;
 use confab_client::proto::conversation_ref::Target;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -212,13 +214,13 @@ async fn send(member: Member, flow: Flow, schedule: Schedule, load: Load, shared
             counter,
         };
         let body = payload::encode(id, intended_ns, load.body_bytes);
-        let client = member.client.clone();
+        let line = member.line.clone();
         let target = flow.target.clone();
         let shared = shared.clone();
         let recipients = recipients.clone();
         pending.spawn(async move {
             let client_msg_id = format!("{}-{}-{counter}", load.round, id.sender);
-            let result = client.send(target, &client_msg_id, &body).await;
+            let result = line.send(target, &client_msg_id, &body).await;
             let latency = intended.elapsed();
             let Ok(mut outcome) = shared.lock() else { return };
             outcome.sent += 1;
@@ -236,7 +238,9 @@ async fn send(member: Member, flow: Flow, schedule: Schedule, load: Load, shared
     while pending.join_next().await.is_some() {}
 }
 
-/// Records every loadgen message a member receives until stopped.
+/// Records every loadgen message a member receives until stopped. When its
+/// connection closes in a run over several servers, moves the member's line
+/// to the next one (see [`crate::line`]) and goes on there.
 async fn receive(
     member: Member,
     start: Instant,
@@ -247,40 +251,80 @@ async fn receive(
         device: member.device,
         ..Received::default()
     };
+    let mut cursors = member.line.cursors();
     let mut events = Vec::with_capacity(EVENT_BATCH);
+    let mut client = member.client();
     loop {
         let got = tokio::select! {
-            got = member.client.next_events(&mut events, EVENT_BATCH) => got,
-            _ = stopped.changed() => return received,
+            got = client.next_events(&mut events, EVENT_BATCH) => got,
+            _ = stopped.changed() => break,
         };
         // Every event of a batch was waiting when it was taken: one clock read
         // and one shared count for all of them.
         let now = start.elapsed();
-        let mut messages = 0;
         let mut closed = got == 0;
-        for event in events.drain(..) {
-            let message = match event {
-                Event::Message(message) => message,
-                Event::Closed(_) => {
-                    closed = true;
-                    continue;
-                }
-                _ => continue,
-            };
-            let Some((id, intended_ns)) = payload::decode(&message.body) else {
-                continue;
-            };
-            received
-                .latency
-                .record(now.saturating_sub(Duration::from_nanos(intended_ns)));
-            received.record(message.conversation_id, message.seq, id);
-            messages += 1;
+        let messages = events.drain(..).filter_map(|event| match event {
+            Event::Message(message) => Some(message),
+            Event::Closed(_) => {
+                closed = true;
+                None
+            }
+            _ => None,
+        });
+        let taken = take(&mut received, &mut cursors, messages, now);
+        delivered.fetch_add(taken, Ordering::Relaxed);
+        if !closed {
+            continue;
         }
-        delivered.fetch_add(messages, Ordering::Relaxed);
-        if closed {
-            return received;
+        if !member.line.moves() {
+            break;
+        }
+        match member.line.move_on(&cursors).await {
+            Ok(synced) => {
+                let taken = take(&mut received, &mut cursors, synced, start.elapsed());
+                delivered.fetch_add(taken, Ordering::Relaxed);
+                client = member.client();
+            }
+            Err(err) => {
+                eprintln!("device {}: no server took it back: {err}", member.device);
+                break;
+            }
         }
     }
+    member.line.keep_cursors(&cursors);
+    received
+}
+
+/// Records the loadgen messages among `messages` (but the member's own, which
+/// a resume replays) and moves the cursors past every message; returns how
+/// many were recorded.
+fn take(
+    received: &mut Received,
+    cursors: &mut HashMap<String, u64>,
+    messages: impl IntoIterator<Item = Message>,
+    now: Duration,
+) -> u64 {
+    let mut taken = 0;
+    for message in messages {
+        match cursors.get_mut(&message.conversation_id) {
+            Some(cursor) => *cursor = (*cursor).max(message.seq),
+            None => {
+                cursors.insert(message.conversation_id.clone(), message.seq);
+            }
+        }
+        let Some((id, intended_ns)) = payload::decode(&message.body) else {
+            continue;
+        };
+        if id.sender == received.device {
+            continue;
+        }
+        received
+            .latency
+            .record(now.saturating_sub(Duration::from_nanos(intended_ns)));
+        received.record(message.conversation_id, message.seq, id);
+        taken += 1;
+    }
+    taken
 }
 
 /// A live line on stderr (only when it is a terminal): elapsed, ack rate, p99 of

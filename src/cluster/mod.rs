@@ -90,7 +90,8 @@ pub async fn connect_waiting(config: &ClusterConfig, timeout: Duration) -> Resul
 /// Joins the cluster: connects to Redis, opens this node's inbox (handing
 /// what arrives to `local`), announces this node with a first heartbeat (so a
 /// wrong address or a Redis that is down is an error at start), makes `store`
-/// write as this node, then keeps beating and serving the inbox on the
+/// write as this node, waits two heartbeats (until every live node relays to
+/// it, before it takes clients), then keeps beating and serving the inbox on the
 /// `confab-cluster` thread until `leave` (once the node has stopped and its
 /// store handed its conversations over), when it leaves the live set at once
 /// instead of letting its lease lapse. Returns the thread and the handle
@@ -121,6 +122,14 @@ pub fn join(
             live.as_slice().binary_search(&node).is_ok()
         });
         store.join_cluster(me, is_live).await?;
+        // Every live node reads the live set at its next beat: after two
+        // heartbeats all of them relay to this node, so a client it accepts
+        // from now on misses no message committed elsewhere.
+        for _ in 0..2 {
+            tokio::time::sleep(config.heartbeat).await;
+            let beat = membership.beat().await?;
+            *view.write().unwrap_or_else(PoisonError::into_inner) = beat.live;
+        }
         Ok::<_, ClusterError>((membership, peers, serving))
     })?;
     let heartbeat = config.heartbeat;

@@ -266,3 +266,56 @@ async fn killing_the_holding_node_under_steady_sends_loses_and_repeats_nothing()
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
+async fn the_loadgen_check_passes_across_a_node_killed_mid_run() {
+    use confab_loadgen::scenario::{self, Measure, Mode};
+    use confab_loadgen::traffic::Load;
+    let mut cluster = Cluster::new("1s");
+    let mut nodes: Vec<BinaryNode> = (0..3).map(|_| cluster.start()).collect();
+    sees_live(&nodes[2], 3.0).await;
+    let servers: Vec<Endpoint> = nodes.iter().map(|node| Endpoint::tcp(node.addr)).collect();
+    let load = Load {
+        rate: 300.0,
+        duration: Duration::from_secs(4),
+        body_bytes: 64,
+        drain: Duration::from_secs(30),
+        round: 0,
+    };
+    // Users i on node i % 3: a third of the members, and the conversations
+    // their first sends took, are on the node killed.
+    let run = tokio::spawn(scenario::direct(
+        servers,
+        12,
+        load,
+        Mode::Once,
+        Measure::default(),
+        serde_json::json!({}),
+    ));
+    let doomed = nodes.remove(0);
+    let metrics = doomed.metrics.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let acked = sample(
+            &scrape(metrics).await,
+            "confab_send_stage_seconds_count{stage=\"acked\"}",
+        );
+        if acked.is_some_and(|acked| acked >= 100.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 0 acknowledged {acked:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.kill();
+
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(
+        report.violations,
+        Vec::<String>::new(),
+        "nothing lost, repeated or out of order"
+    );
+    assert_eq!(report.errors, 0, "every send acknowledged, after retries");
+    assert_eq!(report.acked, report.sent);
+    assert_eq!(report.deliveries, report.acked, "one recipient per message");
+}
