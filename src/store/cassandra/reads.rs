@@ -289,8 +289,12 @@ impl Inner {
     }
 
     /// `user`'s watermarks in `conversation`, highest across its devices.
+    /// In a cluster the user's devices may mark through other nodes, so the
+    /// store is read each time.
     pub(super) async fn folded_marks(&self, conversation: ConversationId, user: UserId) -> Result<Marks, StoreError> {
-        if let Some(marks) = self.known_marks.get(&(conversation, user)) {
+        if self.cluster.get().is_none()
+            && let Some(marks) = self.known_marks.get(&(conversation, user))
+        {
             return Ok(marks);
         }
         let (marks, _) = self.user_marks(conversation, user).await?;

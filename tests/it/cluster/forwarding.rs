@@ -197,3 +197,33 @@ fn entry_with(key: &str, needles: &[&str]) -> Option<String> {
         .find(|(_, text)| needles.iter().all(|needle| text.contains(needle)))
         .map(|(id, _)| id)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
+async fn a_read_marked_on_one_node_shows_in_the_conversation_list_on_another() {
+    let Pair {
+        cluster: _cluster,
+        a: _a,
+        b,
+        alice,
+        alice_id,
+        alice_name,
+        bob,
+        bob_id: _,
+    } = pair().await;
+    let sent = bob.send_direct(alice_id, "m1", "hi").await.unwrap();
+    bob.send_direct(alice_id, "m2", "hi").await.unwrap();
+    let unread = |list: confab_client::proto::ConversationList| {
+        list.conversations
+            .into_iter()
+            .find(|state| state.conversation_id == sent.conversation_id)
+            .map(|state| (state.read_seq, state.unread_count))
+    };
+    // Alice's phone on a lists her conversations (a remembers her marks)...
+    assert_eq!(unread(alice.list_conversations("", 10).await.unwrap()), Some((0, 2)));
+    // ...her tablet on b reads both...
+    let tablet = device_on(&b, &alice_name).await;
+    tablet.mark_read(&sent.conversation_id, 2).await.unwrap();
+    // ...and the phone's list on a shows them read.
+    assert_eq!(unread(alice.list_conversations("", 10).await.unwrap()), Some((2, 0)));
+}
