@@ -153,6 +153,13 @@ pub(super) fn submit(shard: &Rc<Shard>, append: Append, mut reply: AppendReply) 
 async fn run_check(shard: Rc<Shard>, check: Check) {
     let mut check = Some(check);
     while let Some(mut current) = check.take() {
+        // In a cluster a device's sends can be listed only once this node
+        // holds the conversation: on first use, after taking it.
+        let after_take = shard.peers.is_some() && current.first_use;
+        let loads = match after_take {
+            true => std::mem::take(&mut current.load),
+            false => Vec::new(),
+        };
         start_loads(&shard, &mut current);
         let conversation = current.conversation;
         let result = match current.needs_store() {
@@ -166,6 +173,7 @@ async fn run_check(shard: Rc<Shard>, check: Check) {
             }
             false => Ok(CheckResult::default()),
         };
+        load_devices(&shard, conversation, loads);
         check = resolve(&shard, conversation, result);
     }
 }
@@ -173,8 +181,13 @@ async fn run_check(shard: Rc<Shard>, check: Check) {
 /// Starts the loads of device ids `check` asks for, beside it: the check does
 /// not wait for them.
 fn start_loads(shard: &Rc<Shard>, check: &mut Check) {
-    let conversation = check.conversation;
-    for (device, ticket) in check.load.drain(..) {
+    let loads = std::mem::take(&mut check.load);
+    load_devices(shard, check.conversation, loads);
+}
+
+/// Starts loads of the listed devices' ids in `conversation`.
+fn load_devices(shard: &Rc<Shard>, conversation: ConversationId, loads: Vec<(DeviceId, u64)>) {
+    for (device, ticket) in loads {
         let shard_for_load = shard.clone();
         shard.spawn_core(async move {
             let shard = shard_for_load;

@@ -61,9 +61,17 @@ impl MessageStore for CassandraStore {
         device: DeviceId,
         limit: usize,
     ) -> Result<Option<Vec<String>>, StoreError> {
-        // After a failed flush a message row may have landed without its record;
-        // in cluster mode a record may be a fenced owner's late write.
-        if self.inner.suspect_from(conversation).is_some() || self.inner.cluster.get().is_some() {
+        // After a failed flush (or a takeover that adopted a dead owner's
+        // last rows) a message row may have landed without its record. In
+        // cluster mode the list is complete only once this node holds the
+        // conversation: every later send goes through it. (A fenced owner's
+        // late records may be listed too: harmless, `find_sends` refuses them.)
+        let held_here = self
+            .inner
+            .cluster
+            .get()
+            .is_none_or(|node| node.epoch(conversation).is_some());
+        if self.inner.suspect_from(conversation).is_some() || !held_here {
             return Ok(None);
         }
         self.read_on_driver(move |inner| async move {

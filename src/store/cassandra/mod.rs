@@ -292,14 +292,17 @@ mod tests {
     use crate::store::{MessageRecord, MessageStore as _};
     use confab_protocol::ids::DeviceId;
 
-    pub(super) fn store() -> CassandraStore {
+    /// The keyspace of this test process's stores.
+    pub(super) fn keyspace() -> &'static str {
         static KEYSPACE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        KEYSPACE.get_or_init(|| format!("unit{}_{:x}", std::process::id(), rand::random::<u32>()))
+    }
+
+    pub(super) fn store() -> CassandraStore {
         static OPENING: Mutex<()> = Mutex::new(());
         let mut config = crate::Config::defaults().unwrap().cassandra;
         config.contact_points = vec![std::env::var("TEST_CASSANDRA").expect("TEST_CASSANDRA=<host:port>")];
-        config.keyspace = KEYSPACE
-            .get_or_init(|| format!("unit{}_{:x}", std::process::id(), rand::random::<u32>()))
-            .clone();
+        config.keyspace = keyspace().to_owned();
         config.consistency = Consistency::One;
         // Keyspace and tables are created by the first test only: schema changes serialize.
         let _one_at_a_time = OPENING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -267,6 +267,14 @@ async fn claim(inner: &Inner, me: Incarnation, conversation: ConversationId) -> 
     // What the last owner stored and may not have made readable (it died
     // between its fence check and its head) becomes readable now.
     let kept = next_seq - 1;
+    let heads: Vec<(i64, i64)> = inner.rows(&inner.statements.head, (key.clone(),)).await?;
+    let readable = heads.first().map_or(0, |(seq, _)| from_cql(*seq));
+    if kept > readable {
+        // Those rows were never acknowledged, and a row may have landed
+        // without its send record (another table): a retry of one must be
+        // found by scanning, not by the records alone.
+        inner.suspect(conversation, readable + 1);
+    }
     if let Some(message) = inner.message(conversation, kept).await? {
         let time_ms = to_cql(message.server_time_ms);
         let head = (key, to_cql(kept), time_ms, to_cql(kept));
@@ -414,6 +422,51 @@ mod tests {
             a.claim(super::super::tests::conversation()).await,
             Err(ClaimError::Fenced)
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs a Cassandra node: TEST_CASSANDRA=<host:port>"]
+    async fn a_row_a_dead_owner_stored_without_its_record_is_found_by_a_retry() {
+        let (a, b) = (store(), store());
+        let (node_a, _) = (node(&a).await, node(&b).await);
+        let conversation = conversation();
+        a.claim(conversation).await.unwrap();
+        a.append_messages(messages(conversation, 1..=2, "a")).await.unwrap();
+        // a died in its flush of 3: the message row landed, its send record
+        // and the head did not.
+        let row = (
+            conversation.to_string(),
+            bucket(3),
+            3i64,
+            prost::Message::encode_to_vec(&crate::store::encoding::StoredMessage::of(&message(
+                conversation,
+                3,
+                "a-3",
+            ))),
+            1i64,
+            crate::store::ownership::write_timestamp(1, 3),
+        );
+        a.on_driver(move |inner| async move { inner.execute(&inner.statements.insert_message_in_epoch, row).await })
+            .await
+            .unwrap();
+
+        b.fence(node_a).await.unwrap();
+        assert_eq!(
+            b.claim(conversation).await.unwrap(),
+            Claim { epoch: 2, next_seq: 4 },
+            "3 adopted"
+        );
+        let device = DeviceId::new(9).unwrap();
+        assert_eq!(
+            b.sent_ids(conversation, device, 100).await.unwrap(),
+            None,
+            "the list of a's sends lacks a-3"
+        );
+        let retry = b
+            .find_sends(conversation, vec![(device, "a-3".into())], 0)
+            .await
+            .unwrap();
+        assert_eq!(retry[&(device, "a-3".to_owned())].seq, 3, "the retry gets 3, not 4");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
