@@ -133,8 +133,9 @@ pub(super) fn submit(shard: &Rc<Shard>, append: Append, mut reply: AppendReply) 
     let admission = shard.owner.sequencer.borrow_mut().submit(append, reply);
     match admission {
         Admission::Queued => {}
-        Admission::Check(mut check) => {
-            start_loads(shard, &mut check);
+        Admission::Check(check) => {
+            // Loads (of the devices among the keys) start in `run_check`; a
+            // check that needs no store has no keys, so nothing to load.
             if check.needs_store() {
                 shard.spawn_core(run_check(shard.clone(), check));
             } else if let Some(next) = resolve(shard, check.conversation, Ok(CheckResult::default())) {
