@@ -227,3 +227,17 @@ async fn a_read_marked_on_one_node_shows_in_the_conversation_list_on_another() {
     // ...and the phone's list on a shows them read.
     assert_eq!(unread(alice.list_conversations("", 10).await.unwrap()), Some((2, 0)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis and Cassandra: TEST_REDIS, TEST_CASSANDRA (scripts/test)"]
+async fn a_holder_reads_the_store_for_a_conversations_first_sends_only() {
+    let two = pair().await;
+    for n in 0..20 {
+        two.alice.send_direct(two.bob_id, &format!("m{n}"), "hi").await.unwrap();
+    }
+    // The first send takes the conversation and lists alice's sends; from
+    // then on the holder knows every id without asking the store.
+    let metrics = scrape(two.a.metrics.unwrap()).await;
+    let checks = sample(&metrics, "confab_store_check_seconds_count").unwrap();
+    assert!(checks <= 3.0, "{checks} store reads for 20 sends");
+}
