@@ -60,6 +60,9 @@ pub struct SendStages {
     pub delivered: Histogram,
     /// From frame decoded to acked.
     pub acked: Histogram,
+    /// Cluster mode: from handed to another node (the conversation's holder)
+    /// to its answer: the Redis hops both ways and the holder's own stages.
+    pub forwarded: Histogram,
     /// How long a store commit takes.
     pub store_commit: Histogram,
     /// Messages per store commit.
@@ -80,6 +83,7 @@ impl SendStages {
             committed: stage("committed"),
             delivered: stage("delivered"),
             acked: stage("acked"),
+            forwarded: stage("forwarded"),
             store_commit: histogram!("confab_store_commit_seconds"),
             store_commit_messages: histogram!("confab_store_commit_messages"),
             store_check: histogram!("confab_store_check_seconds"),

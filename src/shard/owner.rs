@@ -288,10 +288,13 @@ fn forward_held(shard: &Rc<Shard>, peers: &Peers, conversation: ConversationId, 
 fn forward(shard: &Rc<Shard>, peers: &Peers, holder: Incarnation, append: Append, reply: AppendReply) {
     let conversation = append.conversation;
     let client_msg_id = append.client_msg_id.clone();
+    let started = Instant::now();
     let answer = peers.forward(holder, append);
     let owner = shard.clone();
     shard.spawn_core(async move {
-        let answer = answer.await.map(|acked| SendAck {
+        let answer = answer.await;
+        crate::metrics::record_since(&owner.stages.forwarded, started);
+        let answer = answer.map(|acked| SendAck {
             conversation,
             seq: acked.seq,
             server_time_ms: acked.server_time_ms,

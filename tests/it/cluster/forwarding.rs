@@ -93,6 +93,11 @@ async fn a_retry_through_another_node_gets_the_original_ack() {
     laptop_on_b.authenticate(&login.tokens.access_token).await.unwrap();
     let retried = laptop_on_b.send_direct(bob_id, "twice", "hi").await.unwrap();
     assert_eq!((retried.seq, retried.server_time_ms), (sent.seq, sent.server_time_ms));
+    let forwarded = sample(
+        &scrape(b.metrics.unwrap()).await,
+        "confab_send_stage_seconds_count{stage=\"forwarded\"}",
+    );
+    assert_eq!(forwarded, Some(1.0), "the retry was forwarded to a and timed");
     assert_eq!(
         history(&bob, &first.conversation_id).await,
         vec![(1, "once".to_owned()), (2, "twice".to_owned())],
