@@ -327,7 +327,19 @@ async fn peers_that_ask_for_pages_and_read_nothing_hold_a_bounded_amount() {
     // 6 MB in one conversation: a History page holds four of these.
     let body = "y".repeat(60_000);
     let ids: Vec<String> = (0..MESSAGES).map(|i| format!("h{i}")).collect();
-    let sends = ids.iter().map(|id| alice.send_direct(login.user_id, id, &body));
+    // 6 MB at once can time a loaded test Cassandra node's writes out
+    // (UNAVAILABLE, nothing stored): retried with the same id, as a client does.
+    let sends = ids.iter().map(|id| async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match alice.send_direct(login.user_id, id, &body).await {
+                Err(err) if err.code() == Some(ErrorCode::Unavailable) && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                ack => return ack,
+            }
+        }
+    });
     for ack in futures::future::join_all(sends).await {
         ack.unwrap();
     }
