@@ -24,7 +24,7 @@ use super::{Shard, ShardId};
 use crate::chat::message_frame;
 use confab_protocol::HistoryRange;
 use confab_protocol::ids::{ConversationId, Seq, UserId};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +48,13 @@ const MAX_TRACKED: usize = 65_536;
 /// either, the gap is given up (the recipients here resume).
 const MAX_GAPS: usize = 4_096;
 const MAX_HELD: usize = 4_096;
+
+/// Deliveries released and waiting for the committer, at most. Relays come
+/// in through the mailbox, which never waits; while the shards they go to are
+/// backed up, more are shed and their recipients here resume instead (before
+/// relays went to the owner shard, a backed-up mailbox held up the inbox
+/// reader; now nothing would bound this queue).
+const MAX_READY: usize = 65_536;
 
 /// What [`Continuity::offer`] did with a delivery.
 #[derive(Debug, PartialEq, Eq)]
@@ -155,6 +162,11 @@ impl Continuity {
         Some(gap.users)
     }
 
+    /// Whether what is released already waits at its bound.
+    pub(super) fn is_backed_up(&self) -> bool {
+        self.ready.len() >= MAX_READY
+    }
+
     /// What may go out now, in order.
     pub(super) fn take_ready(&mut self) -> Vec<Delivery> {
         std::mem::take(&mut self.ready)
@@ -206,6 +218,23 @@ impl Continuity {
 
 /// Relayed deliveries from other nodes, at their conversations' owner shard.
 pub(super) fn relayed(shard: &Rc<Shard>, deliveries: Vec<Delivery>) {
+    let backed_up = shard
+        .owner
+        .continuity()
+        .is_some_and(|continuity| continuity.borrow().is_backed_up());
+    if backed_up {
+        let users: HashSet<UserId> = deliveries
+            .iter()
+            .flat_map(|delivery| delivery.users.iter().copied())
+            .collect();
+        tracing::warn!(
+            deliveries = deliveries.len(),
+            "shards backed up: relayed messages shed, their recipients here resume"
+        );
+        metrics::counter!("confab_cluster_relays_shed_total").increment(deliveries.len() as u64);
+        shard.spawn_core(resync(shard.clone(), users.into_iter().collect()));
+        return;
+    }
     for delivery in deliveries {
         offer(shard, delivery);
     }
@@ -404,6 +433,18 @@ mod tests {
         assert_eq!(continuity.skip(conversation()), Some(users()));
         assert_eq!(seqs(&mut continuity), vec![6]);
         assert_eq!(continuity.skip(conversation()), None);
+    }
+
+    #[test]
+    fn released_deliveries_are_bounded_until_taken() {
+        let mut continuity = Continuity::default();
+        for _ in 0..MAX_READY {
+            assert!(!continuity.is_backed_up());
+            continuity.offer(delivery(0));
+        }
+        assert!(continuity.is_backed_up());
+        assert_eq!(continuity.take_ready().len(), MAX_READY);
+        assert!(!continuity.is_backed_up());
     }
 
     #[test]
