@@ -90,9 +90,8 @@ impl GroupIds {
 }
 
 /// SplitMix64 finaliser: cheap and well spread. Stable across versions and
-/// machines, because where a conversation is owned (which shard, which node)
-/// is computed from it on every node.
-pub fn mix(mut x: u64) -> u64 {
+/// machines, because which shard owns a conversation is computed from it.
+fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -5,8 +5,8 @@
 //! Built so far: each node joins under a fresh [`Incarnation`] and keeps a
 //! view of the live incarnations ([`membership`]); its store writes as that
 //! incarnation and takes a conversation from a node only once that node is no
-//! longer in the view (fencing it first); every node can compute where a
-//! conversation should be owned from the view ([`rendezvous`]); the [`bus`]
+//! longer in the view (fencing it first); a conversation stays with the
+//! first node that uses it (docs/CLUSTER.md, "Placement"); the [`bus`]
 //! carries [`envelope`]s between nodes' inboxes, through which [`peers`]
 //! forwards appends to the node that holds their conversation and relays
 //! committed messages, pushes and who has sessions where to the other nodes.
@@ -18,7 +18,6 @@ pub mod bus;
 pub mod envelope;
 pub mod membership;
 pub mod peers;
-pub mod rendezvous;
 
 use crate::config::ClusterConfig;
 use crate::store::Store;
