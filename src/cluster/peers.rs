@@ -46,6 +46,11 @@ const MIN_INBOX_TTL: Duration = Duration::from_secs(30);
 const MAX_PATIENCE: Duration = Duration::from_secs(5);
 /// Forwards waiting for their answers at most.
 const MAX_WAITING: usize = 65_536;
+/// Forwards from one node being sequenced here at once at most: more are
+/// refused at once (UNAVAILABLE, the client retries), so one node's burst
+/// cannot hold every slot of this node's owner shards while the forwards of
+/// the others wait behind it in the inbox.
+const MAX_FORWARDS_PER_NODE: usize = 16_384;
 
 /// An answer still to come.
 pub type PendingAnswer = Pin<Box<dyn Future<Output = Answer> + Send>>;
@@ -75,6 +80,56 @@ enum Outgoing {
 
 /// Forwards waiting for answers, by token.
 type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+
+/// Forwards from each node being sequenced here, counted so that no node has
+/// more than its share at once.
+#[derive(Debug, Clone)]
+struct Sequencing {
+    by_node: Arc<Mutex<HashMap<Incarnation, usize>>>,
+    per_node: usize,
+}
+
+/// One forward being sequenced here; its node's count drops with it.
+#[derive(Debug)]
+struct Slot {
+    sequencing: Sequencing,
+    node: Incarnation,
+}
+
+impl Sequencing {
+    fn new(per_node: usize) -> Self {
+        Self {
+            by_node: Arc::default(),
+            per_node,
+        }
+    }
+
+    /// A slot for one more forward from `node`, unless it has its share.
+    fn start(&self, node: Incarnation) -> Option<Slot> {
+        let mut by_node = self.by_node.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = by_node.entry(node).or_default();
+        if *count >= self.per_node {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            sequencing: self.clone(),
+            node,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut by_node = self.sequencing.by_node.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = by_node.get_mut(&self.node) {
+            *count -= 1;
+            if *count == 0 {
+                by_node.remove(&self.node);
+            }
+        }
+    }
+}
 
 /// A shard's handle on the other nodes. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -302,6 +357,7 @@ async fn receive(
 ) {
     let mut reachable = true;
     let mut kept = tokio::time::Instant::now();
+    let sequencing = Sequencing::new(MAX_FORWARDS_PER_NODE);
     loop {
         // Renewed a few times per expiry; reads block at most READ_BLOCK.
         if kept.elapsed() >= inbox_ttl / 4 {
@@ -346,6 +402,19 @@ async fn receive(
                     reply_to,
                     append,
                 }) => {
+                    let Some(slot) = sequencing.start(reply_to) else {
+                        metrics::counter!("confab_cluster_forwards_refused_total").increment(1);
+                        tracing::debug!(node = %reply_to, "too many forwards from one node: refused");
+                        let answer = Envelope::Answer {
+                            token,
+                            answer: Err(Refusal::unavailable(
+                                "too many sends from your node wait on this one; retry later",
+                            )),
+                        };
+                        // Never waits: unanswered, the forwarder gives up after its patience.
+                        let _ = outgoing.try_send(Outgoing::To(reply_to, answer));
+                        continue;
+                    };
                     let pending = local.submit(append).await;
                     let outgoing = outgoing.clone();
                     tokio::spawn(async move {
@@ -353,6 +422,7 @@ async fn receive(
                             token,
                             answer: pending.await,
                         };
+                        drop(slot);
                         let _ = outgoing.send(Outgoing::To(reply_to, answer)).await;
                     });
                 }
@@ -404,6 +474,23 @@ mod tests {
             users: vec![user],
             skip_device: None,
         }]
+    }
+
+    #[test]
+    fn each_node_has_its_share_of_forwards_sequenced_here() {
+        let sequencing = Sequencing::new(2);
+        let (busy, quiet) = (Incarnation::new(2), Incarnation::new(3));
+        let first = sequencing.start(busy).expect("a first slot");
+        let second = sequencing.start(busy).expect("a second slot");
+        assert!(sequencing.start(busy).is_none(), "a third forward from one node is refused");
+        let other = sequencing.start(quiet);
+        assert!(other.is_some(), "another node still has its share");
+        drop(first);
+        let again = sequencing.start(busy);
+        assert!(again.is_some(), "an answered forward frees its slot");
+        drop((second, again, other));
+        let by_node = sequencing.by_node.lock().unwrap();
+        assert!(by_node.is_empty(), "nodes with nothing in flight are forgotten: {by_node:?}");
     }
 
     #[test]
