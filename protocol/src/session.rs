@@ -19,6 +19,7 @@ use confab_proto::v1::{
     self, ClientFrame, ErrorCode, ProtocolVersion, ServerFrame, client_frame, conversation_ref, server_frame,
 };
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Default History page when the request leaves `limit` at 0.
@@ -89,11 +90,13 @@ pub struct Session {
     identity: Option<Identity>,
     /// When the access token the session authenticated with expires.
     access_expires_at: Option<Instant>,
-    limits: SessionLimits,
+    /// Shared by every session of a node (an idle connection should not
+    /// carry its own copy, nor of the group-id key below).
+    limits: Arc<SessionLimits>,
     opened_at: Instant,
     last_heard: Instant,
     auth_failures: u32,
-    group_ids: GroupIds,
+    group_ids: Arc<GroupIds>,
     /// This connection's share of messages.
     sends: TokenBucket,
     /// This connection's share of reads.
@@ -122,7 +125,13 @@ fn reject<T>(code: ErrorCode, message: impl Into<String>) -> Result<T, Rejection
 
 impl Session {
     /// A session opened at `now`, waiting for `Hello`.
-    pub fn new(id: u64, limits: SessionLimits, group_ids: GroupIds, now: Instant) -> Self {
+    pub fn new(
+        id: u64,
+        limits: impl Into<Arc<SessionLimits>>,
+        group_ids: impl Into<Arc<GroupIds>>,
+        now: Instant,
+    ) -> Self {
+        let (limits, group_ids) = (limits.into(), group_ids.into());
         Self {
             id,
             state: State::AwaitingHello,
@@ -972,6 +981,22 @@ mod tests {
         let mut session = open_session(now);
         session.authenticated(identity(me), now + Duration::from_secs(3600));
         session
+    }
+
+    /// Every connection holds one, idle or not: the node-wide parts (limits,
+    /// the group-id key) are shared, not copied (they were 288 bytes more).
+    #[test]
+    fn a_session_carries_no_copy_of_what_every_session_shares() {
+        let size = std::mem::size_of::<Session>();
+        assert!(size <= 400, "a Session is {size} bytes");
+        let session = Session::new(1, limits(), GroupIds::new(&[1; 32]), Instant::now());
+        let again = Session::new(
+            2,
+            Arc::clone(&session.limits),
+            Arc::clone(&session.group_ids),
+            Instant::now(),
+        );
+        assert!(Arc::ptr_eq(&session.limits, &again.limits));
     }
 
     #[test]

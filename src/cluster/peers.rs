@@ -482,7 +482,10 @@ mod tests {
         let (busy, quiet) = (Incarnation::new(2), Incarnation::new(3));
         let first = sequencing.start(busy).expect("a first slot");
         let second = sequencing.start(busy).expect("a second slot");
-        assert!(sequencing.start(busy).is_none(), "a third forward from one node is refused");
+        assert!(
+            sequencing.start(busy).is_none(),
+            "a third forward from one node is refused"
+        );
         let other = sequencing.start(quiet);
         assert!(other.is_some(), "another node still has its share");
         drop(first);
@@ -490,7 +493,10 @@ mod tests {
         assert!(again.is_some(), "an answered forward frees its slot");
         drop((second, again, other));
         let by_node = sequencing.by_node.lock().unwrap();
-        assert!(by_node.is_empty(), "nodes with nothing in flight are forgotten: {by_node:?}");
+        assert!(
+            by_node.is_empty(),
+            "nodes with nothing in flight are forgotten: {by_node:?}"
+        );
     }
 
     #[test]

@@ -45,26 +45,10 @@ pub(super) async fn run(
     outbound: Outbound,
     peer: SocketAddr,
 ) -> Closed {
-    let session_id = rand::random();
-    let mut session = Session::new(
-        session_id,
-        shard.limits.clone(),
-        shard.group_ids.clone(),
-        Instant::now(),
-    );
-    if let Some(access_token) = source.upgrade_token() {
-        session.authenticate_after_hello(access_token);
-    }
-    let mut connection = Connection {
-        shard,
-        session,
-        outbound,
-        kick: Rc::new(Kick::default()),
-        registered: None,
-        user_permit: None,
-        visibility: Rc::default(),
-        peer,
-    };
+    // Built outside this async fn: its locals would stay in the task's state
+    // (the session twice) for as long as the connection lives.
+    let mut connection = Connection::new(shard, source.upgrade_token(), outbound, peer);
+    let session_id = connection.session.id();
     let closed = match connection.serve(source).await {
         Flow::Close(closed) => closed,
         Flow::Continue => Closed::PeerClosed,
@@ -103,6 +87,28 @@ enum Flow {
 }
 
 impl Connection {
+    fn new(shard: Rc<Shard>, upgrade_token: Option<String>, outbound: Outbound, peer: SocketAddr) -> Self {
+        let mut session = Session::new(
+            rand::random(),
+            shard.limits.clone(),
+            shard.group_ids.clone(),
+            Instant::now(),
+        );
+        if let Some(access_token) = upgrade_token {
+            session.authenticate_after_hello(access_token);
+        }
+        Self {
+            shard,
+            session,
+            outbound,
+            kick: Rc::new(Kick::default()),
+            registered: None,
+            user_permit: None,
+            visibility: Rc::default(),
+            peer,
+        }
+    }
+
     async fn serve(&mut self, mut source: impl FrameSource) -> Flow {
         let mut in_flight: FuturesUnordered<Reply> = FuturesUnordered::new();
         let max_in_flight = self.shard.config.protocol.max_in_flight_requests;
@@ -112,10 +118,12 @@ impl Connection {
             let deadline = tokio::time::Instant::from_std(self.session.deadline());
             let flow = tokio::select! {
                 biased;
-                // Rare paths are boxed so an idle connection's task stays small.
+                // Boxed so an idle connection's task stays small: the rare
+                // paths, and a reply's send (one allocation per reply; inline,
+                // its state added ~600 bytes to every connection).
                 () = shard.drain.cancelled() => return Box::pin(self.going_away(in_flight)).await,
                 reason = kick.kicked() => self.on_kick(reason),
-                Some(answer) = in_flight.next(), if !in_flight.is_empty() => self.send(&answer.frame).await,
+                Some(answer) = in_flight.next(), if !in_flight.is_empty() => Box::pin(self.send(&answer.frame)).await,
                 inbound = source.next(), if in_flight.len() < max_in_flight => match inbound {
                     Ok(Some(Inbound::Frame(payload))) => {
                         Box::pin(self.on_payload(payload, false, &mut in_flight)).await

@@ -96,14 +96,14 @@ pub struct NodeContext {
 pub struct Shard {
     id: ShardId,
     config: Arc<Config>,
-    limits: SessionLimits,
+    limits: Arc<SessionLimits>,
     store: Arc<dyn Store>,
     accounts: Accounts,
     mesh: Mesh,
     drain: CancellationToken,
     stop: CancellationToken,
     admission: Admission,
-    group_ids: GroupIds,
+    group_ids: Arc<GroupIds>,
     pusher: Option<crate::push::Pusher>,
     peers: Option<crate::cluster::Peers>,
     /// The sessions this shard holds.
@@ -190,7 +190,7 @@ async fn run(
     let config = context.config.clone();
     let shard = Rc::new(Shard {
         id,
-        limits: config.session_limits(),
+        limits: Arc::new(config.session_limits()),
         owner: owner::Owner::new(
             SequencerLimits {
                 max_pending: config.chat.max_pending_appends,
@@ -214,7 +214,7 @@ async fn run(
         drain: context.drain.clone(),
         stop: context.stop,
         admission: context.admission.clone(),
-        group_ids: context.group_ids,
+        group_ids: Arc::new(context.group_ids),
         pusher: context.pusher,
         peers: context.peers,
         sessions: RefCell::default(),

@@ -30,11 +30,22 @@ pub async fn serve<H: Handler>(context: Rc<Context<H>>, stream: TcpStream, peer:
         run_connection(context, source, peer, |queued| write_then_shutdown(write, queued)).await;
         return;
     };
+    // Boxed: the TLS handshake's and stream's state would otherwise size every
+    // plain connection's task too, for as long as it lives.
+    Box::pin(serve_tls(context, tls, stream, peer)).await;
+}
+
+async fn serve_tls<H: Handler>(
+    context: Rc<Context<H>>,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
     let Some(stream) = super::tls::accept(&tls, stream, peer, context.handshake_timeout).await else {
         return;
     };
     let (read, write) = tokio::io::split(stream);
-    let source = StreamFrames::new(read, max_frame_bytes);
+    let source = StreamFrames::new(read, context.max_frame_bytes);
     run_connection(context, source, peer, |queued| write_then_shutdown(write, queued)).await;
 }
 

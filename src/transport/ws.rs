@@ -45,10 +45,15 @@ const WRITE_BUFFER_BYTES: usize = 4096;
 pub async fn serve<H: Handler>(context: Rc<Context<H>>, stream: TcpStream, peer: SocketAddr, _permit: Permit) {
     match context.tls.clone() {
         None => upgrade_and_serve(context, stream, peer).await,
+        // Boxed: the TLS handshake's and stream's state would otherwise size
+        // every plain connection's task too, for as long as it lives.
         Some(tls) => {
-            if let Some(stream) = super::tls::accept(&tls, stream, peer, context.handshake_timeout).await {
-                upgrade_and_serve(context, stream, peer).await;
-            }
+            Box::pin(async move {
+                if let Some(stream) = super::tls::accept(&tls, stream, peer, context.handshake_timeout).await {
+                    upgrade_and_serve(context, stream, peer).await;
+                }
+            })
+            .await
         }
     }
 }
